@@ -1,0 +1,31 @@
+"""Errors a user can act on. Every message names what was wrong and where."""
+
+
+class Qwen2VLError(Exception):
+    """Base class of the errors this package raises on purpose."""
+
+
+class InputError(Qwen2VLError, ValueError):
+    """A request's input is invalid (bad message, bad media, over a limit).
+
+    `message_index` / `content_index` locate the offending part of a conversation when known.
+    """
+
+    def __init__(self, cause: str, message_index: int | None = None, content_index: int | None = None):
+        self.cause = cause
+        self.message_index = message_index
+        self.content_index = content_index
+        where = []
+        if message_index is not None:
+            where.append(f"message {message_index}")
+        if content_index is not None:
+            where.append(f"content {content_index}")
+        super().__init__(f"{', '.join(where)}: {cause}" if where else cause)
+
+
+class MediaError(InputError):
+    """An image or video could not be fetched, decoded or resized."""
+
+
+class CheckpointError(Qwen2VLError, ValueError):
+    """A checkpoint directory is missing files, tensors, or has tensors of the wrong shape."""

@@ -1,0 +1,31 @@
+"""Batch metadata for one forward over a paged KV cache. Built by the model runner."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """B sequences flattened into N new tokens, sequence after sequence.
+
+    Sequence b contributes tokens `query_start_loc[b]:query_start_loc[b+1]`; they are the last
+    `query_lens[b]` of its `context_lens[b]` tokens (cached ones plus these). Each new token's
+    key/value is written at `slot_mapping[i] = block * block_size + offset` of every layer's
+    cache; `block_tables[b]` lists sequence b's blocks (padded with -1).
+
+    The `*_cpu` lists duplicate what the CPU loop needs, so it never syncs with the device.
+    """
+
+    query_start_loc: torch.Tensor  # [B+1] int32
+    context_lens: torch.Tensor  # [B] int32
+    slot_mapping: torch.Tensor  # [N] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    query_lens_cpu: list[int]
+    context_lens_cpu: list[int]
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens_cpu)
