@@ -16,6 +16,10 @@ class AttentionMetadata:
     cache; `block_tables[b]` lists sequence b's blocks (padded with -1).
 
     The `*_cpu` lists duplicate what the CPU loop needs, so it never syncs with the device.
+
+    KV cache layout (allocated by the engine's model runner, one tensor per decoder layer):
+    `[2, num_blocks, block_size, num_kv_heads, head_dim]` in the model's dtype, index 0 keys,
+    1 values. Slot s lives at `[:, s // block_size, s % block_size]`.
     """
 
     query_start_loc: torch.Tensor  # [B+1] int32
