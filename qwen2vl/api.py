@@ -1,0 +1,200 @@
+"""The Python API: one object that loads a checkpoint and answers conversations.
+
+    from qwen2vl import Qwen2VL
+    llm = Qwen2VL.from_pretrained("Qwen/Qwen2-VL-2B-Instruct-AWQ")
+    print(llm.chat([{"role": "user", "content": [
+        {"type": "image", "image": "photo.jpg"}, {"type": "text", "text": "Describe this image."}]}]).text)
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .grounding import Box, parse_boxes
+from .hub import resolve_model_dir
+from .sampling_params import SamplingParams
+
+Messages = list[dict]
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Completion:
+    """The answer to one conversation."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    usage: Usage
+    logprobs: list[dict[int, float]] | None = None
+    raw_text: str = ""  # decoded with special tokens kept: what grounding boxes are parsed from
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each input image
+
+    def boxes(self, image_index: int = 0) -> list[Box]:
+        """Grounding boxes of the answer, in pixels of input image `image_index`.
+
+        Without an input image, boxes stay in the model's normalized [0, 1000) coordinates.
+        """
+        boxes = parse_boxes(self.raw_text)
+        if not self.image_sizes:
+            return boxes
+        if not 0 <= image_index < len(self.image_sizes):
+            raise InputError(f"image_index {image_index}: the conversation has {len(self.image_sizes)} image(s)")
+        width, height = self.image_sizes[image_index]
+        return [box.scaled(width, height) for box in boxes]
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # fp16 overflows in Qwen2's text model; bf16 is exact enough on GPU. On the CPU fp32 is
+        # both accurate and the fastest dense path.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise InputError(f"dtype {dtype!r}: expected one of auto, {', '.join(names)}")
+    return names[dtype]
+
+
+class ChatStream:
+    """Text deltas of one answer as they are generated; `.completion` once exhausted.
+
+    Dropping the stream early aborts the request and frees its cache.
+    """
+
+    def __init__(self, llm: "Qwen2VL", prompt, request_id: str):
+        self._llm, self._prompt, self._request_id = llm, prompt, request_id
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        engine = self._llm.engine
+        try:
+            while self.completion is None:
+                for output in engine.step():
+                    if output.request_id != self._request_id:
+                        continue
+                    if output.error:
+                        raise InputError(output.error)
+                    if output.text_delta:
+                        yield output.text_delta
+                    if output.finished:
+                        self.completion = self._llm._completion(self._prompt, output)
+        finally:
+            if self.completion is None:
+                engine.abort(self._request_id)
+
+
+class Qwen2VL:
+    """A loaded checkpoint with its processor and a continuous-batching engine."""
+
+    def __init__(self, engine, processor, model_dir: Path):
+        self.engine = engine
+        self.processor = processor
+        self.model_dir = model_dir
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        device: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        max_model_len: int | None = None,
+        **engine_options,
+    ) -> "Qwen2VL":
+        """Load `model` (a checkpoint directory or a hub id); `engine_options` go to `LLMEngine`."""
+        from .engine import LLMEngine
+        from .loader import load_model
+        from .processor import Processor
+
+        model_dir = resolve_model_dir(model)
+        torch_device = _pick_device(device)
+        processor = Processor.from_pretrained(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
+        network = load_model(model_dir, device=torch_device, dtype=_pick_dtype(dtype, torch_device))
+        generation_config_path = model_dir / "generation_config.json"
+        generation_config = json.loads(generation_config_path.read_text()) if generation_config_path.is_file() else {}
+        engine = LLMEngine(network, processor, max_model_len=max_model_len,
+                           generation_config=generation_config, **engine_options)
+        return cls(engine, processor, model_dir)
+
+    def chat(self, messages: Messages | list[Messages], params: SamplingParams | None = None, *,
+             stream: bool = False, **overrides):
+        """Answer one conversation (a list of messages) or a batch of them.
+
+        One conversation returns a `Completion`; a list of conversations returns a list of them,
+        run together as one continuous batch. `stream=True` (one conversation) returns a `ChatStream` of text deltas.
+        Keyword overrides set `SamplingParams` fields, under vLLM's or transformers' names
+        (`max_tokens` / `max_new_tokens`, `temperature`, `do_sample`, ...).
+        """
+        params = SamplingParams.from_overrides(params, **overrides)
+        batch = bool(messages) and isinstance(messages, list) and all(isinstance(m, list) for m in messages)
+        if stream:
+            if batch:
+                raise InputError("stream=True takes one conversation, not a list of conversations")
+            return self._stream(messages, params)
+        conversations = messages if batch else [messages]
+        prompts = [self._prepare(conversation, index if batch else None)
+                   for index, conversation in enumerate(conversations)]
+        request_ids = [self.engine.add_request(prompt, params) for prompt in prompts]
+        finished = {}
+        try:
+            while len(finished) < len(request_ids):
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+        finally:
+            for request_id in request_ids:
+                if request_id not in finished:
+                    self.engine.abort(request_id)
+        completions = [self._completion(prompt, finished[request_id])
+                       for prompt, request_id in zip(prompts, request_ids)]
+        return completions if batch else completions[0]
+
+    def _prepare(self, conversation: Messages, conversation_index: int | None):
+        try:
+            return self.processor.prepare(conversation)
+        except InputError as error:
+            if conversation_index is None:
+                raise
+            raise type(error)(f"conversation {conversation_index}: {error}") from None
+
+    def _stream(self, messages: Messages, params: SamplingParams) -> "ChatStream":
+        prompt = self._prepare(messages, None)
+        return ChatStream(self, prompt, self.engine.add_request(prompt, params))
+
+    def _completion(self, prompt, output) -> Completion:
+        if output.error:
+            raise InputError(output.error)
+        return Completion(
+            text=output.text,
+            token_ids=list(output.token_ids),
+            finish_reason=output.finish_reason,
+            usage=Usage(len(prompt.input_ids), len(output.token_ids)),
+            logprobs=output.logprobs,
+            raw_text=self.processor.tokenizer.decode(output.token_ids, skip_special_tokens=False),
+            image_sizes=[item.original_size for item in prompt.vision_items if item.kind == "image"],
+        )

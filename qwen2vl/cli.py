@@ -1,0 +1,248 @@
+"""`qwen2vl`: chat with a Qwen2-VL checkpoint, or run a JSONL file of conversations."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import Qwen2VLError
+
+EPILOG = """examples:
+  qwen2vl chat --model Qwen/Qwen2-VL-2B-Instruct-AWQ --image photo.jpg "Describe this image."
+  qwen2vl chat --model DIR                      # interactive; /image PATH adds an image
+  qwen2vl chat --model DIR --image shapes.png --draw-boxes out.png "Where is the red circle?"
+  qwen2vl generate --model DIR --input convs.jsonl --output answers.jsonl --temperature 0
+"""
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True,
+                       help="checkpoint directory, or a hub id such as Qwen/Qwen2-VL-2B-Instruct-AWQ")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    group.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    group.add_argument("--min-pixels", type=int, help="smallest image area after resizing (pixels)")
+    group.add_argument("--max-pixels", type=int, help="largest image area after resizing (pixels); fewer = faster")
+    group.add_argument("--max-model-len", type=int, help="longest prompt + answer in tokens")
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (unset = the checkpoint's generation_config.json)")
+    group.add_argument("--max-tokens", type=int, help="most tokens to generate")
+    group.add_argument("--temperature", type=float, help="0 = greedy")
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--min-p", type=float)
+    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--presence-penalty", type=float)
+    group.add_argument("--frequency-penalty", type=float)
+    group.add_argument("--seed", type=int, help="makes sampling reproducible")
+    group.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "seed", "stop")
+
+
+def _sampling_params(args: argparse.Namespace):
+    from .sampling_params import SamplingParams
+
+    return SamplingParams(**{name: getattr(args, name) for name in SAMPLING_FIELDS
+                             if getattr(args, name) is not None})
+
+
+def _load(args: argparse.Namespace):
+    from .api import Qwen2VL
+
+    return Qwen2VL.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                   min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                                   max_model_len=args.max_model_len)
+
+
+def _user_message(prompt: str, images: list[str], videos: list[str]) -> dict:
+    content = [{"type": "image", "image": path} for path in images]
+    content += [{"type": "video", "video": path} for path in videos]
+    content.append({"type": "text", "text": prompt})
+    return {"role": "user", "content": content}
+
+
+def _answer(llm, messages: list[dict], params, timing: bool) -> str:
+    """Stream one answer to stdout; returns its text."""
+    start = time.perf_counter()
+    first = None
+    stream = llm.chat(messages, params, stream=True)
+    for delta in stream:
+        first = first or time.perf_counter()
+        print(delta, end="", flush=True)
+    print()
+    completion = stream.completion
+    if timing:
+        end = time.perf_counter()
+        tokens = completion.usage.completion_tokens
+        decode_rate = (tokens - 1) / (end - first) if first and tokens > 1 and end > first else 0.0
+        ttft = (first or end) - start
+        print(f"[prompt {completion.usage.prompt_tokens} tokens, time to first text {ttft * 1000:.0f} ms, "
+              f"{tokens} tokens in {end - start:.2f} s, decode {decode_rate:.1f} tokens/s, "
+              f"finish: {completion.finish_reason}]", file=sys.stderr)
+    return completion.text
+
+
+def _draw_boxes(llm, messages: list[dict], params, image_path: str, out_path: str) -> None:
+    from PIL import Image
+
+    from .grounding import draw_boxes
+
+    completion = llm.chat(messages, params)
+    boxes = completion.boxes(image_index=0)
+    draw_boxes(Image.open(image_path), boxes).save(out_path)
+    for box in boxes:
+        print(f"box {box.label or ''} ({box.x1:.0f},{box.y1:.0f}),({box.x2:.0f},{box.y2:.0f})", file=sys.stderr)
+    print(f"[{len(boxes)} box(es) drawn to {out_path}]", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    llm = _load(args)
+    if args.timing:
+        print(f"[loaded {args.model} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    params = _sampling_params(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        messages = history + [_user_message(args.prompt, args.image or [], args.video or [])]
+        if args.draw_boxes:
+            if not args.image:
+                raise SystemExit("--draw-boxes needs an --image to draw on")
+            _draw_boxes(llm, messages, params, args.image[0], args.draw_boxes)
+        else:
+            _answer(llm, messages, params, args.timing)
+        return 0
+    return _interactive(llm, history, params, list(args.image or []), list(args.video or []), args.timing)
+
+
+def _interactive(llm, history, params, images, videos, timing) -> int:
+    print("Type a message. /image PATH and /video PATH attach media to the next message, "
+          "/reset clears the conversation, /quit leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            history = [m for m in history if m["role"] == "system"]
+            continue
+        command, _, argument = line.partition(" ")
+        if command in ("/image", "/video"):
+            if not Path(argument.strip()).exists():
+                print(f"no such file: {argument.strip()}", file=sys.stderr)
+                continue
+            (images if command == "/image" else videos).append(argument.strip())
+            continue
+        message = _user_message(line, images, videos)
+        images, videos = [], []
+        try:
+            text = _answer(llm, history + [message], params, timing)
+        except Qwen2VLError as error:
+            print(f"error: {error}", file=sys.stderr)
+            continue
+        history += [message, {"role": "assistant", "content": text}]
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    records = []
+    with open(path) as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SystemExit(f"{path}:{number}: not JSON ({error})") from None
+            if isinstance(record, list):
+                record = {"messages": record}
+            if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+                raise SystemExit(f"{path}:{number}: expected a list of messages or an object with 'messages'")
+            record.setdefault("id", number)
+            records.append(record)
+    return records
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    records = _read_jsonl(args.input)
+    llm = _load(args)
+    params = _sampling_params(args)
+    out = open(args.output, "w") if args.output else sys.stdout
+    start = time.perf_counter()
+    done, generated = 0, 0
+    try:
+        for first in range(0, len(records), args.batch_size):
+            chunk = records[first:first + args.batch_size]
+            completions = llm.chat([record["messages"] for record in chunk], params)
+            for record, completion in zip(chunk, completions):
+                out.write(json.dumps({"id": record["id"], "text": completion.text,
+                                      "finish_reason": completion.finish_reason,
+                                      "usage": {"prompt_tokens": completion.usage.prompt_tokens,
+                                                "completion_tokens": completion.usage.completion_tokens}},
+                                     ensure_ascii=False) + "\n")
+                generated += completion.usage.completion_tokens
+            out.flush()
+            done += len(chunk)
+            elapsed = time.perf_counter() - start
+            print(f"\r[{done}/{len(records)} conversations, {generated / elapsed:.1f} tokens/s]",
+                  end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen2vl", description="Run Qwen2-VL vision-language models.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = commands.add_parser("chat", help="answer one prompt, or chat interactively",
+                               description="Answer PROMPT about the given images/videos; without PROMPT, "
+                                           "chat interactively (multi-turn).")
+    chat.add_argument("prompt", nargs="?", help="the question; omit for an interactive chat")
+    chat.add_argument("--image", action="append", metavar="PATH_OR_URL", help="an image (repeatable)")
+    chat.add_argument("--video", action="append", metavar="PATH", help="a video file (repeatable)")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--draw-boxes", metavar="OUT.png", help="draw the answer's grounding boxes on the first image")
+    chat.add_argument("--timing", action="store_true", help="print load time, time to first token and speed")
+    _add_model_options(chat)
+    _add_sampling_options(chat)
+    chat.set_defaults(run=cmd_chat)
+
+    generate = commands.add_parser("generate", help="answer every conversation of a JSONL file, batched",
+                                   description="Each input line is a list of messages, or an object with "
+                                               "'messages' (and optionally 'id'). Writes one JSON line per "
+                                               "conversation: id, text, finish_reason, usage.")
+    generate.add_argument("--input", required=True, metavar="IN.jsonl")
+    generate.add_argument("--output", metavar="OUT.jsonl", help="default: standard output")
+    generate.add_argument("--batch-size", type=int, default=64, help="conversations submitted together")
+    _add_model_options(generate)
+    _add_sampling_options(generate)
+    generate.set_defaults(run=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except Qwen2VLError as error:
+        print(f"qwen2vl: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
