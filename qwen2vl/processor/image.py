@@ -1,0 +1,204 @@
+"""Images: decoding, RGB, `smart_resize`, and the tensor steps shared with video (resize, normalize,
+patchify).
+
+The reference resizes twice: qwen_vl_utils first (PIL bicubic, per-item limits or its own
+4..16384-token defaults), then transformers' image processor (torch bicubic with antialias, the
+processor's `min_pixels`/`max_pixels`). The second step only changes the size when the processor's
+limits are tighter than the first step's, but then it does, so we do both.
+"""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from qwen2vl.errors import InputError, MediaError
+from qwen2vl.processor.fetch import MediaPolicy, resolve
+
+MAX_ASPECT_RATIO = 200
+IMAGE_MIN_TOKENS = 4
+IMAGE_MAX_TOKENS = 16384
+
+
+def smart_resize(
+    height: float, width: float, factor: int = 28, min_pixels: float | None = None, max_pixels: float | None = None
+) -> tuple[int, int]:
+    """(height, width) rounded to multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
+
+    Defaults are qwen_vl_utils' image limits (4 and 16384 tokens of `factor`x`factor` pixels).
+    """
+    min_pixels = IMAGE_MIN_TOKENS * factor * factor if min_pixels is None else min_pixels
+    max_pixels = IMAGE_MAX_TOKENS * factor * factor if max_pixels is None else max_pixels
+    if min_pixels > max_pixels:
+        raise InputError(f"min_pixels ({min_pixels}) is greater than max_pixels ({max_pixels})")
+    if height < 1 or width < 1:
+        raise MediaError(f"image is empty ({width}x{height} pixels)")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise MediaError(
+            f"aspect ratio of {width}x{height} is over the limit of {MAX_ASPECT_RATIO}:1"
+        )
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class MediaOptions:
+    """The per-item settings a content part may carry (model card format), parsed once."""
+
+    min_pixels: float | None = None
+    max_pixels: float | None = None
+    resized_height: float | None = None
+    resized_width: float | None = None
+    total_pixels: float | None = None
+    fps: float | None = None
+    nframes: float | None = None
+    min_frames: float | None = None
+    max_frames: float | None = None
+    sample_fps: float | None = None
+
+    @classmethod
+    def from_part(cls, part: dict) -> "MediaOptions":
+        values = {}
+        for f in fields(cls):
+            value = part.get(f.name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+                raise InputError(f"{f.name} must be a positive number, got {value!r}")
+            values[f.name] = value
+        options = cls(**values)
+        if (options.resized_height is None) != (options.resized_width is None):
+            raise InputError("resized_height and resized_width must be given together")
+        if options.fps is not None and options.nframes is not None:
+            raise InputError("give either fps or nframes for a video, not both")
+        if options.min_pixels is not None and options.max_pixels is not None and options.min_pixels > options.max_pixels:
+            raise InputError(f"min_pixels ({options.min_pixels}) is greater than max_pixels ({options.max_pixels})")
+        return options
+
+
+def image_target_size(height: int, width: int, options: MediaOptions, factor: int) -> tuple[int, int]:
+    """qwen_vl_utils' size for one image (or one frame of a frame-list video)."""
+    if options.resized_height is not None:
+        return smart_resize(options.resized_height, options.resized_width, factor)
+    return smart_resize(height, width, factor, options.min_pixels, options.max_pixels)
+
+
+def open_image(image, policy: MediaPolicy) -> Image.Image:
+    """A lazily decoded PIL image (its size is known from the header) from any supported source."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, dict) and isinstance(image.get("url"), str):  # OpenAI-style {"url": ...}
+        image = image["url"]
+    if not isinstance(image, str):
+        raise MediaError(f"an image must be a path, URL, base64 string or PIL image, got {type(image).__name__}")
+    source = resolve(image, policy)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(source.path if source.path is not None else io.BytesIO(source.data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MediaError(f"image is too large to decode: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise MediaError(f"cannot read image: {e}") from None
+    return opened
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB pixels; RGBA is composited on white, other modes converted as PIL does (as the reference)."""
+    try:
+        if image.mode == "RGBA":
+            background = Image.new("RGB", image.size, (255, 255, 255))
+            background.paste(image, mask=image.getchannel("A"))
+            return background
+        return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        raise MediaError(f"cannot decode image: {e}") from None
+
+
+def resize_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
+    """PIL bicubic resize of an RGB image, as a uint8 `[3, height, width]` tensor."""
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    return pil_to_tensor(image)
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3).permute(2, 0, 1)
+
+
+def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic antialiased resize of `[T, 3, H, W]`; uint8 stays uint8 (rounded), float stays float.
+
+    uint8 goes through float32 with clamp and round, which is what torchvision's tensor resize does
+    and what the reference's video path uses.
+    """
+    if frames.shape[-2:] == (height, width):
+        return frames
+    resized = F.interpolate(frames.float(), size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+    if frames.dtype == torch.uint8:
+        return resized.clamp_(0, 255).round_().to(torch.uint8)
+    return resized
+
+
+def resize_image_tensor(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 `[3, H, W]` bicubic antialiased resize with torch's native uint8 kernel.
+
+    transformers' image processor resizes uint8 images on the CPU this way (not via float32).
+    """
+    if image.shape[-2:] == (height, width):
+        return image
+    return F.interpolate(image[None], size=(height, width), mode="bicubic", align_corners=False, antialias=True)[0]
+
+
+@dataclass(frozen=True)
+class Patchifier:
+    """Pixel values the vision tower reads: normalized, cut into `temporal x patch x patch` cubes."""
+
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    rescale_factor: float = 1 / 255
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    def __call__(self, frames: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """`[T, 3, H, W]` (0..255, any dtype) -> (`[t*h*w, 3*temporal*patch*patch]` float32, (t, h, w)).
+
+        Rows are ordered so each `merge x merge` window of patches is contiguous: the vision tower
+        merges rows 4 at a time. A short last temporal patch repeats the last frame (a still image
+        becomes two identical frames).
+        """
+        pad = -frames.shape[0] % self.temporal_patch_size
+        if pad:
+            frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
+        pixels = self.normalize(frames)
+        num_frames, channels, height, width = pixels.shape
+        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
+        grid = (num_frames // tp, height // p, width // p)
+        cubes = pixels.view(grid[0], tp, channels, grid[1] // m, m, p, grid[2] // m, m, p)
+        cubes = cubes.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return cubes.reshape(grid[0] * grid[1] * grid[2], channels * tp * p * p), grid
+
+    def normalize(self, frames: torch.Tensor) -> torch.Tensor:
+        # Rescale folded into mean/std (x - 255*mean) / (255*std) in float32, as the reference computes it.
+        mean = torch.tensor(self.image_mean) * (1.0 / self.rescale_factor)
+        std = torch.tensor(self.image_std) * (1.0 / self.rescale_factor)
+        return frames.float().sub(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))

@@ -1,0 +1,66 @@
+"""M-RoPE positions of a prompt: three position ids (temporal, height, width) per token.
+
+Text tokens have t = h = w = their running index. A vision span of grid (t, h, w) patches, i.e.
+(t, h/m, w/m) merged tokens, gets its own grid coordinates offset by the running index at the span
+start; the text after it resumes at the largest position in the span plus one (Qwen2-VL: no time
+scaling, unlike Qwen2.5-VL). `rope_delta` = max position + 1 - length, so decode step i after a
+prompt of length L sits at position L + i + rope_delta on all three axes.
+
+transformers 5.17 resumes text after a span at start + max(h, w)/m, ignoring t; that equals
+max + 1 except for videos with more temporal than spatial merged tokens, where we keep the
+original Qwen2-VL rule (the one the model was trained with and the one in get_rope_index's
+docstring example).
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import torch
+
+
+def mrope_positions(
+    input_ids: torch.Tensor,
+    vision_grids: Sequence[tuple[int, int, int]],
+    pad_token_ids: Collection[int],
+    merge_size: int = 2,
+) -> tuple[torch.Tensor, int]:
+    """(`positions[3, L]` int64, `rope_delta`) for one prompt.
+
+    `input_ids` is `[L]` with every vision item's pads expanded; `vision_grids` are the items'
+    `(t, h, w)` patch grids in prompt order; `pad_token_ids` are the ids that stand for vision
+    embeddings (image and video pads). Each item's pads must be one contiguous run.
+    """
+    input_ids = torch.as_tensor(input_ids).long().cpu()
+    length = input_ids.numel()
+    index = torch.arange(length)
+    if not vision_grids:
+        return index.expand(3, length).clone(), 0
+
+    grids = torch.tensor(vision_grids, dtype=torch.long).view(-1, 3)
+    merged = torch.stack([grids[:, 0], grids[:, 1] // merge_size, grids[:, 2] // merge_size], dim=1)
+    counts = merged.prod(dim=1)
+    pad_index = torch.nonzero(torch.isin(input_ids, torch.tensor(list(pad_token_ids))), as_tuple=True)[0]
+    if pad_index.numel() != int(counts.sum()):
+        raise ValueError(f"prompt has {pad_index.numel()} vision pad tokens, the grids need {int(counts.sum())}")
+    first = torch.cumsum(counts, 0) - counts
+    starts, ends = pad_index[first], pad_index[first + counts - 1]
+    if not torch.equal(ends - starts + 1, counts):
+        raise ValueError("each vision item's pad tokens must be one contiguous run")
+
+    # Positions after a span move by (its extent - its length); text positions are index + shifts so far.
+    extents = merged.max(dim=1).values
+    shift = torch.zeros(length + 1, dtype=torch.long)
+    shift.index_add_(0, ends + 1, extents - counts)
+    text_positions = index + torch.cumsum(shift, 0)[:length]
+    positions = text_positions.expand(3, length).clone()
+
+    span_bases = text_positions[starts]
+    coords = [_grid_coordinates(*item.tolist()) + base for item, base in zip(merged, span_bases)]
+    positions[:, pad_index] = torch.cat(coords, dim=1)
+    return positions, int(positions.max()) + 1 - length
+
+
+def _grid_coordinates(t: int, h: int, w: int) -> torch.Tensor:
+    """`[3, t*h*w]` (t, h, w) coordinates in row-major order of the merged vision tokens."""
+    grid = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack(grid).view(3, -1)

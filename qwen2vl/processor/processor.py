@@ -1,0 +1,296 @@
+"""`Processor`: chat messages (model card format) to token ids, pixel values, grids and M-RoPE positions.
+
+Matches the model card's pipeline, `qwen_vl_utils.process_vision_info` followed by transformers'
+`Qwen2VLProcessor`, token for token and within 1e-5 per pixel value.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qwen2vl.errors import CheckpointError, InputError, MediaError
+from qwen2vl.processor.chat import ChatTemplate, MediaPart, media_parts
+from qwen2vl.processor.fetch import DEFAULT_MAX_MEDIA_BYTES, MediaPolicy, resolve
+from qwen2vl.processor.image import (
+    Patchifier,
+    image_target_size,
+    open_image,
+    resize_frames,
+    resize_image,
+    resize_image_tensor,
+    smart_resize,
+    to_rgb,
+)
+from qwen2vl.processor.mrope import mrope_positions
+from qwen2vl.processor.tokenizer import Tokenizer
+from qwen2vl.processor.types import PreparedPrompt, VisionItem
+from qwen2vl.processor.video import (
+    FRAME_FACTOR,
+    frame_list_sizes,
+    load_frame_list,
+    load_video_file,
+    probe_video,
+    sample_frame_count,
+    video_target_size,
+)
+
+BUILTIN_PREPROCESSOR = Path(__file__).resolve().parent.parent / "assets" / "preprocessor_config.json"
+IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
+VISION_START_TOKEN, VISION_END_TOKEN = "<|vision_start|>", "<|vision_end|>"
+TOKEN_TYPE = {"text": 0, "image": 1, "video": 2}
+
+
+class Processor:
+    """Turns conversations into model inputs.
+
+    Processor-level `min_pixels`/`max_pixels` (preprocessor_config.json, or the arguments of
+    `from_pretrained`) bound every image and video frame after its per-item resize, as transformers'
+    processor does after qwen_vl_utils; per-item `min_pixels`/`max_pixels`/`resized_height`/
+    `resized_width` pick the first resize.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        patchifier: Patchifier,
+        min_pixels: int,
+        max_pixels: int,
+        media_policy: MediaPolicy | None = None,
+    ):
+        if min_pixels > max_pixels:
+            raise InputError(f"min_pixels ({min_pixels}) is greater than max_pixels ({max_pixels})")
+        self.tokenizer = tokenizer
+        self.template = template
+        self.patchifier = patchifier
+        self.min_pixels = min_pixels
+        self.max_pixels = max_pixels
+        self.media_policy = media_policy or MediaPolicy()
+        self.image_token_id = self._special_id(IMAGE_TOKEN)
+        self.video_token_id = self._special_id(VIDEO_TOKEN)
+        self.vision_start_token_id = self._special_id(VISION_START_TOKEN)
+        self.vision_end_token_id = self._special_id(VISION_END_TOKEN)
+        self._pad_kind = {self.image_token_id: "image", self.video_token_id: "video"}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        *,
+        allow_remote_media: bool = True,
+        max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES,
+        fetch_timeout: float = 10.0,
+        allowed_media_dir: str | Path | None = None,
+        check_host=None,
+    ) -> "Processor":
+        """Read tokenizer.json (+ tokenizer_config.json), preprocessor_config.json and the chat template.
+
+        A missing preprocessor config or chat template falls back to Qwen2-VL's (in `assets/`).
+        `check_host(hostname)` may refuse remote hosts by raising; see `MediaPolicy`.
+        """
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise CheckpointError(f"{model_dir} is not a directory")
+        tokenizer = Tokenizer.from_dir(model_dir)
+        config_path = model_dir / "preprocessor_config.json"
+        config = json.loads((config_path if config_path.is_file() else BUILTIN_PREPROCESSOR).read_text(encoding="utf-8"))
+        size = config.get("size") or {}
+        config_min = config.get("min_pixels", size.get("shortest_edge", 56 * 56))
+        config_max = config.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))
+        patchifier = Patchifier(
+            patch_size=config.get("patch_size", 14),
+            merge_size=config.get("merge_size", 2),
+            temporal_patch_size=config.get("temporal_patch_size", 2),
+            image_mean=tuple(config.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
+            image_std=tuple(config.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
+            rescale_factor=config.get("rescale_factor", 1 / 255),
+        )
+        policy = MediaPolicy(
+            allow_remote=allow_remote_media,
+            max_bytes=max_media_bytes,
+            timeout=fetch_timeout,
+            allowed_dir=Path(allowed_media_dir) if allowed_media_dir is not None else None,
+            check_host=check_host,
+        )
+        return cls(
+            tokenizer,
+            ChatTemplate.from_dir(model_dir, tokenizer.special_tokens),
+            patchifier,
+            config_min if min_pixels is None else min_pixels,
+            config_max if max_pixels is None else max_pixels,
+            policy,
+        )
+
+    @property
+    def patch_size(self) -> int:
+        return self.patchifier.patch_size
+
+    @property
+    def merge_size(self) -> int:
+        return self.patchifier.merge_size
+
+    @property
+    def temporal_patch_size(self) -> int:
+        return self.patchifier.temporal_patch_size
+
+    # -- one conversation -------------------------------------------------------------------------
+
+    def prepare(self, messages: list[dict], add_generation_prompt: bool = True, add_vision_id: bool = False) -> PreparedPrompt:
+        """Tokens with pads expanded, each image/video patchified, and M-RoPE positions."""
+        parts = media_parts(messages)
+        text, ids = self._render(messages, parts, add_generation_prompt, add_vision_id)
+        items = [self._located(self._load, part) for part in parts]
+        input_ids = self._expand(ids, [item.num_tokens(self.merge_size) for item in items])
+        positions, rope_delta = self.mrope(input_ids, [item.grid_thw for item in items])
+        return PreparedPrompt(input_ids, positions, rope_delta, items, text)
+
+    def count_tokens(self, messages: list[dict], add_generation_prompt: bool = True, add_vision_id: bool = False) -> int:
+        """The prompt length `prepare` would give, reading only media headers (no pixel decoding)."""
+        parts = media_parts(messages)
+        _, ids = self._render(messages, parts, add_generation_prompt, add_vision_id)
+        tokens = [self._located(self._count_media_tokens, part) for part in parts]
+        return len(ids) + sum(tokens) - len(tokens)
+
+    def mrope(self, input_ids, vision_grids) -> tuple[torch.Tensor, int]:
+        return mrope_positions(torch.as_tensor(input_ids), vision_grids, (self.image_token_id, self.video_token_id), self.merge_size)
+
+    # -- transformers-style batch -----------------------------------------------------------------
+
+    def __call__(
+        self,
+        conversations,
+        add_generation_prompt: bool = True,
+        add_vision_id: bool = False,
+        padding_side: str = "right",
+    ) -> dict[str, torch.Tensor]:
+        """The dict transformers' `Qwen2VLProcessor` returns, plus `position_ids` [3, B, L] and `rope_deltas` [B, 1].
+
+        A list of conversations is one batch, padded with the pad token on `padding_side`; "right"
+        is what the reference does (the tokenizer's default side). Padded slots have attention_mask
+        0 and position 0, as transformers' get_rope_index leaves them.
+        """
+        if padding_side not in ("left", "right"):
+            raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        batch = conversations if conversations and isinstance(conversations[0], (list, tuple)) else [conversations]
+        prompts = [self.prepare(c, add_generation_prompt, add_vision_id) for c in batch]
+        length = max(len(p) for p in prompts)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        token_types = torch.zeros((len(prompts), length), dtype=torch.long)
+        position_ids = torch.zeros((3, len(prompts), length), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids = torch.tensor(prompt.input_ids, dtype=torch.long)
+            span = slice(0, len(ids)) if padding_side == "right" else slice(length - len(ids), length)
+            input_ids[row, span] = ids
+            attention_mask[row, span] = 1
+            token_types[row, span][ids == self.image_token_id] = TOKEN_TYPE["image"]
+            token_types[row, span][ids == self.video_token_id] = TOKEN_TYPE["video"]
+            position_ids[:, row, span] = prompt.positions
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": token_types}
+        for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+            items = [item for p in prompts for item in p.vision_items if item.kind == kind]
+            if items:
+                out[pixels_key] = torch.cat([item.pixel_values for item in items])
+                out[grid_key] = torch.tensor([item.grid_thw for item in items], dtype=torch.long)
+        out["position_ids"] = position_ids
+        out["rope_deltas"] = torch.tensor([[p.rope_delta] for p in prompts], dtype=torch.long)
+        return out
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _special_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise CheckpointError(f"the tokenizer has no {token} token")
+        return token_id
+
+    @staticmethod
+    def _located(step, part: MediaPart):
+        """Run `step(part)`, naming the message and content index in any input error."""
+        try:
+            return step(part)
+        except InputError as e:
+            raise type(e)(e.cause, part.message_index, part.content_index) from None
+
+    def _render(self, messages, parts: list[MediaPart], add_generation_prompt: bool, add_vision_id: bool):
+        text = self.template.render(messages, add_generation_prompt, add_vision_id)
+        ids = self.tokenizer.encode(text)
+        pad_kinds = [self._pad_kind[i] for i in ids if i in self._pad_kind]
+        part_kinds = [part.kind for part in parts]
+        if pad_kinds != part_kinds:
+            raise InputError(
+                f"the rendered prompt has {pad_kinds.count('image')} {IMAGE_TOKEN} and {pad_kinds.count('video')} "
+                f"{VIDEO_TOKEN} tokens for {part_kinds.count('image')} images and {part_kinds.count('video')} videos "
+                "(text must not contain vision placeholder tokens)"
+            )
+        return text, ids
+
+    def _expand(self, ids: list[int], token_counts: list[int]) -> list[int]:
+        expanded, counts = [], iter(token_counts)
+        for token in ids:
+            if token in self._pad_kind:
+                expanded.extend([token] * next(counts))
+            else:
+                expanded.append(token)
+        return expanded
+
+    @property
+    def _frame_factor(self) -> int:
+        return self.patchifier.factor * self.merge_size  # see video.frame_list_sizes
+
+    def _final_size(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.patchifier.factor, self.min_pixels, self.max_pixels)
+
+    def _count_media_tokens(self, part: MediaPart) -> int:
+        """Tokens of one image or video from its header sizes, the same arithmetic `_load` follows."""
+        factor, options = self.patchifier.factor, part.options
+        if part.kind == "image":
+            image = open_image(part.value, self.media_policy)
+            size, num_frames = image_target_size(image.height, image.width, options, factor), 1
+        elif isinstance(part.value, (list, tuple)):
+            frames, frame_size = frame_list_sizes(list(part.value), options, self.media_policy, self._frame_factor)
+            num_frames = -(-len(frames) // FRAME_FACTOR) * FRAME_FACTOR
+            size = video_target_size(*frame_size, num_frames, options, factor)
+        elif isinstance(part.value, str):
+            probe = probe_video(resolve(part.value, self.media_policy))
+            num_frames = sample_frame_count(options, probe.total_frames, probe.fps)
+            size = video_target_size(probe.height, probe.width, num_frames, options, factor)
+        else:
+            raise MediaError(f"a video must be a path, URL or a list of frames, got {type(part.value).__name__}")
+        height, width = self._final_size(*size)
+        t = -(-num_frames // self.temporal_patch_size)
+        return t * (height // self.patch_size) * (width // self.patch_size) // self.merge_size**2
+
+    def _load(self, part: MediaPart) -> VisionItem:
+        if part.kind == "image":
+            return self._load_image(part)
+        return self._load_video(part)
+
+    def _load_image(self, part: MediaPart) -> VisionItem:
+        image = open_image(part.value, self.media_policy)
+        original = image.size
+        height, width = image_target_size(image.height, image.width, part.options, self.patchifier.factor)
+        pixels = resize_image(to_rgb(image), height, width)
+        pixels = resize_image_tensor(pixels, *self._final_size(height, width))
+        values, grid = self.patchifier(pixels[None])
+        return VisionItem("image", values, grid, original, (pixels.shape[-1], pixels.shape[-2]))
+
+    def _load_video(self, part: MediaPart) -> VisionItem:
+        factor, options = self.patchifier.factor, part.options
+        if isinstance(part.value, (list, tuple)):
+            frames, original = load_frame_list(list(part.value), options, self.media_policy, self._frame_factor)
+            fps = options.sample_fps or 2.0  # qwen_vl_utils reports this for frame lists, whatever `fps` says
+        else:
+            frames, fps, probe = load_video_file(part.value, options, self.media_policy)
+            original = (probe.width, probe.height)
+        height, width = video_target_size(frames.shape[-2], frames.shape[-1], frames.shape[0], options, factor)
+        frames = resize_frames(frames, height, width).float()
+        frames = resize_frames(frames, *self._final_size(height, width))
+        values, grid = self.patchifier(frames)
+        return VisionItem("video", values, grid, original, (frames.shape[-1], frames.shape[-2]), fps)
+

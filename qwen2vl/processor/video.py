@@ -1,0 +1,191 @@
+"""Videos: a file decoded with PyAV (optional extra, imported lazily) or a list of frames.
+
+Sampling and pixel budgets follow qwen_vl_utils 0.0.14: `fps` (default 2) or `nframes`, an even
+number of frames between 4 and 768, each frame within 128..768 tokens and an even share of a
+total budget of 0.9 * 128000 tokens across the video.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qwen2vl.errors import MediaError
+from qwen2vl.processor.fetch import MediaPolicy, MediaSource, resolve
+from qwen2vl.processor.image import MediaOptions, image_target_size, open_image, resize_image, smart_resize, to_rgb
+
+VIDEO_MIN_TOKENS = 128
+VIDEO_MAX_TOKENS = 768
+DEFAULT_FPS = 2.0
+FRAME_FACTOR = 2
+MIN_FRAMES = 4
+MAX_FRAMES = 768
+MODEL_SEQ_LEN = 128000  # qwen_vl_utils' MODEL_SEQ_LEN: the total pixel budget is 90% of this many tokens
+
+
+@dataclass(frozen=True)
+class VideoProbe:
+    """What the container says, before decoding any pixels."""
+
+    total_frames: int
+    fps: float
+    width: int
+    height: int
+
+
+def sample_frame_count(options: MediaOptions, total_frames: int, video_fps: float) -> int:
+    if options.nframes is not None:
+        count = round(options.nframes / FRAME_FACTOR) * FRAME_FACTOR
+    else:
+        fps = DEFAULT_FPS if options.fps is None else options.fps
+        min_frames = math.ceil((options.min_frames or MIN_FRAMES) / FRAME_FACTOR) * FRAME_FACTOR
+        max_frames = math.floor((options.max_frames or min(MAX_FRAMES, total_frames)) / FRAME_FACTOR) * FRAME_FACTOR
+        count = total_frames / video_fps * fps
+        count = min(max(count, min_frames), max_frames, total_frames)
+        count = math.floor(count / FRAME_FACTOR) * FRAME_FACTOR
+    if not FRAME_FACTOR <= count <= total_frames:
+        raise MediaError(
+            f"cannot sample {count} frames from a video of {total_frames} frames "
+            f"(need between {FRAME_FACTOR} and the video's frame count)"
+        )
+    return count
+
+
+def sample_indices(total_frames: int, count: int) -> list[int]:
+    return torch.linspace(0, total_frames - 1, count).round().long().tolist()
+
+
+def video_target_size(height: int, width: int, num_frames: int, options: MediaOptions, factor: int) -> tuple[int, int]:
+    """Per-frame size: 128..768 tokens, capped by an even share of the whole video's pixel budget."""
+    if options.resized_height is not None:
+        return smart_resize(options.resized_height, options.resized_width, factor)
+    min_pixels = VIDEO_MIN_TOKENS * factor * factor if options.min_pixels is None else options.min_pixels
+    total_pixels = MODEL_SEQ_LEN * factor * factor * 0.9 if options.total_pixels is None else options.total_pixels
+    max_pixels = max(min(VIDEO_MAX_TOKENS * factor * factor, total_pixels / num_frames * FRAME_FACTOR), int(min_pixels * 1.05))
+    if options.max_pixels is not None:
+        max_pixels = min(options.max_pixels, max_pixels)
+    return smart_resize(height, width, factor, min_pixels, max_pixels)
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise MediaError("decoding video files needs PyAV: pip install 'qwen2vl[video]'") from None
+    return av
+
+
+def _open_container(source: MediaSource):
+    av = _av()
+    try:
+        container = av.open(io.BytesIO(source.data) if source.data is not None else str(source.path))
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise MediaError(f"cannot read video: {e}") from None
+    if not container.streams.video:
+        container.close()
+        raise MediaError("the file has no video stream")
+    return container
+
+
+def probe_video(source: MediaSource) -> VideoProbe:
+    """Frame count, rate and size from the container; frames are counted by demuxing if not recorded."""
+    av = _av()
+    with _open_container(source) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        try:
+            total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+        except av.FFmpegError as e:
+            raise MediaError(f"cannot read video: {e}") from None
+        probe = VideoProbe(total, float(rate) if rate else 0.0, stream.codec_context.width, stream.codec_context.height)
+    if probe.total_frames == 0:
+        raise MediaError("the video has no frames")
+    if probe.fps <= 0:
+        raise MediaError("the video has no frame rate")
+    return probe
+
+
+def decode_frames(source: MediaSource, indices: list[int]) -> tuple[torch.Tensor, int]:
+    """The frames at `indices` as uint8 `[T, 3, H, W]`, and how many frames were decoded in all.
+
+    Decoding stops after the last wanted frame; if the stream ends early, fewer frames come back
+    and the caller re-samples with the true count.
+    """
+    av = _av()
+    wanted = set(indices)
+    last = max(indices)
+    found = {}
+    decoded = 0
+    with _open_container(source) as container:
+        try:
+            for frame in container.decode(container.streams.video[0]):
+                if decoded in wanted:
+                    found[decoded] = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
+                decoded += 1
+                if decoded > last:
+                    break
+        except av.FFmpegError as e:
+            raise MediaError(f"cannot decode video: {e}") from None
+    if decoded <= last:
+        return torch.empty(0), decoded
+    return torch.stack([found[i] for i in indices]), decoded
+
+
+def load_video_file(video: str, options: MediaOptions, policy: MediaPolicy) -> tuple[torch.Tensor, float, VideoProbe]:
+    """Sampled frames (uint8 `[T, 3, H, W]`), the sampled fps, and the probe."""
+    if not isinstance(video, str):
+        raise MediaError(f"a video must be a path, URL or a list of frames, got {type(video).__name__}")
+    source = resolve(video, policy)
+    probe = probe_video(source)
+    total = probe.total_frames
+    for _ in range(2):
+        count = sample_frame_count(options, total, probe.fps)
+        frames, decoded = decode_frames(source, sample_indices(total, count))
+        if frames.numel():
+            return frames, count / max(total, 1e-6) * probe.fps, probe
+        if decoded == 0:
+            raise MediaError("the video has no frames")
+        total = decoded  # the container over-reported its frame count
+    raise MediaError("the video's frame count changed between reads")
+
+
+def frame_list_sizes(frames: list, options: MediaOptions, policy: MediaPolicy, frame_factor: int):
+    """Each frame opened lazily (header only) and its qwen_vl_utils size; all must agree.
+
+    qwen_vl_utils resizes listed frames as images with a factor of patch * merge * merge (it hands
+    its image fetcher patch * merge as the patch size), so for Qwen2-VL they come out in multiples
+    of 56 before the video resize; callers pass that `frame_factor` to stay identical.
+    """
+    if not frames:
+        raise MediaError("the video has no frames")
+    opened, size = [], None
+    for index, frame in enumerate(frames):
+        try:
+            image = open_image(frame, policy)
+            target = image_target_size(image.height, image.width, options, frame_factor)
+        except MediaError as e:
+            raise MediaError(f"frame {index}: {e.cause}") from None
+        if size is not None and target != size:
+            raise MediaError(f"frame {index} resizes to {target[1]}x{target[0]}, frame 0 to {size[1]}x{size[0]}")
+        opened.append(image)
+        size = target
+    return opened, size
+
+
+def load_frame_list(
+    frames: list, options: MediaOptions, policy: MediaPolicy, frame_factor: int
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Frames resized as images (PIL bicubic), padded to an even count by repeating the last; and
+    the first frame's (width, height)."""
+    opened, (height, width) = frame_list_sizes(frames, options, policy, frame_factor)
+    tensors = []
+    for index, image in enumerate(opened):
+        try:
+            tensors.append(resize_image(to_rgb(image), height, width))
+        except MediaError as e:
+            raise MediaError(f"frame {index}: {e.cause}") from None
+    tensors += tensors[-1:] * (-len(tensors) % FRAME_FACTOR)
+    return torch.stack(tensors), opened[0].size
+
