@@ -1,0 +1,203 @@
+"""Model configuration, parsed once from a checkpoint's `config.json`.
+
+Two layouts exist on the hub: the original flat one (text settings at the top level, a partial
+`vision_config` with old key names, `rope_scaling`) and the one current transformers writes
+(`text_config` / `vision_config`, `rope_parameters`). Both parse to the same dataclasses.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qwen2vl.errors import CheckpointError
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Old vision key names of the flat layout -> current names.
+_VISION_ALIASES = {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 32
+    embed_dim: int = 1280
+    hidden_size: int = 3584  # output width of the patch merger: the text model's hidden size
+    mlp_ratio: float = 4
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    hidden_act: str = "quick_gelu"
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch: channels x temporal patch x patch x patch."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only integer quantization of the text decoder's linears.
+
+    `method` is "awq" (GEMM packing, with zero points) or "gptq" (packed along the
+    input dimension; `checkpoint_format` "gptq" stores zeros minus one, "gptq_v2" does not).
+    """
+
+    method: str
+    bits: int
+    group_size: int  # -1: one group spanning the whole input dimension
+    desc_act: bool = False
+    sym: bool = True
+    checkpoint_format: str = "gptq"
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        method = str(d.get("quant_method", "")).lower()
+        bits = d.get("bits", d.get("w_bit"))
+        group_size = d.get("group_size", d.get("q_group_size", -1))
+        skip = tuple(d.get("modules_to_not_convert") or ())
+        if method == "awq":
+            version = str(d.get("version", "gemm")).lower()
+            if version != "gemm":
+                raise CheckpointError(f"quantization_config: AWQ version {version!r} is not supported "
+                                      "(expected 'gemm')")
+            if bits != 4:
+                raise CheckpointError(f"quantization_config: AWQ with bits={bits} is not supported (expected 4)")
+            if not d.get("zero_point", True):
+                raise CheckpointError("quantization_config: AWQ without zero points is not supported")
+            return cls("awq", 4, group_size, modules_to_not_convert=skip)
+        if method == "gptq":
+            if bits not in (4, 8):
+                raise CheckpointError(f"quantization_config: GPTQ with bits={bits} is not supported "
+                                      "(expected 4 or 8)")
+            fmt = str(d.get("checkpoint_format", "gptq")).lower()
+            if fmt not in ("gptq", "gptq_v2"):
+                raise CheckpointError(f"quantization_config: GPTQ checkpoint_format {fmt!r} is not supported "
+                                      "(expected 'gptq' or 'gptq_v2')")
+            return cls("gptq", bits, group_size, desc_act=bool(d.get("desc_act", False)),
+                       sym=bool(d.get("sym", True)), checkpoint_format=fmt, modules_to_not_convert=skip)
+        raise CheckpointError(f"quantization_config: unknown quant_method {d.get('quant_method')!r} "
+                              "(supported: 'awq', 'gptq')")
+
+    def converts(self, module_name: str) -> bool:
+        """Whether the linear of this (checkpoint-layout) name is stored quantized."""
+        return not any(skip in module_name for skip in self.modules_to_not_convert)
+
+
+@dataclass(frozen=True)
+class Qwen2VLConfig:
+    text: TextConfig
+    vision: VisionConfig
+    quant: QuantConfig | None
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    eos_token_id: int
+    torch_dtype: torch.dtype  # the checkpoint's storage dtype
+
+    @classmethod
+    def from_pretrained(cls, model_dir) -> "Qwen2VLConfig":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise CheckpointError(f"{model_dir}: no config.json")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Qwen2VLConfig":
+        model_type = d.get("model_type", "qwen2_vl")
+        if model_type != "qwen2_vl":
+            raise CheckpointError(f"config.json: model_type {model_type!r} is not supported (expected 'qwen2_vl')")
+        # Newer layouts nest text settings; the flat layout keeps them at the top level.
+        text = {**d, **d.get("text_config", {})}
+        quant = d.get("quantization_config") or text.get("quantization_config")
+        eos = d.get("eos_token_id", text.get("eos_token_id", 151645))
+        dtype_name = d.get("torch_dtype") or d.get("dtype") or text.get("torch_dtype") or text.get("dtype")
+        if dtype_name is not None and dtype_name not in _DTYPES:
+            raise CheckpointError(f"config.json: torch_dtype {dtype_name!r} is not supported "
+                                  f"(expected one of {sorted(_DTYPES)})")
+        return cls(
+            text=_text_config(text, tied=bool(d.get("tie_word_embeddings")) or bool(text.get("tie_word_embeddings"))),
+            vision=_vision_config(d.get("vision_config", {}), text["hidden_size"]),
+            quant=QuantConfig.from_dict(quant) if quant else None,
+            image_token_id=d.get("image_token_id", 151655),
+            video_token_id=d.get("video_token_id", 151656),
+            vision_start_token_id=d.get("vision_start_token_id", 151652),
+            vision_end_token_id=d.get("vision_end_token_id", 151653),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            torch_dtype=_DTYPES[dtype_name or "bfloat16"],
+        )
+
+
+def _text_config(t: dict, tied: bool) -> TextConfig:
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in t]
+    if missing:
+        raise CheckpointError(f"config.json: missing text settings {missing}")
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    num_heads = t["num_attention_heads"]
+    head_dim = t["hidden_size"] // num_heads
+    mrope_section = tuple(rope.get("mrope_section", (16, 24, 24)))
+    if sum(mrope_section) != head_dim // 2 or len(mrope_section) != 3:
+        raise CheckpointError(f"config.json: mrope_section {list(mrope_section)} must have 3 parts summing to "
+                              f"head_dim / 2 = {head_dim // 2}")
+    return TextConfig(
+        vocab_size=t["vocab_size"],
+        hidden_size=t["hidden_size"],
+        intermediate_size=t["intermediate_size"],
+        num_layers=t["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=t.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", t.get("rope_theta", 1000000.0)),
+        mrope_section=mrope_section,
+        max_position_embeddings=t.get("max_position_embeddings", 32768),
+        tie_word_embeddings=tied,
+    )
+
+
+def _vision_config(v: dict, text_hidden_size: int) -> VisionConfig:
+    v = {_VISION_ALIASES.get(k, k): val for k, val in v.items()}
+    fields = {k: v[k] for k in VisionConfig.__dataclass_fields__ if k in v}
+    fields.setdefault("hidden_size", text_hidden_size)
+    if "rope_parameters" in v:
+        fields["rope_theta"] = v["rope_parameters"].get("rope_theta", VisionConfig.rope_theta)
+    config = VisionConfig(**fields)
+    if config.embed_dim % config.num_heads or config.head_dim % 4:
+        raise CheckpointError(f"config.json: vision embed_dim {config.embed_dim} / num_heads {config.num_heads} "
+                              "must give a head_dim divisible by 4 (2D rotary)")
+    return config

@@ -1,0 +1,22 @@
+"""Activations, by the names configs use."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused [gate | up] projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu, "silu": F.silu}

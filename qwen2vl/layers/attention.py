@@ -1,0 +1,67 @@
+"""Attention: paged causal attention for the decoder, packed bidirectional attention for vision.
+
+These are the torch reference paths (a per-sequence loop over SDPA); they run on any device.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qwen2vl.layers.attention_metadata import AttentionMetadata
+
+
+def write_kv_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' keys and values at their slots (`block * block_size + offset`)."""
+    kv_cache[0].flatten(0, 1).index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    kv_cache[1].flatten(0, 1).index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+class PagedAttention:
+    """Causal attention of each sequence's new tokens over all its cached tokens.
+
+    Handles prefill from scratch, chunked prefill and decode in one batch: the queries of
+    sequence b are the last `query_lens[b]` of its `context_lens[b]` tokens.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.scale = head_dim ** -0.5
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 kv_cache: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        """query `[N, heads, D]`, key/value `[N, kv_heads, D]` -> `[N, heads, D]`."""
+        write_kv_cache(kv_cache, key, value, attn.slot_mapping)
+        out = torch.empty_like(query)
+        start = 0
+        for b, (query_len, context_len) in enumerate(zip(attn.query_lens_cpu, attn.context_lens_cpu)):
+            blocks = attn.block_tables[b, : -(-context_len // attn.block_size)].long()
+            keys = kv_cache[0, blocks].flatten(0, 1)[:context_len]
+            values = kv_cache[1, blocks].flatten(0, 1)[:context_len]
+            rows = slice(start, start + query_len)
+            out[rows] = self._attend(query[rows], keys.to(query.dtype), values.to(query.dtype))
+            start += query_len
+        return out
+
+    def _attend(self, query, keys, values):
+        query_len, context_len = query.shape[0], keys.shape[0]
+        query_pos = torch.arange(context_len - query_len, context_len, device=query.device)
+        causal = torch.arange(context_len, device=query.device)[None, :] <= query_pos[:, None]
+        out = F.scaled_dot_product_attention(
+            query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+            attn_mask=causal, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
+        return out.transpose(0, 1)
+
+
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     cu_seqlens: list[int]) -> torch.Tensor:
+    """Bidirectional attention within each segment `cu_seqlens[i]:cu_seqlens[i+1]`.
+
+    query/key/value `[P, heads, D]` -> `[P, heads, D]`.
+    """
+    out = torch.empty_like(query)
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
+        out[start:end] = F.scaled_dot_product_attention(q, k, v).transpose(0, 1)
+    return out

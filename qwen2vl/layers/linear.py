@@ -1,0 +1,125 @@
+"""Linear layers: plain, and the weight-only quantized forms that replace them at load.
+
+A model builds only `Linear`s. When a checkpoint is quantized, the loader swaps the decoder's
+`Linear`s for `AWQLinear` / `GPTQLinear` (same `in_features`, `out_features`, `output_sizes`,
+same call), so model code never knows. The quantized modules keep the checkpoint's packed
+tensors (for the fast kernels) and a `weight` dequantized once to the compute dtype, which the
+reference path multiplies with.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwen2vl.layers import quantization as q
+
+
+class Linear(nn.Module):
+    """`y = x W^T + b`. `output_sizes` lists the parts of a fused projection (q|k|v, gate|up);
+    the loader fills each part from its own checkpoint tensor."""
+
+    def __init__(self, in_features: int, out_features: int | list[int], bias: bool = False):
+        super().__init__()
+        self.output_sizes = tuple(out_features) if isinstance(out_features, (list, tuple)) else (out_features,)
+        self.in_features = in_features
+        self.out_features = sum(self.output_sizes)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(self.out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def checkpoint_shapes(self, out_features: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the checkpoint tensors of one part with `out_features` outputs."""
+        shapes = {"weight": (out_features, self.in_features)}
+        if self.bias is not None:
+            shapes["bias"] = (out_features,)
+        return shapes
+
+    # Parts of a fused projection are stacked along this dim of each checkpoint tensor.
+    part_dims = {"weight": 0, "bias": 0}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, output_sizes={self.output_sizes}, bias={self.bias is not None}"
+
+
+class QuantizedLinear(Linear):
+    """Shared shape of AWQ / GPTQ linears: packed int32 tensors + scales, and a dequantized weight."""
+
+    packed_names: tuple[str, ...] = ()
+
+    def __init__(self, linear: Linear, bits: int, group_size: int):
+        super().__init__(linear.in_features, list(linear.output_sizes), bias=linear.bias is not None)
+        self.bits = bits
+        self.group_size = group_size if group_size > 0 else linear.in_features
+        self.pack_factor = 32 // bits
+        if self.in_features % self.group_size:
+            raise ValueError(f"in_features {self.in_features} is not a multiple of group_size {self.group_size}")
+        # Filled by the loader (packed tensors) and by `dequantize_` (weight).
+        self.weight = None
+        for name, shape in self.checkpoint_shapes(self.out_features).items():
+            if name in self.packed_names:
+                self.register_buffer(name, torch.empty(shape, dtype=torch.int32))
+
+    @property
+    def num_groups(self) -> int:
+        return self.in_features // self.group_size
+
+    def dequantize_(self, dtype: torch.dtype) -> None:
+        """Materialize `weight [out, in]` in the compute dtype from the packed tensors."""
+        self.weight = nn.Parameter(self.dequantized().to(dtype), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"
+
+
+class AWQLinear(QuantizedLinear):
+    """AWQ GEMM layout: qweight `[K, N/8]`, qzeros `[K/g, N/8]`, scales `[K/g, N]` (packed along N)."""
+
+    packed_names = ("qweight", "qzeros")
+    part_dims = {"qweight": 1, "qzeros": 1, "scales": 1, "bias": 0}
+
+    def __init__(self, linear: Linear, bits: int, group_size: int):
+        super().__init__(linear, bits, group_size)
+        self.register_buffer("scales", torch.empty(self.num_groups, self.out_features, dtype=torch.float16))
+
+    def checkpoint_shapes(self, out_features: int) -> dict[str, tuple[int, ...]]:
+        shapes = {
+            "qweight": (self.in_features, out_features // self.pack_factor),
+            "qzeros": (self.num_groups, out_features // self.pack_factor),
+            "scales": (self.num_groups, out_features),
+        }
+        if self.bias is not None:
+            shapes["bias"] = (out_features,)
+        return shapes
+
+    def dequantized(self) -> torch.Tensor:
+        return q.dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size)
+
+
+class GPTQLinear(QuantizedLinear):
+    """GPTQ layout: qweight `[K*bits/32, N]` (packed along K), qzeros `[G, N*bits/32]`,
+    scales `[G, N]`, g_idx `[K]` (the group of each input row; permuted when desc_act)."""
+
+    packed_names = ("qweight", "qzeros", "g_idx")
+    part_dims = {"qweight": 1, "qzeros": 1, "scales": 1, "bias": 0, "g_idx": None}
+
+    def __init__(self, linear: Linear, bits: int, group_size: int, zero_offset: int):
+        super().__init__(linear, bits, group_size)
+        self.zero_offset = zero_offset  # 1 for the original format, which stores zero - 1
+        self.register_buffer("scales", torch.empty(self.num_groups, self.out_features, dtype=torch.float16))
+
+    def checkpoint_shapes(self, out_features: int) -> dict[str, tuple[int, ...]]:
+        shapes = {
+            "qweight": (self.in_features // self.pack_factor, out_features),
+            "qzeros": (self.num_groups, out_features // self.pack_factor),
+            "scales": (self.num_groups, out_features),
+            "g_idx": (self.in_features,),
+        }
+        if self.bias is not None:
+            shapes["bias"] = (out_features,)
+        return shapes
+
+    def dequantized(self) -> torch.Tensor:
+        return q.dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset)

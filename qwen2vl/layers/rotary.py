@@ -1,0 +1,58 @@
+"""Rotary position embeddings: M-RoPE for the text decoder, 2D (h, w) rotary for the vision tower.
+
+Both rotate the two halves of each head (the "rotate half" convention of the checkpoints).
+Angles are computed in float32; frequencies are derived on the fly (a few dozen values), so the
+modules hold no buffers and need no re-initialisation after loading weights onto a device.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def inverse_frequencies(rotary_dim: int, theta: float, device) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `[N, heads, head_dim]`; cos/sin `[N, head_dim]` in x's dtype."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class MRotaryEmbedding:
+    """Multimodal RoPE: frequency band i of each head turns with the position on axis i
+    (temporal, height, width) of `positions[3, N]`; `mrope_section` sizes the bands."""
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...]):
+        self.head_dim = head_dim
+        self.theta = theta
+        self.mrope_section = tuple(mrope_section)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions `[3, N]` -> cos, sin `[N, head_dim]`, computed once per forward."""
+        device = positions.device
+        axis_of_band = torch.repeat_interleave(
+            torch.arange(len(self.mrope_section), device=device),
+            torch.tensor(self.mrope_section, device=device))
+        angles = positions[axis_of_band].T.float() * inverse_frequencies(self.head_dim, self.theta, device)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class VisionRotaryEmbedding:
+    """Half of each head's bands follow the patch row, the other half the patch column."""
+
+    def __init__(self, head_dim: int, theta: float):
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def cos_sin(self, rows_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows_cols `[P, 2]` -> float32 cos, sin `[P, head_dim]`."""
+        inv_freq = inverse_frequencies(self.head_dim // 2, self.theta, rows_cols.device)
+        angles = (rows_cols[:, :, None].float() * inv_freq).flatten(1)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos(), angles.sin()

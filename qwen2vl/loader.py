@@ -1,0 +1,284 @@
+"""Load a Hugging Face Qwen2-VL checkpoint directory into our model.
+
+Tensors stream from safetensors one at a time, straight into their place in the model (built
+first on the meta device, so nothing is allocated twice). Files are read with plain reads, not
+memory-mapped: mapped pages of a multi-GB shard would stay resident beside the loaded weights. Both key layouts are accepted:
+`model.layers.* / visual.*` (original) and `model.language_model.* / model.visual.*` (current
+transformers). q/k/v and gate/up are fused on the way in. Keys and shapes are checked against
+the config before any tensor is read.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qwen2vl.config import QuantConfig, Qwen2VLConfig
+from qwen2vl.errors import CheckpointError
+from qwen2vl.layers.linear import AWQLinear, GPTQLinear, Linear, QuantizedLinear
+from qwen2vl.model.qwen2_vl import Qwen2VLForConditionalGeneration
+
+# Our fused projections and the checkpoint projections they are made of, in order.
+_FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# Our tensor/module names -> checkpoint names (original layout), first match wins.
+_RENAMES = (
+    ("language_model.embed_tokens", "model.embed_tokens.weight"),
+    ("language_model.", "model."),
+    ("visual.patch_embed", "visual.patch_embed.proj"),
+    ("visual.merger.fc1", "visual.merger.mlp.0"),
+    ("visual.merger.fc2", "visual.merger.mlp.2"),
+    ("lm_head", "lm_head.weight"),
+)
+# Current transformers layout -> original layout.
+_LAYOUTS = (("model.language_model.", "model."), ("model.visual.", "visual."))
+_IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
+
+
+def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None) -> Qwen2VLForConditionalGeneration:
+    """Load `model_dir` (config.json + safetensors) onto `device`.
+
+    `dtype` None picks float32 on CPU and bfloat16 elsewhere. With float16 the vision tower runs
+    in float16 but the text decoder in bfloat16: Qwen2's residual stream overflows float16.
+    Quantized linears are dequantized once to the decoder's dtype; their packed tensors stay on
+    the modules.
+    """
+    model_dir = Path(model_dir)
+    device = torch.device(device)
+    config = Qwen2VLConfig.from_pretrained(model_dir)
+    text_dtype, vision_dtype = compute_dtypes(dtype, device)
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(config)
+        if config.quant is not None:
+            swap_quantized_linears(model, config.quant)
+    plan = _plan(model)
+    shards = _shard_keys(model_dir)
+    _check_keys(plan, shards, config.text.tie_word_embeddings)
+
+    for shard in shards.values():
+        with open(shard.path, "rb") as f:
+            for key in shard.entries:
+                slot = plan.get(_original_name(key))
+                if slot is not None:
+                    slot.fill(shard, f, key, text_dtype if slot.is_text else vision_dtype, device)
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.dequantize_(text_dtype)
+    return model.eval()
+
+
+def compute_dtypes(dtype: torch.dtype | None, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(text decoder dtype, vision tower dtype) for a requested dtype."""
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype == torch.float16:
+        return torch.bfloat16, torch.float16
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype {dtype} is not supported (float32, bfloat16 or float16)")
+    return dtype, dtype
+
+
+def swap_quantized_linears(model: torch.nn.Module, quant: QuantConfig) -> None:
+    """Replace the decoder layers' `Linear`s stored quantized by AWQ / GPTQ linears."""
+    for name, module in list(model.named_modules()):
+        if not (isinstance(module, Linear) and name.startswith("language_model.layers.")):
+            continue
+        if not all(quant.converts(hub) for hub in _part_names(name)):
+            continue
+        if quant.method == "awq":
+            new = AWQLinear(module, quant.bits, quant.group_size)
+        else:
+            new = GPTQLinear(module, quant.bits, quant.group_size,
+                             zero_offset=1 if quant.checkpoint_format == "gptq" else 0)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+
+
+@dataclass
+class _Slot:
+    """Where one checkpoint tensor goes: all of `module.<attr>`, or one part along `dim`."""
+
+    module: torch.nn.Module
+    attr: str
+    shape: tuple[int, ...]  # expected checkpoint shape
+    dim: int | None = None  # part dim of a fused tensor (None: the whole tensor)
+    offset: int = 0
+    is_text: bool = True
+    shared: bool = False  # one tensor for all parts of a fused projection (GPTQ g_idx): must agree
+
+    def fill(self, shard: "_Shard", f, key: str, float_dtype: torch.dtype, device: torch.device) -> None:
+        target = getattr(self.module, self.attr)
+        stored = shard.dtype(key)
+        if stored.is_floating_point != target.dtype.is_floating_point:
+            raise CheckpointError(f"tensor {key}: expected dtype {target.dtype}, found {stored}")
+        # Quantization scales keep their stored precision; other float tensors take the compute dtype.
+        dtype = float_dtype if stored.is_floating_point and self.attr != "scales" else stored
+        tensor = shard.read(f, key, dtype)
+        if self.dim is None:
+            if self.shared and not target.is_meta and not torch.equal(target.cpu(), tensor):
+                raise CheckpointError(f"tensor {key}: differs from the other parts of its fused projection")
+            self._set(tensor.reshape(target.shape).to(device))
+            return
+        if target.is_meta:
+            target = self._set(torch.empty(target.shape, dtype=tensor.dtype, device=device))
+        target.narrow(self.dim, self.offset, tensor.shape[self.dim]).copy_(tensor)
+
+    def _set(self, tensor: torch.Tensor) -> torch.Tensor:
+        if isinstance(getattr(self.module, self.attr), torch.nn.Parameter):
+            tensor = torch.nn.Parameter(tensor, requires_grad=False)
+        setattr(self.module, self.attr, tensor)
+        return tensor
+
+
+def _plan(model: torch.nn.Module) -> dict[str, _Slot]:
+    """Checkpoint name (original layout) -> slot, for every tensor the model needs."""
+    plan = {}
+    linear_tensors = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        is_text = not name.startswith("visual.")
+        parts = _part_names(name)
+        for attr in module.checkpoint_shapes(module.out_features):
+            linear_tensors.add(f"{name}.{attr}")
+            dim = module.part_dims[attr] if len(parts) > 1 else None
+            offset = 0
+            for part, size in zip(parts, module.output_sizes):
+                shape = module.checkpoint_shapes(size)[attr]
+                plan[f"{part}.{attr}"] = _Slot(module, attr, shape, dim, offset, is_text,
+                                               shared=len(parts) > 1 and dim is None)
+                offset += shape[dim] if dim is not None else 0
+    for name, tensor in model.named_parameters():
+        if name not in linear_tensors:
+            module_name, _, attr = name.rpartition(".")
+            plan[_hub_name(name)] = _Slot(model.get_submodule(module_name), attr, tuple(tensor.shape),
+                                          is_text=not name.startswith("visual."))
+    patch = plan["visual.patch_embed.proj.weight"]
+    vision = model.config.vision
+    patch.shape = (vision.embed_dim, vision.in_channels, vision.temporal_patch_size,
+                   vision.patch_size, vision.patch_size)
+    return plan
+
+
+def _hub_name(name: str) -> str:
+    for ours, theirs in _RENAMES:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name
+
+
+def _part_names(module_name: str) -> list[str]:
+    """Checkpoint module names that make up our (possibly fused) linear `module_name`."""
+    hub = _hub_name(module_name)
+    prefix, _, last = hub.rpartition(".")
+    return [f"{prefix}.{part}" for part in _FUSED_PARTS[last]] if last in _FUSED_PARTS else [hub]
+
+
+def _original_name(key: str) -> str:
+    for new, old in _LAYOUTS:
+        if key.startswith(new):
+            return old + key[len(new):]
+    return key
+
+
+_READ_CHUNK_BYTES = 64 * 1024**2
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I32": torch.int32, "I64": torch.int64, "I8": torch.int8, "U8": torch.uint8}
+
+
+@dataclass
+class _Shard:
+    """One safetensors file: its header entries and where its data starts."""
+
+    path: Path
+    entries: dict[str, dict]
+    data_start: int
+
+    @classmethod
+    def open(cls, path: Path) -> "_Shard":
+        try:
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+        except (struct.error, ValueError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file ({e})") from e
+        header.pop("__metadata__", None)
+        return cls(path, header, 8 + header_len)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self.entries[key]["dtype"]
+        if name not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {key}: dtype {name} is not supported")
+        return _SAFETENSORS_DTYPES[name]
+
+    def read(self, f, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor, converted to `dtype` chunk by chunk (no full-size copy in the stored dtype)."""
+        stored = self.dtype(key)
+        begin, end = self.entries[key]["data_offsets"]
+        out = torch.empty(self.shape(key), dtype=dtype)
+        flat = out.view(-1)
+        f.seek(self.data_start + begin)
+        step = max(1, _READ_CHUNK_BYTES // stored.itemsize)
+        for start in range(0, flat.numel(), step):
+            part = flat[start: start + step]
+            raw = part.view(torch.uint8) if stored == dtype else torch.empty(part.numel() * stored.itemsize, dtype=torch.uint8)
+            if f.readinto(raw.numpy()) != raw.numel():
+                raise CheckpointError(f"tensor {key}: {self.path.name} is truncated")
+            if stored != dtype:
+                part.copy_(raw.view(stored))
+        if flat.numel() * stored.itemsize != end - begin:
+            raise CheckpointError(f"tensor {key}: {self.path.name} header gives {end - begin} bytes "
+                                  f"for shape {list(self.shape(key))}")
+        return out
+
+
+def _shard_keys(model_dir: Path) -> dict[Path, _Shard]:
+    """Safetensors files of the checkpoint, single or sharded with an index."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (model_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    shards = {}
+    for file in files:
+        path = model_dir / file
+        if not path.is_file():
+            raise CheckpointError(f"{model_dir}: shard {file} listed in the index is missing")
+        shards[path] = _Shard.open(path)
+    return shards
+
+
+def _check_keys(plan: dict[str, _Slot], shards: dict[Path, _Shard], tied: bool) -> None:
+    """Refuse missing, unexpected and wrongly shaped tensors before reading any of them."""
+    seen = set()
+    for shard in shards.values():
+        for key in shard.entries:
+            name = _original_name(key)
+            if _IGNORED.search(name) or (tied and name == "lm_head.weight"):
+                continue
+            slot = plan.get(name)
+            if slot is None:
+                packed = name.removesuffix(".weight") + ".qweight"
+                if packed in plan:
+                    raise CheckpointError(f"tensor {key} is stored unquantized, but config.json's "
+                                          f"quantization_config says it is quantized (expected {packed})")
+                raise CheckpointError(f"tensor {key} in {shard.path.name} is not part of this model "
+                                      "(wrong architecture or quantization config?)")
+            if shard.shape(key) != slot.shape:
+                raise CheckpointError(f"tensor {key}: expected shape {list(slot.shape)}, "
+                                      f"found {list(shard.shape(key))}")
+            seen.add(name)
+    missing = [name for name in plan if name not in seen]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint is missing tensor {missing[0]}"
+                              f" [expected shape {list(plan[missing[0]].shape)}]"
+                              + (f"; also missing {missing[1:5]}{more}" if len(missing) > 1 else ""))

@@ -1,0 +1,52 @@
+"""Qwen2-VL: the vision tower's embeddings scattered into the text decoder's input."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwen2vl.config import Qwen2VLConfig
+from qwen2vl.layers.attention_metadata import AttentionMetadata
+from qwen2vl.model.text import TextDecoder
+from qwen2vl.model.vision import VisionTransformer
+
+
+class Qwen2VLForConditionalGeneration(nn.Module):
+    def __init__(self, config: Qwen2VLConfig):
+        super().__init__()
+        self.config = config
+        self.visual = VisionTransformer(config.vision)
+        self.language_model = TextDecoder(config.text)
+        if not config.text.tie_word_embeddings:
+            self.lm_head = nn.Parameter(torch.empty(config.text.vocab_size, config.text.hidden_size),
+                                        requires_grad=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        tied = self.config.text.tie_word_embeddings
+        return self.language_model.embed_tokens if tied else self.lm_head
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The text decoder's compute dtype, which is also the KV cache's."""
+        return self.language_model.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.embed_tokens.device
+
+    def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Images and videos packed in one call -> `[P / merge^2, text hidden]`, rows in input order."""
+        return self.visual(pixel_values, grid_thw).to(self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                kv_caches: list[torch.Tensor], vision_embeds: torch.Tensor | None = None,
+                vision_mask: torch.Tensor | None = None,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits `[R, vocab]` of the rows `logits_indices` (all rows when None)."""
+        x = self.language_model.embed(input_ids)
+        if vision_embeds is not None:
+            x[vision_mask] = vision_embeds.to(x.dtype)
+        x = self.language_model(x, positions, attn, kv_caches)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return (x @ self.lm_head_weight.T).float()

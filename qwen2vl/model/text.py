@@ -1,0 +1,72 @@
+"""The Qwen2 text decoder: GQA attention with q/k/v bias and M-RoPE, SwiGLU MLP, RMSNorm."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qwen2vl.config import TextConfig
+from qwen2vl.layers.activation import silu_and_mul
+from qwen2vl.layers.attention import PagedAttention
+from qwen2vl.layers.attention_metadata import AttentionMetadata
+from qwen2vl.layers.linear import Linear
+from qwen2vl.layers.norm import RMSNorm
+from qwen2vl.layers.rotary import MRotaryEmbedding, apply_rotary
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=True)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=False)
+        self.attn = PagedAttention(config.num_heads, config.num_kv_heads, config.head_dim)
+
+    def forward(self, x, cos, sin, attn: AttentionMetadata, kv_cache):
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
+        q = apply_rotary(q.unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
+        k = apply_rotary(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        return self.o_proj(self.attn(q, k, v, kv_cache, attn).flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = Linear(hidden_size, [intermediate_size] * 2, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DecoderAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, attn, kv_cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
+        self.rotary = MRotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens[input_ids]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, attn, kv_cache)
+        return self.norm(x)

