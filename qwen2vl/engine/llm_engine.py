@@ -1,0 +1,204 @@
+"""The engine: requests in, one batched step at a time, outputs out."""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from qwen2vl.engine.block_manager import BlockManager
+from qwen2vl.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from qwen2vl.engine.scheduler import Scheduler
+from qwen2vl.engine.sequence import RequestOutput, Sequence
+from qwen2vl.errors import InputError
+from qwen2vl.processor.tokenizer import IncrementalDetokenizer
+from qwen2vl.processor.types import PreparedPrompt
+from qwen2vl.sampling_params import SamplingParams
+
+_CPU_KV_CACHE_MAX_BYTES = 1 << 30
+_CPU_KV_CACHE_SEQS = 4  # on CPU the default pool holds this many sequences of max_model_len
+_GPU_MEMORY_FRACTION = 0.85  # of the memory free after loading the model, for the KV cache
+_GPU_RESERVE_BYTES = 1 << 30  # left for activations and the vision encoder
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache.
+
+    `add_request` queues a prepared prompt; each `step` schedules waiting and running requests
+    under the token budget, runs the model once over all of them and returns a `RequestOutput`
+    for every request that got a token or finished. A request that fails on its own (such as a
+    broken image in the vision encoder) finishes with `finish_reason="error"`; the others go on.
+
+    The KV pool is `num_kv_blocks` blocks of `block_size` tokens, or as many as fit in
+    `kv_cache_memory` bytes; by default most of the free GPU memory, or on CPU room for a few
+    sequences of `max_model_len` (at most 1 GiB). `max_model_len` (prompt plus output) defaults
+    to the model's `max_position_embeddings`, capped by the pool. `generation_config` is the
+    checkpoint's generation_config.json: defaults for unset sampling fields, and its
+    `eos_token_id`s (else the model config's) end generation.
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_vision_tokens_per_step: int | None = None,
+        generation_config: dict | None = None,
+    ):
+        self.model = model
+        self.processor = processor
+        self.config = model.config
+        self.generation_config = dict(generation_config or {})
+        self.device = model.device
+
+        text = self.config.text
+        block_bytes = kv_cache_bytes_per_block(text.num_layers, text.num_kv_heads, text.head_dim, block_size, model.dtype)
+        if num_kv_blocks is None:
+            if kv_cache_memory is None:
+                kv_cache_memory = self._default_kv_cache_memory(block_bytes // block_size, max_model_len)
+            num_kv_blocks = kv_cache_memory // block_bytes
+        capacity = num_kv_blocks * block_size
+        if max_model_len is None:
+            max_model_len = min(text.max_position_embeddings, capacity)
+        elif max_model_len > capacity:
+            raise InputError(
+                f"max_model_len={max_model_len} does not fit the KV cache of {num_kv_blocks} blocks x "
+                f"{block_size} tokens = {capacity} tokens; lower max_model_len or give more KV cache memory"
+            )
+        self.max_model_len = max_model_len
+
+        self.block_manager = BlockManager(num_kv_blocks, block_size)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_vision_tokens_per_step=max_vision_tokens_per_step or max_num_batched_tokens,
+        )
+        self.runner = ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size)
+
+        eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
+        self._requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def add_request(self, prompt: PreparedPrompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Validate and queue a request; returns its id. Raises `InputError` for a bad request
+        (which leaves the engine and its other requests untouched)."""
+        params = (params or SamplingParams()).resolve(self.generation_config)
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        elif request_id in self._requests:
+            raise InputError(f"request id {request_id!r} is already in use")
+        self._validate_prompt(prompt)
+        stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(
+            request_id,
+            prompt,
+            params,
+            vision_token_ids=[self.config.image_token_id, self.config.video_token_id],
+            stop_token_ids=stop_token_ids,
+            detokenizer=IncrementalDetokenizer(self.processor.tokenizer, skip_special_tokens=params.skip_special_tokens),
+            generator=generator,
+        )
+        merge = self.config.vision.spatial_merge_size
+        expected = sum(item.num_tokens(merge) for item in prompt.vision_items)
+        if seq.num_vision_tokens != expected:
+            raise InputError(
+                f"the prompt has {seq.num_vision_tokens} image/video pad tokens but its "
+                f"{len(prompt.vision_items)} vision item(s) make {expected} embeddings"
+            )
+        self._requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; outputs of the requests that got tokens or finished."""
+        chunks = self.scheduler.schedule()
+        failed = [chunk.seq for chunk in chunks if chunk.seq.needs_vision_encoding and not self._encode_vision(chunk.seq)]
+        chunks = [chunk for chunk in chunks if not chunk.seq.is_finished]
+        sampling = [chunk.seq for chunk in chunks if chunk.samples]
+        sampled = self.runner.execute(chunks) if chunks else []
+        for chunk in chunks:
+            chunk.seq.num_computed_tokens = chunk.end
+        outputs = []
+        for seq, token in zip(sampling, sampled):
+            seq.append_token(token.token_id, token.logprobs, self.max_model_len)
+            outputs.append(self._output(seq))
+        outputs.extend(self._output(seq) for seq in failed)
+        return outputs
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks; returns its final output (finish_reason "abort"),
+        or None if it is unknown or already finished."""
+        seq = self._requests.get(request_id)
+        if seq is None:
+            return None
+        seq.finish("abort")
+        return self._output(seq)
+
+    def _encode_vision(self, seq: Sequence) -> bool:
+        try:
+            self.runner.encode_vision(seq)
+        except Exception as e:  # a broken input must fail its own request only
+            seq.finish("error", f"vision encoding failed: {type(e).__name__}: {e}")
+            return False
+        return True
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        output = seq.take_output()
+        if seq.is_finished and seq.request_id in self._requests:
+            del self._requests[seq.request_id]
+            self.scheduler.remove(seq)
+            seq.vision_embeds = None
+        return output
+
+    def _validate_prompt(self, prompt: PreparedPrompt) -> None:
+        if len(prompt) == 0:
+            raise InputError("the prompt has no tokens")
+        if len(prompt) + 1 > self.max_model_len:
+            raise InputError(
+                f"the prompt has {len(prompt)} tokens, but max_model_len is {self.max_model_len} "
+                f"(prompt plus at least one generated token); shorten the prompt, lower the image "
+                f"resolution (max_pixels) or raise max_model_len"
+            )
+        if tuple(prompt.positions.shape) != (3, len(prompt)):
+            raise InputError(f"prompt positions have shape {tuple(prompt.positions.shape)}, expected (3, {len(prompt)})")
+
+    def _default_kv_cache_memory(self, bytes_per_token: int, max_model_len: int | None) -> int:
+        max_len = max_model_len or self.config.text.max_position_embeddings
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(int(free * _GPU_MEMORY_FRACTION) - _GPU_RESERVE_BYTES, bytes_per_token * max_len)
+        return min(_CPU_KV_CACHE_MAX_BYTES, _CPU_KV_CACHE_SEQS * max_len * bytes_per_token)
+

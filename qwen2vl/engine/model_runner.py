@@ -1,0 +1,172 @@
+"""Turns a scheduled step into one batch, runs the model once, and samples."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from qwen2vl.engine.scheduler import ScheduledChunk
+from qwen2vl.engine.sequence import Sequence
+from qwen2vl.layers.attention_metadata import AttentionMetadata
+from qwen2vl.layers.sampler import Sampler, SamplingBatch
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprobs: dict[int, float] | None  # the sampled token's and the top-k, when asked
+
+
+def kv_cache_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    """Owns the KV caches (one `[2, num_blocks, block_size, kv_heads, head_dim]` tensor per
+    decoder layer) and the sampler; builds each step's batch from the scheduled chunks."""
+
+    def __init__(self, model, *, num_blocks: int, block_size: int):
+        text = model.config.text
+        self.model = model
+        self.device = model.device
+        self.block_size = block_size
+        self.vocab_size = text.vocab_size
+        self.kv_caches = [
+            torch.zeros(2, num_blocks, block_size, text.num_kv_heads, text.head_dim, dtype=model.dtype, device=model.device)
+            for _ in range(text.num_layers)
+        ]
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def encode_vision(self, seq: Sequence) -> None:
+        """Run the vision encoder once over all images and videos of `seq`, in prompt order."""
+        items = seq.prompt.vision_items
+        pixel_values = torch.cat([item.pixel_values for item in items]).to(self.device)
+        grid_thw = torch.tensor([item.grid_thw for item in items], dtype=torch.long, device=self.device)
+        embeds = self.model.encode_vision(pixel_values, grid_thw)
+        if embeds.shape[0] != seq.num_vision_tokens:
+            raise ValueError(
+                f"the vision encoder returned {embeds.shape[0]} embeddings for "
+                f"{seq.num_vision_tokens} image/video pad tokens in the prompt"
+            )
+        seq.vision_embeds = embeds
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> list[SampledToken]:
+        """One forward over all chunks; returns the next token of each chunk that samples, in
+        order."""
+        input_ids = [token for chunk in chunks for token in chunk.seq.token_ids[chunk.start:chunk.end]]
+        positions = torch.cat([chunk_positions(chunk.seq, chunk.start, chunk.end) for chunk in chunks], dim=1)
+        vision_embeds, vision_mask = self._vision_inputs(chunks)
+        ends = list(itertools.accumulate(chunk.num_tokens for chunk in chunks))
+        logits_indices = [end - 1 for chunk, end in zip(chunks, ends) if chunk.samples]
+        logits = self.model(
+            self._tensor(input_ids, torch.long),
+            positions.to(self.device),
+            self._attention_metadata(chunks),
+            self.kv_caches,
+            vision_embeds,
+            vision_mask,
+            self._tensor(logits_indices, torch.long),
+        )
+        sampling = [chunk.seq for chunk in chunks if chunk.samples]
+        return self._sample(logits, sampling) if sampling else []
+
+    def _attention_metadata(self, chunks: list[ScheduledChunk]) -> AttentionMetadata:
+        query_lens = [chunk.num_tokens for chunk in chunks]
+        context_lens = [chunk.end for chunk in chunks]
+        max_blocks = max(len(chunk.seq.block_table) for chunk in chunks)
+        block_tables = [chunk.seq.block_table + [-1] * (max_blocks - len(chunk.seq.block_table)) for chunk in chunks]
+        slots = [slot_mapping(chunk.seq.block_table, chunk.start, chunk.end, self.block_size) for chunk in chunks]
+        return AttentionMetadata(
+            query_start_loc=self._tensor([0, *itertools.accumulate(query_lens)], torch.int32),
+            context_lens=self._tensor(context_lens, torch.int32),
+            slot_mapping=torch.cat(slots).to(self.device),
+            block_tables=self._tensor(block_tables, torch.int32),
+            query_lens_cpu=query_lens,
+            context_lens_cpu=context_lens,
+            block_size=self.block_size,
+        )
+
+    def _vision_inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The vision embeddings of the pad tokens computed this step, and the mask of where
+        they go among the step's tokens; `(None, None)` when there are none."""
+        masks, embeds = [], []
+        for chunk in chunks:
+            seq = chunk.seq
+            prompt_start, prompt_end = min(chunk.start, seq.prompt_len), min(chunk.end, seq.prompt_len)
+            num_generated = chunk.end - max(chunk.start, prompt_end)
+            masks += [seq.vision_mask[prompt_start:prompt_end], torch.zeros(num_generated, dtype=torch.bool)]
+            if seq.vision_embeds is not None:
+                embeds.append(seq.vision_embeds[seq.vision_rows_before[prompt_start]:seq.vision_rows_before[prompt_end]])
+        mask = torch.cat(masks)
+        if not mask.any():
+            return None, None
+        return torch.cat(embeds), mask.to(self.device)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
+        out = self.sampler(logits, self._sampling_batch(seqs))
+        token_ids = out.token_ids.tolist()
+        if out.logprobs is None:
+            return [SampledToken(token_id, None) for token_id in token_ids]
+        sampled_logprobs = out.logprobs.tolist()
+        top_ids, top_logprobs = out.top_ids.tolist(), out.top_logprobs.tolist()
+        sampled = []
+        for row, seq in enumerate(seqs):
+            logprobs = None
+            if seq.params.logprobs is not None:
+                k = seq.params.logprobs
+                logprobs = {token_ids[row]: sampled_logprobs[row]}
+                logprobs.update(zip(top_ids[row][:k], top_logprobs[row][:k]))
+            sampled.append(SampledToken(token_ids[row], logprobs))
+        return sampled
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        params = [seq.params for seq in seqs]
+
+        def column(name: str, dtype: torch.dtype) -> torch.Tensor:
+            return self._tensor([getattr(p, name) for p in params], dtype)
+
+        any_penalty = any(
+            p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params
+        )
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        return SamplingBatch(
+            temperature=column("temperature", torch.float32),
+            top_k=column("top_k", torch.long),
+            top_p=column("top_p", torch.float32),
+            min_p=column("min_p", torch.float32),
+            repetition_penalty=column("repetition_penalty", torch.float32),
+            presence_penalty=column("presence_penalty", torch.float32),
+            frequency_penalty=column("frequency_penalty", torch.float32),
+            prompt_tokens=self._padded([seq.token_ids[:seq.prompt_len] for seq in seqs]) if any_penalty else None,
+            output_tokens=self._padded([seq.output_token_ids for seq in seqs]) if any_penalty else None,
+            generators=[seq.generator for seq in seqs],
+            num_logprobs=max(asked) if asked else None,
+            all_greedy=all(p.greedy for p in params),
+            any_penalty=any_penalty,
+            any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params),
+        )
+
+    def _padded(self, rows: list[list[int]]) -> torch.Tensor:
+        width = max(1, max(len(row) for row in rows))
+        return self._tensor([row + [self.vocab_size] * (width - len(row)) for row in rows], torch.long)
+
+    def _tensor(self, data, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype).to(self.device)
+
+
+def chunk_positions(seq: Sequence, start: int, end: int) -> torch.Tensor:
+    """M-RoPE positions `[3, end - start]`: the prompt's own, then `i + rope_delta` on all three
+    axes for generated token i (counted from the start of the prompt)."""
+    prompt_end = min(end, seq.prompt_len)
+    generated = torch.arange(max(start, prompt_end), end, dtype=torch.long) + seq.prompt.rope_delta
+    return torch.cat([seq.prompt.positions[:, start:prompt_end], generated.expand(3, -1)], dim=1)
+
+
+def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
+    """Cache slot of each token `start..end-1` of a sequence with this block table."""
+    token_index = torch.arange(start, end, dtype=torch.long)
+    blocks = torch.tensor(block_table, dtype=torch.long)[token_index // block_size]
+    return blocks * block_size + token_index % block_size

@@ -1,0 +1,178 @@
+"""One request's whole state, from its prepared prompt to its finished text."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from qwen2vl.processor.types import PreparedPrompt
+from qwen2vl.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestOutput:
+    """What one request produced so far, returned by `LLMEngine.step` when it got new tokens or
+    finished.
+
+    `token_ids` are all generated tokens (a stopping end-of-sequence / stop token included, as
+    transformers does); `text` is their text with a stop string and what follows it cut off.
+    `new_token_ids` / `text_delta` are what this step added; concatenated over the steps the
+    deltas give `text`. Text that might be the start of a stop string is held back from the
+    deltas until it is resolved. `logprobs[i]` maps token ids to log-probabilities at generated
+    token i: the sampled token plus the top `SamplingParams.logprobs` ones.
+    """
+
+    request_id: str
+    prompt_len: int
+    token_ids: list[int]
+    new_token_ids: list[int]
+    text: str
+    text_delta: str
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    logprobs: list[dict[int, float]] | None = None
+    error: str | None = None
+
+
+class Sequence:
+    """A request in the engine: its tokens, KV blocks, vision inputs and embeddings, positions,
+    sampling parameters, random generator and detokenizer.
+
+    `token_ids` holds the prompt and then the generated tokens; the first `num_computed_tokens`
+    of them have keys/values in the cache blocks listed in `block_table`.
+    `vision_rows_before[p]` counts the vision pad tokens before prompt position p, so the rows
+    of `vision_embeds` that fill a chunk are a plain slice.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        *,
+        vision_token_ids: list[int],
+        stop_token_ids: set[int],
+        detokenizer,
+        generator: torch.Generator | None,
+    ):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.params = params
+        self.token_ids = list(prompt.input_ids)
+        self.prompt_len = len(prompt.input_ids)
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.num_preemptions = 0
+
+        ids = torch.tensor(prompt.input_ids, dtype=torch.long)
+        self.vision_mask = torch.isin(ids, torch.tensor(vision_token_ids, dtype=torch.long))
+        self.vision_rows_before = torch.cat([torch.zeros(1, dtype=torch.long), self.vision_mask.cumsum(0)]).tolist()
+        self.vision_embeds: torch.Tensor | None = None
+
+        self.stop_token_ids = stop_token_ids
+        self.generator = generator
+        self.detokenizer = detokenizer
+        self.text = ""
+        self.num_emitted_chars = 0
+        self.num_emitted_tokens = 0
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_vision_tokens(self) -> int:
+        return self.vision_rows_before[-1]
+
+    @property
+    def needs_vision_encoding(self) -> bool:
+        return bool(self.prompt.vision_items) and self.vision_embeds is None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, logprobs: dict[int, float] | None, max_model_len: int) -> None:
+        """Add a generated token, its text, and finish the sequence if a stop condition holds."""
+        self.token_ids.append(token_id)
+        if self.logprobs is not None:
+            self.logprobs.append(logprobs)
+        if token_id in self.stop_token_ids:
+            self.finish("stop")
+        else:
+            old_len = len(self.text)
+            self.detokenizer.add(token_id)
+            self.text = self.detokenizer.text
+            cut = find_stop_string(self.text, old_len, self.params.stop)
+            if cut is not None:
+                self.text = self.text[:cut]
+                self.finish("stop")
+                return
+            if len(self.token_ids) - self.prompt_len >= self.params.max_tokens or len(self.token_ids) >= max_model_len:
+                self.finish("length")
+        if self.is_finished:  # a character cut short by the end is released as U+FFFD, as decode does
+            self.detokenizer.flush()
+            self.text = self.detokenizer.text
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.error = error
+
+    def take_output(self) -> RequestOutput:
+        """The output as of now, with the tokens and text not yet reported as deltas."""
+        visible = len(self.text) if self.is_finished else len(self.text) - partial_stop_length(self.text, self.params.stop)
+        visible = max(visible, self.num_emitted_chars)
+        output = RequestOutput(
+            request_id=self.request_id,
+            prompt_len=self.prompt_len,
+            token_ids=self.output_token_ids,
+            new_token_ids=self.token_ids[self.prompt_len + self.num_emitted_tokens:],
+            text=self.text,
+            text_delta=self.text[self.num_emitted_chars:visible],
+            finished=self.is_finished,
+            finish_reason=self.finish_reason,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            error=self.error,
+        )
+        self.num_emitted_chars = visible
+        self.num_emitted_tokens = len(self.token_ids) - self.prompt_len
+        return output
+
+
+def find_stop_string(text: str, new_from: int, stops: list[str]) -> int | None:
+    """Index where the earliest stop string starts in `text`, looking only at matches that end
+    after `new_from` (older text was checked before); None if there is none."""
+    found = None
+    for stop in stops:
+        index = text.find(stop, max(0, new_from - len(stop) + 1))
+        if index != -1 and (found is None or index < found):
+            found = index
+    return found
+
+
+def partial_stop_length(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that is the beginning of a stop string: text that
+    must not be streamed yet, since the next tokens may complete the stop string."""
+    longest = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:length]):
+                longest = length
+                break
+    return longest

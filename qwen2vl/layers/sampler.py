@@ -1,0 +1,143 @@
+"""Batched token sampling: each row of the logits with its own parameters, in one pass."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters of R rows, as tensors on the logits' device.
+
+    Neutral values switch a step off for a row: temperature 0 = greedy, top_k 0, top_p 1,
+    min_p 0, repetition_penalty 1, presence/frequency penalty 0.
+
+    `prompt_tokens` / `output_tokens` are `[R, L]` token ids padded with `vocab_size`; they are
+    only needed (and may be `None`) when some row has a penalty. The repetition penalty counts
+    both, presence and frequency penalties the output only.
+
+    `generators[r]` is row r's seeded generator, or `None` to draw from the global one; a
+    seeded row's draws never depend on the other rows.
+    """
+
+    temperature: torch.Tensor  # [R] float32
+    top_k: torch.Tensor  # [R] int64
+    top_p: torch.Tensor  # [R] float32
+    min_p: torch.Tensor  # [R] float32
+    repetition_penalty: torch.Tensor  # [R] float32
+    presence_penalty: torch.Tensor  # [R] float32
+    frequency_penalty: torch.Tensor  # [R] float32
+    prompt_tokens: torch.Tensor | None  # [R, Lp] int64
+    output_tokens: torch.Tensor | None  # [R, Lo] int64
+    generators: list[torch.Generator | None]
+    num_logprobs: int | None  # largest top-k logprobs asked by a row; None: no row wants logprobs
+    all_greedy: bool
+    any_penalty: bool
+    any_filter: bool  # some sampling row has top_k, top_p or min_p
+
+
+@dataclass
+class SamplerOutput:
+    """`token_ids[r]` is row r's next token. With logprobs asked: `logprobs[r]` is its
+    log-probability, `top_ids[r]` / `top_logprobs[r]` the `num_logprobs` most likely tokens."""
+
+    token_ids: torch.Tensor  # [R] int64
+    logprobs: torch.Tensor | None = None  # [R] float32
+    top_ids: torch.Tensor | None = None  # [R, K] int64
+    top_logprobs: torch.Tensor | None = None  # [R, K] float32
+
+
+class Sampler(torch.nn.Module):
+    """logits [R, V] -> next tokens: penalties, temperature, top-k, top-p, min-p, then a draw.
+
+    Logprobs are the log-softmax of the raw logits (the model's distribution, before penalties
+    and temperature), the convention of transformers' `output_logits` and vLLM's default.
+    """
+
+    def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs is not None else None
+        if batch.any_penalty:
+            logits = apply_penalties(logits, batch)
+        greedy_ids = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            token_ids = greedy_ids
+        else:
+            scaled = logits / torch.where(batch.temperature > 0, batch.temperature, 1.0).unsqueeze(1)
+            if batch.any_filter:
+                scaled = apply_filters(scaled, batch.top_k, batch.top_p, batch.min_p)
+            sampled_ids = draw(torch.softmax(scaled, dim=-1), batch.generators)
+            token_ids = torch.where(batch.temperature > 0, sampled_ids, greedy_ids)
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids)
+        top_logprobs, top_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
+        sampled_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+        return SamplerOutput(token_ids, sampled_logprobs, top_ids, top_logprobs)
+
+
+def token_presence(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R, L] ids padded with `vocab_size` -> [R, V] count of each token per row."""
+    counts = torch.zeros(tokens.shape[0], vocab_size + 1, dtype=torch.float32, device=tokens.device)
+    counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.float32))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    vocab_size = logits.shape[1]
+    output_counts = token_presence(batch.output_tokens, vocab_size)
+    seen = (token_presence(batch.prompt_tokens, vocab_size) + output_counts) > 0
+    penalty = batch.repetition_penalty.unsqueeze(1)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    logits = torch.where(seen, penalized, logits)
+    logits = logits - batch.frequency_penalty.unsqueeze(1) * output_counts
+    return logits - batch.presence_penalty.unsqueeze(1) * (output_counts > 0).float()
+
+
+def apply_filters(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                  num_candidates: int = 1024) -> torch.Tensor:
+    """Set to -inf every token outside a row's top-k, its top-p nucleus, or below min_p times
+    the most likely token's probability; the most likely token always stays. Rows with none of
+    the three are left as they are."""
+    rows = ((top_k > 0) | (top_p < 1) | (min_p > 0)).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return logits
+    filtered = logits.clone()
+    filtered[rows] = _filter_rows(logits[rows], top_k[rows], top_p[rows], min_p[rows], num_candidates)
+    return filtered
+
+
+def _filter_rows(logits, top_k, top_p, min_p, num_candidates: int) -> torch.Tensor:
+    # Ranking only the most likely candidates is much cheaper than sorting the vocabulary. A row
+    # keeps a prefix of its ranking, so when it drops its last candidate the result is exact;
+    # rows that keep them all are redone over the whole vocabulary.
+    vocab = logits.shape[1]
+    width = min(vocab, max(num_candidates, int(top_k.max())))
+    top_logits, top_ids = logits.topk(width, dim=-1)
+    drop = torch.arange(width, device=logits.device) >= torch.where(top_k > 0, top_k, vocab).unsqueeze(1)
+    kept_logits = top_logits.masked_fill(drop, float("-inf"))
+    # probabilities after top-k: over the row's top k tokens, else over the whole vocabulary
+    log_total = torch.where(top_k > 0, kept_logits.logsumexp(dim=-1), logits.logsumexp(dim=-1))
+    probs = (kept_logits - log_total.unsqueeze(1)).exp()
+    mass_above = probs.cumsum(dim=-1) - probs
+    drop |= mass_above >= top_p.unsqueeze(1)
+    drop |= probs < min_p.unsqueeze(1) * probs[:, :1]
+    drop[:, 0] = False
+    filtered = torch.full_like(logits, float("-inf")).scatter_(1, top_ids, top_logits.masked_fill(drop, float("-inf")))
+    spill = ~drop[:, -1] & (top_k == 0)
+    if width < vocab and bool(spill.any()):
+        filtered[spill] = _filter_rows(logits[spill], top_k[spill], top_p[spill], min_p[spill], vocab)
+    return filtered
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row with probability `probs`: argmax of probs / Exp(1) noise (the
+    exponential race), so each seeded row draws its noise from its own generator alone."""
+    noise = torch.empty_like(probs)
+    unseeded = [r for r, g in enumerate(generators) if g is None]
+    if unseeded:
+        noise[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
+    for r, generator in enumerate(generators):
+        if generator is not None:
+            noise[r].exponential_(generator=generator)
+    return (probs / noise).argmax(dim=-1)

@@ -1,0 +1,155 @@
+"""How one request chooses its tokens and when it stops."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from qwen2vl.errors import InputError
+
+DEFAULT_MAX_TOKENS = 256
+MAX_LOGPROBS = 20
+
+# Fields `resolve` may take from a checkpoint's generation_config.json, by the same name there.
+_FROM_GENERATION_CONFIG = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+@dataclass
+class SamplingParams:
+    """Sampling and stopping settings of one request.
+
+    Fields left `None` are filled by `resolve` from the checkpoint's generation_config.json, then
+    from neutral defaults; explicit values always win. `temperature=0` means greedy decoding.
+    `top_k` of 0 or -1 and `top_p` of 1 disable those filters.
+
+    Penalties follow transformers / vLLM: `repetition_penalty` divides positive (multiplies
+    negative) logits of every token already in the prompt or the output; `presence_penalty` and
+    `frequency_penalty` (OpenAI semantics) subtract from the logits of tokens already generated.
+
+    `logprobs=k` returns, per generated token, the log-probability of the sampled token plus the
+    k most likely ones (`0`: only the sampled token's). They are the model's own distribution:
+    log-softmax of the raw logits, before penalties, temperature and filters (as transformers'
+    `output_logits` and vLLM's default).
+
+    `stop` strings end generation and are cut from the text together with everything after
+    them. `stop_token_ids` and the model's end-of-sequence ids end generation too (unless
+    `ignore_eos`, which ignores only the model's end-of-sequence ids); the stopping token stays in
+    `token_ids` but adds no text.
+    """
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    logprobs: int | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    @classmethod
+    def from_overrides(cls, params: SamplingParams | None = None, **overrides) -> SamplingParams:
+        """A copy of `params` (or of the defaults) with keyword overrides applied.
+
+        Accepts the field names above and transformers' `generate` names: `max_new_tokens`
+        (= `max_tokens`) and `do_sample` (`False` = greedy; `True` keeps the temperature, and an
+        explicit `temperature=0` stays greedy). Unknown names raise `InputError`.
+        """
+        base = params if params is not None else cls()
+        overrides = dict(overrides)
+        if "max_new_tokens" in overrides:
+            if "max_tokens" in overrides:
+                raise InputError("give either max_tokens or max_new_tokens, not both")
+            overrides["max_tokens"] = overrides.pop("max_new_tokens")
+        do_sample = overrides.pop("do_sample", None)
+        if do_sample is False:
+            overrides["temperature"] = 0.0
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise InputError(
+                f"unknown sampling parameter(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(fields | {'max_new_tokens', 'do_sample'}))}"
+            )
+        return dataclasses.replace(base, **overrides)
+
+    def resolve(self, generation_config: dict | None = None) -> SamplingParams:
+        """Fill unset fields from `generation_config` (a parsed generation_config.json), then
+        from neutral defaults; returns a new, validated object with no `None` left but `seed`
+        and `logprobs`.
+
+        As in transformers, `do_sample: false` in the generation config means greedy unless the
+        caller set a temperature.
+        """
+        config = generation_config or {}
+        values = dataclasses.asdict(self)
+        for name in _FROM_GENERATION_CONFIG:
+            if values[name] is None and config.get(name) is not None:
+                values[name] = config[name]
+        if self.temperature is None and config.get("do_sample") is False:
+            values["temperature"] = 0.0
+        if values["max_tokens"] is None:
+            values["max_tokens"] = config.get("max_new_tokens") or DEFAULT_MAX_TOKENS
+        defaults = dict(
+            temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
+            repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+        )
+        for name, default in defaults.items():
+            if values[name] is None:
+                values[name] = default
+        if values["top_k"] == -1:
+            values["top_k"] = 0
+        stop = values["stop"]
+        values["stop"] = [stop] if isinstance(stop, str) else list(stop or [])
+        values["stop_token_ids"] = list(values["stop_token_ids"] or [])
+        resolved = SamplingParams(**values)
+        resolved.validate()
+        return resolved
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> None:
+        """Raise `InputError` naming the first field that is out of range."""
+
+        def check(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise InputError(f"sampling parameter {name}={getattr(self, name)!r} is invalid: expected {expected}")
+
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        def optional(name: str, ok) -> bool:
+            value = getattr(self, name)
+            return value is None or ok(value)
+
+        check(optional("max_tokens", lambda v: is_int(v) and v >= 1), "max_tokens", "an integer >= 1")
+        check(optional("temperature", lambda v: is_number(v) and v >= 0), "temperature", "a number >= 0 (0 = greedy)")
+        check(optional("top_p", lambda v: is_number(v) and 0 < v <= 1), "top_p", "a number in (0, 1]")
+        check(optional("top_k", lambda v: is_int(v) and v >= -1), "top_k", "an integer >= 0 (0 or -1 = off)")
+        check(optional("min_p", lambda v: is_number(v) and 0 <= v <= 1), "min_p", "a number in [0, 1]")
+        check(optional("repetition_penalty", lambda v: is_number(v) and v > 0), "repetition_penalty", "a number > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            check(optional(name, lambda v: is_number(v) and -2 <= v <= 2), name, "a number in [-2, 2]")
+        check(optional("seed", is_int), "seed", "an integer")
+        check(
+            optional("logprobs", lambda v: is_int(v) and 0 <= v <= MAX_LOGPROBS),
+            "logprobs", f"an integer in [0, {MAX_LOGPROBS}]",
+        )
+        check(
+            optional("stop", lambda v: (isinstance(v, str) and v != "")
+                     or (isinstance(v, (list, tuple)) and all(isinstance(s, str) and s for s in v))),
+            "stop", "a non-empty string or a list of non-empty strings",
+        )
+        check(
+            optional("stop_token_ids", lambda v: isinstance(v, (list, tuple)) and all(is_int(t) and t >= 0 for t in v)),
+            "stop_token_ids", "a list of token ids",
+        )
