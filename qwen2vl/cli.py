@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ EPILOG = """examples:
   qwen2vl chat --model DIR                      # interactive; /image PATH adds an image
   qwen2vl chat --model DIR --image shapes.png --draw-boxes out.png "Where is the red circle?"
   qwen2vl generate --model DIR --input convs.jsonl --output answers.jsonl --temperature 0
+  qwen2vl serve --model DIR --port 8000          # OpenAI-compatible server on 127.0.0.1
 """
 
 
@@ -202,6 +204,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+    from .server.limits import MediaAccess, ServerLimits
+
+    limits = ServerLimits(
+        max_body_bytes=args.max_body_bytes, max_media_per_request=args.max_media_per_request,
+        max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
+        max_requests_in_flight=args.max_requests_in_flight, request_timeout_s=args.request_timeout,
+    )
+    media = MediaAccess(allow_remote=args.allow_remote_media, max_bytes=args.max_media_bytes,
+                        fetch_timeout_s=args.fetch_timeout,
+                        allowed_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None)
+    llm = _load(args)
+    serve(llm, model_name=args.served_model_name or args.model, host=args.host, port=args.port,
+          limits=limits, media=media, api_key=args.api_key or os.environ.get("QWEN2VL_API_KEY"),
+          log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2vl", description="Run Qwen2-VL vision-language models.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -230,6 +251,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(generate)
     _add_sampling_options(generate)
     generate.set_defaults(run=cmd_generate)
+
+    from .server.limits import MediaAccess, ServerLimits
+
+    limits, media = ServerLimits(), MediaAccess()
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server",
+                                description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health "
+                                            "and /metrics, streaming included, to many clients at once.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                                         "(default: $QWEN2VL_API_KEY; unset = no key)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    group = serve.add_argument_group("media sources")
+    group.add_argument("--allow-remote-media", action="store_true",
+                       help="fetch http(s) image/video URLs (never from loopback, private or link-local addresses)")
+    group.add_argument("--allowed-media-dir", metavar="DIR", help="serve local files under DIR (default: none)")
+    group.add_argument("--max-media-bytes", type=int, default=media.max_bytes, help="per fetched or inline image/video")
+    group.add_argument("--fetch-timeout", type=float, default=media.fetch_timeout_s, help="seconds, per remote fetch")
+    group = serve.add_argument_group("limits")
+    group.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, help="HTTP request body (413 over it)")
+    group.add_argument("--max-media-per-request", type=int, default=limits.max_media_per_request,
+                       help="images and videos in one request")
+    group.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
+                       help="width x height of an image as sent, before resizing")
+    group.add_argument("--max-prompt-tokens", type=int, help="default: --max-model-len minus one")
+    group.add_argument("--max-requests-in-flight", type=int, default=limits.max_requests_in_flight,
+                       help="beyond it new requests get 503 with Retry-After")
+    group.add_argument("--request-timeout", type=float, default=limits.request_timeout_s,
+                       help="seconds from arrival to the last token (504 over it)")
+    _add_model_options(serve)
+    serve.set_defaults(run=cmd_serve)
     return parser
 
 

@@ -1,0 +1,70 @@
+"""How much one request, and the server as a whole, may ask for; where media may come from.
+
+Plain settings, cheap to import (the CLI reads their defaults for its help).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qwen2vl.errors import InputError, Qwen2VLError
+
+
+class Overloaded(Qwen2VLError):
+    """Too many requests in flight: the client should retry later (HTTP 503 with Retry-After)."""
+
+    retry_after_s = 1
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Per-request and server-wide limits; every one is a command-line option of `qwen2vl serve`."""
+
+    max_body_bytes: int = 32 << 20  # the whole HTTP body, base64 images included
+    max_media_per_request: int = 8  # images + videos in one request
+    max_image_pixels: int = 7680 * 4320  # of an image or video frame as sent (before resizing): 8K
+    max_video_pixels: int = 256 * 1920 * 1080  # all the frames sampled from one video, as decoded
+    max_prompt_tokens: int | None = None  # default: the engine's max_model_len minus one
+    max_requests_in_flight: int = 256  # preparing, waiting or generating; beyond: 503
+    request_timeout_s: float = 600.0  # from arrival to the last token
+    max_choices: int = 16  # `n` (times the number of prompts for /v1/completions)
+    media_workers: int = 4  # threads that fetch and decode media, off the event loop
+
+    def check_prompt_length(self, num_tokens: int, max_model_len: int) -> None:
+        limit = max_model_len - 1 if self.max_prompt_tokens is None else min(self.max_prompt_tokens, max_model_len - 1)
+        if num_tokens > limit:
+            raise InputError(
+                f"the prompt has {num_tokens} tokens, over the limit of {limit} (the context is {max_model_len} "
+                f"tokens, prompt plus answer); shorten it or send smaller images (max_pixels)"
+            )
+
+    def check_choices(self, num_choices: int) -> None:
+        if not 1 <= num_choices <= self.max_choices:
+            raise InputError(f"the request asks for {num_choices} choices; the limit is {self.max_choices} "
+                             "(n, times the number of prompts)")
+
+
+@dataclass(frozen=True)
+class MediaAccess:
+    """Where the server's images and videos may come from (see `qwen2vl.server.media`)."""
+
+    allow_remote: bool = False  # http(s) URLs; even then only to public addresses
+    allowed_dir: Path | None = None  # the only folder local files may come from; None: no local files
+    max_bytes: int = 20 << 20  # one fetched or inline image/video
+    fetch_timeout_s: float = 10.0
+
+
+class Admission:
+    """Counts the requests in flight and refuses new ones over `limit`."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_flight = 0
+
+    def acquire(self, count: int) -> None:
+        if self.in_flight + count > self.limit:
+            raise Overloaded(f"the server is at its limit of {self.limit} requests in flight; retry shortly")
+        self.in_flight += count
+
+    def release(self, count: int) -> None:
+        self.in_flight -= count

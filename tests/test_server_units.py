@@ -1,0 +1,280 @@
+"""Server pieces without a model: request schemas and their error messages, media rules, limits, metrics."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+
+from qwen2vl.errors import InputError, MediaError  # noqa: E402
+from qwen2vl.server.app import _BYTE_DECODER  # noqa: E402
+from qwen2vl.server.limits import Admission, MediaAccess, Overloaded, ServerLimits  # noqa: E402
+from qwen2vl.server.media import check_media, media_policy, public_hosts_only  # noqa: E402
+from qwen2vl.server.metrics import Metrics  # noqa: E402
+from qwen2vl.server.schemas import (  # noqa: E402
+    ChatCompletionRequest,
+    ChatCompletionChunk,
+    ChatChunkChoice,
+    ChatDelta,
+    describe_validation_error,
+)
+from pydantic import ValidationError  # noqa: E402
+
+
+def _error(body: dict | str) -> tuple[str, str | None]:
+    text = body if isinstance(body, str) else json.dumps(body)
+    with pytest.raises(ValidationError) as caught:
+        ChatCompletionRequest.model_validate_json(text)
+    return describe_validation_error(caught.value)
+
+
+def _png(width: int, height: int, color=(200, 30, 30)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+USER = {"role": "user", "content": "hi"}
+
+
+def test_validation_errors_name_the_field():
+    assert _error('{"messages": [') == ("the request body is not valid JSON (EOF while parsing a list at line 1 column 14)", None)
+    message, param = _error({"messages": [USER], "max_tokens": "ten"})
+    assert (param, message) == ("max_tokens", "max_tokens: Input should be a valid integer")
+    message, param = _error({"messages": [USER], "max_tokens": True})  # no bool -> int coercion
+    assert param == "max_tokens"
+    message, param = _error({"messages": [{"role": "user", "content": [{"type": "input_audio", "x": 1}]}]})
+    assert param == "messages[0].content[0]"
+    assert "unknown content part type 'input_audio'" in message and "'image_url'" in message
+    message, param = _error({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 3}}]}]})
+    assert param == "messages[0].content[0].image_url.url"
+    message, param = _error({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"},
+                                                                        "max_pixels": -5}]}]})
+    assert param == "messages[0].content[0].max_pixels" and "greater than 0" in message
+    message, param = _error({"messages": [USER], "tools": []})
+    assert param == "tools" and "unknown field" in message
+    message, param = _error({"messages": [{"role": "robot", "content": "x"}]})
+    assert param == "messages[0].role"
+    message, param = _error({"messages": []})
+    assert param == "messages"
+
+
+def test_openai_parts_become_processor_parts():
+    request = ChatCompletionRequest.model_validate_json(json.dumps({"messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:x", "detail": "low"}},
+            {"type": "image_url", "image_url": "https://example.com/a.png", "max_pixels": 50176, "min_pixels": 3136},
+            {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}, "fps": 1.0},
+            {"type": "text", "text": "what?"},
+        ]},
+    ]}))
+    assert request.processor_messages() == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [
+            {"type": "image", "image": "data:x", "max_pixels": 256 * 28 * 28},
+            {"type": "image", "image": "https://example.com/a.png", "min_pixels": 3136, "max_pixels": 50176},
+            {"type": "video", "video": "https://example.com/v.mp4", "fps": 1.0},
+            {"type": "text", "text": "what?"},
+        ]},
+    ]
+
+
+def test_choice_seeds_and_unset_sampling_fields():
+    request = ChatCompletionRequest.model_validate_json(json.dumps({"messages": [USER], "n": 3, "seed": 10, "top_k": 5}))
+    assert request.choice_seeds() == [10, 11, 12]
+    params = request.sampling_params(max_tokens=None, logprobs=None)
+    assert (params.temperature, params.top_k, params.max_tokens) == (None, 5, None)  # unset = generation config
+
+
+def test_stream_chunks_send_only_what_they_set():
+    chunk = ChatCompletionChunk(id="c", created=1, model="m", choices=[
+        ChatChunkChoice(index=0, delta=ChatDelta(content="a"), logprobs=None, finish_reason=None)])
+    assert json.loads(chunk.model_dump_json(exclude_unset=True)) == {
+        "id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "a"}, "logprobs": None, "finish_reason": None}]}
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "192.168.0.10", "172.16.5.4", "169.254.169.254",
+                                  "0.0.0.0", "::1", "::ffff:127.0.0.1", "fe80::1", "100.64.0.1", "224.0.0.1"])
+def test_non_public_hosts_are_refused(host):
+    with pytest.raises(MediaError, match="not a public address"):
+        public_hosts_only(host)
+
+
+def test_public_address_passes():
+    public_hosts_only("8.8.8.8")
+    public_hosts_only("2001:4860:4860::8888")
+
+
+def _messages(*images) -> list[dict]:
+    return [{"role": "user", "content": [*({"type": "image", "image": image} for image in images),
+                                         {"type": "text", "text": "?"}]}]
+
+
+def test_check_media_opens_images_and_applies_limits(tmp_path):
+    policy = media_policy(MediaAccess())
+    messages = _messages(_png(40, 30))
+    check_media(messages, policy, ServerLimits(max_media_per_request=2, max_image_pixels=1200))
+    assert isinstance(messages[0]["content"][0]["image"], Image.Image)
+    assert messages[0]["content"][0]["image"].size == (40, 30)
+
+    with pytest.raises(MediaError, match="40x31 = 1240 pixels, over the limit of 1200") as caught:
+        check_media(_messages(_png(4, 4), _png(40, 31)), policy, ServerLimits(max_media_per_request=2, max_image_pixels=1200))
+    assert (caught.value.message_index, caught.value.content_index) == (0, 1)
+    with pytest.raises(InputError, match="3 images and videos, over the limit of 2"):
+        check_media(_messages(*[_png(4, 4)] * 3), policy, ServerLimits(max_media_per_request=2, max_image_pixels=1200))
+
+
+def test_local_files_only_under_the_allowed_dir(tmp_path):
+    inside = tmp_path / "media"
+    inside.mkdir()
+    Image.new("RGB", (8, 8)).save(inside / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    with pytest.raises(MediaError, match="local files are refused"):
+        check_media(_messages(str(inside / "a.png")), media_policy(MediaAccess()), ServerLimits())
+    policy = media_policy(MediaAccess(allowed_dir=inside))
+    check_media(_messages(str(inside / "a.png"), f"file://{inside / 'a.png'}"), policy, ServerLimits())
+    for outside in (str(tmp_path / "b.png"), str(inside / ".." / "b.png"), "file:///etc/hostname"):
+        with pytest.raises(MediaError, match="outside the allowed media folder"):
+            check_media(_messages(outside), policy, ServerLimits())
+
+
+def test_remote_media_off_by_default():
+    with pytest.raises(MediaError, match="fetching remote media is disabled"):
+        check_media(_messages("http://example.com/a.png"), media_policy(MediaAccess()), ServerLimits())
+
+
+def test_limits_and_admission():
+    limits = ServerLimits(max_prompt_tokens=100)
+    limits.check_prompt_length(100, max_model_len=1000)
+    with pytest.raises(InputError, match="101 tokens, over the limit of 100"):
+        limits.check_prompt_length(101, max_model_len=1000)
+    with pytest.raises(InputError, match="over the limit of 49"):
+        ServerLimits().check_prompt_length(50, max_model_len=50)
+    admission = Admission(3)
+    admission.acquire(2)
+    with pytest.raises(Overloaded):
+        admission.acquire(2)
+    admission.release(2)
+    admission.acquire(3)
+
+
+def test_metrics_render_prometheus_text():
+    metrics = Metrics()
+    metrics.requests.inc("/v1/chat/completions", "200")
+    metrics.generation_tokens.inc(amount=7)
+    metrics.time_to_first_token.observe(0.02)
+    metrics.time_to_first_token.observe(0.3)
+    text = metrics.render(running=2, waiting=1, kv_cache_usage=0.25)
+    assert 'qwen2vl_http_requests_total{endpoint="/v1/chat/completions",status="200"} 1' in text
+    assert "qwen2vl_generation_tokens_total 7" in text
+    assert 'qwen2vl_time_to_first_token_seconds_bucket{le="0.025"} 1' in text
+    assert 'qwen2vl_time_to_first_token_seconds_bucket{le="0.5"} 2' in text
+    assert "qwen2vl_time_to_first_token_seconds_count 2" in text
+    assert "qwen2vl_requests_running 2" in text and "qwen2vl_requests_waiting 1" in text
+    assert "qwen2vl_kv_cache_usage_ratio 0.25" in text
+
+
+def test_byte_level_alphabet_is_a_bijection():
+    assert len(_BYTE_DECODER) == 256 and sorted(_BYTE_DECODER.values()) == list(range(256))
+    assert _BYTE_DECODER["Ġ"] == ord(" ") and _BYTE_DECODER["a"] == ord("a")
+
+
+def _video_uri(frames: int = 8, size: int = 56) -> str:
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for index in range(frames):
+            pixels = np.full((size, size, 3), index * 30 % 256, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return "data:video/mp4;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_video_frames_are_bounded_before_decoding():
+    messages = [{"role": "user", "content": [{"type": "video", "video": _video_uri(), "nframes": 4}]}]
+    policy = media_policy(MediaAccess())
+    check_media(messages, policy, ServerLimits(max_video_pixels=4 * 56 * 56))
+    with pytest.raises(MediaError, match="would decode 4 frames of 56x56, over the limit of 12543"):
+        check_media(messages, policy, ServerLimits(max_video_pixels=4 * 56 * 56 - 1))
+    with pytest.raises(MediaError, match="a frame of the video is 56x56"):
+        check_media(messages, policy, ServerLimits(max_image_pixels=56 * 55))
+
+
+class _FakeEngine:
+    """Two tokens per request, one per step; refuses prompts of one token."""
+
+    num_total_blocks = 8
+
+    def __init__(self):
+        self.requests: dict[str, int] = {}
+        self.aborted: list[str] = []
+
+    @property
+    def num_free_blocks(self):
+        return self.num_total_blocks - len(self.requests)
+
+    def has_unfinished(self):
+        return bool(self.requests)
+
+    def add_request(self, prompt, params, request_id):
+        if len(prompt) < 2:
+            raise InputError("the prompt is too short")
+        self.requests[request_id] = 0
+
+    def abort(self, request_id):
+        self.requests.pop(request_id)
+        self.aborted.append(request_id)
+
+    def step(self):
+        from qwen2vl.engine.sequence import RequestOutput
+
+        outputs = []
+        for request_id in list(self.requests):
+            count = self.requests[request_id] = self.requests[request_id] + 1
+            finished = count == 2
+            if finished:
+                del self.requests[request_id]
+            outputs.append(RequestOutput(request_id, 3, list(range(count)), [count - 1], "ab"[:count], "ab"[count - 1],
+                                         finished, "length" if finished else None))
+        return outputs
+
+
+def test_async_engine_streams_refuses_and_aborts():
+    import asyncio
+
+    from qwen2vl.engine.async_engine import AsyncEngine, RequestCancelled
+
+    async def run():
+        fake = _FakeEngine()
+        engine = AsyncEngine(fake)
+        engine.start()
+        try:
+            stream = await engine.add_request([1, 2, 3], None, "a")
+            assert [output.text_delta async for output in stream] == ["a", "b"]
+            with pytest.raises(InputError, match="too short"):
+                await engine.add_request([1], None, "b")
+            fake.step = lambda: []  # never finishes on its own
+            stream = await engine.add_request([1, 2], None, "c")
+            stream.abort()
+            with pytest.raises(RequestCancelled):
+                await stream.__anext__()
+            for _ in range(100):
+                if fake.aborted:
+                    break
+                await asyncio.sleep(0.01)
+            assert fake.aborted == ["c"] and engine.num_requests == 0
+        finally:
+            engine.stop()
+
+    asyncio.run(run())
