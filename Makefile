@@ -37,7 +37,7 @@ else
 endif
 
 test: $(VENV)/.dev
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) .cache
