@@ -1,0 +1,92 @@
+"""The `qwen2vl` command: what a user types, what they see."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from qwen2vl import Qwen2VL
+from qwen2vl.cli import main
+
+GREEDY = ["--temperature", "0", "--max-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "shapes.png"
+    Image.effect_noise((64, 48), 60).convert("RGB").save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ckpt):
+    return Qwen2VL.from_pretrained(tiny_ckpt)
+
+
+def test_help_explains_commands():
+    out = subprocess.run([sys.executable, "-m", "qwen2vl.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for word in ("chat", "generate", "serve", "examples:"):
+        assert word in out.stdout
+
+
+def test_chat_one_shot_prints_the_answer(tiny_ckpt, image, llm, capsys):
+    assert main(["chat", "--model", str(tiny_ckpt), "--image", image, *GREEDY, "--timing", "Describe."]) == 0
+    out, err = capsys.readouterr()
+    expected = llm.chat([{"role": "user", "content": [{"type": "image", "image": image},
+                                                      {"type": "text", "text": "Describe."}]}],
+                        temperature=0, max_tokens=8)
+    assert out == expected.text + "\n"
+    assert "time to first text" in err and "tokens/s" in err and "loaded" in err
+
+
+def test_chat_interactive_keeps_history_and_attaches_images(tiny_ckpt, image, llm, monkeypatch, capsys):
+    lines = iter([f"/image {image}", "What is this?", "And now?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--model", str(tiny_ckpt), *GREEDY]) == 0
+    out = capsys.readouterr().out.splitlines()
+    first = llm.chat([{"role": "user", "content": [{"type": "image", "image": image},
+                                                   {"type": "text", "text": "What is this?"}]}],
+                     temperature=0, max_tokens=8)
+    history = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]},
+               {"role": "assistant", "content": first.text},
+               {"role": "user", "content": [{"type": "text", "text": "And now?"}]}]
+    second = llm.chat(history, temperature=0, max_tokens=8)
+    assert out == [first.text, second.text]
+
+
+def test_generate_jsonl_batch(tiny_ckpt, image, llm, tmp_path):
+    conversations = [
+        [{"role": "user", "content": "Hello"}],
+        {"id": "img", "messages": [{"role": "user", "content": [{"type": "image", "image": image},
+                                                                {"type": "text", "text": "What?"}]}]},
+    ]
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target),
+                 "--batch-size", "2", *GREEDY]) == 0
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [1, "img"]
+    expected = llm.chat([conversations[0], conversations[1]["messages"]], temperature=0, max_tokens=8)
+    assert [r["text"] for r in rows] == [c.text for c in expected]
+    assert rows[1]["usage"] == {"prompt_tokens": expected[1].usage.prompt_tokens, "completion_tokens": 8}
+    assert rows[1]["finish_reason"] == "length"
+
+
+def test_draw_boxes_writes_the_image(tiny_ckpt, image, tmp_path, capsys):
+    out = tmp_path / "boxes.png"
+    assert main(["chat", "--model", str(tiny_ckpt), "--image", image, *GREEDY, "--draw-boxes", str(out),
+                 "Where is the red circle?"]) == 0
+    assert Image.open(out).size == (64, 48)
+    assert "drawn to" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_messages(tiny_ckpt, tmp_path, capsys):
+    assert main(["chat", "--model", str(tmp_path / "nothing"), "hi"]) == 2
+    assert "no such checkpoint directory" in capsys.readouterr().err
+    assert main(["chat", "--model", str(tiny_ckpt), "--image", str(tmp_path / "missing.png"), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qwen2vl: error: ") and "missing.png" in err and "Traceback" not in err
