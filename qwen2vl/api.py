@@ -65,13 +65,14 @@ def _pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+def _pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype | None:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        # fp16 overflows in Qwen2's text model; bf16 is exact enough on GPU. On the CPU fp32 is
-        # both accurate and the fastest dense path.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # fp16 overflows in Qwen2's text model; bf16 is exact enough on GPU. On the CPU the
+        # choice depends on the checkpoint (fp32 for dense, bf16 for the int4 kernel): None lets
+        # the loader pick (`qwen2vl.loader.default_dtype`).
+        return torch.bfloat16 if device.type == "cuda" else None
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:

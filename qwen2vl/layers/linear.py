@@ -2,9 +2,9 @@
 
 A model builds only `Linear`s. When a checkpoint is quantized, the loader swaps the decoder's
 `Linear`s for `AWQLinear` / `GPTQLinear` (same `in_features`, `out_features`, `output_sizes`,
-same call), so model code never knows. The quantized modules keep the checkpoint's packed
-tensors (for the fast kernels) and a `weight` dequantized once to the compute dtype, which the
-reference path multiplies with.
+same call), so model code never knows. Once their checkpoint tensors are in, the loader either
+dequantizes them once to a `weight` in the compute dtype (the reference path), or swaps them
+again for an `Int4Linear`, which keeps only the 4-bit kernel layout and no dequantized weight.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwen2vl import kernels
 from qwen2vl.layers import quantization as q
 
 
@@ -70,6 +71,12 @@ class QuantizedLinear(Linear):
         """Materialize `weight [out, in]` in the compute dtype from the packed tensors."""
         self.weight = nn.Parameter(self.dequantized().to(dtype), requires_grad=False)
 
+    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`(values [N, K], zero points [G, N], scales [G, N], input_order)` with
+        `W[:, j] = (values[:, j] - zeros[j // g]) * scales[j // g]` applied to input
+        `x[..., input_order[j]]` (input_order None: in order)."""
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"
 
@@ -97,6 +104,9 @@ class AWQLinear(QuantizedLinear):
     def dequantized(self) -> torch.Tensor:
         return q.dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size)
 
+    def unpacked(self):
+        return q.unpack_awq(self.qweight).t(), q.unpack_awq(self.qzeros), self.scales, None
+
 
 class GPTQLinear(QuantizedLinear):
     """GPTQ layout: qweight `[K*bits/32, N]` (packed along K), qzeros `[G, N*bits/32]`,
@@ -123,3 +133,53 @@ class GPTQLinear(QuantizedLinear):
 
     def dequantized(self) -> torch.Tensor:
         return q.dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset)
+
+    def unpacked(self):
+        values = q.unpack_words(self.qweight.t(), self.bits).flatten(1)  # [N, K]
+        zeros = q.unpack_gptq_zeros(self.qzeros, self.bits) + self.zero_offset
+        # act-order (desc_act) scatters each group's input rows; reading the input in group order
+        # makes the groups contiguous again.
+        order = torch.argsort(self.g_idx, stable=True)
+        in_order = torch.equal(order, torch.arange(self.in_features, device=order.device))
+        return (values, zeros, self.scales, None) if in_order else (values[:, order], zeros, self.scales, order)
+
+    @property
+    def groups_are_equal(self) -> bool:
+        """Every group holds `group_size` input rows (what a contiguous-group layout needs)."""
+        counts = torch.bincount(self.g_idx.long(), minlength=self.num_groups)
+        return counts.numel() == self.num_groups and bool((counts == self.group_size).all())
+
+
+class Int4Linear(nn.Module):
+    """A 4-bit AWQ / GPTQ linear kept only in the int4 kernel layout (see `kernels.int4_cpu`).
+
+    Same `in_features`, `out_features`, `output_sizes` and call as the linear it replaces.
+    """
+
+    def __init__(self, source: QuantizedLinear):
+        super().__init__()
+        self.in_features, self.out_features = source.in_features, source.out_features
+        self.output_sizes, self.group_size = source.output_sizes, source.group_size
+        values, zeros, scales, input_order = source.unpacked()
+        packed, scales_and_zeros = kernels.pack_int4(values, scales, zeros)
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("input_order", input_order)
+        self.bias = source.bias
+
+    @staticmethod
+    def can_replace(source: QuantizedLinear) -> bool:
+        """Whether the int4 kernel runs `source` where it sits (else it stays dequantized)."""
+        equal_groups = not isinstance(source, GPTQLinear) or source.groups_are_equal
+        return (source.bits == 4 and equal_groups and kernels.int4_runs(
+            source.qweight.device, source.out_features, source.in_features, source.group_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_order is not None:
+            x = x.index_select(-1, self.input_order)
+        y = kernels.int4_linear(x, self.packed, self.scales_and_zeros, self.group_size)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, output_sizes={self.output_sizes}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}, act_order={self.input_order is not None}")
