@@ -76,22 +76,20 @@ class Sampler(torch.nn.Module):
         return SamplerOutput(token_ids, sampled_logprobs, top_ids, top_logprobs)
 
 
-def token_presence(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[R, L] ids padded with `vocab_size` -> [R, V] count of each token per row."""
-    counts = torch.zeros(tokens.shape[0], vocab_size + 1, dtype=torch.float32, device=tokens.device)
-    counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.float32))
-    return counts[:, :vocab_size]
-
-
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Penalties touch only the logits of tokens a row has seen, gathered and scattered back, so
+    their cost grows with the sequences' lengths, not with the vocabulary."""
     vocab_size = logits.shape[1]
-    output_counts = token_presence(batch.output_tokens, vocab_size)
-    seen = (token_presence(batch.prompt_tokens, vocab_size) + output_counts) > 0
+    # a spare last column absorbs the padding id `vocab_size`
+    padded = torch.nn.functional.pad(logits, (0, 1))
+    seen = torch.cat([batch.prompt_tokens, batch.output_tokens], dim=1)
+    values = padded.gather(1, seen)
     penalty = batch.repetition_penalty.unsqueeze(1)
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    logits = torch.where(seen, penalized, logits)
-    logits = logits - batch.frequency_penalty.unsqueeze(1) * output_counts
-    return logits - batch.presence_penalty.unsqueeze(1) * (output_counts > 0).float()
+    padded.scatter_(1, seen, torch.where(values > 0, values / penalty, values * penalty))
+    output = batch.output_tokens
+    padded.scatter_(1, output, padded.gather(1, output) - batch.presence_penalty.unsqueeze(1))
+    padded.scatter_add_(1, output, (-batch.frequency_penalty).unsqueeze(1).expand(output.shape).contiguous())
+    return padded[:, :vocab_size]
 
 
 def apply_filters(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
