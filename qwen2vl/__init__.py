@@ -1,6 +1,8 @@
 """qwen2vl: an inference engine for Qwen2-VL vision-language models."""
 from __future__ import annotations
 
+from qwen2vl._lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 # Exports resolve lazily, so `import qwen2vl` stays cheap and each part imports only what it needs.
@@ -16,10 +18,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'qwen2vl' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports("qwen2vl", _EXPORTS)

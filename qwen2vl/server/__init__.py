@@ -5,6 +5,8 @@ the limits' defaults without importing the web stack.
 """
 from __future__ import annotations
 
+from qwen2vl._lazy import lazy_exports
+
 _EXPORTS = {
     "create_app": "qwen2vl.server.app",
     "serve": "qwen2vl.server.app",
@@ -14,10 +16,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'qwen2vl.server' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports("qwen2vl.server", _EXPORTS)
