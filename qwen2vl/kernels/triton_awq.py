@@ -1,0 +1,264 @@
+"""W4A16 matmul in Triton, reading the AWQ GEMM layout as the checkpoint stores it.
+
+Layout (no repack for AWQ; GPTQ and any other 4-bit source are packed into it once by `pack`):
+`qweight [K, N/8]` int32, word `[k, w]` holding columns `8w..8w+7` of row k in the nibble order
+of `quantization.AWQ_PACK_ORDER`; `qzeros [K/g, N/8]` int32 packed the same way; `scales
+[K/g, N]` float16. `W[k, n] = (q[k, n] - z[k // g, n]) * s[k // g, n]`.
+
+Weights are dequantized in registers: the integer `q - z` times the float16 scale, in float32
+(exact), rounded once to the activation dtype, then a tensor-core dot with float32 accumulation.
+So the kernel computes what the reference path computes (the float32 dequantized weight rounded
+to the compute dtype, `x @ W`), up to the order of the float32 sums.
+
+One kernel, two shapes of launch (`pick_config`; `MatmulConfig` lets a sweep try others):
+- decode (M <= 16): a GEMV-style split-K launch, one 16-row tile of M (or, with `block_m` < 16,
+  float32 products on the CUDA cores), narrow N tiles and K split so that every SM streams
+  weights; the float32 partial sums go to a `[split, M, N]` buffer that a second small kernel
+  sums in a fixed order, adding the bias (deterministic, unlike atomics: a row's result never
+  depends on timing). A consumer can take the unreduced `SplitSums` and fuse that sum instead.
+- prefill: a tiled GEMM over (M, N) tiles with the whole K per program and the bias fused.
+
+`awq_matmul_swiglu` runs the same kernel over a gate|up weight whose columns were interleaved at
+load (`interleave_gate_up`) and applies SwiGLU in the epilogue.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from qwen2vl.layers import quantization as q
+
+# What the kernel accepts: N a multiple of 8 (one packed word), K a multiple of the group size,
+# and a group size that a K tile of 16..128 rows divides or fills.
+GROUP_SIZES = (32, 64, 128, 256)
+SUM_BLOCK = 1024
+
+
+def supported(out_features: int, in_features: int, group_size: int) -> bool:
+    return group_size in GROUP_SIZES and out_features % 8 == 0 and in_features % group_size == 0
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Launch shape. `block_k` must divide the group size (a K tile sits inside one group);
+    `block_m` under 16 multiplies on the CUDA cores instead of a tensor-core dot; `gather` picks
+    how packed words reach their columns (see `_load_unpacked`)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    gather: bool = False
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> MatmulConfig:
+    """A reasonable default launch; `benchmarks/speed.py --tune` sweeps the alternatives."""
+    block_k = min(128, group_size)
+    if m <= 16:
+        block_n = 64
+        tiles = triton.cdiv(n, block_n)
+        # Enough programs for about two waves over the SMs, at most one K tile per program.
+        split_k = max(1, min(k // block_k, triton.cdiv(2 * num_sms, tiles)))
+        return MatmulConfig(16, block_n, block_k, split_k, num_warps=4, num_stages=4)
+    block_m = 32 if m <= 32 else 64 if m <= 64 else 128
+    return MatmulConfig(block_m, 128, min(64, group_size), 1, num_warps=4 if block_m <= 64 else 8, num_stages=3)
+
+
+@functools.cache
+def _num_sms(device_index: int | None) -> int:
+    if device_index is None:  # the CPU interpreter: small grids are plenty
+        return 4
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@dataclass
+class SplitSums:
+    """A matmul's result left as float32 split-K partial sums `partials [split, M, N]`: its value
+    is their sum plus `bias`, rounded once to `dtype`. Kernels that consume a matmul's output
+    (`triton_norm.add_rms_norm`, `triton_rotary.qkv_rotary_cache_`) take it and fuse the
+    reduction, which saves a launch per matmul in a decode step."""
+
+    partials: torch.Tensor
+    bias: torch.Tensor | None
+    dtype: torch.dtype
+
+    def reduce(self) -> torch.Tensor:
+        split, m, n = self.partials.shape
+        out = torch.empty(m, n, device=self.partials.device, dtype=self.dtype)
+        _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
+            self.partials, self.bias if self.bias is not None else out, out, m * n, n, split,
+            HAS_BIAS=self.bias is not None, BLOCK=SUM_BLOCK)
+        return out
+
+
+def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               group_size: int, bias: torch.Tensor | None = None,
+               config: MatmulConfig | None = None, reduce: bool = True) -> torch.Tensor | SplitSums:
+    """`x [..., K] @ W + bias` -> `[..., N]` in x's dtype (float16 or bfloat16).
+
+    `reduce=False` (x `[M, K]`) returns a split-K launch's partial sums unreduced, as `SplitSums`,
+    for a consumer that fuses the reduction (a launch without split returns the tensor anyway).
+    """
+    k, n = qweight.shape[0], scales.shape[1]
+    flat = x.reshape(-1, k)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    m = flat.shape[0]
+    if config is None:
+        device_index = x.device.index if x.device.type == "cuda" else None
+        config = pick_config(m, n, k, group_size, _num_sms(device_index))
+    if group_size % config.block_k or k % config.block_k:
+        raise ValueError(f"block_k {config.block_k} must divide group_size {group_size} and K {k}")
+    split = config.split_k
+    out = torch.empty((split, m, n) if split > 1 else (m, n), device=x.device,
+                      dtype=torch.float32 if split > 1 else x.dtype)
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split)
+    _awq_matmul_kernel[grid](
+        flat, qweight, qzeros, scales, bias if bias is not None and split == 1 else flat, out,
+        m, n, k, flat.stride(0), n, m * n, split,
+        GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SPLIT=split > 1, HAS_BIAS=bias is not None and split == 1, GATHER=config.gather, SWIGLU=False,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if split > 1:
+        sums = SplitSums(out, bias, x.dtype)
+        if not reduce:
+            if x.dim() != 2:
+                raise ValueError(f"unreduced split sums need x [M, K], found shape {tuple(x.shape)}")
+            return sums
+        out = sums.reduce()
+    return out.unflatten(0, x.shape[:-1])
+
+
+def awq_matmul_swiglu(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                      group_size: int, config: MatmulConfig | None = None) -> torch.Tensor:
+    """`silu(x @ W_gate) * (x @ W_up)` -> `[..., I]` in x's dtype, for a gate|up weight packed
+    with its columns interleaved (`interleave_gate_up`): the SwiGLU runs in the matmul's epilogue,
+    so the `[..., 2I]` projection never goes to memory. No split-K (the epilogue needs whole sums)."""
+    k, n = qweight.shape[0], scales.shape[1]
+    flat = x.reshape(-1, k)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    m = flat.shape[0]
+    if config is None:
+        device_index = x.device.index if x.device.type == "cuda" else None
+        config = replace(pick_config(m, n, k, group_size, _num_sms(device_index)), split_k=1)
+    if config.split_k != 1 or group_size % config.block_k or k % config.block_k or config.block_n % 2:
+        raise ValueError(f"{config}: the SwiGLU epilogue needs split_k 1, an even block_n and block_k dividing "
+                         f"group_size {group_size}")
+    out = torch.empty(m, n // 2, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), 1)
+    _awq_matmul_kernel[grid](
+        flat, qweight, qzeros, scales, flat, out, m, n, k, flat.stride(0), n // 2, 0, 1,
+        GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SPLIT=False, HAS_BIAS=False, GATHER=config.gather, SWIGLU=True,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out.unflatten(0, x.shape[:-1])
+
+
+def interleave_gate_up(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """A fused gate|up projection's `values [2I, K]`, `scales [G, 2I]`, `zeros [G, 2I]` with
+    output columns reordered gate 0, up 0, gate 1, up 1, ... (what `awq_matmul_swiglu` reads)."""
+    half = values.shape[0] // 2
+    order = torch.stack([torch.arange(half), torch.arange(half, 2 * half)], 1).flatten().to(values.device)
+    return values[order], scales[:, order], zeros[:, order]
+
+
+@triton.jit
+def _load_unpacked(ptr, rows, first_column, N, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr):
+    """The 4-bit values `[ROWS, BLOCK_N]` of columns `first_column + [0, BLOCK_N)` of the
+    AWQ-packed rows `rows` (`first_column` a multiple of 8).
+
+    GATHER loads each column's word directly (8 lanes share a word; no register shuffle);
+    otherwise each word is loaded once and broadcast to its 8 columns by a reshape.
+    """
+    columns = first_column + tl.arange(0, BLOCK_N)
+    # Column j of a word sits in nibble j/2 (even j) or 4 + j/2 (odd j): AWQ_PACK_ORDER inverted.
+    shifts = ((columns % 8 // 2) + (columns % 2) * 4) * 4
+    if GATHER:
+        words = tl.load(ptr + rows[:, None] * (N // 8) + (columns // 8)[None, :], mask=(columns < N)[None, :], other=0)
+    else:
+        offs_w = first_column // 8 + tl.arange(0, BLOCK_N // 8)
+        words = tl.load(ptr + rows[:, None] * (N // 8) + offs_w[None, :], mask=(offs_w < N // 8)[None, :], other=0)
+        words = tl.reshape(tl.broadcast_to(words[:, :, None], (ROWS, BLOCK_N // 8, 8)), (ROWS, BLOCK_N))
+    return (words >> shifts[None, :]) & 0xF
+
+
+@triton.jit
+def _awq_matmul_kernel(
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr,
+    M, N, K, stride_xm, stride_om, stride_split, split_k,
+    GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr,
+):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = offs_m < M, offs_n < N
+
+    num_tiles = K // BLOCK_K
+    tiles_per_split = tl.cdiv(num_tiles, split_k)
+    first = pid_k * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, num_tiles)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tile in range(first, last):
+        k0 = tile * BLOCK_K
+        rows = k0 + offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :], mask=mask_m[:, None], other=0.0)
+        group = k0 // GROUP_SIZE
+        values = _load_unpacked(qweight_ptr, rows, pid_n * BLOCK_N, N, BLOCK_K, BLOCK_N, GATHER)
+        zeros = _load_unpacked(qzeros_ptr, group + tl.zeros((1,), tl.int32), pid_n * BLOCK_N, N, 1, BLOCK_N, GATHER)
+        scale = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        weight = ((values - zeros).to(tl.float32) * scale[None, :]).to(x.dtype)
+        if BLOCK_M >= 16:
+            acc = tl.dot(x, weight, acc)
+        else:  # too few rows for a tensor-core tile: float32 products on the CUDA cores
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * weight.to(tl.float32)[None, :, :], axis=1)
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SWIGLU:  # columns alternate gate, up (`interleave_gate_up`); rounded as the unfused ops would
+        dtype = out_ptr.dtype.element_ty
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+        gate = gate.to(dtype).to(tl.float32)
+        activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        product = (activated * up.to(dtype).to(tl.float32)).to(dtype)
+        offs_half = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_half[None, :], product,
+                 mask=mask_m[:, None] & (offs_half < N // 2)[None, :])
+    elif not SPLIT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, size, N, split_k, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """out `[M, N]` = sum of the `[split_k, M, N]` float32 partials (+ bias), rounded once."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for split in range(split_k):
+        acc += tl.load(partial_ptr + split * size + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def pack(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4-bit `values [N, K]`, `scales [G, N]`, integer zero points `[G, N]` (what
+    `QuantizedLinear.unpacked` returns) -> `(qweight [K, N/8], qzeros [G, N/8], scales [G, N]
+    float16)`, the kernel's layout. An AWQ checkpoint is already in it; GPTQ is repacked here."""
+    qweight = q.pack_awq(values.t().contiguous())
+    qzeros = q.pack_awq(zeros.to(torch.int32))
+    return qweight, qzeros, scales.to(torch.float16).contiguous()
