@@ -147,9 +147,9 @@ def test_logits_match_transformers_on_dequantized_weights(quant_ckpt):
         assert_close(logits, ref_logits)
 
 
-def test_bf16_load_keeps_scales_and_packed_tensors(quant_ckpt):
+def test_bf16_dequantized_load_keeps_scales_and_packed_tensors(quant_ckpt):
     _, ckpt = quant_ckpt
-    model = load_model(ckpt, dtype=torch.bfloat16)
+    model = load_model(ckpt, dtype=torch.bfloat16, int4_kernel=False)
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         assert not tensor.is_meta, name
         expected = {"scales": torch.float16, "qweight": torch.int32, "qzeros": torch.int32, "g_idx": torch.int32}

@@ -6,6 +6,8 @@ the dequantized reference path.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from qwen2vl.kernels import int4_cpu
@@ -16,9 +18,11 @@ def int4_runs(device: torch.device, out_features: int, in_features: int, group_s
     return device.type == "cpu" and int4_cpu.supported(out_features, in_features, group_size)
 
 
-def pack_int4(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """4-bit `values [N, K]`, `scales [G, N]`, integer zero points `[G, N]` -> the kernel's layout."""
-    return int4_cpu.pack(values, scales, zeros)
+def pack_int4(rows: Callable[[int, int], torch.Tensor], scales: torch.Tensor, zeros: torch.Tensor,
+              reuse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit values `[N, K]` (read as `rows(start, end)`), `scales [G, N]`, integer zero points
+    `[G, N]` -> the kernel's layout, written into `reuse`'s memory where it fits."""
+    return int4_cpu.pack(rows, scales, zeros, reuse)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,

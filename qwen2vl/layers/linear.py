@@ -71,11 +71,21 @@ class QuantizedLinear(Linear):
         """Materialize `weight [out, in]` in the compute dtype from the packed tensors."""
         self.weight = nn.Parameter(self.dequantized().to(dtype), requires_grad=False)
 
-    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`(values [N, K], zero points [G, N], scales [G, N], input_order)` with
-        `W[:, j] = (values[:, j] - zeros[j // g]) * scales[j // g]` applied to input
-        `x[..., input_order[j]]` (input_order None: in order)."""
+    # What the int4 kernel layout is made from: with `input_order` None (else the input read as
+    # `x[..., input_order]`), `W[n, j] = (values[n, j] - zero_points[j // g, n]) * scales[j // g, n]`.
+    input_order: torch.Tensor | None = None
+
+    def values(self, start: int, end: int) -> torch.Tensor:
+        """int32 `[end - start, K]`: the quantized values of output features `start:end`."""
         raise NotImplementedError
+
+    def zero_points(self) -> torch.Tensor:
+        """int32 `[G, N]`."""
+        raise NotImplementedError
+
+    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`(values [N, K], zero points [G, N], scales [G, N], input_order)`, the whole layer at once."""
+        return self.values(0, self.out_features), self.zero_points(), self.scales, self.input_order
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"
@@ -104,8 +114,11 @@ class AWQLinear(QuantizedLinear):
     def dequantized(self) -> torch.Tensor:
         return q.dequantize_awq(self.qweight, self.qzeros, self.scales, self.group_size)
 
-    def unpacked(self):
-        return q.unpack_awq(self.qweight).t(), q.unpack_awq(self.qzeros), self.scales, None
+    def values(self, start, end):
+        return q.unpack_awq(self.qweight[:, start // self.pack_factor: end // self.pack_factor]).t()
+
+    def zero_points(self):
+        return q.unpack_awq(self.qzeros)
 
 
 class GPTQLinear(QuantizedLinear):
@@ -134,14 +147,20 @@ class GPTQLinear(QuantizedLinear):
     def dequantized(self) -> torch.Tensor:
         return q.dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset)
 
-    def unpacked(self):
-        values = q.unpack_words(self.qweight.t(), self.bits).flatten(1)  # [N, K]
-        zeros = q.unpack_gptq_zeros(self.qzeros, self.bits) + self.zero_offset
+    @property
+    def input_order(self) -> torch.Tensor | None:
         # act-order (desc_act) scatters each group's input rows; reading the input in group order
         # makes the groups contiguous again.
         order = torch.argsort(self.g_idx, stable=True)
-        in_order = torch.equal(order, torch.arange(self.in_features, device=order.device))
-        return (values, zeros, self.scales, None) if in_order else (values[:, order], zeros, self.scales, order)
+        return None if torch.equal(order, torch.arange(self.in_features, device=order.device)) else order
+
+    def values(self, start, end):
+        values = q.unpack_words(self.qweight[:, start:end].t(), self.bits).flatten(1)
+        order = self.input_order
+        return values if order is None else values[:, order]
+
+    def zero_points(self):
+        return q.unpack_gptq_zeros(self.qzeros, self.bits) + self.zero_offset
 
     @property
     def groups_are_equal(self) -> bool:
@@ -160,11 +179,12 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = source.in_features, source.out_features
         self.output_sizes, self.group_size = source.output_sizes, source.group_size
-        values, zeros, scales, input_order = source.unpacked()
-        packed, scales_and_zeros = kernels.pack_int4(values, scales, zeros)
+        # The checkpoint's qweight has the packed layout's byte count: written over, not copied.
+        packed, scales_and_zeros = kernels.pack_int4(source.values, source.scales, source.zero_points(),
+                                                     reuse=source.qweight)
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros)
-        self.register_buffer("input_order", input_order)
+        self.register_buffer("input_order", source.input_order)
         self.bias = source.bias
 
     @staticmethod

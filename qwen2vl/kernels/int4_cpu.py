@@ -1,0 +1,83 @@
+"""4-bit weight-only matmul on the CPU (torch's int4 kernel), beside its pure-torch reference.
+
+Layout: the 4-bit values `q [N, K]` of a linear weight, packed by
+`aten._convert_weight_to_int4pack_for_cpu`, and `scales_and_zeros [K/g, N, 2]` with
+`W[n, k] = (q[n, k] - 8) * s[k // g, n] + z'[k // g, n]`. A checkpoint's integer zero point z
+(`W = (q - z) * s`) maps to `z' = (8 - z) * s`.
+
+The kernel takes activations, scales and offsets in one dtype. It is fast in bfloat16 and about
+50x slower in float32 (slower than a dense float32 matmul), so `KERNEL_DTYPE` is bfloat16 and
+activations of other dtypes are cast around the call.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+KERNEL_DTYPE = torch.bfloat16
+# What the kernel accepts: N a multiple of 16, K a multiple of the group size, these group sizes.
+GROUP_SIZES = (32, 64, 128, 256)
+N_MULTIPLE = 16
+PACK_BLOCK_ROWS = 256  # a multiple of the 64-row tiles the kernel packs independently
+
+
+def supported(out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether the kernel can run this shape (and exists in this torch build)."""
+    return (available() and group_size in GROUP_SIZES and out_features % N_MULTIPLE == 0
+            and in_features % group_size == 0)
+
+
+@functools.cache
+def available() -> bool:
+    ops = torch.ops.aten
+    return hasattr(ops, "_convert_weight_to_int4pack_for_cpu") and hasattr(ops, "_weight_int4pack_mm_for_cpu")
+
+
+def pack(rows: Callable[[int, int], torch.Tensor], scales: torch.Tensor, zeros: torch.Tensor,
+         reuse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit values in [0, 16), read as `rows(start, end) -> [end - start, K]`, float `scales
+    [G, N]`, integer zero points `zeros [G, N]` (`W = (values - zeros) * scales`) -> (packed
+    weight, `scales_and_zeros [G, N, 2]`).
+
+    The values are read a block of rows at a time, so no int32 copy of a whole large projection
+    exists (the kernel packs tiles of 64 rows independently, so blocks are multiples of 64).
+    `reuse`: a contiguous tensor of the packed weight's byte count (the checkpoint's packed
+    tensor), overwritten with the result once every row is read: converting a model then
+    allocates no second copy of its weights, and leaves no freed holes in the heap.
+    """
+    convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    n = scales.shape[1]
+    blocks = [convert(rows(start, min(start + PACK_BLOCK_ROWS, n)).to(torch.int32).contiguous(), 1)
+              for start in range(0, n, PACK_BLOCK_ROWS)]
+    packed_shape = (n, blocks[0].shape[1])
+    if reuse is None or reuse.numel() * reuse.element_size() != packed_shape[0] * packed_shape[1]:
+        packed = torch.cat(blocks)
+    else:
+        packed = torch.cat(blocks, out=reuse.view(torch.uint8).view(packed_shape))
+    scales = scales.float()
+    offsets = (8 - zeros.float()) * scales
+    return packed, torch.stack([scales, offsets], dim=-1).to(KERNEL_DTYPE).contiguous()
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """`x [..., K] @ W^T` through the kernel, returned in x's dtype."""
+    flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, group_size, scales_and_zeros)
+    return y.to(x.dtype).unflatten(0, x.shape[:-1])
+
+
+def dequantize(values: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The float32 weight `[N, K]` the layout stands for."""
+    scales, offsets = scales_and_zeros.float().unbind(-1)  # [G, N] each
+    grouped = (values.float() - 8).unflatten(1, (-1, group_size))  # [N, G, g]
+    return (grouped * scales.t()[:, :, None] + offsets.t()[:, :, None]).flatten(1)
+
+
+def int4_matmul_reference(x: torch.Tensor, values: torch.Tensor, scales_and_zeros: torch.Tensor,
+                          group_size: int) -> torch.Tensor:
+    """What `int4_matmul` computes, from the unpacked values, in float32 on the kernel-dtype inputs."""
+    weight = dequantize(values, scales_and_zeros, group_size)
+    return (x.to(KERNEL_DTYPE).float() @ weight.t()).to(x.dtype)

@@ -1,0 +1,139 @@
+"""The CPU int4 kernel against its pure-torch reference, and the checkpoint layouts converted to it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen2vl import kernels
+from qwen2vl.kernels import int4_cpu
+from qwen2vl.layers import quantization as q
+from qwen2vl.layers.linear import AWQLinear, GPTQLinear, Int4Linear, Linear
+
+pytestmark = pytest.mark.skipif(not int4_cpu.available(), reason="this torch has no CPU int4 kernel")
+
+
+def random_layout(n: int, k: int, group_size: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+    zeros = torch.randint(0, 16, (k // group_size, n), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(k // group_size, n, generator=gen) * 0.02 + 0.001).half()
+    return values, zeros, scales
+
+
+def rows_of(values: torch.Tensor):
+    return lambda start, end: values[start:end]
+
+
+def bf16_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+# 2048 and 1040 rows: packed in more than one block of rows, 1040 with a short last block.
+@pytest.mark.parametrize("n,k,group_size,rows", [(16, 32, 32, 1), (128, 64, 32, 5), (2048, 1536, 128, 3),
+                                                 (1040, 64, 32, 2), (96, 256, 64, 1), (48, 512, 256, 7)])
+def test_kernel_equals_reference(n, k, group_size, rows):
+    values, zeros, scales = random_layout(n, k, group_size, seed=n + k)
+    packed, scales_and_zeros = kernels.pack_int4(rows_of(values), scales, zeros)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
+    y = kernels.int4_linear(x, packed, scales_and_zeros, group_size)
+    expected = int4_cpu.int4_matmul_reference(x, values, scales_and_zeros, group_size)
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    # Same bf16 inputs on both sides; the kernel rounds its output to bf16 (2^-9 relative).
+    assert bf16_relative_error(y, expected) < 4e-3
+    assert torch.allclose(y, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+def test_kernel_keeps_leading_dims_and_dtype():
+    values, zeros, scales = random_layout(32, 64, 32, seed=3)
+    packed, scales_and_zeros = kernels.pack_int4(rows_of(values), scales, zeros)
+    x = torch.randn(2, 3, 64).bfloat16()
+    y = kernels.int4_linear(x, packed, scales_and_zeros, 32)
+    assert y.shape == (2, 3, 32) and y.dtype == torch.bfloat16
+    flat = kernels.int4_linear(x.reshape(6, 64), packed, scales_and_zeros, 32)
+    assert torch.equal(y.reshape(6, 32), flat)
+
+
+def test_zero_point_maps_to_offset():
+    """`(q - z) * s == (q - 8) * s + (8 - z) * s`: the layout stands for the checkpoint's weight."""
+    values, zeros, scales = random_layout(64, 128, 32, seed=5)
+    _, scales_and_zeros = kernels.pack_int4(rows_of(values), scales, zeros)
+    exact = ((values.float() - zeros.float().repeat_interleave(32, 0).t())
+             * scales.float().repeat_interleave(32, 0).t())
+    # Hand check of one element, then all within the bf16 rounding of scale and offset.
+    n, k = 3, 70
+    s, z = scales[k // 32, n].float(), zeros[k // 32, n].float()
+    assert torch.isclose(exact[n, k], (values[n, k] - z) * s)
+    assert bf16_relative_error(int4_cpu.dequantize(values, scales_and_zeros, 32), exact) < 4e-3
+
+
+def test_supported_shapes():
+    assert kernels.int4_runs(torch.device("cpu"), 2048, 1536, 128)
+    assert not kernels.int4_runs(torch.device("cpu"), 24, 64, 32)  # N not a multiple of 16
+    assert not kernels.int4_runs(torch.device("cpu"), 32, 64, 16)  # group size the kernel lacks
+    assert not kernels.int4_runs(torch.device("meta"), 2048, 1536, 128)  # no kernel off the CPU
+
+
+def filled(module, **tensors):
+    for name, tensor in tensors.items():
+        setattr(module, name, tensor)
+    return module
+
+
+def awq_linear(n, k, group_size, seed, bias=True):
+    values, zeros, scales = random_layout(n, k, group_size, seed)
+    with torch.device("meta"):
+        module = AWQLinear(Linear(k, [n // 2, n // 2], bias=bias), 4, group_size)
+    bias_tensor = torch.nn.Parameter(torch.randn(n), requires_grad=False) if bias else None
+    return filled(module, qweight=q.pack_awq(values.t()), qzeros=q.pack_awq(zeros), scales=scales, bias=bias_tensor)
+
+
+def gptq_linear(n, k, group_size, seed, bits=4, g_idx=None):
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 2**bits, (k, n), generator=gen, dtype=torch.int32)
+    zeros = torch.randint(0, 2**bits - 1, (k // group_size, n), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(k // group_size, n, generator=gen) * 0.02 + 0.001).half()
+    g_idx = torch.arange(k, dtype=torch.int32) // group_size if g_idx is None else g_idx
+    with torch.device("meta"):
+        module = GPTQLinear(Linear(k, n), bits, group_size, zero_offset=1)
+    return filled(module, qweight=q.pack_gptq_rows(values, bits), qzeros=q.pack_gptq_zeros(zeros, bits),
+                  scales=scales, g_idx=g_idx, bias=None)
+
+
+def check_int4_equals_dequantized(source):
+    x = torch.randn(4, source.in_features, generator=torch.Generator().manual_seed(9))
+    expected = x.bfloat16().float() @ source.dequantized().t()
+    if source.bias is not None:
+        expected += source.bias
+    fast = Int4Linear(source)
+    assert fast.output_sizes == source.output_sizes and not hasattr(fast, "weight")
+    assert bf16_relative_error(fast(x), expected) < 4e-3
+
+
+def test_awq_linear_converts():
+    source = awq_linear(64, 96, 32, seed=11)
+    assert Int4Linear.can_replace(source)
+    check_int4_equals_dequantized(source)
+
+
+def test_gptq_linear_converts():
+    source = gptq_linear(32, 128, 32, seed=12)
+    assert Int4Linear.can_replace(source)
+    check_int4_equals_dequantized(source)
+    assert Int4Linear(source).input_order is None
+
+
+def test_gptq_act_order_reads_the_input_in_group_order():
+    k, g = 128, 32
+    g_idx = (torch.randperm(k, generator=torch.Generator().manual_seed(4)) // g).int()
+    source = gptq_linear(32, k, g, seed=13, g_idx=g_idx)
+    assert Int4Linear.can_replace(source)
+    fast = Int4Linear(source)
+    assert fast.input_order is not None and torch.equal(g_idx[fast.input_order].sort().values, g_idx.sort().values)
+    check_int4_equals_dequantized(source)
+
+
+def test_layers_the_kernel_cannot_run_stay_dequantized():
+    assert not Int4Linear.can_replace(gptq_linear(32, 128, 32, seed=14, bits=8))
+    uneven = torch.tensor([0] * 40 + [1] * 24 + [2] * 32 + [3] * 32, dtype=torch.int32)
+    assert not Int4Linear.can_replace(gptq_linear(32, 128, 32, seed=15, g_idx=uneven))
+    assert not Int4Linear.can_replace(awq_linear(24, 64, 32, seed=16))  # N = 24
