@@ -65,14 +65,11 @@ def _pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype | None:
+def _pick_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        # fp16 overflows in Qwen2's text model; bf16 is exact enough on GPU. On the CPU the
-        # choice depends on the checkpoint (fp32 for dense, bf16 for the int4 kernel): None lets
-        # the loader pick (`qwen2vl.loader.default_dtype`).
-        return torch.bfloat16 if device.type == "cuda" else None
+        return None  # the loader picks per device and checkpoint: `qwen2vl.loader.default_dtype`
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
@@ -135,7 +132,7 @@ class Qwen2VL:
         model_dir = resolve_model_dir(model)
         torch_device = _pick_device(device)
         processor = Processor.from_pretrained(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
-        network = load_model(model_dir, device=torch_device, dtype=_pick_dtype(dtype, torch_device))
+        network = load_model(model_dir, device=torch_device, dtype=_pick_dtype(dtype))
         generation_config_path = model_dir / "generation_config.json"
         generation_config = json.loads(generation_config_path.read_text()) if generation_config_path.is_file() else {}
         engine = LLMEngine(network, processor, max_model_len=max_model_len,

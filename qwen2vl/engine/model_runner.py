@@ -32,8 +32,10 @@ class ModelRunner:
         self.device = model.device
         self.block_size = block_size
         self.vocab_size = text.vocab_size
+        # Attention reads only the slots written before it (`context_lens`), so the pool needs no
+        # zeroing; left untouched, its pages cost no memory until tokens fill them.
         self.kv_caches = [
-            torch.zeros(2, num_blocks, block_size, text.num_kv_heads, text.head_dim, dtype=model.dtype, device=model.device)
+            torch.empty(2, num_blocks, block_size, text.num_kv_heads, text.head_dim, dtype=model.dtype, device=model.device)
             for _ in range(text.num_layers)
         ]
         self.sampler = Sampler()
