@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from checkpoints import reference_config
-from qwen2vl.api import _pick_dtype
+from qwen2vl.api import Qwen2VL
 from qwen2vl.engine import LLMEngine
 from qwen2vl.kernels import int4_cpu
 from qwen2vl.layers.linear import Int4Linear, QuantizedLinear
@@ -76,7 +76,7 @@ def test_int4_greedy_ids_equal_dequantized_path_fp32_activations(quant_ckpt, ref
 
 
 def test_auto_dtype_on_cpu_runs_int4_in_bfloat16(quant_ckpt, reference_ids):
-    model = load_model(quant_ckpt, dtype=_pick_dtype("auto", torch.device("cpu")))
+    model = Qwen2VL.from_pretrained(quant_ckpt, device="cpu", dtype="auto").engine.model
     assert model.dtype == torch.bfloat16
     assert all(isinstance(m, Int4Linear) for m in quantized_modules(model))
     ids = greedy_ids(model, quant_ckpt)
@@ -90,4 +90,4 @@ def test_float32_keeps_the_exact_dequantized_path(quant_ckpt):
 
 
 def test_dense_checkpoint_stays_float32_on_cpu(tiny_ckpt):
-    assert load_model(tiny_ckpt, dtype=_pick_dtype("auto", torch.device("cpu"))).dtype == torch.float32
+    assert Qwen2VL.from_pretrained(tiny_ckpt, device="cpu", dtype="auto").engine.model.dtype == torch.float32
