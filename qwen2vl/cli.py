@@ -16,6 +16,8 @@ EPILOG = """examples:
   qwen2vl chat --model DIR --image shapes.png --draw-boxes out.png "Where is the red circle?"
   qwen2vl generate --model DIR --input convs.jsonl --output answers.jsonl --temperature 0
   qwen2vl serve --model DIR --port 8000          # OpenAI-compatible server on 127.0.0.1
+  qwen2vl quantize DIR OUT --method awq --group-size 64   # 4-bit AWQ GEMM checkpoint
+  qwen2vl eval DIR --task shapes --n 500         # accuracy per prompt type on fresh samples
 """
 
 
@@ -24,7 +26,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", required=True,
                        help="checkpoint directory, or a hub id such as Qwen/Qwen2-VL-2B-Instruct-AWQ")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    group.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    group.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (auto: bf16 on GPU; on CPU bf16 with the int4 kernel for 4-bit checkpoints, else fp32)")
     group.add_argument("--min-pixels", type=int, help="smallest image area after resizing (pixels)")
     group.add_argument("--max-pixels", type=int, help="largest image area after resizing (pixels); fewer = faster")
     group.add_argument("--max-model-len", type=int, help="longest prompt + answer in tokens")
@@ -223,6 +225,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize, read_calibration
+
+    if args.bits != 4:
+        raise SystemExit("--bits: only 4-bit AWQ GEMM checkpoints are written")
+    calibration = read_calibration(args.calibration) if args.calibration else None
+    start = time.perf_counter()
+    out = quantize(args.model_dir, args.out_dir, method=args.method, group_size=args.group_size,
+                   calibration=calibration, log=lambda line: print(line, file=sys.stderr))
+    print(f"[wrote {args.method} 4-bit checkpoint {out} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .api import Qwen2VL
+    from .evals.runner import evaluate_fresh, format_scores
+    from .evals.shapes import TASKS
+
+    tasks = tuple(args.only) if args.only else TASKS
+    unknown = [task for task in tasks if task not in TASKS]
+    if unknown:
+        raise SystemExit(f"--only {unknown[0]}: expected one of {', '.join(TASKS)}")
+    llm = Qwen2VL.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
+    start = time.perf_counter()
+    scores = evaluate_fresh(llm, args.n, args.seed, tasks, batch_size=args.batch_size,
+                            progress=lambda done, total: print(f"\r[{done}/{total} samples]", end="",
+                                                               file=sys.stderr, flush=True))
+    print(f"\r[{sum(s.total for s in scores.values())} samples in {time.perf_counter() - start:.0f} s]",
+          file=sys.stderr)
+    print(format_scores(scores))
+    if args.show_failures:
+        for task, score in scores.items():
+            for expected, answered in score.failures:
+                print(f"{task}: expected {expected!r}, answered {answered!r}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({task: {"correct": s.correct, "total": s.total}
+                                               for task, s in scores.items()}, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2vl", description="Run Qwen2-VL vision-language models.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -283,6 +325,37 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds from arrival to the last token (504 over it)")
     _add_model_options(serve)
     serve.set_defaults(run=cmd_serve)
+
+    quantize = commands.add_parser("quantize", help="4-bit AWQ (or round-to-nearest) checkpoint of a model",
+                                   description="Quantize the text decoder's linears to 4 bits with zero points, "
+                                               "written in the AutoAWQ GEMM format; the vision tower stays "
+                                               "unquantized, as in the Qwen2-VL AWQ card's checkpoint.")
+    quantize.add_argument("model_dir", metavar="MODEL_DIR", help="a bf16/fp16/fp32 checkpoint directory")
+    quantize.add_argument("out_dir", metavar="OUT_DIR")
+    quantize.add_argument("--method", choices=["awq", "rtn"], default="awq",
+                          help="awq: activation-aware scales and clipping; rtn: round to nearest (baseline)")
+    quantize.add_argument("--bits", type=int, default=4)
+    quantize.add_argument("--group-size", type=int, default=128,
+                          help="inputs sharing one scale and zero (must divide every decoder linear's inputs)")
+    quantize.add_argument("--calibration", metavar="CONVS.jsonl",
+                          help="AWQ calibration conversations, one list of messages per line "
+                               "(default: a built-in set of shapes-task conversations)")
+    quantize.set_defaults(run=cmd_quantize)
+
+    evaluate = commands.add_parser("eval", help="accuracy on a synthetic task, per prompt type",
+                                   description="Greedy answers to N freshly generated samples of each prompt "
+                                               "type (seeded); boxes count as correct at IoU >= 0.5.")
+    evaluate.add_argument("model_dir", metavar="MODEL_DIR")
+    evaluate.add_argument("--task", choices=["shapes"], default="shapes")
+    evaluate.add_argument("--n", type=int, default=500, help="samples per prompt type")
+    evaluate.add_argument("--seed", type=int, default=2024)
+    evaluate.add_argument("--only", action="append", metavar="TYPE", help="one prompt type (repeatable)")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--dtype", default="auto")
+    evaluate.add_argument("--show-failures", action="store_true", help="print a few wrong answers per type")
+    evaluate.add_argument("--json", metavar="OUT.json", help="also write the counts as JSON")
+    evaluate.set_defaults(run=cmd_eval)
     return parser
 
 

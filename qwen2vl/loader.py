@@ -74,7 +74,7 @@ def _fill(model: Qwen2VLForConditionalGeneration, model_dir: Path, text_dtype: t
     for shard in shards.values():
         with open(shard.path, "rb") as f:
             for key in shard.entries:
-                slot = plan.get(_original_name(key))
+                slot = plan.get(original_layout_name(key))
                 if slot is not None:
                     slot.fill(shard, f, key, text_dtype if slot.is_text else vision_dtype, device)
 
@@ -118,7 +118,7 @@ def swap_quantized_linears(model: torch.nn.Module, quant: QuantConfig) -> None:
     for name, module in list(model.named_modules()):
         if not (isinstance(module, Linear) and name.startswith("language_model.layers.")):
             continue
-        if not all(quant.converts(hub) for hub in _part_names(name)):
+        if not all(quant.converts(hub) for hub in checkpoint_part_names(name)):
             continue
         if quant.method == "awq":
             new = AWQLinear(module, quant.bits, quant.group_size)
@@ -173,7 +173,7 @@ def _plan(model: torch.nn.Module) -> dict[str, _Slot]:
         if not isinstance(module, Linear):
             continue
         is_text = not name.startswith("visual.")
-        parts = _part_names(name)
+        parts = checkpoint_part_names(name)
         for attr in module.checkpoint_shapes(module.out_features):
             linear_tensors.add(f"{name}.{attr}")
             dim = module.part_dims[attr] if len(parts) > 1 else None
@@ -186,7 +186,7 @@ def _plan(model: torch.nn.Module) -> dict[str, _Slot]:
     for name, tensor in model.named_parameters():
         if name not in linear_tensors:
             module_name, _, attr = name.rpartition(".")
-            plan[_hub_name(name)] = _Slot(model.get_submodule(module_name), attr, tuple(tensor.shape),
+            plan[checkpoint_name(name)] = _Slot(model.get_submodule(module_name), attr, tuple(tensor.shape),
                                           is_text=not name.startswith("visual."))
     patch = plan["visual.patch_embed.proj.weight"]
     vision = model.config.vision
@@ -195,21 +195,23 @@ def _plan(model: torch.nn.Module) -> dict[str, _Slot]:
     return plan
 
 
-def _hub_name(name: str) -> str:
+def checkpoint_name(name: str) -> str:
+    """Our parameter name -> the checkpoint's (original layout)."""
     for ours, theirs in _RENAMES:
         if name.startswith(ours):
             return theirs + name[len(ours):]
     return name
 
 
-def _part_names(module_name: str) -> list[str]:
+def checkpoint_part_names(module_name: str) -> list[str]:
     """Checkpoint module names that make up our (possibly fused) linear `module_name`."""
-    hub = _hub_name(module_name)
+    hub = checkpoint_name(module_name)
     prefix, _, last = hub.rpartition(".")
     return [f"{prefix}.{part}" for part in _FUSED_PARTS[last]] if last in _FUSED_PARTS else [hub]
 
 
-def _original_name(key: str) -> str:
+def original_layout_name(key: str) -> str:
+    """A key of transformers' current layout -> the original layout of the hub checkpoints."""
     for new, old in _LAYOUTS:
         if key.startswith(new):
             return old + key[len(new):]
@@ -293,7 +295,7 @@ def _check_keys(plan: dict[str, _Slot], shards: dict[Path, _Shard], tied: bool) 
     seen = set()
     for shard in shards.values():
         for key in shard.entries:
-            name = _original_name(key)
+            name = original_layout_name(key)
             if _IGNORED.search(name) or (tied and name == "lm_head.weight"):
                 continue
             slot = plan.get(name)

@@ -1,0 +1,1 @@
+"""Synthetic evaluation tasks with exact answers (see `shapes`)."""

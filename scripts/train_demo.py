@@ -1,0 +1,321 @@
+"""Train the bundled demo model: a tiny Qwen2-VL on the synthetic shapes task.
+
+    .venv/bin/python scripts/train_demo.py --out models/qwen2-vl-shapes-demo [--steps N] [--seed S]
+
+The architecture is exactly Qwen2-VL (transformers' `Qwen2VLForConditionalGeneration` is the
+training module; our engine loads the result). The vocabulary is the real tokenizer's 151936
+tokens, so the tied embedding table dominates the size: hidden size 64 keeps the bf16 checkpoint
+under 25 MB. Inputs come from our own `Processor` (the same ids, pixels and M-RoPE positions the
+engine will see); only the answer tokens and the closing <|im_end|> are in the loss. Every
+sample is fresh (drawn from a seeded generator), so there is no overfitting to watch for.
+Reproducible for a given seed, step count and batch size on the same torch build.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qwen2vl.evals.shapes import TASKS, make_sample, make_samples  # noqa: E402
+from qwen2vl.loader import original_layout_name  # noqa: E402
+from qwen2vl.processor import Processor  # noqa: E402
+from qwen2vl.tools.random_checkpoint import write_support_files  # noqa: E402
+
+VOCAB_SIZE = 151936
+# Small images keep both training and the demo fast: at most 8 x 8 visual tokens per image.
+DEMO_MIN_PIXELS, DEMO_MAX_PIXELS = 56 * 56, 224 * 224
+# How often each prompt type is drawn; grounding (a box to read off) is the hardest.
+TASK_WEIGHTS = {"shape": 1, "color": 1, "count": 1, "describe": 1.5, "ground": 2, "compare": 1, "direction": 1}
+# Curriculum: the first batches hold only one-word answers, which the model can only get right by
+# looking at the image (mixed in from the start, the box digits' loss drowns that signal and the
+# model settles on answering without looking).
+WARMUP_TASKS = ("shape", "color", "count", "compare", "direction")
+CURRICULUM_FRACTION = 0.25
+EMBEDDING_INIT_STD = 0.5
+DEMO_ARCH = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, mrope_section=[2, 3, 3],
+                 vision_embed_dim=96, vision_depth=3, vision_num_heads=4, vision_mlp_ratio=2)
+MICRO_ARCH = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, mrope_section=[2, 3, 3],
+                  vision_embed_dim=32, vision_depth=1, vision_num_heads=2, vision_mlp_ratio=2)
+
+
+def hub_config(arch: dict) -> dict:
+    """config.json in the original flat layout of the Qwen2-VL cards."""
+    return {
+        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": "qwen2_vl",
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "hidden_act": "silu",
+        "hidden_size": arch["hidden_size"],
+        "image_token_id": 151655,
+        "initializer_range": 0.02,
+        "intermediate_size": arch["intermediate_size"],
+        "max_position_embeddings": 4096,
+        "max_window_layers": arch["num_hidden_layers"],
+        "num_attention_heads": arch["num_attention_heads"],
+        "num_hidden_layers": arch["num_hidden_layers"],
+        "num_key_value_heads": arch["num_key_value_heads"],
+        "rms_norm_eps": 1e-6,
+        "rope_scaling": {"mrope_section": arch["mrope_section"], "type": "mrope"},
+        "rope_theta": 1000000.0,
+        "sliding_window": 4096,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "video_token_id": 151656,
+        "vision_config": {"depth": arch["vision_depth"], "embed_dim": arch["vision_embed_dim"],
+                          "hidden_size": arch["hidden_size"], "mlp_ratio": arch["vision_mlp_ratio"],
+                          "num_heads": arch["vision_num_heads"], "in_chans": 3, "model_type": "qwen2_vl",
+                          "spatial_patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        "vision_end_token_id": 151653,
+        "vision_start_token_id": 151652,
+        "vision_token_id": 151654,
+        "vocab_size": VOCAB_SIZE,
+    }
+
+
+def build_model(arch: dict, seed: int):
+    """A float32 transformers Qwen2-VL of `arch`, initialized from `seed`."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB_SIZE, hidden_size=arch["hidden_size"], intermediate_size=arch["intermediate_size"],
+                num_hidden_layers=arch["num_hidden_layers"], num_attention_heads=arch["num_attention_heads"],
+                num_key_value_heads=arch["num_key_value_heads"], rms_norm_eps=1e-6, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": arch["mrope_section"]},
+                tie_word_embeddings=True)
+    vision = dict(depth=arch["vision_depth"], embed_dim=arch["vision_embed_dim"], hidden_size=arch["hidden_size"],
+                  num_heads=arch["vision_num_heads"], mlp_ratio=arch["vision_mlp_ratio"], patch_size=14,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
+    config.text_config.tie_word_embeddings = True
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).float()
+    model.tie_weights()
+    with torch.no_grad():
+        # transformers' std 0.02 leaves token embeddings ~100x smaller than the vision tower's
+        # outputs after a few hundred steps: the prompt's words drown in the residual stream and
+        # the model never learns to read the question.
+        model.get_input_embeddings().weight.normal_(0.0, EMBEDDING_INIT_STD)
+    return model
+
+
+def encode(processor: Processor, sample) -> dict:
+    """Prompt + answer ids, their M-RoPE positions and the vision items of one sample."""
+    prompt = processor.prepare(sample.messages)
+    answer = processor.tokenizer.encode(sample.answer) + [processor.tokenizer.token_to_id("<|im_end|>")]
+    start = len(prompt.input_ids)
+    tail = torch.arange(start, start + len(answer)) + prompt.rope_delta
+    return {"ids": prompt.input_ids + answer,
+            "positions": torch.cat([prompt.positions, tail.expand(3, -1)], dim=1),
+            "answer_start": start, "items": prompt.vision_items}
+
+
+def collate(examples: list[dict]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """transformers inputs (right padded), the rows that predict answer tokens, and those tokens."""
+    length = max(len(e["ids"]) for e in examples)
+    ids = torch.zeros(len(examples), length, dtype=torch.long)
+    mask = torch.zeros(len(examples), length, dtype=torch.long)
+    positions = torch.zeros(3, len(examples), length, dtype=torch.long)
+    rows, targets, weights = [], [], []
+    for b, e in enumerate(examples):
+        n = len(e["ids"])
+        ids[b, :n] = torch.tensor(e["ids"])
+        mask[b, :n] = 1
+        positions[:, b, :n] = e["positions"]
+        rows += [b * length + i for i in range(e["answer_start"] - 1, n - 1)]
+        targets += e["ids"][e["answer_start"]:]
+        weights += [1 / (n - e["answer_start"])] * (n - e["answer_start"])
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
+                                       ("video", "pixel_values_videos", "video_grid_thw")):
+        items = [item for e in examples for item in e["items"] if item.kind == kind]
+        if items:
+            inputs[pixels_key] = torch.cat([item.pixel_values for item in items])
+            inputs[grid_key] = torch.tensor([item.grid_thw for item in items])
+    return inputs, torch.tensor(rows), torch.tensor(targets), torch.tensor(weights) / len(examples)
+
+
+def answer_loss(model, inputs: dict, rows: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross entropy of the answer tokens only (logits computed for those rows alone), each
+    sample's tokens weighted to count as one sample (a 24-token box answer weighs no more than
+    a one-word answer).
+
+    With `candidates` (sorted token ids, holding every target) the softmax runs over those
+    tokens only: a sampled softmax that is ~100x cheaper than the 151936-way one.
+    """
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)[rows]
+    table = model.get_input_embeddings().weight
+    if candidates is None:
+        losses = F.cross_entropy(hidden @ table.T, targets, reduction="none")
+    else:
+        losses = F.cross_entropy(hidden @ table[candidates].T, torch.searchsorted(candidates, targets), reduction="none")
+    return (losses * weights).sum()
+
+
+def candidate_ids(batch_ids: torch.Tensor, task_vocab: torch.Tensor, negatives: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """The task's tokens, the batch's tokens and `negatives` random others, sorted and unique."""
+    sampled = torch.randint(0, VOCAB_SIZE, (negatives,), generator=generator)
+    return torch.unique(torch.cat([task_vocab, batch_ids.flatten(), sampled]))
+
+
+def task_vocabulary(processor: Processor, seed: int, n: int = 200) -> torch.Tensor:
+    """Every token of the prompts and answers of `n` samples per task (the tokens that must
+    compete in every softmax, e.g. all digits and colour names)."""
+    ids = set()
+    for sample in make_samples(n, seed, TASKS):
+        ids.update(processor.tokenizer.encode(processor.template.render(sample.messages, True, False)))
+        ids.update(processor.tokenizer.encode(sample.answer))
+    ids.add(processor.tokenizer.token_to_id("<|im_end|>"))
+    return torch.tensor(sorted(ids))
+
+
+def draw_tasks(rng: random.Random, count: int, tasks: tuple[str, ...] = TASKS) -> list[str]:
+    return rng.choices(tasks, weights=[TASK_WEIGHTS[task] for task in tasks], k=count)
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Fresh encoded batches from a seeded generator (run in one worker process, so the
+    sequence is the same whatever the timing)."""
+
+    def __init__(self, support_dir: str | Path, batch_size: int, seed: int, warmup_batches: int = 0):
+        self.support_dir, self.batch_size, self.seed = support_dir, batch_size, seed
+        self.warmup_batches = warmup_batches
+
+    def __iter__(self):
+        torch.set_num_threads(1)
+        processor = demo_processor(self.support_dir)
+        rng = random.Random(self.seed)
+        for index in itertools.count():
+            tasks = WARMUP_TASKS if index < self.warmup_batches else TASKS
+            batch = [encode(processor, make_sample(task, rng)) for task in draw_tasks(rng, self.batch_size, tasks)]
+            yield collate(batch)
+
+
+def train(model, batches, steps: int, seed: int, lr: float, task_vocab: torch.Tensor | None = None,
+          negatives: int = 2048, log=print, log_every: int = 50, checkpoint=None, checkpoint_every: int = 0) -> list[float]:
+    """AdamW with warmup and cosine decay on `batches` (an iterable of `collate` outputs);
+    returns the loss of every step. With `task_vocab`, a sampled softmax (see `answer_loss`).
+    `checkpoint(model)` runs every `checkpoint_every` steps (a usable model if time runs out)."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = max(1, min(200, steps // 10))
+    schedule = lambda step: min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    model.train()
+    losses, start = [], time.perf_counter()
+    for step, (inputs, rows, targets, weights) in zip(range(steps), batches):
+        candidates = None if task_vocab is None else candidate_ids(inputs["input_ids"], task_vocab, negatives, generator)
+        loss = answer_loss(model, inputs, rows, targets, weights, candidates)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if log and (step + 1) % log_every == 0:
+            recent = losses[-log_every:]
+            log(f"step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
+                f"lr {scheduler.get_last_lr()[0]:.2e} {time.perf_counter() - start:.0f} s")
+        if checkpoint and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            checkpoint(model)
+    model.eval()
+    return losses
+
+
+def batch_loader(support_dir: str | Path, batch_size: int, seed: int, warmup_batches: int = 0):
+    """Batches made in a worker process, overlapping the training step."""
+    return torch.utils.data.DataLoader(Batches(support_dir, batch_size, seed, warmup_batches), batch_size=None,
+                                       num_workers=1, prefetch_factor=4)
+
+
+def zero_untrained_rows(embeddings: torch.Tensor, task_vocab: torch.Tensor) -> torch.Tensor:
+    """The embedding table with every token outside `task_vocab` zeroed.
+
+    Those tokens never appear in a prompt or answer; the sampled softmax only ever pushed a few
+    of them down as negatives, so the rest keep their random init, whose logits (the head is
+    tied) would beat the answers in the full 151936-way softmax at inference. Zero rows give
+    logit 0 and change nothing the model computes on the task's inputs.
+    """
+    keep = torch.zeros(len(embeddings), dtype=torch.bool)
+    keep[task_vocab] = True
+    return embeddings.masked_fill(~keep[:, None], 0.0)
+
+
+def save_checkpoint(model, arch: dict, out_dir: str | Path, task_vocab: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.bfloat16) -> Path:
+    """An HF-layout directory: config, bf16 safetensors (tied head not stored), tokenizer, and a
+    preprocessor config whose pixel limits are the ones the model was trained with. With
+    `task_vocab` (a sampled-softmax run), untrained embedding rows are zeroed."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    write_support_files(out_dir)
+    tensors = {original_layout_name(name): tensor.detach().to(dtype).contiguous()
+               for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
+    if task_vocab is not None:
+        key = "model.embed_tokens.weight"
+        tensors[key] = zero_untrained_rows(tensors[key], task_vocab)
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hub_config(arch), indent=2) + "\n")
+    preprocessor = json.loads((out_dir / "preprocessor_config.json").read_text())
+    preprocessor.update(min_pixels=DEMO_MIN_PIXELS, max_pixels=DEMO_MAX_PIXELS)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    # Greedy, no repetition penalty: box answers repeat digits.
+    generation = {"bos_token_id": 151643, "pad_token_id": 151643, "eos_token_id": [151645, 151643],
+                  "do_sample": False, "temperature": 0.0, "repetition_penalty": 1.0, "max_new_tokens": 64}
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    return out_dir
+
+
+def demo_processor(support_dir: str | Path) -> Processor:
+    return Processor.from_pretrained(support_dir, min_pixels=DEMO_MIN_PIXELS, max_pixels=DEMO_MAX_PIXELS)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="models/qwen2-vl-shapes-demo")
+    parser.add_argument("--steps", type=int, default=1600)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="save the model every N steps")
+    parser.add_argument("--micro", action="store_true", help="the micro architecture of the tests")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    arch = MICRO_ARCH if args.micro else DEMO_ARCH
+    out = Path(args.out)
+    write_support_files(out)
+    model = build_model(arch, args.seed)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; tasks {', '.join(TASKS)}", flush=True)
+    start = time.perf_counter()
+    vocab = task_vocabulary(demo_processor(out), args.seed + 1)
+    batches = batch_loader(out, args.batch_size, args.seed, int(CURRICULUM_FRACTION * args.steps))
+    train(model, batches, args.steps, args.seed, args.lr, vocab,
+          log=lambda line: print(line, flush=True), log_every=args.log_every,
+          checkpoint=lambda m: save_checkpoint(m, arch, out, vocab), checkpoint_every=args.checkpoint_every)
+    save_checkpoint(model, arch, out, vocab)
+    size = (out / "model.safetensors").stat().st_size / 1e6
+    print(f"trained {args.steps} steps in {time.perf_counter() - start:.0f} s; wrote {out} ({size:.1f} MB)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""`qwen2vl quantize`: AWQ and round-to-nearest checkpoints in the AutoAWQ GEMM format."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwen2vl import Qwen2VL
+from qwen2vl.cli import main
+from qwen2vl.evals.shapes import make_samples
+from qwen2vl.loader import load_model
+from qwen2vl.quantize import default_calibration, quantize
+from qwen2vl.quantize.awq import fake_quantize, search_scales
+
+GROUP = 32
+
+
+@pytest.fixture(scope="module")
+def source(tiny_ckpt_factory):
+    # Variant c: multi-head attention (v -> o is searched too), intermediate 96 (three groups of 32).
+    return tiny_ckpt_factory("c")
+
+
+@pytest.fixture(scope="module")
+def quantized(source, tmp_path_factory):
+    calibration = default_calibration(n_per_task=2)
+    awq = quantize(source, tmp_path_factory.mktemp("awq"), "awq", GROUP, calibration, log=lambda line: None)
+    rtn = quantize(source, tmp_path_factory.mktemp("rtn"), "rtn", GROUP, log=lambda line: None)
+    return awq, rtn
+
+
+def test_config_carries_the_cards_quantization_config(quantized):
+    for out in quantized:
+        config = json.loads((out / "config.json").read_text())
+        assert config["quantization_config"] == {"bits": 4, "group_size": GROUP, "modules_to_not_convert": ["visual"],
+                                                 "quant_method": "awq", "version": "gemm", "zero_point": True}
+        assert config["torch_dtype"] == "float16"
+        assert (out / "tokenizer.json").is_file() and (out / "preprocessor_config.json").is_file()
+
+
+def test_tensors_in_awq_gemm_layout_vision_untouched(source, quantized):
+    tensors = load_file(quantized[0] / "model.safetensors")
+    reference = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
+                 for k, v in load_file(source / "model.safetensors").items()}
+    for part, (out_features, in_features) in {"self_attn.q_proj": (128, 128), "self_attn.v_proj": (128, 128),
+                                              "self_attn.o_proj": (128, 128), "mlp.gate_proj": (96, 128),
+                                              "mlp.down_proj": (128, 96)}.items():
+        prefix = f"model.layers.0.{part}"
+        assert f"{prefix}.weight" not in tensors
+        assert tensors[f"{prefix}.qweight"].shape == (in_features, out_features // 8)
+        assert tensors[f"{prefix}.qweight"].dtype == torch.int32
+        assert tensors[f"{prefix}.qzeros"].shape == (in_features // GROUP, out_features // 8)
+        assert tensors[f"{prefix}.scales"].shape == (in_features // GROUP, out_features)
+        assert tensors[f"{prefix}.scales"].dtype == torch.float16
+    assert tensors["model.layers.0.self_attn.k_proj.bias"].dtype == torch.float16
+    visual = [k for k in reference if k.startswith("visual.")]
+    assert visual and all(torch.equal(tensors[k], reference[k].half()) for k in visual)
+
+
+def test_rtn_weights_within_half_a_step(source, quantized):
+    original = load_model(source)
+    rounded = load_model(quantized[1])
+    for (name, module), ref in zip(rounded.language_model.layers.named_modules(),
+                                   original.language_model.layers.modules()):
+        if not hasattr(module, "scales"):
+            continue
+        step = module.scales.float().t().repeat_interleave(GROUP, dim=1)  # [out, in]
+        error = (module.weight - ref.weight).abs()
+        assert (error <= step / 2 + 1e-3 * step + 1e-6).all(), name
+        assert error.max() > 0
+
+
+def _first_token_logprobs(model_dir, conversations):
+    llm = Qwen2VL.from_pretrained(model_dir, device="cpu")
+    return llm.chat(conversations, temperature=0.0, max_tokens=1, logprobs=20)
+
+
+def test_awq_keeps_logits_closer_than_rtn(source, quantized):
+    conversations = [s.messages for s in make_samples(2, seed=99)]
+    reference = _first_token_logprobs(source, conversations)
+    errors = {}
+    for name, out in zip(("awq", "rtn"), quantized):
+        answers = _first_token_logprobs(out, conversations)
+        diffs = [abs(ref.logprobs[0][token] - logprob)
+                 for ref, answer in zip(reference, answers)
+                 for token, logprob in answer.logprobs[0].items() if token in ref.logprobs[0]]
+        errors[name] = sum(diffs) / len(diffs)
+    assert errors["awq"] < 0.75 * errors["rtn"], errors
+    assert errors["awq"] < 0.3
+
+
+def test_scale_search_protects_outlier_channels():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=generator)
+    x[:, :4] *= 30  # a few channels with large activations, as in real LLMs
+    weight = torch.randn(48, 64, generator=generator) * 0.1
+    output = lambda inputs, w: inputs @ w.T  # noqa: E731
+    scales = search_scales(x, weight, 32, output)
+    rtn_error = (output(x, fake_quantize(weight, 32)) - output(x, weight)).pow(2).mean()
+    awq_error = (output(x, fake_quantize(weight * scales, 32) / scales) - output(x, weight)).pow(2).mean()
+    assert awq_error < 0.5 * rtn_error
+    assert scales[:4].mean() > scales[4:].mean()
+
+
+def test_cli_refuses_a_group_size_that_does_not_divide(source, tmp_path, capsys):
+    assert main(["quantize", str(source), str(tmp_path / "out"), "--group-size", "128", "--method", "rtn"]) == 2
+    assert "--group-size 128" in capsys.readouterr().err
