@@ -146,11 +146,10 @@ def teacher_forced_logits(model, num_tokens: int = 64) -> torch.Tensor:
 def run_accuracy(model_dir: str, reference_path: str, variant: str) -> dict:
     """Relative logits error of one way of running the AWQ checkpoint against the dequantized
     float32 path (variant "reference" computes and saves that)."""
-    from qwen2vl.api import _pick_dtype
     from qwen2vl.loader import load_model
 
     dtype, int4_kernel = {
-        "reference": (torch.float32, False), "auto": (_pick_dtype("auto", torch.device("cpu")), None),
+        "reference": (torch.float32, False), "auto": (None, None),  # what dtype="auto" passes: the loader's choice
         "int4-fp32": (torch.float32, True), "dequantized-bf16": (torch.bfloat16, False)}[variant]
     logits = teacher_forced_logits(load_model(model_dir, dtype=dtype, int4_kernel=int4_kernel))
     if variant == "reference":
