@@ -157,27 +157,10 @@ def _interactive(llm, history, params, images, videos, timing) -> int:
         history += [message, {"role": "assistant", "content": text}]
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    records = []
-    with open(path) as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SystemExit(f"{path}:{number}: not JSON ({error})") from None
-            if isinstance(record, list):
-                record = {"messages": record}
-            if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-                raise SystemExit(f"{path}:{number}: expected a list of messages or an object with 'messages'")
-            record.setdefault("id", number)
-            records.append(record)
-    return records
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
-    records = _read_jsonl(args.input)
+    from .processor.chat import read_conversations
+
+    records = read_conversations(args.input)
     llm = _load(args)
     params = _sampling_params(args)
     out = open(args.output, "w") if args.output else sys.stdout

@@ -90,3 +90,10 @@ def test_errors_are_one_line_messages(tiny_ckpt, tmp_path, capsys):
     assert main(["chat", "--model", str(tiny_ckpt), "--image", str(tmp_path / "missing.png"), "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("qwen2vl: error: ") and "missing.png" in err and "Traceback" not in err
+
+
+def test_generate_names_the_bad_line(tiny_ckpt, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text('[{"role": "user", "content": "hi"}]\n{"messages": 3}\n')
+    assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source)]) == 2
+    assert f"{source}:2: expected a list of messages" in capsys.readouterr().err

@@ -138,3 +138,23 @@ def _template_in(path: Path) -> str | None:
 
 def _raise_from_template(message: str):
     raise InputError(f"chat template: {message}")
+
+
+def read_conversations(path: str | Path) -> list[dict]:
+    """A JSONL file of conversations, each line a list of messages or an object with 'messages'
+    (and optionally 'id', else the line number). Returns `{"id", "messages", ...}` per line."""
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}:{number}: not JSON ({error})") from None
+        if isinstance(record, list):
+            record = {"messages": record}
+        if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+            raise InputError(f"{path}:{number}: expected a list of messages or an object with 'messages'")
+        record.setdefault("id", number)
+        records.append(record)
+    return records

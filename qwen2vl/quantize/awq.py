@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from qwen2vl.errors import InputError
 from qwen2vl.layers import quantization as q
 from qwen2vl.layers.activation import silu_and_mul
+from qwen2vl.processor.chat import read_conversations
 
 BITS = 4
 SCALE_GRID = 20  # exponents a = 0, 1/20, ..., 19/20
@@ -258,17 +259,5 @@ def default_calibration(n_per_task: int = 16, seed: int = 12345) -> list[list[di
 
 
 def read_calibration(path: str | Path) -> list[list[dict]]:
-    """A JSONL file: each line a list of messages, or an object with 'messages'."""
-    conversations = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{number}: not JSON ({error})") from None
-        messages = record.get("messages") if isinstance(record, dict) else record
-        if not isinstance(messages, list):
-            raise InputError(f"{path}:{number}: expected a list of messages or an object with 'messages'")
-        conversations.append(messages)
-    return conversations
+    """The conversations of a JSONL file (see `read_conversations`)."""
+    return [record["messages"] for record in read_conversations(path)]
