@@ -71,10 +71,10 @@ def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> Matmul
 
 
 @functools.cache
-def _num_sms(device_index: int | None) -> int:
-    if device_index is None:  # the CPU interpreter: small grids are plenty
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":  # the CPU interpreter: small grids are plenty
         return 4
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @dataclass
@@ -97,6 +97,15 @@ class SplitSums:
         return out
 
 
+def _rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor):
+    """x as `[M, K]` rows with unit stride, and the matmul's (M, N, K)."""
+    k, n = qweight.shape[0], scales.shape[1]
+    flat = x.reshape(-1, k)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    return flat, flat.shape[0], n, k
+
+
 def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                group_size: int, bias: torch.Tensor | None = None,
                config: MatmulConfig | None = None, reduce: bool = True) -> torch.Tensor | SplitSums:
@@ -105,14 +114,8 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     `reduce=False` (x `[M, K]`) returns a split-K launch's partial sums unreduced, as `SplitSums`,
     for a consumer that fuses the reduction (a launch without split returns the tensor anyway).
     """
-    k, n = qweight.shape[0], scales.shape[1]
-    flat = x.reshape(-1, k)
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    m = flat.shape[0]
-    if config is None:
-        device_index = x.device.index if x.device.type == "cuda" else None
-        config = pick_config(m, n, k, group_size, _num_sms(device_index))
+    flat, m, n, k = _rows(x, qweight, scales)
+    config = config or pick_config(m, n, k, group_size, _num_sms(x.device))
     if group_size % config.block_k or k % config.block_k:
         raise ValueError(f"block_k {config.block_k} must divide group_size {group_size} and K {k}")
     split = config.split_k
@@ -141,14 +144,8 @@ def awq_matmul_swiglu(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tens
     """`silu(x @ W_gate) * (x @ W_up)` -> `[..., I]` in x's dtype, for a gate|up weight packed
     with its columns interleaved (`interleave_gate_up`): the SwiGLU runs in the matmul's epilogue,
     so the `[..., 2I]` projection never goes to memory. No split-K (the epilogue needs whole sums)."""
-    k, n = qweight.shape[0], scales.shape[1]
-    flat = x.reshape(-1, k)
-    if flat.stride(-1) != 1:
-        flat = flat.contiguous()
-    m = flat.shape[0]
-    if config is None:
-        device_index = x.device.index if x.device.type == "cuda" else None
-        config = replace(pick_config(m, n, k, group_size, _num_sms(device_index)), split_k=1)
+    flat, m, n, k = _rows(x, qweight, scales)
+    config = config or replace(pick_config(m, n, k, group_size, _num_sms(x.device)), split_k=1)
     if config.split_k != 1 or group_size % config.block_k or k % config.block_k or config.block_n % 2:
         raise ValueError(f"{config}: the SwiGLU epilogue needs split_k 1, an even block_n and block_k dividing "
                          f"group_size {group_size}")
