@@ -78,3 +78,17 @@ def reference_inputs(processor, conversations, add_generation_prompt: bool = Tru
         text=texts, images=images, videos=videos, padding=True, return_tensors="pt"
     )
     return texts, inputs, video_kwargs
+
+
+def write_mp4(path: Path, frames, fps: int) -> Path:
+    """An H.264 file of PIL `frames` at `fps`, written with PyAV."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = *frames[0].size, "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+    return path

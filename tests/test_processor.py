@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from processor_reference import real_tokenizer_dir, write_checkpoint_files
+from processor_reference import real_tokenizer_dir, write_checkpoint_files, write_mp4
 
 import qwen2vl.processor.processor as processor_module
 from qwen2vl import Processor as TopLevelProcessor
@@ -29,15 +29,9 @@ def picture(width, height, seed=0):
 
 @pytest.fixture(scope="module")
 def mp4(tmp_path_factory):
-    av = pytest.importorskip("av")
+    pytest.importorskip("av")
     path = tmp_path_factory.mktemp("api-video") / "v.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
-        for i in range(16):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(picture(128, 96, i)), format="rgb24")))
-        container.mux(stream.encode())
-    return path
+    return write_mp4(path, [picture(128, 96, i) for i in range(16)], fps=8)
 
 
 def mixed(mp4):

@@ -13,7 +13,7 @@ from PIL import Image
 pytest.importorskip("transformers")
 pytest.importorskip("qwen_vl_utils")
 
-from processor_reference import install_pyav_read_video, reference_inputs, reference_processor, write_checkpoint_files  # noqa: E402
+from processor_reference import install_pyav_read_video, reference_inputs, reference_processor, write_checkpoint_files, write_mp4  # noqa: E402
 
 from qwen2vl.errors import MediaError  # noqa: E402
 from qwen2vl.processor import Processor  # noqa: E402
@@ -197,16 +197,9 @@ def test_image_and_video_with_vision_ids(ours, reference):
 
 @pytest.fixture(scope="module")
 def mp4_path(tmp_path_factory):
-    av = pytest.importorskip("av")
+    pytest.importorskip("av")
     path = tmp_path_factory.mktemp("video") / "clip.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 160, 112, "yuv420p"
-        for i in range(30):  # 3 seconds at 10 fps
-            frame = av.VideoFrame.from_ndarray(np.asarray(noise_image(160, 112, seed=i)), format="rgb24")
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())
-    return path
+    return write_mp4(path, [noise_image(160, 112, seed=i) for i in range(30)], fps=10)  # 3 s at 10 fps
 
 
 def test_video_file(ours, reference, mp4_path):
