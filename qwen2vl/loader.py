@@ -39,17 +39,18 @@ _IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
 
 
 def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
-               int4_kernel: bool | None = None) -> Qwen2VLForConditionalGeneration:
+               int4_kernel: bool | str | None = None) -> Qwen2VLForConditionalGeneration:
     """Load `model_dir` (config.json + safetensors) onto `device`.
 
     `dtype` None picks bfloat16, except on the CPU for checkpoints without 4-bit linears, where
     float32 is the dense path that is both exact and fast. With float16 the vision tower runs in
     float16 but the text decoder in bfloat16: Qwen2's residual stream overflows float16.
 
-    Quantized linears either run the int4 kernel (`Int4Linear`: only the 4-bit layout is kept)
-    or are dequantized once to the decoder's dtype (the reference path). `int4_kernel` None uses
-    the kernel where it runs (see `qwen2vl.kernels`) when the decoder computes in bfloat16, the
-    kernel's own dtype; float32 keeps the exact dequantized path.
+    Quantized linears either run a packed 4-bit kernel (`Int4Linear`: only the 4-bit layout is
+    kept) or are dequantized once to the decoder's dtype (the reference path). `int4_kernel`
+    None uses the device's kernel where it runs (see `qwen2vl.kernels`) when the decoder computes
+    in bfloat16 (on the CPU the kernel's own dtype; on CUDA Triton's); float32 keeps the exact
+    dequantized path. True forces the device's kernel, a backend name ("cpu", "triton") that one.
     """
     model_dir = Path(model_dir)
     device = torch.device(device)
@@ -79,16 +80,18 @@ def _fill(model: Qwen2VLForConditionalGeneration, model_dir: Path, text_dtype: t
                     slot.fill(shard, f, key, text_dtype if slot.is_text else vision_dtype, device)
 
 
-def finish_quantized_linears(model: torch.nn.Module, dtype: torch.dtype, int4_kernel: bool) -> None:
-    """Swap each loaded quantized linear for an `Int4Linear` (if wanted and the kernel runs it),
+def finish_quantized_linears(model: torch.nn.Module, dtype: torch.dtype, int4_kernel: bool | str) -> None:
+    """Swap each loaded quantized linear for an `Int4Linear` (if wanted and a kernel runs it),
     else dequantize it to `dtype`. One layer at a time, so only one layer is ever unpacked."""
+    wanted = int4_kernel if isinstance(int4_kernel, str) else None
     # Names, not modules: holding every replaced module would keep its packed tensors alive.
     names = [name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
     for name in names:
         module = model.get_submodule(name)
-        if int4_kernel and Int4Linear.can_replace(module):
+        backend = Int4Linear.backend_for(module, dtype, wanted) if int4_kernel else None
+        if backend is not None:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, Int4Linear(module))
+            setattr(model.get_submodule(parent), child, Int4Linear(module, backend))
         else:
             module.dequantize_(dtype)
 

@@ -33,10 +33,10 @@ def bf16_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
                                                  (1040, 64, 32, 2), (96, 256, 64, 1), (48, 512, 256, 7)])
 def test_kernel_equals_reference(n, k, group_size, rows):
     values, zeros, scales = random_layout(n, k, group_size, seed=n + k)
-    packed, scales_and_zeros = kernels.pack_int4(rows_of(values), scales, zeros)
+    weight = kernels.pack_int4("cpu", rows_of(values), scales, zeros)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
-    y = kernels.int4_linear(x, packed, scales_and_zeros, group_size)
-    expected = int4_cpu.int4_matmul_reference(x, values, scales_and_zeros, group_size)
+    y = kernels.int4_linear("cpu", x, weight, group_size)
+    expected = int4_cpu.int4_matmul_reference(x, values, weight["scales_and_zeros"], group_size)
     assert y.shape == (rows, n) and y.dtype == torch.float32
     # Same bf16 inputs on both sides; the kernel rounds its output to bf16 (2^-9 relative).
     assert bf16_relative_error(y, expected) < 4e-3
@@ -45,18 +45,18 @@ def test_kernel_equals_reference(n, k, group_size, rows):
 
 def test_kernel_keeps_leading_dims_and_dtype():
     values, zeros, scales = random_layout(32, 64, 32, seed=3)
-    packed, scales_and_zeros = kernels.pack_int4(rows_of(values), scales, zeros)
+    weight = kernels.pack_int4("cpu", rows_of(values), scales, zeros)
     x = torch.randn(2, 3, 64).bfloat16()
-    y = kernels.int4_linear(x, packed, scales_and_zeros, 32)
+    y = kernels.int4_linear("cpu", x, weight, 32)
     assert y.shape == (2, 3, 32) and y.dtype == torch.bfloat16
-    flat = kernels.int4_linear(x.reshape(6, 64), packed, scales_and_zeros, 32)
+    flat = kernels.int4_linear("cpu", x.reshape(6, 64), weight, 32)
     assert torch.equal(y.reshape(6, 32), flat)
 
 
 def test_zero_point_maps_to_offset():
     """`(q - z) * s == (q - 8) * s + (8 - z) * s`: the layout stands for the checkpoint's weight."""
     values, zeros, scales = random_layout(64, 128, 32, seed=5)
-    _, scales_and_zeros = kernels.pack_int4(rows_of(values), scales, zeros)
+    scales_and_zeros = kernels.pack_int4("cpu", rows_of(values), scales, zeros)["scales_and_zeros"]
     exact = ((values.float() - zeros.float().repeat_interleave(32, 0).t())
              * scales.float().repeat_interleave(32, 0).t())
     # Hand check of one element, then all within the bf16 rounding of scale and offset.
@@ -67,10 +67,23 @@ def test_zero_point_maps_to_offset():
 
 
 def test_supported_shapes():
-    assert kernels.int4_runs(torch.device("cpu"), 2048, 1536, 128)
-    assert not kernels.int4_runs(torch.device("cpu"), 24, 64, 32)  # N not a multiple of 16
-    assert not kernels.int4_runs(torch.device("cpu"), 32, 64, 16)  # group size the kernel lacks
-    assert not kernels.int4_runs(torch.device("meta"), 2048, 1536, 128)  # no kernel off the CPU
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    assert kernels.int4_backend(cpu, bf16, 2048, 1536, 128) == "cpu"
+    assert kernels.int4_backend(cpu, torch.float32, 2048, 1536, 128) == "cpu"  # activations cast around it
+    assert kernels.int4_backend(cpu, bf16, 24, 64, 32) is None  # N not a multiple of 16
+    assert kernels.int4_backend(cpu, bf16, 32, 64, 16) is None  # group size the kernel lacks
+    assert kernels.int4_backend(torch.device("meta"), bf16, 2048, 1536, 128) is None  # no kernel there
+    with pytest.raises(ValueError, match="unknown int4 backend 'cuda'"):
+        kernels.int4_backend(cpu, bf16, 2048, 1536, 128, wanted="cuda")
+
+
+@pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")
+def test_triton_backend_by_name_or_on_cuda():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert kernels.int4_backend(cuda, torch.bfloat16, 2048, 1536, 128) == "triton"
+    assert kernels.int4_backend(cuda, torch.float16, 24, 64, 32) == "triton"  # N a multiple of 8 is enough
+    assert kernels.int4_backend(cuda, torch.float32, 2048, 1536, 128) is None  # float32 stays dequantized
+    assert kernels.int4_backend(cpu, torch.float16, 2048, 1536, 128, wanted="triton") == "triton"  # interpreter
 
 
 def filled(module, **tensors):
@@ -104,36 +117,36 @@ def check_int4_equals_dequantized(source):
     expected = x.bfloat16().float() @ source.dequantized().t()
     if source.bias is not None:
         expected += source.bias
-    fast = Int4Linear(source)
+    fast = Int4Linear(source, "cpu")
     assert fast.output_sizes == source.output_sizes and not hasattr(fast, "weight")
     assert bf16_relative_error(fast(x), expected) < 4e-3
 
 
 def test_awq_linear_converts():
     source = awq_linear(64, 96, 32, seed=11)
-    assert Int4Linear.can_replace(source)
+    assert Int4Linear.backend_for(source, torch.float32) == "cpu"
     check_int4_equals_dequantized(source)
 
 
 def test_gptq_linear_converts():
     source = gptq_linear(32, 128, 32, seed=12)
-    assert Int4Linear.can_replace(source)
+    assert Int4Linear.backend_for(source, torch.float32) == "cpu"
     check_int4_equals_dequantized(source)
-    assert Int4Linear(source).input_order is None
+    assert Int4Linear(source, "cpu").input_order is None
 
 
 def test_gptq_act_order_reads_the_input_in_group_order():
     k, g = 128, 32
     g_idx = (torch.randperm(k, generator=torch.Generator().manual_seed(4)) // g).int()
     source = gptq_linear(32, k, g, seed=13, g_idx=g_idx)
-    assert Int4Linear.can_replace(source)
-    fast = Int4Linear(source)
+    assert Int4Linear.backend_for(source, torch.float32) == "cpu"
+    fast = Int4Linear(source, "cpu")
     assert fast.input_order is not None and torch.equal(g_idx[fast.input_order].sort().values, g_idx.sort().values)
     check_int4_equals_dequantized(source)
 
 
 def test_layers_the_kernel_cannot_run_stay_dequantized():
-    assert not Int4Linear.can_replace(gptq_linear(32, 128, 32, seed=14, bits=8))
+    assert Int4Linear.backend_for(gptq_linear(32, 128, 32, seed=14, bits=8), torch.bfloat16) is None
     uneven = torch.tensor([0] * 40 + [1] * 24 + [2] * 32 + [3] * 32, dtype=torch.int32)
-    assert not Int4Linear.can_replace(gptq_linear(32, 128, 32, seed=15, g_idx=uneven))
-    assert not Int4Linear.can_replace(awq_linear(24, 64, 32, seed=16))  # N = 24
+    assert Int4Linear.backend_for(gptq_linear(32, 128, 32, seed=15, g_idx=uneven), torch.bfloat16) is None
+    assert Int4Linear.backend_for(awq_linear(24, 64, 32, seed=16), torch.bfloat16) is None  # N = 24

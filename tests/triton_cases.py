@@ -276,3 +276,52 @@ def test_silu_and_mul_matches_layer(dtype):
     assert out.shape == (2, 3, 1100)
     # float32: exp and the division round differently from torch by a few units in the last place.
     torch.testing.assert_close(out, silu_and_mul(gate_up), rtol=max(2 * ULP[dtype], 4 * ULP[torch.float32]), atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, BF16])
+@pytest.mark.parametrize("kind", ["awq", "gptq", "gptq-act-order"])
+def test_int4_linear_on_the_triton_backend_equals_the_dequantized_layer(kind, dtype):
+    """What the loader swaps in on CUDA: checkpoint layouts packed for Triton, the layer's call."""
+    from qwen2vl import kernels
+    from qwen2vl.layers.linear import Int4Linear
+    from test_kernels_int4 import awq_linear, gptq_linear
+
+    k, g = 128, 32
+    if kind == "awq":
+        source = awq_linear(64, k, g, seed=21)
+    else:
+        order = torch.randperm(k, generator=torch.Generator().manual_seed(4)) if kind == "gptq-act-order" else torch.arange(k)
+        source = gptq_linear(48, k, g, seed=22, g_idx=(order // g).int())
+    source = source.to(DEVICE)
+    if source.bias is not None:
+        source.bias.data = source.bias.data.to(dtype)
+    assert Int4Linear.backend_for(source, dtype, wanted=None if DEVICE == "cuda" else "triton") == "triton"
+    assert kernels.int4_backend(source.qweight.device, torch.float32, 64, k, g, "triton") is None
+    fast = Int4Linear(source, "triton")
+    assert fast.backend == "triton" and (fast.input_order is not None) == (kind == "gptq-act-order")
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype)
+    expected = x.float() @ source.dequantized().to(dtype).float().t()
+    if source.bias is not None:
+        expected += source.bias.float()
+    out = fast(x)
+    assert out.dtype == dtype and out.shape == (3, source.out_features)
+    torch.testing.assert_close(out.float(), expected, rtol=4 * ULP[dtype], atol=4 * ULP[dtype] * expected.abs().max().item())
+
+
+@pytest.fixture(scope="module")
+def tiny_awq_checkpoint(tmp_path_factory):
+    from checkpoints import reference_config
+    from qwen2vl.tools.random_checkpoint import write_random_checkpoint
+
+    return write_random_checkpoint(reference_config("a").to_dict(), tmp_path_factory.mktemp("awq"), dtype="fp16",
+                                   quant="awq", group_size=32)
+
+
+def test_loader_swaps_quantized_linears_for_the_named_backend(tiny_awq_checkpoint):
+    from qwen2vl.layers.linear import Int4Linear
+    from qwen2vl.loader import load_model
+
+    model = load_model(tiny_awq_checkpoint, device=DEVICE, dtype=torch.bfloat16, int4_kernel="triton")
+    swapped = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert swapped and all(m.backend == "triton" for m in swapped)
+    assert {"qweight", "qzeros", "scales"} <= {name for name, _ in swapped[0].named_buffers()}

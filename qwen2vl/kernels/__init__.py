@@ -1,31 +1,67 @@
 """Kernels, each beside its pure-torch reference, and the one place that says which one runs.
 
-Layers call the functions here, never a kernel module directly. Where no kernel runs a layer
-(no GPU kernel yet, a shape or format the kernel lacks), `int4_runs` says so and the layer keeps
-the dequantized reference path.
+Layers call the functions here, never a kernel module directly. Two packed 4-bit backends:
+`"cpu"` (torch's int4 CPU kernel, `int4_cpu`) and `"triton"` (the W4A16 Triton kernel over the
+AWQ layout, `triton_awq`: on CUDA, or on the CPU under `TRITON_INTERPRET=1` when asked for by
+name, which is how CI runs it). Where no backend runs a layer (a shape, dtype or format the
+kernels lack), `int4_backend` says None and the layer keeps the dequantized reference path.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 from collections.abc import Callable
 
 import torch
 
 from qwen2vl.kernels import int4_cpu
 
-
-def int4_runs(device: torch.device, out_features: int, in_features: int, group_size: int) -> bool:
-    """Whether a 4-bit weight-only linear of this shape on `device` has a packed kernel."""
-    return device.type == "cpu" and int4_cpu.supported(out_features, in_features, group_size)
+INT4_BACKENDS = ("cpu", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def pack_int4(rows: Callable[[int, int], torch.Tensor], scales: torch.Tensor, zeros: torch.Tensor,
-              reuse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def int4_backend(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int, group_size: int,
+                 wanted: str | None = None) -> str | None:
+    """The packed 4-bit backend that runs a linear of this shape on `device` with activations in
+    `dtype` (Triton on CUDA, torch's CPU kernel on the CPU), or None. `wanted` names one backend
+    (e.g. "triton" on the CPU under the interpreter), None is the device's own."""
+    if wanted not in (None, *INT4_BACKENDS):
+        raise ValueError(f"unknown int4 backend {wanted!r} (expected one of {', '.join(INT4_BACKENDS)})")
+    backend = wanted or {"cuda": "triton", "cpu": "cpu"}.get(device.type)
+    if backend == "triton" and triton_available() and dtype in TRITON_DTYPES and device.type in ("cuda", "cpu"):
+        from qwen2vl.kernels import triton_awq
+
+        return backend if triton_awq.supported(out_features, in_features, group_size) else None
+    if backend == "cpu" and device.type == "cpu" and int4_cpu.supported(out_features, in_features, group_size):
+        return backend
+    return None
+
+
+def pack_int4(backend: str, rows: Callable[[int, int], torch.Tensor], scales: torch.Tensor, zeros: torch.Tensor,
+              reuse: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """4-bit values `[N, K]` (read as `rows(start, end)`), `scales [G, N]`, integer zero points
-    `[G, N]` -> the kernel's layout, written into `reuse`'s memory where it fits."""
-    return int4_cpu.pack(rows, scales, zeros, reuse)
+    `[G, N]` -> the named tensors of `backend`'s layout (the CPU layout is written into `reuse`'s
+    memory where it fits)."""
+    if backend == "cpu":
+        packed, scales_and_zeros = int4_cpu.pack(rows, scales, zeros, reuse)
+        return {"packed": packed, "scales_and_zeros": scales_and_zeros}
+    from qwen2vl.kernels import triton_awq
+
+    qweight, qzeros, scales = triton_awq.pack(rows(0, scales.shape[1]), scales, zeros)
+    return {"qweight": qweight, "qzeros": qzeros, "scales": scales}
 
 
-def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
-                group_size: int) -> torch.Tensor:
-    """`x @ W^T` for a weight in the layout `pack_int4` made, in x's dtype."""
-    return int4_cpu.int4_matmul(x, packed, scales_and_zeros, group_size)
+def int4_linear(backend: str, x: torch.Tensor, weight: dict[str, torch.Tensor], group_size: int,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W^T + bias` for a weight in the layout `pack_int4(backend, ...)` made, in x's dtype."""
+    if backend == "cpu":
+        y = int4_cpu.int4_matmul(x, weight["packed"], weight["scales_and_zeros"], group_size)
+        return y if bias is None else y + bias
+    from qwen2vl.kernels import triton_awq
+
+    return triton_awq.awq_matmul(x, weight["qweight"], weight["qzeros"], weight["scales"], group_size, bias)

@@ -4,7 +4,7 @@ A model builds only `Linear`s. When a checkpoint is quantized, the loader swaps 
 `Linear`s for `AWQLinear` / `GPTQLinear` (same `in_features`, `out_features`, `output_sizes`,
 same call), so model code never knows. Once their checkpoint tensors are in, the loader either
 dequantizes them once to a `weight` in the compute dtype (the reference path), or swaps them
-again for an `Int4Linear`, which keeps only the 4-bit kernel layout and no dequantized weight.
+again for an `Int4Linear`, which keeps only a 4-bit kernel's layout and no dequantized weight.
 """
 from __future__ import annotations
 
@@ -170,36 +170,40 @@ class GPTQLinear(QuantizedLinear):
 
 
 class Int4Linear(nn.Module):
-    """A 4-bit AWQ / GPTQ linear kept only in the int4 kernel layout (see `kernels.int4_cpu`).
+    """A 4-bit AWQ / GPTQ linear kept only in a packed kernel's layout (see `qwen2vl.kernels`:
+    torch's int4 CPU kernel, or the Triton W4A16 kernel on CUDA).
 
     Same `in_features`, `out_features`, `output_sizes` and call as the linear it replaces.
     """
 
-    def __init__(self, source: QuantizedLinear):
+    def __init__(self, source: QuantizedLinear, backend: str):
         super().__init__()
         self.in_features, self.out_features = source.in_features, source.out_features
-        self.output_sizes, self.group_size = source.output_sizes, source.group_size
-        # The checkpoint's qweight has the packed layout's byte count: written over, not copied.
-        packed, scales_and_zeros = kernels.pack_int4(source.values, source.scales, source.zero_points(),
-                                                     reuse=source.qweight)
-        self.register_buffer("packed", packed)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.output_sizes, self.group_size, self.backend = source.output_sizes, source.group_size, backend
+        # The checkpoint's qweight has the CPU layout's byte count: written over, not copied.
+        weight = kernels.pack_int4(backend, source.values, source.scales, source.zero_points(), reuse=source.qweight)
+        self.weight_names = tuple(weight)
+        for name, tensor in weight.items():
+            self.register_buffer(name, tensor)
         self.register_buffer("input_order", source.input_order)
         self.bias = source.bias
 
     @staticmethod
-    def can_replace(source: QuantizedLinear) -> bool:
-        """Whether the int4 kernel runs `source` where it sits (else it stays dequantized)."""
+    def backend_for(source: QuantizedLinear, dtype: torch.dtype, wanted: str | None = None) -> str | None:
+        """The packed backend that runs `source` where it sits with activations in `dtype`
+        (`wanted`: one by name), or None: it stays dequantized."""
         equal_groups = not isinstance(source, GPTQLinear) or source.groups_are_equal
-        return (source.bits == 4 and equal_groups and kernels.int4_runs(
-            source.qweight.device, source.out_features, source.in_features, source.group_size))
+        if source.bits != 4 or not equal_groups:
+            return None
+        return kernels.int4_backend(source.qweight.device, dtype, source.out_features, source.in_features,
+                                    source.group_size, wanted)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_order is not None:
             x = x.index_select(-1, self.input_order)
-        y = kernels.int4_linear(x, self.packed, self.scales_and_zeros, self.group_size)
-        return y if self.bias is None else y + self.bias
+        weight = {name: getattr(self, name) for name in self.weight_names}
+        return kernels.int4_linear(self.backend, x, weight, self.group_size, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, output_sizes={self.output_sizes}, bias={self.bias is not None}, "
-                f"group_size={self.group_size}, act_order={self.input_order is not None}")
+                f"group_size={self.group_size}, act_order={self.input_order is not None}, backend={self.backend}")
