@@ -1,6 +1,7 @@
 """Kernels, each beside its pure-torch reference, and the one place that says which one runs.
 
-Layers call the functions here, never a kernel module directly. Two packed 4-bit backends:
+Layers call the functions here, never a kernel module directly. On CUDA with fp16/bf16
+activations (`triton_runs`), RMSNorm and SwiGLU run as single Triton launches. Two packed 4-bit backends:
 `"cpu"` (torch's int4 CPU kernel, `int4_cpu`) and `"triton"` (the W4A16 Triton kernel over the
 AWQ layout, `triton_awq`: on CUDA, or on the CPU under `TRITON_INTERPRET=1` when asked for by
 name, which is how CI runs it). Where no backend runs a layer (a shape, dtype or format the
@@ -23,6 +24,25 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16)
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def triton_runs(x: torch.Tensor) -> bool:
+    """Whether the Triton elementwise kernels (norm, SwiGLU) run on `x`: CUDA, fp16/bf16."""
+    return x.is_cuda and x.dtype in TRITON_DTYPES and triton_available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`layers.norm.RMSNorm` in one Triton launch (call where `triton_runs(x)`)."""
+    from qwen2vl.kernels import triton_norm
+
+    return triton_norm.add_rms_norm(x, weight, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`layers.activation.silu_and_mul` in one Triton launch (call where `triton_runs(gate_up)`)."""
+    from qwen2vl.kernels import triton_activation
+
+    return triton_activation.silu_and_mul(gate_up)
 
 
 def int4_backend(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int, group_size: int,
