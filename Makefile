@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # torch from this machine's local disk (a CPU-capable build); torchvision is only for the tests' reference.
 TORCH := torch==2.14.1 torchvision==0.29.1
+# Empty: the card's Qwen2-VL-2B-Instruct-AWQ if the Hugging Face cache holds it, else the bundled
+# demo model (models/qwen2-vl-shapes-demo, trained offline on the shapes task).
 MODEL ?=
-DEMO_DIR := .cache/demo-qwen2-vl-2b-awq-random
 PROMPT ?= Describe this image.
 IMAGE ?= examples/shapes.png
 MAX_TOKENS ?= 24
@@ -20,7 +21,7 @@ $(VENV)/.base:
 	touch $@
 
 $(VENV)/.demo: $(VENV)/.base pyproject.toml
-	$(PIP) install -q -e '.[video,tools]'
+	$(PIP) install -q -e '.[video]'
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base pyproject.toml
@@ -28,13 +29,7 @@ $(VENV)/.dev: $(VENV)/.base pyproject.toml
 	touch $@
 
 demo: $(VENV)/.demo
-ifeq ($(MODEL),)
-	@test -f $(DEMO_DIR)/config.json || $(PY) -m qwen2vl.tools.random_checkpoint \
-		--config qwen2vl/assets/qwen2-vl-2b-instruct-awq.config.json --quant awq --out $(DEMO_DIR)
-	$(VENV)/bin/qwen2vl chat --model $(DEMO_DIR) --image $(IMAGE) --max-tokens $(MAX_TOKENS) --timing "$(PROMPT)"
-else
-	$(VENV)/bin/qwen2vl chat --model $(MODEL) --image $(IMAGE) --max-tokens $(MAX_TOKENS) --timing "$(PROMPT)"
-endif
+	$(VENV)/bin/qwen2vl chat $(if $(MODEL),--model $(MODEL)) --image $(IMAGE) --max-tokens $(MAX_TOKENS) --timing "$(PROMPT)"
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q

@@ -54,9 +54,53 @@ def answers(llm: Qwen2VL, samples, column: str) -> tuple[dict, list[str]]:
     return {task: score.accuracy for task, score in scores.items()}, raw
 
 
-def run(model: Path, n: int, seed: int, group_size: int, work_dir: Path) -> tuple[dict, dict, tuple[int, int, int]]:
-    """Accuracy per column and task, seconds spent per column, and (greedy AWQ answers the int4
-    kernel and the dequantized path agree on, of how many, linears on the kernel)."""
+def teacher_forced_logits(model, processor: Processor, samples, positions: int = 64) -> torch.Tensor:
+    """Float32 logits `[positions, vocab]` at the rows that predict each sample's true answer
+    tokens (prompt + answer in one forward per sample), over as many samples as it takes."""
+    from qwen2vl.layers.attention_metadata import AttentionMetadata
+
+    rows = []
+    for sample in samples:
+        prompt = processor.prepare(sample.messages)
+        answer = processor.tokenizer.encode(sample.answer) + [processor.tokenizer.token_to_id("<|im_end|>")]
+        ids = torch.tensor(prompt.input_ids + answer)
+        start, n = len(prompt.input_ids), len(ids)
+        tail = torch.arange(start, n) + prompt.rope_delta
+        block_size, text = 16, model.config.text
+        blocks = -(-n // block_size)
+        caches = [torch.zeros(2, blocks, block_size, text.num_kv_heads, text.head_dim, dtype=model.dtype)
+                  for _ in range(text.num_layers)]
+        attn = AttentionMetadata(
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32), context_lens=torch.tensor([n], dtype=torch.int32),
+            slot_mapping=torch.arange(n), block_tables=torch.arange(blocks, dtype=torch.int32)[None],
+            query_lens_cpu=[n], context_lens_cpu=[n], block_size=block_size)
+        items = prompt.vision_items
+        embeds = model.encode_vision(torch.cat([i.pixel_values for i in items]),
+                                     torch.tensor([i.grid_thw for i in items])) if items else None
+        mask = (ids == processor.image_token_id) | (ids == processor.video_token_id)
+        with torch.no_grad():
+            rows.append(model(ids, torch.cat([prompt.positions, tail.expand(3, -1)], 1), attn, caches, embeds, mask,
+                              torch.arange(start - 1, n - 1)))
+        if sum(len(r) for r in rows) >= positions:
+            break
+    return torch.cat(rows)[:positions]
+
+
+def logits_error(awq_dir: Path, samples) -> dict:
+    """The CPU fast path's accuracy (issue "CPU fast path"): teacher-forced logits of the AWQ
+    checkpoint as `dtype="auto"` runs it (bf16 activations, int4 kernel) against its
+    dequantized float32 path, as relative error (norm of the difference / norm of the reference)."""
+    processor = Processor.from_pretrained(awq_dir)
+    reference = teacher_forced_logits(load_model(awq_dir, dtype=torch.float32, int4_kernel=False), processor, samples)
+    auto = teacher_forced_logits(load_model(awq_dir), processor, samples)
+    return {"relative": ((auto - reference).norm() / reference.norm()).item(), "positions": len(reference),
+            "argmax_agree": (auto.argmax(-1) == reference.argmax(-1)).float().mean().item()}
+
+
+def run(model: Path, n: int, seed: int, group_size: int, work_dir: Path) -> tuple[dict, dict, tuple[int, int, int], dict]:
+    """Accuracy per column and task, seconds spent per column, (greedy AWQ answers the int4
+    kernel and the dequantized path agree on, of how many, linears on the kernel), and the AWQ
+    checkpoint's `logits_error`."""
     dirs = {"BF16": model}
     for column, method in (("AWQ 4-bit (ours)", "awq"), ("RTN 4-bit", "rtn")):
         out = work_dir / f"{model.name}-{method}-g{group_size}"
@@ -72,11 +116,12 @@ def run(model: Path, n: int, seed: int, group_size: int, work_dir: Path) -> tupl
     kernel_linears = sum(isinstance(m, Int4Linear) for m in llm.engine.model.modules())
     _, dequantized = answers(load(dirs["AWQ 4-bit (ours)"], int4_kernel=False), samples, "AWQ, dequantized")
     same = sum(a == b for a, b in zip(raw["AWQ 4-bit (ours)"], dequantized))
-    return results, seconds, (same, len(samples), kernel_linears)
+    logits = logits_error(dirs["AWQ 4-bit (ours)"], samples)
+    return results, seconds, (same, len(samples), kernel_linears), logits
 
 
 def markdown(results: dict, model: Path, n: int, seed: int, group_size: int, seconds: dict,
-             paths_agree: tuple[int, int, int]) -> str:
+             paths_agree: tuple[int, int, int], logits: dict) -> str:
     pct = lambda value: f"{100 * value:.1f}"  # noqa: E731
     lines = [BEGIN, "## Accuracy: BF16 vs AWQ vs RTN on the demo model", "",
              f"The model card's first table (BF16 / GPTQ / AWQ), reproduced on the bundled demo model "
@@ -95,6 +140,7 @@ def markdown(results: dict, model: Path, n: int, seed: int, group_size: int, sec
         delta = 100 * (results["AWQ 4-bit (ours)"][task] - results["BF16"][task])
         lines.append(f"| {task} | " + " | ".join(row) + f" | {delta:+.1f} |")
     means = {c: sum(results[c].values()) / len(results[c]) for c in COLUMNS}
+    correct = {c: sum(round(n * results[c][task]) for task in TASKS) for c in COLUMNS}
     mean_delta = 100 * (means["AWQ 4-bit (ours)"] - means["BF16"])
     lines.append("| **mean** | " + " | ".join(f"**{pct(means[c])}**" for c in COLUMNS) + f" | {mean_delta:+.1f} |")
     worst = max(TASKS, key=lambda t: abs(results["AWQ 4-bit (ours)"][t] - results["BF16"][t]))
@@ -102,10 +148,13 @@ def markdown(results: dict, model: Path, n: int, seed: int, group_size: int, sec
     lines += ["",
               f"- AWQ within 2 points of BF16 on every prompt type: **{'yes' if worst_gap <= 2 else 'no'}** "
               f"(largest gap {worst_gap:.1f} points, {worst}).",
-              f"- AWQ no worse than RTN on average: **{'yes' if means['AWQ 4-bit (ours)'] >= means['RTN 4-bit'] else 'no'}** "
-              f"({pct(means['AWQ 4-bit (ours)'])} vs {pct(means['RTN 4-bit'])}).",
+              f"- AWQ no worse than RTN on average: **{'yes' if correct['AWQ 4-bit (ours)'] >= correct['RTN 4-bit'] else 'no'}** "
+              f"({correct['AWQ 4-bit (ours)']} vs {correct['RTN 4-bit']} of {n * len(TASKS)} answers right).",
               f"- AWQ greedy answers, int4 CPU kernel vs weights dequantized once (both bfloat16): "
               f"{paths_agree[0]}/{paths_agree[1]} identical ({paths_agree[2]} decoder linears on the kernel).",
+              f"- AWQ teacher-forced logits at {logits['positions']} answer positions, `dtype=\"auto\"` (bfloat16 "
+              f"activations, int4 CPU kernel) vs the dequantized float32 path: relative error "
+              f"{logits['relative']:.4f}, argmax agreement {100 * logits['argmax_agree']:.1f}%.",
               "- The BF16 column computes in float32 from the bf16 weights (the engine's CPU default for "
               "unquantized checkpoints); the 4-bit columns run the engine's default 4-bit CPU path "
               "(bfloat16 activations on the int4 kernel).",
@@ -139,8 +188,8 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="put the section into docs/benchmarks.md")
     args = parser.parse_args()
     model = Path(args.model).resolve()
-    results, seconds, paths_agree = run(model, args.n, args.seed, args.group_size, Path(args.work_dir))
-    section = markdown(results, model, args.n, args.seed, args.group_size, seconds, paths_agree)
+    results, seconds, paths_agree, logits = run(model, args.n, args.seed, args.group_size, Path(args.work_dir))
+    section = markdown(results, model, args.n, args.seed, args.group_size, seconds, paths_agree, logits)
     print(section)
     if args.write:
         write_section(section, ROOT / "docs" / "benchmarks.md")

@@ -116,7 +116,7 @@ class Qwen2VL:
     @classmethod
     def from_pretrained(
         cls,
-        model: str | os.PathLike,
+        model: str | os.PathLike | None = None,
         device: str = "auto",
         dtype: str | torch.dtype = "auto",
         min_pixels: int | None = None,
@@ -124,7 +124,8 @@ class Qwen2VL:
         max_model_len: int | None = None,
         **engine_options,
     ) -> "Qwen2VL":
-        """Load `model` (a checkpoint directory or a hub id); `engine_options` go to `LLMEngine`."""
+        """Load `model` (a checkpoint directory or a hub id; None: the card's AWQ checkpoint if
+        cached, else the bundled demo model); `engine_options` go to `LLMEngine`."""
         from .engine import LLMEngine
         from .loader import load_model
         from .processor import Processor

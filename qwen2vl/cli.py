@@ -23,8 +23,8 @@ EPILOG = """examples:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", required=True,
-                       help="checkpoint directory, or a hub id such as Qwen/Qwen2-VL-2B-Instruct-AWQ")
+    group.add_argument("--model", help="checkpoint directory, or a hub id such as Qwen/Qwen2-VL-2B-Instruct-AWQ "
+                       "(default: that one if in the Hugging Face cache, else the bundled demo model)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     group.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (auto: bf16 on GPU; on CPU bf16 with the int4 kernel for 4-bit checkpoints, else fp32)")
     group.add_argument("--min-pixels", type=int, help="smallest image area after resizing (pixels)")
@@ -110,7 +110,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     llm = _load(args)
     if args.timing:
-        print(f"[loaded {args.model} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+        print(f"[loaded {llm.model_dir} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     params = _sampling_params(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
@@ -202,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         fetch_timeout_s=args.fetch_timeout,
                         allowed_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None)
     llm = _load(args)
-    serve(llm, model_name=args.served_model_name or args.model, host=args.host, port=args.port,
+    serve(llm, model_name=args.served_model_name or args.model or llm.model_dir.name, host=args.host, port=args.port,
           limits=limits, media=media, api_key=args.api_key or os.environ.get("QWEN2VL_API_KEY"),
           log_level=args.log_level)
     return 0

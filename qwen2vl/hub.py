@@ -6,6 +6,11 @@ from pathlib import Path
 
 from .errors import CheckpointError
 
+# What runs when no model is named: the card's checkpoint if the Hugging Face cache holds it,
+# else the tiny demo model committed with the source (trained by scripts/train_demo.py).
+DEFAULT_REPO_ID = "Qwen/Qwen2-VL-2B-Instruct-AWQ"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "qwen2-vl-shapes-demo"
+
 
 def _cached_snapshot(repo_id: str) -> Path | None:
     """The newest complete snapshot of `repo_id` in the Hugging Face cache, if any."""
@@ -17,13 +22,27 @@ def _cached_snapshot(repo_id: str) -> Path | None:
     return max(candidates, key=lambda s: s.stat().st_mtime) if candidates else None
 
 
-def resolve_model_dir(model: str | os.PathLike) -> Path:
+def default_model_dir() -> Path:
+    """The checkpoint used when none is given (see DEFAULT_REPO_ID / DEMO_MODEL_DIR)."""
+    cached = _cached_snapshot(DEFAULT_REPO_ID)
+    if cached is not None:
+        return cached
+    if (DEMO_MODEL_DIR / "config.json").is_file():
+        return DEMO_MODEL_DIR
+    raise CheckpointError(f"no model given, {DEFAULT_REPO_ID} is not in the Hugging Face cache and the demo "
+                          f"model ({DEMO_MODEL_DIR}) is not there (it ships with a source checkout): name a model")
+
+
+def resolve_model_dir(model: str | os.PathLike | None = None) -> Path:
     """A local checkpoint directory for `model`.
 
     `model` is a directory holding config.json, or a hub id such as
     `Qwen/Qwen2-VL-2B-Instruct-AWQ`: taken from the local Hugging Face cache if present, else
-    downloaded with `huggingface_hub` when it is installed and the machine is online.
+    downloaded with `huggingface_hub` when it is installed and the machine is online. None: the
+    default model (`default_model_dir`).
     """
+    if model is None:
+        return default_model_dir()
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
