@@ -199,7 +199,12 @@ def test_paged_decode_attention_matches_reference(dtype, block_size):
                                                      partition_size=128, block_tokens=32)
     assert torch.equal(padded[:2], out[:2]) and not padded[2].any()
 
-    # The reference is the decoder's own attention layer, restricted to decode steps.
+    # The decoder's attention layer, restricted to decode steps: this kernel on CUDA in fp16/bf16
+    # (then a chunk with more than one new token goes back to the torch path), torch elsewhere.
+    from qwen2vl import kernels
+
+    assert kernels.decode_attention_runs(query, [1] * 3) == (DEVICE == "cuda" and dtype != torch.float32)
+    assert not kernels.decode_attention_runs(query, [1, 2, 1])
     slots = [block_tables[b, (n - 1) // block_size].item() * block_size + (n - 1) % block_size
              for b, n in enumerate(context_lens)]
     slot_mapping = torch.tensor(slots, device=DEVICE)

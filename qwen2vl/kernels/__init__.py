@@ -1,7 +1,8 @@
 """Kernels, each beside its pure-torch reference, and the one place that says which one runs.
 
 Layers call the functions here, never a kernel module directly. On CUDA with fp16/bf16
-activations (`triton_runs`), RMSNorm and SwiGLU run as single Triton launches. Two packed 4-bit backends:
+activations (`triton_runs`), RMSNorm and SwiGLU run as single Triton launches, and a batch of
+decode steps runs the KV write and paged decode attention in Triton. Two packed 4-bit backends:
 `"cpu"` (torch's int4 CPU kernel, `int4_cpu`) and `"triton"` (the W4A16 Triton kernel over the
 AWQ layout, `triton_awq`: on CUDA, or on the CPU under `TRITON_INTERPRET=1` when asked for by
 name, which is how CI runs it). Where no backend runs a layer (a shape, dtype or format the
@@ -43,6 +44,24 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     from qwen2vl.kernels import triton_activation
 
     return triton_activation.silu_and_mul(gate_up)
+
+
+def decode_attention_runs(query: torch.Tensor, attn_query_lens: list[int]) -> bool:
+    """Whether a batch's attention runs as Triton paged decode attention: CUDA, fp16/bf16, one
+    new token per sequence (pure decode), a power-of-2 head size."""
+    head_dim = query.shape[-1]
+    return triton_runs(query) and max(attn_query_lens) == 1 and head_dim & (head_dim - 1) == 0
+
+
+def paged_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """`layers.attention.PagedAttention` for a pure-decode batch (call where
+    `decode_attention_runs`): the KV write and the attention, two Triton kernels."""
+    from qwen2vl.kernels import triton_attention
+
+    triton_attention.write_kv_cache(kv_cache, key, value, slot_mapping)
+    return triton_attention.paged_decode_attention(query, kv_cache, block_tables, context_lens, scale)
 
 
 def int4_backend(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int, group_size: int,

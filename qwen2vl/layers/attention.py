@@ -1,12 +1,14 @@
 """Attention: paged causal attention for the decoder, packed bidirectional attention for vision.
 
-These are the torch reference paths (a per-sequence loop over SDPA); they run on any device.
+These are the torch reference paths (a per-sequence loop over SDPA); they run on any device. On
+CUDA a pure-decode batch goes to the Triton paged decode attention instead (`qwen2vl.kernels`).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from qwen2vl import kernels
 from qwen2vl.layers.attention_metadata import AttentionMetadata
 
 
@@ -32,6 +34,9 @@ class PagedAttention:
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  kv_cache: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         """query `[N, heads, D]`, key/value `[N, kv_heads, D]` -> `[N, heads, D]`."""
+        if kernels.decode_attention_runs(query, attn.query_lens_cpu):
+            return kernels.paged_decode_attention(query, key, value, kv_cache, attn.slot_mapping, attn.block_tables,
+                                                  attn.context_lens, self.scale)
         write_kv_cache(kv_cache, key, value, attn.slot_mapping)
         out = torch.empty_like(query)
         start = 0
