@@ -22,12 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qwen2vl import Qwen2VL  # noqa: E402
 from qwen2vl.engine import LLMEngine  # noqa: E402
-from qwen2vl.evals.runner import evaluate  # noqa: E402
+from qwen2vl.evals.runner import evaluate, teacher_forced  # noqa: E402
 from qwen2vl.evals.shapes import TASKS, make_samples  # noqa: E402
 from qwen2vl.layers.linear import Int4Linear  # noqa: E402
 from qwen2vl.loader import load_model  # noqa: E402
 from qwen2vl.processor import Processor  # noqa: E402
 from qwen2vl.quantize import quantize  # noqa: E402
+from prefill import prefill_logits  # noqa: E402  (benchmarks/prefill.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
@@ -57,30 +58,16 @@ def answers(llm: Qwen2VL, samples, column: str) -> tuple[dict, list[str]]:
 def teacher_forced_logits(model, processor: Processor, samples, positions: int = 64) -> torch.Tensor:
     """Float32 logits `[positions, vocab]` at the rows that predict each sample's true answer
     tokens (prompt + answer in one forward per sample), over as many samples as it takes."""
-    from qwen2vl.layers.attention_metadata import AttentionMetadata
-
     rows = []
     for sample in samples:
-        prompt = processor.prepare(sample.messages)
-        answer = processor.tokenizer.encode(sample.answer) + [processor.tokenizer.token_to_id("<|im_end|>")]
-        ids = torch.tensor(prompt.input_ids + answer)
-        start, n = len(prompt.input_ids), len(ids)
-        tail = torch.arange(start, n) + prompt.rope_delta
-        block_size, text = 16, model.config.text
-        blocks = -(-n // block_size)
-        caches = [torch.zeros(2, blocks, block_size, text.num_kv_heads, text.head_dim, dtype=model.dtype)
-                  for _ in range(text.num_layers)]
-        attn = AttentionMetadata(
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32), context_lens=torch.tensor([n], dtype=torch.int32),
-            slot_mapping=torch.arange(n), block_tables=torch.arange(blocks, dtype=torch.int32)[None],
-            query_lens_cpu=[n], context_lens_cpu=[n], block_size=block_size)
-        items = prompt.vision_items
-        embeds = model.encode_vision(torch.cat([i.pixel_values for i in items]),
-                                     torch.tensor([i.grid_thw for i in items])) if items else None
-        mask = (ids == processor.image_token_id) | (ids == processor.video_token_id)
+        forced = teacher_forced(processor, sample)
+        ids, items = torch.tensor(forced.ids), forced.prompt.vision_items
         with torch.no_grad():
-            rows.append(model(ids, torch.cat([prompt.positions, tail.expand(3, -1)], 1), attn, caches, embeds, mask,
-                              torch.arange(start - 1, n - 1)))
+            embeds = model.encode_vision(torch.cat([i.pixel_values for i in items]),
+                                         torch.tensor([i.grid_thw for i in items])) if items else None
+        mask = (ids == processor.image_token_id) | (ids == processor.video_token_id)
+        rows.append(prefill_logits(model, ids, forced.positions, embeds, mask,
+                                   torch.arange(forced.answer_start - 1, len(ids) - 1)))
         if sum(len(r) for r in rows) >= positions:
             break
     return torch.cat(rows)[:positions]

@@ -124,23 +124,12 @@ def run_transformers(model_dir: str, dtype: str, image: str, decode_tokens: int)
     return {"load_s": load_s, **measure(generate, image, decode_tokens), "dtype": dtype}
 
 
-@torch.no_grad()
 def teacher_forced_logits(model, num_tokens: int = 64) -> torch.Tensor:
     """Float32 logits at every position of one fixed random prompt, prefilled in one pass."""
-    from qwen2vl.layers.attention_metadata import AttentionMetadata
+    from prefill import prefill_logits
 
-    block_size = 16
-    num_blocks = -(-num_tokens // block_size)
-    text = model.config.text
-    caches = [torch.zeros(2, num_blocks, block_size, text.num_kv_heads, text.head_dim, dtype=model.dtype)
-              for _ in range(text.num_layers)]
-    attn = AttentionMetadata(
-        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32),
-        context_lens=torch.tensor([num_tokens], dtype=torch.int32),
-        slot_mapping=torch.arange(num_tokens), block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
-        query_lens_cpu=[num_tokens], context_lens_cpu=[num_tokens], block_size=block_size)
-    ids = torch.randint(0, text.vocab_size - 1000, (num_tokens,), generator=torch.Generator().manual_seed(0))
-    return model(ids, torch.arange(num_tokens).expand(3, -1), attn, caches)
+    ids = torch.randint(0, model.config.text.vocab_size - 1000, (num_tokens,), generator=torch.Generator().manual_seed(0))
+    return prefill_logits(model, ids, torch.arange(num_tokens).expand(3, -1))
 
 
 def run_accuracy(model_dir: str, reference_path: str, variant: str) -> dict:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from qwen2vl.layers.attention_metadata import AttentionMetadata
+from prefill import prefill_logits  # benchmarks/prefill.py
 from qwen2vl.loader import load_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -48,23 +48,11 @@ def measure(model_dir, device="cpu", dtype=None, forward: bool = False) -> dict:
     return {**result, **smoke_forward(model)} if forward else result
 
 
-@torch.no_grad()
-def smoke_forward(model, num_tokens: int = 8, block_size: int = 16) -> dict:
+def smoke_forward(model, num_tokens: int = 8) -> dict:
     """Prefill a few token ids (one sequence, fresh cache): the loaded model runs end to end."""
-    text = model.config.text
-    num_blocks = -(-num_tokens // block_size)
-    caches = [torch.zeros(2, num_blocks, block_size, text.num_kv_heads, text.head_dim,
-                          dtype=model.dtype, device=model.device) for _ in range(text.num_layers)]
-    attn = AttentionMetadata(
-        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=model.device),
-        context_lens=torch.tensor([num_tokens], dtype=torch.int32, device=model.device),
-        slot_mapping=torch.arange(num_tokens, device=model.device),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=model.device)[None],
-        query_lens_cpu=[num_tokens], context_lens_cpu=[num_tokens], block_size=block_size)
-    ids = torch.arange(100, 100 + num_tokens, device=model.device)
     start = time.perf_counter()
-    logits = model(ids, torch.arange(num_tokens, device=model.device).expand(3, -1), attn, caches,
-                   logits_indices=torch.tensor([num_tokens - 1], device=model.device))
+    logits = prefill_logits(model, torch.arange(100, 100 + num_tokens), torch.arange(num_tokens).expand(3, -1),
+                            logits_indices=torch.tensor([num_tokens - 1]))
     return {"forward_s": round(time.perf_counter() - start, 2), "logits_finite": bool(torch.isfinite(logits).all()),
             "logits_shape": list(logits.shape)}
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from qwen2vl.evals.runner import teacher_forced  # noqa: E402
 from qwen2vl.evals.shapes import COLORS, SHAPES, TASKS, Shape, make_sample, make_samples  # noqa: E402
 from qwen2vl.loader import original_layout_name  # noqa: E402
 from qwen2vl.processor import Processor  # noqa: E402
@@ -196,14 +197,10 @@ def image_shapes(sample) -> list[list[Shape]]:
 def encode(processor: Processor, sample) -> dict:
     """Prompt + answer ids, their M-RoPE positions, the vision items of one sample and the
     auxiliary targets of its images' tokens."""
-    prompt = processor.prepare(sample.messages)
-    answer = processor.tokenizer.encode(sample.answer) + [processor.tokenizer.token_to_id("<|im_end|>")]
-    start = len(prompt.input_ids)
-    tail = torch.arange(start, start + len(answer)) + prompt.rope_delta
-    images = [item for item in prompt.vision_items if item.kind == "image"]
-    return {"ids": prompt.input_ids + answer,
-            "positions": torch.cat([prompt.positions, tail.expand(3, -1)], dim=1),
-            "answer_start": start, "items": prompt.vision_items,
+    forced = teacher_forced(processor, sample)
+    images = [item for item in forced.prompt.vision_items if item.kind == "image"]
+    return {"ids": forced.ids, "positions": forced.positions,
+            "answer_start": forced.answer_start, "items": forced.prompt.vision_items,
             "token_targets": [token_targets(item, shapes) for item, shapes in zip(images, image_shapes(sample))]}
 
 

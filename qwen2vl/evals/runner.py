@@ -4,7 +4,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from qwen2vl.evals.shapes import TASKS, Sample, is_correct, make_samples
+from qwen2vl.processor.types import PreparedPrompt
 
 # The longest answer (a grounding box) is ~24 tokens; a wrong answer should stop, not ramble.
 MAX_ANSWER_TOKENS = 48
@@ -19,6 +22,27 @@ class TaskScore:
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
+
+
+@dataclass
+class TeacherForced:
+    """A sample's prompt followed by its true answer and <|im_end|>: what teacher forcing feeds
+    the model (training, logit comparisons). Rows `answer_start - 1 ..` predict the answer."""
+
+    prompt: PreparedPrompt
+    ids: list[int]
+    positions: torch.Tensor  # M-RoPE `[3, len(ids)]`: the prompt's, then text positions after it
+
+    @property
+    def answer_start(self) -> int:
+        return len(self.prompt.input_ids)
+
+
+def teacher_forced(processor, sample: Sample) -> TeacherForced:
+    prompt = processor.prepare(sample.messages)
+    answer = processor.tokenizer.encode(sample.answer) + [processor.tokenizer.token_to_id("<|im_end|>")]
+    tail = torch.arange(len(prompt.input_ids), len(prompt.input_ids) + len(answer)) + prompt.rope_delta
+    return TeacherForced(prompt, prompt.input_ids + answer, torch.cat([prompt.positions, tail.expand(3, -1)], dim=1))
 
 
 def evaluate(llm, samples: list[Sample], batch_size: int = 32,
