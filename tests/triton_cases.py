@@ -7,6 +7,7 @@ must be set before triton is first imported) at small shapes; on a GPU they run 
 """
 from __future__ import annotations
 
+import collections
 import importlib
 import os
 import sys
@@ -338,3 +339,52 @@ def test_loader_swaps_quantized_linears_for_the_named_backend(tiny_awq_checkpoin
     swapped = [m for m in model.modules() if isinstance(m, Int4Linear)]
     assert swapped and all(m.backend == "triton" for m in swapped)
     assert {"qweight", "qzeros", "scales"} <= {name for name, _ in swapped[0].named_buffers()}
+
+
+def test_the_gpu_path_generates_what_the_torch_path_does(tiny_awq_checkpoint, monkeypatch):
+    """Everything a CUDA decode runs in Triton, together in one model: int4 linears, residual-add +
+    RMSNorm, rotary q/k, SwiGLU, the KV write and paged decode attention. Greedy tokens and their
+    log-probabilities equal the torch path's (whose int4 linears are the same Triton ones)."""
+    from PIL import Image
+
+    from qwen2vl import kernels
+    from qwen2vl.api import Qwen2VL
+    from qwen2vl.engine import LLMEngine
+    from qwen2vl.loader import load_model
+    from qwen2vl.processor import Processor
+
+    processor = Processor.from_pretrained(tiny_awq_checkpoint)
+    image = Image.new("RGB", (56, 84), (200, 30, 30))
+    conversations = [[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}],
+                     [{"role": "user", "content": "Count to three."}]]
+
+    launches = collections.Counter()
+
+    def counted(name):
+        kernel = getattr(kernels, name)
+
+        def call(*args, **kwargs):
+            launches[name] += 1
+            return kernel(*args, **kwargs)
+        return call
+
+    def generate(all_triton: bool):
+        with monkeypatch.context() as patch:
+            if all_triton:  # on the CPU the interpreter stands in for the GPU
+                patch.setattr(kernels, "triton_runs", lambda x: x.dtype in kernels.TRITON_DTYPES)
+                for name in ("rms_norm", "rotary_qk_", "silu_and_mul", "paged_decode_attention"):
+                    patch.setattr(kernels, name, counted(name))
+            model = load_model(tiny_awq_checkpoint, device=DEVICE, dtype=torch.bfloat16, int4_kernel="triton")
+            if DEVICE == "cpu":  # the interpreter does not emulate bfloat16 (see BF16)
+                model.half()
+            llm = Qwen2VL(LLMEngine(model, processor), processor, tiny_awq_checkpoint)
+            return llm.chat(conversations, temperature=0.0, repetition_penalty=1.0, max_tokens=6, logprobs=1)
+
+    fast, torch_path = generate(True), generate(False)
+    assert set(launches) == {"rms_norm", "rotary_qk_", "silu_and_mul", "paged_decode_attention"}
+    for ours, reference in zip(fast, torch_path):
+        assert ours.token_ids == reference.token_ids
+        chosen = [step[token] for step, token in zip(ours.logprobs, ours.token_ids)]
+        expected = [step[token] for step, token in zip(reference.logprobs, reference.token_ids)]
+        torch.testing.assert_close(torch.tensor(chosen), torch.tensor(expected), rtol=0, atol=0.05)
+    assert all(len(set(c.token_ids)) > 3 for c in fast)  # not one repeated token

@@ -1,7 +1,8 @@
 """Kernels, each beside its pure-torch reference, and the one place that says which one runs.
 
 Layers call the functions here, never a kernel module directly. On CUDA with fp16/bf16
-activations (`triton_runs`), RMSNorm and SwiGLU run as single Triton launches, and a batch of
+activations (`triton_runs`), residual-add + RMSNorm, rotary q/k and SwiGLU run as single Triton
+launches, and a batch of
 decode steps runs the KV write and paged decode attention in Triton. Two packed 4-bit backends:
 `"cpu"` (torch's int4 CPU kernel, `int4_cpu`) and `"triton"` (the W4A16 Triton kernel over the
 AWQ layout, `triton_awq`: on CUDA, or on the CPU under `TRITON_INTERPRET=1` when asked for by
@@ -28,15 +29,24 @@ def triton_available() -> bool:
 
 
 def triton_runs(x: torch.Tensor) -> bool:
-    """Whether the Triton elementwise kernels (norm, SwiGLU) run on `x`: CUDA, fp16/bf16."""
+    """Whether the Triton elementwise kernels (norm, rotary, SwiGLU) run on `x`: CUDA, fp16/bf16."""
     return x.is_cuda and x.dtype in TRITON_DTYPES and triton_available()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`layers.norm.RMSNorm` in one Triton launch (call where `triton_runs(x)`)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """`layers.norm.RMSNorm` (of `x + residual`, returned too, when given) in one Triton launch
+    (call where `triton_runs(x)`)."""
     from qwen2vl.kernels import triton_norm
 
-    return triton_norm.add_rms_norm(x, weight, eps)
+    return triton_norm.add_rms_norm(x, weight, eps, residual)
+
+
+def rotary_qk_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """`layers.rotary.apply_rotary` on q and k, in place, in one Triton launch (call where
+    `triton_runs(q)`; q and k may be views of the fused qkv projection's output)."""
+    from qwen2vl.kernels import triton_rotary
+
+    triton_rotary.apply_rotary_qk_(q, k, cos, sin)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,16 @@ class RMSNorm(nn.Module):
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(RMSNorm of the new residual stream, the stream `x + residual`; `x` alone when there is
+        no residual yet). One launch on the GPU instead of an add and a norm."""
+        if residual is None:
+            return self(x), x
+        if kernels.triton_runs(x):
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
+        stream = x + residual
+        return self(stream), stream
+
 
 class LayerNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from qwen2vl import kernels
 
 def inverse_frequencies(rotary_dim: int, theta: float, device) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
@@ -21,6 +22,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x `[N, heads, head_dim]`; cos/sin `[N, head_dim]` in x's dtype."""
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rotary` on q `[N, heads, head_dim]` and k `[N, kv_heads, head_dim]`; on the GPU in
+    place, one launch for both (they may be views of the fused qkv projection's output)."""
+    if kernels.triton_runs(q):
+        kernels.rotary_qk_(q, k, cos, sin)
+        return q, k
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
 class MRotaryEmbedding:

@@ -10,7 +10,7 @@ from qwen2vl.layers.attention import PagedAttention
 from qwen2vl.layers.attention_metadata import AttentionMetadata
 from qwen2vl.layers.linear import Linear
 from qwen2vl.layers.norm import RMSNorm
-from qwen2vl.layers.rotary import MRotaryEmbedding, apply_rotary
+from qwen2vl.layers.rotary import MRotaryEmbedding, apply_rotary_qk
 
 
 class DecoderAttention(nn.Module):
@@ -24,8 +24,8 @@ class DecoderAttention(nn.Module):
 
     def forward(self, x, cos, sin, attn: AttentionMetadata, kv_cache):
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
-        q = apply_rotary(q.unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
-        k = apply_rotary(k.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
+        q, k = apply_rotary_qk(q.unflatten(-1, (self.num_heads, self.head_dim)),
+                               k.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         return self.o_proj(self.attn(q, k, v, kv_cache, attn).flatten(1))
 
@@ -48,9 +48,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, cos, sin, attn, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, attn, kv_cache):
+        """`x`: the previous sublayer's output, not yet added to the residual stream `residual`
+        (None before the first layer), so each add fuses into the norm after it. Returns the
+        MLP's output and the stream, likewise."""
+        h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(h, cos, sin, attn, kv_cache), residual)
+        return self.mlp(h), residual
 
 
 class TextDecoder(nn.Module):
@@ -67,6 +71,7 @@ class TextDecoder(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, attn, kv_cache)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, attn, kv_cache)
+        return self.norm.add_and_norm(x, residual)[0]
