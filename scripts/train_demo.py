@@ -7,10 +7,12 @@ training module; our engine loads the result). The vocabulary is the real tokeni
 tokens, so the tied embedding table dominates the size: hidden size 64 keeps the bf16 checkpoint
 under 25 MB. Inputs come from our own `Processor` (the same ids, pixels and M-RoPE positions the
 engine will see); only the answer tokens and the closing <|im_end|> are in the loss, plus
-auxiliary losses on the image tokens (`token_targets`) through read-out heads that are not
-saved. Every sample is fresh (drawn from a seeded generator), so there is no overfitting to
-watch for. Reproducible for a given seed, step count and batch size on the same torch build;
-the defaults take about 25 minutes on a 2-core CPU.
+auxiliary losses through read-out heads that are not saved: on the image tokens
+(`token_targets`), on where one attention head of the answer rows looks (`attention_targets`)
+and on what those rows carry (`AuxHeads.answer_loss`, `digit_targets`). Every sample is fresh
+(drawn from a seeded generator), so there is no overfitting to watch for. Reproducible for a
+given seed, step count and batch size on the same torch build; the defaults take about 25
+minutes on a 2-core CPU.
 """
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qwen2vl.evals.runner import teacher_forced  # noqa: E402
-from qwen2vl.evals.shapes import COLORS, SHAPES, TASKS, Shape, make_sample, make_samples  # noqa: E402
+from qwen2vl.evals.shapes import COLORS, SHAPES, TASKS, Shape, left_to_right, make_sample, make_samples  # noqa: E402
 from qwen2vl.loader import original_layout_name  # noqa: E402
+from qwen2vl.layers.rotary import rotate_half  # noqa: E402
 from qwen2vl.processor import Processor  # noqa: E402
 from qwen2vl.tools.random_checkpoint import write_support_files  # noqa: E402
 
@@ -40,7 +43,7 @@ VOCAB_SIZE = 151936
 DEMO_MIN_PIXELS, DEMO_MAX_PIXELS = 56 * 56, 224 * 224
 # How often each prompt type is drawn: the one-word tasks are learnt within ~1000 steps, boxes
 # and left-to-right descriptions need every sample they can get.
-TASK_WEIGHTS = {"shape": 0.5, "color": 0.5, "count": 2, "describe": 3, "ground": 5, "compare": 0.75, "direction": 0.5}
+TASK_WEIGHTS = {"shape": 0.5, "color": 0.5, "count": 2, "describe": 3, "ground": 5, "compare": 1, "direction": 0.5}
 # Curriculum: the first batches hold only one-word answers, which the model can only get right by
 # looking at the image (mixed in from the start, the box digits' loss drowns that signal and the
 # model settles on answering without looking).
@@ -125,14 +128,18 @@ COLOR_IDS = {color: i + 1 for i, color in enumerate(COLORS)}  # 0: background
 SHAPE_IDS = {kind: i + 1 for i, kind in enumerate(SHAPES)}
 IMAGE_TOKEN_ID = 151655
 AUX_WEIGHT = 0.5
+# The first head of the first decoder layer above the middle is taught where to look
+# (`attention_loss`): its inputs are the ones the middle-layer read-out makes carry positions.
+ATTENTION_WEIGHT = 1.0
 POSITION_UNIT = 0.1  # normalized positions are regressed in tenths of the image
 
 
 def token_targets(item, shapes: list[Shape], merge_size: int = 2) -> torch.Tensor:
-    """What each visual token of an image covers, for the auxiliary losses: `[tokens, 12]` rows
+    """What each visual token of an image covers, for the auxiliary losses: `[tokens, 13]` rows
     of (colour id, shape id, the covering shape's box x1, y1, x2, y2 relative to the token's cell
-    in cells, the token's centre x, y and the box x1, y1, x2, y2 normalized to the image's width
-    and height); the shape with the largest overlap wins, ids 0 where the cell is background.
+    in cells, the token's centre x, y, the box x1, y1, x2, y2 normalized to the image's width
+    and height, and the covering shape's index in `shapes`); the shape with the largest overlap
+    wins, ids 0 and index -1 where the cell is background.
 
     Read off the vision tower's outputs, the ids and cell-relative edges teach it to see shapes
     in a few hundred steps (through the answer tokens alone, whose attention spreads over ~60
@@ -148,8 +155,9 @@ def token_targets(item, shapes: list[Shape], merge_size: int = 2) -> torch.Tenso
     left = torch.arange(grid_w // merge_size, dtype=torch.float32)[None, :] * cell
     best = torch.zeros(top.shape[0], left.shape[1])
     centres = torch.stack(torch.broadcast_tensors((left + cell / 2) / resized_w, (top + cell / 2) / resized_h), -1)
-    targets = torch.cat([torch.zeros(*best.shape, 6), centres, torch.zeros(*best.shape, 4)], -1)
-    for shape in shapes:
+    targets = torch.cat([torch.zeros(*best.shape, 6), centres, torch.zeros(*best.shape, 4),
+                         torch.full((*best.shape, 1), -1.0)], -1)
+    for index, shape in enumerate(shapes):
         x1, y1, x2, y2 = shape.box
         x1, x2 = x1 * resized_w / width, x2 * resized_w / width
         y1, y2 = y1 * resized_h / height, y2 * resized_h / height
@@ -160,7 +168,7 @@ def token_targets(item, shapes: list[Shape], merge_size: int = 2) -> torch.Tenso
         edges = torch.stack(torch.broadcast_tensors((x1 - left) / cell, (y1 - top) / cell, (x2 - left) / cell, (y2 - top) / cell), -1)
         ids = torch.tensor([COLOR_IDS[shape.color], SHAPE_IDS[shape.kind]], dtype=torch.float32).expand(*best.shape, 2)
         box = torch.tensor([x1 / resized_w, y1 / resized_h, x2 / resized_w, y2 / resized_h]).expand(*best.shape, 4)
-        row = torch.cat([ids, edges, centres, box], -1)
+        row = torch.cat([ids, edges, centres, box, torch.full((*best.shape, 1), float(index))], -1)
         targets[wins] = row[wins]
     return targets.flatten(0, 1)
 
@@ -174,6 +182,26 @@ class AuxHeads(torch.nn.Module):
         super().__init__()
         self.vision = torch.nn.Linear(hidden_size, len(COLOR_IDS) + 1 + len(SHAPE_IDS) + 1 + 4)
         self.decoder = torch.nn.Linear(hidden_size, 6)
+        self.looked_at = torch.nn.Linear(hidden_size, len(COLOR_IDS) + 1 + len(SHAPE_IDS) + 1 + 4)
+        self.digit = torch.nn.Linear(hidden_size, 1)
+
+    def answer_loss(self, after_looking: torch.Tensor, looked_at_shape: torch.Tensor,
+                    before_last: torch.Tensor, digit_values: torch.Tensor) -> torch.Tensor:
+        """At the answer rows that look at one shape: its colour, kind and box, read off the
+        output of the layer taught to look; at the rows that write a box digit: the value of the
+        number at that digit's place (see `digit_targets`), read off the last layer's input.
+        The answer's own loss alone never taught the decoder to carry what it looked at on to
+        the words and digits."""
+        loss = torch.zeros(())
+        one_shape = looked_at_shape[:, 0] >= 0
+        if one_shape.any():
+            colors, kinds, box = self.looked_at(after_looking[one_shape]).split([len(COLOR_IDS) + 1, len(SHAPE_IDS) + 1, 4], -1)
+            shapes = looked_at_shape[one_shape]
+            loss = (F.cross_entropy(colors, shapes[:, 0].long()) + F.cross_entropy(kinds, shapes[:, 1].long())
+                    + F.smooth_l1_loss(box, shapes[:, 2:] / POSITION_UNIT))
+        if len(before_last):
+            loss = loss + F.smooth_l1_loss(self.digit(before_last).squeeze(-1), digit_values)
+        return loss
 
     def loss(self, vision_tokens: torch.Tensor, decoder_tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         colors, kinds, edges = self.vision(vision_tokens).split([len(COLOR_IDS) + 1, len(SHAPE_IDS) + 1, 4], -1)
@@ -183,8 +211,54 @@ class AuxHeads(torch.nn.Module):
         on_shape = targets[:, 0] > 0
         if on_shape.any():
             loss = loss + F.smooth_l1_loss(edges[on_shape], targets[on_shape, 2:6])
-            loss = loss + F.smooth_l1_loss(box[on_shape], targets[on_shape, 8:] / POSITION_UNIT)
+            loss = loss + F.smooth_l1_loss(box[on_shape], targets[on_shape, 8:12] / POSITION_UNIT)
         return loss
+
+
+def attention_targets(processor: Processor, sample, ids: list[int], answer_start: int,
+                      targets: list[torch.Tensor]) -> list[tuple[int, list[int], torch.Tensor]]:
+    """(row, image token positions, what is there) triples: the answer rows that must look at
+    shapes, where those shapes' tokens are, and the shape's colour id, shape id and normalized
+    box (`token_targets` columns 0, 1, 8-11 of one of its tokens; -1 where the row looks at two
+    shapes). A box's digits look at the shape the question names; a description's colour and
+    shape words at the shape they name (left to right); a comparison's yes/no at the shapes of
+    both images. `targets` are the `token_targets` of the sample's images."""
+    if sample.task not in ("ground", "describe", "compare"):
+        return []
+    image_positions = [i for i, token in enumerate(ids) if token == IMAGE_TOKEN_ID]
+    if sample.task == "compare":
+        owners = torch.cat([t[:, 12] for t in targets])
+        return [(answer_start - 1, [image_positions[t] for t in (owners >= 0).nonzero().flatten().tolist()], torch.full((6,), -1.0))]
+    targets = targets[0]
+    if sample.task == "ground":
+        target = next(i for i, shape in enumerate(sample.shapes) if f"the {shape.name}<" in sample.answer)
+    order = [sample.shapes.index(shape) for shape in left_to_right(sample.shapes)]
+    triples, named = [], -1
+    for position in range(answer_start, len(ids)):
+        word = processor.tokenizer.decode([ids[position]]).strip()
+        if sample.task == "describe":
+            named += word in COLORS
+            if word not in COLORS and word not in SHAPES:
+                continue
+            target = order[named]
+        elif not word.isdigit():
+            continue
+        tokens = (targets[:, 12] == target).nonzero().flatten().tolist()
+        if tokens:
+            triples.append((position - 1, [image_positions[t] for t in tokens], targets[tokens[0], [0, 1, 8, 9, 10, 11]]))
+    return triples
+
+
+def digit_targets(processor: Processor, sample, ids: list[int], answer_start: int) -> list[tuple[int, float]]:
+    """(row, value) for each row of a box answer that predicts a digit: the number being written
+    in units of that digit's place (465: 4.65 before the 4, 6.5 before the 6, 5 before the 5),
+    whose floor is the digit. The box numbers are written one token per digit."""
+    if sample.task != "ground":
+        return []
+    digits = [position for position in range(answer_start, len(ids)) if processor.tokenizer.decode([ids[position]]).isdigit()]
+    values = [number / 10 ** place % 10 for number in sample.box for place in reversed(range(len(str(number))))]
+    assert len(values) == len(digits), (sample.answer, len(digits))
+    return [(position - 1, value) for position, value in zip(digits, values)]
 
 
 def image_shapes(sample) -> list[list[Shape]]:
@@ -199,15 +273,18 @@ def encode(processor: Processor, sample) -> dict:
     auxiliary targets of its images' tokens."""
     forced = teacher_forced(processor, sample)
     images = [item for item in forced.prompt.vision_items if item.kind == "image"]
+    targets = [token_targets(item, shapes) for item, shapes in zip(images, image_shapes(sample))]
+    looks = attention_targets(processor, sample, forced.ids, forced.answer_start, targets)
     return {"ids": forced.ids, "positions": forced.positions,
             "answer_start": forced.answer_start, "items": forced.prompt.vision_items,
-            "token_targets": [token_targets(item, shapes) for item, shapes in zip(images, image_shapes(sample))]}
+            "token_targets": targets, "attention_targets": looks,
+            "digit_targets": digit_targets(processor, sample, forced.ids, forced.answer_start)}
 
 
 @dataclass
 class Batch:
     """transformers inputs (right padded), the rows that predict answer tokens, those tokens and
-    their weights, and the auxiliary targets of every image token (`[0, 12]` without images)."""
+    their weights, and the auxiliary targets of every image token (`[0, 13]` without images)."""
 
     inputs: dict
     rows: torch.Tensor
@@ -215,6 +292,11 @@ class Batch:
     weights: torch.Tensor
     token_targets: torch.Tensor
     share: float  # this batch's fraction of its step's samples
+    looking_rows: torch.Tensor  # flat rows whose attention is supervised (`attention_targets`)
+    looked_at: torch.Tensor  # `[rows, length]` bool: the image tokens each of them should look at
+    looked_at_shape: torch.Tensor  # `[rows, 6]`: colour id, shape id, normalized box of that shape
+    digit_rows: torch.Tensor  # flat rows that predict a box digit (`digit_targets`)
+    digit_values: torch.Tensor  # `[rows]`: the value of the number being written at the digit's place
 
 
 def collate(examples: list[dict], batch_size: int | None = None) -> Batch:
@@ -242,10 +324,19 @@ def collate(examples: list[dict], batch_size: int | None = None) -> Batch:
         if items:
             inputs[pixels_key] = torch.cat([item.pixel_values for item in items])
             inputs[grid_key] = torch.tensor([item.grid_thw for item in items])
-    token_targets = torch.cat([torch.zeros(0, 12)] + [t for e in examples for t in e["token_targets"]])
+    token_targets = torch.cat([torch.zeros(0, 13)] + [t for e in examples for t in e["token_targets"]])
     share = len(examples) / (batch_size or len(examples))
+    looks = [(b * length + row, keys, shape) for b, e in enumerate(examples) for row, keys, shape in e["attention_targets"]]
+    looked_at = torch.zeros(len(looks), length, dtype=torch.bool)
+    for index, (_, keys, _) in enumerate(looks):
+        looked_at[index, keys] = True
+    digits = [(b * length + row, value) for b, e in enumerate(examples) for row, value in e["digit_targets"]]
     return Batch(inputs, torch.tensor(rows), torch.tensor(targets),
-                 torch.tensor(weights) * share / len(examples), token_targets, share)
+                 torch.tensor(weights) * share / len(examples), token_targets, share,
+                 torch.tensor([row for row, _, _ in looks], dtype=torch.long), looked_at,
+                 torch.stack([shape for _, _, shape in looks]) if looks else torch.zeros(0, 6),
+                 torch.tensor([row for row, _ in digits], dtype=torch.long),
+                 torch.tensor([value for _, value in digits], dtype=torch.float32))
 
 
 def micro_batches(examples: list[dict]) -> list[Batch]:
@@ -257,6 +348,44 @@ def micro_batches(examples: list[dict]) -> list[Batch]:
 
 def has_video(example: dict) -> bool:
     return any(item.kind == "video" for item in example["items"])
+
+
+class AttentionInputs:
+    """Captures what one decoder layer's attention is given (hidden states, rotary cos/sin)."""
+
+    def __init__(self, attention: torch.nn.Module):
+        self.hidden = self.cos_sin = None
+        self.handle = attention.register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, module, args, kwargs):
+        self.hidden, self.cos_sin = kwargs["hidden_states"], kwargs["position_embeddings"]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def attention_loss(attention: torch.nn.Module, inputs: AttentionInputs, rows: torch.Tensor,
+                   looked_at: torch.Tensor) -> torch.Tensor:
+    """Mean over `rows` of -log(the attention mass head 0 of `attention` puts on `looked_at`).
+
+    Supervising where the box digits look teaches the decoder to pick the named shape among
+    several: through the digits' loss alone it stays at chance (it answers with some shape's
+    box). Descriptions and comparisons look through the same head, so that it serves all three.
+    """
+    length, head_dim = inputs.hidden.shape[1], attention.head_dim
+    batch_index, position = rows // length, rows % length
+    cos, sin = inputs.cos_sin
+    query = F.linear(inputs.hidden[batch_index, position], attention.q_proj.weight[:head_dim], attention.q_proj.bias[:head_dim])
+    keys = F.linear(inputs.hidden[batch_index], attention.k_proj.weight[:head_dim], attention.k_proj.bias[:head_dim])
+    query = query * cos[batch_index, position] + rotate_half(query) * sin[batch_index, position]
+    keys = keys * cos[batch_index] + rotate_half(keys) * sin[batch_index]
+    logits = (keys @ query[:, :, None]).squeeze(-1) * head_dim ** -0.5
+    logits = logits.masked_fill(torch.arange(length)[None, :] > position[:, None], float("-inf"))
+    log_probs = logits.log_softmax(-1)
+    return -log_probs.masked_fill(~looked_at, float("-inf")).logsumexp(-1).mean()
 
 
 class ImageTokens:
@@ -286,7 +415,10 @@ def answer_loss(model, batch: Batch, candidates: torch.Tensor | None = None,
     With `candidates` (sorted token ids, holding every target) the softmax runs over those
     tokens only: a sampled softmax that is ~100x cheaper than the 151936-way one.
     """
-    with ImageTokens(model, batch.inputs.get("image_grid_thw")) as image_tokens:
+    layers = model.model.language_model.layers
+    looking = len(layers) // 2  # hidden_states[looking] is its input, [looking + 1] its output
+    attention = layers[looking].self_attn
+    with ImageTokens(model, batch.inputs.get("image_grid_thw")) as image_tokens, AttentionInputs(attention) as attention_inputs:
         outputs = model.model(**batch.inputs, use_cache=False, output_hidden_states=aux_heads is not None)
     hidden = outputs.last_hidden_state.flatten(0, 1)
     table = model.get_input_embeddings().weight
@@ -299,9 +431,14 @@ def answer_loss(model, batch: Batch, candidates: torch.Tensor | None = None,
     aux = torch.zeros(())
     if aux_heads is not None and image_tokens.outputs is not None:
         # Halfway up the decoder, so that the later layers can read the positions off these tokens.
-        middle = outputs.hidden_states[len(outputs.hidden_states) // 2].flatten(0, 1)
+        middle = outputs.hidden_states[looking].flatten(0, 1)
         decoder_tokens = middle[batch.inputs["input_ids"].flatten() == IMAGE_TOKEN_ID]
         aux = batch.share * aux_heads.loss(image_tokens.outputs, decoder_tokens, batch.token_targets)
+        if len(batch.looking_rows):
+            aux = aux + batch.share * ATTENTION_WEIGHT * attention_loss(attention, attention_inputs, batch.looking_rows, batch.looked_at)
+            after_looking = outputs.hidden_states[looking + 1].flatten(0, 1)[batch.looking_rows]
+            before_last = outputs.hidden_states[-2].flatten(0, 1)[batch.digit_rows]
+            aux = aux + batch.share * aux_heads.answer_loss(after_looking, batch.looked_at_shape, before_last, batch.digit_values)
     return (losses * batch.weights).sum(), aux
 
 

@@ -113,17 +113,45 @@ def test_token_targets_mark_the_cells_each_shape_covers(train_demo):
     item = VisionItem("image", torch.zeros(32, 1176), (1, 4, 8), (112, 56), (112, 56))
     red_square = Shape("square", "red", x=30, y=2, size=40)  # cells (0,1), (0,2), (1,1), (1,2)
     targets = train_demo.token_targets(item, [red_square])
-    assert targets.shape == (8, 12)
+    assert targets.shape == (8, 13)
     colors = targets[:, 0].view(2, 4)
     red, square = train_demo.COLOR_IDS["red"], train_demo.SHAPE_IDS["square"]
     assert colors.tolist() == [[0, red, red, 0], [0, red, red, 0]]
     assert targets[:, 1].view(2, 4)[0, 1].item() == square
     # Box edges relative to the cell of token (0, 1), whose left edge is x=28: (30-28)/28 ...
     assert targets[1, 2:6].tolist() == pytest.approx([2 / 28, 2 / 28, 42 / 28, 42 / 28])
-    # Each token's centre and the covering box, normalized to the image's width and height.
-    assert targets[1, 6:].tolist() == pytest.approx([42 / 112, 14 / 56, 30 / 112, 2 / 56, 70 / 112, 42 / 56])
-    assert targets[0].tolist() == pytest.approx([0] * 6 + [14 / 112, 14 / 56] + [0] * 4)
+    # Each token's centre and the covering box, normalized to the image's width and height; the
+    # covering shape's index (-1: background).
+    assert targets[1, 6:].tolist() == pytest.approx([42 / 112, 14 / 56, 30 / 112, 2 / 56, 70 / 112, 42 / 56, 0])
+    assert targets[0].tolist() == pytest.approx([0] * 6 + [14 / 112, 14 / 56] + [0] * 4 + [-1])
     # Half the image's resolution: same cells in tokens, edges halved in pixels.
     small = VisionItem("image", torch.zeros(32, 1176), (1, 4, 8), (224, 112), (112, 56))
     big_square = Shape("square", "red", x=60, y=4, size=80)
     torch.testing.assert_close(train_demo.token_targets(small, [big_square]), targets)
+
+
+def test_box_digits_look_at_the_named_shape_and_know_their_place(train_demo):
+    import random
+
+    from qwen2vl.evals.shapes import make_sample
+
+    processor = train_demo.demo_processor(Path(__file__).resolve().parent.parent / "models" / "qwen2-vl-shapes-demo")
+    rng = random.Random(3)
+    sample = next(s for s in iter(lambda: make_sample("ground", rng), None) if len(s.shapes) >= 2)
+    example = train_demo.encode(processor, sample)
+    ids, looks, digits = example["ids"], example["attention_targets"], example["digit_targets"]
+    words = [processor.tokenizer.decode([ids[row + 1]]) for row, _, _ in looks]
+    assert "".join(words) == "".join(str(v) for v in sample.box)  # every digit of the box, in order
+    assert [row for row, _ in digits] == [row for row, _, _ in looks]
+    x1 = sample.box[0]
+    assert digits[0][1] == pytest.approx(x1 / 10 ** (len(str(x1)) - 1))  # 465 -> 4.65 before the "4"
+    target = next(s for s in sample.shapes if f"the {s.name}<" in sample.answer)
+    row, keys, shape = looks[0]
+    assert all(ids[k] == train_demo.IMAGE_TOKEN_ID for k in keys) and row >= example["answer_start"] - 1
+    assert shape[:2].tolist() == [train_demo.COLOR_IDS[target.color], train_demo.SHAPE_IDS[target.kind]]
+    assert shape[2:].tolist() == pytest.approx([v / 1000 for v in sample.box], abs=0.01)
+    # a description's colour and shape words look at the shapes they name, left to right
+    described = next(s for s in iter(lambda: make_sample("describe", rng), None) if len(s.shapes) == 3)
+    looks = train_demo.encode(processor, described)["attention_targets"]
+    colors = [train_demo.COLOR_IDS[s.color] for s in sorted(described.shapes, key=lambda s: (s.x, s.y))]
+    assert [int(shape[0]) for _, _, shape in looks] == [c for c in colors for _ in range(2)]
