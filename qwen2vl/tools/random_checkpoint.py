@@ -123,7 +123,7 @@ def _tensor_groups(config: Qwen2VLConfig, dtype: torch.dtype) -> dict[str, _Grou
         if quant is not None and prefix.startswith("model.layers.") and quant.converts(prefix):
             groups[prefix] = _quantized_linear(prefix, out_features, in_features, quant)
         else:
-            add(f"{prefix}.weight", (out_features, in_features), 0.08)
+            add(f"{prefix}.weight", (out_features, in_features), matrix_std(in_features))
         if bias:
             add(f"{prefix}.bias", (out_features,), 0.05)
 
@@ -166,6 +166,15 @@ def _tensor_groups(config: Qwen2VLConfig, dtype: torch.dtype) -> dict[str, _Grou
     return groups
 
 
+def matrix_std(fan_in: int) -> float:
+    """The init std of a linear weight: 0.08, which keeps the tiny test models' logits far from
+    uniform (see tests/checkpoints.py), but at most 1.28 / sqrt(fan_in), so that each layer of
+    the real 2B shape scales its input by ~1.3 as trained weights do, not by 3-8 (at 0.08, 28
+    such layers amplify any bfloat16 rounding into different logits, which no dtype comparison
+    on them could survive)."""
+    return min(0.08, 1.28 * fan_in ** -0.5)
+
+
 def _random(shape, std: float | None, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     if std is None:  # norm weights
         return torch.ones(shape, dtype=dtype)
@@ -186,7 +195,7 @@ def _quantized_linear(prefix: str, out_features: int, in_features: int, quant) -
     specs = {f"{prefix}.{k}": (shape, torch.float16 if k == "scales" else torch.int32) for k, shape in specs.items()}
 
     def make(generator):
-        weight = torch.randn(out_features, in_features, generator=generator) * 0.08
+        weight = torch.randn(out_features, in_features, generator=generator) * matrix_std(in_features)
         values, zeros, scales = q.quantize_rtn(weight.t(), bits, group, sym=quant.method == "gptq")
         if quant.method == "awq":
             tensors = {"qweight": q.pack_awq(values), "qzeros": q.pack_awq(zeros), "scales": scales}
