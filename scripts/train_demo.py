@@ -126,6 +126,7 @@ def build_model(arch: dict, seed: int):
 
 COLOR_IDS = {color: i + 1 for i, color in enumerate(COLORS)}  # 0: background
 SHAPE_IDS = {kind: i + 1 for i, kind in enumerate(SHAPES)}
+SHAPE_READOUT = [len(COLOR_IDS) + 1, len(SHAPE_IDS) + 1, 4]  # colour logits, shape logits, box
 IMAGE_TOKEN_ID = 151655
 AUX_WEIGHT = 0.5
 # The first head of the first decoder layer above the middle is taught where to look
@@ -180,9 +181,9 @@ class AuxHeads(torch.nn.Module):
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.vision = torch.nn.Linear(hidden_size, len(COLOR_IDS) + 1 + len(SHAPE_IDS) + 1 + 4)
+        self.vision = torch.nn.Linear(hidden_size, sum(SHAPE_READOUT))
         self.decoder = torch.nn.Linear(hidden_size, 6)
-        self.looked_at = torch.nn.Linear(hidden_size, len(COLOR_IDS) + 1 + len(SHAPE_IDS) + 1 + 4)
+        self.looked_at = torch.nn.Linear(hidden_size, sum(SHAPE_READOUT))
         self.digit = torch.nn.Linear(hidden_size, 1)
 
     def answer_loss(self, after_looking: torch.Tensor, looked_at_shape: torch.Tensor,
@@ -195,7 +196,7 @@ class AuxHeads(torch.nn.Module):
         loss = torch.zeros(())
         one_shape = looked_at_shape[:, 0] >= 0
         if one_shape.any():
-            colors, kinds, box = self.looked_at(after_looking[one_shape]).split([len(COLOR_IDS) + 1, len(SHAPE_IDS) + 1, 4], -1)
+            colors, kinds, box = self.looked_at(after_looking[one_shape]).split(SHAPE_READOUT, -1)
             shapes = looked_at_shape[one_shape]
             loss = (F.cross_entropy(colors, shapes[:, 0].long()) + F.cross_entropy(kinds, shapes[:, 1].long())
                     + F.smooth_l1_loss(box, shapes[:, 2:] / POSITION_UNIT))
@@ -204,7 +205,7 @@ class AuxHeads(torch.nn.Module):
         return loss
 
     def loss(self, vision_tokens: torch.Tensor, decoder_tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        colors, kinds, edges = self.vision(vision_tokens).split([len(COLOR_IDS) + 1, len(SHAPE_IDS) + 1, 4], -1)
+        colors, kinds, edges = self.vision(vision_tokens).split(SHAPE_READOUT, -1)
         loss = F.cross_entropy(colors, targets[:, 0].long()) + F.cross_entropy(kinds, targets[:, 1].long())
         centres, box = self.decoder(decoder_tokens).split([2, 4], -1)
         loss = loss + F.smooth_l1_loss(centres, targets[:, 6:8] / POSITION_UNIT)
@@ -215,14 +216,20 @@ class AuxHeads(torch.nn.Module):
         return loss
 
 
-def attention_targets(processor: Processor, sample, ids: list[int], answer_start: int,
+def answer_words(processor: Processor, ids: list[int], answer_start: int) -> list[tuple[int, str]]:
+    """(position, text) of each answer token, stripped of spaces."""
+    return [(position, processor.tokenizer.decode([ids[position]]).strip()) for position in range(answer_start, len(ids))]
+
+
+def attention_targets(sample, ids: list[int], words: list[tuple[int, str]], answer_start: int,
                       targets: list[torch.Tensor]) -> list[tuple[int, list[int], torch.Tensor]]:
     """(row, image token positions, what is there) triples: the answer rows that must look at
     shapes, where those shapes' tokens are, and the shape's colour id, shape id and normalized
     box (`token_targets` columns 0, 1, 8-11 of one of its tokens; -1 where the row looks at two
     shapes). A box's digits look at the shape the question names; a description's colour and
     shape words at the shape they name (left to right); a comparison's yes/no at the shapes of
-    both images. `targets` are the `token_targets` of the sample's images."""
+    both images. `words` are the answer's `answer_words`, `targets` the `token_targets` of the
+    sample's images."""
     if sample.task not in ("ground", "describe", "compare"):
         return []
     image_positions = [i for i, token in enumerate(ids) if token == IMAGE_TOKEN_ID]
@@ -234,8 +241,7 @@ def attention_targets(processor: Processor, sample, ids: list[int], answer_start
         target = next(i for i, shape in enumerate(sample.shapes) if f"the {shape.name}<" in sample.answer)
     order = [sample.shapes.index(shape) for shape in left_to_right(sample.shapes)]
     triples, named = [], -1
-    for position in range(answer_start, len(ids)):
-        word = processor.tokenizer.decode([ids[position]]).strip()
+    for position, word in words:
         if sample.task == "describe":
             named += word in COLORS
             if word not in COLORS and word not in SHAPES:
@@ -249,13 +255,13 @@ def attention_targets(processor: Processor, sample, ids: list[int], answer_start
     return triples
 
 
-def digit_targets(processor: Processor, sample, ids: list[int], answer_start: int) -> list[tuple[int, float]]:
+def digit_targets(sample, words: list[tuple[int, str]]) -> list[tuple[int, float]]:
     """(row, value) for each row of a box answer that predicts a digit: the number being written
     in units of that digit's place (465: 4.65 before the 4, 6.5 before the 6, 5 before the 5),
     whose floor is the digit. The box numbers are written one token per digit."""
     if sample.task != "ground":
         return []
-    digits = [position for position in range(answer_start, len(ids)) if processor.tokenizer.decode([ids[position]]).isdigit()]
+    digits = [position for position, word in words if word.isdigit()]
     values = [number / 10 ** place % 10 for number in sample.box for place in reversed(range(len(str(number))))]
     assert len(values) == len(digits), (sample.answer, len(digits))
     return [(position - 1, value) for position, value in zip(digits, values)]
@@ -274,11 +280,12 @@ def encode(processor: Processor, sample) -> dict:
     forced = teacher_forced(processor, sample)
     images = [item for item in forced.prompt.vision_items if item.kind == "image"]
     targets = [token_targets(item, shapes) for item, shapes in zip(images, image_shapes(sample))]
-    looks = attention_targets(processor, sample, forced.ids, forced.answer_start, targets)
+    words = answer_words(processor, forced.ids, forced.answer_start)
     return {"ids": forced.ids, "positions": forced.positions,
             "answer_start": forced.answer_start, "items": forced.prompt.vision_items,
-            "token_targets": targets, "attention_targets": looks,
-            "digit_targets": digit_targets(processor, sample, forced.ids, forced.answer_start)}
+            "token_targets": targets,
+            "attention_targets": attention_targets(sample, forced.ids, words, forced.answer_start, targets),
+            "digit_targets": digit_targets(sample, words)}
 
 
 @dataclass
@@ -350,7 +357,17 @@ def has_video(example: dict) -> bool:
     return any(item.kind == "video" for item in example["items"])
 
 
-class AttentionInputs:
+class Hooked:
+    """A forward hook (`self.handle`) removed when the `with` block ends."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+class AttentionInputs(Hooked):
     """Captures what one decoder layer's attention is given (hidden states, rotary cos/sin)."""
 
     def __init__(self, attention: torch.nn.Module):
@@ -359,12 +376,6 @@ class AttentionInputs:
 
     def _keep(self, module, args, kwargs):
         self.hidden, self.cos_sin = kwargs["hidden_states"], kwargs["position_embeddings"]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def attention_loss(attention: torch.nn.Module, inputs: AttentionInputs, rows: torch.Tensor,
@@ -388,7 +399,7 @@ def attention_loss(attention: torch.nn.Module, inputs: AttentionInputs, rows: to
     return -log_probs.masked_fill(~looked_at, float("-inf")).logsumexp(-1).mean()
 
 
-class ImageTokens:
+class ImageTokens(Hooked):
     """Captures the vision tower's image outputs during a forward (images and videos are
     encoded in separate calls; the image call is the one given `image_grid_thw`)."""
 
@@ -399,12 +410,6 @@ class ImageTokens:
     def _keep(self, module, args, kwargs, output):
         if self.grid is not None and torch.equal(kwargs["grid_thw"], self.grid):
             self.outputs = getattr(output, "pooler_output", output)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def answer_loss(model, batch: Batch, candidates: torch.Tensor | None = None,

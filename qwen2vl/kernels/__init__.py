@@ -2,8 +2,8 @@
 
 Layers call the functions here, never a kernel module directly. On CUDA with fp16/bf16
 activations (`triton_runs`), residual-add + RMSNorm, rotary q/k and SwiGLU run as single Triton
-launches, and a batch of
-decode steps runs the KV write and paged decode attention in Triton. Two packed 4-bit backends:
+launches, and a batch of decode steps runs the KV write and paged decode attention in Triton.
+Two packed 4-bit backends:
 `"cpu"` (torch's int4 CPU kernel, `int4_cpu`) and `"triton"` (the W4A16 Triton kernel over the
 AWQ layout, `triton_awq`: on CUDA, or on the CPU under `TRITON_INTERPRET=1` when asked for by
 name, which is how CI runs it). Where no backend runs a layer (a shape, dtype or format the

@@ -10,6 +10,7 @@ import torch
 
 from qwen2vl import kernels
 
+
 def inverse_frequencies(rotary_dim: int, theta: float, device) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim))
 
