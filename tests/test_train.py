@@ -31,9 +31,9 @@ def trained(train_demo, tmp_path_factory):
     processor = train_demo.demo_processor(out)
     samples = make_samples(1, seed=5)
     step = train_demo.micro_batches([train_demo.encode(processor, s) for s in samples])
-    model = train_demo.build_model(train_demo.MICRO_ARCH, seed=0)
-    vocab = train_demo.task_vocabulary(processor, seed=1, n=5)
-    losses = train_demo.train(model, [step] * 8, steps=8, seed=0, lr=2e-2, task_vocab=vocab, log=None)
+    vocab = train_demo.task_vocabulary(processor, seed=1)
+    model = train_demo.build_model(train_demo.MICRO_ARCH, seed=0, task_vocab=vocab)
+    losses = train_demo.train(model, [step] * 8, steps=8, seed=0, lr=2e-2, log=None)
     train_demo.save_checkpoint(model, train_demo.MICRO_ARCH, out)
     return model, out, losses, samples, processor
 
@@ -44,13 +44,31 @@ def test_a_few_steps_reduce_the_loss(trained):
     assert losses[-1] < losses[0] - 1.0, losses
 
 
-def test_sampled_softmax_equals_the_full_one_over_all_candidates(train_demo, trained):
+def test_task_softmax_equals_the_full_one_over_the_saved_table(train_demo, trained):
     model, _, _, samples, processor = trained
     batch = train_demo.collate([train_demo.encode(processor, s) for s in samples[:3]])
     with torch.no_grad():
-        full, _ = train_demo.answer_loss(model, batch)
-        every, _ = train_demo.answer_loss(model, batch, torch.arange(train_demo.VOCAB_SIZE))
-    assert full.item() == pytest.approx(every.item(), rel=1e-5)
+        loss, _ = train_demo.answer_loss(model, batch)
+        hidden = model.model(**batch.inputs, use_cache=False).last_hidden_state.flatten(0, 1)[batch.rows]
+        table = model.get_input_embeddings().full_table()
+        full = (torch.nn.functional.cross_entropy(hidden @ table.T, batch.targets, reduction="none") * batch.weights).sum()
+        assert torch.equal(model.get_input_embeddings()(batch.inputs["input_ids"]), table[batch.inputs["input_ids"]])
+    assert (table.abs().sum(-1) > 0).sum() == len(model.get_input_embeddings().task_vocab)
+    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_an_answer_token_outside_the_task_vocabulary_is_named(train_demo, trained):
+    model, *_ = trained
+    with pytest.raises(ValueError, match="151643"):
+        model.get_input_embeddings().label(torch.tensor([151643]))
+
+
+def test_the_patch_projection_is_the_convolution(train_demo, trained):
+    model, *_ = trained
+    weight = model.model.visual.patch_embed.proj.weight
+    patches = torch.randn(5, weight[0].numel())
+    convolved = torch.nn.functional.conv3d(patches.view(5, *weight.shape[1:]), weight).flatten(1)
+    torch.testing.assert_close(model.model.visual.patch_embed.proj(patches), convolved)
 
 
 def test_answer_rows_predict_the_answer_tokens(train_demo, trained):
@@ -80,7 +98,7 @@ def test_saved_checkpoint_runs_in_our_engine_like_transformers(train_demo, train
     from transformers import Qwen2VLForConditionalGeneration
 
     saved = Qwen2VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
-    assert torch.equal(saved.model.language_model.embed_tokens.weight, model.get_input_embeddings().weight.bfloat16().float())
+    assert torch.equal(saved.model.language_model.embed_tokens.weight, model.get_input_embeddings().full_table().bfloat16().float())
     model = saved
     for sample, answer in zip(samples, answers):
         example = train_demo.encode(processor, sample)
