@@ -40,6 +40,8 @@ from qwen2vl.tools.random_checkpoint import write_support_files  # noqa: E402
 
 VOCAB_SIZE = 151936
 # Small images keep both training and the demo fast: at most 8 x 8 visual tokens per image.
+# (At the task's own resolution, up to 12 x 12, a step costs 1.4x and the same 30 minutes
+# trained a worse model: docs/benchmarks.md.)
 DEMO_MIN_PIXELS, DEMO_MAX_PIXELS = 56 * 56, 224 * 224
 # How often each prompt type is drawn: the one-word tasks are learnt within ~1000 steps, boxes
 # and left-to-right descriptions need every sample they can get.
@@ -177,6 +179,8 @@ class PatchProjection(torch.nn.Module):
 COLOR_IDS = {color: i + 1 for i, color in enumerate(COLORS)}  # 0: background
 SHAPE_IDS = {kind: i + 1 for i, kind in enumerate(SHAPES)}
 SHAPE_READOUT = [len(COLOR_IDS) + 1, len(SHAPE_IDS) + 1, 4]  # colour logits, shape logits, box
+PLACES = 5  # background, then a shape's place left to right (1 to 4)
+TARGET_COLUMNS = 14  # of `token_targets`
 IMAGE_TOKEN_ID = 151655
 AUX_WEIGHT = 0.5
 # The first head of the first decoder layer above the middle is taught where to look
@@ -186,18 +190,20 @@ POSITION_UNIT = 0.1  # normalized positions are regressed in tenths of the image
 
 
 def token_targets(item, shapes: list[Shape], merge_size: int = 2) -> torch.Tensor:
-    """What each visual token of an image covers, for the auxiliary losses: `[tokens, 13]` rows
+    """What each visual token of an image covers, for the auxiliary losses: `[tokens, 14]` rows
     of (colour id, shape id, the covering shape's box x1, y1, x2, y2 relative to the token's cell
     in cells, the token's centre x, y, the box x1, y1, x2, y2 normalized to the image's width
-    and height, and the covering shape's index in `shapes`); the shape with the largest overlap
-    wins, ids 0 and index -1 where the cell is background.
+    and height, the covering shape's index in `shapes`, and its place left to right from 1); the
+    shape with the largest overlap wins, ids 0, index -1 and place 0 where the cell is background.
 
     Read off the vision tower's outputs, the ids and cell-relative edges teach it to see shapes
     in a few hundred steps (through the answer tokens alone, whose attention spreads over ~60
     mostly white tokens, it takes thousands). Read off the decoder's hidden states (halfway up)
     at the image tokens, the normalized positions teach the decoder where each token sits in the
     image, which boxes and left-to-right order need and which M-RoPE only gives relative to
-    other tokens.
+    other tokens. The place is read off both: the vision tower sees the whole image at once (the
+    decoder's image tokens only see those before them), and with it a description's k-th shape
+    is the one whose tokens say "place k" (named twice or skipped otherwise).
     """
     _, grid_h, grid_w = item.grid_thw
     (width, height), (resized_w, resized_h) = item.original_size, item.resized_size
@@ -207,7 +213,8 @@ def token_targets(item, shapes: list[Shape], merge_size: int = 2) -> torch.Tenso
     best = torch.zeros(top.shape[0], left.shape[1])
     centres = torch.stack(torch.broadcast_tensors((left + cell / 2) / resized_w, (top + cell / 2) / resized_h), -1)
     targets = torch.cat([torch.zeros(*best.shape, 6), centres, torch.zeros(*best.shape, 4),
-                         torch.full((*best.shape, 1), -1.0)], -1)
+                         torch.full((*best.shape, 1), -1.0), torch.zeros(*best.shape, 1)], -1)
+    places = {shapes.index(shape): place for place, shape in enumerate(left_to_right(shapes), 1)}
     for index, shape in enumerate(shapes):
         x1, y1, x2, y2 = shape.box
         x1, x2 = x1 * resized_w / width, x2 * resized_w / width
@@ -219,20 +226,22 @@ def token_targets(item, shapes: list[Shape], merge_size: int = 2) -> torch.Tenso
         edges = torch.stack(torch.broadcast_tensors((x1 - left) / cell, (y1 - top) / cell, (x2 - left) / cell, (y2 - top) / cell), -1)
         ids = torch.tensor([COLOR_IDS[shape.color], SHAPE_IDS[shape.kind]], dtype=torch.float32).expand(*best.shape, 2)
         box = torch.tensor([x1 / resized_w, y1 / resized_h, x2 / resized_w, y2 / resized_h]).expand(*best.shape, 4)
-        row = torch.cat([ids, edges, centres, box, torch.full((*best.shape, 1), float(index))], -1)
+        tags = torch.tensor([float(index), float(places[index])]).expand(*best.shape, 2)
+        row = torch.cat([ids, edges, centres, box, tags], -1)
         targets[wins] = row[wins]
     return targets.flatten(0, 1)
 
 
 class AuxHeads(torch.nn.Module):
     """Linear read-outs for the auxiliary losses, thrown away after training: colour and shape
-    logits and cell-relative box edges from the vision tower's outputs; normalized centre and
-    box from the decoder's hidden states halfway up, at the image tokens."""
+    logits, cell-relative box edges and place logits from the vision tower's outputs;
+    normalized centre, box and place logits from the decoder's hidden states halfway up, at the
+    image tokens."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.vision = torch.nn.Linear(hidden_size, sum(SHAPE_READOUT))
-        self.decoder = torch.nn.Linear(hidden_size, 6)
+        self.vision = torch.nn.Linear(hidden_size, sum(SHAPE_READOUT) + PLACES)
+        self.decoder = torch.nn.Linear(hidden_size, 6 + PLACES)
         self.looked_at = torch.nn.Linear(hidden_size, sum(SHAPE_READOUT))
         self.digit = torch.nn.Linear(hidden_size, 1)
 
@@ -255,10 +264,11 @@ class AuxHeads(torch.nn.Module):
         return loss
 
     def loss(self, vision_tokens: torch.Tensor, decoder_tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        colors, kinds, edges = self.vision(vision_tokens).split(SHAPE_READOUT, -1)
+        colors, kinds, edges, places = self.vision(vision_tokens).split(SHAPE_READOUT + [PLACES], -1)
         loss = F.cross_entropy(colors, targets[:, 0].long()) + F.cross_entropy(kinds, targets[:, 1].long())
-        centres, box = self.decoder(decoder_tokens).split([2, 4], -1)
+        centres, box, decoder_places = self.decoder(decoder_tokens).split([2, 4, PLACES], -1)
         loss = loss + F.smooth_l1_loss(centres, targets[:, 6:8] / POSITION_UNIT)
+        loss = loss + F.cross_entropy(places, targets[:, 13].long()) + F.cross_entropy(decoder_places, targets[:, 13].long())
         on_shape = targets[:, 0] > 0
         if on_shape.any():
             loss = loss + F.smooth_l1_loss(edges[on_shape], targets[on_shape, 2:6])
@@ -341,7 +351,7 @@ def encode(processor: Processor, sample) -> dict:
 @dataclass
 class Batch:
     """transformers inputs (right padded), the rows that predict answer tokens, those tokens and
-    their weights, and the auxiliary targets of every image token (`[0, 13]` without images)."""
+    their weights, and the auxiliary targets of every image token (`[0, 14]` without images)."""
 
     inputs: dict
     rows: torch.Tensor
@@ -381,7 +391,7 @@ def collate(examples: list[dict], batch_size: int | None = None) -> Batch:
         if items:
             inputs[pixels_key] = torch.cat([item.pixel_values for item in items])
             inputs[grid_key] = torch.tensor([item.grid_thw for item in items])
-    token_targets = torch.cat([torch.zeros(0, 13)] + [t for e in examples for t in e["token_targets"]])
+    token_targets = torch.cat([torch.zeros(0, TARGET_COLUMNS)] + [t for e in examples for t in e["token_targets"]])
     share = len(examples) / (batch_size or len(examples))
     looks = [(b * length + row, keys, shape) for b, e in enumerate(examples) for row, keys, shape in e["attention_targets"]]
     looked_at = torch.zeros(len(looks), length, dtype=torch.bool)
@@ -598,7 +608,7 @@ def demo_processor(support_dir: str | Path) -> Processor:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="models/qwen2-vl-shapes-demo")
-    parser.add_argument("--steps", type=int, default=3800)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--seed", type=int, default=0)
