@@ -137,10 +137,11 @@ def run_accuracy(model_dir: str, reference_path: str, variant: str) -> dict:
     float32 path (variant "reference" computes and saves that)."""
     from qwen2vl.loader import load_model
 
-    dtype, int4_kernel = {
-        "reference": (torch.float32, False), "auto": (None, None),  # what dtype="auto" passes: the loader's choice
-        "int4-fp32": (torch.float32, True), "dequantized-bf16": (torch.bfloat16, False)}[variant]
-    logits = teacher_forced_logits(load_model(model_dir, dtype=dtype, int4_kernel=int4_kernel))
+    dtype, int4_kernel, int8_vocab = {
+        "reference": (torch.float32, False, False), "auto": (None, None, True),  # dtype="auto": the loader's choice
+        "auto-bf16-table": (None, None, False), "int4-fp32": (torch.float32, True, False),
+        "dequantized-bf16": (torch.bfloat16, False, False)}[variant]
+    logits = teacher_forced_logits(load_model(model_dir, dtype=dtype, int4_kernel=int4_kernel, int8_vocab=int8_vocab))
     if variant == "reference":
         torch.save(logits, reference_path)
         return {}
@@ -221,7 +222,8 @@ def table(rows: list[tuple[str, dict]], baseline: float) -> str:
 
 
 def accuracy_table(results: dict[str, dict]) -> str:
-    names = {"auto": "int4 kernel, bf16 everywhere (`dtype=\"auto\"`)",
+    names = {"auto": "int4 kernel, int8 vocabulary table, bf16 elsewhere (`dtype=\"auto\"`)",
+             "auto-bf16-table": "int4 kernel, bf16 everywhere (`int8_vocab=False`)",
              "int4-fp32": "int4 kernel (bf16 in/out), float32 elsewhere",
              "dequantized-bf16": "dequantized weights, bf16 everywhere (no int4)"}
     lines = ["| AWQ path | relative logits error | worst position | argmax agreement |", "|---|---|---|---|"]
@@ -286,7 +288,7 @@ def main(argv=None) -> None:
         reference = str(cache_dir / "awq-reference-logits.pt")
         spawn("accuracy", "--model-dir", str(awq), "--dtype", "reference", "--reference", reference)
         accuracy = {v: spawn("accuracy", "--model-dir", str(awq), "--dtype", v, "--reference", reference)
-                    for v in ("auto", "int4-fp32", "dequantized-bf16")}
+                    for v in ("auto", "auto-bf16-table", "int4-fp32", "dequantized-bf16")}
         body += ["", "Logits of the AWQ checkpoint over 64 teacher-forced positions, against the dequantized "
                  "float32 path (relative error = norm of the difference / norm of the reference):", "",
                  accuracy_table(accuracy)]

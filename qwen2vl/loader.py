@@ -10,6 +10,7 @@ the config before any tensor is read.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -19,19 +20,19 @@ import torch
 
 from qwen2vl.config import QuantConfig, Qwen2VLConfig
 from qwen2vl.errors import CheckpointError
+from qwen2vl.kernels import int8_cpu
 from qwen2vl.layers.linear import AWQLinear, GPTQLinear, Int4Linear, Linear, QuantizedLinear
+from qwen2vl.layers.vocab import Int8VocabTable
 from qwen2vl.model.qwen2_vl import Qwen2VLForConditionalGeneration
 
 # Our fused projections and the checkpoint projections they are made of, in order.
 _FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # Our tensor/module names -> checkpoint names (original layout), first match wins.
 _RENAMES = (
-    ("language_model.embed_tokens", "model.embed_tokens.weight"),
     ("language_model.", "model."),
     ("visual.patch_embed", "visual.patch_embed.proj"),
     ("visual.merger.fc1", "visual.merger.mlp.0"),
     ("visual.merger.fc2", "visual.merger.mlp.2"),
-    ("lm_head", "lm_head.weight"),
 )
 # Current transformers layout -> original layout.
 _LAYOUTS = (("model.language_model.", "model."), ("model.visual.", "visual."))
@@ -39,7 +40,7 @@ _IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
 
 
 def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
-               int4_kernel: bool | str | None = None) -> Qwen2VLForConditionalGeneration:
+               int4_kernel: bool | str | None = None, int8_vocab: bool = True) -> Qwen2VLForConditionalGeneration:
     """Load `model_dir` (config.json + safetensors) onto `device`.
 
     `dtype` None picks bfloat16, except on the CPU for checkpoints without 4-bit linears, where
@@ -51,6 +52,8 @@ def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
     None uses the device's kernel where it runs (see `qwen2vl.kernels`) when the decoder computes
     in bfloat16 (on the CPU the kernel's own dtype; on CUDA Triton's); float32 keeps the exact
     dequantized path. True forces the device's kernel, a backend name ("cpu", "triton") that one.
+    Where the CPU runs the int4 kernel in bfloat16, the vocabulary table is kept as int8 rows
+    (`int8_vocabulary`) unless `int8_vocab` is False.
     """
     model_dir = Path(model_dir)
     device = torch.device(device)
@@ -60,9 +63,31 @@ def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
         model = Qwen2VLForConditionalGeneration(config)
         if config.quant is not None:
             swap_quantized_linears(model, config.quant)
+    int4_kernel = text_dtype == torch.bfloat16 if int4_kernel is None else int4_kernel
+    if int8_vocab and int8_vocabulary(config, device, text_dtype, int4_kernel):
+        swap_vocab_tables_int8(model, text_dtype, device)
     _fill(model, model_dir, text_dtype, vision_dtype, device)
-    finish_quantized_linears(model, text_dtype, text_dtype == torch.bfloat16 if int4_kernel is None else int4_kernel)
+    finish_quantized_linears(model, text_dtype, int4_kernel)
     return model.eval()
+
+
+def int8_vocabulary(config: Qwen2VLConfig, device: torch.device, text_dtype: torch.dtype,
+                    int4_kernel: bool | str) -> bool:
+    """Whether the vocabulary table(s) are kept as int8 rows: where the CPU runs a 4-bit
+    checkpoint on its int4 kernel in bfloat16. Half of such a decode step was the 151936-row
+    bfloat16 head, which int8 computes ~2.6x faster (docs/benchmarks.md)."""
+    four_bit = config.quant is not None and config.quant.bits == 4
+    return (device.type == "cpu" and four_bit and text_dtype == torch.bfloat16 and int4_kernel in (True, "cpu")
+            and int8_cpu.available())
+
+
+def swap_vocab_tables_int8(model: Qwen2VLForConditionalGeneration, dtype: torch.dtype, device: torch.device) -> None:
+    """Empty `Int8VocabTable`s in place of the vocabulary table(s); `_fill` quantizes the rows
+    as it reads them. A tied head stays one table, shared by the embedding and the logits."""
+    text = model.config.text
+    model.language_model.embed_tokens = Int8VocabTable(text.vocab_size, text.hidden_size, dtype, device)
+    if not text.tie_word_embeddings:
+        model.lm_head = Int8VocabTable(text.vocab_size, text.hidden_size, dtype, device)
 
 
 def _fill(model: Qwen2VLForConditionalGeneration, model_dir: Path, text_dtype: torch.dtype,
@@ -168,7 +193,25 @@ class _Slot:
         return tensor
 
 
-def _plan(model: torch.nn.Module) -> dict[str, _Slot]:
+@dataclass
+class _Int8RowsSlot:
+    """Where a vocabulary table goes when it is kept in int8: read and quantized a block of rows
+    at a time, so that no whole-table copy in a float dtype is ever made."""
+
+    table: Int8VocabTable
+    shape: tuple[int, ...]
+    is_text: bool = True
+    block_rows = 8192
+
+    def fill(self, shard: "_Shard", f, key: str, float_dtype: torch.dtype, device: torch.device) -> None:
+        if not shard.dtype(key).is_floating_point:
+            raise CheckpointError(f"tensor {key}: expected a float table, found {shard.dtype(key)}")
+        for start in range(0, self.shape[0], self.block_rows):
+            rows = shard.read(f, key, torch.float32, start, min(self.block_rows, self.shape[0] - start))
+            self.table.fill_rows(start, rows.to(device))
+
+
+def _plan(model: torch.nn.Module) -> dict[str, _Slot | _Int8RowsSlot]:
     """Checkpoint name (original layout) -> slot, for every tensor the model needs."""
     plan = {}
     linear_tensors = set()
@@ -191,6 +234,9 @@ def _plan(model: torch.nn.Module) -> dict[str, _Slot]:
             module_name, _, attr = name.rpartition(".")
             plan[checkpoint_name(name)] = _Slot(model.get_submodule(module_name), attr, tuple(tensor.shape),
                                           is_text=not name.startswith("visual."))
+    for name, module in model.named_modules():
+        if isinstance(module, Int8VocabTable):
+            plan[checkpoint_name(f"{name}.weight")] = _Int8RowsSlot(module, tuple(module.values.shape))
     patch = plan["visual.patch_embed.proj.weight"]
     vision = model.config.vision
     patch.shape = (vision.embed_dim, vision.in_channels, vision.temporal_patch_size,
@@ -254,13 +300,18 @@ class _Shard:
             raise CheckpointError(f"tensor {key}: dtype {name} is not supported")
         return _SAFETENSORS_DTYPES[name]
 
-    def read(self, f, key: str, dtype: torch.dtype) -> torch.Tensor:
-        """The tensor, converted to `dtype` chunk by chunk (no full-size copy in the stored dtype)."""
+    def read(self, f, key: str, dtype: torch.dtype, first_row: int = 0, num_rows: int | None = None) -> torch.Tensor:
+        """The tensor (or `num_rows` of its rows from `first_row`), converted to `dtype` chunk by
+        chunk (no full-size copy in the stored dtype)."""
         stored = self.dtype(key)
         begin, end = self.entries[key]["data_offsets"]
-        out = torch.empty(self.shape(key), dtype=dtype)
+        shape = self.shape(key)
+        if math.prod(shape) * stored.itemsize != end - begin:
+            raise CheckpointError(f"tensor {key}: {self.path.name} header gives {end - begin} bytes for shape {list(shape)}")
+        row_bytes = math.prod(shape[1:]) * stored.itemsize
+        out = torch.empty((shape[0] if num_rows is None else num_rows, *shape[1:]), dtype=dtype)
         flat = out.view(-1)
-        f.seek(self.data_start + begin)
+        f.seek(self.data_start + begin + first_row * row_bytes)
         step = max(1, _READ_CHUNK_BYTES // stored.itemsize)
         for start in range(0, flat.numel(), step):
             part = flat[start: start + step]
@@ -269,9 +320,6 @@ class _Shard:
                 raise CheckpointError(f"tensor {key}: {self.path.name} is truncated")
             if stored != dtype:
                 part.copy_(raw.view(stored))
-        if flat.numel() * stored.itemsize != end - begin:
-            raise CheckpointError(f"tensor {key}: {self.path.name} header gives {end - begin} bytes "
-                                  f"for shape {list(self.shape(key))}")
         return out
 
 

@@ -8,8 +8,9 @@ import torch
 from checkpoints import reference_config
 from qwen2vl.api import Qwen2VL
 from qwen2vl.engine import LLMEngine
-from qwen2vl.kernels import int4_cpu
+from qwen2vl.kernels import int4_cpu, int8_cpu
 from qwen2vl.layers.linear import Int4Linear, QuantizedLinear
+from qwen2vl.layers.vocab import Int8VocabTable, VocabTable
 from qwen2vl.loader import load_model
 from qwen2vl.processor import Processor
 from qwen2vl.sampling_params import SamplingParams
@@ -91,3 +92,34 @@ def test_float32_keeps_the_exact_dequantized_path(quant_ckpt):
 
 def test_dense_checkpoint_stays_float32_on_cpu(tiny_ckpt):
     assert Qwen2VL.from_pretrained(tiny_ckpt, device="cpu", dtype="auto").engine.model.dtype == torch.float32
+
+
+@pytest.mark.skipif(not int8_cpu.available(), reason="this torch has no CPU int8 kernel")
+def test_int4_path_reads_the_vocabulary_as_int8_rows(quant_ckpt):
+    model = load_model(quant_ckpt, dtype=torch.bfloat16)
+    exact = load_model(quant_ckpt, dtype=torch.float32, int4_kernel=False)
+    table, head = model.language_model.embed_tokens, model.head
+    assert isinstance(table, Int8VocabTable) and isinstance(head, Int8VocabTable) and head is not table  # untied
+    assert table.values.dtype == torch.int8 and model.dtype == torch.bfloat16
+    assert type(exact.head) is VocabTable and type(exact.language_model.embed_tokens) is VocabTable
+    assert type(load_model(quant_ckpt, dtype=torch.bfloat16, int8_vocab=False).head) is VocabTable
+    ids = torch.tensor([0, 17, 151643, 151655])
+    rows = exact.language_model.embed_tokens.weight[ids]
+    step = rows.abs().amax(1, keepdim=True) / 127  # one int8 step of each row
+    # half a step of rounding, plus the bfloat16 scale's and result's roundings
+    assert ((table.embed(ids).float() - rows).abs() <= step + rows.abs() * 2**-7).all()
+    x = torch.randn(3, rows.shape[1], generator=torch.Generator().manual_seed(0))
+    reference = x @ exact.head.weight.T
+    logits = head.logits(x.bfloat16())
+    assert logits.dtype == torch.float32 and logits.shape == reference.shape
+    assert ((logits - reference).norm() / reference.norm()).item() < 1e-2
+
+
+@pytest.mark.skipif(not int8_cpu.available(), reason="this torch has no CPU int8 kernel")
+def test_int8_matmul_matches_reference():
+    generator = torch.Generator().manual_seed(3)
+    values, scales = int8_cpu.quantize_rows(torch.randn(300, 96, generator=generator), torch.bfloat16)
+    x = torch.randn(5, 96, generator=generator).bfloat16()
+    out = int8_cpu.int8_matmul(x, values, scales)
+    expected = int8_cpu.int8_matmul_reference(x, values, scales)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=2**-7 * expected.float().abs().max().item())

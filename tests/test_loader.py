@@ -45,7 +45,7 @@ def test_loads_what_transformers_saved(tiny_ckpt):
     ref_mlp = ref.model.language_model.layers[0].mlp
     assert torch.equal(layer.mlp.gate_up_proj.weight, torch.cat([ref_mlp.gate_proj.weight, ref_mlp.up_proj.weight]))
     assert torch.equal(ours.visual.patch_embed.weight, ref.model.visual.patch_embed.proj.weight.flatten(1))
-    assert torch.equal(ours.lm_head_weight, ref.lm_head.weight)
+    assert torch.equal(ours.head.weight, ref.lm_head.weight)
     assert ours.dtype == torch.float32
 
 
@@ -61,7 +61,7 @@ def test_new_key_layout_loads_the_same(tiny_ckpt, tmp_path):
 
 def test_tied_embeddings(tiny_ckpt_factory):
     model = load_model(tiny_ckpt_factory("b"))
-    assert model.lm_head_weight is model.language_model.embed_tokens
+    assert model.head is model.language_model.embed_tokens
 
 
 def test_sharded_checkpoint_with_index_loads_like_a_single_file(tmp_path):
@@ -80,7 +80,7 @@ def test_dtypes(tmp_path):
     assert fp32.dtype == torch.float32
     bf16 = load_model(ckpt, dtype=torch.bfloat16)
     assert bf16.dtype == torch.bfloat16 and bf16.visual.patch_embed.weight.dtype == torch.bfloat16
-    assert torch.equal(bf16.language_model.embed_tokens.float(), fp32.language_model.embed_tokens)
+    assert torch.equal(bf16.language_model.embed_tokens.weight.float(), fp32.language_model.embed_tokens.weight)
     # float16 requested: the vision tower takes it, the text decoder computes in bfloat16.
     fp16 = load_model(ckpt, dtype=torch.float16)
     assert fp16.visual.patch_embed.weight.dtype == torch.float16 and fp16.dtype == torch.bfloat16

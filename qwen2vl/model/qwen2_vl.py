@@ -6,6 +6,7 @@ from torch import nn
 
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.layers.attention_metadata import AttentionMetadata
+from qwen2vl.layers.vocab import VocabTable
 from qwen2vl.model.text import TextDecoder
 from qwen2vl.model.vision import VisionTransformer
 
@@ -17,13 +18,12 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         self.visual = VisionTransformer(config.vision)
         self.language_model = TextDecoder(config.text)
         if not config.text.tie_word_embeddings:
-            self.lm_head = nn.Parameter(torch.empty(config.text.vocab_size, config.text.hidden_size),
-                                        requires_grad=False)
+            self.lm_head = VocabTable(config.text.vocab_size, config.text.hidden_size)
 
     @property
-    def lm_head_weight(self) -> torch.Tensor:
-        tied = self.config.text.tie_word_embeddings
-        return self.language_model.embed_tokens if tied else self.lm_head
+    def head(self) -> nn.Module:
+        """The vocabulary table the logits come from (the embeddings' own when tied)."""
+        return self.language_model.embed_tokens if self.config.text.tie_word_embeddings else self.lm_head
 
     @property
     def dtype(self) -> torch.dtype:
@@ -32,7 +32,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.embed_tokens.device
+        return self.language_model.norm.weight.device
 
     def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Images and videos packed in one call -> `[P / merge^2, text hidden]`, rows in input order."""
@@ -49,4 +49,4 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         x = self.language_model(x, positions, attn, kv_caches)
         if logits_indices is not None:
             x = x[logits_indices]
-        return (x @ self.lm_head_weight.T).float()
+        return self.head.logits(x)

@@ -11,6 +11,7 @@ from qwen2vl.layers.attention_metadata import AttentionMetadata
 from qwen2vl.layers.linear import Linear
 from qwen2vl.layers.norm import RMSNorm
 from qwen2vl.layers.rotary import MRotaryEmbedding, apply_rotary_qk
+from qwen2vl.layers.vocab import VocabTable
 
 
 class DecoderAttention(nn.Module):
@@ -60,13 +61,13 @@ class DecoderLayer(nn.Module):
 class TextDecoder(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
-        self.embed_tokens = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
+        self.embed_tokens = VocabTable(config.vocab_size, config.hidden_size)
         self.rotary = MRotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens[input_ids]
+        return self.embed_tokens.embed(input_ids)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
