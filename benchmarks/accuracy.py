@@ -135,9 +135,11 @@ def markdown(results: dict, model: Path, n: int, seed: int, group_size: int, sec
     correct = {c: sum(round(n * results[c][task]) for task in TASKS) for c in COLUMNS}
     lines.append("")
     for bf16 in BF16_COLUMNS:
-        worst = max(TASKS, key=lambda t: abs(results["AWQ 4-bit (ours)"][t] - results[bf16][t]))
-        worst_gap = 100 * abs(results["AWQ 4-bit (ours)"][worst] - results[bf16][worst])
-        lines.append(f"- AWQ within 2 points of {bf16} on every prompt type: **{'yes' if worst_gap <= 2 else 'no'}** "
+        # in answers, not float fractions: 10 of 500 is 2 points, not 2.0000000000000018
+        gaps = {t: abs(round(n * results["AWQ 4-bit (ours)"][t]) - round(n * results[bf16][t])) for t in TASKS}
+        worst = max(TASKS, key=gaps.get)
+        worst_gap = 100 * gaps[worst] / n
+        lines.append(f"- AWQ within 2 points of {bf16} on every prompt type: **{'yes' if gaps[worst] * 100 <= 2 * n else 'no'}** "
                      f"(largest gap {worst_gap:.1f} points, {worst}).")
     lines += [
               f"- AWQ no worse than RTN on average: **{'yes' if correct['AWQ 4-bit (ours)'] >= correct['RTN 4-bit'] else 'no'}** "
