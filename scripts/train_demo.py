@@ -499,8 +499,8 @@ def answer_loss(model, batch: Batch, aux_heads: AuxHeads | None = None) -> tuple
 
 
 def task_vocabulary(processor: Processor, seed: int, n: int = 200) -> torch.Tensor:
-    """Every token of the prompts and answers of `n` samples per task (the tokens that must
-    compete in every softmax, e.g. all digits and colour names)."""
+    """Every token of the prompts and answers of `n` samples per task: the rows `TaskEmbedding`
+    trains (82 tokens; 2000 samples per task find no other)."""
     ids = set()
     for sample in make_samples(n, seed, TASKS):
         ids.update(processor.tokenizer.encode(processor.template.render(sample.messages, True, False)))
