@@ -125,6 +125,11 @@ class Qwen2VLConfig:
     eos_token_id: int
     torch_dtype: torch.dtype  # the checkpoint's storage dtype
 
+    @property
+    def four_bit(self) -> bool:
+        """Whether the decoder's linears are stored in 4 bits (AWQ / GPTQ)."""
+        return self.quant is not None and self.quant.bits == 4
+
     @classmethod
     def from_pretrained(cls, model_dir) -> "Qwen2VLConfig":
         path = Path(model_dir) / "config.json"

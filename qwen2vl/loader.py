@@ -76,9 +76,8 @@ def int8_vocabulary(config: Qwen2VLConfig, device: torch.device, text_dtype: tor
     """Whether the vocabulary table(s) are kept as int8 rows: where the CPU runs a 4-bit
     checkpoint on its int4 kernel in bfloat16. Half of such a decode step was the 151936-row
     bfloat16 head, which int8 computes ~2.6x faster (docs/benchmarks.md)."""
-    four_bit = config.quant is not None and config.quant.bits == 4
-    return (device.type == "cpu" and four_bit and text_dtype == torch.bfloat16 and int4_kernel in (True, "cpu")
-            and int8_cpu.available())
+    return (device.type == "cpu" and config.four_bit and text_dtype == torch.bfloat16
+            and int4_kernel in (True, "cpu") and int8_cpu.available())
 
 
 def swap_vocab_tables_int8(model: Qwen2VLForConditionalGeneration, dtype: torch.dtype, device: torch.device) -> None:
@@ -128,8 +127,7 @@ def default_dtype(config: Qwen2VLConfig, device: torch.device) -> torch.dtype:
     the 2B AWQ model in bfloat16 with 4-bit linears peaks near 3.2 GiB, against ~9 GiB dequantized
     to float32 (measurements and the accuracy of each path: docs/benchmarks.md).
     """
-    four_bit = config.quant is not None and config.quant.bits == 4
-    return torch.float32 if device.type == "cpu" and not four_bit else torch.bfloat16
+    return torch.float32 if device.type == "cpu" and not config.four_bit else torch.bfloat16
 
 
 def compute_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
