@@ -245,20 +245,26 @@ class AuxHeads(torch.nn.Module):
         self.looked_at = torch.nn.Linear(hidden_size, sum(SHAPE_READOUT))
         self.digit = torch.nn.Linear(hidden_size, 1)
 
-    def answer_loss(self, after_looking: torch.Tensor, looked_at_shape: torch.Tensor,
+    def answer_loss(self, before_looking: torch.Tensor, after_looking: torch.Tensor, looked_at_shape: torch.Tensor,
                     before_last: torch.Tensor, digit_values: torch.Tensor) -> torch.Tensor:
         """At the answer rows that look at one shape: its colour, kind and box, read off the
-        output of the layer taught to look; at the rows that write a box digit: the value of the
+        output of the layer taught to look; at a description's rows: the place they name, read
+        off that layer's input by the read-out that gives the image tokens' places there (so the
+        query and its keys say "place k" alike); at the rows that write a box digit: the value of the
         number at that digit's place (see `digit_targets`), read off the last layer's input.
         The answer's own loss alone never taught the decoder to carry what it looked at on to
         the words and digits."""
         loss = torch.zeros(())
+        naming = looked_at_shape[:, 6] >= 0
+        if naming.any():
+            places = self.decoder(before_looking[naming])[:, -PLACES:]
+            loss = loss + F.cross_entropy(places, looked_at_shape[naming, 6].long())
         one_shape = looked_at_shape[:, 0] >= 0
         if one_shape.any():
             colors, kinds, box = self.looked_at(after_looking[one_shape]).split(SHAPE_READOUT, -1)
             shapes = looked_at_shape[one_shape]
-            loss = (F.cross_entropy(colors, shapes[:, 0].long()) + F.cross_entropy(kinds, shapes[:, 1].long())
-                    + F.smooth_l1_loss(box, shapes[:, 2:] / POSITION_UNIT))
+            loss = loss + (F.cross_entropy(colors, shapes[:, 0].long()) + F.cross_entropy(kinds, shapes[:, 1].long())
+                           + F.smooth_l1_loss(box, shapes[:, 2:6] / POSITION_UNIT))
         if len(before_last):
             loss = loss + F.smooth_l1_loss(self.digit(before_last).squeeze(-1), digit_values)
         return loss
@@ -286,16 +292,17 @@ def attention_targets(sample, ids: list[int], words: list[tuple[int, str]], answ
     """(row, image token positions, what is there) triples: the answer rows that must look at
     shapes, where those shapes' tokens are, and the shape's colour id, shape id and normalized
     box (`token_targets` columns 0, 1, 8-11 of one of its tokens; -1 where the row looks at two
-    shapes). A box's digits look at the shape the question names; a description's colour and
-    shape words at the shape they name (left to right); a comparison's yes/no at the shapes of
-    both images. `words` are the answer's `answer_words`, `targets` the `token_targets` of the
-    sample's images."""
+    shapes), then the place the row names (-1 but in descriptions). A box's digits look at the
+    shape the question names; a description's colour and shape words at the shape they name
+    (left to right; the row must know which place that is, the image tokens know theirs); a
+    comparison's yes/no at the shapes of both images. `words` are the answer's `answer_words`,
+    `targets` the `token_targets` of the sample's images."""
     if sample.task not in ("ground", "describe", "compare"):
         return []
     image_positions = [i for i, token in enumerate(ids) if token == IMAGE_TOKEN_ID]
     if sample.task == "compare":
         owners = torch.cat([t[:, 12] for t in targets])
-        return [(answer_start - 1, [image_positions[t] for t in (owners >= 0).nonzero().flatten().tolist()], torch.full((6,), -1.0))]
+        return [(answer_start - 1, [image_positions[t] for t in (owners >= 0).nonzero().flatten().tolist()], torch.full((7,), -1.0))]
     targets = targets[0]
     if sample.task == "ground":
         target = next(i for i, shape in enumerate(sample.shapes) if f"the {shape.name}<" in sample.answer)
@@ -311,7 +318,9 @@ def attention_targets(sample, ids: list[int], words: list[tuple[int, str]], answ
             continue
         tokens = (targets[:, 12] == target).nonzero().flatten().tolist()
         if tokens:
-            triples.append((position - 1, [image_positions[t] for t in tokens], targets[tokens[0], [0, 1, 8, 9, 10, 11]]))
+            place = torch.tensor([named + 1.0 if sample.task == "describe" else -1.0])
+            shape = torch.cat([targets[tokens[0], [0, 1, 8, 9, 10, 11]], place])
+            triples.append((position - 1, [image_positions[t] for t in tokens], shape))
     return triples
 
 
@@ -361,7 +370,7 @@ class Batch:
     share: float  # this batch's fraction of its step's samples
     looking_rows: torch.Tensor  # flat rows whose attention is supervised (`attention_targets`)
     looked_at: torch.Tensor  # `[rows, length]` bool: the image tokens each of them should look at
-    looked_at_shape: torch.Tensor  # `[rows, 6]`: colour id, shape id, normalized box of that shape
+    looked_at_shape: torch.Tensor  # `[rows, 7]`: colour id, shape id, normalized box of that shape, place named
     digit_rows: torch.Tensor  # flat rows that predict a box digit (`digit_targets`)
     digit_values: torch.Tensor  # `[rows]`: the value of the number being written at the digit's place
 
@@ -401,7 +410,7 @@ def collate(examples: list[dict], batch_size: int | None = None) -> Batch:
     return Batch(inputs, torch.tensor(rows), torch.tensor(targets),
                  torch.tensor(weights) * share / len(examples), token_targets, share,
                  torch.tensor([row for row, _, _ in looks], dtype=torch.long), looked_at,
-                 torch.stack([shape for _, _, shape in looks]) if looks else torch.zeros(0, 6),
+                 torch.stack([shape for _, _, shape in looks]) if looks else torch.zeros(0, 7),
                  torch.tensor([row for row, _ in digits], dtype=torch.long),
                  torch.tensor([value for _, value in digits], dtype=torch.float32))
 
@@ -492,9 +501,11 @@ def answer_loss(model, batch: Batch, aux_heads: AuxHeads | None = None) -> tuple
         aux = batch.share * aux_heads.loss(image_tokens.outputs, decoder_tokens, batch.token_targets)
         if len(batch.looking_rows):
             aux = aux + batch.share * ATTENTION_WEIGHT * attention_loss(attention, attention_inputs, batch.looking_rows, batch.looked_at)
+            before_looking = middle[batch.looking_rows]
             after_looking = outputs.hidden_states[looking + 1].flatten(0, 1)[batch.looking_rows]
             before_last = outputs.hidden_states[-2].flatten(0, 1)[batch.digit_rows]
-            aux = aux + batch.share * aux_heads.answer_loss(after_looking, batch.looked_at_shape, before_last, batch.digit_values)
+            aux = aux + batch.share * aux_heads.answer_loss(before_looking, after_looking, batch.looked_at_shape,
+                                                            before_last, batch.digit_values)
     return (losses * batch.weights).sum(), aux
 
 

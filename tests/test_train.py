@@ -173,9 +173,11 @@ def test_box_digits_look_at_the_named_shape_and_know_their_place(train_demo):
     row, keys, shape = looks[0]
     assert all(ids[k] == train_demo.IMAGE_TOKEN_ID for k in keys) and row >= example["answer_start"] - 1
     assert shape[:2].tolist() == [train_demo.COLOR_IDS[target.color], train_demo.SHAPE_IDS[target.kind]]
-    assert shape[2:].tolist() == pytest.approx([v / 1000 for v in sample.box], abs=0.01)
+    assert shape[2:6].tolist() == pytest.approx([v / 1000 for v in sample.box], abs=0.01)
+    assert shape[6] == -1  # a box's digits name no place: they find the shape by its name
     # a description's colour and shape words look at the shapes they name, left to right
     described = next(s for s in iter(lambda: make_sample("describe", rng), None) if len(s.shapes) == 3)
     looks = train_demo.encode(processor, described)["attention_targets"]
     colors = [train_demo.COLOR_IDS[s.color] for s in sorted(described.shapes, key=lambda s: (s.x, s.y))]
     assert [int(shape[0]) for _, _, shape in looks] == [c for c in colors for _ in range(2)]
+    assert [int(shape[6]) for _, _, shape in looks] == [1, 1, 2, 2, 3, 3]  # and know which place they name
