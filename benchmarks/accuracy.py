@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qwen2vl import Qwen2VL  # noqa: E402
 from qwen2vl.engine import LLMEngine  # noqa: E402
-from qwen2vl.evals.runner import evaluate, teacher_forced  # noqa: E402
+from qwen2vl.evals.runner import box_gap, evaluate, teacher_forced  # noqa: E402
 from qwen2vl.evals.shapes import TASKS, make_samples  # noqa: E402
 from qwen2vl.layers.linear import Int4Linear  # noqa: E402
 from qwen2vl.loader import load_model  # noqa: E402
@@ -38,13 +39,13 @@ BF16_COLUMNS = {"BF16": "auto", "BF16 (bf16 compute)": "bfloat16"}
 COLUMNS = (*BF16_COLUMNS, "AWQ 4-bit (ours)", "RTN 4-bit")
 
 
-def load(path: Path, int4_kernel: bool | None = None, dtype: str = "auto") -> Qwen2VL:
-    """Our engine on the CPU in `dtype`; a 4-bit checkpoint in bfloat16, its linears on the int4
-    kernel (`int4_kernel` True) or dequantized once (False)."""
+def load(path: Path, dtype: str = "auto", int4_kernel: bool | None = None) -> Qwen2VL:
+    """Our engine on the CPU in `dtype` as a user gets it; with `int4_kernel` True or False, a
+    4-bit checkpoint's linears on the int4 kernel or dequantized once, all else equal."""
     if int4_kernel is None:
         return Qwen2VL.from_pretrained(path, device="cpu", dtype=dtype)
     processor = Processor.from_pretrained(path)
-    network = load_model(path, device="cpu", dtype=torch.bfloat16, int4_kernel=int4_kernel)
+    network = load_model(path, device="cpu", dtype=getattr(torch, dtype), int4_kernel=int4_kernel)
     generation_config = json.loads((path / "generation_config.json").read_text())
     return Qwen2VL(LLMEngine(network, processor, generation_config=generation_config), processor, path)
 
@@ -87,10 +88,10 @@ def logits_error(awq_dir: Path, samples) -> dict:
             "argmax_agree": (auto.argmax(-1) == reference.argmax(-1)).float().mean().item()}
 
 
-def run(model: Path, n: int, seed: int, group_size: int, work_dir: Path) -> tuple[dict, dict, tuple[int, int, int], dict]:
-    """Accuracy per column and task, seconds spent per column, (greedy AWQ answers the int4
-    kernel and the dequantized path agree on, of how many, linears on the kernel), and the AWQ
-    checkpoint's `logits_error`."""
+def run(model: Path, n: int, seed: int, group_size: int, work_dir: Path) -> tuple[dict, dict, tuple[list, int], dict]:
+    """Accuracy per column and task, seconds spent per column, (the `box_gap` between the greedy
+    AWQ answers of the int4 kernel and of the dequantized path, both with float32 activations
+    elsewhere, per sample; linears on the kernel), and the AWQ checkpoint's `logits_error`."""
     dirs = dict.fromkeys(BF16_COLUMNS, model)
     for column, method in (("AWQ 4-bit (ours)", "awq"), ("RTN 4-bit", "rtn")):
         out = work_dir / f"{model.name}-{method}-g{group_size}"
@@ -100,18 +101,18 @@ def run(model: Path, n: int, seed: int, group_size: int, work_dir: Path) -> tupl
     results, seconds, raw = {}, {}, {}
     for column, path in dirs.items():
         start = time.perf_counter()
-        llm = load(path, None, BF16_COLUMNS[column]) if column in BF16_COLUMNS else load(path, int4_kernel=True)
-        results[column], raw[column] = answers(llm, samples, column)
+        results[column], raw[column] = answers(load(path, BF16_COLUMNS.get(column, "auto")), samples, column)
         seconds[column] = time.perf_counter() - start
-    kernel_linears = sum(isinstance(m, Int4Linear) for m in llm.engine.model.modules())
-    _, dequantized = answers(load(dirs["AWQ 4-bit (ours)"], int4_kernel=False), samples, "AWQ, dequantized")
-    same = sum(a == b for a, b in zip(raw["AWQ 4-bit (ours)"], dequantized))
+    paths = {kernel: load(dirs["AWQ 4-bit (ours)"], "float32", int4_kernel=kernel) for kernel in (True, False)}
+    kernel_linears = sum(isinstance(m, Int4Linear) for m in paths[True].engine.model.modules())
+    on_kernel, dequantized = (answers(llm, samples, f"AWQ, float32, int4 kernel {kernel}")[1] for kernel, llm in paths.items())
+    gaps = [box_gap(a, b) for a, b in zip(on_kernel, dequantized)]
     logits = logits_error(dirs["AWQ 4-bit (ours)"], samples)
-    return results, seconds, (same, len(samples), kernel_linears), logits
+    return results, seconds, (gaps, kernel_linears), logits
 
 
 def markdown(results: dict, model: Path, n: int, seed: int, group_size: int, seconds: dict,
-             paths_agree: tuple[int, int, int], logits: dict) -> str:
+             kernel_vs_dequantized: tuple[list, int], logits: dict) -> str:
     pct = lambda value: f"{100 * value:.1f}"  # noqa: E731
     lines = [BEGIN, "## Accuracy: BF16 vs AWQ vs RTN on the demo model", "",
              f"The model card's first table (BF16 / GPTQ / AWQ), reproduced on the bundled demo model "
@@ -133,6 +134,8 @@ def markdown(results: dict, model: Path, n: int, seed: int, group_size: int, sec
         lines.append(f"| {bold(task)} | " + " | ".join(bold(value) for value in row) + " | "
                      + " | ".join(f"{delta:+.1f}" for delta in deltas) + " |")
     correct = {c: sum(round(n * results[c][task]) for task in TASKS) for c in COLUMNS}
+    path_gaps, kernel_linears = kernel_vs_dequantized
+    box_digits = [gap for gap in path_gaps if 0 < gap < math.inf]
     lines.append("")
     for bf16 in BF16_COLUMNS:
         # in answers, not float fractions: 10 of 500 is 2 points, not 2.0000000000000018
@@ -144,8 +147,11 @@ def markdown(results: dict, model: Path, n: int, seed: int, group_size: int, sec
     lines += [
               f"- AWQ no worse than RTN on average: **{'yes' if correct['AWQ 4-bit (ours)'] >= correct['RTN 4-bit'] else 'no'}** "
               f"({correct['AWQ 4-bit (ours)']} vs {correct['RTN 4-bit']} of {n * len(TASKS)} answers right).",
-              f"- AWQ greedy answers, int4 CPU kernel vs weights dequantized once (both bfloat16): "
-              f"{paths_agree[0]}/{paths_agree[1]} identical ({paths_agree[2]} decoder linears on the kernel).",
+              f"- AWQ greedy answers, int4 CPU kernel vs weights dequantized once, float32 activations "
+              f"elsewhere in both (the kernel itself reads bfloat16; {kernel_linears} decoder linears on it): "
+              f"{path_gaps.count(0)}/{len(path_gaps)} identical, {len(box_digits)} differ in box coordinates alone "
+              f"(by at most {max(box_digits, default=0):.0f} of 1000, {sum(g < 10 for g in box_digits)} of them "
+              f"by less than 10), {path_gaps.count(math.inf)} otherwise.",
               f"- AWQ teacher-forced logits at {logits['positions']} answer positions, `dtype=\"auto\"` (bfloat16 "
               f"activations, int4 CPU kernel) vs the dequantized float32 path: relative error "
               f"{logits['relative']:.4f}, argmax agreement {100 * logits['argmax_agree']:.1f}%.",
@@ -182,8 +188,8 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="put the section into docs/benchmarks.md")
     args = parser.parse_args()
     model = Path(args.model).resolve()
-    results, seconds, paths_agree, logits = run(model, args.n, args.seed, args.group_size, Path(args.work_dir))
-    section = markdown(results, model, args.n, args.seed, args.group_size, seconds, paths_agree, logits)
+    results, seconds, kernel_vs_dequantized, logits = run(model, args.n, args.seed, args.group_size, Path(args.work_dir))
+    section = markdown(results, model, args.n, args.seed, args.group_size, seconds, kernel_vs_dequantized, logits)
     print(section)
     if args.write:
         write_section(section, ROOT / "docs" / "benchmarks.md")

@@ -1,5 +1,6 @@
 """`qwen2vl quantize`: AWQ and round-to-nearest checkpoints in the AutoAWQ GEMM format."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,12 +8,18 @@ from safetensors.torch import load_file
 
 from qwen2vl import Qwen2VL
 from qwen2vl.cli import main
+from qwen2vl.engine import LLMEngine
 from qwen2vl.evals.shapes import make_samples
+from qwen2vl.evals.runner import box_gap
+from qwen2vl.kernels import int4_cpu
+from qwen2vl.layers.linear import Int4Linear
 from qwen2vl.loader import load_model
+from qwen2vl.processor import Processor
 from qwen2vl.quantize import default_calibration, quantize
 from qwen2vl.quantize.awq import fake_quantize, search_scales
 
 GROUP = 32
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "qwen2-vl-shapes-demo"
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +94,26 @@ def test_awq_keeps_logits_closer_than_rtn(source, quantized):
         errors[name] = sum(diffs) / len(diffs)
     assert errors["awq"] < 0.75 * errors["rtn"], errors
     assert errors["awq"] < 0.3
+
+
+@pytest.mark.skipif(not int4_cpu.available(), reason="this torch has no CPU int4 kernel")
+def test_quantized_demo_model_answers_alike_on_the_int4_kernel_and_dequantized(tmp_path):
+    """The demo model quantized by our AWQ, through the CPU int4 kernel and through weights
+    dequantized once, float32 activations elsewhere in both: the same greedy answers, but for
+    box coordinates, by a few units. The kernel reads activations and scales in bfloat16, and
+    the model writes a box's last digits from nearly flat distributions (its boxes are good to
+    about 25 units of 1000), where such a rounding can pick a neighbouring digit."""
+    awq = quantize(DEMO_MODEL, tmp_path / "awq", "awq", 64, default_calibration(n_per_task=1), log=lambda line: None)
+    processor = Processor.from_pretrained(awq)
+    conversations = [sample.messages for sample in make_samples(3, seed=31)]
+    answers = {}
+    for kernel in (True, False):
+        network = load_model(awq, dtype=torch.float32, int4_kernel=kernel)
+        assert sum(isinstance(m, Int4Linear) for m in network.modules()) == (24 if kernel else 0)
+        llm = Qwen2VL(LLMEngine(network, processor, max_model_len=512), processor, awq)
+        answers[kernel] = [answer.raw_text for answer in llm.chat(conversations, temperature=0.0, max_tokens=48)]
+    assert len(set(answers[False])) > len(conversations) // 2  # answers that differ, boxes among them
+    assert [box_gap(*pair) < 50 for pair in zip(answers[True], answers[False])] == [True] * len(conversations)
 
 
 def test_scale_search_protects_outlier_channels():

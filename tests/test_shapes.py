@@ -1,10 +1,12 @@
 """The synthetic shapes task: deterministic, and its answers right on hand-checked cases."""
 import json
+import math
 import random
 
 import pytest
 
 from qwen2vl.cli import main
+from qwen2vl.evals.runner import box_gap
 from qwen2vl.evals.shapes import (
     COLORS,
     MAX_BOX,
@@ -159,3 +161,12 @@ def test_cli_eval_reports_every_prompt_type(tiny_ckpt, tmp_path, capsys):
     assert table.splitlines()[0].split() == ["task", "accuracy", "correct"]
     assert [line.split()[0] for line in table.splitlines()[1:]] == ["count", "compare", "mean"]
     assert {task: c["total"] for task, c in json.loads(counts.read_text()).items()} == {"count": 1, "compare": 1}
+
+
+def test_box_gap_tells_apart_box_digits_from_other_differences():
+    box = "<|object_ref_start|>the red circle<|object_ref_end|><|box_start|>(515,400),(990,900)<|box_end|>"
+    assert box_gap(box, box) == 0
+    assert box_gap(box, box.replace("990", "995")) == 5
+    assert box_gap(box, box.replace("400", "100")) == 300
+    assert box_gap(box, box.replace("red", "blue")) == math.inf
+    assert box_gap("3", "4") == math.inf
