@@ -191,10 +191,22 @@ def test_preemption_with_a_small_pool_keeps_outputs(model, processor, prompts, s
     start = engine.num_free_blocks
     outputs = run(engine, [prompts[n] for n in names])
     assert engine.num_preemptions > 0
-    # one encoder call per request with vision, for all its items, never again after preemption
-    assert encoded == [len(prompts[n].vision_items) for n in names if prompts[n].vision_items]
+    # each request's items encoded once (requests admitted together share a call), never again
+    # after preemption
+    assert sum(encoded) == sum(len(prompts[n].vision_items) for n in names)
+    assert len(encoded) <= sum(1 for n in names if prompts[n].vision_items)
     assert [o.token_ids for o in outputs] == [singles[n].token_ids for n in names]
     assert engine.num_free_blocks == start
+
+
+def test_requests_admitted_together_share_one_vision_encoder_call(model, processor, prompts, singles, monkeypatch):
+    encoded = []
+    encode = model.encode_vision
+    monkeypatch.setattr(model, "encode_vision", lambda pixels, grid: encoded.append(len(grid)) or encode(pixels, grid))
+    names = [n for n in CONVERSATIONS if prompts[n].vision_items]
+    outputs = run(make_engine(model, processor), [prompts[n] for n in names])
+    assert encoded == [sum(len(prompts[n].vision_items) for n in names)]
+    assert [o.token_ids for o in outputs] == [singles[n].token_ids for n in names]
 
 
 def test_requests_added_while_others_decode(model, processor, prompts, singles):
@@ -330,8 +342,11 @@ def test_deltas_split_multibyte_characters_and_hold_back_stop_strings(processor,
     assert output.finish_reason == ("stop" if stop else None)
 
 
-def test_bad_requests_fail_alone(model, processor, prompts, singles):
+def test_bad_requests_fail_alone(model, processor, prompts, singles, monkeypatch):
     engine = make_engine(model, processor, max_model_len=200)
+    encoded = []
+    encode = engine.runner.encode_vision
+    monkeypatch.setattr(engine.runner, "encode_vision", lambda seqs: encoded.append(len(seqs)) or encode(seqs))
     start = engine.num_free_blocks
     too_long = PreparedPrompt(list(prompts["text"].input_ids) * 20, prompts["text"].positions.repeat(1, 20), 0)
     with pytest.raises(InputError, match=f"{len(too_long)} tokens.*max_model_len is 200"):
@@ -344,6 +359,7 @@ def test_bad_requests_fail_alone(model, processor, prompts, singles):
     broken = PreparedPrompt(image.input_ids, image.positions, image.rope_delta, [broken_item])
     outputs = run(engine, [prompts["text"], broken, prompts["image"]])
     assert outputs[1].finish_reason == "error" and "vision encoding failed" in outputs[1].error
+    assert encoded == [2, 1, 1]  # admitted together; when their batch fails, each alone
     assert outputs[0].token_ids == singles["text"].token_ids
     assert outputs[2].token_ids == singles["image"].token_ids
     assert engine.num_free_blocks == start

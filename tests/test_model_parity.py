@@ -5,11 +5,15 @@ are built by transformers' processor; M-RoPE positions come from the reference `
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from checkpoints import prefill_batch
+from qwen2vl.layers.attention import Segments, packed_attention
 from qwen2vl.loader import load_model
 
 IMAGE_TOKEN, VIDEO_TOKEN = 151655, 151656
@@ -152,3 +156,15 @@ def test_encode_vision_packs_items_in_input_order(pair):
     assert packed.shape == (int(grids.prod(-1).sum()) // merge**2, ours_model.config.text.hidden_size)
     torch.testing.assert_close(packed, torch.cat(split), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split[0], torch.cat(ref_embeds.pooler_output), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_attention_batches_segments_of_one_length():
+    generator = torch.Generator().manual_seed(0)
+    lengths = [6, 4, 6, 9, 4, 6]
+    query, key, value = (torch.randn(sum(lengths), 2, 8, generator=generator) for _ in range(3))
+    segments = Segments(lengths)
+    assert sorted((count, length) for _, count, length in segments.groups) == [(1, 9), (2, 4), (3, 6)]
+    expected = torch.cat([
+        F.scaled_dot_product_attention(*(t[start:start + n].transpose(0, 1) for t in (query, key, value))).transpose(0, 1)
+        for start, n in zip(itertools.accumulate(lengths, initial=0), lengths)])
+    torch.testing.assert_close(packed_attention(query, key, value, segments), expected)

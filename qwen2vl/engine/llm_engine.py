@@ -145,7 +145,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; outputs of the requests that got tokens or finished."""
         chunks = self.scheduler.schedule()
-        failed = [chunk.seq for chunk in chunks if chunk.seq.needs_vision_encoding and not self._encode_vision(chunk.seq)]
+        failed = self._encode_vision([chunk.seq for chunk in chunks if chunk.seq.needs_vision_encoding])
         chunks = [chunk for chunk in chunks if not chunk.seq.is_finished]
         sampling = [chunk.seq for chunk in chunks if chunk.samples]
         sampled = self.runner.execute(chunks) if chunks else []
@@ -167,13 +167,20 @@ class LLMEngine:
         seq.finish("abort")
         return self._output(seq)
 
-    def _encode_vision(self, seq: Sequence) -> bool:
+    def _encode_vision(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Encode the images and videos of `seqs` in one encoder call (the scheduler admits at
+        most `max_vision_tokens_per_step` of them a step); if it fails, one sequence at a time,
+        so that a broken input fails its own request only. Returns those that failed."""
+        if not seqs:
+            return []
         try:
-            self.runner.encode_vision(seq)
-        except Exception as e:  # a broken input must fail its own request only
-            seq.finish("error", f"vision encoding failed: {type(e).__name__}: {e}")
-            return False
-        return True
+            self.runner.encode_vision(seqs)
+            return []
+        except Exception as e:
+            if len(seqs) > 1:
+                return [seq for one in seqs for seq in self._encode_vision([one])]
+            seqs[0].finish("error", f"vision encoding failed: {type(e).__name__}: {e}")
+            return seqs
 
     def _output(self, seq: Sequence) -> RequestOutput:
         output = seq.take_output()

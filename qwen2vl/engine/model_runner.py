@@ -41,18 +41,22 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def encode_vision(self, seq: Sequence) -> None:
-        """Run the vision encoder once over all images and videos of `seq`, in prompt order."""
-        items = seq.prompt.vision_items
+    def encode_vision(self, seqs: list[Sequence]) -> None:
+        """Run the vision encoder once over all images and videos of `seqs`, in prompt order
+        (so same-sized images of different requests share their attention calls), and give
+        each sequence its rows."""
+        items = [item for seq in seqs for item in seq.prompt.vision_items]
         pixel_values = torch.cat([item.pixel_values for item in items]).to(self.device)
         grid_thw = torch.tensor([item.grid_thw for item in items], dtype=torch.long, device=self.device)
         embeds = self.model.encode_vision(pixel_values, grid_thw)
-        if embeds.shape[0] != seq.num_vision_tokens:
+        expected = [seq.num_vision_tokens for seq in seqs]
+        if embeds.shape[0] != sum(expected):
             raise ValueError(
                 f"the vision encoder returned {embeds.shape[0]} embeddings for "
-                f"{seq.num_vision_tokens} image/video pad tokens in the prompt"
+                f"{sum(expected)} image/video pad tokens in the prompt(s)"
             )
-        seq.vision_embeds = embeds
+        for seq, rows in zip(seqs, embeds.split(expected)):
+            seq.vision_embeds = rows
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> list[SampledToken]:

@@ -1,9 +1,12 @@
 """Attention: paged causal attention for the decoder, packed bidirectional attention for vision.
 
-These are the torch reference paths (a per-sequence loop over SDPA); they run on any device. On
-CUDA a pure-decode batch goes to the Triton paged decode attention instead (`qwen2vl.kernels`).
+These are the torch reference paths (SDPA per sequence; for vision, per length of segment); they
+run on any device. On CUDA a pure-decode batch goes to the Triton paged decode attention instead
+(`qwen2vl.kernels`).
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -59,14 +62,23 @@ class PagedAttention:
         return out.transpose(0, 1)
 
 
-def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     cu_seqlens: list[int]) -> torch.Tensor:
-    """Bidirectional attention within each segment `cu_seqlens[i]:cu_seqlens[i+1]`.
+class Segments:
+    """Where the segments of a packed sequence lie (each attends only within itself), grouped by
+    length: `groups` holds `(positions [count * length], count, length)` per distinct length, so
+    that same-sized images, and the frames of a video, are one batched attention call."""
 
-    query/key/value `[P, heads, D]` -> `[P, heads, D]`.
-    """
+    def __init__(self, lengths: list[int], device: torch.device | str = "cpu"):
+        starts_by_length: dict[int, list[int]] = {}
+        for start, length in zip(itertools.accumulate(lengths, initial=0), lengths):
+            starts_by_length.setdefault(length, []).append(start)
+        self.groups = [((torch.tensor(starts)[:, None] + torch.arange(length)).flatten().to(device), len(starts), length)
+                       for length, starts in starts_by_length.items()]
+
+
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """Bidirectional attention within each of `segments`: query/key/value `[P, heads, D]` -> `[P, heads, D]`."""
     out = torch.empty_like(query)
-    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
-        out[start:end] = F.scaled_dot_product_attention(q, k, v).transpose(0, 1)
+    for positions, count, length in segments.groups:
+        q, k, v = (t[positions].unflatten(0, (count, length)).transpose(1, 2) for t in (query, key, value))
+        out[positions] = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(0, 1)
     return out

@@ -6,7 +6,7 @@ from torch import nn
 
 from qwen2vl.config import VisionConfig
 from qwen2vl.layers.activation import ACTIVATIONS, gelu
-from qwen2vl.layers.attention import packed_attention
+from qwen2vl.layers.attention import Segments, packed_attention
 from qwen2vl.layers.linear import Linear
 from qwen2vl.layers.norm import LayerNorm
 from qwen2vl.layers.rotary import VisionRotaryEmbedding, apply_rotary
@@ -24,13 +24,9 @@ def patch_rows_cols(grid_thw: list[tuple[int, int, int]], merge_size: int) -> to
     return torch.cat(coords)
 
 
-def frame_boundaries(grid_thw: list[tuple[int, int, int]]) -> list[int]:
-    """cu_seqlens: patches attend only within their own frame."""
-    bounds = [0]
-    for t, h, w in grid_thw:
-        for _ in range(t):
-            bounds.append(bounds[-1] + h * w)
-    return bounds
+def frame_lengths(grid_thw: list[tuple[int, int, int]]) -> list[int]:
+    """Patches per frame, frame by frame: patches attend only within their own frame."""
+    return [h * w for t, h, w in grid_thw for _ in range(t)]
 
 
 class VisionAttention(nn.Module):
@@ -40,11 +36,11 @@ class VisionAttention(nn.Module):
         self.qkv = Linear(embed_dim, 3 * embed_dim, bias=True)
         self.proj = Linear(embed_dim, embed_dim, bias=True)
 
-    def forward(self, x, cos, sin, cu_seqlens):
+    def forward(self, x, cos, sin, frames: Segments):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(1)
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        return self.proj(packed_attention(q, k, v, cu_seqlens).flatten(1))
+        return self.proj(packed_attention(q, k, v, frames).flatten(1))
 
 
 class VisionMLP(nn.Module):
@@ -66,8 +62,8 @@ class VisionBlock(nn.Module):
         self.norm2 = LayerNorm(config.embed_dim)
         self.mlp = VisionMLP(config.embed_dim, config.mlp_hidden_size, config.hidden_act)
 
-    def forward(self, x, cos, sin, cu_seqlens):
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
+    def forward(self, x, cos, sin, frames: Segments):
+        x = x + self.attn(self.norm1(x), cos, sin, frames)
         return x + self.mlp(self.norm2(x))
 
 
@@ -99,9 +95,9 @@ class VisionTransformer(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values `[P, patch_dim]`, grid_thw `[n, 3]` -> `[P / merge_size^2, hidden_size]`."""
         grids = [tuple(g) for g in grid_thw.tolist()]
-        cu_seqlens = frame_boundaries(grids)
+        frames = Segments(frame_lengths(grids), pixel_values.device)
         cos, sin = self.rotary.cos_sin(patch_rows_cols(grids, self.merge_size).to(pixel_values.device))
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
         for block in self.blocks:
-            x = block(x, cos, sin, cu_seqlens)
+            x = block(x, cos, sin, frames)
         return self.merger(x)
