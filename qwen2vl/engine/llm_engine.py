@@ -33,7 +33,9 @@ class LLMEngine:
     sequences of `max_model_len` (at most 1 GiB). `max_model_len` (prompt plus output) defaults
     to the model's `max_position_embeddings`, capped by the pool. `generation_config` is the
     checkpoint's generation_config.json: defaults for unset sampling fields, and its
-    `eos_token_id`s (else the model config's) end generation.
+    `eos_token_id`s (else the model config's) end generation. `cuda_graphs`: replay decode steps
+    from CUDA graphs (default: on CUDA with float16/bfloat16 weights, where the Triton decode
+    kernels run; see `engine.cuda_graphs`).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class LLMEngine:
         max_num_batched_tokens: int = 2048,
         max_vision_tokens_per_step: int | None = None,
         generation_config: dict | None = None,
+        cuda_graphs: bool | None = None,
     ):
         self.model = model
         self.processor = processor
@@ -79,7 +82,8 @@ class LLMEngine:
             max_num_batched_tokens=max_num_batched_tokens,
             max_vision_tokens_per_step=max_vision_tokens_per_step or max_num_batched_tokens,
         )
-        self.runner = ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size)
+        self.runner = ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                                  max_model_len=max_model_len, cuda_graphs=cuda_graphs)
 
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen2vl import kernels
+from qwen2vl.engine.cuda_graphs import DecodeGraphs
 from qwen2vl.engine.scheduler import ScheduledChunk
 from qwen2vl.engine.sequence import Sequence
 from qwen2vl.layers.attention_metadata import AttentionMetadata
@@ -24,9 +26,15 @@ def kv_cache_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, 
 
 class ModelRunner:
     """Owns the KV caches (one `[2, num_blocks, block_size, kv_heads, head_dim]` tensor per
-    decoder layer) and the sampler; builds each step's batch from the scheduled chunks."""
+    decoder layer), the decode CUDA graphs and the sampler; builds each step's batch from the
+    scheduled chunks.
 
-    def __init__(self, model, *, num_blocks: int, block_size: int):
+    `cuda_graphs` (default: on CUDA where the Triton decode path runs) replays decode batches of
+    up to `max_num_seqs` sequences of up to `max_model_len` tokens from CUDA graphs; True on the
+    CPU runs the same padded static batches eagerly (tests, with the Triton paths forced on)."""
+
+    def __init__(self, model, *, num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int,
+                 cuda_graphs: bool | None = None):
         text = model.config.text
         self.model = model
         self.device = model.device
@@ -39,6 +47,14 @@ class ModelRunner:
             for _ in range(text.num_layers)
         ]
         self.sampler = Sampler()
+        graphs_run = kernels.cuda_graphs_run(self.device, model.dtype, text.head_dim)
+        if cuda_graphs and self.device.type == "cuda" and not graphs_run:
+            raise ValueError(f"CUDA graphs need float16/bfloat16 weights, Triton and a power-of-2 head size "
+                             f"(found {model.dtype}, head size {text.head_dim}); pass cuda_graphs=False")
+        cuda_graphs = graphs_run if cuda_graphs is None else cuda_graphs
+        self.graphs = DecodeGraphs(model, self.kv_caches, max_batch=max_num_seqs,
+                                   max_blocks_per_seq=-(-max_model_len // block_size), block_size=block_size,
+                                   capture=self.device.type == "cuda") if cuda_graphs else None
 
     @torch.inference_mode()
     def encode_vision(self, seqs: list[Sequence]) -> None:
@@ -66,16 +82,12 @@ class ModelRunner:
         positions = torch.cat([chunk_positions(chunk.seq, chunk.start, chunk.end) for chunk in chunks], dim=1)
         vision_embeds, vision_mask = self._vision_inputs(chunks)
         ends = list(itertools.accumulate(chunk.num_tokens for chunk in chunks))
-        logits_indices = [end - 1 for chunk, end in zip(chunks, ends) if chunk.samples]
-        logits = self.model(
-            self._tensor(input_ids, torch.long),
-            positions.to(self.device),
-            self._attention_metadata(chunks),
-            self.kv_caches,
-            vision_embeds,
-            vision_mask,
-            self._tensor(logits_indices, torch.long),
-        )
+        logits_indices = self._tensor([end - 1 for chunk, end in zip(chunks, ends) if chunk.samples], torch.long)
+        input_ids, positions, attn = self._tensor(input_ids, torch.long), self._tensor(positions), self._attention_metadata(chunks)
+        if self.graphs is not None and vision_embeds is None and self.graphs.fits(attn):
+            logits = self.graphs.run(input_ids, positions, attn)[logits_indices]
+        else:
+            logits = self.model(input_ids, positions, attn, self.kv_caches, vision_embeds, vision_mask, logits_indices)
         sampling = [chunk.seq for chunk in chunks if chunk.samples]
         return self._sample(logits, sampling) if sampling else []
 
@@ -88,7 +100,7 @@ class ModelRunner:
         return AttentionMetadata(
             query_start_loc=self._tensor([0, *itertools.accumulate(query_lens)], torch.int32),
             context_lens=self._tensor(context_lens, torch.int32),
-            slot_mapping=torch.cat(slots).to(self.device),
+            slot_mapping=self._tensor(torch.cat(slots)),
             block_tables=self._tensor(block_tables, torch.int32),
             query_lens_cpu=query_lens,
             context_lens_cpu=context_lens,
@@ -130,22 +142,23 @@ class ModelRunner:
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         params = [seq.params for seq in seqs]
-
-        def column(name: str, dtype: torch.dtype) -> torch.Tensor:
-            return self._tensor([getattr(p, name) for p in params], dtype)
+        # One transfer for all the per-row numbers (float32 holds any top_k exactly).
+        names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        table = self._tensor([[getattr(p, name) for name in names] for p in params], torch.float32)
+        column = dict(zip(names, table.unbind(1)))
 
         any_penalty = any(
             p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params
         )
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingBatch(
-            temperature=column("temperature", torch.float32),
-            top_k=column("top_k", torch.long),
-            top_p=column("top_p", torch.float32),
-            min_p=column("min_p", torch.float32),
-            repetition_penalty=column("repetition_penalty", torch.float32),
-            presence_penalty=column("presence_penalty", torch.float32),
-            frequency_penalty=column("frequency_penalty", torch.float32),
+            temperature=column["temperature"],
+            top_k=column["top_k"].long(),
+            top_p=column["top_p"],
+            min_p=column["min_p"],
+            repetition_penalty=column["repetition_penalty"],
+            presence_penalty=column["presence_penalty"],
+            frequency_penalty=column["frequency_penalty"],
             prompt_tokens=self._padded([seq.token_ids[:seq.prompt_len] for seq in seqs]) if any_penalty else None,
             output_tokens=self._padded([seq.output_token_ids for seq in seqs]) if any_penalty else None,
             generators=[seq.generator for seq in seqs],
@@ -159,8 +172,13 @@ class ModelRunner:
         width = max(1, max(len(row) for row in rows))
         return self._tensor([row + [self.vocab_size] * (width - len(row)) for row in rows], torch.long)
 
-    def _tensor(self, data, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype).to(self.device)
+    def _tensor(self, data, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A host list or tensor on the model's device. On CUDA it goes through pinned memory
+        without waiting: a step's dozen small inputs then cost no host-device round trip each."""
+        cpu = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+        if self.device.type != "cuda":
+            return cpu
+        return cpu.pin_memory().to(self.device, non_blocking=True)
 
 
 def chunk_positions(seq: Sequence, start: int, end: int) -> torch.Tensor:

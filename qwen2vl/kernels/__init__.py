@@ -56,6 +56,12 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return triton_activation.silu_and_mul(gate_up)
 
 
+def cuda_graphs_run(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether decode steps of a model on `device` with activations in `dtype` can be captured in
+    CUDA graphs: where the Triton decode attention runs (the torch path loops on the host)."""
+    return device.type == "cuda" and dtype in TRITON_DTYPES and triton_available() and head_dim & (head_dim - 1) == 0
+
+
 def decode_attention_runs(query: torch.Tensor, attn_query_lens: list[int]) -> bool:
     """Whether a batch's attention runs as Triton paged decode attention: CUDA, fp16/bf16, one
     new token per sequence (pure decode), a power-of-2 head size."""

@@ -54,12 +54,23 @@ class PagedAttention:
 
     def _attend(self, query, keys, values):
         query_len, context_len = query.shape[0], keys.shape[0]
-        query_pos = torch.arange(context_len - query_len, context_len, device=query.device)
-        causal = torch.arange(context_len, device=query.device)[None, :] <= query_pos[:, None]
-        out = F.scaled_dot_product_attention(
-            query.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-            attn_mask=causal, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads)
-        return out.transpose(0, 1)
+        # [1, heads, tokens, D]: the fused SDPA kernels take 4-D inputs only (3-D falls back to math)
+        query, keys, values = (t.transpose(0, 1)[None] for t in (query, keys, values))
+        if query_len in (1, context_len):
+            # No mask, or SDPA's own (top-left) causal one: flash attention takes these, grouped
+            # heads included, without a [query, context] mask in memory.
+            out = F.scaled_dot_product_attention(query, keys, values, is_causal=query_len > 1, scale=self.scale,
+                                                 enable_gqa=self.num_heads != self.num_kv_heads)
+        else:
+            # A prompt chunk after cached tokens: its causal mask is offset, which only the
+            # memory-efficient kernel takes, and not with grouped heads (SDPA would fall back to
+            # materializing the scores).
+            query_pos = torch.arange(context_len - query_len, context_len, device=query.device)
+            causal = torch.arange(context_len, device=query.device)[None, :] <= query_pos[:, None]
+            group = self.num_heads // self.num_kv_heads
+            out = F.scaled_dot_product_attention(query, keys.repeat_interleave(group, 1),
+                                                 values.repeat_interleave(group, 1), attn_mask=causal, scale=self.scale)
+        return out[0].transpose(0, 1)
 
 
 class Segments:

@@ -6,6 +6,8 @@ modules hold no buffers and need no re-initialisation after loading weights onto
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from qwen2vl import kernels
@@ -46,9 +48,10 @@ class MRotaryEmbedding:
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions `[3, N]` -> cos, sin `[N, head_dim]`, computed once per forward."""
         device = positions.device
-        axis_of_band = torch.repeat_interleave(
-            torch.arange(len(self.mrope_section), device=device),
-            torch.tensor(self.mrope_section, device=device))
+        # Built on the device from plain numbers, without a host copy or a size only the device
+        # knows, so a CUDA graph can capture it.
+        band = torch.arange(self.head_dim // 2, device=device)
+        axis_of_band = sum((band >= edge for edge in itertools.accumulate(self.mrope_section[:-1])), torch.zeros_like(band))
         angles = positions[axis_of_band].T.float() * inverse_frequencies(self.head_dim, self.theta, device)
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
