@@ -37,7 +37,10 @@ def variants():
     configs["M=2048 gather"] = triton_awq.MatmulConfig(128, 128, 64, 1, gather=True, num_warps=8)
     k, n = LINEARS["gate_up"]
     for m in (1, 2048):
-        configs[f"gate_up+swiglu M={m}"] = dataclasses.replace(triton_awq.pick_config(m, n, k, GROUP, 132), split_k=1)
+        configs[f"gate_up+swiglu M={m}"] = dataclasses.replace(triton_awq.default_config(m, n, k, GROUP, 132), split_k=1)
+    for label, config in list(configs.items()):
+        if config.gemv:  # a measured one-row launch: the GEMV kernel's variants below cover it
+            del configs[label]
     for label, config in configs.items():
         split, swiglu = config.split_k > 1, "swiglu" in label
         yield (f"awq {label} {config}", triton_awq._awq_matmul_kernel,
@@ -45,6 +48,16 @@ def variants():
                 "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "SPLIT": split,
                 "HAS_BIAS": not split and not swiglu, "GATHER": config.gather, "SWIGLU": swiglu},
                {"num_warps": config.num_warps, "num_stages": config.num_stages})
+    for name, (k, n) in LINEARS.items():
+        for block_n, block_k, warps in ((128, 32, 4), (256, 16, 8), (256, 32, 4)):
+            yield (f"awq gemv {name} block_n={block_n} block_k={block_k}", triton_awq._awq_gemv_kernel,
+                   {"x_ptr": "*bf16", "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
+                    "bias_ptr": "*bf16", "out_ptr": "*fp32", "N": "i32", "N_WORDS": "i32", "K": "i32", "stride_split": "i32",
+                    "split_k": "i32", "GROUP_SIZE": GROUP, "BLOCK_W": block_n // 8, "BLOCK_K": block_k,
+                    "SPLIT": True, "HAS_BIAS": False}, {"num_warps": warps, "num_stages": 3})
+    yield ("awq dequantize", triton_awq._dequantize_kernel,
+           {"qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16", "out_ptr": "*bf16", "N": "i32",
+            "GROUP_SIZE": GROUP, "BLOCK_K": 32, "BLOCK_N": 128}, {})
     yield ("awq split sum", triton_awq._sum_splits_kernel,
            {"partial_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "size": "i32", "N": "i32",
             "split_k": "i32", "HAS_BIAS": True, "BLOCK": triton_awq.SUM_BLOCK}, {})
@@ -54,7 +67,8 @@ def variants():
             "stride_kv": "i64", "stride_block": "i32", "stride_token": "i32", "stride_head": "i32",
             "stride_table": "i32", "stride_stats": "i32", "block_size": "i32", "num_heads": "i32",
             "max_partitions": "i32", "GROUP": HEADS // KV_HEADS, "GROUP_PAD": 16, "HEAD_DIM": HEAD_DIM,
-            "PARTITION": triton_attention.PARTITION_SIZE, "BLOCK_N": triton_attention.BLOCK_TOKENS}, {})
+            "PARTITION": triton_attention.PARTITION_SIZE, "BLOCK_N": triton_attention.BLOCK_TOKENS,
+            "DOT_PRECISION": "tf32"}, {})
     yield ("paged decode merge", triton_attention._merge_kernel,
            {"partial_ptr": "*fp32", "stats_ptr": "*fp32", "context_lens_ptr": "*i32", "out_ptr": "*bf16",
             "stride_ob": "i32", "stride_oh": "i32", "stride_stats": "i32", "max_partitions": "i32",

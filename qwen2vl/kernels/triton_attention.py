@@ -48,6 +48,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
         block_size, num_heads, max_partitions,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PARTITION=partition_size, BLOCK_N=block_tokens,
+        # float32 dots in float32 (Triton's default for them is tf32, ~1e-3 off)
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
     )
     _merge_kernel[(batch, num_heads)](
         partial, stats, context_lens, out, out.stride(0), out.stride(1), stats.stride(0), max_partitions,
@@ -62,7 +64,7 @@ def _partition_kernel(
     scale, stride_qb, stride_qh, stride_kv, stride_block, stride_token, stride_head,
     stride_table, stride_stats, block_size, num_heads, max_partitions,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PARTITION: tl.constexpr, BLOCK_N: tl.constexpr,
+    PARTITION: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
@@ -85,13 +87,13 @@ def _partition_kernel(
             rows = blocks.to(tl.int64) * stride_block + (tokens % block_size) * stride_token + kv_head * stride_head
             keys = tl.load(kv_ptr + rows[:, None] + offs_d[None, :], mask=mask_t[:, None], other=0.0)
             values = tl.load(kv_ptr + stride_kv + rows[:, None] + offs_d[None, :], mask=mask_t[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(keys)) * scale
+            scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * scale
             scores = tl.where(mask_t[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             p = tl.exp(scores - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
+            acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
             m_i = m_new
         rows_out = (seq * num_heads + heads) * max_partitions + part
         tl.store(partial_ptr + rows_out[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=mask_g[:, None])

@@ -10,13 +10,16 @@ Weights are dequantized in registers: the integer `q - z` times the float16 scal
 So the kernel computes what the reference path computes (the float32 dequantized weight rounded
 to the compute dtype, `x @ W`), up to the order of the float32 sums.
 
-One kernel, two shapes of launch (`pick_config`; `MatmulConfig` lets a sweep try others):
+Two kernels, three shapes of launch (`pick_config`; `MatmulConfig` lets a sweep try others):
 - decode (M <= 16): a GEMV-style split-K launch, one 16-row tile of M (or, with `block_m` < 16,
   float32 products on the CUDA cores), narrow N tiles and K split so that every SM streams
   weights; the float32 partial sums go to a `[split, M, N]` buffer that a second small kernel
   sums in a fixed order, adding the bias (deterministic, unlike atomics: a row's result never
   depends on timing). A consumer can take the unreduced `SplitSums` and fuse that sum instead.
-- prefill: a tiled GEMM over (M, N) tiles with the whole K per program and the bias fused.
+- one row (batch-1 decode), `gemv`: `_awq_gemv_kernel`, words unpacked in registers, no dot.
+- prefill: a tiled GEMM over (M, N) tiles with the whole K per program and the bias fused; from
+  `DEQUANTIZE_MIN_M` rows on (and no config asked for), the weight is dequantized once per call
+  (`dequantize`) and cuBLAS multiplies.
 
 `awq_matmul_swiglu` runs the same kernel over a gate|up weight whose columns were interleaved at
 load (`interleave_gate_up`) and applies SwiGLU in the epilogue.
@@ -36,6 +39,10 @@ from qwen2vl.layers import quantization as q
 # and a group size that a K tile of 16..128 rows divides or fills.
 GROUP_SIZES = (32, 64, 128, 256)
 SUM_BLOCK = 1024
+# From this many rows on, dequantizing the weight once into a scratch buffer and handing the
+# product to cuBLAS beats the tiled 4-bit kernel (H100: M=1296, the tiled kernel ran at 0.3-0.4x
+# of cuBLAS on the dense weight; the dequantization writes K*N*2 bytes, ~10% of that product).
+DEQUANTIZE_MIN_M = 256
 
 
 def supported(out_features: int, in_features: int, group_size: int) -> bool:
@@ -55,10 +62,37 @@ class MatmulConfig:
     gather: bool = False
     num_warps: int = 4
     num_stages: int = 3
+    gemv: bool = False  # one row: `_awq_gemv_kernel` (block_m unused)
+
+
+# Measured winners (`benchmarks/speed.py --sections tune`), by (rows class, N, K, group size): a
+# batch of M rows uses the entry of the smallest class >= M (1, 16, 64). These are the 2B model's
+# four decoder linears, on an H100 (2026-11-27, docs/perf-notes.md run 3).
+TUNED: dict[tuple[int, int, int, int], MatmulConfig] = {
+    (1, 2048, 1536, 128): MatmulConfig(16, 64, 128, split_k=4),
+    (1, 1536, 1536, 128): MatmulConfig(16, 32, 128, split_k=5),
+    (1, 17920, 1536, 128): MatmulConfig(1, 256, 32, split_k=7, gemv=True),
+    (1, 1536, 8960, 128): MatmulConfig(1, 64, 128, split_k=22),
+    (16, 2048, 1536, 128): MatmulConfig(16, 32, 128, split_k=4),
+    (16, 1536, 1536, 128): MatmulConfig(16, 32, 128, split_k=5),
+    (16, 17920, 1536, 128): MatmulConfig(16, 128, 128, split_k=3),
+    (16, 1536, 8960, 128): MatmulConfig(16, 64, 128, split_k=11),
+    (64, 2048, 1536, 128): MatmulConfig(64, 64, 128, split_k=4),
+    (64, 1536, 1536, 128): MatmulConfig(64, 64, 128, split_k=5),
+    (64, 17920, 1536, 128): MatmulConfig(64, 64, 128, split_k=1),
+    (64, 1536, 8960, 128): MatmulConfig(64, 64, 128, split_k=11),
+}
+TUNED_ROWS = (1, 16, 64)
 
 
 def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> MatmulConfig:
-    """A reasonable default launch; `benchmarks/speed.py --tune` sweeps the alternatives."""
+    """The measured launch for this shape if there is one, else a reasonable default."""
+    rows = next((r for r in TUNED_ROWS if m <= r), None)
+    return TUNED.get((rows, n, k, group_size)) or default_config(m, n, k, group_size, num_sms)
+
+
+def default_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> MatmulConfig:
+    """The launch for a shape nobody measured."""
     block_k = min(128, group_size)
     if m <= 16:
         block_n = 64
@@ -115,20 +149,27 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     for a consumer that fuses the reduction (a launch without split returns the tensor anyway).
     """
     flat, m, n, k = _rows(x, qweight, scales)
+    if config is None and m >= DEQUANTIZE_MIN_M:
+        weight = dequantize(qweight, qzeros, scales, group_size, x.dtype)
+        out = flat @ weight if bias is None else torch.addmm(bias, flat, weight)
+        return out.unflatten(0, x.shape[:-1])
     config = config or pick_config(m, n, k, group_size, _num_sms(x.device))
     if group_size % config.block_k or k % config.block_k:
         raise ValueError(f"block_k {config.block_k} must divide group_size {group_size} and K {k}")
     split = config.split_k
     out = torch.empty((split, m, n) if split > 1 else (m, n), device=x.device,
                       dtype=torch.float32 if split > 1 else x.dtype)
-    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split)
-    _awq_matmul_kernel[grid](
-        flat, qweight, qzeros, scales, bias if bias is not None and split == 1 else flat, out,
-        m, n, k, flat.stride(0), n, m * n, split,
-        GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT=split > 1, HAS_BIAS=bias is not None and split == 1, GATHER=config.gather, SWIGLU=False,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    if config.gemv:
+        if m != 1 or config.block_n % 8:
+            raise ValueError(f"{config}: the GEMV kernel takes one row and a block_n of whole words, found M={m}")
+        _awq_gemv_kernel[(triton.cdiv(n, config.block_n), split)](
+            flat, qweight, qzeros, scales, bias if bias is not None and split == 1 else flat, out, n, n // 8, k, n, split,
+            GROUP_SIZE=group_size, BLOCK_W=config.block_n // 8, BLOCK_K=config.block_k,
+            SPLIT=split > 1, HAS_BIAS=bias is not None and split == 1,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    else:
+        _launch_tiled(flat, qweight, qzeros, scales, bias, out, m, n, k, group_size, config)
     if split > 1:
         sums = SplitSums(out, bias, x.dtype)
         if not reduce:
@@ -139,14 +180,38 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     return out.unflatten(0, x.shape[:-1])
 
 
+def _launch_tiled(flat, qweight, qzeros, scales, bias, out, m, n, k, group_size, config: MatmulConfig) -> None:
+    split = config.split_k
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split)
+    _awq_matmul_kernel[grid](
+        flat, qweight, qzeros, scales, bias if bias is not None and split == 1 else flat, out,
+        m, n, k, flat.stride(0), n, m * n, split,
+        GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        SPLIT=split > 1, HAS_BIAS=bias is not None and split == 1, GATHER=config.gather, SWIGLU=False,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+
+def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The weight `W [K, N]` in `dtype`: `(q - z) * s` in float32, rounded once (reference:
+    `quantization.dequantize_awq`, transposed)."""
+    k, n = qweight.shape[0], scales.shape[1]
+    out = torch.empty(k, n, device=qweight.device, dtype=dtype)
+    block_k, block_n = min(32, group_size), 128
+    _dequantize_kernel[(k // block_k, triton.cdiv(n, block_n))](
+        qweight, qzeros, scales, out, n, GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_N=block_n)
+    return out
+
+
 def awq_matmul_swiglu(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                       group_size: int, config: MatmulConfig | None = None) -> torch.Tensor:
     """`silu(x @ W_gate) * (x @ W_up)` -> `[..., I]` in x's dtype, for a gate|up weight packed
     with its columns interleaved (`interleave_gate_up`): the SwiGLU runs in the matmul's epilogue,
     so the `[..., 2I]` projection never goes to memory. No split-K (the epilogue needs whole sums)."""
     flat, m, n, k = _rows(x, qweight, scales)
-    config = config or replace(pick_config(m, n, k, group_size, _num_sms(x.device)), split_k=1)
-    if config.split_k != 1 or group_size % config.block_k or k % config.block_k or config.block_n % 2:
+    config = config or replace(default_config(m, n, k, group_size, _num_sms(x.device)), split_k=1)
+    if config.split_k != 1 or config.gemv or group_size % config.block_k or k % config.block_k or config.block_n % 2:
         raise ValueError(f"{config}: the SwiGLU epilogue needs split_k 1, an even block_n and block_k dividing "
                          f"group_size {group_size}")
     out = torch.empty(m, n // 2, device=x.device, dtype=x.dtype)
@@ -236,6 +301,67 @@ def _awq_matmul_kernel(
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _awq_gemv_kernel(
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, N, N_WORDS, K, stride_split, split_k,
+    GROUP_SIZE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    """One row of x times W for `BLOCK_W` packed words (8 columns each) over a K range. Each
+    word is unpacked in registers into its 8 nibbles `[BLOCK_K, BLOCK_W, 8]` (no reshuffle
+    between threads), products go to a float32 accumulator of that shape on the CUDA cores, and
+    the sum over K happens once, after the loop; nibble p of a word is column `2 (p % 4) + p // 4`
+    of its 8 (AWQ's order), which the scale loads and the stores follow."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    # N_WORDS (= N / 8) as its own argument: Triton learns its divisibility, so rows of words are
+    # known aligned and loaded in 16-byte vectors.
+    words = tl.max_contiguous(tl.multiple_of(pid_n * BLOCK_W + tl.arange(0, BLOCK_W), BLOCK_W), BLOCK_W)
+    mask_w = words < N_WORDS
+    nibbles = tl.arange(0, 8)
+    shifts = nibbles * 4
+    columns = words[:, None] * 8 + (2 * (nibbles % 4) + nibbles // 4)[None, :]
+    offs_k = tl.arange(0, BLOCK_K)
+
+    num_tiles = K // BLOCK_K
+    tiles_per_split = tl.cdiv(num_tiles, split_k)
+    first = pid_k * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, num_tiles)
+    acc = tl.zeros((BLOCK_K, BLOCK_W, 8), dtype=tl.float32)
+    for tile in range(first, last):
+        rows = tile * BLOCK_K + offs_k
+        group = tile * BLOCK_K // GROUP_SIZE
+        packed = tl.load(qweight_ptr + rows[:, None] * N_WORDS + words[None, :], mask=mask_w[None, :], other=0)
+        zero_words = tl.load(qzeros_ptr + group * N_WORDS + words, mask=mask_w, other=0)
+        scale = tl.load(scales_ptr + group * N + columns, mask=mask_w[:, None], other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows).to(tl.float32)
+        values = (packed[:, :, None] >> shifts[None, None, :]) & 0xF
+        zeros = (zero_words[:, None] >> shifts[None, :]) & 0xF
+        weight = ((values - zeros[None, :, :]).to(tl.float32) * scale[None, :, :]).to(x_ptr.dtype.element_ty)
+        acc += x[:, None, None] * weight.to(tl.float32)
+    out = tl.sum(acc, axis=0)
+    if SPLIT:
+        tl.store(out_ptr + pid_k * stride_split + columns, out, mask=mask_w[:, None])
+    else:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + columns, mask=mask_w[:, None], other=0.0).to(tl.float32)
+        tl.store(out_ptr + columns, out.to(out_ptr.dtype.element_ty), mask=mask_w[:, None])
+
+
+@triton.jit
+def _dequantize_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N,
+                       GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_k, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    group = pid_k * BLOCK_K // GROUP_SIZE
+    values = _load_unpacked(qweight_ptr, rows, pid_n * BLOCK_N, N, BLOCK_K, BLOCK_N, False)
+    zeros = _load_unpacked(qzeros_ptr, group + tl.zeros((1,), tl.int32), pid_n * BLOCK_N, N, 1, BLOCK_N, False)
+    scale = tl.load(scales_ptr + group * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    weight = (values - zeros).to(tl.float32) * scale[None, :]
+    tl.store(out_ptr + rows[:, None] * N + offs_n[None, :], weight.to(out_ptr.dtype.element_ty),
+             mask=(offs_n < N)[None, :])
 
 
 @triton.jit

@@ -4,9 +4,10 @@ fused with the end of the qkv projection and the KV-cache write.
 cos/sin rows `[N, head_dim]` are precomputed once per forward (`MRotaryEmbedding.cos_sin` has
 already folded M-RoPE's per-axis sections into them).
 
-Rounding follows the reference exactly: `x * cos` and `rotate_half(x) * sin` are each rounded to
-the activation dtype, then their sum is rounded; products of two 16-bit floats are exact in
-float32, so the results are bitwise the reference's.
+Rounding follows the reference: `x * cos` and `rotate_half(x) * sin` are each rounded to the
+activation dtype, then their sum is rounded; products of two 16-bit floats are exact in float32,
+so under the CPU interpreter the results are bitwise the reference's. A GPU compiler may fuse or
+round differently, by at most a rounding step (tests/triton_cases.py).
 """
 from __future__ import annotations
 
