@@ -30,9 +30,9 @@ from qwen2vl.loader import load_model  # noqa: E402
 from qwen2vl.processor import Processor  # noqa: E402
 from qwen2vl.quantize import quantize  # noqa: E402
 from prefill import prefill_logits  # noqa: E402  (benchmarks/prefill.py)
+from report import write_section  # noqa: E402  (benchmarks/report.py)
 
 ROOT = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
 # The BF16 checkpoint twice: as the CPU runs it by default (float32 compute), and in bfloat16 like
 # the 4-bit columns, which measures what 4 bits cost at the same activation precision.
 BF16_COLUMNS = {"BF16": "auto", "BF16 (bf16 compute)": "bfloat16"}
@@ -114,7 +114,7 @@ def run(model: Path, n: int, seed: int, group_size: int, work_dir: Path) -> tupl
 def markdown(results: dict, model: Path, n: int, seed: int, group_size: int, seconds: dict,
              kernel_vs_dequantized: tuple[list, int], logits: dict) -> str:
     pct = lambda value: f"{100 * value:.1f}"  # noqa: E731
-    lines = [BEGIN, "## Accuracy: BF16 vs AWQ vs RTN on the demo model", "",
+    lines = ["## Accuracy: BF16 vs AWQ vs RTN on the demo model", "",
              f"The model card's first table (BF16 / GPTQ / AWQ), reproduced on the bundled demo model "
              f"`{model.relative_to(ROOT) if model.is_relative_to(ROOT) else model}` "
              f"(a Qwen2-VL of the exact architecture, trained by `scripts/train_demo.py` on the synthetic "
@@ -162,20 +162,8 @@ def markdown(results: dict, model: Path, n: int, seed: int, group_size: int, sec
               "",
               f"Reproduce: `python benchmarks/accuracy.py --n {n} --seed {seed} --group-size {group_size} --write`; "
               f"one column alone: `qwen2vl quantize MODEL OUT --method awq --group-size {group_size}` then "
-              f"`qwen2vl eval OUT --task shapes --n {n} --seed {seed}`.",
-              END]
+              f"`qwen2vl eval OUT --task shapes --n {n} --seed {seed}`."]
     return "\n".join(lines) + "\n"
-
-
-def write_section(section: str, path: Path) -> None:
-    """Replace the section between the markers, or append it."""
-    text = path.read_text() if path.is_file() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text + ("\n" if text and not text.endswith("\n\n") else "") + section
-    path.write_text(text)
 
 
 def main() -> None:
@@ -192,7 +180,7 @@ def main() -> None:
     section = markdown(results, model, args.n, args.seed, args.group_size, seconds, kernel_vs_dequantized, logits)
     print(section)
     if args.write:
-        write_section(section, ROOT / "docs" / "benchmarks.md")
+        write_section(ROOT / "docs" / "benchmarks.md", "accuracy", section)
 
 
 if __name__ == "__main__":

