@@ -613,8 +613,10 @@ def drive(engine, prompts, max_tokens: int, budget_s: float) -> dict:
     start = time.perf_counter()
     ids = [engine.add_request(prompt, params) for prompt in prompts]
     counts, first, last, finished = dict.fromkeys(ids, 0), None, None, set()
+    all_started, tokens_then, steps = None, 0, 0
     while len(finished) < len(ids):
         outputs = engine.step()
+        steps += 1
         now = time.perf_counter()
         for output in outputs:
             counts[output.request_id] = len(output.token_ids)
@@ -622,6 +624,8 @@ def drive(engine, prompts, max_tokens: int, budget_s: float) -> dict:
                 finished.add(output.request_id)
         if first is None and any(counts.values()):
             first = now
+        if all_started is None and all(counts.values()):
+            all_started, tokens_then = now, sum(counts.values())
         last = now
         if first is not None and now - first > budget_s:
             break
@@ -629,8 +633,11 @@ def drive(engine, prompts, max_tokens: int, budget_s: float) -> dict:
         engine.abort(request_id)
     total = sum(counts.values())
     decode_s = last - first if first is not None else float("nan")
+    after = last - all_started if all_started is not None else 0
     return {"ttft_s": first - start, "tokens": total, "decode_tokens_per_s": (total - len(ids)) / decode_s if decode_s > 0 else None,
-            "output_tokens_per_s": total / (last - start)}
+            "output_tokens_per_s": total / (last - start), "steps": steps,
+            "all_started_s": all_started - start if all_started is not None else None,
+            "tokens_per_s_once_all_started": (total - tokens_then) / after if after > 0 else None}
 
 
 def load_ours(model_dir):
@@ -690,6 +697,8 @@ def run_ours(args) -> None:
                                 "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2)})
         log(f"qwen2vl {weights} image 1008x1008: first token {1000 * sorted(ttfts)[1]:.1f} ms "
             f"(median of 3; preprocessing {prepare_ms:.1f} ms more)")
+        if quant:
+            profile_device(engine, prompt, 1, "the 1008x1008 image's prefill (vision tower and decoder)")
         del engine, model
         torch.cuda.empty_cache()
 
@@ -710,18 +719,19 @@ def profile_host(engine, tokens: int) -> None:
     log("\n".join(line[:150] for line in out.getvalue().splitlines()[6:]))
 
 
-def profile_device(engine, steps: int = 4) -> None:
-    """Device time per kernel over a few eager decode steps (inside a graph the same kernels run,
-    without the launch gaps)."""
+def profile_device(engine, prompt=None, tokens: int = 5, what: str = "4 decode steps and one prefill") -> None:
+    """Device time per kernel while `engine` runs `prompt` for `tokens` tokens (eager decode steps
+    run the kernels a graph replays, without the launch gaps)."""
     from torch.profiler import ProfilerActivity, profile
 
-    drive(engine, [text_prompt(1)], 3, 5)
+    prompt = prompt or text_prompt(1)
+    drive(engine, [prompt], tokens, 5)
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
-        drive(engine, [text_prompt(1)], steps + 1, 10)
+        drive(engine, [prompt], tokens, 10)
     averages = profiler.key_averages()
     for key in ("self_device_time_total", "self_cuda_time_total"):
         try:
-            log(f"device time per kernel over {steps} decode steps and one prefill:")
+            log(f"device time per kernel over {what}:")
             log(averages.table(sort_by=key, row_limit=24, max_name_column_width=70))
             return
         except (AttributeError, KeyError, ValueError):
@@ -739,8 +749,11 @@ def run_concurrent(args) -> None:
            "output_tokens_per_s": round(result["output_tokens_per_s"], 1),
            "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2)}
     results["rows"].append(row)
-    log(f"64 concurrent image requests: {row['output_tokens_per_s']} output tokens/s ({row['generated']} tokens), "
-        f"peak {row['peak_gib']} GiB")
+    row.update({key: round(result[key], 3) for key in ("all_started_s", "tokens_per_s_once_all_started")
+                if result[key] is not None}, steps=result["steps"])
+    log(f"64 concurrent image requests: {row['output_tokens_per_s']} output tokens/s ({row['generated']} tokens, "
+        f"{result['steps']} steps), peak {row['peak_gib']} GiB; every request had its first token after "
+        f"{result['all_started_s']:.2f} s, then {result['tokens_per_s_once_all_started']:.0f} tokens/s")
 
 
 # --- end to end: transformers -------------------------------------------------------------------
