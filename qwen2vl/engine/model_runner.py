@@ -79,7 +79,7 @@ class ModelRunner:
         """One forward over all chunks; returns the next token of each chunk that samples, in
         order."""
         input_ids = [token for chunk in chunks for token in chunk.seq.token_ids[chunk.start:chunk.end]]
-        positions = torch.cat([chunk_positions(chunk.seq, chunk.start, chunk.end) for chunk in chunks], dim=1)
+        positions = step_positions(chunks)
         vision_embeds, vision_mask = self._vision_inputs(chunks)
         ends = list(itertools.accumulate(chunk.num_tokens for chunk in chunks))
         logits_indices = self._tensor([end - 1 for chunk, end in zip(chunks, ends) if chunk.samples], torch.long)
@@ -96,11 +96,11 @@ class ModelRunner:
         context_lens = [chunk.end for chunk in chunks]
         max_blocks = max(len(chunk.seq.block_table) for chunk in chunks)
         block_tables = [chunk.seq.block_table + [-1] * (max_blocks - len(chunk.seq.block_table)) for chunk in chunks]
-        slots = [slot_mapping(chunk.seq.block_table, chunk.start, chunk.end, self.block_size) for chunk in chunks]
+        slots = [slot for chunk in chunks for slot in slot_mapping(chunk.seq.block_table, chunk.start, chunk.end, self.block_size)]
         return AttentionMetadata(
             query_start_loc=self._tensor([0, *itertools.accumulate(query_lens)], torch.int32),
             context_lens=self._tensor(context_lens, torch.int32),
-            slot_mapping=self._tensor(torch.cat(slots)),
+            slot_mapping=self._tensor(slots, torch.long),
             block_tables=self._tensor(block_tables, torch.int32),
             query_lens_cpu=query_lens,
             context_lens_cpu=context_lens,
@@ -110,6 +110,8 @@ class ModelRunner:
     def _vision_inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The vision embeddings of the pad tokens computed this step, and the mask of where
         they go among the step's tokens; `(None, None)` when there are none."""
+        if not any(chunk.start < chunk.seq.prompt_len and chunk.seq.num_vision_tokens for chunk in chunks):
+            return None, None  # decode steps: no prompt tokens, or none of them vision pads
         masks, embeds = [], []
         for chunk in chunks:
             seq = chunk.seq
@@ -181,16 +183,26 @@ class ModelRunner:
         return cpu.pin_memory().to(self.device, non_blocking=True)
 
 
-def chunk_positions(seq: Sequence, start: int, end: int) -> torch.Tensor:
-    """M-RoPE positions `[3, end - start]`: the prompt's own, then `i + rope_delta` on all three
-    axes for generated token i (counted from the start of the prompt)."""
-    prompt_end = min(end, seq.prompt_len)
-    generated = torch.arange(max(start, prompt_end), end, dtype=torch.long) + seq.prompt.rope_delta
-    return torch.cat([seq.prompt.positions[:, start:prompt_end], generated.expand(3, -1)], dim=1)
+def step_positions(chunks: list[ScheduledChunk]) -> torch.Tensor:
+    """M-RoPE positions `[3, N]` of a step's tokens: each prompt's own, then `i + rope_delta` on
+    all three axes for generated token i (counted from the start of the prompt). Generated
+    tokens' positions are gathered as plain numbers, one tensor for a whole run of decode chunks."""
+    pieces, generated = [], []
+    for chunk in chunks:
+        seq = chunk.seq
+        prompt_end = min(chunk.end, seq.prompt_len)
+        if chunk.start < prompt_end:
+            if generated:
+                pieces.append(torch.tensor(generated, dtype=torch.long).expand(3, -1))
+                generated = []
+            pieces.append(seq.prompt.positions[:, chunk.start:prompt_end])
+        delta = seq.prompt.rope_delta
+        generated += range(max(chunk.start, prompt_end) + delta, chunk.end + delta)
+    if generated:
+        pieces.append(torch.tensor(generated, dtype=torch.long).expand(3, -1))
+    return torch.cat(pieces, dim=1)
 
 
-def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
+def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
     """Cache slot of each token `start..end-1` of a sequence with this block table."""
-    token_index = torch.arange(start, end, dtype=torch.long)
-    blocks = torch.tensor(block_table, dtype=torch.long)[token_index // block_size]
-    return blocks * block_size + token_index % block_size
+    return [block_table[i // block_size] * block_size + i % block_size for i in range(start, end)]
