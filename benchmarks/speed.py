@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import math
@@ -491,6 +492,14 @@ def compile_configs(jobs, group_size: int) -> None:
 
 
 def candidate_configs(m, n, k, group_size):
+    """Every launch shape below, and each split one also with its partials reduced in the kernel."""
+    for config in launch_shapes(m, n, k, group_size):
+        yield config
+        if config.split_k > 1:
+            yield dataclasses.replace(config, reduce_in_kernel=True)
+
+
+def launch_shapes(m, n, k, group_size):
     from qwen2vl.kernels.triton_awq import MatmulConfig
 
     block_k = min(128, group_size)

@@ -27,7 +27,7 @@ def variants():
     from qwen2vl.kernels import triton_activation, triton_attention, triton_awq, triton_norm, triton_rotary
 
     awq_types = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
-                 "bias_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
+                 "bias_ptr": "*bf16", "final_ptr": "*bf16", "counters_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
                  "stride_split": "i32", "split_k": "i32"}
     configs = {}
     for name, (k, n) in LINEARS.items():
@@ -35,6 +35,7 @@ def variants():
             configs[f"{name} M={m}"] = triton_awq.pick_config(m, n, k, GROUP, num_sms=132)
     configs["M=1 cuda-core gather"] = triton_awq.MatmulConfig(1, 64, 128, 8, gather=True, num_warps=4)
     configs["M=2048 gather"] = triton_awq.MatmulConfig(128, 128, 64, 1, gather=True, num_warps=8)
+    configs["M=1 reduced in kernel"] = triton_awq.MatmulConfig(16, 64, 128, 4, reduce_in_kernel=True)
     k, n = LINEARS["gate_up"]
     for m in (1, 2048):
         configs[f"gate_up+swiglu M={m}"] = dataclasses.replace(triton_awq.default_config(m, n, k, GROUP, 132), split_k=1)
@@ -46,15 +47,19 @@ def variants():
         yield (f"awq {label} {config}", triton_awq._awq_matmul_kernel,
                {**awq_types, "out_ptr": "*fp32" if split else "*bf16", "GROUP_SIZE": GROUP,
                 "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "SPLIT": split,
-                "HAS_BIAS": not split and not swiglu, "GATHER": config.gather, "SWIGLU": swiglu},
+                "HAS_BIAS": (not split or config.reduce_in_kernel) and not swiglu, "GATHER": config.gather,
+                "SWIGLU": swiglu, "REDUCE_IN_KERNEL": config.reduce_in_kernel},
                {"num_warps": config.num_warps, "num_stages": config.num_stages})
     for name, (k, n) in LINEARS.items():
-        for block_n, block_k, warps in ((128, 32, 4), (256, 16, 8), (256, 32, 4)):
-            yield (f"awq gemv {name} block_n={block_n} block_k={block_k}", triton_awq._awq_gemv_kernel,
+        for block_n, block_k, warps, in_kernel in ((128, 32, 4, False), (256, 16, 8, False), (256, 32, 4, True)):
+            yield (f"awq gemv {name} block_n={block_n} block_k={block_k} reduce_in_kernel={in_kernel}",
+                   triton_awq._awq_gemv_kernel,
                    {"x_ptr": "*bf16", "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
-                    "bias_ptr": "*bf16", "out_ptr": "*fp32", "N": "i32", "N_WORDS": "i32", "K": "i32", "stride_split": "i32",
+                    "bias_ptr": "*bf16", "out_ptr": "*fp32", "final_ptr": "*bf16", "counters_ptr": "*i32",
+                    "N": "i32", "N_WORDS": "i32", "K": "i32", "stride_split": "i32",
                     "split_k": "i32", "GROUP_SIZE": GROUP, "BLOCK_W": block_n // 8, "BLOCK_K": block_k,
-                    "SPLIT": True, "HAS_BIAS": False}, {"num_warps": warps, "num_stages": 3})
+                    "SPLIT": True, "HAS_BIAS": in_kernel, "REDUCE_IN_KERNEL": in_kernel},
+                   {"num_warps": warps, "num_stages": 3})
     yield ("awq dequantize", triton_awq._dequantize_kernel,
            {"qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16", "out_ptr": "*bf16", "N": "i32",
             "GROUP_SIZE": GROUP, "BLOCK_K": 32, "BLOCK_N": 128}, {})

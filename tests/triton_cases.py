@@ -8,6 +8,7 @@ must be set before triton is first imported) at small shapes; on a GPU they run 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib
 import os
 import sys
@@ -105,6 +106,29 @@ def test_awq_matmul_matches_reference(m, config, dtype):
         assert out.shape == (m, n) and out.dtype == dtype
         # Same products, float32 sums in another order: at most a rounding step of the output apart.
         torch.testing.assert_close(out.float(), expected.float(), rtol=ULP[dtype], atol=ULP[dtype] * 0.25)
+
+
+@pytest.mark.parametrize("config", [
+    triton_awq.MatmulConfig(16, 32, 32, split_k=3, reduce_in_kernel=True),  # uneven split of 8 K tiles
+    triton_awq.MatmulConfig(1, 64, 32, split_k=5, gemv=True, reduce_in_kernel=True),
+])
+def test_split_sums_reduced_in_kernel_are_the_separate_reduction(config):
+    """The last program of each tile sums the partials: bitwise what the separate reduction gives,
+    bias included, and the per-tile counters are left zeroed for the next launch."""
+    generator = torch.Generator().manual_seed(9)
+    k, n, group_size = 256, 96, 64
+    values, zeros, scales = _random_awq(k, n, group_size, generator)
+    packed = [t.to(DEVICE) for t in triton_awq.pack(values, scales, zeros)]
+    x = torch.randn(1, k, generator=generator).to(DEVICE, torch.float16)
+    bias = (torch.randn(n, generator=generator) * 0.1).to(DEVICE, torch.float16)
+    separate = dataclasses.replace(config, reduce_in_kernel=False)
+    for b in (None, bias):
+        for _ in range(2):  # the second launch finds the counters as the first left them
+            out = triton_awq.awq_matmul(x, *packed, group_size, b, config=config)
+            assert torch.equal(out, triton_awq.awq_matmul(x, *packed, group_size, b, config=separate))
+    assert not triton_awq._split_counter_buffer(x.device).any()
+    unreduced = triton_awq.awq_matmul(x, *packed, group_size, bias, config=config, reduce=False)
+    assert isinstance(unreduced, torch.Tensor)  # already summed: no SplitSums to hand on
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, BF16, torch.float32])

@@ -15,7 +15,9 @@ Two kernels, three shapes of launch (`pick_config`; `MatmulConfig` lets a sweep 
   float32 products on the CUDA cores), narrow N tiles and K split so that every SM streams
   weights; the float32 partial sums go to a `[split, M, N]` buffer that a second small kernel
   sums in a fixed order, adding the bias (deterministic, unlike atomics: a row's result never
-  depends on timing). A consumer can take the unreduced `SplitSums` and fuse that sum instead.
+  depends on timing). A consumer can take the unreduced `SplitSums` and fuse that sum instead;
+  or (`reduce_in_kernel`) the last program to finish a tile sums it, in the same order, and the
+  matmul is one launch.
 - one row (batch-1 decode), `gemv`: `_awq_gemv_kernel`, words unpacked in registers, no dot.
 - prefill: a tiled GEMM over (M, N) tiles with the whole K per program and the bias fused; from
   `DEQUANTIZE_MIN_M` rows on (and no config asked for), the weight is dequantized once per call
@@ -63,6 +65,9 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 3
     gemv: bool = False  # one row: `_awq_gemv_kernel` (block_m unused)
+    # With split_k > 1: the last program to finish a tile sums its partials (split order, bias
+    # last: the same sums as the separate reduction), so the matmul is one launch.
+    reduce_in_kernel: bool = False
 
 
 # Measured winners (`benchmarks/speed.py --sections tune`), by (rows class, N, K, group size): a
@@ -111,6 +116,23 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+COUNTERS = 1 << 16
+
+
+@functools.cache
+def _split_counter_buffer(device: torch.device) -> torch.Tensor:
+    return torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Per-tile arrival counters for `reduce_in_kernel` launches: one zeroed buffer per device,
+    which every launch leaves zeroed again (the last program of a tile resets its counter), so
+    it needs no clearing and stays valid inside CUDA graphs. Launches on one stream only."""
+    if tiles > COUNTERS:
+        raise ValueError(f"{tiles} tiles exceed the {COUNTERS} split-K counters")
+    return _split_counter_buffer(device)
+
+
 @dataclass
 class SplitSums:
     """A matmul's result left as float32 split-K partial sums `partials [split, M, N]`: its value
@@ -157,19 +179,32 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     if group_size % config.block_k or k % config.block_k:
         raise ValueError(f"block_k {config.block_k} must divide group_size {group_size} and K {k}")
     split = config.split_k
+    in_kernel = split > 1 and config.reduce_in_kernel
     out = torch.empty((split, m, n) if split > 1 else (m, n), device=x.device,
                       dtype=torch.float32 if split > 1 else x.dtype)
+    final = torch.empty(m, n, device=x.device, dtype=x.dtype) if in_kernel else out
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    counters = _split_counters(x.device, tiles) if in_kernel else out
+    bias_here = bias is not None and (split == 1 or in_kernel)
     if config.gemv:
         if m != 1 or config.block_n % 8:
             raise ValueError(f"{config}: the GEMV kernel takes one row and a block_n of whole words, found M={m}")
         _awq_gemv_kernel[(triton.cdiv(n, config.block_n), split)](
-            flat, qweight, qzeros, scales, bias if bias is not None and split == 1 else flat, out, n, n // 8, k, n, split,
+            flat, qweight, qzeros, scales, bias if bias_here else flat, out, final, counters, n, n // 8, k, n, split,
             GROUP_SIZE=group_size, BLOCK_W=config.block_n // 8, BLOCK_K=config.block_k,
-            SPLIT=split > 1, HAS_BIAS=bias is not None and split == 1,
+            SPLIT=split > 1, HAS_BIAS=bias_here, REDUCE_IN_KERNEL=in_kernel,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     else:
-        _launch_tiled(flat, qweight, qzeros, scales, bias, out, m, n, k, group_size, config)
+        _awq_matmul_kernel[(triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split)](
+            flat, qweight, qzeros, scales, bias if bias_here else flat, out, final, counters,
+            m, n, k, flat.stride(0), n, m * n, split,
+            GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            SPLIT=split > 1, HAS_BIAS=bias_here, GATHER=config.gather, SWIGLU=False, REDUCE_IN_KERNEL=in_kernel,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    if in_kernel:
+        return final.unflatten(0, x.shape[:-1])
     if split > 1:
         sums = SplitSums(out, bias, x.dtype)
         if not reduce:
@@ -178,18 +213,6 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
             return sums
         out = sums.reduce()
     return out.unflatten(0, x.shape[:-1])
-
-
-def _launch_tiled(flat, qweight, qzeros, scales, bias, out, m, n, k, group_size, config: MatmulConfig) -> None:
-    split = config.split_k
-    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split)
-    _awq_matmul_kernel[grid](
-        flat, qweight, qzeros, scales, bias if bias is not None and split == 1 else flat, out,
-        m, n, k, flat.stride(0), n, m * n, split,
-        GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT=split > 1, HAS_BIAS=bias is not None and split == 1, GATHER=config.gather, SWIGLU=False,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
 
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -217,9 +240,9 @@ def awq_matmul_swiglu(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tens
     out = torch.empty(m, n // 2, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), 1)
     _awq_matmul_kernel[grid](
-        flat, qweight, qzeros, scales, flat, out, m, n, k, flat.stride(0), n // 2, 0, 1,
+        flat, qweight, qzeros, scales, flat, out, out, out, m, n, k, flat.stride(0), n // 2, 0, 1,
         GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT=False, HAS_BIAS=False, GATHER=config.gather, SWIGLU=True,
+        SPLIT=False, HAS_BIAS=False, GATHER=config.gather, SWIGLU=True, REDUCE_IN_KERNEL=False,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out.unflatten(0, x.shape[:-1])
@@ -255,10 +278,11 @@ def _load_unpacked(ptr, rows, first_column, N, ROWS: tl.constexpr, BLOCK_N: tl.c
 
 @triton.jit
 def _awq_matmul_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr,
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, final_ptr, counters_ptr,
     M, N, K, stride_xm, stride_om, stride_split, split_k,
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr,
+    REDUCE_IN_KERNEL: tl.constexpr,
 ):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -301,13 +325,18 @@ def _awq_matmul_kernel(
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
+        if REDUCE_IN_KERNEL:
+            _sum_if_last(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], stride_split, split_k,
+                         final_ptr + offs_m[:, None] * stride_om + offs_n[None, :], bias_ptr + offs_n[None, :], mask,
+                         counters_ptr + pid_m * tl.num_programs(1) + pid_n, HAS_BIAS)
 
 
 @triton.jit
 def _awq_gemv_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, N, N_WORDS, K, stride_split, split_k,
+    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, final_ptr, counters_ptr,
+    N, N_WORDS, K, stride_split, split_k,
     GROUP_SIZE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr,
 ):
     """One row of x times W for `BLOCK_W` packed words (8 columns each) over a K range. Each
     word is unpacked in registers into its 8 nibbles `[BLOCK_K, BLOCK_W, 8]` (no reshuffle
@@ -343,6 +372,9 @@ def _awq_gemv_kernel(
     out = tl.sum(acc, axis=0)
     if SPLIT:
         tl.store(out_ptr + pid_k * stride_split + columns, out, mask=mask_w[:, None])
+        if REDUCE_IN_KERNEL:
+            _sum_if_last(out_ptr + columns, stride_split, split_k, final_ptr + columns, bias_ptr + columns,
+                         mask_w[:, None], counters_ptr + pid_n, HAS_BIAS)
     else:
         if HAS_BIAS:
             out += tl.load(bias_ptr + columns, mask=mask_w[:, None], other=0.0).to(tl.float32)
@@ -362,6 +394,23 @@ def _dequantize_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N,
     weight = (values - zeros).to(tl.float32) * scale[None, :]
     tl.store(out_ptr + rows[:, None] * N + offs_n[None, :], weight.to(out_ptr.dtype.element_ty),
              mask=(offs_n < N)[None, :])
+
+
+@triton.jit
+def _sum_if_last(partials, stride_split, split_k, finals, biases, mask, counter_ptr, HAS_BIAS: tl.constexpr):
+    """After a split program stored its partial sums (`partials`: the pointers of split 0's):
+    count its arrival on the tile's counter; the last to arrive adds all the splits in order
+    (+ bias), rounds once into `finals`, and resets the counter for the next launch."""
+    tl.debug_barrier()  # every thread's partial stores come before the arrival
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if arrived == split_k - 1:
+        total = tl.load(partials, mask=mask, other=0.0, cache_modifier=".cg")  # .cg: from L2, not a stale L1
+        for split in range(1, split_k):
+            total += tl.load(partials + split * stride_split, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(biases, mask=mask, other=0.0).to(tl.float32)
+        tl.store(finals, total.to(finals.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(counter_ptr, 0)
 
 
 @triton.jit
