@@ -90,14 +90,7 @@ def graph_time_us(calls, reps: int = 20) -> float:
     with torch.cuda.graph(graph):
         for call in calls:
             call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (reps * len(calls))
+    return graph_replay_us(graph, reps) / len(calls)
 
 
 def graph_replay_us(graph, reps: int = 50) -> float:
