@@ -78,11 +78,23 @@ def test_supported_shapes():
 
 
 @pytest.mark.skipif(not kernels.triton_available(), reason="triton is not installed")
-def test_triton_backend_by_name_or_on_cuda():
+def test_triton_backend_by_name_or_on_cuda(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+
+    def on_gpu(capability):  # what the Triton paths decide on a GPU of this compute capability
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        kernels.triton_gpu_dtype.cache_clear()
+
+    on_gpu((9, 0))  # H100
     assert kernels.int4_backend(cuda, torch.bfloat16, 2048, 1536, 128) == "triton"
     assert kernels.int4_backend(cuda, torch.float16, 24, 64, 32) == "triton"  # N a multiple of 8 is enough
     assert kernels.int4_backend(cuda, torch.float32, 2048, 1536, 128) is None  # float32 stays dequantized
+    assert kernels.cuda_graphs_run(cuda, torch.bfloat16, 128) and not kernels.cuda_graphs_run(cuda, torch.float32, 128)
+    on_gpu((7, 5))  # T4: Triton has no bfloat16 there, so bfloat16 models keep the torch paths
+    assert kernels.int4_backend(cuda, torch.bfloat16, 2048, 1536, 128) is None
+    assert kernels.int4_backend(cuda, torch.float16, 2048, 1536, 128) == "triton"
+    assert not kernels.cuda_graphs_run(cuda, torch.bfloat16, 128) and kernels.cuda_graphs_run(cuda, torch.float16, 128)
+    kernels.triton_gpu_dtype.cache_clear()
     assert kernels.int4_backend(cpu, torch.float16, 2048, 1536, 128, wanted="triton") == "triton"  # interpreter
 
 

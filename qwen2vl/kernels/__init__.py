@@ -28,9 +28,18 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
+def triton_gpu_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether Triton compiles for `dtype` on this CUDA device: float16 anywhere, bfloat16 from
+    compute capability 8.0 (Ampere) on; on a T4 or V100 the torch paths run instead."""
+    if dtype not in TRITON_DTYPES or not triton_available():
+        return False
+    return dtype == torch.float16 or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def triton_runs(x: torch.Tensor) -> bool:
     """Whether the Triton elementwise kernels (norm, rotary, SwiGLU) run on `x`: CUDA, fp16/bf16."""
-    return x.is_cuda and x.dtype in TRITON_DTYPES and triton_available()
+    return x.is_cuda and triton_gpu_dtype(x.device, x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -59,7 +68,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def cuda_graphs_run(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether decode steps of a model on `device` with activations in `dtype` can be captured in
     CUDA graphs: where the Triton decode attention runs (the torch path loops on the host)."""
-    return device.type == "cuda" and dtype in TRITON_DTYPES and triton_available() and head_dim & (head_dim - 1) == 0
+    return device.type == "cuda" and triton_gpu_dtype(device, dtype) and head_dim & (head_dim - 1) == 0
 
 
 def decode_attention_runs(query: torch.Tensor, attn_query_lens: list[int]) -> bool:
@@ -88,7 +97,8 @@ def int4_backend(device: torch.device, dtype: torch.dtype, out_features: int, in
     if wanted not in (None, *INT4_BACKENDS):
         raise ValueError(f"unknown int4 backend {wanted!r} (expected one of {', '.join(INT4_BACKENDS)})")
     backend = wanted or {"cuda": "triton", "cpu": "cpu"}.get(device.type)
-    if backend == "triton" and triton_available() and dtype in TRITON_DTYPES and device.type in ("cuda", "cpu"):
+    triton_here = device.type == "cpu" or (device.type == "cuda" and triton_gpu_dtype(device, dtype))
+    if backend == "triton" and triton_available() and dtype in TRITON_DTYPES and triton_here:
         from qwen2vl.kernels import triton_awq
 
         return backend if triton_awq.supported(out_features, in_features, group_size) else None
