@@ -66,18 +66,8 @@ def variants():
     yield ("awq split sum", triton_awq._sum_splits_kernel,
            {"partial_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "size": "i32", "N": "i32",
             "split_k": "i32", "HAS_BIAS": True, "BLOCK": triton_awq.SUM_BLOCK}, {})
-    yield ("paged decode partition", triton_attention._partition_kernel,
-           {"query_ptr": "*bf16", "kv_ptr": "*bf16", "block_tables_ptr": "*i32", "context_lens_ptr": "*i32",
-            "partial_ptr": "*fp32", "stats_ptr": "*fp32", "scale": "fp32", "stride_qb": "i32", "stride_qh": "i32",
-            "stride_kv": "i64", "stride_block": "i32", "stride_token": "i32", "stride_head": "i32",
-            "stride_table": "i32", "stride_stats": "i32", "block_size": "i32", "num_heads": "i32",
-            "max_partitions": "i32", "GROUP": HEADS // KV_HEADS, "GROUP_PAD": 16, "HEAD_DIM": HEAD_DIM,
-            "PARTITION": triton_attention.PARTITION_SIZE, "BLOCK_N": triton_attention.BLOCK_TOKENS,
-            "DOT_PRECISION": "tf32"}, {})
-    yield ("paged decode merge", triton_attention._merge_kernel,
-           {"partial_ptr": "*fp32", "stats_ptr": "*fp32", "context_lens_ptr": "*i32", "out_ptr": "*bf16",
-            "stride_ob": "i32", "stride_oh": "i32", "stride_stats": "i32", "max_partitions": "i32",
-            "HEAD_DIM": HEAD_DIM, "PARTITION": triton_attention.PARTITION_SIZE, "PARTITIONS_PAD": 64}, {})
+    for index in ("i32", "i64"):  # the eager metadata's int32, the decode graphs' int64 buffers
+        yield from paged_decode_variants(triton_attention, index)
     yield ("kv write", triton_attention._write_kv_kernel,
            {"key_ptr": "*bf16", "value_ptr": "*bf16", "kv_ptr": "*bf16", "slot_mapping_ptr": "*i64",
             "stride_k": "i32", "stride_v": "i32", "stride_kv": "i64", "stride_block": "i32", "stride_token": "i32",
@@ -102,6 +92,21 @@ def variants():
     yield ("silu_and_mul", triton_activation._silu_and_mul_kernel,
            {"gate_up_ptr": "*bf16", "out_ptr": "*bf16", "stride": "i32", "width": "i32",
             "BLOCK": triton_activation.BLOCK}, {})
+
+
+def paged_decode_variants(triton_attention, index: str):
+    yield (f"paged decode partition ({index})", triton_attention._partition_kernel,
+           {"query_ptr": "*bf16", "kv_ptr": "*bf16", "block_tables_ptr": f"*{index}", "context_lens_ptr": f"*{index}",
+            "partial_ptr": "*fp32", "stats_ptr": "*fp32", "scale": "fp32", "stride_qb": "i32", "stride_qh": "i32",
+            "stride_kv": "i64", "stride_block": "i32", "stride_token": "i32", "stride_head": "i32",
+            "stride_table": "i32", "stride_stats": "i32", "block_size": "i32", "num_heads": "i32",
+            "max_partitions": "i32", "GROUP": HEADS // KV_HEADS, "GROUP_PAD": 16, "HEAD_DIM": HEAD_DIM,
+            "PARTITION": triton_attention.PARTITION_SIZE, "BLOCK_N": triton_attention.BLOCK_TOKENS,
+            "DOT_PRECISION": "tf32"}, {})
+    yield (f"paged decode merge ({index})", triton_attention._merge_kernel,
+           {"partial_ptr": "*fp32", "stats_ptr": "*fp32", "context_lens_ptr": f"*{index}", "out_ptr": "*bf16",
+            "stride_ob": "i32", "stride_oh": "i32", "stride_stats": "i32", "max_partitions": "i32",
+            "HEAD_DIM": HEAD_DIM, "PARTITION": triton_attention.PARTITION_SIZE, "PARTITIONS_PAD": 64}, {})
 
 
 def compile_sm90(kernel, params: dict, options: dict):

@@ -479,9 +479,9 @@ def test_decode_steps_replayed_from_cuda_graphs_generate_what_eager_steps_do(tin
             if graphs:
                 run = engine.runner.graphs.run
 
-                def counted(input_ids, positions, attn):
-                    replays[attn.num_seqs] += 1
-                    return run(input_ids, positions, attn)
+                def counted(chunks):
+                    replays[len(chunks)] += 1
+                    return run(chunks)
                 patch.setattr(engine.runner.graphs, "run", counted)
             ids = [engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0, logprobs=1, ignore_eos=True))
                    for prompt, n in zip(prompts, budgets)]

@@ -7,15 +7,24 @@ batch-size bucket over static input buffers, and a step replays the smallest buc
 its batch: one launch. The padding rows of a bucket have context length 0 and slot -1, which the
 Triton KV-write and decode-attention kernels skip, so they touch no sequence's cache.
 
+A step's inputs are written on the host into one pinned staging buffer laid out like the static
+buffers (token, three M-RoPE positions, slot and context length per row; then the block tables),
+and reach the device in two asynchronous copies: no per-field transfer, no copy kernel.
+
 The captured forward must take the Triton decode path (`kernels.decode_attention_runs`): the torch
 attention path loops over the batch on the host. Without `capture` (the CPU, in tests) the same
 padded static batch runs eagerly, which checks everything but the capture itself.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from qwen2vl.engine.scheduler import ScheduledChunk
 from qwen2vl.layers.attention_metadata import AttentionMetadata
+
+TOKEN, POSITIONS, SLOT, CONTEXT = 0, slice(1, 4), 4, 5  # rows of the per-sequence fields
+NUM_FIELDS = 6
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -30,11 +39,15 @@ class DecodeGraphs:
         device = model.device
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.batch_sizes = graph_batch_sizes(max_batch)
-        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.positions = torch.zeros(3, max_batch, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((max_batch,), -1, dtype=torch.long, device=device)
-        self.context_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.max_blocks = max_blocks_per_seq
+        # int64 throughout: the kernels read context lengths and block tables of either width.
+        self.fields = torch.zeros(NUM_FIELDS, max_batch, dtype=torch.long, device=device)
+        self.fields[SLOT] = -1
+        self.block_tables = torch.zeros(max_batch, max_blocks_per_seq, dtype=torch.long, device=device)
+        staging = torch.zeros(NUM_FIELDS * max_batch + max_batch * max_blocks_per_seq, dtype=torch.long,
+                              pin_memory=device.type == "cuda")
+        self.staged_fields = staging[:NUM_FIELDS * max_batch].view(NUM_FIELDS, max_batch)
+        self.staged_tables = staging[NUM_FIELDS * max_batch:].view(max_batch, max_blocks_per_seq)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -45,23 +58,37 @@ class DecodeGraphs:
     def max_batch(self) -> int:
         return self.batch_sizes[-1]
 
-    def fits(self, attn: AttentionMetadata) -> bool:
-        """Whether a batch can replay a graph: one new token per sequence, few enough sequences,
-        block tables no wider than the static one."""
-        return (max(attn.query_lens_cpu) == 1 and attn.num_seqs <= self.max_batch
-                and attn.block_tables.shape[1] <= self.block_tables.shape[1])
+    def fits(self, chunks: list[ScheduledChunk]) -> bool:
+        """Whether a step can replay a graph: one new token per sequence, not an image or video
+        pad, few enough sequences, block tables no wider than the static one."""
+        return len(chunks) <= self.max_batch and all(
+            chunk.num_tokens == 1 and len(chunk.seq.block_table) <= self.max_blocks
+            and not (chunk.start < chunk.seq.prompt_len and chunk.seq.vision_mask[chunk.start])
+            for chunk in chunks)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
-        """Float32 logits `[B, vocab]` of a batch that `fits` (valid until the next `run`)."""
-        batch = attn.num_seqs
+    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Float32 logits `[B, vocab]` of a step that `fits` (valid until the next `run`). The
+        staging buffer is rewritten here, so the previous step's copies must be done: they are,
+        once its sampled tokens have been read."""
+        batch = len(chunks)
         bucket = next(size for size in self.batch_sizes if size >= batch)
-        self.input_ids[:batch].copy_(input_ids)
-        self.positions[:, :batch].copy_(positions)
-        self.slot_mapping[:batch].copy_(attn.slot_mapping)
-        self.slot_mapping[batch:bucket].fill_(-1)
-        self.context_lens[:batch].copy_(attn.context_lens)
-        self.context_lens[batch:bucket].fill_(0)
-        self.block_tables[:batch, :attn.block_tables.shape[1]].copy_(attn.block_tables)
+        rows = []
+        tables = self.staged_tables.numpy()
+        for row, chunk in enumerate(chunks):
+            seq, i = chunk.seq, chunk.start
+            if i < seq.prompt_len:
+                positions = seq.prompt.positions[:, i].tolist()
+            else:
+                positions = [i + seq.prompt.rope_delta] * 3
+            table = seq.block_table
+            rows.append([seq.token_ids[i], *positions, table[i // self.block_size] * self.block_size + i % self.block_size,
+                         i + 1])
+            tables[row, :len(table)] = table
+        fields = self.staged_fields.numpy()
+        fields[:, :batch] = np.array(rows, dtype=np.int64).T
+        fields[SLOT, batch:bucket], fields[CONTEXT, batch:bucket] = -1, 0
+        self.fields.copy_(self.staged_fields, non_blocking=True)
+        self.block_tables[:bucket].copy_(self.staged_tables[:bucket], non_blocking=True)
         if bucket in self.graphs:
             self.graphs[bucket].replay()
             return self.logits[bucket][:batch]
@@ -70,15 +97,15 @@ class DecodeGraphs:
     def _forward(self, batch: int) -> torch.Tensor:
         attn = AttentionMetadata(
             query_start_loc=self.query_start_loc[:batch + 1],
-            context_lens=self.context_lens[:batch],
-            slot_mapping=self.slot_mapping[:batch],
+            context_lens=self.fields[CONTEXT, :batch],
+            slot_mapping=self.fields[SLOT, :batch],
             block_tables=self.block_tables[:batch],
             query_lens_cpu=[1] * batch,
             # Only the torch attention path reads these, and a graph never takes it.
-            context_lens_cpu=[self.block_tables.shape[1] * self.block_size] * batch,
+            context_lens_cpu=[self.max_blocks * self.block_size] * batch,
             block_size=self.block_size,
         )
-        return self.model(self.input_ids[:batch], self.positions[:, :batch], attn, self.kv_caches)
+        return self.model(self.fields[TOKEN, :batch], self.fields[POSITIONS, :batch], attn, self.kv_caches)
 
     @torch.inference_mode()
     def _capture(self) -> None:

@@ -78,18 +78,23 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk]) -> list[SampledToken]:
         """One forward over all chunks; returns the next token of each chunk that samples, in
         order."""
+        sampling = [chunk.seq for chunk in chunks if chunk.samples]
+        if self.graphs is not None and self.graphs.fits(chunks):
+            logits = self.graphs.run(chunks)
+            if len(sampling) < len(chunks):  # a one-token chunk inside a prompt samples nothing
+                logits = logits[[row for row, chunk in enumerate(chunks) if chunk.samples]]
+        else:
+            logits = self._forward(chunks)
+        return self._sample(logits, sampling) if sampling else []
+
+    def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         input_ids = [token for chunk in chunks for token in chunk.seq.token_ids[chunk.start:chunk.end]]
-        positions = step_positions(chunks)
         vision_embeds, vision_mask = self._vision_inputs(chunks)
         ends = list(itertools.accumulate(chunk.num_tokens for chunk in chunks))
-        logits_indices = self._tensor([end - 1 for chunk, end in zip(chunks, ends) if chunk.samples], torch.long)
-        input_ids, positions, attn = self._tensor(input_ids, torch.long), self._tensor(positions), self._attention_metadata(chunks)
-        if self.graphs is not None and vision_embeds is None and self.graphs.fits(attn):
-            logits = self.graphs.run(input_ids, positions, attn)[logits_indices]
-        else:
-            logits = self.model(input_ids, positions, attn, self.kv_caches, vision_embeds, vision_mask, logits_indices)
-        sampling = [chunk.seq for chunk in chunks if chunk.samples]
-        return self._sample(logits, sampling) if sampling else []
+        logits_indices = [end - 1 for chunk, end in zip(chunks, ends) if chunk.samples]
+        return self.model(self._tensor(input_ids, torch.long), self._tensor(step_positions(chunks)),
+                          self._attention_metadata(chunks), self.kv_caches, vision_embeds, vision_mask,
+                          self._tensor(logits_indices, torch.long))
 
     def _attention_metadata(self, chunks: list[ScheduledChunk]) -> AttentionMetadata:
         query_lens = [chunk.num_tokens for chunk in chunks]

@@ -23,9 +23,9 @@ class AttentionMetadata:
     """
 
     query_start_loc: torch.Tensor  # [B+1] int32
-    context_lens: torch.Tensor  # [B] int32
+    context_lens: torch.Tensor  # [B] int32 (int64 in the decode CUDA graphs' buffers)
     slot_mapping: torch.Tensor  # [N] int64
-    block_tables: torch.Tensor  # [B, max_blocks] int32
+    block_tables: torch.Tensor  # [B, max_blocks] int32 (likewise)
     query_lens_cpu: list[int]
     context_lens_cpu: list[int]
     block_size: int
