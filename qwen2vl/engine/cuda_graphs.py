@@ -48,6 +48,8 @@ class DecodeGraphs:
                               pin_memory=device.type == "cuda")
         self.staged_fields = staging[:NUM_FIELDS * max_batch].view(NUM_FIELDS, max_batch)
         self.staged_tables = staging[NUM_FIELDS * max_batch:].view(max_batch, max_blocks_per_seq)
+        # Marks when the last step's copies out of the staging buffer are done (before rewriting it).
+        self.staging_free = torch.cuda.Event() if device.type == "cuda" else None
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -67,9 +69,9 @@ class DecodeGraphs:
             for chunk in chunks)
 
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Float32 logits `[B, vocab]` of a step that `fits` (valid until the next `run`). The
-        staging buffer is rewritten here, so the previous step's copies must be done: they are,
-        once its sampled tokens have been read."""
+        """Float32 logits `[B, vocab]` of a step that `fits` (valid until the next `run`)."""
+        if self.staging_free is not None:
+            self.staging_free.synchronize()  # done long ago when the last step's tokens were read
         batch = len(chunks)
         bucket = next(size for size in self.batch_sizes if size >= batch)
         rows = []
@@ -89,6 +91,8 @@ class DecodeGraphs:
         fields[SLOT, batch:bucket], fields[CONTEXT, batch:bucket] = -1, 0
         self.fields.copy_(self.staged_fields, non_blocking=True)
         self.block_tables[:bucket].copy_(self.staged_tables[:bucket], non_blocking=True)
+        if self.staging_free is not None:
+            self.staging_free.record()
         if bucket in self.graphs:
             self.graphs[bucket].replay()
             return self.logits[bucket][:batch]
