@@ -50,6 +50,7 @@ class DecodeGraphs:
         self.staged_tables = staging[NUM_FIELDS * max_batch:].view(max_batch, max_blocks_per_seq)
         # Marks when the last step's copies out of the staging buffer are done (before rewriting it).
         self.staging_free = torch.cuda.Event() if device.type == "cuda" else None
+        self.device = device
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
@@ -92,7 +93,7 @@ class DecodeGraphs:
         self.fields.copy_(self.staged_fields, non_blocking=True)
         self.block_tables[:bucket].copy_(self.staged_tables[:bucket], non_blocking=True)
         if self.staging_free is not None:
-            self.staging_free.record()
+            self.staging_free.record(torch.cuda.current_stream(self.device))
         if bucket in self.graphs:
             self.graphs[bucket].replay()
             return self.logits[bucket][:batch]
@@ -117,14 +118,15 @@ class DecodeGraphs:
         Each bucket runs once before its capture, so Triton compiles outside it; the buffers
         hold padding then (context 0, slot -1), so that run writes no cache."""
         pool = None
-        side = torch.cuda.Stream(self.model.device)
-        for batch in reversed(self.batch_sizes):
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._forward(batch)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[batch] = self._forward(batch)
-            pool = graph.pool()
-            self.graphs[batch] = graph
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            for batch in reversed(self.batch_sizes):
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._forward(batch)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.logits[batch] = self._forward(batch)
+                pool = graph.pool()
+                self.graphs[batch] = graph
