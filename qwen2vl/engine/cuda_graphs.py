@@ -119,12 +119,11 @@ class DecodeGraphs:
         hold padding then (context 0, slot -1), so that run writes no cache."""
         pool = None
         with torch.cuda.device(self.device):
-            side = torch.cuda.Stream()
             for batch in reversed(self.batch_sizes):
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    self._forward(batch)
-                torch.cuda.current_stream().wait_stream(side)
+                # Warm-up on the current stream, capture on torch's shared capture stream: no new
+                # stream per engine (each stream keeps a cuBLAS workspace of its own).
+                self._forward(batch)
+                torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self.logits[batch] = self._forward(batch)
