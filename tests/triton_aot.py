@@ -58,7 +58,7 @@ def variants():
                     "bias_ptr": "*bf16", "out_ptr": "*fp32", "final_ptr": "*bf16", "counters_ptr": "*i32",
                     "N": "i32", "N_WORDS": "i32", "K": "i32", "stride_split": "i32",
                     "split_k": "i32", "GROUP_SIZE": GROUP, "BLOCK_W": block_n // 8, "BLOCK_K": block_k,
-                    "SPLIT": True, "HAS_BIAS": in_kernel, "REDUCE_IN_KERNEL": in_kernel},
+                    "SPLIT": True, "HAS_BIAS": in_kernel, "REDUCE_IN_KERNEL": in_kernel, "PREFETCH": in_kernel},
                    {"num_warps": warps, "num_stages": 3})
     yield ("awq dequantize", triton_awq._dequantize_kernel,
            {"qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16", "out_ptr": "*bf16", "N": "i32",

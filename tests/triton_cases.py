@@ -90,6 +90,7 @@ def test_awq_pack_is_the_checkpoint_layout():
     (33, triton_awq.MatmulConfig(32, 64, 32, split_k=1, gather=True)),
     (1, triton_awq.MatmulConfig(1, 64, 32, split_k=3, gemv=True)),  # one row: the GEMV kernel, N tail masked
     (1, triton_awq.MatmulConfig(1, 256, 64, split_k=1, gemv=True)),  # bias fused, most words masked
+    (1, triton_awq.MatmulConfig(1, 64, 32, split_k=3, gemv=True, prefetch=True)),  # next K tile loaded ahead
     (40, None),  # prefill default: tiled GEMM, M and N tails masked
     (triton_awq.DEQUANTIZE_MIN_M + 3, None),  # many rows: the weight dequantized once, then cuBLAS
 ])

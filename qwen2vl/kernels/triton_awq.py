@@ -68,6 +68,8 @@ class MatmulConfig:
     # With split_k > 1: the last program to finish a tile sums its partials (split order, bias
     # last: the same sums as the separate reduction), so the matmul is one launch.
     reduce_in_kernel: bool = False
+    # gemv: each K tile's packed words are loaded one iteration ahead (two loads in flight).
+    prefetch: bool = False
 
 
 # Measured winners (`benchmarks/speed.py --sections tune`), by (rows class, N, K, group size): a
@@ -192,7 +194,7 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
         _awq_gemv_kernel[(triton.cdiv(n, config.block_n), split)](
             flat, qweight, qzeros, scales, bias if bias_here else flat, out, final, counters, n, n // 8, k, n, split,
             GROUP_SIZE=group_size, BLOCK_W=config.block_n // 8, BLOCK_K=config.block_k,
-            SPLIT=split > 1, HAS_BIAS=bias_here, REDUCE_IN_KERNEL=in_kernel,
+            SPLIT=split > 1, HAS_BIAS=bias_here, REDUCE_IN_KERNEL=in_kernel, PREFETCH=config.prefetch,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     else:
@@ -336,7 +338,7 @@ def _awq_gemv_kernel(
     x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, final_ptr, counters_ptr,
     N, N_WORDS, K, stride_split, split_k,
     GROUP_SIZE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One row of x times W for `BLOCK_W` packed words (8 columns each) over a K range. Each
     word is unpacked in registers into its 8 nibbles `[BLOCK_K, BLOCK_W, 8]` (no reshuffle
@@ -358,10 +360,20 @@ def _awq_gemv_kernel(
     first = pid_k * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     acc = tl.zeros((BLOCK_K, BLOCK_W, 8), dtype=tl.float32)
+    word_rows = qweight_ptr + offs_k[:, None] * N_WORDS + words[None, :]
+    if PREFETCH:
+        ahead = tl.load(word_rows + first * BLOCK_K * N_WORDS, mask=mask_w[None, :] & (first < last), other=0)
+    else:
+        ahead = tl.zeros((BLOCK_K, BLOCK_W), dtype=tl.int32)
     for tile in range(first, last):
         rows = tile * BLOCK_K + offs_k
         group = tile * BLOCK_K // GROUP_SIZE
-        packed = tl.load(qweight_ptr + rows[:, None] * N_WORDS + words[None, :], mask=mask_w[None, :], other=0)
+        if PREFETCH:
+            packed = ahead
+            ahead = tl.load(word_rows + (tile + 1) * BLOCK_K * N_WORDS, mask=mask_w[None, :] & (tile + 1 < last),
+                            other=0)
+        else:
+            packed = tl.load(word_rows + tile * BLOCK_K * N_WORDS, mask=mask_w[None, :], other=0)
         zero_words = tl.load(qzeros_ptr + group * N_WORDS + words, mask=mask_w, other=0)
         scale = tl.load(scales_ptr + group * N + columns, mask=mask_w[:, None], other=0.0).to(tl.float32)
         x = tl.load(x_ptr + rows).to(tl.float32)
