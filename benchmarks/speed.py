@@ -158,6 +158,13 @@ def text_shapes():
     return Qwen2VLConfig.from_dict(config).text, config["quantization_config"]["group_size"]
 
 
+def decoder_linears(text) -> dict[str, tuple[int, int, bool]]:
+    """The decoder layer's linears: name -> (K, N, has bias)."""
+    h, q_size, kv_size = text.hidden_size, text.num_heads * text.head_dim, text.num_kv_heads * text.head_dim
+    return {"qkv": (h, q_size + 2 * kv_size, True), "o": (q_size, h, False),
+            "gate_up": (h, 2 * text.intermediate_size, False), "down": (text.intermediate_size, h, False)}
+
+
 def kernel_row(name, shape, ours_us, ref_us, nbytes, parity) -> None:
     row = {"kernel": name, "shape": shape, "ours_us": round(ours_us, 2), "ref_us": round(ref_us, 2),
            "gbps": round(nbytes / ours_us / 1e3), "floor_share": round(nbytes / ours_us / 1e3 / floor_gbps(), 3),
@@ -198,8 +205,7 @@ def run_kernels(args) -> None:
     h, d = text.hidden_size, text.head_dim
     q_size, kv_size = text.num_heads * d, text.num_kv_heads * d
     dtype = torch.bfloat16
-    linears = {"qkv": (h, q_size + 2 * kv_size, True), "o": (q_size, h, False),
-               "gate_up": (h, 2 * text.intermediate_size, False), "down": (text.intermediate_size, h, False)}
+    linears = decoder_linears(text)
     decode_us = 0.0
     for name, (k, n, has_bias) in linears.items():
         packed_bytes = k * n // 2 + (k // group_size) * n * 2 + (k // group_size) * n // 2
@@ -427,9 +433,7 @@ def run_tune(args) -> None:
     from qwen2vl.kernels import triton_awq
 
     text, group_size = text_shapes()
-    h, d = text.hidden_size, text.head_dim
-    linears = {"qkv": (h, (text.num_heads + 2 * text.num_kv_heads) * d), "o": (text.num_heads * d, h),
-               "gate_up": (h, 2 * text.intermediate_size), "down": (text.intermediate_size, h)}
+    linears = {name: (k, n) for name, (k, n, _) in decoder_linears(text).items()}
     jobs = [(m, name, k, n, config) for m in TUNE_ROWS for name, (k, n) in linears.items()
             for config in candidate_configs(m, n, k, group_size)]
     start = time.perf_counter()

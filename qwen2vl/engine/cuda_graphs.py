@@ -17,10 +17,9 @@ padded static batch runs eagerly, which checks everything but the capture itself
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from qwen2vl.engine.scheduler import ScheduledChunk
+from qwen2vl.engine.scheduler import ScheduledChunk, slot_mapping, step_positions
 from qwen2vl.layers.attention_metadata import AttentionMetadata
 
 TOKEN, POSITIONS, SLOT, CONTEXT = 0, slice(1, 4), 4, 5  # rows of the per-sequence fields
@@ -75,21 +74,15 @@ class DecodeGraphs:
             self.staging_free.synchronize()  # done long ago when the last step's tokens were read
         batch = len(chunks)
         bucket = next(size for size in self.batch_sizes if size >= batch)
-        rows = []
-        tables = self.staged_tables.numpy()
-        for row, chunk in enumerate(chunks):
-            seq, i = chunk.seq, chunk.start
-            if i < seq.prompt_len:
-                positions = seq.prompt.positions[:, i].tolist()
-            else:
-                positions = [i + seq.prompt.rope_delta] * 3
-            table = seq.block_table
-            rows.append([seq.token_ids[i], *positions, table[i // self.block_size] * self.block_size + i % self.block_size,
-                         i + 1])
-            tables[row, :len(table)] = table
-        fields = self.staged_fields.numpy()
-        fields[:, :batch] = np.array(rows, dtype=np.int64).T
+        fields, tables = self.staged_fields.numpy(), self.staged_tables.numpy()
+        fields[TOKEN, :batch] = [chunk.seq.token_ids[chunk.start] for chunk in chunks]
+        fields[POSITIONS, :batch] = step_positions(chunks).numpy()
+        fields[SLOT, :batch] = [slot_mapping(chunk.seq.block_table, chunk.start, chunk.end, self.block_size)[0]
+                                for chunk in chunks]
+        fields[CONTEXT, :batch] = [chunk.end for chunk in chunks]
         fields[SLOT, batch:bucket], fields[CONTEXT, batch:bucket] = -1, 0
+        for row, chunk in enumerate(chunks):
+            tables[row, :len(chunk.seq.block_table)] = chunk.seq.block_table
         self.fields.copy_(self.staged_fields, non_blocking=True)
         self.block_tables[:bucket].copy_(self.staged_tables[:bucket], non_blocking=True)
         if self.staging_free is not None:

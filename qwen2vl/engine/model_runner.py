@@ -8,7 +8,7 @@ import torch
 
 from qwen2vl import kernels
 from qwen2vl.engine.cuda_graphs import DecodeGraphs
-from qwen2vl.engine.scheduler import ScheduledChunk
+from qwen2vl.engine.scheduler import ScheduledChunk, slot_mapping, step_positions
 from qwen2vl.engine.sequence import Sequence
 from qwen2vl.layers.attention_metadata import AttentionMetadata
 from qwen2vl.layers.sampler import Sampler, SamplingBatch
@@ -186,28 +186,3 @@ class ModelRunner:
         if self.device.type != "cuda":
             return cpu
         return cpu.pin_memory().to(self.device, non_blocking=True)
-
-
-def step_positions(chunks: list[ScheduledChunk]) -> torch.Tensor:
-    """M-RoPE positions `[3, N]` of a step's tokens: each prompt's own, then `i + rope_delta` on
-    all three axes for generated token i (counted from the start of the prompt). Generated
-    tokens' positions are gathered as plain numbers, one tensor for a whole run of decode chunks."""
-    pieces, generated = [], []
-    for chunk in chunks:
-        seq = chunk.seq
-        prompt_end = min(chunk.end, seq.prompt_len)
-        if chunk.start < prompt_end:
-            if generated:
-                pieces.append(torch.tensor(generated, dtype=torch.long).expand(3, -1))
-                generated = []
-            pieces.append(seq.prompt.positions[:, chunk.start:prompt_end])
-        delta = seq.prompt.rope_delta
-        generated += range(max(chunk.start, prompt_end) + delta, chunk.end + delta)
-    if generated:
-        pieces.append(torch.tensor(generated, dtype=torch.long).expand(3, -1))
-    return torch.cat(pieces, dim=1)
-
-
-def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """Cache slot of each token `start..end-1` of a sequence with this block table."""
-    return [block_table[i // block_size] * block_size + i % block_size for i in range(start, end)]

@@ -1,8 +1,11 @@
-"""Which sequences run in the next step, and how many of their tokens."""
+"""Which sequences run in the next step, how many of their tokens, and where those tokens sit
+(M-RoPE positions, KV-cache slots)."""
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+
+import torch
 
 from qwen2vl.engine.block_manager import BlockManager
 from qwen2vl.engine.sequence import Sequence, SequenceStatus
@@ -24,6 +27,31 @@ class ScheduledChunk:
     def samples(self) -> bool:
         """The chunk reaches the sequence's last token, so the step samples its next one."""
         return self.end == self.seq.num_tokens
+
+
+def step_positions(chunks: list[ScheduledChunk]) -> torch.Tensor:
+    """M-RoPE positions `[3, N]` of a step's tokens: each prompt's own, then `i + rope_delta` on
+    all three axes for generated token i (counted from the start of the prompt). Generated
+    tokens' positions are gathered as plain numbers, one tensor for a whole run of decode chunks."""
+    pieces, generated = [], []
+    for chunk in chunks:
+        seq = chunk.seq
+        prompt_end = min(chunk.end, seq.prompt_len)
+        if chunk.start < prompt_end:
+            if generated:
+                pieces.append(torch.tensor(generated, dtype=torch.long).expand(3, -1))
+                generated = []
+            pieces.append(seq.prompt.positions[:, chunk.start:prompt_end])
+        delta = seq.prompt.rope_delta
+        generated += range(max(chunk.start, prompt_end) + delta, chunk.end + delta)
+    if generated:
+        pieces.append(torch.tensor(generated, dtype=torch.long).expand(3, -1))
+    return torch.cat(pieces, dim=1)
+
+
+def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slot of each token `start..end-1` of a sequence with this block table."""
+    return [block_table[i // block_size] * block_size + i % block_size for i in range(start, end)]
 
 
 class Scheduler:
