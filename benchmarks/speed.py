@@ -215,7 +215,9 @@ def run_kernels(args) -> None:
         for m in (1, 16, 1296):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             out = triton_awq.awq_matmul(x, *operands[0], group_size, bias)
-            ref = reference_ops.awq_matmul_reference(x, *operands[0], group_size, bias)
+            num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+            gemv = m < triton_awq.DEQUANTIZE_MIN_M and triton_awq.pick_config(m, n, k, group_size, num_sms).gemv
+            ref = reference_ops.awq_matmul_reference(x, *operands[0], group_size, bias, exact_weight=gemv)
             ok = torch.allclose(out.float(), ref.float(), rtol=2**-7, atol=2**-7 * float(ref.float().abs().max()) / 64)
             parity = f"{'ok' if ok else 'MISMATCH'} ({max_ulps(out, ref)})"
             ours = graph_time_us([lambda ops=ops: triton_awq.awq_matmul(x, *ops, group_size, bias) for ops in operands])
@@ -501,7 +503,7 @@ def launch_shapes(m, n, k, group_size):
 
     block_k = min(128, group_size)
     if m == 1:  # the GEMV kernel
-        for block_n, block_ks in ((128, (16, 32, 64)), (256, (16, 32, 64))):
+        for block_n, block_ks in ((64, (32, 64, 128)), (128, (16, 32, 64, 128)), (256, (16, 32, 64))):
             for gemv_k in block_ks:
                 if group_size % gemv_k:
                     continue
@@ -524,6 +526,8 @@ def run_checkpoints(args) -> None:
 
     config = json.loads(CONFIG_2B.read_text())
     for quant, dtype in (("awq", None), (None, "bf16")):
+        if (quant or dtype) not in args.weights.split(","):
+            continue
         out = checkpoint_dir(args, quant)
         if (out / "config.json").is_file():
             log(f"{out}: present")
@@ -620,11 +624,14 @@ def drive(engine, prompts, max_tokens: int, budget_s: float) -> dict:
     start = time.perf_counter()
     ids = [engine.add_request(prompt, params) for prompt in prompts]
     counts, first, last, finished = dict.fromkeys(ids, 0), None, None, set()
-    all_started, tokens_then, steps = None, 0, 0
+    all_started, tokens_then, steps, ramp = None, 0, 0, []
     while len(finished) < len(ids):
+        before = time.perf_counter()
         outputs = engine.step()
         steps += 1
         now = time.perf_counter()
+        if all_started is None:  # where the time goes until every request has its first token
+            ramp.append(f"{1e3 * (now - before):.0f} ms ({engine.num_running} running, {engine.num_waiting} waiting)")
         for output in outputs:
             counts[output.request_id] = len(output.token_ids)
             if output.finished:
@@ -644,7 +651,8 @@ def drive(engine, prompts, max_tokens: int, budget_s: float) -> dict:
     return {"ttft_s": first - start, "tokens": total, "decode_tokens_per_s": (total - len(ids)) / decode_s if decode_s > 0 else None,
             "output_tokens_per_s": total / (last - start), "steps": steps,
             "all_started_s": all_started - start if all_started is not None else None,
-            "tokens_per_s_once_all_started": (total - tokens_then) / after if after > 0 else None}
+            "tokens_per_s_once_all_started": (total - tokens_then) / after if after > 0 else None,
+            "ramp_steps": ramp}
 
 
 def load_ours(model_dir):
@@ -668,7 +676,7 @@ def card_row(who: str, weights: str, length: int, result: dict, peak: int) -> No
 
 
 def run_ours(args) -> None:
-    for quant in ("awq", None):
+    for quant in [q for q in ("awq", None) if (q or "bf16") in args.weights.split(",")]:
         model, processor = load_ours(checkpoint_dir(args, quant))
         weights = "AWQ" if quant else "BF16"
         # warm-up: every kernel the rows run (decode, a whole prompt, a chunk after cached tokens), the allocator
@@ -761,6 +769,7 @@ def run_concurrent(args) -> None:
     log(f"64 concurrent image requests: {row['output_tokens_per_s']} output tokens/s ({row['generated']} tokens, "
         f"{result['steps']} steps), peak {row['peak_gib']} GiB; every request had its first token after "
         f"{result['all_started_s']:.2f} s, then {result['tokens_per_s_once_all_started']:.0f} tokens/s")
+    log("steps until then: " + "; ".join(result["ramp_steps"]))
 
 
 # --- end to end: transformers -------------------------------------------------------------------
@@ -852,6 +861,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, run in this order")
     parser.add_argument("--max-tokens", type=int, default=2048, help="tokens to generate per card row (at most)")
     parser.add_argument("--transformers-tokens", type=int, default=32)
+    parser.add_argument("--weights", default="awq,bf16",
+                        help="checkpoints to write and time: awq, bf16 (the transformers section needs bf16)")
     parser.add_argument("--budget", type=float, default=1.0, help="scales every section's time budget")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

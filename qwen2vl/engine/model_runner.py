@@ -149,28 +149,25 @@ class ModelRunner:
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         params = [seq.params for seq in seqs]
-        # One transfer for all the per-row numbers (float32 holds any top_k exactly).
-        names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-        table = self._tensor([[getattr(p, name) for name in names] for p in params], torch.float32)
-        column = dict(zip(names, table.unbind(1)))
-
         any_penalty = any(
             p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params
         )
+        all_greedy = all(p.greedy for p in params)
+        names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        column = dict.fromkeys(names)
+        if any_penalty or not all_greedy:  # greedy rows without penalties need none of the numbers
+            # One transfer for all the per-row numbers (float32 holds any top_k exactly).
+            table = self._tensor([[getattr(p, name) for name in names] for p in params], torch.float32)
+            column = dict(zip(names, table.unbind(1)))
+            column["top_k"] = column["top_k"].long()
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingBatch(
-            temperature=column["temperature"],
-            top_k=column["top_k"].long(),
-            top_p=column["top_p"],
-            min_p=column["min_p"],
-            repetition_penalty=column["repetition_penalty"],
-            presence_penalty=column["presence_penalty"],
-            frequency_penalty=column["frequency_penalty"],
+            **column,
             prompt_tokens=self._padded([seq.token_ids[:seq.prompt_len] for seq in seqs]) if any_penalty else None,
             output_tokens=self._padded([seq.output_token_ids for seq in seqs]) if any_penalty else None,
             generators=[seq.generator for seq in seqs],
             num_logprobs=max(asked) if asked else None,
-            all_greedy=all(p.greedy for p in params),
+            all_greedy=all_greedy,
             any_penalty=any_penalty,
             any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params),
         )

@@ -15,10 +15,13 @@ from qwen2vl.layers.rotary import apply_rotary
 
 
 def awq_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                         group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+                         group_size: int, bias: torch.Tensor | None = None, exact_weight: bool = False) -> torch.Tensor:
     """`x @ W + bias` with W dequantized exactly, rounded once to x's dtype (as the reference
-    path's `dequantize_` does), products summed in float32 and rounded once at the end."""
-    weight = q.dequantize_awq(qweight, qzeros, scales, group_size).to(x.dtype).float()  # [N, K]
+    path's `dequantize_` does; with `exact_weight`, not rounded: the one-row GEMV's function),
+    products summed in float32 and rounded once at the end."""
+    weight = q.dequantize_awq(qweight, qzeros, scales, group_size)  # [N, K] float32
+    if not exact_weight:
+        weight = weight.to(x.dtype).float()
     y = x.float() @ weight.t()
     if bias is not None:
         y += bias.float()

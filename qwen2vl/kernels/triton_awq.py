@@ -7,8 +7,13 @@ of `quantization.AWQ_PACK_ORDER`; `qzeros [K/g, N/8]` int32 packed the same way;
 
 Weights are dequantized in registers: the integer `q - z` times the float16 scale, in float32
 (exact), rounded once to the activation dtype, then a tensor-core dot with float32 accumulation.
-So the kernel computes what the reference path computes (the float32 dequantized weight rounded
-to the compute dtype, `x @ W`), up to the order of the float32 sums.
+So the tiled kernel computes what the reference path computes (the float32 dequantized weight
+rounded to the compute dtype, `x @ W`), up to the order of the float32 sums. The one-row GEMV
+skips that rounding (`x * s * (q - z)` in float32: the exact weight), which is what makes it
+fast: the rounding and the int-to-float conversions run on the SM's slow conversion units, and
+bound the kernel there instead of the memory (H100, gate_up: 18 us, 2.4 conversions per weight).
+`q - z` becomes a float without a conversion instruction: `2^23 + v` has the bits of v < 2^23 in
+its mantissa, so `float(0x4B000000 | q) - float(0x4B000000 | z)` is exactly `q - z`.
 
 Two kernels, three shapes of launch (`pick_config`; `MatmulConfig` lets a sweep try others):
 - decode (M <= 16): a GEMV-style split-K launch, one 16-row tile of M (or, with `block_m` < 16,
@@ -18,7 +23,8 @@ Two kernels, three shapes of launch (`pick_config`; `MatmulConfig` lets a sweep 
   depends on timing). A consumer can take the unreduced `SplitSums` and fuse that sum instead;
   or (`reduce_in_kernel`) the last program to finish a tile sums it, in the same order, and the
   matmul is one launch.
-- one row (batch-1 decode), `gemv`: `_awq_gemv_kernel`, words unpacked in registers, no dot.
+- one row (batch-1 decode), `gemv`: `_awq_gemv_kernel`, words unpacked in registers, no dot,
+  the exact weight (see above; reference: `reference_ops.awq_matmul_reference(exact_weight=True)`).
 - prefill: a tiled GEMM over (M, N) tiles with the whole K per program and the bias fused; from
   `DEQUANTIZE_MIN_M` rows on (and no config asked for), the weight is dequantized once per call
   (`dequantize`) and cuBLAS multiplies.
@@ -74,16 +80,18 @@ class MatmulConfig:
 
 # Measured winners (`benchmarks/speed.py --sections tune`), by (rows class, N, K, group size): a
 # batch of M rows uses the entry of the smallest class >= M (1, 16, 64). These are the 2B model's
-# four decoder linears, on an H100 (2026-11-27, docs/perf-notes.md run 3).
+# four decoder linears, on an H100 (docs/perf-notes.md, run 4: before the GEMV's conversion-free
+# dequantization, so its rows are what that run's kernel liked best).
 TUNED: dict[tuple[int, int, int, int], MatmulConfig] = {
-    (1, 2048, 1536, 128): MatmulConfig(16, 64, 128, split_k=4),
-    (1, 1536, 1536, 128): MatmulConfig(16, 32, 128, split_k=5),
-    (1, 17920, 1536, 128): MatmulConfig(1, 256, 32, split_k=7, gemv=True),
-    (1, 1536, 8960, 128): MatmulConfig(1, 64, 128, split_k=22),
-    (16, 2048, 1536, 128): MatmulConfig(16, 32, 128, split_k=4),
-    (16, 1536, 1536, 128): MatmulConfig(16, 32, 128, split_k=5),
-    (16, 17920, 1536, 128): MatmulConfig(16, 128, 128, split_k=3),
-    (16, 1536, 8960, 128): MatmulConfig(16, 64, 128, split_k=11),
+    (1, 2048, 1536, 128): MatmulConfig(1, 64, 128, split_k=12, reduce_in_kernel=True),
+    (1, 1536, 1536, 128): MatmulConfig(1, 64, 128, split_k=12, reduce_in_kernel=True),
+    (1, 17920, 1536, 128): MatmulConfig(1, 256, 32, split_k=7, gemv=True, reduce_in_kernel=True),
+    (1, 1536, 8960, 128): MatmulConfig(1, 128, 64, split_k=22, num_warps=8, gemv=True, reduce_in_kernel=True,
+                                       prefetch=True),
+    (16, 2048, 1536, 128): MatmulConfig(16, 32, 128, split_k=4, reduce_in_kernel=True),
+    (16, 1536, 1536, 128): MatmulConfig(16, 32, 128, split_k=5, reduce_in_kernel=True),
+    (16, 17920, 1536, 128): MatmulConfig(16, 128, 128, split_k=3, reduce_in_kernel=True),
+    (16, 1536, 8960, 128): MatmulConfig(16, 64, 128, split_k=11, reduce_in_kernel=True),
     (64, 2048, 1536, 128): MatmulConfig(64, 64, 128, split_k=4),
     (64, 1536, 1536, 128): MatmulConfig(64, 64, 128, split_k=5),
     (64, 17920, 1536, 128): MatmulConfig(64, 64, 128, split_k=1),
@@ -279,6 +287,13 @@ def _load_unpacked(ptr, rows, first_column, N, ROWS: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
+def _offset_float(nibbles):
+    """`2^23 + v` as float32 for integers 0 <= v < 16: differences of two are exactly the
+    integer differences, with no int-to-float conversion instruction."""
+    return (nibbles | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _awq_matmul_kernel(
     x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, final_ptr, counters_ptr,
     M, N, K, stride_xm, stride_om, stride_split, split_k,
@@ -305,7 +320,7 @@ def _awq_matmul_kernel(
         values = _load_unpacked(qweight_ptr, rows, pid_n * BLOCK_N, N, BLOCK_K, BLOCK_N, GATHER)
         zeros = _load_unpacked(qzeros_ptr, group + tl.zeros((1,), tl.int32), pid_n * BLOCK_N, N, 1, BLOCK_N, GATHER)
         scale = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        weight = ((values - zeros).to(tl.float32) * scale[None, :]).to(x.dtype)
+        weight = ((_offset_float(values) - _offset_float(zeros)) * scale[None, :]).to(x.dtype)
         if BLOCK_M >= 16:
             acc = tl.dot(x, weight, acc)
         else:  # too few rows for a tensor-core tile: float32 products on the CUDA cores
@@ -342,9 +357,12 @@ def _awq_gemv_kernel(
 ):
     """One row of x times W for `BLOCK_W` packed words (8 columns each) over a K range. Each
     word is unpacked in registers into its 8 nibbles `[BLOCK_K, BLOCK_W, 8]` (no reshuffle
-    between threads), products go to a float32 accumulator of that shape on the CUDA cores, and
-    the sum over K happens once, after the loop; nibble p of a word is column `2 (p % 4) + p // 4`
-    of its 8 (AWQ's order), which the scale loads and the stores follow."""
+    between threads), products `(x s) (q - z)` go to a float32 accumulator of that shape on the
+    CUDA cores, and the sum over K happens once, after the loop; nibble p of a word is column
+    `2 (p % 4) + p // 4` of its 8 (AWQ's order), which the scale loads and the stores follow.
+    `x s` is exact in float32 (8 or 11 significant bits times 11), so each term is the exact
+    product but for the fused multiply-add's one rounding: about four instructions per weight
+    (shift, mask-or, subtract, multiply-add) plus the multiply by the scale."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     # N_WORDS (= N / 8) as its own argument: Triton learns its divisibility, so rows of words are
     # known aligned and loaded in 16-byte vectors.
@@ -377,10 +395,9 @@ def _awq_gemv_kernel(
         zero_words = tl.load(qzeros_ptr + group * N_WORDS + words, mask=mask_w, other=0)
         scale = tl.load(scales_ptr + group * N + columns, mask=mask_w[:, None], other=0.0).to(tl.float32)
         x = tl.load(x_ptr + rows).to(tl.float32)
-        values = (packed[:, :, None] >> shifts[None, None, :]) & 0xF
-        zeros = (zero_words[:, None] >> shifts[None, :]) & 0xF
-        weight = ((values - zeros[None, :, :]).to(tl.float32) * scale[None, :, :]).to(x_ptr.dtype.element_ty)
-        acc += x[:, None, None] * weight.to(tl.float32)
+        values = _offset_float((packed[:, :, None] >> shifts[None, None, :]) & 0xF)
+        zeros = _offset_float((zero_words[:, None] >> shifts[None, :]) & 0xF)
+        acc += (x[:, None, None] * scale[None, :, :]) * (values - zeros[None, :, :])
     out = tl.sum(acc, axis=0)
     if SPLIT:
         tl.store(out_ptr + pid_k * stride_split + columns, out, mask=mask_w[:, None])
@@ -403,7 +420,7 @@ def _dequantize_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N,
     values = _load_unpacked(qweight_ptr, rows, pid_n * BLOCK_N, N, BLOCK_K, BLOCK_N, False)
     zeros = _load_unpacked(qzeros_ptr, group + tl.zeros((1,), tl.int32), pid_n * BLOCK_N, N, 1, BLOCK_N, False)
     scale = tl.load(scales_ptr + group * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    weight = (values - zeros).to(tl.float32) * scale[None, :]
+    weight = (_offset_float(values) - _offset_float(zeros)) * scale[None, :]
     tl.store(out_ptr + rows[:, None] * N + offs_n[None, :], weight.to(out_ptr.dtype.element_ty),
              mask=(offs_n < N)[None, :])
 

@@ -11,7 +11,8 @@ class SamplingBatch:
     """Per-row sampling parameters of R rows, as tensors on the logits' device.
 
     Neutral values switch a step off for a row: temperature 0 = greedy, top_k 0, top_p 1,
-    min_p 0, repetition_penalty 1, presence/frequency penalty 0.
+    min_p 0, repetition_penalty 1, presence/frequency penalty 0. A batch of greedy rows without
+    penalties reads none of these and may leave them `None` (no host-to-device transfer).
 
     `prompt_tokens` / `output_tokens` are `[R, L]` token ids padded with `vocab_size`; they are
     only needed (and may be `None`) when some row has a penalty. The repetition penalty counts
@@ -21,13 +22,13 @@ class SamplingBatch:
     seeded row's draws never depend on the other rows.
     """
 
-    temperature: torch.Tensor  # [R] float32
-    top_k: torch.Tensor  # [R] int64
-    top_p: torch.Tensor  # [R] float32
-    min_p: torch.Tensor  # [R] float32
-    repetition_penalty: torch.Tensor  # [R] float32
-    presence_penalty: torch.Tensor  # [R] float32
-    frequency_penalty: torch.Tensor  # [R] float32
+    temperature: torch.Tensor | None  # [R] float32
+    top_k: torch.Tensor | None  # [R] int64
+    top_p: torch.Tensor | None  # [R] float32
+    min_p: torch.Tensor | None  # [R] float32
+    repetition_penalty: torch.Tensor | None  # [R] float32
+    presence_penalty: torch.Tensor | None  # [R] float32
+    frequency_penalty: torch.Tensor | None  # [R] float32
     prompt_tokens: torch.Tensor | None  # [R, Lp] int64
     output_tokens: torch.Tensor | None  # [R, Lo] int64
     generators: list[torch.Generator | None]
