@@ -363,3 +363,62 @@ def test_bad_requests_fail_alone(model, processor, prompts, singles, monkeypatch
     assert outputs[0].token_ids == singles["text"].token_ids
     assert outputs[2].token_ids == singles["image"].token_ids
     assert engine.num_free_blocks == start
+
+
+def test_running_ahead_gives_the_same_outputs(model, processor, prompts, singles):
+    """`run_ahead`: each step is launched before the last one's tokens are read back (they reach
+    it on the device). The outputs equal stepping in turn, through chunked prefill, preemption in
+    a small pool, requests added and aborted mid-way, a stop token, a stop string, max_tokens,
+    logprobs, seeded sampling and a penalty (whose sequence makes a step read back first)."""
+    names = list(CONVERSATIONS)
+    params = {
+        "text": GREEDY,
+        "image": SamplingParams.from_overrides(GREEDY, stop_token_ids=[singles["image"].token_ids[6]]),
+        "multi_image": SamplingParams.from_overrides(GREEDY, max_tokens=5, logprobs=2),
+        "video": SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True),
+        "multi_turn": SamplingParams.from_overrides(GREEDY, stop=[singles["multi_turn"].text[10:13]]),
+        "image_and_video": SamplingParams.from_overrides(GREEDY, repetition_penalty=1.3),
+    }
+    doomed = "text"  # aborted at step 9
+
+    def generate(run_ahead: bool):
+        longest = max(len(prompts[n]) for n in names) + NEW_TOKENS
+        engine = make_engine(model, processor, block_size=4, num_kv_blocks=-(-longest // 4) + 10,
+                             max_num_batched_tokens=64, run_ahead=run_ahead)
+        start = engine.num_free_blocks
+        launch, ran_ahead = engine.runner.launch, []
+
+        def counted(chunks, previous=None):
+            ran_ahead.append(any(chunk.start >= len(chunk.seq.token_ids) for chunk in chunks))
+            return launch(chunks, previous)
+        engine.runner.launch = counted
+        ids, waiting, steps, aborted = {}, list(names), [0], []
+
+        def add(name):
+            ids[name] = engine.add_request(prompts[name], params[name])
+
+        def every_step():
+            steps[0] += 1
+            if waiting and steps[0] % 2 == 0:
+                add(waiting.pop(0))
+            if steps[0] == 9:
+                aborted.append(engine.abort(ids[doomed]))
+
+        for name in waiting[:3]:
+            add(name)
+        del waiting[:3]
+        final = drain(engine, on_step=every_step)
+        assert engine.num_free_blocks == start
+        return {name: final.get(request_id) or aborted[0] for name, request_id in ids.items()}, engine, ran_ahead
+
+    (ahead, engine, ran_ahead), (in_turn, _, never) = generate(True), generate(False)
+    assert sum(ran_ahead) > 20 and not any(never)  # the penalty row reads back before each of its steps
+    assert engine.num_preemptions > 0
+    # aborted at the same step, the one running ahead has read back one token fewer
+    assert ahead[doomed].token_ids == in_turn[doomed].token_ids[:-1] and ahead[doomed].finish_reason == "abort"
+    for name in set(names) - {doomed}:
+        assert (ahead[name].token_ids, ahead[name].text, ahead[name].finish_reason, ahead[name].logprobs) == (
+            in_turn[name].token_ids, in_turn[name].text, in_turn[name].finish_reason, in_turn[name].logprobs), name
+    assert ahead["image"].finish_reason == ahead["multi_turn"].finish_reason == "stop"
+    assert ahead["multi_image"].finish_reason == "length" and len(ahead["multi_image"].token_ids) == 5
+    assert ahead["image"].token_ids == singles["image"].token_ids[:7]

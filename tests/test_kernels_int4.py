@@ -1,6 +1,8 @@
 """The CPU int4 kernel against its pure-torch reference, and the checkpoint layouts converted to it."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from qwen2vl import kernels
 from qwen2vl.kernels import int4_cpu
 from qwen2vl.layers import quantization as q
 from qwen2vl.layers.linear import AWQLinear, GPTQLinear, Int4Linear, Linear
+from qwen2vl.loader import int8_vocabulary
 
 pytestmark = pytest.mark.skipif(not int4_cpu.available(), reason="this torch has no CPU int4 kernel")
 
@@ -90,10 +93,16 @@ def test_triton_backend_by_name_or_on_cuda(monkeypatch):
     assert kernels.int4_backend(cuda, torch.float16, 24, 64, 32) == "triton"  # N a multiple of 8 is enough
     assert kernels.int4_backend(cuda, torch.float32, 2048, 1536, 128) is None  # float32 stays dequantized
     assert kernels.cuda_graphs_run(cuda, torch.bfloat16, 128) and not kernels.cuda_graphs_run(cuda, torch.float32, 128)
+    # the vocabulary as int8 rows: where the 4-bit linears run on Triton
+    four_bit, dense = types.SimpleNamespace(four_bit=True), types.SimpleNamespace(four_bit=False)
+    assert int8_vocabulary(four_bit, cuda, torch.bfloat16, True) and int8_vocabulary(four_bit, cuda, torch.bfloat16, "triton")
+    assert not int8_vocabulary(four_bit, cuda, torch.bfloat16, "cpu") and not int8_vocabulary(dense, cuda, torch.bfloat16, True)
+    assert not int8_vocabulary(four_bit, cuda, torch.float32, False)
     on_gpu((7, 5))  # T4: Triton has no bfloat16 there, so bfloat16 models keep the torch paths
     assert kernels.int4_backend(cuda, torch.bfloat16, 2048, 1536, 128) is None
     assert kernels.int4_backend(cuda, torch.float16, 2048, 1536, 128) == "triton"
     assert not kernels.cuda_graphs_run(cuda, torch.bfloat16, 128) and kernels.cuda_graphs_run(cuda, torch.float16, 128)
+    assert not int8_vocabulary(four_bit, cuda, torch.bfloat16, True)
     kernels.triton_gpu_dtype.cache_clear()
     assert kernels.int4_backend(cpu, torch.float16, 2048, 1536, 128, wanted="triton") == "triton"  # interpreter
 

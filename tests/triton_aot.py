@@ -24,7 +24,7 @@ LINEARS = {"qkv": (HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM), "o": (HEADS * HEA
 
 def variants():
     """(name, kernel, {param: type string or constexpr value}, options) for every launch."""
-    from qwen2vl.kernels import triton_activation, triton_attention, triton_awq, triton_norm, triton_rotary
+    from qwen2vl.kernels import triton_activation, triton_attention, triton_awq, triton_int8, triton_norm, triton_rotary
 
     awq_types = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
                  "bias_ptr": "*bf16", "final_ptr": "*bf16", "counters_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
@@ -66,6 +66,11 @@ def variants():
     yield ("awq split sum", triton_awq._sum_splits_kernel,
            {"partial_ptr": "*fp32", "bias_ptr": "*bf16", "out_ptr": "*bf16", "size": "i32", "N": "i32",
             "split_k": "i32", "HAS_BIAS": True, "BLOCK": triton_awq.SUM_BLOCK}, {})
+    for block_m, block_n, block_k in ((1, 32, 256), (16, 128, 64), (64, 128, 64)):  # triton_int8.int8_matmul's
+        yield (f"int8 head block_m={block_m}", triton_int8._int8_matmul_kernel,
+               {"x_ptr": "*bf16", "values_ptr": "*i8", "scales_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32",
+                "N": "i32", "K": "i32", "stride_xm": "i32", "BLOCK_M": block_m, "BLOCK_N": block_n,
+                "BLOCK_K": block_k}, {"num_warps": 4})
     for index in ("i32", "i64"):  # the eager metadata's int32, the decode graphs' int64 buffers
         yield from paged_decode_variants(triton_attention, index)
     yield ("kv write", triton_attention._write_kv_kernel,

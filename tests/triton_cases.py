@@ -455,7 +455,8 @@ def test_decode_steps_replayed_from_cuda_graphs_generate_what_eager_steps_do(tin
     """Three requests of different lengths and output budgets: the batch shrinks from 3 (the
     bucket of 4, one padding row) to 2 to 1 as they finish. Greedy tokens and log-probs through
     the static padded batches of `engine.cuda_graphs` (captured on a GPU, run eagerly on the CPU)
-    equal the eager steps'."""
+    equal the eager steps', also when each step is launched before the last one's tokens are
+    read back (`run_ahead`: the graphs take their input tokens from the device)."""
     from qwen2vl import kernels
     from qwen2vl.engine import LLMEngine
     from qwen2vl.engine.cuda_graphs import graph_batch_sizes
@@ -469,22 +470,23 @@ def test_decode_steps_replayed_from_cuda_graphs_generate_what_eager_steps_do(tin
                for text in ("Count to three.", "Name a colour, then another one, then a third.", "Hi")]
     budgets = (9, 5, 3)
 
-    def generate(graphs: bool):
+    def generate(graphs: bool, run_ahead: bool = False):
         with monkeypatch.context() as patch:
             if DEVICE == "cpu":  # the interpreter stands in for the GPU
                 patch.setattr(kernels, "triton_runs", lambda x: x.dtype in kernels.TRITON_DTYPES)
             model = load_model(tiny_awq_checkpoint, device=DEVICE, dtype=torch.bfloat16, int4_kernel="triton")
             if DEVICE == "cpu":
                 model.half()
-            engine = LLMEngine(model, processor, max_model_len=256, num_kv_blocks=64, max_num_seqs=8, cuda_graphs=graphs)
+            engine = LLMEngine(model, processor, max_model_len=256, num_kv_blocks=64, max_num_seqs=8, cuda_graphs=graphs,
+                               run_ahead=run_ahead)
             assert (engine.runner.graphs is not None) == graphs
             replays = collections.Counter()
             if graphs:
                 run = engine.runner.graphs.run
 
-                def counted(chunks):
-                    replays[len(chunks)] += 1
-                    return run(chunks)
+                def counted(chunks, pending=None):
+                    replays[len(chunks), pending is not None] += 1
+                    return run(chunks, pending)
                 patch.setattr(engine.runner.graphs, "run", counted)
             ids = [engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0, logprobs=1, ignore_eos=True))
                    for prompt, n in zip(prompts, budgets)]
@@ -495,10 +497,37 @@ def test_decode_steps_replayed_from_cuda_graphs_generate_what_eager_steps_do(tin
             return [outputs[i] for i in ids], replays
 
     (graphed, replays), (eager, _) = generate(True), generate(False)
-    assert replays == {3: budgets[2] - 1, 2: budgets[1] - budgets[2], 1: budgets[0] - budgets[1]}
-    for ours, reference in zip(graphed, eager):
-        assert ours.token_ids == reference.token_ids
-        chosen = [step[token] for step, token in zip(ours.logprobs, ours.token_ids)]
-        expected = [step[token] for step, token in zip(reference.logprobs, reference.token_ids)]
-        torch.testing.assert_close(torch.tensor(chosen), torch.tensor(expected), rtol=0, atol=1e-3)
+    (ahead, replays_ahead) = generate(True, run_ahead=True)
+    assert replays == {(3, False): budgets[2] - 1, (2, False): budgets[1] - budgets[2], (1, False): budgets[0] - budgets[1]}
+    # Running ahead, every decode step takes its tokens from the device, but the first after a
+    # step that ends a sequence by length (that one is read back first: no wasted row).
+    assert replays_ahead == {(3, True): budgets[2] - 1, (2, False): 1, (2, True): budgets[1] - budgets[2] - 1,
+                             (1, False): 1, (1, True): budgets[0] - budgets[1] - 1}
+    for outputs in (graphed, ahead):
+        for ours, reference in zip(outputs, eager):
+            assert ours.token_ids == reference.token_ids
+            chosen = [step[token] for step, token in zip(ours.logprobs, ours.token_ids)]
+            expected = [step[token] for step, token in zip(reference.logprobs, reference.token_ids)]
+            torch.testing.assert_close(torch.tensor(chosen), torch.tensor(expected), rtol=0, atol=1e-3)
     assert len({tuple(c.token_ids) for c in graphed}) == 3
+
+
+triton_int8 = _kernel_module("triton_int8")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, BF16])
+@pytest.mark.parametrize("m", [1, 5, 40])  # one row on the CUDA cores; 16- and 64-row tensor-core tiles
+def test_int8_matmul_matches_reference(m, dtype):
+    from qwen2vl.kernels import int8_cpu
+
+    generator = torch.Generator().manual_seed(m)
+    k, n = 96, 200  # N not a multiple of the column block
+    values, scales = int8_cpu.quantize_rows(torch.randn(n, k, generator=generator), dtype)
+    values[0, :4] = torch.tensor([-128, -127, 127, 0], dtype=torch.int8)  # both ends of the int8 range
+    x = torch.randn(m, k, generator=generator).to(DEVICE, dtype)
+    out = triton_int8.int8_matmul(x, values.to(DEVICE), scales.to(DEVICE))
+    expected = int8_cpu.int8_matmul_reference(x, values.to(DEVICE), scales.to(DEVICE))
+    assert out.shape == (m, n) and out.dtype == dtype
+    # Exact products, float32 sums in another order, the scale applied after the sum instead of
+    # to each weight: at most a rounding step of the output apart.
+    torch.testing.assert_close(out.float(), expected.float(), rtol=ULP[dtype], atol=ULP[dtype] * 0.25)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen2vl.engine.scheduler import ScheduledChunk, slot_mapping, step_positions
+from qwen2vl.engine.scheduler import ScheduledChunk, slot_mapping, step_positions, step_tokens
 from qwen2vl.layers.attention_metadata import AttentionMetadata
 
 TOKEN, POSITIONS, SLOT, CONTEXT = 0, slice(1, 4), 4, 5  # rows of the per-sequence fields
@@ -68,14 +68,15 @@ class DecodeGraphs:
             and not (chunk.start < chunk.seq.prompt_len and chunk.seq.vision_mask[chunk.start])
             for chunk in chunks)
 
-    def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Float32 logits `[B, vocab]` of a step that `fits` (valid until the next `run`)."""
+    def run(self, chunks: list[ScheduledChunk], pending=None) -> torch.Tensor:
+        """Float32 logits `[B, vocab]` of a step that `fits` (valid until the next `run`).
+        `pending`: `(rows, token ids on the device)` for rows whose token is not on the host."""
         if self.staging_free is not None:
             self.staging_free.synchronize()  # done long ago when the last step's tokens were read
         batch = len(chunks)
         bucket = next(size for size in self.batch_sizes if size >= batch)
         fields, tables = self.staged_fields.numpy(), self.staged_tables.numpy()
-        fields[TOKEN, :batch] = [chunk.seq.token_ids[chunk.start] for chunk in chunks]
+        fields[TOKEN, :batch] = step_tokens(chunks)
         fields[POSITIONS, :batch] = step_positions(chunks).numpy()
         fields[SLOT, :batch] = [slot_mapping(chunk.seq.block_table, chunk.start, chunk.end, self.block_size)[0]
                                 for chunk in chunks]
@@ -85,6 +86,8 @@ class DecodeGraphs:
             tables[row, :len(chunk.seq.block_table)] = chunk.seq.block_table
         self.fields.copy_(self.staged_fields, non_blocking=True)
         self.block_tables[:bucket].copy_(self.staged_tables[:bucket], non_blocking=True)
+        if pending is not None:
+            self.fields[TOKEN][pending[0]] = pending[1]
         if self.staging_free is not None:
             self.staging_free.record(torch.cuda.current_stream(self.device))
         if bucket in self.graphs:

@@ -6,7 +6,7 @@ import itertools
 import torch
 
 from qwen2vl.engine.block_manager import BlockManager
-from qwen2vl.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from qwen2vl.engine.model_runner import LaunchedStep, ModelRunner, kv_cache_bytes_per_block
 from qwen2vl.engine.scheduler import Scheduler
 from qwen2vl.engine.sequence import RequestOutput, Sequence
 from qwen2vl.errors import InputError
@@ -36,6 +36,13 @@ class LLMEngine:
     `eos_token_id`s (else the model config's) end generation. `cuda_graphs`: replay decode steps
     from CUDA graphs (default: on CUDA with float16/bfloat16 weights, where the Triton decode
     kernels run; see `engine.cuda_graphs`).
+
+    `run_ahead` (default: on CUDA) launches each step before reading back the last one's tokens:
+    the sequences' next input tokens stay on the device, so the host schedules, prepares and
+    detokenizes while the device computes, instead of in turn. A step then returns the outputs
+    of the step before it; a sequence that stops computes one token more, which is dropped.
+    Sequences with penalties (which need their tokens on the host) or at their last token make a
+    step wait for the read-back first.
     """
 
     def __init__(
@@ -52,6 +59,7 @@ class LLMEngine:
         max_vision_tokens_per_step: int | None = None,
         generation_config: dict | None = None,
         cuda_graphs: bool | None = None,
+        run_ahead: bool | None = None,
     ):
         self.model = model
         self.processor = processor
@@ -89,6 +97,8 @@ class LLMEngine:
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
         self._requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
+        self.run_ahead = self.device.type == "cuda" if run_ahead is None else run_ahead
+        self._in_flight: LaunchedStep | None = None  # launched, tokens not read back yet
 
     @property
     def num_free_blocks(self) -> int:
@@ -147,20 +157,64 @@ class LLMEngine:
         return request_id
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; outputs of the requests that got tokens or finished."""
-        chunks = self.scheduler.schedule()
-        failed = self._encode_vision([chunk.seq for chunk in chunks if chunk.seq.needs_vision_encoding])
-        chunks = [chunk for chunk in chunks if not chunk.seq.is_finished]
-        sampling = [chunk.seq for chunk in chunks if chunk.samples]
-        sampled = self.runner.execute(chunks) if chunks else []
-        for chunk in chunks:
-            chunk.seq.num_computed_tokens = chunk.end
+        """Run one scheduler step; outputs of the requests that got tokens or finished (with
+        `run_ahead`, the tokens of the step before)."""
+        try:
+            outputs = []
+            if self._in_flight is not None and not self._can_run_ahead(self._in_flight):
+                outputs += self._read_back()
+            chunks = self.scheduler.schedule()
+            failed = self._encode_vision([chunk.seq for chunk in chunks if chunk.seq.needs_vision_encoding])
+            chunks = [chunk for chunk in chunks if not chunk.seq.is_finished]
+            launched = self.runner.launch(chunks, self._in_flight) if chunks else None
+            for chunk in chunks:
+                chunk.seq.num_computed_tokens = chunk.end
+            for seq in launched.seqs if launched else []:
+                seq.num_pending += 1
+            if self._in_flight is not None:
+                outputs += self._read_back()
+            self._in_flight = launched
+            if launched is not None and not self.run_ahead:
+                outputs += self._read_back()
+            outputs.extend(self._output(seq) for seq in failed)
+            return outputs
+        except BaseException:
+            self._drop_in_flight()
+            raise
+
+    def _can_run_ahead(self, launched: LaunchedStep) -> bool:
+        """Whether the next step may be scheduled before `launched`'s tokens are read back: no
+        sequence of it needs them on the host (penalties) or may end by length with them."""
+        if not self.run_ahead:
+            return False
+        for seq in launched.seqs:
+            params = seq.params
+            if seq.is_finished:
+                continue
+            if params.repetition_penalty != 1 or params.presence_penalty != 0 or params.frequency_penalty != 0:
+                return False
+            if seq.num_tokens - seq.prompt_len >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+                return False
+        return True
+
+    def _read_back(self) -> list[RequestOutput]:
+        """The in-flight step's tokens appended to their sequences (those that finished or were
+        aborted since it was launched drop theirs); their outputs."""
+        launched, self._in_flight = self._in_flight, None
         outputs = []
-        for seq, token in zip(sampling, sampled):
+        for seq, token in zip(launched.seqs, launched.result()):
+            seq.num_pending -= 1
+            if seq.is_finished:
+                continue
             seq.append_token(token.token_id, token.logprobs, self.max_model_len)
             outputs.append(self._output(seq))
-        outputs.extend(self._output(seq) for seq in failed)
         return outputs
+
+    def _drop_in_flight(self) -> None:
+        if self._in_flight is not None:
+            for seq in self._in_flight.seqs:
+                seq.num_pending = 0
+            self._in_flight = None
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks; returns its final output (finish_reason "abort"),

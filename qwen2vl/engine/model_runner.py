@@ -8,16 +8,45 @@ import torch
 
 from qwen2vl import kernels
 from qwen2vl.engine.cuda_graphs import DecodeGraphs
-from qwen2vl.engine.scheduler import ScheduledChunk, slot_mapping, step_positions
+from qwen2vl.engine.scheduler import ScheduledChunk, slot_mapping, step_positions, step_tokens
 from qwen2vl.engine.sequence import Sequence
 from qwen2vl.layers.attention_metadata import AttentionMetadata
-from qwen2vl.layers.sampler import Sampler, SamplingBatch
+from qwen2vl.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 
 
 @dataclass
 class SampledToken:
     token_id: int
     logprobs: dict[int, float] | None  # the sampled token's and the top-k, when asked
+
+
+@dataclass
+class LaunchedStep:
+    """A step's sampled tokens, still on the device: `out.token_ids[r]` is the next token of
+    `seqs[r]`. `result()` reads them back (and waits for the device); until then a next step can
+    be launched that takes them as its input tokens there."""
+
+    seqs: list[Sequence]
+    out: SamplerOutput
+
+    def __post_init__(self):
+        self.row_of = {seq: row for row, seq in enumerate(self.seqs)}
+
+    def result(self) -> list[SampledToken]:
+        token_ids = self.out.token_ids.tolist()
+        if self.out.logprobs is None:
+            return [SampledToken(token_id, None) for token_id in token_ids]
+        sampled_logprobs = self.out.logprobs.tolist()
+        top_ids, top_logprobs = self.out.top_ids.tolist(), self.out.top_logprobs.tolist()
+        sampled = []
+        for row, seq in enumerate(self.seqs):
+            logprobs = None
+            if seq.params.logprobs is not None:
+                k = seq.params.logprobs
+                logprobs = {token_ids[row]: sampled_logprobs[row]}
+                logprobs.update(zip(top_ids[row][:k], top_logprobs[row][:k]))
+            sampled.append(SampledToken(token_ids[row], logprobs))
+        return sampled
 
 
 def kv_cache_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
@@ -75,24 +104,46 @@ class ModelRunner:
             seq.vision_embeds = rows
 
     @torch.inference_mode()
-    def execute(self, chunks: list[ScheduledChunk]) -> list[SampledToken]:
-        """One forward over all chunks; returns the next token of each chunk that samples, in
-        order."""
+    def launch(self, chunks: list[ScheduledChunk], previous: LaunchedStep | None = None) -> LaunchedStep | None:
+        """One forward over all chunks and the sampling of those that reach their sequence's
+        end, without waiting for the device; None if no chunk samples. A chunk whose input token
+        is still pending (sampled by `previous`, not read back) takes it from there."""
         sampling = [chunk.seq for chunk in chunks if chunk.samples]
+        pending = self._pending_inputs(chunks, previous)
         if self.graphs is not None and self.graphs.fits(chunks):
-            logits = self.graphs.run(chunks)
+            logits = self.graphs.run(chunks, pending)
             if len(sampling) < len(chunks):  # a one-token chunk inside a prompt samples nothing
                 logits = logits[[row for row, chunk in enumerate(chunks) if chunk.samples]]
         else:
-            logits = self._forward(chunks)
-        return self._sample(logits, sampling) if sampling else []
+            logits = self._forward(chunks, pending)
+        return LaunchedStep(sampling, self.sampler(logits, self._sampling_batch(sampling))) if sampling else None
 
-    def _forward(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        input_ids = [token for chunk in chunks for token in chunk.seq.token_ids[chunk.start:chunk.end]]
+    def _pending_inputs(self, chunks: list[ScheduledChunk], previous: LaunchedStep | None):
+        """Where the step's pending input tokens go and what they are: `(positions among the
+        step's tokens, token ids on the device)`, or None when every input token is on the host.
+        The usual case, the same sequences in the same order, needs no index transfer."""
+        positions, rows, offset = [], [], 0
+        for chunk in chunks:
+            known = len(chunk.seq.token_ids)
+            if chunk.end > known:  # its last token was sampled by `previous`
+                positions.append(offset + known - chunk.start)
+                rows.append(previous.row_of[chunk.seq])
+            offset += chunk.num_tokens
+        if not positions:
+            return None
+        in_order = list(range(len(rows)))
+        sampled = previous.out.token_ids
+        sampled = sampled[:len(rows)] if rows == in_order else sampled[self._tensor(rows, torch.long)]
+        return (slice(0, len(rows)) if positions == in_order else self._tensor(positions, torch.long)), sampled
+
+    def _forward(self, chunks: list[ScheduledChunk], pending) -> torch.Tensor:
+        input_ids = self._tensor(step_tokens(chunks), torch.long)
+        if pending is not None:
+            input_ids[pending[0]] = pending[1]
         vision_embeds, vision_mask = self._vision_inputs(chunks)
         ends = list(itertools.accumulate(chunk.num_tokens for chunk in chunks))
         logits_indices = [end - 1 for chunk, end in zip(chunks, ends) if chunk.samples]
-        return self.model(self._tensor(input_ids, torch.long), self._tensor(step_positions(chunks)),
+        return self.model(input_ids, self._tensor(step_positions(chunks)),
                           self._attention_metadata(chunks), self.kv_caches, vision_embeds, vision_mask,
                           self._tensor(logits_indices, torch.long))
 
@@ -129,23 +180,6 @@ class ModelRunner:
         if not mask.any():
             return None, None
         return torch.cat(embeds), mask.to(self.device)
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampledToken]:
-        out = self.sampler(logits, self._sampling_batch(seqs))
-        token_ids = out.token_ids.tolist()
-        if out.logprobs is None:
-            return [SampledToken(token_id, None) for token_id in token_ids]
-        sampled_logprobs = out.logprobs.tolist()
-        top_ids, top_logprobs = out.top_ids.tolist(), out.top_logprobs.tolist()
-        sampled = []
-        for row, seq in enumerate(seqs):
-            logprobs = None
-            if seq.params.logprobs is not None:
-                k = seq.params.logprobs
-                logprobs = {token_ids[row]: sampled_logprobs[row]}
-                logprobs.update(zip(top_ids[row][:k], top_logprobs[row][:k]))
-            sampled.append(SampledToken(token_ids[row], logprobs))
-        return sampled
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         params = [seq.params for seq in seqs]

@@ -49,6 +49,17 @@ def step_positions(chunks: list[ScheduledChunk]) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
+def step_tokens(chunks: list[ScheduledChunk]) -> list[int]:
+    """The input token ids of a step's chunks, 0 in place of a token still pending on the device
+    (see `Sequence.num_pending`; the runner puts it there)."""
+    tokens = []
+    for chunk in chunks:
+        known = chunk.seq.token_ids[chunk.start:chunk.end]
+        tokens += known
+        tokens += [0] * (chunk.num_tokens - len(known))
+    return tokens
+
+
 def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
     """Cache slot of each token `start..end-1` of a sequence with this block table."""
     return [block_table[i // block_size] * block_size + i % block_size for i in range(start, end)]

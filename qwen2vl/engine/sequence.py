@@ -46,7 +46,9 @@ class Sequence:
     sampling parameters, random generator and detokenizer.
 
     `token_ids` holds the prompt and then the generated tokens; the first `num_computed_tokens`
-    of them have keys/values in the cache blocks listed in `block_table`.
+    of them have keys/values in the cache blocks listed in `block_table`. `num_pending` tokens
+    more were sampled on the device and are not read back yet (a step launched while the last
+    one still runs takes them as its input there); `num_tokens` counts them.
     `vision_rows_before[p]` counts the vision pad tokens before prompt position p, so the rows
     of `vision_embeds` that fill a chunk are a plain slice.
     """
@@ -69,6 +71,7 @@ class Sequence:
         self.prompt_len = len(prompt.input_ids)
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
+        self.num_pending = 0
         self.block_table: list[int] = []
         self.num_preemptions = 0
 
@@ -89,7 +92,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending
 
     @property
     def output_token_ids(self) -> list[int]:

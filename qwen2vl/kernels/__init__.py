@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from qwen2vl.kernels import int4_cpu
+from qwen2vl.kernels import int4_cpu, int8_cpu
 
 INT4_BACKENDS = ("cpu", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
@@ -130,3 +130,21 @@ def int4_linear(backend: str, x: torch.Tensor, weight: dict[str, torch.Tensor], 
     from qwen2vl.kernels import triton_awq
 
     return triton_awq.awq_matmul(x, weight["qweight"], weight["qzeros"], weight["scales"], group_size, bias)
+
+
+def int8_rows_run(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `int8_matmul` runs on `device` for activations in `dtype`: torch's int8 kernel on
+    the CPU, Triton on CUDA (fp16/bf16)."""
+    if device.type == "cuda":
+        return triton_gpu_dtype(device, dtype)
+    return device.type == "cpu" and int8_cpu.available()
+
+
+def int8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """`x [M, K] @ W^T` in x's dtype for int8 rows `values [N, K]` with one scale each (scales in
+    x's dtype), where `int8_rows_run`."""
+    if x.is_cuda:
+        from qwen2vl.kernels import triton_int8
+
+        return triton_int8.int8_matmul(x, values, scales)
+    return int8_cpu.int8_matmul(x, values, scales)

@@ -1,7 +1,7 @@
 """The vocabulary table: token embeddings, and the LM head's weight (the same table when tied).
 
-`VocabTable` keeps the checkpoint's rows; `Int8VocabTable` (swapped in by the loader where the
-CPU runs a 4-bit checkpoint on its int4 kernel) keeps int8 rows with one scale each, looks
+`VocabTable` keeps the checkpoint's rows; `Int8VocabTable` (swapped in by the loader where a
+4-bit checkpoint runs on an int4 kernel, CPU or GPU) keeps int8 rows with one scale each, looks
 embeddings up from them and computes logits with the int8 kernel: half the bytes per decoded
 token, and the bfloat16 table is gone from memory.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qwen2vl import kernels
 from qwen2vl.kernels import int8_cpu
 
 
@@ -52,4 +53,4 @@ class Int8VocabTable(nn.Module):
         return self.values[token_ids].to(self.dtype) * self.scales[token_ids, None]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_cpu.int8_matmul(x.to(self.dtype), self.values, self.scales).float()
+        return kernels.int8_matmul(x.to(self.dtype), self.values, self.scales).float()
