@@ -199,7 +199,6 @@ def run_kernels(args) -> None:
     from qwen2vl.kernels import reference_ops, triton_activation, triton_attention, triton_awq, triton_norm, triton_rotary
     from qwen2vl.layers import activation, attention, rotary
     from qwen2vl.layers.quantization import dequantize_awq
-    from qwen2vl.layers.attention_metadata import AttentionMetadata
 
     text, group_size = text_shapes()
     h, d = text.hidden_size, text.head_dim
@@ -278,14 +277,9 @@ def run_kernels(args) -> None:
         out = triton_attention.paged_decode_attention(query, kv_cache, tables, lens, scale)
         ref = reference_ops.paged_decode_attention_reference(query, kv_cache, tables, lens, scale)
         ok = torch.allclose(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
-        layer = attention.PagedAttention(text.num_heads, text.num_kv_heads, d)
-        last = (lens - 1).long()
-        slots = tables.gather(1, (last // block_size)[:, None]).squeeze(1).long() * block_size + last % block_size
-        key, value = kv_cache[0].flatten(0, 1)[slots], kv_cache[1].flatten(0, 1)[slots]
-        metadata = AttentionMetadata(torch.arange(batch + 1, dtype=torch.int32, device="cuda"), lens, slots, tables,
-                                     [1] * batch, [context] * batch, block_size)
         ours = graph_time_us([lambda: triton_attention.paged_decode_attention(query, kv_cache, tables, lens, scale)])
-        ref_us = graph_time_us([lambda: layer(query, key, value, kv_cache, metadata)], reps=5)
+        ref_us = graph_time_us([lambda: reference_ops.paged_decode_attention_reference(query, kv_cache, tables, lens,
+                                                                                        scale)], reps=5)
         nbytes = batch * context * 2 * kv_size * 2
         kernel_row("paged decode", f"B={batch} ctx={context}", ours, ref_us, nbytes,
                    f"{'ok' if ok else 'MISMATCH'} ({max_ulps(out, ref)})")
@@ -791,6 +785,30 @@ def run_concurrent(args) -> None:
         ramp = drive(engine, prompts, 1, 10)
     log("the ramp once more, under the profiler: " + "; ".join(ramp["ramp_steps"]))
     log(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    cold_attention_shapes()
+
+
+def cold_attention_shapes() -> None:
+    """The first SDPA call at a shape never seen (cuDNN's attention builds a plan per shape),
+    with torch's default backend choice and with flash attention alone."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def first_call_ms(q_len: int, kv_len: int, backends) -> float:
+        q = torch.randn(1, 12, q_len, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 2, kv_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with sdpa_kernel(backends):
+            F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, enable_gqa=True)
+        torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - start)
+
+    default = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    flash = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    for q_len, kv_len in ((1, 1237), (1, 1238), (777, 777), (778, 778)):
+        log(f"SDPA at a new shape q={q_len} kv={kv_len}: first call {first_call_ms(q_len, kv_len, default):.1f} ms "
+            f"with cuDNN allowed, {first_call_ms(q_len, kv_len + 1000, flash):.1f} ms flash only (kv+1000)")
 
 
 # --- end to end: transformers -------------------------------------------------------------------

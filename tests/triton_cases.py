@@ -255,22 +255,30 @@ def test_paged_decode_attention_matches_reference(dtype, block_size):
                                                      partition_size=128, block_tokens=32)
     assert torch.equal(padded[:2], out[:2]) and not padded[2].any()
 
-    # The decoder's attention layer, restricted to decode steps: this kernel on CUDA in fp16/bf16
-    # (then a chunk with more than one new token goes back to the torch path), torch elsewhere.
+    # The decoder's attention layer, restricted to decode steps: from the qkv projection, rotary +
+    # KV write and this kernel on CUDA in fp16/bf16 (a chunk with more than one new token goes
+    # back to the torch path), torch elsewhere.
     from qwen2vl import kernels
 
-    assert kernels.decode_attention_runs(query, [1] * 3) == (DEVICE == "cuda" and dtype != torch.float32)
-    assert not kernels.decode_attention_runs(query, [1, 2, 1])
+    qkv = torch.randn(len(context_lens), (num_heads + 2 * num_kv_heads) * head_dim, generator=generator).to(DEVICE, dtype)
+    assert kernels.decode_attention_runs(qkv, [1] * 3, head_dim) == (DEVICE == "cuda" and dtype != torch.float32)
+    assert not kernels.decode_attention_runs(qkv, [1, 2, 1], head_dim)
     slots = [block_tables[b, (n - 1) // block_size].item() * block_size + (n - 1) % block_size
              for b, n in enumerate(context_lens)]
     slot_mapping = torch.tensor(slots, device=DEVICE)
-    key, value = (kv_cache[i].flatten(0, 1)[slot_mapping] for i in (0, 1))
+    positions = torch.tensor(context_lens, device=DEVICE).expand(3, -1) - 1
+    cos, sin = MRotaryEmbedding(head_dim, 10000.0, (8, 12, 12)).cos_sin(positions, dtype)
     metadata = AttentionMetadata(
         query_start_loc=torch.arange(len(context_lens) + 1, dtype=torch.int32, device=DEVICE), context_lens=lens,
         slot_mapping=slot_mapping, block_tables=block_tables, query_lens_cpu=[1] * len(context_lens),
         context_lens_cpu=context_lens, block_size=block_size)
-    layer_out = PagedAttention(num_heads, num_kv_heads, head_dim)(query, key, value, kv_cache.clone(), metadata)
-    torch.testing.assert_close(out.float(), layer_out.float(), rtol=tolerance, atol=tolerance)
+    layer_cache = kv_cache.clone()
+    layer_out = PagedAttention(num_heads, num_kv_heads, head_dim)(qkv, cos, sin, layer_cache, metadata)
+    expected_cache = kv_cache.clone()
+    q = reference_ops.qkv_rotary_cache_reference(qkv, cos, sin, expected_cache, slot_mapping, num_heads, num_kv_heads)
+    expected = reference_ops.paged_decode_attention_reference(q, expected_cache, block_tables, lens, scale)
+    torch.testing.assert_close(layer_cache.float(), expected_cache.float(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(layer_out.float(), expected.float(), rtol=tolerance, atol=tolerance)
 
 
 def test_write_kv_cache_matches_layer_and_skips_padding_slots():
@@ -404,7 +412,7 @@ def test_loader_swaps_quantized_linears_for_the_named_backend(tiny_awq_checkpoin
 
 def test_the_gpu_path_generates_what_the_torch_path_does(tiny_awq_checkpoint, monkeypatch):
     """Everything a CUDA decode runs in Triton, together in one model: int4 linears, residual-add +
-    RMSNorm, rotary q/k, SwiGLU, the KV write and paged decode attention. Greedy tokens and their
+    RMSNorm, rotary q/k (prefill), SwiGLU, rotary with the KV write and paged decode attention. Greedy tokens and their
     log-probabilities equal the torch path's (whose int4 linears are the same Triton ones)."""
     from PIL import Image
 
@@ -433,7 +441,7 @@ def test_the_gpu_path_generates_what_the_torch_path_does(tiny_awq_checkpoint, mo
         with monkeypatch.context() as patch:
             if all_triton:  # on the CPU the interpreter stands in for the GPU
                 patch.setattr(kernels, "triton_runs", lambda x: x.dtype in kernels.TRITON_DTYPES)
-                for name in ("rms_norm", "rotary_qk_", "silu_and_mul", "paged_decode_attention"):
+                for name in ("rms_norm", "rotary_qk_", "silu_and_mul", "qkv_decode_attention"):
                     patch.setattr(kernels, name, counted(name))
             model = load_model(tiny_awq_checkpoint, device=DEVICE, dtype=torch.bfloat16, int4_kernel="triton")
             if DEVICE == "cpu":  # the interpreter does not emulate bfloat16 (see BF16)
@@ -442,7 +450,7 @@ def test_the_gpu_path_generates_what_the_torch_path_does(tiny_awq_checkpoint, mo
             return llm.chat(conversations, temperature=0.0, repetition_penalty=1.0, max_tokens=6, logprobs=1)
 
     fast, torch_path = generate(True), generate(False)
-    assert set(launches) == {"rms_norm", "rotary_qk_", "silu_and_mul", "paged_decode_attention"}
+    assert set(launches) == {"rms_norm", "rotary_qk_", "silu_and_mul", "qkv_decode_attention"}
     for ours, reference in zip(fast, torch_path):
         assert ours.token_ids == reference.token_ids
         chosen = [step[token] for step, token in zip(ours.logprobs, ours.token_ids)]

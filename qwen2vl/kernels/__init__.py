@@ -2,7 +2,8 @@
 
 Layers call the functions here, never a kernel module directly. On CUDA with fp16/bf16
 activations (`triton_runs`), residual-add + RMSNorm, rotary q/k and SwiGLU run as single Triton
-launches, and a batch of decode steps runs the KV write and paged decode attention in Triton.
+launches, and a batch of decode steps runs rotary + KV write (one launch) and paged decode
+attention in Triton.
 Two packed 4-bit backends:
 `"cpu"` (torch's int4 CPU kernel, `int4_cpu`) and `"triton"` (the W4A16 Triton kernel over the
 AWQ layout, `triton_awq`: on CUDA, or on the CPU under `TRITON_INTERPRET=1` when asked for by
@@ -71,21 +72,21 @@ def cuda_graphs_run(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
     return device.type == "cuda" and triton_gpu_dtype(device, dtype) and head_dim & (head_dim - 1) == 0
 
 
-def decode_attention_runs(query: torch.Tensor, attn_query_lens: list[int]) -> bool:
-    """Whether a batch's attention runs as Triton paged decode attention: CUDA, fp16/bf16, one
-    new token per sequence (pure decode), a power-of-2 head size."""
-    head_dim = query.shape[-1]
-    return triton_runs(query) and max(attn_query_lens) == 1 and head_dim & (head_dim - 1) == 0
+def decode_attention_runs(x: torch.Tensor, attn_query_lens: list[int], head_dim: int) -> bool:
+    """Whether a batch's attention runs as Triton paged decode attention: CUDA, fp16/bf16 `x` (the
+    qkv projection), one new token per sequence (pure decode), a power-of-2 head size."""
+    return triton_runs(x) and max(attn_query_lens) == 1 and head_dim & (head_dim - 1) == 0
 
 
-def paged_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                           slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+def qkv_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                         num_heads: int, num_kv_heads: int, scale: float) -> torch.Tensor:
     """`layers.attention.PagedAttention` for a pure-decode batch (call where
-    `decode_attention_runs`): the KV write and the attention, two Triton kernels."""
-    from qwen2vl.kernels import triton_attention
+    `decode_attention_runs`): q and k rotated and k, v written to the cache in one Triton launch,
+    then paged decode attention."""
+    from qwen2vl.kernels import triton_attention, triton_rotary
 
-    triton_attention.write_kv_cache(kv_cache, key, value, slot_mapping)
+    query = triton_rotary.qkv_rotary_cache(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads)
     return triton_attention.paged_decode_attention(query, kv_cache, block_tables, context_lens, scale)
 
 

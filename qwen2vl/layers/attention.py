@@ -1,8 +1,8 @@
 """Attention: paged causal attention for the decoder, packed bidirectional attention for vision.
 
 These are the torch reference paths (SDPA per sequence; for vision, per length of segment); they
-run on any device. On CUDA a pure-decode batch goes to the Triton paged decode attention instead
-(`qwen2vl.kernels`).
+run on any device. On CUDA a pure-decode batch goes to Triton instead (`qwen2vl.kernels`): rotary
+and the KV write in one launch, then paged decode attention.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from qwen2vl import kernels
 from qwen2vl.layers.attention_metadata import AttentionMetadata
+from qwen2vl.layers.rotary import apply_rotary_qk
 
 
 def write_kv_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -23,7 +24,8 @@ def write_kv_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 
 class PagedAttention:
-    """Causal attention of each sequence's new tokens over all its cached tokens.
+    """Causal attention of each sequence's new tokens over all its cached tokens, from the fused
+    q|k|v projection: rotary on q and k, k and v into the cache at their slots, attention.
 
     Handles prefill from scratch, chunked prefill and decode in one batch: the queries of
     sequence b are the last `query_lens[b]` of its `context_lens[b]` tokens.
@@ -32,14 +34,20 @@ class PagedAttention:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
         self.scale = head_dim ** -0.5
 
-    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 kv_cache: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
-        """query `[N, heads, D]`, key/value `[N, kv_heads, D]` -> `[N, heads, D]`."""
-        if kernels.decode_attention_runs(query, attn.query_lens_cpu):
-            return kernels.paged_decode_attention(query, key, value, kv_cache, attn.slot_mapping, attn.block_tables,
-                                                  attn.context_lens, self.scale)
+    def __call__(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                 attn: AttentionMetadata) -> torch.Tensor:
+        """qkv `[N, (heads + 2 kv_heads) * D]`, cos/sin `[N, D]` -> `[N, heads, D]`."""
+        if kernels.decode_attention_runs(qkv, attn.query_lens_cpu, self.head_dim):
+            return kernels.qkv_decode_attention(qkv, cos, sin, kv_cache, attn.slot_mapping, attn.block_tables,
+                                                attn.context_lens, self.num_heads, self.num_kv_heads, self.scale)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        query, key, value = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        query, key = apply_rotary_qk(query.unflatten(-1, (self.num_heads, self.head_dim)),
+                                     key.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
+        value = value.unflatten(-1, (self.num_kv_heads, self.head_dim))
         write_kv_cache(kv_cache, key, value, attn.slot_mapping)
         out = torch.empty_like(query)
         start = 0

@@ -10,25 +10,20 @@ from qwen2vl.layers.attention import PagedAttention
 from qwen2vl.layers.attention_metadata import AttentionMetadata
 from qwen2vl.layers.linear import Linear
 from qwen2vl.layers.norm import RMSNorm
-from qwen2vl.layers.rotary import MRotaryEmbedding, apply_rotary_qk
+from qwen2vl.layers.rotary import MRotaryEmbedding
 from qwen2vl.layers.vocab import VocabTable
 
 
 class DecoderAttention(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=True)
         self.o_proj = Linear(q_size, config.hidden_size, bias=False)
         self.attn = PagedAttention(config.num_heads, config.num_kv_heads, config.head_dim)
 
     def forward(self, x, cos, sin, attn: AttentionMetadata, kv_cache):
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.output_sizes, dim=-1)
-        q, k = apply_rotary_qk(q.unflatten(-1, (self.num_heads, self.head_dim)),
-                               k.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        return self.o_proj(self.attn(q, k, v, kv_cache, attn).flatten(1))
+        return self.o_proj(self.attn(self.qkv_proj(x), cos, sin, kv_cache, attn).flatten(1))
 
 
 class MLP(nn.Module):
