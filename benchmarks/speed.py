@@ -441,7 +441,8 @@ def run_tune(args) -> None:
 
     text, group_size = text_shapes()
     linears = {name: (k, n) for name, (k, n, _) in decoder_linears(text).items()}
-    jobs = [(m, name, k, n, config) for m in TUNE_ROWS for name, (k, n) in linears.items()
+    rows = [int(m) for m in args.tune_rows.split(",")]
+    jobs = [(m, name, k, n, config) for m in rows for name, (k, n) in linears.items()
             for config in candidate_configs(m, n, k, group_size)]
     start = time.perf_counter()
     workers = 12
@@ -450,7 +451,7 @@ def run_tune(args) -> None:
     log(f"compiled {len(jobs)} candidate configs in {time.perf_counter() - start:.1f} s")
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     tuned, best = {}, {}
-    for m in TUNE_ROWS:
+    for m in rows:
         for name, (k, n) in linears.items():
             packed_bytes = k * n // 2 + (k // group_size) * n * 5 // 2
             operands = awq_operands(k, n, group_size, copies_for(packed_bytes))
@@ -900,6 +901,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, run in this order")
     parser.add_argument("--max-tokens", type=int, default=2048, help="tokens to generate per card row (at most)")
     parser.add_argument("--transformers-tokens", type=int, default=32)
+    parser.add_argument("--tune-rows", default=",".join(map(str, TUNE_ROWS)),
+                        help="the batch sizes the tune section sweeps (of 1, 16, 64)")
     parser.add_argument("--weights", default="awq,bf16",
                         help="checkpoints to write and time: awq, bf16 (the transformers section needs bf16)")
     parser.add_argument("--budget", type=float, default=1.0, help="scales every section's time budget")

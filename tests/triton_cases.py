@@ -529,7 +529,7 @@ def test_int8_matmul_matches_reference(m, dtype):
     from qwen2vl.kernels import int8_cpu
 
     generator = torch.Generator().manual_seed(m)
-    k, n = 96, 200  # N not a multiple of the column block
+    k, n = 100, 200  # N and K not multiples of the blocks
     values, scales = int8_cpu.quantize_rows(torch.randn(n, k, generator=generator), dtype)
     values[0, :4] = torch.tensor([-128, -127, 127, 0], dtype=torch.int8)  # both ends of the int8 range
     x = torch.randn(m, k, generator=generator).to(DEVICE, dtype)

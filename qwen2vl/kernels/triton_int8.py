@@ -24,10 +24,7 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> 
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    block_m, block_n, widest_k = (1, 32, 256) if m == 1 else (16 if m <= 16 else 64, 128, 64)
-    block_k = next((b for b in (256, 128, 64, 32, 16) if b <= widest_k and k % b == 0), None)
-    if block_k is None:
-        raise ValueError(f"the int8 matmul needs K (the hidden size) a multiple of 16, found {k}")
+    block_m, block_n, block_k = (1, 32, 256) if m == 1 else (16 if m <= 16 else 64, 128, 64)
     _int8_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, values, scales, out, m, n, k, x.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
@@ -48,8 +45,10 @@ def _int8_matmul_kernel(x_ptr, values_ptr, scales_ptr, out_ptr, M, N, K, stride_
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        q = tl.load(rows + k0, mask=mask_n[:, None], other=0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
+        mask_k = (k0 + offs_k < K)[None, :]
+        q = tl.load(rows + k0, mask=mask_n[:, None] & mask_k, other=0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=mask_m[:, None] & mask_k,
+                    other=0.0)
         if BLOCK_M == 1:
             offset = (q.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080).to(tl.float32, bitcast=True)
             acc += (offset - 8388736.0) * x.to(tl.float32)  # 8388736 = 2^23 + 128

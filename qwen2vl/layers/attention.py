@@ -10,10 +10,18 @@ import itertools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qwen2vl import kernels
 from qwen2vl.layers.attention_metadata import AttentionMetadata
 from qwen2vl.layers.rotary import apply_rotary_qk
+
+
+# SDPA without cuDNN's backend, which torch 2.11 picks first on Hopper and newer but which builds
+# an execution plan for every shape it has not seen (0.44 s each, FunASR issue #3704 on a B200):
+# every new prompt length, chunk and image count would pay it. benchmarks/speed.py times a first
+# call at new shapes with and without it.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def write_kv_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -51,13 +59,14 @@ class PagedAttention:
         write_kv_cache(kv_cache, key, value, attn.slot_mapping)
         out = torch.empty_like(query)
         start = 0
-        for b, (query_len, context_len) in enumerate(zip(attn.query_lens_cpu, attn.context_lens_cpu)):
-            blocks = attn.block_tables[b, : -(-context_len // attn.block_size)].long()
-            keys = kv_cache[0, blocks].flatten(0, 1)[:context_len]
-            values = kv_cache[1, blocks].flatten(0, 1)[:context_len]
-            rows = slice(start, start + query_len)
-            out[rows] = self._attend(query[rows], keys.to(query.dtype), values.to(query.dtype))
-            start += query_len
+        with sdpa_kernel(SDPA_BACKENDS):
+            for b, (query_len, context_len) in enumerate(zip(attn.query_lens_cpu, attn.context_lens_cpu)):
+                blocks = attn.block_tables[b, : -(-context_len // attn.block_size)].long()
+                keys = kv_cache[0, blocks].flatten(0, 1)[:context_len]
+                values = kv_cache[1, blocks].flatten(0, 1)[:context_len]
+                rows = slice(start, start + query_len)
+                out[rows] = self._attend(query[rows], keys.to(query.dtype), values.to(query.dtype))
+                start += query_len
         return out
 
     def _attend(self, query, keys, values):
@@ -97,7 +106,8 @@ class Segments:
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments) -> torch.Tensor:
     """Bidirectional attention within each of `segments`: query/key/value `[P, heads, D]` -> `[P, heads, D]`."""
     out = torch.empty_like(query)
-    for positions, count, length in segments.groups:
-        q, k, v = (t[positions].unflatten(0, (count, length)).transpose(1, 2) for t in (query, key, value))
-        out[positions] = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(0, 1)
+    with sdpa_kernel(SDPA_BACKENDS):
+        for positions, count, length in segments.groups:
+            q, k, v = (t[positions].unflatten(0, (count, length)).transpose(1, 2) for t in (query, key, value))
+            out[positions] = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(0, 1)
     return out
