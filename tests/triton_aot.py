@@ -100,18 +100,15 @@ def variants():
 
 
 def paged_decode_variants(triton_attention, index: str):
-    yield (f"paged decode partition ({index})", triton_attention._partition_kernel,
+    yield (f"paged decode attention ({index})", triton_attention._partition_kernel,
            {"query_ptr": "*bf16", "kv_ptr": "*bf16", "block_tables_ptr": f"*{index}", "context_lens_ptr": f"*{index}",
-            "partial_ptr": "*fp32", "stats_ptr": "*fp32", "scale": "fp32", "stride_qb": "i32", "stride_qh": "i32",
-            "stride_kv": "i64", "stride_block": "i32", "stride_token": "i32", "stride_head": "i32",
-            "stride_table": "i32", "stride_stats": "i32", "block_size": "i32", "num_heads": "i32",
-            "max_partitions": "i32", "GROUP": HEADS // KV_HEADS, "GROUP_PAD": 16, "HEAD_DIM": HEAD_DIM,
+            "partial_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": "*bf16", "counters_ptr": "*i32", "scale": "fp32",
+            "stride_qb": "i32", "stride_qh": "i32", "stride_kv": "i64", "stride_block": "i32", "stride_token": "i32",
+            "stride_head": "i32", "stride_table": "i32", "stride_stats": "i32", "stride_ob": "i32", "stride_oh": "i32",
+            "block_size": "i32", "num_heads": "i32", "num_kv_heads": "i32", "max_partitions": "i32",
+            "GROUP": HEADS // KV_HEADS, "GROUP_PAD": 16, "HEAD_DIM": HEAD_DIM,
             "PARTITION": triton_attention.PARTITION_SIZE, "BLOCK_N": triton_attention.BLOCK_TOKENS,
             "DOT_PRECISION": "tf32"}, {})
-    yield (f"paged decode merge ({index})", triton_attention._merge_kernel,
-           {"partial_ptr": "*fp32", "stats_ptr": "*fp32", "context_lens_ptr": f"*{index}", "out_ptr": "*bf16",
-            "stride_ob": "i32", "stride_oh": "i32", "stride_stats": "i32", "max_partitions": "i32",
-            "HEAD_DIM": HEAD_DIM, "PARTITION": triton_attention.PARTITION_SIZE, "PARTITIONS_PAD": 64}, {})
 
 
 def compile_sm90(kernel, params: dict, options: dict):

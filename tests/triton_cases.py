@@ -254,6 +254,7 @@ def test_paged_decode_attention_matches_reference(dtype, block_size):
     padded = triton_attention.paged_decode_attention(query, kv_cache, block_tables, padded_lens, scale,
                                                      partition_size=128, block_tokens=32)
     assert torch.equal(padded[:2], out[:2]) and not padded[2].any()
+    assert not triton_attention._merge_counters(query.device).any()  # left zeroed for the next launch
 
     # The decoder's attention layer, restricted to decode steps: from the qkv projection, rotary +
     # KV write and this kernel on CUDA in fp16/bf16 (a chunk with more than one new token goes
