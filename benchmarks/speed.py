@@ -509,11 +509,11 @@ def launch_shapes(m, n, k, group_size):
 
     block_k = min(128, group_size)
     if m == 1:  # the GEMV kernel
-        for block_n, block_ks in ((64, (32, 64, 128)), (128, (16, 32, 64, 128)), (256, (16, 32, 64))):
+        for block_n, block_ks in ((64, (32, 64, 128)), (128, (32, 64, 128)), (256, (32, 64))):
             for gemv_k in block_ks:
                 if group_size % gemv_k:
                     continue
-                for split in sorted({min(max(1, waves * 132 // -(-n // block_n)), k // gemv_k) for waves in (1, 2, 4, 8)}):
+                for split in sorted({min(max(1, waves * 132 // -(-n // block_n)), k // gemv_k) for waves in (1, 2, 4)}):
                     for warps in (4, 8):
                         for prefetch in (False, True):
                             yield MatmulConfig(1, block_n, gemv_k, split, False, warps, 3, gemv=True, prefetch=prefetch)
