@@ -80,17 +80,16 @@ class MatmulConfig:
 
 # Measured winners (`benchmarks/speed.py --sections tune`), by (rows class, N, K, group size): a
 # batch of M rows uses the entry of the smallest class >= M (1, 16, 64). These are the 2B model's
-# four decoder linears, on an H100 (docs/perf-notes.md, run 4: before the GEMV's conversion-free
-# dequantization, so its rows are what that run's kernel liked best).
+# four decoder linears, on an H100 (docs/perf-notes.md: M=1 and 16 run 5, with this GEMV; M=64
+# run 4).
 TUNED: dict[tuple[int, int, int, int], MatmulConfig] = {
-    (1, 2048, 1536, 128): MatmulConfig(1, 64, 128, split_k=12, reduce_in_kernel=True),
-    (1, 1536, 1536, 128): MatmulConfig(1, 64, 128, split_k=12, reduce_in_kernel=True),
+    (1, 2048, 1536, 128): MatmulConfig(1, 64, 128, split_k=12, gemv=True, reduce_in_kernel=True),
+    (1, 1536, 1536, 128): MatmulConfig(1, 64, 128, split_k=12, gemv=True, reduce_in_kernel=True),
     (1, 17920, 1536, 128): MatmulConfig(1, 256, 32, split_k=7, gemv=True, reduce_in_kernel=True),
-    (1, 1536, 8960, 128): MatmulConfig(1, 128, 64, split_k=22, num_warps=8, gemv=True, reduce_in_kernel=True,
-                                       prefetch=True),
+    (1, 1536, 8960, 128): MatmulConfig(1, 64, 128, split_k=11, gemv=True, reduce_in_kernel=True, prefetch=True),
     (16, 2048, 1536, 128): MatmulConfig(16, 32, 128, split_k=4, reduce_in_kernel=True),
     (16, 1536, 1536, 128): MatmulConfig(16, 32, 128, split_k=5, reduce_in_kernel=True),
-    (16, 17920, 1536, 128): MatmulConfig(16, 128, 128, split_k=3, reduce_in_kernel=True),
+    (16, 17920, 1536, 128): MatmulConfig(16, 128, 128, split_k=3),
     (16, 1536, 8960, 128): MatmulConfig(16, 64, 128, split_k=11, reduce_in_kernel=True),
     (64, 2048, 1536, 128): MatmulConfig(64, 64, 128, split_k=4),
     (64, 1536, 1536, 128): MatmulConfig(64, 64, 128, split_k=5),
@@ -355,33 +354,41 @@ def _awq_gemv_kernel(
     GROUP_SIZE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """One row of x times W for `BLOCK_W` packed words (8 columns each) over a K range. Nibble p
-    of every word (column `2 (p % 4) + p // 4` of its 8: AWQ's order) has its own float32
-    accumulator `[BLOCK_K, BLOCK_W]` in the layout the words were loaded in, so no value moves
-    between threads until the sum over K after the loop (a `[BLOCK_K, BLOCK_W, 8]` broadcast
-    instead made the compiler reshuffle every tile through shared memory, barriers included).
-    Products `(x s) (q - z)`: `x s` is exact in float32 (8 or 11 significant bits times 11), so
-    each term is the exact product but for the fused multiply-add's one rounding; about five
-    instructions per weight (shift, mask-or, subtract, multiply, multiply-add)."""
+    """One row of x times W for `BLOCK_W` packed words (8 columns each) over a K range. Each
+    word is unpacked in registers into its 8 nibbles `[BLOCK_K, BLOCK_W, 8]` (no reshuffle
+    between threads), products `(x s) (q - z)` go to a float32 accumulator of that shape on the
+    CUDA cores, and the sum over K happens once, after the loop; nibble p of a word is column
+    `2 (p % 4) + p // 4` of its 8 (AWQ's order), which the scale loads and the stores follow.
+    `x s` is exact in float32 (8 or 11 significant bits times 11), so each term is the exact
+    product but for the fused multiply-add's one rounding: about four instructions per weight
+    (shift, mask-or, subtract, multiply-add) plus the multiply by the scale.
+
+    The compiler moves each tile of words through shared memory to broadcast them over the
+    nibbles (two barriers per iteration). One accumulator per nibble position in the load's own
+    layout avoids that, but measured slower on the H100 (docs/perf-notes.md, run 6: gate_up 19.1
+    against 15.9 us, down 13.7 against 12.1), its scales loaded as 2-byte scalars per nibble."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     # N_WORDS (= N / 8) as its own argument: Triton learns its divisibility, so rows of words are
     # known aligned and loaded in 16-byte vectors.
     words = tl.max_contiguous(tl.multiple_of(pid_n * BLOCK_W + tl.arange(0, BLOCK_W), BLOCK_W), BLOCK_W)
     mask_w = words < N_WORDS
+    nibbles = tl.arange(0, 8)
+    shifts = nibbles * 4
+    columns = words[:, None] * 8 + (2 * (nibbles % 4) + nibbles // 4)[None, :]
     offs_k = tl.arange(0, BLOCK_K)
 
     num_tiles = K // BLOCK_K
     tiles_per_split = tl.cdiv(num_tiles, split_k)
     first = pid_k * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
-    acc0 = tl.zeros((BLOCK_K, BLOCK_W), dtype=tl.float32)
-    acc1, acc2, acc3, acc4, acc5, acc6, acc7 = acc0, acc0, acc0, acc0, acc0, acc0, acc0
+    acc = tl.zeros((BLOCK_K, BLOCK_W, 8), dtype=tl.float32)
     word_rows = qweight_ptr + offs_k[:, None] * N_WORDS + words[None, :]
     if PREFETCH:
         ahead = tl.load(word_rows + first * BLOCK_K * N_WORDS, mask=mask_w[None, :] & (first < last), other=0)
     else:
         ahead = tl.zeros((BLOCK_K, BLOCK_W), dtype=tl.int32)
     for tile in range(first, last):
+        rows = tile * BLOCK_K + offs_k
         group = tile * BLOCK_K // GROUP_SIZE
         if PREFETCH:
             packed = ahead
@@ -390,52 +397,21 @@ def _awq_gemv_kernel(
         else:
             packed = tl.load(word_rows + tile * BLOCK_K * N_WORDS, mask=mask_w[None, :], other=0)
         zero_words = tl.load(qzeros_ptr + group * N_WORDS + words, mask=mask_w, other=0)
-        x = tl.load(x_ptr + tile * BLOCK_K + offs_k).to(tl.float32)[:, None]
-        scales = scales_ptr + group * N + words * 8
-        acc0 += _gemv_term(packed, zero_words, scales, x, mask_w, 0)
-        acc1 += _gemv_term(packed, zero_words, scales, x, mask_w, 1)
-        acc2 += _gemv_term(packed, zero_words, scales, x, mask_w, 2)
-        acc3 += _gemv_term(packed, zero_words, scales, x, mask_w, 3)
-        acc4 += _gemv_term(packed, zero_words, scales, x, mask_w, 4)
-        acc5 += _gemv_term(packed, zero_words, scales, x, mask_w, 5)
-        acc6 += _gemv_term(packed, zero_words, scales, x, mask_w, 6)
-        acc7 += _gemv_term(packed, zero_words, scales, x, mask_w, 7)
-    target = out_ptr + pid_k * stride_split if SPLIT else out_ptr
-    dtype = out_ptr.dtype.element_ty
-    _gemv_store(target, acc0, words, mask_w, bias_ptr, 0, dtype, HAS_BIAS and not SPLIT)
-    _gemv_store(target, acc1, words, mask_w, bias_ptr, 1, dtype, HAS_BIAS and not SPLIT)
-    _gemv_store(target, acc2, words, mask_w, bias_ptr, 2, dtype, HAS_BIAS and not SPLIT)
-    _gemv_store(target, acc3, words, mask_w, bias_ptr, 3, dtype, HAS_BIAS and not SPLIT)
-    _gemv_store(target, acc4, words, mask_w, bias_ptr, 4, dtype, HAS_BIAS and not SPLIT)
-    _gemv_store(target, acc5, words, mask_w, bias_ptr, 5, dtype, HAS_BIAS and not SPLIT)
-    _gemv_store(target, acc6, words, mask_w, bias_ptr, 6, dtype, HAS_BIAS and not SPLIT)
-    _gemv_store(target, acc7, words, mask_w, bias_ptr, 7, dtype, HAS_BIAS and not SPLIT)
-    if SPLIT and REDUCE_IN_KERNEL:
-        columns = words[:, None] * 8 + tl.arange(0, 8)[None, :]
-        _sum_if_last(out_ptr + columns, stride_split, split_k, final_ptr + columns, bias_ptr + columns,
-                     mask_w[:, None], counters_ptr + pid_n, HAS_BIAS)
-
-
-@triton.jit
-def _gemv_term(packed, zero_words, scales, x, mask_w, NIBBLE: tl.constexpr):
-    """`x s (q - z)` `[BLOCK_K, BLOCK_W]` for nibble NIBBLE of the packed words."""
-    column: tl.constexpr = 2 * (NIBBLE % 4) + NIBBLE // 4
-    values = _offset_float((packed >> (4 * NIBBLE)) & 0xF)
-    zeros = _offset_float((zero_words >> (4 * NIBBLE)) & 0xF)
-    scale = tl.load(scales + column, mask=mask_w, other=0.0).to(tl.float32)
-    return (x * scale[None, :]) * (values - zeros[None, :])
-
-
-@triton.jit
-def _gemv_store(target, acc, words, mask_w, bias_ptr, NIBBLE: tl.constexpr, dtype: tl.constexpr,
-                HAS_BIAS: tl.constexpr):
-    """The sum over K of nibble NIBBLE's accumulator, (+ bias) stored at its columns."""
-    column: tl.constexpr = 2 * (NIBBLE % 4) + NIBBLE // 4
-    columns = words * 8 + column
+        scale = tl.load(scales_ptr + group * N + columns, mask=mask_w[:, None], other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + rows).to(tl.float32)
+        values = _offset_float((packed[:, :, None] >> shifts[None, None, :]) & 0xF)
+        zeros = _offset_float((zero_words[:, None] >> shifts[None, :]) & 0xF)
+        acc += (x[:, None, None] * scale[None, :, :]) * (values - zeros[None, :, :])
     out = tl.sum(acc, axis=0)
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + columns, mask=mask_w, other=0.0).to(tl.float32)
-    tl.store(target + columns, out.to(dtype), mask=mask_w)
+    if SPLIT:
+        tl.store(out_ptr + pid_k * stride_split + columns, out, mask=mask_w[:, None])
+        if REDUCE_IN_KERNEL:
+            _sum_if_last(out_ptr + columns, stride_split, split_k, final_ptr + columns, bias_ptr + columns,
+                         mask_w[:, None], counters_ptr + pid_n, HAS_BIAS)
+    else:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + columns, mask=mask_w[:, None], other=0.0).to(tl.float32)
+        tl.store(out_ptr + columns, out.to(out_ptr.dtype.element_ty), mask=mask_w[:, None])
 
 
 @triton.jit
