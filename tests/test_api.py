@@ -96,6 +96,28 @@ def test_abandoned_stream_frees_its_blocks(llm, conversations):
     assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
 
 
+def test_running_ahead_changes_no_answer(tiny_ckpt, llm, conversations):
+    """`run_ahead` (the GPU default) through the API: batches with the checkpoint's defaults and
+    greedy, a stream and an abandoned stream answer as stepping in turn does."""
+    ahead = Qwen2VL.from_pretrained(tiny_ckpt, num_kv_blocks=256, run_ahead=True)
+    launch, ran_ahead = ahead.engine.runner.launch, []
+    ahead.engine.runner.launch = lambda chunks, previous=None: ran_ahead.append(previous is not None) or launch(chunks, previous)
+    names = list(conversations)
+    # the checkpoint's repetition penalty makes each step read back first; without it steps run ahead
+    for kwargs in ({"max_new_tokens": NEW_TOKENS}, {"temperature": 0, "max_tokens": 12, "repetition_penalty": 1.0}):
+        batch = ahead.chat([conversations[n] for n in names], **kwargs)
+        assert [c.token_ids for c in batch] == [llm.chat(conversations[n], **kwargs).token_ids for n in names]
+    assert sum(ran_ahead) >= 10
+    greedy = {"temperature": 0, "repetition_penalty": 1.0}
+    stream = ahead.chat(conversations["image"], max_tokens=16, stream=True, **greedy)
+    assert "".join(stream) == llm.chat(conversations["image"], max_tokens=16, **greedy).text
+    abandoned = iter(ahead.chat(conversations["text"], max_tokens=64, ignore_eos=True, stream=True, **greedy))
+    next(abandoned)
+    abandoned.close()
+    assert not ahead.engine.has_unfinished()
+    assert ahead.engine.num_free_blocks == ahead.engine.num_total_blocks
+
+
 def test_transformers_names_and_explicit_params(llm, conversations):
     greedy = llm.chat(conversations["text"], SamplingParams(temperature=0, max_tokens=8))
     assert llm.chat(conversations["text"], do_sample=False, max_new_tokens=8).token_ids == greedy.token_ids
