@@ -173,6 +173,24 @@ def test_batch_of_six_equals_single_runs(model, processor, prompts, singles):
     assert [o.text for o in outputs] == [singles[n].text for n in names]
 
 
+def test_same_length_prompts_share_one_attention_call_per_layer(model, processor, prompts, singles, monkeypatch):
+    """Prompts computed from their start in one step are attended by prompt length: three copies
+    of one conversation and a second one make two causal calls per layer, not four, and their
+    answers equal the single runs'."""
+    from qwen2vl.layers import attention
+
+    calls = []
+    packed = attention.packed_attention
+    monkeypatch.setattr(attention, "packed_attention", lambda *args, **kwargs: calls.append(
+        sorted(count for _, count, _ in args[3].groups)) or packed(*args, **kwargs))
+    names = ["image", "image", "text", "image"]
+    outputs = run(make_engine(model, processor), [prompts[n] for n in names])
+    assert [o.token_ids for o in outputs] == [singles[n].token_ids for n in names]
+    layers = model.config.text.num_layers
+    assert calls[:layers] == [[1, 3]] * layers  # the prefill step; decode steps have no prompt rows
+    assert all(groups == [] for groups in calls[layers:])
+
+
 def test_chunked_prefill_equals_single_runs(model, processor, prompts, singles):
     names = list(CONVERSATIONS)
     engine = make_engine(model, processor, max_num_batched_tokens=7)

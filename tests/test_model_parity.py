@@ -168,3 +168,19 @@ def test_packed_attention_batches_segments_of_one_length():
         F.scaled_dot_product_attention(*(t[start:start + n].transpose(0, 1) for t in (query, key, value))).transpose(0, 1)
         for start, n in zip(itertools.accumulate(lengths, initial=0), lengths)])
     torch.testing.assert_close(packed_attention(query, key, value, segments), expected)
+
+
+def test_packed_causal_attention_of_prompts_placed_anywhere_with_grouped_heads():
+    """The decoder's batched prefill: prompts at given rows (others' rows between them), causal,
+    4 query heads over 2 kv heads; rows outside the segments are not attention's business."""
+    generator = torch.Generator().manual_seed(1)
+    starts, lengths = [0, 9, 13, 30], [5, 4, 5, 5]
+    query = torch.randn(40, 4, 8, generator=generator)
+    key, value = (torch.randn(40, 2, 8, generator=generator) for _ in range(2))
+    segments = Segments(lengths, starts=starts)
+    assert sorted((count, length) for _, count, length in segments.groups) == [(1, 4), (3, 5)]
+    out = packed_attention(query, key, value, segments, causal=True)
+    for start, n in zip(starts, lengths):
+        q, k, v = (t[start:start + n].transpose(0, 1) for t in (query, key, value))
+        expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 0), v.repeat_interleave(2, 0), is_causal=True)
+        torch.testing.assert_close(out[start:start + n], expected.transpose(0, 1))

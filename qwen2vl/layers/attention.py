@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qwen2vl import kernels
-from qwen2vl.layers.attention_metadata import AttentionMetadata
+from qwen2vl.layers.attention_metadata import AttentionMetadata, Segments
 from qwen2vl.layers.rotary import apply_rotary_qk
 
 
@@ -57,26 +57,29 @@ class PagedAttention:
                                      key.unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
         value = value.unflatten(-1, (self.num_kv_heads, self.head_dim))
         write_kv_cache(kv_cache, key, value, attn.slot_mapping)
-        out = torch.empty_like(query)
-        start = 0
+        # Prompts computed from their first token have all their keys in this step: one causal
+        # call per prompt length, however many prompts (keys and values as the cache holds them).
+        as_cached = lambda t: t.to(kv_cache.dtype).to(query.dtype)  # noqa: E731
+        out = packed_attention(query, as_cached(key), as_cached(value), attn.whole_prompts, causal=True)
+        starts = list(itertools.accumulate(attn.query_lens_cpu, initial=0))
         with sdpa_kernel(SDPA_BACKENDS):
             for b, (query_len, context_len) in enumerate(zip(attn.query_lens_cpu, attn.context_lens_cpu)):
+                if query_len == context_len:
+                    continue
                 blocks = attn.block_tables[b, : -(-context_len // attn.block_size)].long()
                 keys = kv_cache[0, blocks].flatten(0, 1)[:context_len]
                 values = kv_cache[1, blocks].flatten(0, 1)[:context_len]
-                rows = slice(start, start + query_len)
+                rows = slice(starts[b], starts[b] + query_len)
                 out[rows] = self._attend(query[rows], keys.to(query.dtype), values.to(query.dtype))
-                start += query_len
         return out
 
     def _attend(self, query, keys, values):
         query_len, context_len = query.shape[0], keys.shape[0]
         # [1, heads, tokens, D]: the fused SDPA kernels take 4-D inputs only (3-D falls back to math)
         query, keys, values = (t.transpose(0, 1)[None] for t in (query, keys, values))
-        if query_len in (1, context_len):
-            # No mask, or SDPA's own (top-left) causal one: flash attention takes these, grouped
-            # heads included, without a [query, context] mask in memory.
-            out = F.scaled_dot_product_attention(query, keys, values, is_causal=query_len > 1, scale=self.scale,
+        if query_len == 1:
+            # No mask: flash attention takes it, grouped heads included.
+            out = F.scaled_dot_product_attention(query, keys, values, scale=self.scale,
                                                  enable_gqa=self.num_heads != self.num_kv_heads)
         else:
             # A prompt chunk after cached tokens: its causal mask is offset, which only the
@@ -90,24 +93,16 @@ class PagedAttention:
         return out[0].transpose(0, 1)
 
 
-class Segments:
-    """Where the segments of a packed sequence lie (each attends only within itself), grouped by
-    length: `groups` holds `(positions [count * length], count, length)` per distinct length, so
-    that same-sized images, and the frames of a video, are one batched attention call."""
-
-    def __init__(self, lengths: list[int], device: torch.device | str = "cpu"):
-        starts_by_length: dict[int, list[int]] = {}
-        for start, length in zip(itertools.accumulate(lengths, initial=0), lengths):
-            starts_by_length.setdefault(length, []).append(start)
-        self.groups = [((torch.tensor(starts)[:, None] + torch.arange(length)).flatten().to(device), len(starts), length)
-                       for length, starts in starts_by_length.items()]
-
-
-def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """Bidirectional attention within each of `segments`: query/key/value `[P, heads, D]` -> `[P, heads, D]`."""
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: Segments,
+                     causal: bool = False) -> torch.Tensor:
+    """Attention within each of `segments` (bidirectional, or `causal`): query `[P, heads, D]`,
+    key/value `[P, kv_heads, D]` -> `[P, heads, D]`; rows outside the segments are left unset."""
     out = torch.empty_like(query)
+    if not segments.groups:
+        return out
     with sdpa_kernel(SDPA_BACKENDS):
         for positions, count, length in segments.groups:
             q, k, v = (t[positions].unflatten(0, (count, length)).transpose(1, 2) for t in (query, key, value))
-            out[positions] = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(0, 1)
+            out[positions] = F.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2).flatten(0, 1)
     return out

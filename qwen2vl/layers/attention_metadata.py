@@ -1,9 +1,25 @@
 """Batch metadata for one forward over a paged KV cache. Built by the model runner."""
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
+
+
+class Segments:
+    """Where the segments of a packed sequence lie (each attends only within itself), grouped by
+    length: `groups` holds `(positions [count * length], count, length)` per distinct length, so
+    that same-sized images, the frames of a video, and same-length prompts, are one batched
+    attention call. Segments follow each other from row 0, or start at `starts`."""
+
+    def __init__(self, lengths: list[int], device: torch.device | str = "cpu", starts: list[int] | None = None):
+        starts_by_length: dict[int, list[int]] = {}
+        for start, length in zip(itertools.accumulate(lengths, initial=0) if starts is None else starts, lengths):
+            starts_by_length.setdefault(length, []).append(start)
+        self.groups = [((torch.tensor(group)[:, None] + torch.arange(length)).flatten().to(device), len(group), length)
+                       for length, group in starts_by_length.items()]
 
 
 @dataclass
@@ -33,3 +49,13 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens_cpu)
+
+    @functools.cached_property
+    def whole_prompts(self) -> Segments:
+        """The sequences whose tokens this step are all their tokens (a prompt from its start),
+        as segments of the step's rows grouped by length; built once per forward, on first use."""
+        starts = list(itertools.accumulate(self.query_lens_cpu, initial=0))
+        whole = [b for b, (query_len, context_len) in enumerate(zip(self.query_lens_cpu, self.context_lens_cpu))
+                 if query_len == context_len]
+        return Segments([self.query_lens_cpu[b] for b in whole], self.slot_mapping.device,
+                        starts=[starts[b] for b in whole])
