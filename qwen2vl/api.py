@@ -122,10 +122,13 @@ class Qwen2VL:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         max_model_len: int | None = None,
+        int8_vocab: bool = True,
         **engine_options,
     ) -> "Qwen2VL":
         """Load `model` (a checkpoint directory or a hub id; None: the card's AWQ checkpoint if
-        cached, else the bundled demo model); `engine_options` go to `LLMEngine`."""
+        cached, else the bundled demo model); `engine_options` go to `LLMEngine`. A 4-bit
+        checkpoint on its int4 kernel keeps the vocabulary table as int8 rows (half the head's
+        bytes per token) unless `int8_vocab` is False."""
         from .engine import LLMEngine
         from .loader import load_model
         from .processor import Processor
@@ -133,7 +136,7 @@ class Qwen2VL:
         model_dir = resolve_model_dir(model)
         torch_device = _pick_device(device)
         processor = Processor.from_pretrained(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
-        network = load_model(model_dir, device=torch_device, dtype=_pick_dtype(dtype))
+        network = load_model(model_dir, device=torch_device, dtype=_pick_dtype(dtype), int8_vocab=int8_vocab)
         generation_config_path = model_dir / "generation_config.json"
         generation_config = json.loads(generation_config_path.read_text()) if generation_config_path.is_file() else {}
         engine = LLMEngine(network, processor, max_model_len=max_model_len,

@@ -30,6 +30,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-pixels", type=int, help="smallest image area after resizing (pixels)")
     group.add_argument("--max-pixels", type=int, help="largest image area after resizing (pixels); fewer = faster")
     group.add_argument("--max-model-len", type=int, help="longest prompt + answer in tokens")
+    group.add_argument("--no-int8-vocab", dest="int8_vocab", action="store_false",
+                       help="keep a 4-bit checkpoint's vocabulary table in bf16 (default: int8 rows)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +64,7 @@ def _load(args: argparse.Namespace):
 
     return Qwen2VL.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                    min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                                   max_model_len=args.max_model_len)
+                                   max_model_len=args.max_model_len, int8_vocab=args.int8_vocab)
 
 
 def _user_message(prompt: str, images: list[str], videos: list[str]) -> dict:

@@ -7,6 +7,7 @@ import torch
 
 from checkpoints import reference_config
 from qwen2vl.api import Qwen2VL
+from qwen2vl.cli import build_parser
 from qwen2vl.engine import LLMEngine
 from qwen2vl.kernels import int4_cpu, int8_cpu
 from qwen2vl.layers.linear import Int4Linear, QuantizedLinear
@@ -103,6 +104,10 @@ def test_int4_path_reads_the_vocabulary_as_int8_rows(quant_ckpt):
     assert table.values.dtype == torch.int8 and model.dtype == torch.bfloat16
     assert type(exact.head) is VocabTable and type(exact.language_model.embed_tokens) is VocabTable
     assert type(load_model(quant_ckpt, dtype=torch.bfloat16, int8_vocab=False).head) is VocabTable
+    # the same switch through the API and the command line
+    assert type(Qwen2VL.from_pretrained(quant_ckpt, device="cpu", int8_vocab=False).engine.model.head) is VocabTable
+    assert build_parser().parse_args(["chat", "--no-int8-vocab", "hi"]).int8_vocab is False
+    assert build_parser().parse_args(["serve"]).int8_vocab is True
     ids = torch.tensor([0, 17, 151643, 151655])
     rows = exact.language_model.embed_tokens.weight[ids]
     step = rows.abs().amax(1, keepdim=True) / 127  # one int8 step of each row
