@@ -540,3 +540,50 @@ def test_int8_matmul_matches_reference(m, dtype):
     # Exact products, float32 sums in another order, the scale applied after the sum instead of
     # to each weight: at most a rounding step of the output apart.
     torch.testing.assert_close(out.float(), expected.float(), rtol=ULP[dtype], atol=ULP[dtype] * 0.25)
+
+
+def test_a_mixed_steps_decode_rows_take_one_triton_launch(tiny_awq_checkpoint, monkeypatch):
+    """Requests added while others decode make mixed steps (new prompts beside decode rows): the
+    decode rows go to the Triton paged decode attention together, the prompts to SDPA. Greedy
+    tokens equal the torch path's, log-probs within 0.05 (float16)."""
+    from qwen2vl import kernels
+    from qwen2vl.engine import LLMEngine
+    from qwen2vl.loader import load_model
+    from qwen2vl.processor import Processor
+    from qwen2vl.sampling_params import SamplingParams
+
+    processor = Processor.from_pretrained(tiny_awq_checkpoint)
+    prompts = [processor.prepare([{"role": "user", "content": text}])
+               for text in ("Count to three.", "Name two colours.", "Hi", "What is a square?")]
+    batched = []
+
+    def generate(all_triton: bool):
+        with monkeypatch.context() as patch:
+            if all_triton:
+                patch.setattr(kernels, "triton_runs", lambda x: x.dtype in kernels.TRITON_DTYPES)
+                decode = kernels.paged_decode_attention
+                patch.setattr(kernels, "paged_decode_attention",
+                              lambda query, *args: batched.append(query.shape[0]) or decode(query, *args))
+            model = load_model(tiny_awq_checkpoint, device=DEVICE, dtype=torch.bfloat16, int4_kernel="triton")
+            if DEVICE == "cpu":
+                model.half()
+            engine = LLMEngine(model, processor, num_kv_blocks=64, cuda_graphs=False, run_ahead=False)
+            params = SamplingParams(max_tokens=10, temperature=0, logprobs=1, ignore_eos=True)
+            ids, outputs = [], {}
+            for prompt in prompts:  # one more request every two steps: each joins the others' decoding
+                ids.append(engine.add_request(prompt, params))
+                for _ in range(2):
+                    outputs.update((o.request_id, o) for o in engine.step())
+            while engine.has_unfinished():
+                outputs.update((o.request_id, o) for o in engine.step())
+            return [outputs[i] for i in ids]
+
+    fast, torch_path = generate(True), generate(False)
+    # mixed steps: 1, 2 and 3 sequences decoding beside a new prompt (pure decode steps take
+    # `qkv_decode_attention` instead)
+    assert sorted(set(batched)) == [1, 2, 3]
+    for ours, reference in zip(fast, torch_path):
+        assert ours.token_ids == reference.token_ids
+        chosen = [step[token] for step, token in zip(ours.logprobs, ours.token_ids)]
+        expected = [step[token] for step, token in zip(reference.logprobs, reference.token_ids)]
+        torch.testing.assert_close(torch.tensor(chosen), torch.tensor(expected), rtol=0, atol=0.05)

@@ -90,6 +90,16 @@ def qkv_decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return triton_attention.paged_decode_attention(query, kv_cache, block_tables, context_lens, scale)
 
 
+def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One new token per sequence (query `[B, heads, D]`) over its keys and values in the paged
+    cache, written already: one Triton launch (call where `decode_attention_runs`). A mixed
+    step's decode rows take it (a pure-decode step takes `qkv_decode_attention`)."""
+    from qwen2vl.kernels import triton_attention
+
+    return triton_attention.paged_decode_attention(query, kv_cache, block_tables, context_lens, scale)
+
+
 def int4_backend(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int, group_size: int,
                  wanted: str | None = None) -> str | None:
     """The packed 4-bit backend that runs a linear of this shape on `device` with activations in

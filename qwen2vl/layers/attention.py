@@ -61,10 +61,16 @@ class PagedAttention:
         # call per prompt length, however many prompts (keys and values as the cache holds them).
         as_cached = lambda t: t.to(kv_cache.dtype).to(query.dtype)  # noqa: E731
         out = packed_attention(query, as_cached(key), as_cached(value), attn.whole_prompts, causal=True)
+        # A mixed step's decode rows (one new token after cached ones): one Triton launch for all.
+        batched_decode = attn.decode_rows is not None and kernels.decode_attention_runs(query, [1], self.head_dim)
+        if batched_decode:
+            rows, seqs = attn.decode_rows
+            out[rows] = kernels.paged_decode_attention(query[rows], kv_cache, attn.block_tables[seqs],
+                                                       attn.context_lens[seqs], self.scale)
         starts = list(itertools.accumulate(attn.query_lens_cpu, initial=0))
         with sdpa_kernel(SDPA_BACKENDS):
             for b, (query_len, context_len) in enumerate(zip(attn.query_lens_cpu, attn.context_lens_cpu)):
-                if query_len == context_len:
+                if query_len == context_len or (query_len == 1 and batched_decode):
                     continue
                 blocks = attn.block_tables[b, : -(-context_len // attn.block_size)].long()
                 keys = kv_cache[0, blocks].flatten(0, 1)[:context_len]

@@ -59,3 +59,15 @@ class AttentionMetadata:
                  if query_len == context_len]
         return Segments([self.query_lens_cpu[b] for b in whole], self.slot_mapping.device,
                         starts=[starts[b] for b in whole])
+
+    @functools.cached_property
+    def decode_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rows of the sequences with one new token after cached ones, and those sequences'
+        indices, on the device; None if there are none. Built once per forward, on first use."""
+        starts = list(itertools.accumulate(self.query_lens_cpu, initial=0))
+        seqs = [b for b, (query_len, context_len) in enumerate(zip(self.query_lens_cpu, self.context_lens_cpu))
+                if query_len == 1 < context_len]
+        if not seqs:
+            return None
+        device = self.slot_mapping.device
+        return torch.tensor([starts[b] for b in seqs], device=device), torch.tensor(seqs, device=device)
