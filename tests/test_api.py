@@ -103,11 +103,12 @@ def test_running_ahead_changes_no_answer(tiny_ckpt, llm, conversations):
     launch, ran_ahead = ahead.engine.runner.launch, []
     ahead.engine.runner.launch = lambda chunks, previous=None: ran_ahead.append(previous is not None) or launch(chunks, previous)
     names = list(conversations)
-    # the checkpoint's repetition penalty makes each step read back first; without it steps run ahead
+    # the checkpoint's defaults (repetition penalty 1.05, top_k 1) and plain greedy both run ahead
     for kwargs in ({"max_new_tokens": NEW_TOKENS}, {"temperature": 0, "max_tokens": 12, "repetition_penalty": 1.0}):
+        ran_ahead.clear()
         batch = ahead.chat([conversations[n] for n in names], **kwargs)
         assert [c.token_ids for c in batch] == [llm.chat(conversations[n], **kwargs).token_ids for n in names]
-    assert sum(ran_ahead) >= 10
+        assert sum(ran_ahead) >= 8
     greedy = {"temperature": 0, "repetition_penalty": 1.0}
     stream = ahead.chat(conversations["image"], max_tokens=16, stream=True, **greedy)
     assert "".join(stream) == llm.chat(conversations["image"], max_tokens=16, **greedy).text

@@ -41,8 +41,8 @@ class LLMEngine:
     the sequences' next input tokens stay on the device, so the host schedules, prepares and
     detokenizes while the device computes, instead of in turn. A step then returns the outputs
     of the step before it; a sequence that stops computes one token more, which is dropped.
-    Sequences with penalties (which need their tokens on the host) or at their last token make a
-    step wait for the read-back first.
+    Sequences at their last token (by max_tokens or max_model_len) make a step wait for the
+    read-back first; penalties take a pending token from the device.
     """
 
     def __init__(
@@ -184,18 +184,10 @@ class LLMEngine:
 
     def _can_run_ahead(self, launched: LaunchedStep) -> bool:
         """Whether the next step may be scheduled before `launched`'s tokens are read back: no
-        sequence of it needs them on the host (penalties) or may end by length with them."""
-        if not self.run_ahead:
-            return False
-        for seq in launched.seqs:
-            params = seq.params
-            if seq.is_finished:
-                continue
-            if params.repetition_penalty != 1 or params.presence_penalty != 0 or params.frequency_penalty != 0:
-                return False
-            if seq.num_tokens - seq.prompt_len >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-                return False
-        return True
+        sequence of it ends by length with them (it would compute a token past its end)."""
+        return self.run_ahead and not any(
+            seq.num_tokens - seq.prompt_len >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
+            for seq in launched.seqs if not seq.is_finished)
 
     def _read_back(self) -> list[RequestOutput]:
         """The in-flight step's tokens appended to their sequences (those that finished or were

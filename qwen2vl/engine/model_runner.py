@@ -116,7 +116,7 @@ class ModelRunner:
                 logits = logits[[row for row, chunk in enumerate(chunks) if chunk.samples]]
         else:
             logits = self._forward(chunks, pending)
-        return LaunchedStep(sampling, self.sampler(logits, self._sampling_batch(sampling))) if sampling else None
+        return LaunchedStep(sampling, self.sampler(logits, self._sampling_batch(sampling, previous))) if sampling else None
 
     def _pending_inputs(self, chunks: list[ScheduledChunk], previous: LaunchedStep | None):
         """Where the step's pending input tokens go and what they are: `(positions among the
@@ -181,7 +181,7 @@ class ModelRunner:
             return None, None
         return torch.cat(embeds), mask.to(self.device)
 
-    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+    def _sampling_batch(self, seqs: list[Sequence], previous: LaunchedStep | None = None) -> SamplingBatch:
         params = [seq.params for seq in seqs]
         any_penalty = any(
             p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params
@@ -198,13 +198,24 @@ class ModelRunner:
         return SamplingBatch(
             **column,
             prompt_tokens=self._padded([seq.token_ids[:seq.prompt_len] for seq in seqs]) if any_penalty else None,
-            output_tokens=self._padded([seq.output_token_ids for seq in seqs]) if any_penalty else None,
+            output_tokens=self._output_tokens(seqs, previous) if any_penalty else None,
             generators=[seq.generator for seq in seqs],
             num_logprobs=max(asked) if asked else None,
             all_greedy=all_greedy,
             any_penalty=any_penalty,
             any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params),
         )
+
+    def _output_tokens(self, seqs: list[Sequence], previous: LaunchedStep | None) -> torch.Tensor:
+        """The generated tokens of `seqs`, padded (the penalties' input), a pending last token
+        taken on the device from `previous`."""
+        read_back = self._padded([seq.output_token_ids for seq in seqs])
+        if not any(seq.num_pending for seq in seqs):
+            return read_back
+        rows = [previous.row_of[seq] if seq.num_pending else 0 for seq in seqs]
+        pending = self._tensor([bool(seq.num_pending) for seq in seqs], torch.bool)
+        last = torch.where(pending, previous.out.token_ids[self._tensor(rows, torch.long)], self.vocab_size)
+        return torch.cat([read_back, last[:, None]], dim=1)
 
     def _padded(self, rows: list[list[int]]) -> torch.Tensor:
         width = max(1, max(len(row) for row in rows))
