@@ -279,6 +279,41 @@ def test_32_concurrent_clients_equal_their_single_answers(server, reference):
     server.wait_idle()
 
 
+def test_a_server_running_steps_ahead_answers_the_same(tiny_ckpt, reference):
+    """`run_ahead` (the default on a GPU) behind the server: concurrent streamed and plain
+    requests answer as the Python API does, a disconnect mid-stream frees its cache."""
+    llm = Qwen2VL.from_pretrained(tiny_ckpt, device="cpu", max_model_len=MAX_MODEL_LEN, run_ahead=True)
+    running = RunningServer(llm, api_key=API_KEY)
+    try:
+        sampling = dict(max_tokens=12, temperature=0)
+        prompts = [[{"role": "user", "content": f"Tell me about the number {i}."}] for i in range(8)]
+        expected = [reference.chat(messages, **sampling).text for messages in prompts]
+
+        async def run() -> list[str]:
+            client = openai.AsyncOpenAI(base_url=running.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+            async def ask(messages, stream: bool) -> str:
+                if not stream:
+                    return (await client.chat.completions.create(model=MODEL, messages=messages, **sampling)
+                            ).choices[0].message.content
+                chunks = await client.chat.completions.create(model=MODEL, messages=messages, stream=True, **sampling)
+                return "".join([chunk.choices[0].delta.content or "" async for chunk in chunks])
+
+            answers = await asyncio.gather(*(ask(messages, i % 2 == 1) for i, messages in enumerate(prompts)))
+            await client.close()
+            return answers
+
+        assert asyncio.run(run()) == expected
+        with httpx.Client(base_url=running.url, headers=HEADERS, timeout=30) as http:
+            with http.stream("POST", "/v1/chat/completions", json=_long_chat(stream=True)) as response:
+                lines = response.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))
+        running.wait_idle()
+        assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
+    finally:
+        running.stop()
+
+
 # --- disconnects, timeouts, overload --------------------------------------------------------
 
 def _long_chat(stream: bool, max_tokens: int = 400) -> dict:
