@@ -634,11 +634,12 @@ def make_engine(model, processor, max_len: int, num_seqs: int = 1, **options):
                      max_num_seqs=max(num_seqs, 1), **options)
 
 
-def drive(engine, prompts, max_tokens: int, budget_s: float) -> dict:
-    """Run `prompts` to `max_tokens` each (EOS ignored) or until `budget_s` after the first token."""
+def drive(engine, prompts, max_tokens: int, budget_s: float, greedy: bool = True) -> dict:
+    """Run `prompts` to `max_tokens` each (EOS ignored) or until `budget_s` after the first token;
+    greedy, or (`greedy=False`) with the engine's generation config's sampling defaults."""
     from qwen2vl.sampling_params import SamplingParams
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0 if greedy else None, ignore_eos=True)
     start = time.perf_counter()
     ids = [engine.add_request(prompt, params) for prompt in prompts]
     counts, first, last, finished = dict.fromkeys(ids, 0), None, None, set()
@@ -704,7 +705,12 @@ def run_ours(args) -> None:
             result = drive(engine, [text_prompt(1)], args.max_tokens, 3 * args.budget)
             card_row("qwen2vl eager", weights, 1, result, torch.cuda.max_memory_allocated())
             del engine
-        if quant:
+        if quant:  # what `Qwen2VL.chat` decodes by default: the checkpoint's sampling (top_k 1, penalty 1.05)
+            defaults = json.loads((checkpoint_dir(args, quant) / "generation_config.json").read_text())
+            engine = make_engine(model, processor, 1 + args.max_tokens, generation_config=defaults)
+            result = drive(engine, [text_prompt(1)], args.max_tokens, 3 * args.budget, greedy=False)
+            card_row("qwen2vl card sampling", weights, 1, result, torch.cuda.max_memory_allocated())
+            del engine
             profile_host(make_engine(model, processor, 1 + 300), 300)
             profile_device(make_engine(model, processor, 64, cuda_graphs=False))
         for length in CARD_LENGTHS:

@@ -112,7 +112,10 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Whether the next token is always the most likely one (after penalties): temperature 0,
+        or top_k 1, which keeps only that token at any temperature (the card's checkpoints ship
+        top_k 1), so the sampler can take the argmax without drawing."""
+        return self.temperature == 0 or self.top_k == 1
 
     def validate(self) -> None:
         """Raise `InputError` naming the first field that is out of range."""

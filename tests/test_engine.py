@@ -299,9 +299,15 @@ def test_repetition_penalty_and_eos_equal_transformers(model, processor, prompts
 
 
 def test_top_k_one_equals_greedy(model, processor, prompts, singles):
+    """top_k 1 at any temperature is greedy (the card's checkpoints ship top_k 1): the argmax,
+    without drawing, alone and beside a sampled row."""
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, top_k=1, ignore_eos=True)
+    assert params.greedy and not SamplingParams(temperature=1.0, top_k=2).greedy
     outputs = run(make_engine(model, processor), [prompts["text"], prompts["image"]], params)
     assert [o.token_ids for o in outputs] == [singles["text"].token_ids, singles["image"].token_ids]
+    sampled = SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, seed=3, ignore_eos=True)
+    beside, _ = run(make_engine(model, processor), [prompts["text"], prompts["video"]], [params, sampled])
+    assert beside.token_ids == singles["text"].token_ids
 
 
 def test_stop_string_cuts_the_text_exactly(model, processor, prompts, singles):

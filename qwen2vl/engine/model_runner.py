@@ -190,8 +190,10 @@ class ModelRunner:
         names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
         column = dict.fromkeys(names)
         if any_penalty or not all_greedy:  # greedy rows without penalties need none of the numbers
-            # One transfer for all the per-row numbers (float32 holds any top_k exactly).
-            table = self._tensor([[getattr(p, name) for name in names] for p in params], torch.float32)
+            # One transfer for all the per-row numbers (float32 holds any top_k exactly). A greedy
+            # row (`SamplingParams.greedy`: top_k 1 too) goes with temperature 0: the argmax.
+            table = self._tensor([[0.0 if p.greedy and name == "temperature" else getattr(p, name) for name in names]
+                                  for p in params], torch.float32)
             column = dict(zip(names, table.unbind(1)))
             column["top_k"] = column["top_k"].long()
         asked = [p.logprobs for p in params if p.logprobs is not None]
