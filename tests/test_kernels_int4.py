@@ -32,8 +32,12 @@ def bf16_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 # 2048 and 1040 rows: packed in more than one block of rows, 1040 with a short last block.
+# DEQUANTIZE_MIN_ROWS inputs: the unpacked weight and a dense product (1040: not whole tiles,
+# the kernel).
 @pytest.mark.parametrize("n,k,group_size,rows", [(16, 32, 32, 1), (128, 64, 32, 5), (2048, 1536, 128, 3),
-                                                 (1040, 64, 32, 2), (96, 256, 64, 1), (48, 512, 256, 7)])
+                                                 (1040, 64, 32, 2), (96, 256, 64, 1), (48, 512, 256, 7),
+                                                 (192, 256, 64, int4_cpu.DEQUANTIZE_MIN_ROWS),
+                                                 (1040, 64, 32, int4_cpu.DEQUANTIZE_MIN_ROWS + 1)])
 def test_kernel_equals_reference(n, k, group_size, rows):
     values, zeros, scales = random_layout(n, k, group_size, seed=n + k)
     weight = kernels.pack_int4("cpu", rows_of(values), scales, zeros)
@@ -44,6 +48,15 @@ def test_kernel_equals_reference(n, k, group_size, rows):
     # Same bf16 inputs on both sides; the kernel rounds its output to bf16 (2^-9 relative).
     assert bf16_relative_error(y, expected) < 4e-3
     assert torch.allclose(y, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("n,k,group_size", [(64, 32, 32), (2048, 1536, 128), (192, 512, 256)])
+def test_unpacked_weight_is_the_layouts_weight_rounded_once(n, k, group_size):
+    values, zeros, scales = random_layout(n, k, group_size, seed=n)
+    weight = kernels.pack_int4("cpu", rows_of(values), scales, zeros)
+    unpacked = int4_cpu.dequantize_packed(weight["packed"], weight["scales_and_zeros"], group_size)
+    expected = int4_cpu.dequantize(values, weight["scales_and_zeros"], group_size).to(torch.bfloat16).t()
+    assert unpacked.dtype == torch.bfloat16 and torch.equal(unpacked, expected)
 
 
 def test_kernel_keeps_leading_dims_and_dtype():
