@@ -6,7 +6,6 @@ and the KV write in one launch, then paged decode attention.
 """
 from __future__ import annotations
 
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -62,12 +61,12 @@ class PagedAttention:
         as_cached = lambda t: t.to(kv_cache.dtype).to(query.dtype)  # noqa: E731
         out = packed_attention(query, as_cached(key), as_cached(value), attn.whole_prompts, causal=True)
         # A mixed step's decode rows (one new token after cached ones): one Triton launch for all.
-        batched_decode = attn.decode_rows is not None and kernels.decode_attention_runs(query, [1], self.head_dim)
+        batched_decode = kernels.decode_attention_runs(query, [1], self.head_dim) and attn.decode_rows is not None
         if batched_decode:
             rows, seqs = attn.decode_rows
             out[rows] = kernels.paged_decode_attention(query[rows], kv_cache, attn.block_tables[seqs],
                                                        attn.context_lens[seqs], self.scale)
-        starts = list(itertools.accumulate(attn.query_lens_cpu, initial=0))
+        starts = attn.query_starts_cpu
         with sdpa_kernel(SDPA_BACKENDS):
             for b, (query_len, context_len) in enumerate(zip(attn.query_lens_cpu, attn.context_lens_cpu)):
                 if query_len == context_len or (query_len == 1 and batched_decode):

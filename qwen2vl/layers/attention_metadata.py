@@ -51,10 +51,15 @@ class AttentionMetadata:
         return len(self.query_lens_cpu)
 
     @functools.cached_property
+    def query_starts_cpu(self) -> list[int]:
+        """`query_start_loc` on the host: sequence b's rows are `[starts[b], starts[b + 1])`."""
+        return list(itertools.accumulate(self.query_lens_cpu, initial=0))
+
+    @functools.cached_property
     def whole_prompts(self) -> Segments:
         """The sequences whose tokens this step are all their tokens (a prompt from its start),
         as segments of the step's rows grouped by length; built once per forward, on first use."""
-        starts = list(itertools.accumulate(self.query_lens_cpu, initial=0))
+        starts = self.query_starts_cpu
         whole = [b for b, (query_len, context_len) in enumerate(zip(self.query_lens_cpu, self.context_lens_cpu))
                  if query_len == context_len]
         return Segments([self.query_lens_cpu[b] for b in whole], self.slot_mapping.device,
@@ -64,7 +69,7 @@ class AttentionMetadata:
     def decode_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The rows of the sequences with one new token after cached ones, and those sequences'
         indices, on the device; None if there are none. Built once per forward, on first use."""
-        starts = list(itertools.accumulate(self.query_lens_cpu, initial=0))
+        starts = self.query_starts_cpu
         seqs = [b for b, (query_len, context_len) in enumerate(zip(self.query_lens_cpu, self.context_lens_cpu))
                 if query_len == 1 < context_len]
         if not seqs:
