@@ -36,7 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # The BF16 checkpoint twice: as the CPU runs it by default (float32 compute), and in bfloat16 like
 # the 4-bit columns, which measures what 4 bits cost at the same activation precision.
 BF16_COLUMNS = {"BF16": "auto", "BF16 (bf16 compute)": "bfloat16"}
-COLUMNS = (*BF16_COLUMNS, "AWQ 4-bit (ours)", "RTN 4-bit")
+AWQ, AWQ_FLOAT32 = "AWQ 4-bit (ours)", "AWQ 4-bit (float32 compute)"
+COLUMNS = (*BF16_COLUMNS, AWQ, AWQ_FLOAT32, "RTN 4-bit")
+# (4-bit column, BF16 column, what the pair measures): the engine's defaults (bfloat16 activations
+# on the int4 kernel against float32), then 4 bits alone at equal activation precision.
+COMPARISONS = ((AWQ, "BF16", "each as the engine runs it by default"),
+               (AWQ_FLOAT32, "BF16", "both with float32 activations"),
+               (AWQ, "BF16 (bf16 compute)", "both with bfloat16 activations"))
 
 
 def load(path: Path, dtype: str = "auto", int4_kernel: bool | None = None) -> Qwen2VL:
@@ -89,11 +95,12 @@ def logits_error(awq_dir: Path, samples) -> dict:
 
 
 def run(model: Path, n: int, seed: int, group_size: int, work_dir: Path) -> tuple[dict, dict, tuple[list, int], dict]:
-    """Accuracy per column and task, seconds spent per column, (the `box_gap` between the greedy
-    AWQ answers of the int4 kernel and of the dequantized path, both with float32 activations
-    elsewhere, per sample; linears on the kernel), and the AWQ checkpoint's `logits_error`."""
+    """Accuracy per column and task (`AWQ_FLOAT32`: the AWQ checkpoint dequantized once, float32
+    throughout), seconds spent per column, (the `box_gap` between the greedy AWQ answers of the
+    int4 kernel and of the dequantized path, both with float32 activations elsewhere, per sample;
+    linears on the kernel), and the AWQ checkpoint's `logits_error`."""
     dirs = dict.fromkeys(BF16_COLUMNS, model)
-    for column, method in (("AWQ 4-bit (ours)", "awq"), ("RTN 4-bit", "rtn")):
+    for column, method in ((AWQ, "awq"), ("RTN 4-bit", "rtn")):
         out = work_dir / f"{model.name}-{method}-g{group_size}"
         quantize(model, out, method=method, group_size=group_size, log=lambda line: print(line, file=sys.stderr))
         dirs[column] = out
@@ -103,11 +110,14 @@ def run(model: Path, n: int, seed: int, group_size: int, work_dir: Path) -> tupl
         start = time.perf_counter()
         results[column], raw[column] = answers(load(path, BF16_COLUMNS.get(column, "auto")), samples, column)
         seconds[column] = time.perf_counter() - start
-    paths = {kernel: load(dirs["AWQ 4-bit (ours)"], "float32", int4_kernel=kernel) for kernel in (True, False)}
-    kernel_linears = sum(isinstance(m, Int4Linear) for m in paths[True].engine.model.modules())
-    on_kernel, dequantized = (answers(llm, samples, f"AWQ, float32, int4 kernel {kernel}")[1] for kernel, llm in paths.items())
+    start = time.perf_counter()
+    results[AWQ_FLOAT32], dequantized = answers(load(dirs[AWQ], "float32", int4_kernel=False), samples, AWQ_FLOAT32)
+    seconds[AWQ_FLOAT32] = time.perf_counter() - start
+    on_kernel_llm = load(dirs[AWQ], "float32", int4_kernel=True)
+    kernel_linears = sum(isinstance(m, Int4Linear) for m in on_kernel_llm.engine.model.modules())
+    on_kernel = answers(on_kernel_llm, samples, "AWQ, float32, int4 kernel")[1]
     gaps = [box_gap(a, b) for a, b in zip(on_kernel, dequantized)]
-    logits = logits_error(dirs["AWQ 4-bit (ours)"], samples)
+    logits = logits_error(dirs[AWQ], samples)
     return results, seconds, (gaps, kernel_linears), logits
 
 
@@ -124,12 +134,13 @@ def markdown(results: dict, model: Path, n: int, seed: int, group_size: int, sec
              f"(the demo's hidden size is 64, below the card's 128), AutoAWQ GEMM layout; the vision tower "
              "stays unquantized, as in the card's checkpoint. AWQ used the built-in calibration set "
              "(shapes conversations of another seed).", "",
-             "| Prompt type | " + " | ".join(COLUMNS) + " | " + " | ".join(f"AWQ - {c}" for c in BF16_COLUMNS) + " |",
-             "|---|" + "---:|" * (len(COLUMNS) + 2)]
+             "| Prompt type | " + " | ".join(COLUMNS) + " | "
+             + " | ".join(f"{quantized.replace(' (ours)', '')} - {bf16}" for quantized, bf16, _ in COMPARISONS) + " |",
+             "|---|" + "---:|" * (len(COLUMNS) + len(COMPARISONS))]
     results = {c: {**results[c], "mean": sum(results[c][t] for t in TASKS) / len(TASKS)} for c in COLUMNS}
     for task in (*TASKS, "mean"):
         row = [pct(results[c][task]) for c in COLUMNS]
-        deltas = [100 * (results["AWQ 4-bit (ours)"][task] - results[c][task]) for c in BF16_COLUMNS]
+        deltas = [100 * (results[quantized][task] - results[bf16][task]) for quantized, bf16, _ in COMPARISONS]
         bold = (lambda text: f"**{text}**") if task == "mean" else str
         lines.append(f"| {bold(task)} | " + " | ".join(bold(value) for value in row) + " | "
                      + " | ".join(f"{delta:+.1f}" for delta in deltas) + " |")
@@ -137,16 +148,16 @@ def markdown(results: dict, model: Path, n: int, seed: int, group_size: int, sec
     path_gaps, kernel_linears = kernel_vs_dequantized
     box_digits = [gap for gap in path_gaps if 0 < gap < math.inf]
     lines.append("")
-    for bf16 in BF16_COLUMNS:
+    for quantized, bf16, how in COMPARISONS:
         # in answers, not float fractions: 10 of 500 is 2 points, not 2.0000000000000018
-        gaps = {t: abs(round(n * results["AWQ 4-bit (ours)"][t]) - round(n * results[bf16][t])) for t in TASKS}
+        gaps = {t: abs(round(n * results[quantized][t]) - round(n * results[bf16][t])) for t in TASKS}
         worst = max(TASKS, key=gaps.get)
         worst_gap = 100 * gaps[worst] / n
-        lines.append(f"- AWQ within 2 points of {bf16} on every prompt type: **{'yes' if gaps[worst] * 100 <= 2 * n else 'no'}** "
-                     f"(largest gap {worst_gap:.1f} points, {worst}).")
+        lines.append(f"- {quantized} within 2 points of {bf16} on every prompt type, {how}: "
+                     f"**{'yes' if gaps[worst] * 100 <= 2 * n else 'no'}** (largest gap {worst_gap:.1f} points, {worst}).")
     lines += [
-              f"- AWQ no worse than RTN on average: **{'yes' if correct['AWQ 4-bit (ours)'] >= correct['RTN 4-bit'] else 'no'}** "
-              f"({correct['AWQ 4-bit (ours)']} vs {correct['RTN 4-bit']} of {n * len(TASKS)} answers right).",
+              f"- AWQ no worse than RTN on average: **{'yes' if correct[AWQ] >= correct['RTN 4-bit'] else 'no'}** "
+              f"({correct[AWQ]} vs {correct['RTN 4-bit']} of {n * len(TASKS)} answers right).",
               f"- AWQ greedy answers, int4 CPU kernel vs weights dequantized once, float32 activations "
               f"elsewhere in both (the kernel itself reads bfloat16; {kernel_linears} decoder linears on it): "
               f"{path_gaps.count(0)}/{len(path_gaps)} identical, {len(box_digits)} differ in box coordinates alone "
@@ -156,8 +167,9 @@ def markdown(results: dict, model: Path, n: int, seed: int, group_size: int, sec
               f"activations, int4 CPU kernel) vs the dequantized float32 path: relative error "
               f"{logits['relative']:.4f}, argmax agreement {100 * logits['argmax_agree']:.1f}%.",
               "- The BF16 column computes in float32 from the bf16 weights (the engine's CPU default for "
-              "unquantized checkpoints), the next one in bfloat16; the 4-bit columns run the engine's default "
-              "4-bit CPU path (bfloat16 activations on the int4 kernel).",
+              "unquantized checkpoints), the next one in bfloat16; the AWQ and RTN columns run the engine's "
+              "default 4-bit CPU path (bfloat16 activations on the int4 kernel), the float32 one the same AWQ "
+              "checkpoint dequantized once at load (`dtype=\"float32\"`, float32 throughout).",
               "- Evaluation time (load + all samples): " + ", ".join(f"{c} {seconds[c]:.0f} s" for c in COLUMNS) + ".",
               "",
               f"Reproduce: `python benchmarks/accuracy.py --n {n} --seed {seed} --group-size {group_size} --write`; "
