@@ -11,8 +11,9 @@ auxiliary losses through read-out heads that are not saved: on the image tokens
 (`token_targets`), on where one attention head of the answer rows looks (`attention_targets`)
 and on what those rows carry (`AuxHeads.answer_loss`, `digit_targets`). Every sample is fresh
 (drawn from a seeded generator), so there is no overfitting to watch for. Reproducible for a
-given seed, step count and batch size on the same torch build; the defaults take about 25
-minutes on a 2-core CPU.
+given seed, step count and batch size on the same torch build; the defaults took 25-26 minutes
+on this project's 2-core machines (~0.30 s a step), but one such machine ran 0.50 s a step on
+another day (42 minutes): pass fewer `--steps` where a step is slower.
 """
 from __future__ import annotations
 
