@@ -78,8 +78,7 @@ def int8_vocabulary(config: Qwen2VLConfig, device: torch.device, text_dtype: tor
     151936-row bfloat16 head, which int8 computes ~2.6x faster (docs/benchmarks.md); on the GPU
     the head is the largest single read of a decode step (467 MB in bfloat16, 233 in int8), and
     the 0.22 GiB it saves is what brings the model under the card's memory."""
-    own_kernel = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
-    return (config.four_bit and text_dtype == torch.bfloat16 and int4_kernel in (True, own_kernel)
+    return (config.four_bit and text_dtype == torch.bfloat16 and int4_kernel in (True, kernels.own_int4_backend(device))
             and kernels.int8_rows_run(device, text_dtype))
 
 

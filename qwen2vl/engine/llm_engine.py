@@ -185,9 +185,8 @@ class LLMEngine:
     def _can_run_ahead(self, launched: LaunchedStep) -> bool:
         """Whether the next step may be scheduled before `launched`'s tokens are read back: no
         sequence of it ends by length with them (it would compute a token past its end)."""
-        return self.run_ahead and not any(
-            seq.num_tokens - seq.prompt_len >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
-            for seq in launched.seqs if not seq.is_finished)
+        return self.run_ahead and not any(seq.ends_by_length(seq.num_tokens, self.max_model_len)
+                                          for seq in launched.seqs if not seq.is_finished)
 
     def _read_back(self) -> list[RequestOutput]:
         """The in-flight step's tokens appended to their sequences (those that finished or were

@@ -126,11 +126,15 @@ class Sequence:
                 self.text = self.text[:cut]
                 self.finish("stop")
                 return
-            if len(self.token_ids) - self.prompt_len >= self.params.max_tokens or len(self.token_ids) >= max_model_len:
+            if self.ends_by_length(len(self.token_ids), max_model_len):
                 self.finish("length")
         if self.is_finished:  # a character cut short by the end is released as U+FFFD, as decode does
             self.detokenizer.flush()
             self.text = self.detokenizer.text
+
+    def ends_by_length(self, num_tokens: int, max_model_len: int) -> bool:
+        """Whether `num_tokens` tokens (prompt included) reach max_tokens or `max_model_len`."""
+        return num_tokens - self.prompt_len >= self.params.max_tokens or num_tokens >= max_model_len
 
     def finish(self, reason: str, error: str | None = None) -> None:
         self.status = SequenceStatus.FINISHED

@@ -100,6 +100,11 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     return triton_attention.paged_decode_attention(query, kv_cache, block_tables, context_lens, scale)
 
 
+def own_int4_backend(device: torch.device) -> str | None:
+    """The 4-bit backend of `device`'s kind: "triton" on CUDA, "cpu" on the CPU."""
+    return {"cuda": "triton", "cpu": "cpu"}.get(device.type)
+
+
 def int4_backend(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int, group_size: int,
                  wanted: str | None = None) -> str | None:
     """The packed 4-bit backend that runs a linear of this shape on `device` with activations in
@@ -107,7 +112,7 @@ def int4_backend(device: torch.device, dtype: torch.dtype, out_features: int, in
     (e.g. "triton" on the CPU under the interpreter), None is the device's own."""
     if wanted not in (None, *INT4_BACKENDS):
         raise ValueError(f"unknown int4 backend {wanted!r} (expected one of {', '.join(INT4_BACKENDS)})")
-    backend = wanted or {"cuda": "triton", "cpu": "cpu"}.get(device.type)
+    backend = wanted or own_int4_backend(device)
     triton_here = device.type == "cpu" or (device.type == "cuda" and triton_gpu_dtype(device, dtype))
     if backend == "triton" and triton_available() and dtype in TRITON_DTYPES and triton_here:
         from qwen2vl.kernels import triton_awq
