@@ -8,13 +8,17 @@ class Qwen2VLError(Exception):
 class InputError(Qwen2VLError, ValueError):
     """A request's input is invalid (bad message, bad media, over a limit).
 
-    `message_index` / `content_index` locate the offending part of a conversation when known.
+    `message_index` / `content_index` locate the offending part of a conversation when known;
+    `field` names the offending field (of that part, such as "max_pixels", or of the request,
+    such as "max_tokens"), so the server can answer with it as OpenAI's `param`.
     """
 
-    def __init__(self, cause: str, message_index: int | None = None, content_index: int | None = None):
+    def __init__(self, cause: str, message_index: int | None = None, content_index: int | None = None,
+                 field: str | None = None):
         self.cause = cause
         self.message_index = message_index
         self.content_index = content_index
+        self.field = field
         where = []
         if message_index is not None:
             where.append(f"message {message_index}")

@@ -215,7 +215,7 @@ class Processor:
         try:
             return step(part)
         except InputError as e:
-            raise type(e)(e.cause, part.message_index, part.content_index) from None
+            raise type(e)(e.cause, part.message_index, part.content_index, e.field) from None
 
     def _render(self, messages, parts: list[MediaPart], add_generation_prompt: bool, add_vision_id: bool):
         text = self.template.render(messages, add_generation_prompt, add_vision_id)

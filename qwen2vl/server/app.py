@@ -98,10 +98,15 @@ def api_error(error: BaseException, request_id: str) -> APIError:
 
 
 def _param_of(error: InputError) -> str | None:
-    if error.message_index is None:
-        return None
-    param = f"messages[{error.message_index}]"
-    return param if error.content_index is None else f"{param}.content[{error.content_index}]"
+    """OpenAI's `param` of an input error: `messages[i].content[j].field`, or the request field."""
+    path = []
+    if error.message_index is not None:
+        path.append(f"messages[{error.message_index}]")
+        if error.content_index is not None:
+            path.append(f"content[{error.content_index}]")
+    if error.field is not None:
+        path.append(error.field)
+    return ".".join(path) or None
 
 
 # --- the gate every HTTP request passes --------------------------------------------------------

@@ -70,7 +70,7 @@ def check_media(messages: list[dict], policy: MediaPolicy, limits: ServerLimits)
             else:
                 _check_video(part, policy, limits)
         except InputError as e:
-            raise type(e)(e.cause, part.message_index, part.content_index) from None
+            raise type(e)(e.cause, part.message_index, part.content_index, e.field) from None
 
 
 def _check_video(part: MediaPart, policy: MediaPolicy, limits: ServerLimits) -> None:
