@@ -182,7 +182,7 @@ class Qwen2VL:
         except InputError as error:
             if conversation_index is None:
                 raise
-            raise type(error)(f"conversation {conversation_index}: {error}") from None
+            raise type(error)(f"conversations[{conversation_index}]: {error}") from None
 
     def _stream(self, messages: Messages, params: SamplingParams) -> "ChatStream":
         prompt = self._prepare(messages, None)

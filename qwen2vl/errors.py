@@ -19,12 +19,11 @@ class InputError(Qwen2VLError, ValueError):
         self.message_index = message_index
         self.content_index = content_index
         self.field = field
-        where = []
-        if message_index is not None:
-            where.append(f"message {message_index}")
+        # Indices as in the request's JSON (from 0), written as its path: `messages[1].content[0]`.
+        where = "" if message_index is None else f"messages[{message_index}]"
         if content_index is not None:
-            where.append(f"content {content_index}")
-        super().__init__(f"{', '.join(where)}: {cause}" if where else cause)
+            where += f".content[{content_index}]"
+        super().__init__(f"{where}: {cause}" if where else cause)
 
 
 class MediaError(InputError):

@@ -155,7 +155,7 @@ def test_chat_records_the_original_image_sizes(llm, conversations):
 @pytest.mark.parametrize("messages, match", [
     ([], "empty|no messages"),
     ([{"role": "robot", "content": "hi"}], "robot"),
-    ([{"role": "user", "content": [{"type": "image", "image": __file__}]}], "message 0, content 0"),
+    ([{"role": "user", "content": [{"type": "image", "image": __file__}]}], r"messages\[0\]\.content\[0\]"),
 ])
 def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(llm, conversations, messages, match):
     with pytest.raises(InputError, match=match):
@@ -166,7 +166,7 @@ def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(llm, conversati
 def test_bad_conversation_in_a_batch_is_named(llm, conversations, tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     broken = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "notes.png")}]}]
-    with pytest.raises(MediaError, match="conversation 1: message 0, content 0"):
+    with pytest.raises(MediaError, match=r"conversations\[1\]: messages\[0\]\.content\[0\]"):
         llm.chat([conversations["text"], broken])
     assert not llm.engine.has_unfinished()
 

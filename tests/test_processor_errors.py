@@ -26,7 +26,7 @@ def processor(checkpoint):
 
 
 def with_image(value, **options):
-    """Message 1, content 1 holds the image under test."""
+    """messages[1].content[1] holds the image under test."""
     return [
         {"role": "system", "content": "s"},
         {"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image", "image": value, **options}]},
@@ -38,7 +38,7 @@ def raises(processor, messages, error, match, where=(1, 1)):
         processor.prepare(messages)
     assert isinstance(caught.value, ValueError)
     assert (caught.value.message_index, caught.value.content_index) == where
-    prefix = f"message {where[0]}" + ("" if where[1] is None else f", content {where[1]}")
+    prefix = f"messages[{where[0]}]" + ("" if where[1] is None else f".content[{where[1]}]")
     assert str(caught.value).startswith(prefix + ": ")
     return caught.value
 
