@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .engine.driver import EngineDriver, NewRequest
 from .errors import InputError
 from .grounding import Box, parse_boxes
 from .hub import resolve_model_dir
@@ -59,6 +61,10 @@ class Completion:
         return [box.scaled(width, height) for box in boxes]
 
 
+def _is_final(item) -> bool:
+    return isinstance(item, BaseException) or item.finished
+
+
 def _pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,26 +89,27 @@ class ChatStream:
     Dropping the stream early aborts the request and frees its cache.
     """
 
-    def __init__(self, llm: "Qwen2VL", prompt, request_id: str):
-        self._llm, self._prompt, self._request_id = llm, prompt, request_id
+    def __init__(self, llm: "Qwen2VL", prompt, params: SamplingParams):
+        self._llm, self._prompt = llm, prompt
+        self._outputs: queue.SimpleQueue = queue.SimpleQueue()
+        [self._request_id] = llm._submit([prompt], params, self._outputs.put, batch=False)
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
-        engine = self._llm.engine
         try:
             while self.completion is None:
-                for output in engine.step():
-                    if output.request_id != self._request_id:
-                        continue
-                    if output.error:
-                        raise InputError(output.error)
-                    if output.text_delta:
-                        yield output.text_delta
-                    if output.finished:
-                        self.completion = self._llm._completion(self._prompt, output)
+                output = self._outputs.get()
+                if isinstance(output, BaseException):
+                    raise output
+                if output.error:
+                    raise InputError(output.error)
+                if output.text_delta:
+                    yield output.text_delta
+                if output.finished:
+                    self.completion = self._llm._completion(self._prompt, output)
         finally:
             if self.completion is None:
-                engine.abort(self._request_id)
+                self._llm.driver.abort(self._request_id).result()
 
 
 class Qwen2VL:
@@ -110,6 +117,7 @@ class Qwen2VL:
 
     def __init__(self, engine, processor, model_dir: Path):
         self.engine = engine
+        self.driver = EngineDriver(engine)  # steps the engine for every consumer: calls, streams, the server
         self.processor = processor
         self.model_dir = model_dir
 
@@ -161,20 +169,36 @@ class Qwen2VL:
         conversations = messages if batch else [messages]
         prompts = [self._prepare(conversation, index if batch else None)
                    for index, conversation in enumerate(conversations)]
-        request_ids = [self.engine.add_request(prompt, params) for prompt in prompts]
+        finals: queue.SimpleQueue = queue.SimpleQueue()
+        request_ids = self._submit(prompts, params, lambda item: _is_final(item) and finals.put(item), batch)
         finished = {}
         try:
             while len(finished) < len(request_ids):
-                for output in self.engine.step():
-                    if output.finished:
-                        finished[output.request_id] = output
+                output = finals.get()
+                if isinstance(output, BaseException):
+                    raise output
+                finished[output.request_id] = output
         finally:
-            for request_id in request_ids:
-                if request_id not in finished:
-                    self.engine.abort(request_id)
+            self._abort([request_id for request_id in request_ids if request_id not in finished])
         completions = [self._completion(prompt, finished[request_id])
                        for prompt, request_id in zip(prompts, request_ids)]
         return completions if batch else completions[0]
+
+    def _submit(self, prompts, params: SamplingParams, sink, batch: bool) -> list[str]:
+        """Hand the prompts to the engine together; their request ids. If the engine refuses
+        one, none of them runs and its error is raised, naming its conversation in a batch."""
+        results = self.driver.submit([NewRequest(prompt, params) for prompt in prompts], sink).result()
+        refused = [(index, error) for index, error in enumerate(results) if isinstance(error, BaseException)]
+        if refused:
+            self._abort([request_id for request_id in results if not isinstance(request_id, BaseException)])
+            index, error = refused[0]
+            raise error.in_conversation(index) if batch and isinstance(error, InputError) else error
+        return results
+
+    def _abort(self, request_ids: list[str]) -> None:
+        """Abort the requests and wait until their blocks are free."""
+        for done in [self.driver.abort(request_id) for request_id in request_ids]:
+            done.result()
 
     def _prepare(self, conversation: Messages, conversation_index: int | None):
         try:
@@ -182,11 +206,10 @@ class Qwen2VL:
         except InputError as error:
             if conversation_index is None:
                 raise
-            raise type(error)(f"conversations[{conversation_index}]: {error}") from None
+            raise error.in_conversation(conversation_index) from None
 
     def _stream(self, messages: Messages, params: SamplingParams) -> "ChatStream":
-        prompt = self._prepare(messages, None)
-        return ChatStream(self, prompt, self.engine.add_request(prompt, params))
+        return ChatStream(self, self._prepare(messages, None), params)
 
     def _completion(self, prompt, output) -> Completion:
         if output.error:

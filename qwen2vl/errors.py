@@ -1,4 +1,5 @@
 """Errors a user can act on. Every message names what was wrong and where."""
+from __future__ import annotations
 
 
 class Qwen2VLError(Exception):
@@ -24,6 +25,12 @@ class InputError(Qwen2VLError, ValueError):
         if content_index is not None:
             where += f".content[{content_index}]"
         super().__init__(f"{where}: {cause}" if where else cause)
+
+    def in_conversation(self, index: int) -> InputError:
+        """The same error, located in conversation `index` of a batch (`conversations[2]: ...`)."""
+        error = type(self)(self.cause, self.message_index, self.content_index, self.field)
+        error.args = (f"conversations[{index}]: {self}",)
+        return error
 
 
 class MediaError(InputError):

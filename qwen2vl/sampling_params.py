@@ -117,6 +117,11 @@ class SamplingParams:
         top_k 1), so the sampler can take the argmax without drawing."""
         return self.temperature == 0 or self.top_k == 1
 
+    @property
+    def has_penalty(self) -> bool:
+        """Whether a penalty reads the tokens so far (resolved params: no field is None)."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
     def validate(self) -> None:
         """Raise `InputError` naming the first field that is out of range."""
 

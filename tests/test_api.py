@@ -101,7 +101,7 @@ def test_running_ahead_changes_no_answer(tiny_ckpt, llm, conversations):
     greedy, a stream and an abandoned stream answer as stepping in turn does."""
     ahead = Qwen2VL.from_pretrained(tiny_ckpt, num_kv_blocks=256, run_ahead=True)
     launch, ran_ahead = ahead.engine.runner.launch, []
-    ahead.engine.runner.launch = lambda chunks, previous=None: ran_ahead.append(previous is not None) or launch(chunks, previous)
+    ahead.engine.runner.launch = lambda plan, previous, rows: ran_ahead.append(previous is not None) or launch(plan, previous, rows)
     names = list(conversations)
     # the checkpoint's defaults (repetition penalty 1.05, top_k 1) and plain greedy both run ahead
     for kwargs in ({"max_new_tokens": NEW_TOKENS}, {"temperature": 0, "max_tokens": 12, "repetition_penalty": 1.0}):
@@ -176,3 +176,62 @@ def test_bad_sampling_values_name_the_field(llm, conversations):
         llm.chat(conversations["text"], temperature=-1)
     with pytest.raises(InputError, match="stream=True"):
         llm.chat([conversations["text"]], stream=True)
+
+
+GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
+
+
+def test_a_chat_while_a_stream_is_open_answers_both(llm, conversations):
+    """One driver steps the engine and routes outputs by request: a blocking chat while a
+    stream is half read gets its own answer, and the stream goes on with its own."""
+    alone = {name: llm.chat(conversations[name], max_tokens=16, ignore_eos=True, **GREEDY) for name in ("image", "text")}
+    stream = llm.chat(conversations["image"], max_tokens=16, ignore_eos=True, stream=True, **GREEDY)
+    deltas = iter(stream)
+    first = next(deltas)
+    assert llm.chat(conversations["text"], max_tokens=16, ignore_eos=True, **GREEDY).token_ids == alone["text"].token_ids
+    assert first + "".join(deltas) == alone["image"].text
+    assert stream.completion.token_ids == alone["image"].token_ids
+    assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
+
+
+def test_two_threads_chat_at_once(llm, conversations):
+    import threading
+
+    names = ["image", "two_images", "text"]
+    alone = {name: llm.chat(conversations[name], max_tokens=12, **GREEDY).token_ids for name in names}
+    answers, errors = {}, []
+
+    def ask(name):
+        try:
+            for _ in range(2):
+                answers.setdefault(name, []).append(llm.chat(conversations[name], max_tokens=12, **GREEDY).token_ids)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and all(not thread.is_alive() for thread in threads)
+    assert answers == {name: [alone[name]] * 2 for name in names}
+    assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
+
+
+def test_a_stream_abandoned_half_way_then_a_chat(llm, conversations):
+    expected = llm.chat(conversations["text"], max_tokens=8, **GREEDY).token_ids
+    abandoned = iter(llm.chat(conversations["image"], max_tokens=64, ignore_eos=True, stream=True, **GREEDY))
+    next(abandoned)
+    next(abandoned)
+    assert llm.chat(conversations["text"], max_tokens=8, **GREEDY).token_ids == expected
+    abandoned.close()
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
+
+
+def test_a_refused_conversation_in_a_batch_runs_none_of_them(llm, conversations):
+    long_text = [{"role": "user", "content": "word " * 5000}]
+    with pytest.raises(InputError, match=r"conversations\[1\]: .*max_model_len"):
+        llm.chat([conversations["text"], long_text], max_tokens=4)
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.num_free_blocks == llm.engine.num_total_blocks

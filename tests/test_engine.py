@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 
 from qwen2vl.engine import LLMEngine, Sequence
+from qwen2vl.engine.batch import output_tokens
+from qwen2vl.engine.scheduler import StepPlan, make_span
 from qwen2vl.errors import InputError
 from qwen2vl.loader import load_model
 from qwen2vl.processor import IncrementalDetokenizer, Processor
@@ -412,9 +414,9 @@ def test_running_ahead_gives_the_same_outputs(model, processor, prompts, singles
         start = engine.num_free_blocks
         launch, ran_ahead = engine.runner.launch, []
 
-        def counted(chunks, previous=None):
-            ran_ahead.append({chunk.seq.request_id for chunk in chunks if chunk.start >= len(chunk.seq.token_ids)})
-            return launch(chunks, previous)
+        def counted(plan, previous, vision_rows):
+            ran_ahead.append({span.request_id for span in plan.spans if span.pending})
+            return launch(plan, previous, vision_rows)
         engine.runner.launch = counted
         ids, waiting, steps, aborted = {}, list(names), [0], []
 
@@ -456,8 +458,9 @@ def test_penalties_count_the_token_still_on_the_device(model, processor, prompts
     request = engine.add_request(prompts["text"], SamplingParams.from_overrides(GREEDY, presence_penalty=0.5))
     engine.step()  # the prompt; its token stays on the device
     engine.step()  # the next step runs ahead; the first token is read back, the second is pending
-    seq = engine._requests[request]
+    seq = engine.scheduler.requests[request]
     assert seq.num_pending == 1 and len(seq.output_token_ids) == 1
     pending = engine._in_flight.result()[0].token_id
-    tokens = engine.runner._output_tokens([seq], engine._in_flight)
+    plan = StepPlan([make_span(seq, seq.num_tokens - 1, 1)], [])
+    tokens = output_tokens(plan, engine._in_flight, vocab_size=engine.runner.vocab_size, to_device=engine.runner.to_device)
     assert tokens.tolist() == [seq.output_token_ids + [pending]]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qwen2vl.engine.block_manager import BlockManager
-from qwen2vl.engine.scheduler import Scheduler
+from qwen2vl.engine.scheduler import SampledToken, Scheduler
 from qwen2vl.engine.sequence import Sequence, SequenceStatus, find_stop_string, partial_stop_length
 from qwen2vl.processor.types import PreparedPrompt
 from qwen2vl.sampling_params import SamplingParams
@@ -13,22 +13,31 @@ from qwen2vl.sampling_params import SamplingParams
 PAD = 99
 
 
+class _NoText:
+    """A detokenizer of a tokenizer that has no text for any token."""
+
+    text = ""
+
+    def add(self, token_id: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
 def make_seq(name: str, prompt_len: int, vision_tokens: int = 0) -> Sequence:
     ids = [PAD] * vision_tokens + [1] * (prompt_len - vision_tokens)
     prompt = PreparedPrompt(input_ids=ids, positions=torch.zeros(3, prompt_len, dtype=torch.long), rope_delta=0,
                             vision_items=[object()] if vision_tokens else [])
     return Sequence(name, prompt, SamplingParams().resolve({}), vision_token_ids=[PAD], stop_token_ids=set(),
-                    detokenizer=None, generator=None)
+                    detokenizer=_NoText(), generator=None)
 
 
 def run_step(scheduler: Scheduler) -> dict[str, int]:
-    """Schedule, then act as the engine: computed tokens advance, sampling rows get a token."""
-    chunks = scheduler.schedule()
-    for chunk in chunks:
-        chunk.seq.num_computed_tokens = chunk.end
-        if chunk.samples:
-            chunk.seq.token_ids.append(2)
-    return {chunk.seq.request_id: chunk.num_tokens for chunk in chunks}
+    """Schedule, then the step's results: each sampling span gets token 2."""
+    plan = scheduler.schedule()
+    scheduler.update(plan, [SampledToken(2, None)] * len(plan.sampling))
+    return {span.request_id: span.num_tokens for span in plan.spans}
 
 
 def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=32, vision=1000):
@@ -96,7 +105,7 @@ def test_vision_encoder_budget_defers_second_image_request():
     scheduler.add(make_seq("text", 5))
     assert run_step(scheduler) == {"big": 32}
     assert scheduler.waiting[0].request_id == "img"
-    scheduler.running[0].vision_embeds = torch.zeros(35, 1)  # encoded: no more encoder cost
+    assert scheduler.running[0].vision_encoded  # planned for encoding in step 1: no more encoder cost
     assert run_step(scheduler) == {"big": 8, "img": 10, "text": 5}
 
 

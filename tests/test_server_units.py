@@ -231,6 +231,7 @@ class _FakeEngine:
         if len(prompt) < 2:
             raise InputError("the prompt is too short")
         self.requests[request_id] = 0
+        return request_id
 
     def abort(self, request_id):
         self.requests.pop(request_id)
@@ -254,10 +255,11 @@ def test_async_engine_streams_refuses_and_aborts():
     import asyncio
 
     from qwen2vl.engine.async_engine import AsyncEngine, RequestCancelled
+    from qwen2vl.engine.driver import EngineDriver
 
     async def run():
         fake = _FakeEngine()
-        engine = AsyncEngine(fake)
+        engine = AsyncEngine(EngineDriver(fake))
         engine.start()
         try:
             stream = await engine.add_request([1, 2, 3], None, "a")

@@ -493,9 +493,9 @@ def test_decode_steps_replayed_from_cuda_graphs_generate_what_eager_steps_do(tin
             if graphs:
                 run = engine.runner.graphs.run
 
-                def counted(chunks, pending=None):
-                    replays[len(chunks), pending is not None] += 1
-                    return run(chunks, pending)
+                def counted(inputs):
+                    replays[len(inputs.query_lens), inputs.pending is not None] += 1
+                    return run(inputs)
                 patch.setattr(engine.runner.graphs, "run", counted)
             ids = [engine.add_request(prompt, SamplingParams(max_tokens=n, temperature=0, logprobs=1, ignore_eos=True))
                    for prompt, n in zip(prompts, budgets)]

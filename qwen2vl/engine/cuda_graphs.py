@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen2vl.engine.scheduler import ScheduledChunk, slot_mapping, step_positions, step_tokens
+from qwen2vl.engine.batch import StepInputs
 from qwen2vl.layers.attention_metadata import AttentionMetadata
 
 TOKEN, POSITIONS, SLOT, CONTEXT = 0, slice(1, 4), 4, 5  # rows of the per-sequence fields
@@ -60,34 +60,30 @@ class DecodeGraphs:
     def max_batch(self) -> int:
         return self.batch_sizes[-1]
 
-    def fits(self, chunks: list[ScheduledChunk]) -> bool:
-        """Whether a step can replay a graph: one new token per sequence, not an image or video
-        pad, few enough sequences, block tables no wider than the static one."""
-        return len(chunks) <= self.max_batch and all(
-            chunk.num_tokens == 1 and len(chunk.seq.block_table) <= self.max_blocks
-            and not (chunk.start < chunk.seq.prompt_len and chunk.seq.vision_mask[chunk.start])
-            for chunk in chunks)
+    def fits(self, inputs: StepInputs) -> bool:
+        """Whether a step can replay a graph: a decode step of few enough sequences whose block
+        tables are no wider than the static one."""
+        return (inputs.is_decode and len(inputs.query_lens) <= self.max_batch
+                and max(len(table) for table in inputs.block_tables) <= self.max_blocks)
 
-    def run(self, chunks: list[ScheduledChunk], pending=None) -> torch.Tensor:
-        """Float32 logits `[B, vocab]` of a step that `fits` (valid until the next `run`).
-        `pending`: `(rows, token ids on the device)` for rows whose token is not on the host."""
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """Float32 logits `[B, vocab]` of a step that `fits` (valid until the next `run`)."""
         if self.staging_free is not None:
             self.staging_free.synchronize()  # done long ago when the last step's tokens were read
-        batch = len(chunks)
+        batch = len(inputs.query_lens)
         bucket = next(size for size in self.batch_sizes if size >= batch)
         fields, tables = self.staged_fields.numpy(), self.staged_tables.numpy()
-        fields[TOKEN, :batch] = step_tokens(chunks)
-        fields[POSITIONS, :batch] = step_positions(chunks).numpy()
-        fields[SLOT, :batch] = [slot_mapping(chunk.seq.block_table, chunk.start, chunk.end, self.block_size)[0]
-                                for chunk in chunks]
-        fields[CONTEXT, :batch] = [chunk.end for chunk in chunks]
+        fields[TOKEN, :batch] = inputs.input_ids
+        fields[POSITIONS, :batch] = inputs.positions.numpy()
+        fields[SLOT, :batch] = inputs.slot_mapping
+        fields[CONTEXT, :batch] = inputs.context_lens
         fields[SLOT, batch:bucket], fields[CONTEXT, batch:bucket] = -1, 0
-        for row, chunk in enumerate(chunks):
-            tables[row, :len(chunk.seq.block_table)] = chunk.seq.block_table
+        for row, table in enumerate(inputs.block_tables):
+            tables[row, :len(table)] = table
         self.fields.copy_(self.staged_fields, non_blocking=True)
         self.block_tables[:bucket].copy_(self.staged_tables[:bucket], non_blocking=True)
-        if pending is not None:
-            self.fields[TOKEN][pending[0]] = pending[1]
+        if inputs.pending is not None:
+            self.fields[TOKEN][inputs.pending.rows] = inputs.pending.token_ids
         if self.staging_free is not None:
             self.staging_free.record(torch.cuda.current_stream(self.device))
         if bucket in self.graphs:
@@ -102,8 +98,7 @@ class DecodeGraphs:
             slot_mapping=self.fields[SLOT, :batch],
             block_tables=self.block_tables[:batch],
             query_lens_cpu=[1] * batch,
-            # Only the torch attention path reads these, and a graph never takes it.
-            context_lens_cpu=[self.max_blocks * self.block_size] * batch,
+            context_lens_cpu=None,  # the replayed lengths are on the device only
             block_size=self.block_size,
         )
         return self.model(self.fields[TOKEN, :batch], self.fields[POSITIONS, :batch], attn, self.kv_caches)

@@ -5,9 +5,10 @@ import itertools
 
 import torch
 
+from qwen2vl.engine.batch import LaunchedStep
 from qwen2vl.engine.block_manager import BlockManager
-from qwen2vl.engine.model_runner import LaunchedStep, ModelRunner, kv_cache_bytes_per_block
-from qwen2vl.engine.scheduler import Scheduler
+from qwen2vl.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from qwen2vl.engine.scheduler import Scheduler, StepPlan, VisionWork
 from qwen2vl.engine.sequence import RequestOutput, Sequence
 from qwen2vl.errors import InputError
 from qwen2vl.processor.tokenizer import IncrementalDetokenizer
@@ -89,13 +90,15 @@ class LLMEngine:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             max_vision_tokens_per_step=max_vision_tokens_per_step or max_num_batched_tokens,
+            max_model_len=max_model_len,
         )
         self.runner = ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                                   max_model_len=max_model_len, cuda_graphs=cuda_graphs)
 
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
-        self._requests: dict[str, Sequence] = {}
+        # Each request's vision embeddings, item by item, from its encoding to its end.
+        self._vision_embeds: dict[str, list[torch.Tensor]] = {}
         self._ids = itertools.count()
         self.run_ahead = self.device.type == "cuda" if run_ahead is None else run_ahead
         self._in_flight: LaunchedStep | None = None  # launched, tokens not read back yet
@@ -129,7 +132,7 @@ class LLMEngine:
         params = (params or SamplingParams()).resolve(self.generation_config)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
-        elif request_id in self._requests:
+        elif request_id in self.scheduler.requests:
             raise InputError(f"request id {request_id!r} is already in use")
         self._validate_prompt(prompt)
         stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
@@ -152,7 +155,6 @@ class LLMEngine:
                 f"the prompt has {seq.num_vision_tokens} image/video pad tokens but its "
                 f"{len(prompt.vision_items)} vision item(s) make {expected} embeddings"
             )
-        self._requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
 
@@ -163,81 +165,79 @@ class LLMEngine:
             outputs = []
             if self._in_flight is not None and not self._can_run_ahead(self._in_flight):
                 outputs += self._read_back()
-            chunks = self.scheduler.schedule()
-            failed = self._encode_vision([chunk.seq for chunk in chunks if chunk.seq.needs_vision_encoding])
-            chunks = [chunk for chunk in chunks if not chunk.seq.is_finished]
-            launched = self.runner.launch(chunks, self._in_flight) if chunks else None
-            for chunk in chunks:
-                chunk.seq.num_computed_tokens = chunk.end
-            for seq in launched.seqs if launched else []:
-                seq.num_pending += 1
+            plan = self.scheduler.schedule()
+            failed = self._encode_vision(plan.encode)
+            if failed:
+                outputs += [self._finish(seq) for seq in failed]
+                plan = plan.without({seq.request_id for seq in failed})
+            launched = self.runner.launch(plan, self._in_flight, self._vision_rows) if plan.spans else None
             if self._in_flight is not None:
                 outputs += self._read_back()
             self._in_flight = launched
             if launched is not None and not self.run_ahead:
                 outputs += self._read_back()
-            outputs.extend(self._output(seq) for seq in failed)
             return outputs
         except BaseException:
-            self._drop_in_flight()
+            if self._in_flight is not None:
+                self.scheduler.drop_pending(self._in_flight.plan)
+                self._in_flight = None
             raise
 
     def _can_run_ahead(self, launched: LaunchedStep) -> bool:
         """Whether the next step may be scheduled before `launched`'s tokens are read back: no
-        sequence of it ends by length with them (it would compute a token past its end)."""
-        return self.run_ahead and not any(seq.ends_by_length(seq.num_tokens, self.max_model_len)
-                                          for seq in launched.seqs if not seq.is_finished)
+        request of it ends by length with them (it would compute a token past its end)."""
+        requests = self.scheduler.requests
+        return self.run_ahead and not any(
+            seq.ends_by_length(seq.num_tokens, self.max_model_len)
+            for seq in (requests.get(span.request_id) for span in launched.plan.sampling) if seq is not None)
 
     def _read_back(self) -> list[RequestOutput]:
-        """The in-flight step's tokens appended to their sequences (those that finished or were
-        aborted since it was launched drop theirs); their outputs."""
+        """The in-flight step's tokens handed to the scheduler; the outputs of the requests
+        that took one (those finished or aborted since it was launched drop theirs)."""
         launched, self._in_flight = self._in_flight, None
-        outputs = []
-        for seq, token in zip(launched.seqs, launched.result()):
-            seq.num_pending -= 1
-            if seq.is_finished:
-                continue
-            seq.append_token(token.token_id, token.logprobs, self.max_model_len)
-            outputs.append(self._output(seq))
-        return outputs
-
-    def _drop_in_flight(self) -> None:
-        if self._in_flight is not None:
-            for seq in self._in_flight.seqs:
-                seq.num_pending = 0
-            self._in_flight = None
+        return [self._output(seq) for seq in self.scheduler.update(launched.plan, launched.result())]
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks; returns its final output (finish_reason "abort"),
         or None if it is unknown or already finished."""
-        seq = self._requests.get(request_id)
+        seq = self.scheduler.requests.get(request_id)
         if seq is None:
             return None
         seq.finish("abort")
-        return self._output(seq)
+        return self._finish(seq)
 
-    def _encode_vision(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Encode the images and videos of `seqs` in one encoder call (the scheduler admits at
-        most `max_vision_tokens_per_step` of them a step); if it fails, one sequence at a time,
-        so that a broken input fails its own request only. Returns those that failed."""
-        if not seqs:
+    def _encode_vision(self, works: list[VisionWork]) -> list[Sequence]:
+        """Encode the images and videos of `works` in one encoder call (the scheduler admits at
+        most `max_vision_tokens_per_step` of them a step); if it fails, one request at a time,
+        so that a broken input fails its own request only. Returns the requests that failed."""
+        if not works:
             return []
         try:
-            self.runner.encode_vision(seqs)
+            for work, embeds in zip(works, self.runner.encode_vision(works)):
+                self._vision_embeds[work.request_id] = embeds
             return []
         except Exception as e:
-            if len(seqs) > 1:
-                return [seq for one in seqs for seq in self._encode_vision([one])]
-            seqs[0].finish("error", f"vision encoding failed: {type(e).__name__}: {e}")
-            return seqs
+            if len(works) > 1:
+                return [seq for work in works for seq in self._encode_vision([work])]
+            seq = self.scheduler.requests[works[0].request_id]
+            seq.finish("error", f"vision encoding failed: {type(e).__name__}: {e}")
+            return [seq]
+
+    def _vision_rows(self, request_id: str, start: int, end: int) -> torch.Tensor:
+        """Rows `start:end` of a request's vision embeddings (its items' rows, in prompt order)."""
+        items = self._vision_embeds[request_id]
+        embeds = items[0] if len(items) == 1 else torch.cat(items)
+        return embeds[start:end]
+
+    def _finish(self, seq: Sequence) -> RequestOutput:
+        """The final output of a request the engine ended (aborted, or failed on its own)."""
+        self.scheduler.remove(seq)
+        return self._output(seq)
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        output = seq.take_output()
-        if seq.is_finished and seq.request_id in self._requests:
-            del self._requests[seq.request_id]
-            self.scheduler.remove(seq)
-            seq.vision_embeds = None
-        return output
+        if seq.is_finished:
+            self._vision_embeds.pop(seq.request_id, None)
+        return seq.take_output()
 
     def _validate_prompt(self, prompt: PreparedPrompt) -> None:
         if len(prompt) == 0:

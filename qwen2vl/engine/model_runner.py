@@ -1,52 +1,16 @@
-"""Turns a scheduled step into one batch, runs the model once, and samples."""
+"""Runs a step's inputs through the model once and samples, on the device that holds the KV cache."""
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
 
 from qwen2vl import kernels
 from qwen2vl.engine.cuda_graphs import DecodeGraphs
-from qwen2vl.engine.scheduler import ScheduledChunk, slot_mapping, step_positions, step_tokens
-from qwen2vl.engine.sequence import Sequence
+from qwen2vl.engine.batch import LaunchedStep, StepInputs, sampling_batch, step_inputs
+from qwen2vl.engine.scheduler import StepPlan, VisionWork
 from qwen2vl.layers.attention_metadata import AttentionMetadata
-from qwen2vl.layers.sampler import Sampler, SamplerOutput, SamplingBatch
-
-
-@dataclass
-class SampledToken:
-    token_id: int
-    logprobs: dict[int, float] | None  # the sampled token's and the top-k, when asked
-
-
-@dataclass
-class LaunchedStep:
-    """A step's sampled tokens, still on the device: `out.token_ids[r]` is the next token of
-    `seqs[r]`. `result()` reads them back (and waits for the device); until then a next step can
-    be launched that takes them as its input tokens there."""
-
-    seqs: list[Sequence]
-    out: SamplerOutput
-
-    def __post_init__(self):
-        self.row_of = {seq: row for row, seq in enumerate(self.seqs)}
-
-    def result(self) -> list[SampledToken]:
-        token_ids = self.out.token_ids.tolist()
-        if self.out.logprobs is None:
-            return [SampledToken(token_id, None) for token_id in token_ids]
-        sampled_logprobs = self.out.logprobs.tolist()
-        top_ids, top_logprobs = self.out.top_ids.tolist(), self.out.top_logprobs.tolist()
-        sampled = []
-        for row, seq in enumerate(self.seqs):
-            logprobs = None
-            if seq.params.logprobs is not None:
-                k = seq.params.logprobs
-                logprobs = {token_ids[row]: sampled_logprobs[row]}
-                logprobs.update(zip(top_ids[row][:k], top_logprobs[row][:k]))
-            sampled.append(SampledToken(token_ids[row], logprobs))
-        return sampled
+from qwen2vl.layers.sampler import Sampler
 
 
 def kv_cache_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
@@ -55,8 +19,7 @@ def kv_cache_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, 
 
 class ModelRunner:
     """Owns the KV caches (one `[2, num_blocks, block_size, kv_heads, head_dim]` tensor per
-    decoder layer), the decode CUDA graphs and the sampler; builds each step's batch from the
-    scheduled chunks.
+    decoder layer), the decode CUDA graphs and the sampler.
 
     `cuda_graphs` (default: on CUDA where the Triton decode path runs) replays decode batches of
     up to `max_num_seqs` sequences of up to `max_model_len` tokens from CUDA graphs; True on the
@@ -86,144 +49,56 @@ class ModelRunner:
                                    capture=self.device.type == "cuda") if cuda_graphs else None
 
     @torch.inference_mode()
-    def encode_vision(self, seqs: list[Sequence]) -> None:
-        """Run the vision encoder once over all images and videos of `seqs`, in prompt order
-        (so same-sized images of different requests share their attention calls), and give
-        each sequence its rows."""
-        items = [item for seq in seqs for item in seq.prompt.vision_items]
+    def encode_vision(self, works: list[VisionWork]) -> list[list[torch.Tensor]]:
+        """Run the vision encoder once over the items of `works`, in order (same-sized images of
+        different requests share their attention calls); each work's item embeddings."""
+        items = [item for work in works for item in work.items]
         pixel_values = torch.cat([item.pixel_values for item in items]).to(self.device)
         grid_thw = torch.tensor([item.grid_thw for item in items], dtype=torch.long, device=self.device)
-        embeds = self.model.encode_vision(pixel_values, grid_thw)
-        expected = [seq.num_vision_tokens for seq in seqs]
-        if embeds.shape[0] != sum(expected):
-            raise ValueError(
-                f"the vision encoder returned {embeds.shape[0]} embeddings for "
-                f"{sum(expected)} image/video pad tokens in the prompt(s)"
-            )
-        for seq, rows in zip(seqs, embeds.split(expected)):
-            seq.vision_embeds = rows
+        merge = self.model.config.vision.spatial_merge_size
+        embeds = iter(self.model.encode_vision(pixel_values, grid_thw).split([item.num_tokens(merge) for item in items]))
+        return [[next(embeds) for _ in work.items] for work in works]
 
     @torch.inference_mode()
-    def launch(self, chunks: list[ScheduledChunk], previous: LaunchedStep | None = None) -> LaunchedStep | None:
-        """One forward over all chunks and the sampling of those that reach their sequence's
-        end, without waiting for the device; None if no chunk samples. A chunk whose input token
-        is still pending (sampled by `previous`, not read back) takes it from there."""
-        sampling = [chunk.seq for chunk in chunks if chunk.samples]
-        pending = self._pending_inputs(chunks, previous)
-        if self.graphs is not None and self.graphs.fits(chunks):
-            logits = self.graphs.run(chunks, pending)
-            if len(sampling) < len(chunks):  # a one-token chunk inside a prompt samples nothing
-                logits = logits[[row for row, chunk in enumerate(chunks) if chunk.samples]]
+    def launch(self, plan: StepPlan, previous: LaunchedStep | None, vision_rows) -> LaunchedStep | None:
+        """One forward over the plan's spans and the sampling of those that reach their
+        request's last token, without waiting for the device (None if no span samples). Input tokens still pending on the
+        device are taken from `previous`; `vision_rows(request_id, start, end)` gives rows of a
+        request's vision embeddings."""
+        inputs = step_inputs(plan, block_size=self.block_size, vision_rows=vision_rows, previous=previous,
+                             to_device=self.to_device)
+        if self.graphs is not None and self.graphs.fits(inputs):
+            logits = self.graphs.run(inputs)
+            if len(inputs.logits_rows) < len(inputs.query_lens):  # a one-token span inside a prompt samples nothing
+                logits = logits[inputs.logits_rows]
         else:
-            logits = self._forward(chunks, pending)
-        return LaunchedStep(sampling, self.sampler(logits, self._sampling_batch(sampling, previous))) if sampling else None
-
-    def _pending_inputs(self, chunks: list[ScheduledChunk], previous: LaunchedStep | None):
-        """Where the step's pending input tokens go and what they are: `(positions among the
-        step's tokens, token ids on the device)`, or None when every input token is on the host.
-        The usual case, the same sequences in the same order, needs no index transfer."""
-        positions, rows, offset = [], [], 0
-        for chunk in chunks:
-            known = len(chunk.seq.token_ids)
-            if chunk.end > known:  # its last token was sampled by `previous`
-                positions.append(offset + known - chunk.start)
-                rows.append(previous.row_of[chunk.seq])
-            offset += chunk.num_tokens
-        if not positions:
+            logits = self._forward(inputs)
+        if not plan.sampling:
             return None
-        in_order = list(range(len(rows)))
-        sampled = previous.out.token_ids
-        sampled = sampled[:len(rows)] if rows == in_order else sampled[self._tensor(rows, torch.long)]
-        return (slice(0, len(rows)) if positions == in_order else self._tensor(positions, torch.long)), sampled
+        sampling = sampling_batch(plan, previous, vocab_size=self.vocab_size, to_device=self.to_device)
+        return LaunchedStep(plan, self.sampler(logits, sampling))
 
-    def _forward(self, chunks: list[ScheduledChunk], pending) -> torch.Tensor:
-        input_ids = self._tensor(step_tokens(chunks), torch.long)
-        if pending is not None:
-            input_ids[pending[0]] = pending[1]
-        vision_embeds, vision_mask = self._vision_inputs(chunks)
-        ends = list(itertools.accumulate(chunk.num_tokens for chunk in chunks))
-        logits_indices = [end - 1 for chunk, end in zip(chunks, ends) if chunk.samples]
-        return self.model(input_ids, self._tensor(step_positions(chunks)),
-                          self._attention_metadata(chunks), self.kv_caches, vision_embeds, vision_mask,
-                          self._tensor(logits_indices, torch.long))
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        input_ids = self.to_device(inputs.input_ids, torch.long)
+        if inputs.pending is not None:
+            input_ids[inputs.pending.rows] = inputs.pending.token_ids
+        return self.model(input_ids, self.to_device(inputs.positions), self._attention_metadata(inputs), self.kv_caches,
+                          inputs.vision_embeds, inputs.vision_mask, self.to_device(inputs.logits_rows, torch.long))
 
-    def _attention_metadata(self, chunks: list[ScheduledChunk]) -> AttentionMetadata:
-        query_lens = [chunk.num_tokens for chunk in chunks]
-        context_lens = [chunk.end for chunk in chunks]
-        max_blocks = max(len(chunk.seq.block_table) for chunk in chunks)
-        block_tables = [chunk.seq.block_table + [-1] * (max_blocks - len(chunk.seq.block_table)) for chunk in chunks]
-        slots = [slot for chunk in chunks for slot in slot_mapping(chunk.seq.block_table, chunk.start, chunk.end, self.block_size)]
+    def _attention_metadata(self, inputs: StepInputs) -> AttentionMetadata:
+        max_blocks = max(len(table) for table in inputs.block_tables)
         return AttentionMetadata(
-            query_start_loc=self._tensor([0, *itertools.accumulate(query_lens)], torch.int32),
-            context_lens=self._tensor(context_lens, torch.int32),
-            slot_mapping=self._tensor(slots, torch.long),
-            block_tables=self._tensor(block_tables, torch.int32),
-            query_lens_cpu=query_lens,
-            context_lens_cpu=context_lens,
+            query_start_loc=self.to_device([0, *itertools.accumulate(inputs.query_lens)], torch.int32),
+            context_lens=self.to_device(inputs.context_lens, torch.int32),
+            slot_mapping=self.to_device(inputs.slot_mapping, torch.long),
+            block_tables=self.to_device([table + [-1] * (max_blocks - len(table)) for table in inputs.block_tables],
+                                        torch.int32),
+            query_lens_cpu=inputs.query_lens,
+            context_lens_cpu=inputs.context_lens,
             block_size=self.block_size,
         )
 
-    def _vision_inputs(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The vision embeddings of the pad tokens computed this step, and the mask of where
-        they go among the step's tokens; `(None, None)` when there are none."""
-        if not any(chunk.start < chunk.seq.prompt_len and chunk.seq.num_vision_tokens for chunk in chunks):
-            return None, None  # decode steps: no prompt tokens, or none of them vision pads
-        masks, embeds = [], []
-        for chunk in chunks:
-            seq = chunk.seq
-            prompt_start, prompt_end = min(chunk.start, seq.prompt_len), min(chunk.end, seq.prompt_len)
-            num_generated = chunk.end - max(chunk.start, prompt_end)
-            masks += [seq.vision_mask[prompt_start:prompt_end], torch.zeros(num_generated, dtype=torch.bool)]
-            if seq.vision_embeds is not None:
-                embeds.append(seq.vision_embeds[seq.vision_rows_before[prompt_start]:seq.vision_rows_before[prompt_end]])
-        mask = torch.cat(masks)
-        if not mask.any():
-            return None, None
-        return torch.cat(embeds), mask.to(self.device)
-
-    def _sampling_batch(self, seqs: list[Sequence], previous: LaunchedStep | None = None) -> SamplingBatch:
-        params = [seq.params for seq in seqs]
-        any_penalty = any(
-            p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params
-        )
-        all_greedy = all(p.greedy for p in params)
-        names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-        column = dict.fromkeys(names)
-        if any_penalty or not all_greedy:  # greedy rows without penalties need none of the numbers
-            # One transfer for all the per-row numbers (float32 holds any top_k exactly). A greedy
-            # row (`SamplingParams.greedy`: top_k 1 too) goes with temperature 0: the argmax.
-            table = self._tensor([[0.0 if p.greedy and name == "temperature" else getattr(p, name) for name in names]
-                                  for p in params], torch.float32)
-            column = dict(zip(names, table.unbind(1)))
-            column["top_k"] = column["top_k"].long()
-        asked = [p.logprobs for p in params if p.logprobs is not None]
-        return SamplingBatch(
-            **column,
-            prompt_tokens=self._padded([seq.token_ids[:seq.prompt_len] for seq in seqs]) if any_penalty else None,
-            output_tokens=self._output_tokens(seqs, previous) if any_penalty else None,
-            generators=[seq.generator for seq in seqs],
-            num_logprobs=max(asked) if asked else None,
-            all_greedy=all_greedy,
-            any_penalty=any_penalty,
-            any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params),
-        )
-
-    def _output_tokens(self, seqs: list[Sequence], previous: LaunchedStep | None) -> torch.Tensor:
-        """The generated tokens of `seqs`, padded (the penalties' input), a pending last token
-        taken on the device from `previous`."""
-        read_back = self._padded([seq.output_token_ids for seq in seqs])
-        if not any(seq.num_pending for seq in seqs):
-            return read_back
-        rows = [previous.row_of[seq] if seq.num_pending else 0 for seq in seqs]
-        pending = self._tensor([bool(seq.num_pending) for seq in seqs], torch.bool)
-        last = torch.where(pending, previous.out.token_ids[self._tensor(rows, torch.long)], self.vocab_size)
-        return torch.cat([read_back, last[:, None]], dim=1)
-
-    def _padded(self, rows: list[list[int]]) -> torch.Tensor:
-        width = max(1, max(len(row) for row in rows))
-        return self._tensor([row + [self.vocab_size] * (width - len(row)) for row in rows], torch.long)
-
-    def _tensor(self, data, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def to_device(self, data, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A host list or tensor on the model's device. On CUDA it goes through pinned memory
         without waiting: a step's dozen small inputs then cost no host-device round trip each."""
         cpu = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)

@@ -1,5 +1,5 @@
-"""Which sequences run in the next step, how many of their tokens, and where those tokens sit
-(M-RoPE positions, KV-cache slots)."""
+"""Which requests run in the next step and how many of their tokens, as a plan of plain data;
+and the one place where a step's results advance the requests."""
 from __future__ import annotations
 
 from collections import deque
@@ -9,64 +9,98 @@ import torch
 
 from qwen2vl.engine.block_manager import BlockManager
 from qwen2vl.engine.sequence import Sequence, SequenceStatus
+from qwen2vl.processor.types import PreparedPrompt, VisionItem
+from qwen2vl.sampling_params import SamplingParams
 
 
-@dataclass
-class ScheduledChunk:
-    """`seq.token_ids[start:start + num_tokens]` are computed this step."""
+@dataclass(frozen=True)
+class SampleRow:
+    """What the sampler needs of a request whose next token the step samples."""
 
-    seq: Sequence
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # those read back; a pending last one is on the device (`ScheduledSpan.pending`)
+
+
+@dataclass(frozen=True)
+class ScheduledSpan:
+    """Tokens `start:start + num_tokens` of request `request_id` are computed this step.
+
+    `input_ids` are those of them known on the host; when `pending`, the last one was sampled by
+    the step before and is still on the device (the step takes it there). `block_table` lists
+    the request's KV blocks, room for this span included. `vision_rows` are the rows of the
+    request's vision embeddings that fill the span's image and video pad tokens, which sit where
+    `vision_mask` (over the span's prompt tokens) is set; `vision_mask` is None without any.
+    `sample` is set when the span reaches the request's last token, so its next one is sampled.
+    """
+
+    request_id: str
     start: int
     num_tokens: int
+    input_ids: list[int]
+    pending: bool
+    block_table: list[int]
+    prompt: PreparedPrompt
+    vision_rows: tuple[int, int]
+    vision_mask: torch.Tensor | None
+    sample: SampleRow | None
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
 
+
+@dataclass(frozen=True)
+class VisionWork:
+    """The images and videos of one request, to encode before its first span runs."""
+
+    request_id: str
+    items: list[VisionItem]
+
+
+@dataclass
+class StepPlan:
+    """One step: the spans to compute, sequence after sequence, and the vision items to encode first."""
+
+    spans: list[ScheduledSpan]
+    encode: list[VisionWork]
+
     @property
-    def samples(self) -> bool:
-        """The chunk reaches the sequence's last token, so the step samples its next one."""
-        return self.end == self.seq.num_tokens
+    def sampling(self) -> list[ScheduledSpan]:
+        return [span for span in self.spans if span.sample is not None]
+
+    def without(self, request_ids: set[str]) -> StepPlan:
+        return StepPlan([s for s in self.spans if s.request_id not in request_ids],
+                        [w for w in self.encode if w.request_id not in request_ids])
 
 
-def step_positions(chunks: list[ScheduledChunk]) -> torch.Tensor:
-    """M-RoPE positions `[3, N]` of a step's tokens: each prompt's own, then `i + rope_delta` on
-    all three axes for generated token i (counted from the start of the prompt). Generated
-    tokens' positions are gathered as plain numbers, one tensor for a whole run of decode chunks."""
-    pieces, generated = [], []
-    for chunk in chunks:
-        seq = chunk.seq
-        prompt_end = min(chunk.end, seq.prompt_len)
-        if chunk.start < prompt_end:
-            if generated:
-                pieces.append(torch.tensor(generated, dtype=torch.long).expand(3, -1))
-                generated = []
-            pieces.append(seq.prompt.positions[:, chunk.start:prompt_end])
-        delta = seq.prompt.rope_delta
-        generated += range(max(chunk.start, prompt_end) + delta, chunk.end + delta)
-    if generated:
-        pieces.append(torch.tensor(generated, dtype=torch.long).expand(3, -1))
-    return torch.cat(pieces, dim=1)
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprobs: dict[int, float] | None  # the sampled token's and the top-k, when asked
 
 
-def step_tokens(chunks: list[ScheduledChunk]) -> list[int]:
-    """The input token ids of a step's chunks, 0 in place of a token still pending on the device
-    (see `Sequence.num_pending`; the runner puts it there)."""
-    tokens = []
-    for chunk in chunks:
-        known = chunk.seq.token_ids[chunk.start:chunk.end]
-        tokens += known
-        tokens += [0] * (chunk.num_tokens - len(known))
-    return tokens
-
-
-def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """Cache slot of each token `start..end-1` of a sequence with this block table."""
-    return [block_table[i // block_size] * block_size + i % block_size for i in range(start, end)]
+def make_span(seq: Sequence, start: int, num_tokens: int) -> ScheduledSpan:
+    """The span of `seq`'s tokens `start:start + num_tokens`, as a step sees them now."""
+    end = start + num_tokens
+    prompt_start, prompt_end = min(start, seq.prompt_len), min(end, seq.prompt_len)
+    rows = (seq.vision_rows_before[prompt_start], seq.vision_rows_before[prompt_end])
+    sample = None
+    if end == seq.num_tokens:
+        sample = SampleRow(seq.params, seq.generator, seq.prompt.input_ids,
+                           seq.output_token_ids if seq.params.has_penalty else [])
+    return ScheduledSpan(
+        request_id=seq.request_id, start=start, num_tokens=num_tokens,
+        input_ids=seq.token_ids[start:end], pending=end > len(seq.token_ids),
+        block_table=list(seq.block_table), prompt=seq.prompt, vision_rows=rows,
+        vision_mask=seq.vision_mask[prompt_start:prompt_end] if rows[1] > rows[0] else None,
+        sample=sample,
+    )
 
 
 class Scheduler:
-    """First come, first served, under three budgets per step.
+    """Owns the requests' progress: first come, first served, under three budgets per step.
 
     - `max_num_batched_tokens` new tokens: running sequences go first (one token each when
       decoding; the rest of a chunked prefill otherwise), then waiting ones are admitted with as
@@ -77,7 +111,12 @@ class Scheduler:
 
     When a running sequence needs a KV block and none is free, the most recently admitted
     running sequence is preempted: its blocks are freed and it goes back to the front of the
-    waiting queue, to be recomputed later from its tokens (it keeps its vision embeddings).
+    waiting queue, to be recomputed later from its tokens (its vision embeddings are kept).
+
+    `schedule` commits what it plans: the spans' tokens count as computed and each sampling
+    span's token as pending (on the device) from then on, so that the next step can be planned
+    before this one's tokens are read back. `update` is where those tokens arrive: it appends
+    them, applies the stop conditions and takes finished requests out.
     """
 
     def __init__(
@@ -87,6 +126,7 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_vision_tokens_per_step: int,
+        max_model_len: int | None = None,
     ):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"max_num_seqs={max_num_seqs} and max_num_batched_tokens={max_num_batched_tokens} must be >= 1")
@@ -94,28 +134,34 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_vision_tokens_per_step = max_vision_tokens_per_step
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Sequence] = {}
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
         seq.status = SequenceStatus.WAITING
+        self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def remove(self, seq: Sequence) -> None:
-        """Take a sequence out of the queues and free its blocks (when it finishes or aborts)."""
+        """Take a finished (or aborted) sequence out of the queues and free its blocks."""
+        self.requests.pop(seq.request_id, None)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
 
-    def schedule(self) -> list[ScheduledChunk]:
+    def schedule(self) -> StepPlan:
         budget = self.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
+        scheduled: list[tuple[Sequence, int]] = []
         preempted = False
 
         for seq in list(self.running):
@@ -134,7 +180,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             self.block_manager.grow(seq, end)
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
+            scheduled.append((seq, num_tokens))
             budget -= num_tokens
 
         vision_tokens = 0
@@ -152,9 +198,44 @@ class Scheduler:
             self.block_manager.grow(seq, end)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
+            scheduled.append((seq, num_tokens))
             budget -= num_tokens
-        return chunks
+        return self._commit(scheduled)
+
+    def _commit(self, scheduled: list[tuple[Sequence, int]]) -> StepPlan:
+        spans, encode = [], []
+        for seq, num_tokens in scheduled:
+            if seq.needs_vision_encoding:
+                encode.append(VisionWork(seq.request_id, list(seq.prompt.vision_items)))
+                seq.vision_encoded = True
+            spans.append(make_span(seq, seq.num_computed_tokens, num_tokens))
+            seq.num_computed_tokens += num_tokens
+            if spans[-1].sample is not None:
+                seq.num_pending += 1
+        return StepPlan(spans, encode)
+
+    def update(self, plan: StepPlan, sampled: list[SampledToken]) -> list[Sequence]:
+        """The tokens sampled by `plan`'s step (one per sampling span, in order) arrive: each is
+        appended to its request, unless that request finished or was aborted since. Finished
+        requests are taken out. Returns the requests that got a token."""
+        updated = []
+        for span, token in zip(plan.sampling, sampled):
+            seq = self.requests.get(span.request_id)
+            if seq is None:
+                continue  # finished or aborted after the step was launched: its token is dropped
+            seq.num_pending -= 1
+            seq.append_token(token.token_id, token.logprobs, self.max_model_len)
+            if seq.is_finished:
+                self.remove(seq)
+            updated.append(seq)
+        return updated
+
+    def drop_pending(self, plan: StepPlan) -> None:
+        """A launched step's tokens will never arrive (the step failed): nothing is pending."""
+        for span in plan.sampling:
+            seq = self.requests.get(span.request_id)
+            if seq is not None:
+                seq.num_pending = 0
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

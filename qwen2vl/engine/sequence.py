@@ -42,15 +42,16 @@ class RequestOutput:
 
 
 class Sequence:
-    """A request in the engine: its tokens, KV blocks, vision inputs and embeddings, positions,
-    sampling parameters, random generator and detokenizer.
+    """A request in the engine: its tokens, KV blocks, vision inputs, positions, sampling
+    parameters, random generator and detokenizer. Its vision embeddings are the engine's (kept
+    across preemption, so recomputing a prompt never re-encodes its images).
 
     `token_ids` holds the prompt and then the generated tokens; the first `num_computed_tokens`
     of them have keys/values in the cache blocks listed in `block_table`. `num_pending` tokens
     more were sampled on the device and are not read back yet (a step launched while the last
     one still runs takes them as its input there); `num_tokens` counts them.
     `vision_rows_before[p]` counts the vision pad tokens before prompt position p, so the rows
-    of `vision_embeds` that fill a chunk are a plain slice.
+    of the vision embeddings that fill a span are a plain slice.
     """
 
     def __init__(
@@ -78,7 +79,7 @@ class Sequence:
         ids = torch.tensor(prompt.input_ids, dtype=torch.long)
         self.vision_mask = torch.isin(ids, torch.tensor(vision_token_ids, dtype=torch.long))
         self.vision_rows_before = torch.cat([torch.zeros(1, dtype=torch.long), self.vision_mask.cumsum(0)]).tolist()
-        self.vision_embeds: torch.Tensor | None = None
+        self.vision_encoded = False  # set when a step is planned to encode its vision items
 
         self.stop_token_ids = stop_token_ids
         self.generator = generator
@@ -104,13 +105,13 @@ class Sequence:
 
     @property
     def needs_vision_encoding(self) -> bool:
-        return bool(self.prompt.vision_items) and self.vision_embeds is None
+        return bool(self.prompt.vision_items) and not self.vision_encoded
 
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def append_token(self, token_id: int, logprobs: dict[int, float] | None, max_model_len: int) -> None:
+    def append_token(self, token_id: int, logprobs: dict[int, float] | None, max_model_len: int | None) -> None:
         """Add a generated token, its text, and finish the sequence if a stop condition holds."""
         self.token_ids.append(token_id)
         if self.logprobs is not None:
@@ -132,9 +133,10 @@ class Sequence:
             self.detokenizer.flush()
             self.text = self.detokenizer.text
 
-    def ends_by_length(self, num_tokens: int, max_model_len: int) -> bool:
-        """Whether `num_tokens` tokens (prompt included) reach max_tokens or `max_model_len`."""
-        return num_tokens - self.prompt_len >= self.params.max_tokens or num_tokens >= max_model_len
+    def ends_by_length(self, num_tokens: int, max_model_len: int | None) -> bool:
+        """Whether `num_tokens` tokens (prompt included) reach max_tokens or `max_model_len` (None: no limit)."""
+        return (num_tokens - self.prompt_len >= self.params.max_tokens
+                or (max_model_len is not None and num_tokens >= max_model_len))
 
     def finish(self, reason: str, error: str | None = None) -> None:
         self.status = SequenceStatus.FINISHED

@@ -32,6 +32,8 @@ class AttentionMetadata:
     cache; `block_tables[b]` lists sequence b's blocks (padded with -1).
 
     The `*_cpu` lists duplicate what the CPU loop needs, so it never syncs with the device.
+    `context_lens_cpu` is None in a replayed CUDA graph, whose lengths change on the device
+    between replays: only the Triton decode path (which reads `context_lens`) runs there.
 
     KV cache layout (allocated by the engine's model runner, one tensor per decoder layer):
     `[2, num_blocks, block_size, num_kv_heads, head_dim]` in the model's dtype, index 0 keys,
@@ -43,12 +45,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [N] int64
     block_tables: torch.Tensor  # [B, max_blocks] int32 (likewise)
     query_lens_cpu: list[int]
-    context_lens_cpu: list[int]
+    context_lens_cpu: list[int] | None
     block_size: int
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens_cpu)
 
     @functools.cached_property
     def query_starts_cpu(self) -> list[int]:

@@ -337,7 +337,7 @@ class OpenAIServer:
         self.model_name = model_name
         self.limits = limits
         self.api_key = api_key or None
-        self.engine = AsyncEngine(llm.engine)
+        self.engine = AsyncEngine(llm.driver)
         self.processor = server_processor(llm.processor, media)
         self.tokenizer = self.processor.tokenizer
         self.max_model_len = llm.engine.max_model_len

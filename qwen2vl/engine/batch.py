@@ -1,0 +1,204 @@
+"""A step's plan turned into the model's and the sampler's inputs: the one place that lays out a
+batch, for the eager forward and the decode CUDA graphs alike."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from qwen2vl.engine.scheduler import SampledToken, ScheduledSpan, StepPlan
+from qwen2vl.layers.sampler import SamplerOutput, SamplingBatch
+
+# The per-row numbers a sampling batch carries, as `SamplingParams` names them.
+SAMPLER_COLUMNS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                   "frequency_penalty")
+
+
+@dataclass
+class LaunchedStep:
+    """A step's sampled tokens, still on the device: `out.token_ids[r]` is the next token of
+    `plan.sampling[r]`. Until they are read back, a next step can take them as its input there."""
+
+    plan: StepPlan
+    out: SamplerOutput
+
+    def __post_init__(self):
+        self.row_of = {span.request_id: row for row, span in enumerate(self.plan.sampling)}
+
+    def result(self) -> list[SampledToken]:
+        """The tokens on the host (waits for the device), one per sampling span, with the
+        log-probabilities each asked for."""
+        out, spans = self.out, self.plan.sampling
+        token_ids = out.token_ids.tolist()
+        if out.logprobs is None:
+            return [SampledToken(token_id, None) for token_id in token_ids]
+        sampled_logprobs = out.logprobs.tolist()
+        top_ids, top_logprobs = out.top_ids.tolist(), out.top_logprobs.tolist()
+        sampled = []
+        for row, span in enumerate(spans):
+            logprobs = None
+            k = span.sample.params.logprobs
+            if k is not None:
+                logprobs = {token_ids[row]: sampled_logprobs[row]}
+                logprobs.update(zip(top_ids[row][:k], top_logprobs[row][:k]))
+            sampled.append(SampledToken(token_ids[row], logprobs))
+        return sampled
+
+
+@dataclass
+class PendingTokens:
+    """Input tokens of a step that the step before sampled and that are still on the device."""
+
+    rows: torch.Tensor | slice  # where they go among the step's input tokens
+    token_ids: torch.Tensor  # on the device
+
+
+@dataclass
+class StepInputs:
+    """A step's model inputs on the host: N tokens, span after span.
+
+    `input_ids` holds 0 where `pending` puts a token on the device. `logits_rows` are the rows
+    whose logits are sampled (the last of each sampling span). The vision embeddings fill the
+    rows where `vision_mask` is set.
+    """
+
+    input_ids: list[int]
+    positions: torch.Tensor  # [3, N] int64
+    slot_mapping: list[int]
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    logits_rows: list[int]
+    vision_embeds: torch.Tensor | None
+    vision_mask: torch.Tensor | None
+    pending: PendingTokens | None
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence, none of them an image or video pad."""
+        return self.vision_mask is None and all(length == 1 for length in self.query_lens)
+
+
+def step_positions(spans: list[ScheduledSpan]) -> torch.Tensor:
+    """M-RoPE positions `[3, N]` of a step's tokens: each prompt's own, then `i + rope_delta` on
+    all three axes for generated token i (counted from the start of the prompt). Generated
+    tokens' positions are gathered as plain numbers, one tensor for a whole run of decode spans."""
+    pieces, generated = [], []
+    for span in spans:
+        prompt_len = len(span.prompt)
+        prompt_end = min(span.end, prompt_len)
+        if span.start < prompt_end:
+            if generated:
+                pieces.append(torch.tensor(generated, dtype=torch.long).expand(3, -1))
+                generated = []
+            pieces.append(span.prompt.positions[:, span.start:prompt_end])
+        delta = span.prompt.rope_delta
+        generated += range(max(span.start, prompt_end) + delta, span.end + delta)
+    if generated:
+        pieces.append(torch.tensor(generated, dtype=torch.long).expand(3, -1))
+    return torch.cat(pieces, dim=1)
+
+
+def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slot of each token `start..end-1` of a sequence with this block table."""
+    return [block_table[i // block_size] * block_size + i % block_size for i in range(start, end)]
+
+
+def step_inputs(plan: StepPlan, *, block_size: int, vision_rows, previous: LaunchedStep | None,
+                to_device) -> StepInputs:
+    """The model inputs of `plan`. `vision_rows(request_id, start, end)` returns rows of a
+    request's vision embeddings; `previous` is the step whose tokens are still on the device."""
+    spans = plan.spans
+    input_ids = [token for span in spans for token in span.input_ids + [0] * span.pending]
+    ends = list(itertools.accumulate(span.num_tokens for span in spans))
+    return StepInputs(
+        input_ids=input_ids,
+        positions=step_positions(spans),
+        slot_mapping=[slot for span in spans for slot in slot_mapping(span.block_table, span.start, span.end, block_size)],
+        query_lens=[span.num_tokens for span in spans],
+        context_lens=[span.end for span in spans],
+        block_tables=[span.block_table for span in spans],
+        logits_rows=[end - 1 for span, end in zip(spans, ends) if span.sample is not None],
+        **_vision_inputs(spans, vision_rows, to_device),
+        pending=_pending_tokens(spans, ends, previous, to_device),
+    )
+
+
+def _vision_inputs(spans: list[ScheduledSpan], vision_rows, to_device) -> dict:
+    """The vision embeddings of the pad tokens computed this step and the mask of where they go
+    among the step's tokens; None for both when there are none (every decode step)."""
+    if not any(span.vision_mask is not None for span in spans):
+        return {"vision_embeds": None, "vision_mask": None}
+    masks, embeds = [], []
+    for span in spans:
+        if span.vision_mask is not None:
+            masks.append(span.vision_mask)
+            masks.append(torch.zeros(span.num_tokens - len(span.vision_mask), dtype=torch.bool))
+            embeds.append(vision_rows(span.request_id, *span.vision_rows))
+        else:
+            masks.append(torch.zeros(span.num_tokens, dtype=torch.bool))
+    return {"vision_embeds": torch.cat(embeds), "vision_mask": to_device(torch.cat(masks))}
+
+
+def _pending_tokens(spans: list[ScheduledSpan], ends: list[int], previous: LaunchedStep | None,
+                    to_device) -> PendingTokens | None:
+    """Where the step's pending input tokens go and what they are. The usual case, the same
+    sequences in the same order as the step before, needs no index transfer."""
+    rows = [end - 1 for span, end in zip(spans, ends) if span.pending]
+    if not rows:
+        return None
+    sources = [previous.row_of[span.request_id] for span in spans if span.pending]
+    in_order = list(range(len(rows)))
+    sampled = previous.out.token_ids
+    sampled = sampled[:len(rows)] if sources == in_order else sampled[to_device(sources, torch.long)]
+    return PendingTokens(slice(0, len(rows)) if rows == in_order else to_device(rows, torch.long), sampled)
+
+
+def sampling_batch(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size: int, to_device) -> SamplingBatch:
+    """The sampler's inputs for the sampling spans of `plan`, one row each."""
+    rows = [span.sample for span in plan.sampling]
+    params = [row.params for row in rows]
+    any_penalty = any(p.has_penalty for p in params)
+    all_greedy = all(p.greedy for p in params)
+    column = dict.fromkeys(SAMPLER_COLUMNS)
+    if any_penalty or not all_greedy:  # greedy rows without penalties need none of the numbers
+        # One transfer for all the per-row numbers (float32 holds any top_k exactly). A greedy
+        # row (`SamplingParams.greedy`: top_k 1 too) goes with temperature 0: the argmax.
+        table = to_device([[0.0 if p.greedy and name == "temperature" else getattr(p, name) for name in SAMPLER_COLUMNS]
+                           for p in params], torch.float32)
+        column = dict(zip(SAMPLER_COLUMNS, table.unbind(1)))
+        column["top_k"] = column["top_k"].long()
+    asked = [p.logprobs for p in params if p.logprobs is not None]
+    padded = _padder(vocab_size, to_device)
+    return SamplingBatch(
+        **column,
+        prompt_tokens=padded([row.prompt_token_ids for row in rows]) if any_penalty else None,
+        output_tokens=output_tokens(plan, previous, vocab_size=vocab_size, to_device=to_device) if any_penalty else None,
+        generators=[row.generator for row in rows],
+        num_logprobs=max(asked) if asked else None,
+        all_greedy=all_greedy,
+        any_penalty=any_penalty,
+        any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params),
+    )
+
+
+def output_tokens(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size: int, to_device) -> torch.Tensor:
+    """The generated tokens of the sampling spans, padded with `vocab_size` (the penalties'
+    input), a pending last token taken on the device from `previous`."""
+    spans = plan.sampling
+    read_back = _padder(vocab_size, to_device)([span.sample.output_token_ids for span in spans])
+    if not any(span.pending for span in spans):
+        return read_back
+    sources = [previous.row_of[span.request_id] if span.pending else 0 for span in spans]
+    pending = to_device([span.pending for span in spans], torch.bool)
+    last = torch.where(pending, previous.out.token_ids[to_device(sources, torch.long)], vocab_size)
+    return torch.cat([read_back, last[:, None]], dim=1)
+
+
+def _padder(vocab_size: int, to_device):
+    def padded(rows: list[list[int]]) -> torch.Tensor:
+        width = max(1, max(len(row) for row in rows))
+        return to_device([row + [vocab_size] * (width - len(row)) for row in rows], torch.long)
+    return padded
+
