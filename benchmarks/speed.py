@@ -8,11 +8,13 @@ scales them). Sections, in order:
 
 - env: GPU, torch / triton / transformers versions, measured copy bandwidth (the floor's base).
 - tests: `tests/test_triton_kernels.py` natively on the GPU (bfloat16 cases included).
-- kernels: every Triton kernel at the real 2B shapes: parity with its torch reference, then time
-  (CUDA-graph replays over enough weight copies to defeat L2) beside the reference, bytes moved,
-  the share of the copy bandwidth reached, and the linear-layers-only decode ceiling it implies.
+- kernels: every Triton kernel the model runs, at the real 2B shapes: parity with its torch
+  reference, then time (CUDA-graph replays over enough weight copies to defeat L2) beside the
+  reference, bytes moved, the share of the copy bandwidth reached, and the linear-layers-only
+  decode ceiling it implies. The W4A16 launches take the tune section's winners where it ran.
 - tune: sweeps the W4A16 launch configs at the decode sizes (M = 1, 16, 64) and prints the best
-  as the `triton_awq.TUNED` literal; the rest of the run uses them.
+  as the `triton_awq.TUNED` literal to commit; they are handed to the kernels section (the
+  model, in the end-to-end sections, runs the committed literal).
 - checkpoints: the random 2B-AWQ checkpoint of the real config and its BF16 sibling
   (`qwen2vl.tools.random_checkpoint`), written once into `--out-dir`/ckpt-*.
 - parity: greedy tokens on the GPU equal the CPU reference path's for tiny checkpoints
@@ -20,7 +22,8 @@ scales them). Sections, in order:
   reported as the length of the prefix it shares with the CPU's tokens.
 - ours: the card's table for us, AWQ and BF16: batch 1, input lengths 1, 6144, 14336, 30720,
   up to 2048 generated tokens (fewer where the row's time budget ends first: the rate is what
-  counts), tokens/s and peak GPU memory; time to first token for one 1008x1008 image.
+  counts), tokens/s and peak GPU memory, and the device time of one decode step (a replay of the
+  model's batch-1 CUDA graph); time to first token for one 1008x1008 image.
 - transformers: the same weights (BF16) in transformers, input lengths 1 and 6144, and the image.
 - concurrent: output tokens/s at 64 concurrent requests, each one 448x448 image and 256 tokens.
 
@@ -56,7 +59,15 @@ CARD_LENGTHS = (1, 6144, 14336, 30720)
 TRANSFORMERS_LENGTHS = (1, 6144)
 GiB = 2**30
 
-results: dict = {"rows": [], "kernels": [], "notes": []}
+
+@dataclasses.dataclass
+class Run:
+    """What one invocation's sections collect and hand on: `results`, the report's content (and
+    speed.json's), and `tuned`, the tune section's winning W4A16 launch configs keyed as
+    `triton_awq.TUNED`, for the kernels section's launches."""
+
+    results: dict = dataclasses.field(default_factory=lambda: {"rows": [], "kernels": [], "notes": []})
+    tuned: dict = dataclasses.field(default_factory=dict)
 
 
 def log(*parts) -> None:
@@ -64,7 +75,7 @@ def log(*parts) -> None:
 
 
 @contextlib.contextmanager
-def section(name: str):
+def section(name: str, results: dict):
     start = time.perf_counter()
     log(f"\n=== {name} ===")
     try:
@@ -124,7 +135,7 @@ def copies_for(nbytes: int) -> int:
 
 # --- env ----------------------------------------------------------------------------------------
 
-def run_env(args) -> None:
+def run_env(args, run: Run) -> None:
     import triton
 
     props = torch.cuda.get_device_properties(0)
@@ -140,24 +151,24 @@ def run_env(args) -> None:
     seconds = graph_time_us([lambda: dst.copy_(src)], reps=10) / 1e6
     env["copy_gbps"] = round(2 * src.numel() / seconds / 1e9)
     del src, dst
-    results["env"] = env
+    run.results["env"] = env
     log(json.dumps(env))
 
 
-def floor_gbps() -> float:
+def floor_gbps(results: dict) -> float:
     return results.get("env", {}).get("copy_gbps") or 3000.0
 
 
 # --- tests --------------------------------------------------------------------------------------
 
-def run_tests(args) -> None:
+def run_tests(args, run: Run) -> None:
     command = [sys.executable, "-m", "pytest", "tests/test_triton_kernels.py", "-q", "-p", "no:cacheprovider",
                "--tb=short", "-W", "ignore"]
     if importlib.util.find_spec("xdist"):  # the cases compile one kernel variant each: in parallel
         command += ["-n", "8"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.budget * 120)
     log(done.stdout[-4000:], done.stderr[-2000:])
-    results["kernel_tests"] = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
+    run.results["kernel_tests"] = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
 
 
 # --- kernels ------------------------------------------------------------------------------------
@@ -176,10 +187,11 @@ def decoder_linears(text) -> dict[str, tuple[int, int, bool]]:
             "gate_up": (h, 2 * text.intermediate_size, False), "down": (text.intermediate_size, h, False)}
 
 
-def kernel_row(name, shape, ours_us, ref_us, nbytes, parity) -> None:
+def kernel_row(results: dict, name, shape, ours_us, ref_us, nbytes, parity) -> None:
+    floor = floor_gbps(results)
     row = {"kernel": name, "shape": shape, "ours_us": round(ours_us, 2), "ref_us": round(ref_us, 2),
-           "gbps": round(nbytes / ours_us / 1e3), "floor_share": round(nbytes / ours_us / 1e3 / floor_gbps(), 3),
-           "floor_us": round(nbytes / floor_gbps() / 1e3, 2), "parity": parity}
+           "gbps": round(nbytes / ours_us / 1e3), "floor_share": round(nbytes / ours_us / 1e3 / floor, 3),
+           "floor_us": round(nbytes / floor / 1e3, 2), "parity": parity}
     results["kernels"].append(row)
     log(f"{name:<14} {shape:<26} ours {ours_us:9.2f} us  ref {ref_us:9.2f} us  x{ref_us / ours_us:5.2f}  "
         f"{row['gbps']:5d} GB/s ({100 * row['floor_share']:4.0f}% of copy)  floor {row['floor_us']:8.2f} us  {parity}")
@@ -206,11 +218,14 @@ def awq_operands(k: int, n: int, group_size: int, copies: int):
 
 
 @torch.inference_mode()
-def run_kernels(args) -> None:
+def run_kernels(args, run: Run) -> None:
     from qwen2vl.kernels import reference_ops, triton_activation, triton_attention, triton_awq, triton_norm, triton_rotary
-    from qwen2vl.layers import activation, attention, rotary
+    from qwen2vl.layers import activation, rotary
     from qwen2vl.layers.quantization import dequantize_awq
 
+    results = run.results
+    tuned = {**triton_awq.TUNED, **run.tuned}  # a sweep of some row classes keeps the committed others
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     text, group_size = text_shapes()
     h, d = text.hidden_size, text.head_dim
     q_size, kv_size = text.num_heads * d, text.num_kv_heads * d
@@ -224,37 +239,22 @@ def run_kernels(args) -> None:
         dense = [dequantize_awq(*ops, group_size).to(dtype) for ops in operands[: copies_for(2 * k * n)]]
         for m in (1, 16, 1296):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            out = triton_awq.awq_matmul(x, *operands[0], group_size, bias)
-            num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-            gemv = m < triton_awq.DEQUANTIZE_MIN_M and triton_awq.pick_config(m, n, k, group_size, num_sms).gemv
+            # many rows: no launch config, the weight dequantized once and cuBLAS (as the model runs it)
+            config = (triton_awq.pick_config(m, n, k, group_size, num_sms, tuned)
+                      if m < triton_awq.DEQUANTIZE_MIN_M else None)
+            out = triton_awq.awq_matmul(x, *operands[0], group_size, bias, config=config)
+            gemv = config is not None and config.gemv
             ref = reference_ops.awq_matmul_reference(x, *operands[0], group_size, bias, exact_weight=gemv)
             ok = torch.allclose(out.float(), ref.float(), rtol=2**-7, atol=2**-7 * float(ref.float().abs().max()) / 64)
             parity = f"{'ok' if ok else 'MISMATCH'} ({max_ulps(out, ref)})"
-            ours = graph_time_us([lambda ops=ops: triton_awq.awq_matmul(x, *ops, group_size, bias) for ops in operands])
+            ours = graph_time_us([lambda ops=ops: triton_awq.awq_matmul(x, *ops, group_size, bias, config=config)
+                                  for ops in operands])
             ref_us = graph_time_us([lambda w=w: torch.nn.functional.linear(x, w, bias) for w in dense])
             nbytes = packed_bytes + m * (k + n) * 2
-            kernel_row(f"awq {name}", f"M={m} K={k} N={n}", ours, ref_us, nbytes, parity)
+            kernel_row(results, f"awq {name}", f"M={m} K={k} N={n}", ours, ref_us, nbytes, parity)
             if m == 1:
                 decode_us += ours * text.num_layers
         del operands, dense
-    # gate_up with the SwiGLU epilogue (interleaved columns) against gate_up then silu_and_mul
-    k, n, _ = linears["gate_up"]
-    values = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
-    zeros = torch.randint(0, 16, (k // group_size, n), dtype=torch.int32, device="cuda")
-    scales = (torch.rand(k // group_size, n, device="cuda") * 0.002 + 0.001).half()
-    plain = triton_awq.pack(values, scales, zeros)
-    interleaved = triton_awq.pack(*triton_awq.interleave_gate_up(values, scales, zeros))
-    for m in (1, 1296):
-        x = torch.randn(m, k, device="cuda", dtype=dtype)
-        out = triton_awq.awq_matmul_swiglu(x, *interleaved, group_size)
-        ref = reference_ops.awq_matmul_swiglu_reference(x, *interleaved, group_size)
-        ok = torch.allclose(out.float(), ref.float(), rtol=2**-6, atol=2**-6 * float(ref.float().abs().max()) / 64)
-        kernel_row("gate_up+swiglu", f"M={m} K={k} N={n}",
-                   graph_time_us([lambda: triton_awq.awq_matmul_swiglu(x, *interleaved, group_size)]),
-                   graph_time_us([lambda: triton_activation.silu_and_mul(triton_awq.awq_matmul(x, *plain, group_size))]),
-                   k * n * 5 // 8 + m * (k + n // 2) * 2, f"{'ok' if ok else 'MISMATCH'} ({max_ulps(out, ref)})")
-    del values, zeros, scales, plain, interleaved
-
     # lm_head (tied), read once per token: int8 rows (what a 4-bit checkpoint gets) beside bf16
     from qwen2vl.kernels import int8_cpu, triton_int8
 
@@ -267,7 +267,7 @@ def run_kernels(args) -> None:
         ok = torch.allclose(out.float(), ref.float(), rtol=2**-7, atol=2**-7 * float(ref.float().abs().max()) / 64)
         head_us = graph_time_us([lambda: triton_int8.int8_matmul(x, values, scales)])
         bf16_us = graph_time_us([lambda: torch.nn.functional.linear(x, head)])
-        kernel_row("int8 head", f"M={m} K={h} N={text.vocab_size}", head_us, bf16_us,
+        kernel_row(results, "int8 head", f"M={m} K={h} N={text.vocab_size}", head_us, bf16_us,
                    values.numel() + m * (h + text.vocab_size) * 2, f"{'ok' if ok else 'MISMATCH'} ({max_ulps(out, ref)})")
         if m == 1:
             decode_us += head_us
@@ -293,7 +293,7 @@ def run_kernels(args) -> None:
         ref_us = eager_time_us(lambda: reference_ops.paged_decode_attention_reference(query, kv_cache, tables, lens,
                                                                                        scale))
         nbytes = batch * context * 2 * kv_size * 2
-        kernel_row("paged decode", f"B={batch} ctx={context}", ours, ref_us, nbytes,
+        kernel_row(results, "paged decode", f"B={batch} ctx={context}", ours, ref_us, nbytes,
                    f"{'ok' if ok else 'MISMATCH'} ({max_ulps(out, ref)})")
         del kv_cache
 
@@ -304,7 +304,8 @@ def run_kernels(args) -> None:
         out, summed = triton_norm.add_rms_norm(x, weight, 1e-6, residual)
         ref_out, ref_summed = reference_ops.add_rms_norm_reference(x, weight, 1e-6, residual)
         parity = f"sum {'==' if torch.equal(summed, ref_summed) else '!='}, {max_ulps(out, ref_out)}"
-        kernel_row("add+rmsnorm", f"M={m} H={h}", graph_time_us([lambda: triton_norm.add_rms_norm(x, weight, 1e-6, residual)]),
+        kernel_row(results, "add+rmsnorm", f"M={m} H={h}",
+                   graph_time_us([lambda: triton_norm.add_rms_norm(x, weight, 1e-6, residual)]),
                    graph_time_us([lambda: reference_ops.add_rms_norm_reference(x, weight, 1e-6, residual)]),
                    m * h * 2 * 4, parity)
 
@@ -316,14 +317,15 @@ def run_kernels(args) -> None:
         expected = (rotary.apply_rotary(q_view, cos, sin), rotary.apply_rotary(k_view, cos, sin))
         triton_rotary.apply_rotary_qk_(q_view, k_view, cos, sin)
         same = torch.equal(q_view, expected[0]) and torch.equal(k_view, expected[1])
-        kernel_row("rotary q,k", f"M={m}", graph_time_us([lambda: triton_rotary.apply_rotary_qk_(q_view, k_view, cos, sin)]),
+        kernel_row(results, "rotary q,k", f"M={m}",
+                   graph_time_us([lambda: triton_rotary.apply_rotary_qk_(q_view, k_view, cos, sin)]),
                    graph_time_us([lambda: (rotary.apply_rotary(q_view, cos, sin), rotary.apply_rotary(k_view, cos, sin))]),
                    m * (2 * (q_size + kv_size) + 2 * d) * 2,
                    "bitwise" if same else f"q {max_ulps(q_view, expected[0])}, k {max_ulps(k_view, expected[1])}")
 
         gate_up = torch.randn(m, 2 * text.intermediate_size, device="cuda", dtype=dtype)
         out, ref = triton_activation.silu_and_mul(gate_up), activation.silu_and_mul(gate_up)
-        kernel_row("silu*up", f"M={m} I={text.intermediate_size}",
+        kernel_row(results, "silu*up", f"M={m} I={text.intermediate_size}",
                    graph_time_us([lambda: triton_activation.silu_and_mul(gate_up)]),
                    graph_time_us([lambda: activation.silu_and_mul(gate_up)]), m * 3 * text.intermediate_size * 2,
                    "bitwise" if torch.equal(out, ref) else max_ulps(out, ref))
@@ -336,25 +338,12 @@ def run_kernels(args) -> None:
                                                               text.num_heads, text.num_kv_heads)
         q = triton_rotary.qkv_rotary_cache(qkv, cos, sin, cache, slots, text.num_heads, text.num_kv_heads)
         same = torch.equal(q, expected_q) and torch.equal(cache, expected_cache)
-        kernel_row("qkv rot+cache", f"M={m}",
+        kernel_row(results, "qkv rot+cache", f"M={m}",
                    graph_time_us([lambda: triton_rotary.qkv_rotary_cache(qkv, cos, sin, cache, slots, text.num_heads,
                                                                          text.num_kv_heads)]),
                    graph_time_us([lambda: unfused_qkv_rotary_cache(qkv, cos, sin, cache, slots, text)]),
                    m * (q_size + 2 * kv_size + q_size + 2 * kv_size + 2 * d) * 2,
                    "bitwise" if same else f"q {max_ulps(q, expected_q)}, cache {max_ulps(cache, expected_cache)}")
-        slots = torch.randperm(cache.shape[1] * 16, device="cuda")[:m]
-        expected = cache.clone()
-        attention.write_kv_cache(expected, k_view, k_view, slots)
-        triton_attention.write_kv_cache(cache, k_view, k_view, slots)
-        kernel_row("kv write", f"M={m}", graph_time_us([lambda: triton_attention.write_kv_cache(cache, k_view, k_view, slots)]),
-                   graph_time_us([lambda: attention.write_kv_cache(cache, k_view, k_view, slots)]), m * kv_size * 2 * 4,
-                   "bitwise" if torch.equal(cache, expected) else "MISMATCH")
-    for context in (1, 6144, 30720):
-        for fused in (True, False):
-            us = decode_step_us(text, group_size, context, fused)
-            key = f"decode step ctx={context} {'fused' if fused else 'unfused'}"
-            results.setdefault("decode_step", {})[key] = {"us": round(us, 1), "tokens_per_s": round(1e6 / us)}
-            log(f"{key}: {us:.0f} us -> {1e6 / us:.0f} tokens/s (28 layers of Triton kernels + lm_head, one CUDA graph)")
 
 
 def unfused_qkv_rotary_cache(qkv, cos, sin, kv_cache, slots, text):
@@ -368,84 +357,14 @@ def unfused_qkv_rotary_cache(qkv, cos, sin, kv_cache, slots, text):
     return rotary.apply_rotary(q, cos, sin)
 
 
-@torch.inference_mode()
-def decode_step_us(text, group_size: int, context: int, fused: bool) -> float:
-    """One batch-1 decode step of the 2B text model from the Triton kernels alone (random AWQ
-    weights for all 28 layers, KV cache of `context` tokens, bf16 lm_head), captured in one CUDA
-    graph: what wiring the kernels would reach before embedding lookup and sampling.
-
-    fused: split-K sums reduced inside the norm / qkv-rotary-cache kernels, SwiGLU in gate_up's
-    epilogue (~8 launches per layer); unfused: one kernel per reference op (~14)."""
-    import torch.nn.functional as F
-
-    from qwen2vl.kernels import triton_activation, triton_attention, triton_awq, triton_norm, triton_rotary
-    from qwen2vl.layers.rotary import MRotaryEmbedding
-
-    h, d, dtype = text.hidden_size, text.head_dim, torch.bfloat16
-    heads, kv_heads, inter = text.num_heads, text.num_kv_heads, text.intermediate_size
-    qkv_n = (heads + 2 * kv_heads) * d
-
-    def packed(k, n, interleave=False):
-        values = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda")
-        zeros = torch.randint(0, 16, (k // group_size, n), dtype=torch.int32, device="cuda")
-        scales = (torch.rand(k // group_size, n, device="cuda") * 0.002 + 0.001).half()
-        parts = triton_awq.interleave_gate_up(values, scales, zeros) if interleave else (values, scales, zeros)
-        return triton_awq.pack(*parts)
-
-    block_size = 16
-    blocks = -(-(context + 1) // block_size)
-    layers = [{"qkv": packed(h, qkv_n), "bias": torch.randn(qkv_n, device="cuda", dtype=dtype) * 0.1,
-               "o": packed(heads * d, h), "gate_up": packed(h, 2 * inter, interleave=fused), "down": packed(inter, h),
-               "ln1": torch.ones(h, device="cuda", dtype=dtype), "ln2": torch.ones(h, device="cuda", dtype=dtype),
-               "cache": torch.randn(2, blocks, block_size, kv_heads, d, device="cuda", dtype=dtype)}
-              for _ in range(text.num_layers)]
-    head = torch.randn(text.vocab_size, h, device="cuda", dtype=dtype) * 0.02
-    final_ln = torch.ones(h, device="cuda", dtype=dtype)
-    tables = torch.arange(blocks, dtype=torch.int32, device="cuda")[None]
-    lens = torch.tensor([context], dtype=torch.int32, device="cuda")
-    slot = torch.tensor([context - 1], device="cuda")
-    cos, sin = MRotaryEmbedding(d, text.rope_theta, text.mrope_section).cos_sin(
-        torch.full((3, 1), context - 1, device="cuda"), dtype)
-    x = torch.randn(1, h, device="cuda", dtype=dtype)
-    eps, scale = text.rms_norm_eps, d ** -0.5
-
-    def step():
-        hidden, residual = x, torch.zeros_like(x)
-        for layer in layers:
-            normed, residual = triton_norm.add_rms_norm(hidden, layer["ln1"], eps, residual)
-            if fused:
-                qkv = triton_awq.awq_matmul(normed, *layer["qkv"], group_size, layer["bias"], reduce=False)
-                q = triton_rotary.qkv_rotary_cache(qkv, cos, sin, layer["cache"], slot, heads, kv_heads)
-            else:
-                qkv = triton_awq.awq_matmul(normed, *layer["qkv"], group_size, layer["bias"])
-                q, k, v = (t.unflatten(-1, (-1, d)) for t in qkv.split([heads * d, kv_heads * d, kv_heads * d], -1))
-                triton_rotary.apply_rotary_qk_(q, k, cos, sin)
-                triton_attention.write_kv_cache(layer["cache"], k, v, slot)
-            attn = triton_attention.paged_decode_attention(q, layer["cache"], tables, lens, scale)
-            o = triton_awq.awq_matmul(attn.flatten(1), *layer["o"], group_size, reduce=not fused)
-            normed, residual = triton_norm.add_rms_norm(o, layer["ln2"], eps, residual)
-            if fused:
-                act = triton_awq.awq_matmul_swiglu(normed, *layer["gate_up"], group_size)
-            else:
-                act = triton_activation.silu_and_mul(triton_awq.awq_matmul(normed, *layer["gate_up"], group_size))
-            hidden = triton_awq.awq_matmul(act, *layer["down"], group_size, reduce=not fused)
-        final, _ = triton_norm.add_rms_norm(hidden, final_ln, eps, residual)
-        return F.linear(final, head)
-
-    us = graph_time_us([step], reps=10)
-    del layers, head
-    torch.cuda.empty_cache()
-    return us
-
-
 TUNE_ROWS = (1, 16, 64)  # batch-1 decode, decode buckets up to 16, up to 64 (the concurrency test)
 
 
-def run_tune(args) -> None:
+def run_tune(args, run: Run) -> None:
     """Sweep the W4A16 launch configs at the decode sizes of the 2B linears: compile every
     candidate in parallel processes (Triton's disk cache keeps them), then time each here. The
-    winners go into `triton_awq.TUNED` for the rest of this run, and are printed as the literal
-    to commit."""
+    winners go to `run.tuned` (the kernels section launches with them) and are printed as the
+    `triton_awq.TUNED` literal to commit."""
     import concurrent.futures
     import multiprocessing
 
@@ -487,8 +406,8 @@ def run_tune(args) -> None:
             best[f"{name} M={m}"] = {"us": round(timings[0][0], 2), "current_us": round(default_us, 2),
                                      "config": repr(timings[0][1])}
             del operands
-    triton_awq.TUNED.update(tuned)
-    results["tuned"] = best
+    run.tuned.update(tuned)
+    run.results["tuned"] = best
     log("TUNED = {\n" + "".join(f"    {key}: {config!r},\n" for key, config in tuned.items()) + "}")
 
 
@@ -539,7 +458,7 @@ def launch_shapes(m, n, k, group_size):
 
 # --- checkpoints, parity ------------------------------------------------------------------------
 
-def run_checkpoints(args) -> None:
+def run_checkpoints(args, run: Run) -> None:
     from qwen2vl.tools.random_checkpoint import write_random_checkpoint
 
     config = json.loads(CONFIG_2B.read_text())
@@ -574,7 +493,7 @@ def greedy_tokens(model_dir, device: str, dtype: torch.dtype, messages, max_toke
 
 
 @torch.inference_mode()
-def run_parity(args) -> None:
+def run_parity(args, run: Run) -> None:
     import numpy as np
     from PIL import Image
 
@@ -603,7 +522,7 @@ def run_parity(args) -> None:
         parity[name] = {"fp32_equal": cpu == gpu32, "bf16_shared_prefix": f"{shared}/{len(cpu)}", "distinct": len(set(cpu))}
         log(f"parity {name}: GPU fp32 == CPU fp32: {cpu == gpu32}; GPU bf16 shares {shared}/{len(cpu)} tokens; "
             f"{len(set(cpu))} distinct tokens")
-    results["parity"] = parity
+    run.results["parity"] = parity
 
 
 # --- end to end: ours ---------------------------------------------------------------------------
@@ -685,7 +604,7 @@ def load_ours(model_dir):
     return model, processor
 
 
-def card_row(who: str, weights: str, length: int, result: dict, peak: int) -> None:
+def card_row(results: dict, who: str, weights: str, length: int, result: dict, peak: int) -> None:
     row = {"who": who, "weights": weights, "input_len": length, "generated": result["tokens"],
            "tokens_per_s": round(result["decode_tokens_per_s"] or 0, 1), "ttft_ms": round(1000 * result["ttft_s"], 1),
            "peak_gib": round(peak / GiB, 2)}
@@ -694,7 +613,15 @@ def card_row(who: str, weights: str, length: int, result: dict, peak: int) -> No
         f"first token {row['ttft_ms']:8.1f} ms, peak {row['peak_gib']:.2f} GiB")
 
 
-def run_ours(args) -> None:
+def model_step_us(engine) -> float | None:
+    """Device time of one batch-1 decode step of the model: a replay of the engine's captured
+    batch-1 graph (None where the engine steps eagerly)."""
+    graphs = engine.runner.graphs
+    return None if graphs is None else graph_replay_us(graphs.graphs[1])
+
+
+def run_ours(args, run: Run) -> None:
+    results = run.results
     for quant in [q for q in ("awq", None) if (q or "bf16") in args.weights.split(",")]:
         model, processor = load_ours(checkpoint_dir(args, quant))
         weights = "AWQ" if quant else "BF16"
@@ -703,13 +630,13 @@ def run_ours(args) -> None:
         if quant:  # what the decode CUDA graphs bring: the short row with eager steps
             engine = make_engine(model, processor, 1 + args.max_tokens, cuda_graphs=False)
             result = drive(engine, [text_prompt(1)], args.max_tokens, 3 * args.budget)
-            card_row("qwen2vl eager", weights, 1, result, torch.cuda.max_memory_allocated())
+            card_row(results, "qwen2vl eager", weights, 1, result, torch.cuda.max_memory_allocated())
             del engine
         if quant:  # what `Qwen2VL.chat` decodes by default: the checkpoint's sampling (top_k 1, penalty 1.05)
             defaults = json.loads((checkpoint_dir(args, quant) / "generation_config.json").read_text())
             engine = make_engine(model, processor, 1 + args.max_tokens, generation_config=defaults)
             result = drive(engine, [text_prompt(1)], args.max_tokens, 3 * args.budget, greedy=False)
-            card_row("qwen2vl card sampling", weights, 1, result, torch.cuda.max_memory_allocated())
+            card_row(results, "qwen2vl card sampling", weights, 1, result, torch.cuda.max_memory_allocated())
             del engine
             profile_host(make_engine(model, processor, 1 + 300), 300)
             profile_device(make_engine(model, processor, 64, cuda_graphs=False))
@@ -718,11 +645,12 @@ def run_ours(args) -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             result = drive(engine, [text_prompt(length)], args.max_tokens, 6 * args.budget)
-            card_row("qwen2vl", weights, length, result, torch.cuda.max_memory_allocated())
-            if engine.runner.graphs is not None:  # the step's device time alone; the rest is the host's
-                us = graph_replay_us(engine.runner.graphs.graphs[1])
-                results.setdefault("graph_replay_us", {})[f"{weights} ctx={length + result['tokens']}"] = round(us, 1)
-                log(f"  one decode graph replay: {us:.0f} us on the device -> {1e6 / us:.0f} tokens/s without host overhead")
+            card_row(results, "qwen2vl", weights, length, result, torch.cuda.max_memory_allocated())
+            us = model_step_us(engine)
+            if us is not None:  # the step's device time alone; the rest is the host's
+                key = f"{weights} ctx={length + result['tokens']}"
+                results.setdefault("decode_step", {})[key] = {"us": round(us, 1), "tokens_per_s": round(1e6 / us)}
+                log(f"  one decode step: {us:.0f} us on the device -> {1e6 / us:.0f} tokens/s without host overhead")
             del engine
         engine = make_engine(model, processor, 2048, max_num_batched_tokens=4096)
         drive(engine, [processor.prepare(image_messages(1008, seed=1))], 1, 5)  # warm-up at this shape
@@ -777,7 +705,7 @@ def profile_device(engine, prompt=None, tokens: int = 5, what: str = "4 decode s
             continue
 
 
-def run_concurrent(args) -> None:
+def run_concurrent(args, run: Run) -> None:
     model, processor = load_ours(checkpoint_dir(args, "awq"))
     prompts = [processor.prepare(image_messages(448, seed=i)) for i in range(64)]
     engine = make_engine(model, processor, len(prompts[0]) + 256 + 16, num_seqs=64, max_num_batched_tokens=8192)
@@ -791,7 +719,7 @@ def run_concurrent(args) -> None:
     row = {"who": "qwen2vl", "weights": "AWQ", "concurrent": 64, "generated": result["tokens"],
            "output_tokens_per_s": round(result["output_tokens_per_s"], 1),
            "peak_gib": round(torch.cuda.max_memory_allocated() / GiB, 2)}
-    results["rows"].append(row)
+    run.results["rows"].append(row)
     row.update({key: round(result[key], 3) for key in ("all_started_s", "tokens_per_s_once_all_started")
                 if result[key] is not None}, steps=result["steps"])
     log(f"64 concurrent image requests: {row['output_tokens_per_s']} output tokens/s ({row['generated']} tokens, "
@@ -833,7 +761,7 @@ def cold_attention_shapes() -> None:
 # --- end to end: transformers -------------------------------------------------------------------
 
 @torch.inference_mode()
-def run_transformers(args) -> None:
+def run_transformers(args, run: Run) -> None:
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     model_dir = checkpoint_dir(args, None)
@@ -856,7 +784,7 @@ def run_transformers(args) -> None:
         n = args.transformers_tokens
         total = generate(inputs, n)
         result = {"ttft_s": first, "tokens": n, "decode_tokens_per_s": (n - 1) / (total - first)}
-        card_row("transformers", "BF16", length, result, torch.cuda.max_memory_allocated())
+        card_row(run.results, "transformers", "BF16", length, result, torch.cuda.max_memory_allocated())
     processor = AutoProcessor.from_pretrained(model_dir)
     messages = image_messages(1008)
     content = [{"type": "image"}, {"type": "text", "text": "Describe this image."}]
@@ -864,7 +792,7 @@ def run_transformers(args) -> None:
     inputs = processor(text=[text], images=[messages[0]["content"][0]["image"]], return_tensors="pt").to("cuda")
     generate(inputs, 1)
     ttft = sorted(generate(inputs, 1) for _ in range(3))[1]
-    results["rows"].append({"who": "transformers", "weights": "BF16", "image": "1008x1008 (1296 tokens)",
+    run.results["rows"].append({"who": "transformers", "weights": "BF16", "image": "1008x1008 (1296 tokens)",
                             "ttft_ms": round(1000 * ttft, 1)})
     log(f"transformers image 1008x1008: first token {1000 * ttft:.1f} ms (median of 3)")
     del model
@@ -873,7 +801,7 @@ def run_transformers(args) -> None:
 
 # --- report -------------------------------------------------------------------------------------
 
-def write_report(args, command: str) -> None:
+def write_report(results: dict, args, command: str) -> None:
     env = results.get("env", {})
     lines = ["## GPU: speed and memory, ours vs transformers (the card's table)", "",
              f"Command: `{command}`", "",
@@ -902,7 +830,7 @@ def write_report(args, command: str) -> None:
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {k['kernel']} | {k['shape']} | {k['ours_us']} | {k['ref_us']} | {k['gbps']} | "
                   f"{100 * k['floor_share']:.0f}% | {k['parity']} |" for k in results["kernels"]]
-    for key in ("graph_replay_us", "decode_step", "decode_linear_ceiling", "parity", "kernel_tests", "tuned"):
+    for key in ("decode_step", "decode_linear_ceiling", "parity", "kernel_tests", "tuned"):
         if key in results:
             lines += ["", f"{key}: `{json.dumps(results[key])}`"]
     for note in results["notes"]:
@@ -933,13 +861,14 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     start = time.perf_counter()
+    run = Run()
     runners = {"env": run_env, "tests": run_tests, "tune": run_tune, "kernels": run_kernels, "checkpoints": run_checkpoints,
                "parity": run_parity, "ours": run_ours, "transformers": run_transformers, "concurrent": run_concurrent}
     command = "PYTHONPATH=. python " + " ".join(["benchmarks/speed.py", *(argv or sys.argv[1:])])
     for name in chosen:  # in the order given, the report rewritten after each (a run cut short keeps it)
-        with section(name):
-            runners[name](args)
-        write_report(args, command)
+        with section(name, run.results):
+            runners[name](args, run)
+        write_report(run.results, args, command)
     log(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

@@ -8,7 +8,6 @@ Run it without TRITON_INTERPRET (tests/test_triton_compile.py starts it in a cle
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -36,19 +35,16 @@ def variants():
     configs["M=1 cuda-core gather"] = triton_awq.MatmulConfig(1, 64, 128, 8, gather=True, num_warps=4)
     configs["M=2048 gather"] = triton_awq.MatmulConfig(128, 128, 64, 1, gather=True, num_warps=8)
     configs["M=1 reduced in kernel"] = triton_awq.MatmulConfig(16, 64, 128, 4, reduce_in_kernel=True)
-    k, n = LINEARS["gate_up"]
-    for m in (1, 2048):
-        configs[f"gate_up+swiglu M={m}"] = dataclasses.replace(triton_awq.default_config(m, n, k, GROUP, 132), split_k=1)
     for label, config in list(configs.items()):
         if config.gemv:  # a measured one-row launch: the GEMV kernel's variants below cover it
             del configs[label]
     for label, config in configs.items():
-        split, swiglu = config.split_k > 1, "swiglu" in label
+        split = config.split_k > 1
         yield (f"awq {label} {config}", triton_awq._awq_matmul_kernel,
                {**awq_types, "out_ptr": "*fp32" if split else "*bf16", "GROUP_SIZE": GROUP,
                 "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k, "SPLIT": split,
-                "HAS_BIAS": (not split or config.reduce_in_kernel) and not swiglu, "GATHER": config.gather,
-                "SWIGLU": swiglu, "REDUCE_IN_KERNEL": config.reduce_in_kernel},
+                "HAS_BIAS": not split or config.reduce_in_kernel, "GATHER": config.gather,
+                "REDUCE_IN_KERNEL": config.reduce_in_kernel},
                {"num_warps": config.num_warps, "num_stages": config.num_stages})
     for name, (k, n) in LINEARS.items():
         for block_n, block_k, warps, in_kernel in ((128, 32, 4, False), (256, 16, 8, False), (256, 32, 4, True)):
@@ -73,27 +69,21 @@ def variants():
                 "BLOCK_K": block_k}, {"num_warps": 4})
     for index in ("i32", "i64"):  # the eager metadata's int32, the decode graphs' int64 buffers
         yield from paged_decode_variants(triton_attention, index)
-    yield ("kv write", triton_attention._write_kv_kernel,
-           {"key_ptr": "*bf16", "value_ptr": "*bf16", "kv_ptr": "*bf16", "slot_mapping_ptr": "*i64",
-            "stride_k": "i32", "stride_v": "i32", "stride_kv": "i64", "stride_block": "i32", "stride_token": "i32",
-            "block_size": "i32", "width": "i32", "BLOCK": KV_HEADS * HEAD_DIM}, {})
-    for residual, parts in ((False, "*bf16"), (True, "*bf16"), (True, "*fp32")):
-        yield (f"add_rms_norm residual={residual} input={parts}", triton_norm._add_rms_norm_kernel,
-               {"x_ptr": parts, "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
-                "summed_ptr": "*bf16", "stride_part": "i32", "stride_x": "i32", "num_parts": "i32",
-                "stride_r": "i32", "hidden": "i32", "eps": "fp32", "HAS_RESIDUAL": residual, "BLOCK": 2048},
+    for residual in (False, True):
+        yield (f"add_rms_norm residual={residual}", triton_norm._add_rms_norm_kernel,
+               {"x_ptr": "*bf16", "residual_ptr": "*bf16", "weight_ptr": "*bf16", "out_ptr": "*bf16",
+                "summed_ptr": "*bf16", "stride_x": "i32", "stride_r": "i32", "hidden": "i32", "eps": "fp32",
+                "HAS_RESIDUAL": residual, "BLOCK": 2048},
                {"num_warps": 8})
     yield ("rotary q,k", triton_rotary._rotary_qk_kernel,
            {"q_ptr": "*bf16", "k_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "stride_q": "i32",
             "stride_k": "i32", "num_heads": "i32", "num_kv_heads": "i32", "HALF": HEAD_DIM // 2,
             "HEADS_PAD": 16, "KV_HEADS_PAD": KV_HEADS}, {})
-    for parts in ("*bf16", "*fp32"):
-        yield (f"qkv rotary + cache write input={parts}", triton_rotary._qkv_rotary_cache_kernel,
-               {"parts_ptr": parts, "bias_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "q_ptr": "*bf16",
-                "kv_ptr": "*bf16", "slot_mapping_ptr": "*i64", "stride_part": "i32", "stride_row": "i32",
-                "num_parts": "i32", "stride_kv": "i64", "stride_block": "i32", "stride_token": "i32",
-                "block_size": "i32", "num_heads": "i32", "num_kv_heads": "i32", "HAS_BIAS": parts == "*fp32",
-                "HALF": HEAD_DIM // 2, "HEADS_PAD": 16, "KV_HEADS_PAD": KV_HEADS}, {})
+    yield ("qkv rotary + cache write", triton_rotary._qkv_rotary_cache_kernel,
+           {"qkv_ptr": "*bf16", "cos_ptr": "*bf16", "sin_ptr": "*bf16", "q_ptr": "*bf16", "kv_ptr": "*bf16",
+            "slot_mapping_ptr": "*i64", "stride_row": "i32", "stride_kv": "i64", "stride_block": "i32",
+            "stride_token": "i32", "block_size": "i32", "num_heads": "i32", "num_kv_heads": "i32",
+            "HALF": HEAD_DIM // 2, "HEADS_PAD": 16, "KV_HEADS_PAD": KV_HEADS}, {})
     yield ("silu_and_mul", triton_activation._silu_and_mul_kernel,
            {"gate_up_ptr": "*bf16", "out_ptr": "*bf16", "stride": "i32", "width": "i32",
             "BLOCK": triton_activation.BLOCK}, {})

@@ -22,7 +22,7 @@ pytest.importorskip("triton", reason="triton is not installed: the GPU kernels c
 
 from qwen2vl.layers import quantization as q  # noqa: E402
 from qwen2vl.layers.activation import silu_and_mul  # noqa: E402
-from qwen2vl.layers.attention import PagedAttention, write_kv_cache  # noqa: E402
+from qwen2vl.layers.attention import PagedAttention  # noqa: E402
 from qwen2vl.layers.attention_metadata import AttentionMetadata  # noqa: E402
 from qwen2vl.layers.norm import RMSNorm  # noqa: E402
 from qwen2vl.layers.rotary import MRotaryEmbedding, apply_rotary  # noqa: E402
@@ -130,8 +130,6 @@ def test_split_sums_reduced_in_kernel_are_the_separate_reduction(config):
             out = triton_awq.awq_matmul(x, *packed, group_size, b, config=config)
             assert torch.equal(out, triton_awq.awq_matmul(x, *packed, group_size, b, config=separate))
     assert not triton_awq._split_counter_buffer(x.device).any()
-    unreduced = triton_awq.awq_matmul(x, *packed, group_size, bias, config=config, reduce=False)
-    assert isinstance(unreduced, torch.Tensor)  # already summed: no SplitSums to hand on
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, BF16, torch.float32])
@@ -155,30 +153,8 @@ def test_awq_matmul_keeps_leading_dims_and_rejects_bad_tiles():
         triton_awq.awq_matmul(x, *packed, 128, config=triton_awq.MatmulConfig(16, 64, 96))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, BF16])
-def test_split_sums_fuse_into_the_norm(dtype):
-    generator = torch.Generator().manual_seed(7)
-    k, hidden, group_size = 256, 96, 64
-    values, zeros, scales = _random_awq(k, hidden, group_size, generator)
-    packed = [t.to(DEVICE) for t in triton_awq.pack(values, scales, zeros)]
-    x = torch.randn(3, k, generator=generator).to(DEVICE, dtype)
-    residual = torch.randn(3, hidden, generator=generator).to(DEVICE, dtype)
-    weight = (torch.rand(hidden, generator=generator) + 0.5).to(DEVICE, dtype)
-    config = triton_awq.MatmulConfig(16, 32, 64, split_k=3)
-    sums = triton_awq.awq_matmul(x, *packed, group_size, config=config, reduce=False)
-    assert isinstance(sums, triton_awq.SplitSums) and sums.partials.shape == (3, 3, hidden)
-    reduced = triton_awq.awq_matmul(x, *packed, group_size, config=config)
-    assert torch.equal(sums.reduce(), reduced)
-    torch.testing.assert_close(reduced, reference_ops.reduce_split_sums_reference(sums), rtol=ULP[dtype], atol=0)
-
-    out, summed = triton_norm.add_rms_norm(sums, weight, 1e-6, residual)
-    expected_out, expected_summed = triton_norm.add_rms_norm(reduced, weight, 1e-6, residual)
-    assert torch.equal(summed, expected_summed) and torch.equal(out, expected_out)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
-@pytest.mark.parametrize("split", [False, True])
-def test_qkv_rotary_cache_matches_the_reference(dtype, split):
+def test_qkv_rotary_cache_matches_the_reference(dtype):
     generator = torch.Generator().manual_seed(8)
     num_heads, num_kv_heads, head_dim, tokens, block_size = 6, 2, 64, 5, 4
     width = (num_heads + 2 * num_kv_heads) * head_dim
@@ -186,38 +162,14 @@ def test_qkv_rotary_cache_matches_the_reference(dtype, split):
     cos, sin = MRotaryEmbedding(head_dim, 1e6, (8, 12, 12)).cos_sin(positions, dtype)
     kv_cache = torch.randn(2, 4, block_size, num_kv_heads, head_dim, generator=generator).to(DEVICE, dtype)
     slots = torch.tensor([9, 0, -1, 15, 4], device=DEVICE)  # -1: a padding row writes nowhere
-    if split:
-        partials = torch.randn(3, tokens, width, generator=generator).to(DEVICE)
-        bias = (torch.randn(width, generator=generator) * 0.1).to(DEVICE, dtype)
-        qkv = triton_awq.SplitSums(partials, bias, dtype)
-        reduced = qkv.reduce()  # the kernel adds the parts in this same order
-    else:
-        qkv = reduced = torch.randn(tokens, width, generator=generator).to(DEVICE, dtype)
+    qkv = torch.randn(tokens, width, generator=generator).to(DEVICE, dtype)
     expected_cache = kv_cache.clone()
-    expected_q = reference_ops.qkv_rotary_cache_reference(reduced, cos, sin, expected_cache, slots,
+    expected_q = reference_ops.qkv_rotary_cache_reference(qkv, cos, sin, expected_cache, slots,
                                                           num_heads, num_kv_heads)
     q = triton_rotary.qkv_rotary_cache(qkv, cos, sin, kv_cache, slots, num_heads, num_kv_heads)
-    scale = float(reduced.abs().max())
+    scale = float(qkv.abs().max())
     assert_rounding_apart(q, expected_q, scale)
     assert_rounding_apart(kv_cache, expected_cache, scale)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, BF16])
-@pytest.mark.parametrize("m, config", [(1, None), (20, None), (2, triton_awq.MatmulConfig(1, 32, 64, gather=True))])
-def test_gate_up_with_swiglu_epilogue_matches_the_unfused_ops(m, config, dtype):
-    generator = torch.Generator().manual_seed(9)
-    k, intermediate, group_size = 128, 48, 64
-    values, zeros, scales = _random_awq(k, 2 * intermediate, group_size, generator)
-    plain = [t.to(DEVICE) for t in triton_awq.pack(values, scales, zeros)]
-    interleaved = [t.to(DEVICE) for t in triton_awq.pack(*triton_awq.interleave_gate_up(values, scales, zeros))]
-    x = torch.randn(m, k, generator=generator).to(DEVICE, dtype)
-    out = triton_awq.awq_matmul_swiglu(x, *interleaved, group_size, config=config)
-    assert out.shape == (m, intermediate)
-    # The gate and up sums may differ from the reference's in their last bit (summation order),
-    # which the activation and the product carry on: a few units in the last place at most.
-    for expected in (reference_ops.awq_matmul_swiglu_reference(x, *interleaved, group_size),
-                     silu_and_mul(reference_ops.awq_matmul_reference(x, *plain, group_size))):  # the unfused ops
-        torch.testing.assert_close(out, expected, rtol=4 * ULP[dtype], atol=ULP[dtype] * 1e-2)
 
 
 def _paged_cache(context_lens, block_size, num_kv_heads, head_dim, dtype, generator):
@@ -280,26 +232,6 @@ def test_paged_decode_attention_matches_reference(dtype, block_size):
     expected = reference_ops.paged_decode_attention_reference(q, expected_cache, block_tables, lens, scale)
     torch.testing.assert_close(layer_cache.float(), expected_cache.float(), rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(layer_out.float(), expected.float(), rtol=tolerance, atol=tolerance)
-
-
-def test_write_kv_cache_matches_layer_and_skips_padding_slots():
-    generator = torch.Generator().manual_seed(6)
-    num_kv_heads, head_dim, block_size = 2, 64, 4
-    kv_cache = torch.randn(2, 5, block_size, num_kv_heads, head_dim, generator=generator).to(DEVICE, torch.float16)
-    # key/value as views of a fused qkv output: rows strided, heads packed
-    qkv = torch.randn(3, 4 * num_kv_heads * head_dim, generator=generator).to(DEVICE, torch.float16)
-    key = qkv[:, : num_kv_heads * head_dim].unflatten(-1, (num_kv_heads, head_dim))
-    value = qkv[:, 2 * num_kv_heads * head_dim: 3 * num_kv_heads * head_dim].unflatten(-1, (num_kv_heads, head_dim))
-    slots = torch.tensor([13, 2, 7], device=DEVICE)
-    expected = kv_cache.clone()
-    write_kv_cache(expected, key, value, slots)
-    triton_attention.write_kv_cache(kv_cache, key, value, slots)
-    assert torch.equal(kv_cache, expected)
-
-    before = kv_cache.clone()
-    triton_attention.write_kv_cache(kv_cache, key * 2, value * 2, torch.tensor([-1, 5, -1], device=DEVICE))
-    write_kv_cache(before, key[1:2] * 2, value[1:2] * 2, torch.tensor([5], device=DEVICE))
-    assert torch.equal(kv_cache, before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])

@@ -156,6 +156,12 @@ def int8_rows_run(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and int8_cpu.available()
 
 
+def int8_rows(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight [N, K]` -> (int8 values `[N, K]`, one scale per row `[N]` in `scale_dtype`): the
+    layout `int8_matmul` reads, on any device."""
+    return int8_cpu.quantize_rows(weight, scale_dtype)
+
+
 def int8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """`x [M, K] @ W^T` in x's dtype for int8 rows `values [N, K]` with one scale each (scales in
     x's dtype), where `int8_rows_run`."""

@@ -2,14 +2,13 @@
 
 Where a layer already holds the reference math it is reused, not copied: rotary is
 `layers.rotary.apply_rotary`, SwiGLU is `layers.activation.silu_and_mul`, AWQ dequantization is
-`layers.quantization.dequantize_awq`.
+`layers.quantization.dequantize_awq`, the KV write is `layers.attention.write_kv_cache`.
 """
 from __future__ import annotations
 
 import torch
 
 from qwen2vl.layers import quantization as q
-from qwen2vl.layers.activation import silu_and_mul
 from qwen2vl.layers.attention import write_kv_cache
 from qwen2vl.layers.rotary import apply_rotary
 
@@ -28,29 +27,9 @@ def awq_matmul_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.T
     return y.to(x.dtype)
 
 
-def awq_matmul_swiglu_reference(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                                group_size: int) -> torch.Tensor:
-    """SwiGLU of a gate|up projection whose weight columns alternate gate, up
-    (`triton_awq.interleave_gate_up`): the projection, then `layers.activation.silu_and_mul`."""
-    gate_up = awq_matmul_reference(x, qweight, qzeros, scales, group_size)
-    return silu_and_mul(torch.cat([gate_up[..., 0::2], gate_up[..., 1::2]], -1))
-
-
-def reduce_split_sums_reference(sums) -> torch.Tensor:
-    """The value a `triton_awq.SplitSums` stands for: partial sums added in float32 (+ bias),
-    rounded once."""
-    total = sums.partials.sum(0)
-    if sums.bias is not None:
-        total += sums.bias.float()
-    return total.to(sums.dtype)
-
-
-def add_rms_norm_reference(x, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def add_rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """`layers.norm.RMSNorm` of `x` (of `x + residual` when given, which is returned too, in x's
-    dtype: the residual stream the decoder layer carries on). `x` may be a matmul's unreduced
-    `SplitSums`."""
-    if not isinstance(x, torch.Tensor):
-        x = reduce_split_sums_reference(x)
+    dtype: the residual stream the decoder layer carries on)."""
     if residual is not None:
         x = x + residual
     x32 = x.float()
@@ -77,12 +56,10 @@ def paged_decode_attention_reference(query: torch.Tensor, kv_cache: torch.Tensor
     return out
 
 
-def qkv_rotary_cache_reference(qkv, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+def qkv_rotary_cache_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                                slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """What `DecoderAttention` does between the qkv projection and attention: split, rotate q and
     k, write k and v at their slots (negative slots: nowhere); returns q `[N, heads, D]`."""
-    if not isinstance(qkv, torch.Tensor):
-        qkv = reduce_split_sums_reference(qkv)
     head_dim = qkv.shape[-1] // (num_heads + 2 * num_kv_heads)
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
     q = apply_rotary(q.unflatten(-1, (num_heads, head_dim)), cos, sin)

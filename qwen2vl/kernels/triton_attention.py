@@ -1,7 +1,8 @@
-"""Paged decode attention and the slot-mapped KV write, in Triton.
+"""Paged decode attention in Triton.
 
-References: `reference_ops.paged_decode_attention_reference` (and the decoder's own
-`layers.attention.PagedAttention` on decode steps), `layers.attention.write_kv_cache`.
+Reference: `reference_ops.paged_decode_attention_reference` (and the decoder's own
+`layers.attention.PagedAttention` on decode steps). The KV write of a decode step happens in
+`triton_rotary.qkv_rotary_cache`, fused with the rotary.
 
 One query token per sequence over its cached keys/values in the paged KV cache of
 `layers.attention_metadata` (`[2, blocks, block_size, kv_heads, D]`, block tables, context
@@ -150,32 +151,3 @@ def _merge_partitions(partial_ptr, stats_ptr, stride_stats, first_row, used, out
         m = m_new
     tl.store(out_rows, (acc / tl.maximum(l, 1e-30)[:, None]).to(out_rows.dtype.element_ty), mask=mask_g[:, None])
 
-
-def write_kv_cache(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store key/value `[N, kv_heads, D]` at their slots, both in one launch (reference:
-    `layers.attention.write_kv_cache`). Negative slots are skipped: padding rows of a captured
-    CUDA graph's static batch write nowhere."""
-    num_tokens, num_kv_heads, head_dim = key.shape
-    for name, t in (("key", key), ("value", value)):
-        if t.stride(2) != 1 or t.stride(1) != head_dim:
-            raise ValueError(f"{name} needs packed heads with a contiguous last dim, found strides {t.stride()}")
-    stride_kv, stride_block, stride_token, _, _ = kv_cache.stride()
-    width = num_kv_heads * head_dim
-    _write_kv_kernel[(num_tokens,)](
-        key, value, kv_cache, slot_mapping, key.stride(0), value.stride(0), stride_kv, stride_block, stride_token,
-        kv_cache.shape[2], width, BLOCK=triton.next_power_of_2(width))
-
-
-@triton.jit
-def _write_kv_kernel(key_ptr, value_ptr, kv_ptr, slot_mapping_ptr, stride_k, stride_v, stride_kv, stride_block,
-                     stride_token, block_size, width, BLOCK: tl.constexpr):
-    token = tl.program_id(0)
-    slot = tl.load(slot_mapping_ptr + token)
-    if slot >= 0:
-        cols = tl.arange(0, BLOCK)
-        mask = cols < width
-        row = (slot // block_size) * stride_block + (slot % block_size) * stride_token
-        key = tl.load(key_ptr + token * stride_k + cols, mask=mask)
-        value = tl.load(value_ptr + token * stride_v + cols, mask=mask)
-        tl.store(kv_ptr + row + cols, key.to(kv_ptr.dtype.element_ty), mask=mask)
-        tl.store(kv_ptr + stride_kv + row + cols, value.to(kv_ptr.dtype.element_ty), mask=mask)

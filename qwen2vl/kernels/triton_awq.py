@@ -20,22 +20,20 @@ Two kernels, three shapes of launch (`pick_config`; `MatmulConfig` lets a sweep 
   float32 products on the CUDA cores), narrow N tiles and K split so that every SM streams
   weights; the float32 partial sums go to a `[split, M, N]` buffer that a second small kernel
   sums in a fixed order, adding the bias (deterministic, unlike atomics: a row's result never
-  depends on timing). A consumer can take the unreduced `SplitSums` and fuse that sum instead;
-  or (`reduce_in_kernel`) the last program to finish a tile sums it, in the same order, and the
-  matmul is one launch.
+  depends on timing); or (`reduce_in_kernel`) the last program to finish a tile sums it, in the
+  same order, and the matmul is one launch.
 - one row (batch-1 decode), `gemv`: `_awq_gemv_kernel`, words unpacked in registers, no dot,
   the exact weight (see above; reference: `reference_ops.awq_matmul_reference(exact_weight=True)`).
 - prefill: a tiled GEMM over (M, N) tiles with the whole K per program and the bias fused; from
   `DEQUANTIZE_MIN_M` rows on (and no config asked for), the weight is dequantized once per call
   (`dequantize`) and cuBLAS multiplies.
-
-`awq_matmul_swiglu` runs the same kernel over a gate|up weight whose columns were interleaved at
-load (`interleave_gate_up`) and applies SwiGLU in the epilogue.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import triton
@@ -81,8 +79,8 @@ class MatmulConfig:
 # Measured winners (`benchmarks/speed.py --sections tune`), by (rows class, N, K, group size): a
 # batch of M rows uses the entry of the smallest class >= M (1, 16, 64). These are the 2B model's
 # four decoder linears, on an H100 (docs/perf-notes.md: M=1 and 16 run 5, with this GEMV; M=64
-# run 4).
-TUNED: dict[tuple[int, int, int, int], MatmulConfig] = {
+# run 4). Read only: a sweep passes its own table to `pick_config`.
+TUNED: Mapping[tuple[int, int, int, int], MatmulConfig] = MappingProxyType({
     (1, 2048, 1536, 128): MatmulConfig(1, 64, 128, split_k=12, gemv=True, reduce_in_kernel=True),
     (1, 1536, 1536, 128): MatmulConfig(1, 64, 128, split_k=12, gemv=True, reduce_in_kernel=True),
     (1, 17920, 1536, 128): MatmulConfig(1, 256, 32, split_k=7, gemv=True, reduce_in_kernel=True),
@@ -95,14 +93,16 @@ TUNED: dict[tuple[int, int, int, int], MatmulConfig] = {
     (64, 1536, 1536, 128): MatmulConfig(64, 64, 128, split_k=5),
     (64, 17920, 1536, 128): MatmulConfig(64, 64, 128, split_k=1),
     (64, 1536, 8960, 128): MatmulConfig(64, 64, 128, split_k=11),
-}
+})
 TUNED_ROWS = (1, 16, 64)
 
 
-def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> MatmulConfig:
-    """The measured launch for this shape if there is one, else a reasonable default."""
+def pick_config(m: int, n: int, k: int, group_size: int, num_sms: int,
+                tuned: Mapping[tuple[int, int, int, int], MatmulConfig] = TUNED) -> MatmulConfig:
+    """The measured launch for this shape in `tuned` (keyed as `TUNED`) if there is one, else a
+    reasonable default."""
     rows = next((r for r in TUNED_ROWS if m <= r), None)
-    return TUNED.get((rows, n, k, group_size)) or default_config(m, n, k, group_size, num_sms)
+    return tuned.get((rows, n, k, group_size)) or default_config(m, n, k, group_size, num_sms)
 
 
 def default_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> MatmulConfig:
@@ -142,24 +142,15 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return _split_counter_buffer(device)
 
 
-@dataclass
-class SplitSums:
-    """A matmul's result left as float32 split-K partial sums `partials [split, M, N]`: its value
-    is their sum plus `bias`, rounded once to `dtype`. Kernels that consume a matmul's output
-    (`triton_norm.add_rms_norm`, `triton_rotary.qkv_rotary_cache_`) take it and fuse the
-    reduction, which saves a launch per matmul in a decode step."""
-
-    partials: torch.Tensor
-    bias: torch.Tensor | None
-    dtype: torch.dtype
-
-    def reduce(self) -> torch.Tensor:
-        split, m, n = self.partials.shape
-        out = torch.empty(m, n, device=self.partials.device, dtype=self.dtype)
-        _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
-            self.partials, self.bias if self.bias is not None else out, out, m * n, n, split,
-            HAS_BIAS=self.bias is not None, BLOCK=SUM_BLOCK)
-        return out
+def _sum_splits(partials: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The float32 split-K partial sums `partials [split, M, N]` added in split order, plus
+    `bias`, rounded once to `dtype`."""
+    split, m, n = partials.shape
+    out = torch.empty(m, n, device=partials.device, dtype=dtype)
+    _sum_splits_kernel[(triton.cdiv(m * n, SUM_BLOCK),)](
+        partials, bias if bias is not None else out, out, m * n, n, split,
+        HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)
+    return out
 
 
 def _rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor):
@@ -173,12 +164,8 @@ def _rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor):
 
 def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                group_size: int, bias: torch.Tensor | None = None,
-               config: MatmulConfig | None = None, reduce: bool = True) -> torch.Tensor | SplitSums:
-    """`x [..., K] @ W + bias` -> `[..., N]` in x's dtype (float16 or bfloat16).
-
-    `reduce=False` (x `[M, K]`) returns a split-K launch's partial sums unreduced, as `SplitSums`,
-    for a consumer that fuses the reduction (a launch without split returns the tensor anyway).
-    """
+               config: MatmulConfig | None = None) -> torch.Tensor:
+    """`x [..., K] @ W + bias` -> `[..., N]` in x's dtype (float16 or bfloat16)."""
     flat, m, n, k = _rows(x, qweight, scales)
     if config is None and m >= DEQUANTIZE_MIN_M:
         weight = dequantize(qweight, qzeros, scales, group_size, x.dtype)
@@ -209,18 +196,13 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
             flat, qweight, qzeros, scales, bias if bias_here else flat, out, final, counters,
             m, n, k, flat.stride(0), n, m * n, split,
             GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            SPLIT=split > 1, HAS_BIAS=bias_here, GATHER=config.gather, SWIGLU=False, REDUCE_IN_KERNEL=in_kernel,
+            SPLIT=split > 1, HAS_BIAS=bias_here, GATHER=config.gather, REDUCE_IN_KERNEL=in_kernel,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     if in_kernel:
         return final.unflatten(0, x.shape[:-1])
     if split > 1:
-        sums = SplitSums(out, bias, x.dtype)
-        if not reduce:
-            if x.dim() != 2:
-                raise ValueError(f"unreduced split sums need x [M, K], found shape {tuple(x.shape)}")
-            return sums
-        out = sums.reduce()
+        out = _sum_splits(out, bias, x.dtype)
     return out.unflatten(0, x.shape[:-1])
 
 
@@ -234,35 +216,6 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     _dequantize_kernel[(k // block_k, triton.cdiv(n, block_n))](
         qweight, qzeros, scales, out, n, GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_N=block_n)
     return out
-
-
-def awq_matmul_swiglu(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                      group_size: int, config: MatmulConfig | None = None) -> torch.Tensor:
-    """`silu(x @ W_gate) * (x @ W_up)` -> `[..., I]` in x's dtype, for a gate|up weight packed
-    with its columns interleaved (`interleave_gate_up`): the SwiGLU runs in the matmul's epilogue,
-    so the `[..., 2I]` projection never goes to memory. No split-K (the epilogue needs whole sums)."""
-    flat, m, n, k = _rows(x, qweight, scales)
-    config = config or replace(default_config(m, n, k, group_size, _num_sms(x.device)), split_k=1)
-    if config.split_k != 1 or config.gemv or group_size % config.block_k or k % config.block_k or config.block_n % 2:
-        raise ValueError(f"{config}: the SwiGLU epilogue needs split_k 1, an even block_n and block_k dividing "
-                         f"group_size {group_size}")
-    out = torch.empty(m, n // 2, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), 1)
-    _awq_matmul_kernel[grid](
-        flat, qweight, qzeros, scales, flat, out, out, out, m, n, k, flat.stride(0), n // 2, 0, 1,
-        GROUP_SIZE=group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        SPLIT=False, HAS_BIAS=False, GATHER=config.gather, SWIGLU=True, REDUCE_IN_KERNEL=False,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out.unflatten(0, x.shape[:-1])
-
-
-def interleave_gate_up(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
-    """A fused gate|up projection's `values [2I, K]`, `scales [G, 2I]`, `zeros [G, 2I]` with
-    output columns reordered gate 0, up 0, gate 1, up 1, ... (what `awq_matmul_swiglu` reads)."""
-    half = values.shape[0] // 2
-    order = torch.stack([torch.arange(half), torch.arange(half, 2 * half)], 1).flatten().to(values.device)
-    return values[order], scales[:, order], zeros[:, order]
 
 
 @triton.jit
@@ -297,8 +250,7 @@ def _awq_matmul_kernel(
     x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, bias_ptr, out_ptr, final_ptr, counters_ptr,
     M, N, K, stride_xm, stride_om, stride_split, split_k,
     GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr,
-    REDUCE_IN_KERNEL: tl.constexpr,
+    SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr,
 ):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -326,16 +278,7 @@ def _awq_matmul_kernel(
             acc += tl.sum(x.to(tl.float32)[:, :, None] * weight.to(tl.float32)[None, :, :], axis=1)
 
     mask = mask_m[:, None] & mask_n[None, :]
-    if SWIGLU:  # columns alternate gate, up (`interleave_gate_up`); rounded as the unfused ops would
-        dtype = out_ptr.dtype.element_ty
-        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
-        gate = gate.to(dtype).to(tl.float32)
-        activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        product = (activated * up.to(dtype).to(tl.float32)).to(dtype)
-        offs_half = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_half[None, :], product,
-                 mask=mask_m[:, None] & (offs_half < N // 2)[None, :])
-    elif not SPLIT:
+    if not SPLIT:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -462,8 +405,9 @@ def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, size, N, split_k, HAS_BIA
 
 def pack(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """4-bit `values [N, K]`, `scales [G, N]`, integer zero points `[G, N]` (what
-    `QuantizedLinear.unpacked` returns) -> `(qweight [K, N/8], qzeros [G, N/8], scales [G, N]
-    float16)`, the kernel's layout. An AWQ checkpoint is already in it; GPTQ is repacked here."""
+    `QuantizedLinear.values`, `.scales` and `.zero_points` give) -> `(qweight [K, N/8], qzeros
+    [G, N/8], scales [G, N] float16)`, the kernel's layout. An AWQ checkpoint is already in it;
+    GPTQ is repacked here."""
     qweight = q.pack_awq(values.t().contiguous())
     qzeros = q.pack_awq(zeros.to(torch.int32))
     return qweight, qzeros, scales.to(torch.float16).contiguous()

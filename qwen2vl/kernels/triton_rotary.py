@@ -15,8 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen2vl.kernels.triton_awq import SplitSums
-
 
 def apply_rotary_qk_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate q `[N, heads, D]` and k `[N, kv_heads, D]` in place by cos/sin `[N, D]` (x's dtype).
@@ -36,30 +34,24 @@ def apply_rotary_qk_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     )
 
 
-def qkv_rotary_cache(qkv, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+def qkv_rotary_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                      slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """From the fused qkv projection's output `[N, (heads + 2 kv_heads) * D]` (or its unreduced
-    `SplitSums`, whose bias is added here): rotate q and k, write k and v to their cache slots
-    (negative slots write nowhere), return q `[N, heads, D]`. One launch instead of a reduction,
-    a rotary and a cache write."""
-    if isinstance(qkv, torch.Tensor):
-        parts, bias, dtype = qkv[None], None, qkv.dtype
-        if parts.stride(-1) != 1:
-            parts = parts.contiguous()
-    else:
-        parts, bias, dtype = qkv.partials, qkv.bias, qkv.dtype
-    num_tokens, width = parts.shape[1], parts.shape[2]
+    """From the fused qkv projection's output `[N, (heads + 2 kv_heads) * D]`: rotate q and k,
+    write k and v to their cache slots (negative slots write nowhere), return q `[N, heads, D]`.
+    One launch instead of a rotary and a cache write."""
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    num_tokens, width = qkv.shape
     head_dim = width // (num_heads + 2 * num_kv_heads)
     _check_head_dim(head_dim)
     if kv_cache.stride(4) != 1 or kv_cache.stride(3) != head_dim:
         raise ValueError(f"kv_cache needs packed heads with a contiguous last dim, found strides {kv_cache.stride()}")
-    q = torch.empty(num_tokens, num_heads, head_dim, device=parts.device, dtype=dtype)
+    q = torch.empty(num_tokens, num_heads, head_dim, device=qkv.device, dtype=qkv.dtype)
     stride_kv, stride_block, stride_token, _, _ = kv_cache.stride()
     cos, sin = cos.contiguous(), sin.contiguous()
     _qkv_rotary_cache_kernel[(num_tokens,)](
-        parts, bias if bias is not None else q, cos, sin, q, kv_cache, slot_mapping,
-        parts.stride(0), parts.stride(1), parts.shape[0], stride_kv, stride_block, stride_token, kv_cache.shape[2],
-        num_heads, num_kv_heads, HAS_BIAS=bias is not None, HALF=head_dim // 2,
+        qkv, cos, sin, q, kv_cache, slot_mapping, qkv.stride(0), stride_kv, stride_block, stride_token,
+        kv_cache.shape[2], num_heads, num_kv_heads, HALF=head_dim // 2,
         HEADS_PAD=triton.next_power_of_2(num_heads), KV_HEADS_PAD=triton.next_power_of_2(num_kv_heads),
     )
     return q
@@ -91,15 +83,20 @@ def _load_cos_sin(cos_ptr, sin_ptr, token, HALF: tl.constexpr):
 
 
 @triton.jit
-def _rotate_heads_(ptr, num_heads, c1, s1, c2, s2, HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
+def _head_offsets(num_heads, HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
+    """Offsets `[HEADS_PAD, HALF]` of the first halves of `num_heads` packed heads, and their mask."""
     heads = tl.arange(0, HEADS_PAD)
-    first = ptr + heads[:, None] * (2 * HALF) + tl.arange(0, HALF)[None, :]
-    mask = (heads < num_heads)[:, None]
-    x1 = tl.load(first, mask=mask, other=0.0)
-    x2 = tl.load(first + HALF, mask=mask, other=0.0)
+    return heads[:, None] * (2 * HALF) + tl.arange(0, HALF)[None, :], (heads < num_heads)[:, None]
+
+
+@triton.jit
+def _rotate_heads_(ptr, num_heads, c1, s1, c2, s2, HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
+    offsets, mask = _head_offsets(num_heads, HEADS_PAD, HALF)
+    x1 = tl.load(ptr + offsets, mask=mask, other=0.0)
+    x2 = tl.load(ptr + offsets + HALF, mask=mask, other=0.0)
     out1, out2 = _rotate(x1, x2, c1, s1, c2, s2, x1.dtype)
-    tl.store(first, out1, mask=mask)
-    tl.store(first + HALF, out2, mask=mask)
+    tl.store(ptr + offsets, out1, mask=mask)
+    tl.store(ptr + offsets + HALF, out2, mask=mask)
 
 
 @triton.jit
@@ -112,53 +109,32 @@ def _rotary_qk_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_q, stride_k, num_he
 
 
 @triton.jit
-def _summed_heads(parts_ptr, bias_ptr, stride_part, num_parts, first_col, num_heads, dtype: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
-    """Both halves `[HEADS_PAD, HALF]` of `num_heads` heads starting at column `first_col`:
-    partial sums added in float32 (+ bias), rounded to `dtype` as the reduction would."""
-    heads = tl.arange(0, HEADS_PAD)
-    cols = first_col + heads[:, None] * (2 * HALF) + tl.arange(0, HALF)[None, :]
-    mask = (heads < num_heads)[:, None]
-    x1 = tl.zeros((HEADS_PAD, HALF), tl.float32)
-    x2 = tl.zeros((HEADS_PAD, HALF), tl.float32)
-    for part in range(num_parts):
-        x1 += tl.load(parts_ptr + part * stride_part + cols, mask=mask, other=0.0).to(tl.float32)
-        x2 += tl.load(parts_ptr + part * stride_part + cols + HALF, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        x1 += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        x2 += tl.load(bias_ptr + cols + HALF, mask=mask, other=0.0).to(tl.float32)
-    return x1.to(dtype), x2.to(dtype), heads, mask
-
-
-@triton.jit
-def _qkv_rotary_cache_kernel(parts_ptr, bias_ptr, cos_ptr, sin_ptr, q_ptr, kv_ptr, slot_mapping_ptr,
-                             stride_part, stride_row, num_parts, stride_kv, stride_block, stride_token, block_size,
-                             num_heads, num_kv_heads, HAS_BIAS: tl.constexpr, HALF: tl.constexpr,
+def _qkv_rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, kv_ptr, slot_mapping_ptr, stride_row, stride_kv,
+                             stride_block, stride_token, block_size, num_heads, num_kv_heads, HALF: tl.constexpr,
                              HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr):
     token = tl.program_id(0)
     dtype = q_ptr.dtype.element_ty
-    row_ptr = parts_ptr + token.to(tl.int64) * stride_row
+    row_ptr = qkv_ptr + token.to(tl.int64) * stride_row
     c1, s1, c2, s2 = _load_cos_sin(cos_ptr, sin_ptr, token, HALF)
-    half = tl.arange(0, HALF)[None, :]
 
-    x1, x2, heads, mask = _summed_heads(row_ptr, bias_ptr, stride_part, num_parts, 0, num_heads, dtype,
-                                        HAS_BIAS, HEADS_PAD, HALF)
-    out1, out2 = _rotate(x1, x2, c1, s1, c2, s2, dtype)
-    q_row = q_ptr + token.to(tl.int64) * num_heads * 2 * HALF + heads[:, None] * (2 * HALF) + half
+    offsets, mask = _head_offsets(num_heads, HEADS_PAD, HALF)
+    out1, out2 = _rotate(tl.load(row_ptr + offsets, mask=mask, other=0.0),
+                         tl.load(row_ptr + offsets + HALF, mask=mask, other=0.0), c1, s1, c2, s2, dtype)
+    q_row = q_ptr + token.to(tl.int64) * num_heads * 2 * HALF + offsets
     tl.store(q_row, out1, mask=mask)
     tl.store(q_row + HALF, out2, mask=mask)
 
     slot = tl.load(slot_mapping_ptr + token)
     if slot >= 0:
-        cache_row = kv_ptr + (slot // block_size) * stride_block + (slot % block_size) * stride_token
-        k_first, v_first = num_heads * 2 * HALF, (num_heads + num_kv_heads) * 2 * HALF
-        k1, k2, kv_heads, kv_mask = _summed_heads(row_ptr, bias_ptr, stride_part, num_parts, k_first, num_kv_heads,
-                                                  dtype, HAS_BIAS, KV_HEADS_PAD, HALF)
-        k1, k2 = _rotate(k1, k2, c1, s1, c2, s2, dtype)
-        key_ptr = cache_row + kv_heads[:, None] * (2 * HALF) + half
-        tl.store(key_ptr, k1.to(kv_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(key_ptr + HALF, k2.to(kv_ptr.dtype.element_ty), mask=kv_mask)
-        v1, v2, kv_heads, kv_mask = _summed_heads(row_ptr, bias_ptr, stride_part, num_parts, v_first, num_kv_heads,
-                                                  dtype, HAS_BIAS, KV_HEADS_PAD, HALF)
-        tl.store(key_ptr + stride_kv, v1.to(kv_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(key_ptr + stride_kv + HALF, v2.to(kv_ptr.dtype.element_ty), mask=kv_mask)
+        kv_offsets, kv_mask = _head_offsets(num_kv_heads, KV_HEADS_PAD, HALF)
+        key_ptr = row_ptr + num_heads * 2 * HALF + kv_offsets
+        value_ptr = key_ptr + num_kv_heads * 2 * HALF
+        k1, k2 = _rotate(tl.load(key_ptr, mask=kv_mask, other=0.0), tl.load(key_ptr + HALF, mask=kv_mask, other=0.0),
+                         c1, s1, c2, s2, dtype)
+        cache_ptr = kv_ptr + (slot // block_size) * stride_block + (slot % block_size) * stride_token + kv_offsets
+        cache_dtype = kv_ptr.dtype.element_ty
+        tl.store(cache_ptr, k1.to(cache_dtype), mask=kv_mask)
+        tl.store(cache_ptr + HALF, k2.to(cache_dtype), mask=kv_mask)
+        tl.store(cache_ptr + stride_kv, tl.load(value_ptr, mask=kv_mask, other=0.0).to(cache_dtype), mask=kv_mask)
+        tl.store(cache_ptr + stride_kv + HALF, tl.load(value_ptr + HALF, mask=kv_mask, other=0.0).to(cache_dtype),
+                 mask=kv_mask)

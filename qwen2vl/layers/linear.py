@@ -83,10 +83,6 @@ class QuantizedLinear(Linear):
         """int32 `[G, N]`."""
         raise NotImplementedError
 
-    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`(values [N, K], zero points [G, N], scales [G, N], input_order)`, the whole layer at once."""
-        return self.values(0, self.out_features), self.zero_points(), self.scales, self.input_order
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}"
 

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from qwen2vl import kernels
-from qwen2vl.kernels import int8_cpu
 
 
 class VocabTable(nn.Module):
@@ -45,7 +44,7 @@ class Int8VocabTable(nn.Module):
         return self.scales.dtype
 
     def fill_rows(self, start: int, rows: torch.Tensor) -> None:
-        values, scales = int8_cpu.quantize_rows(rows, self.dtype)
+        values, scales = kernels.int8_rows(rows, self.dtype)
         self.values[start:start + len(rows)] = values
         self.scales[start:start + len(rows)] = scales
 
