@@ -170,7 +170,15 @@ def test_min_pixels_over_max_pixels(processor, checkpoint):
 
 
 def test_bad_option_value(processor):
-    raises(processor, with_image(Image.new("RGB", (50, 50)), max_pixels="big"), InputError, "max_pixels must be a positive number")
+    error = raises(processor, with_image(Image.new("RGB", (50, 50)), max_pixels="big"), InputError,
+                   "max_pixels must be a positive number")
+    assert error.field == "max_pixels"
+    error = raises(processor, with_image(Image.new("RGB", (50, 50)), min_pixels=5000, max_pixels=4000), InputError,
+                   r"min_pixels \(5000\) is greater")
+    assert error.field == "min_pixels"
+    error = raises(processor, with_image(Image.new("RGB", (50, 50)), resized_height=56), InputError,
+                   "resized_height and resized_width must be given together")
+    assert error.field == "resized_width"
 
 
 def test_message_format_errors(processor):
