@@ -283,31 +283,41 @@ class Processor:
 
     def _plan(self, part: MediaPart) -> _Plan:
         """Size one image or video from its header and options, within the budget; decodes no pixels."""
-        budget, options, factor = self.budget, part.options, self.patchifier.factor
+        budget, options = self.budget, part.options
         budget.check_options(options, "image" if part.kind == "image" else "video frame")
         if part.kind == "image":
             image = open_image(part.value, self.media_policy, budget)
-            size = image_target_size(image.height, image.width, options, factor)
+            size = image_target_size(image.height, image.width, options, self.patchifier.factor)
             budget.check_resized(size, (image.height, image.width), options, "image")
             return self._planned(part, image, 1, size)
         if isinstance(part.value, (list, tuple)):
-            frames, frame_size = frame_list_sizes(list(part.value), options, self.media_policy, budget, self._frame_factor)
-            budget.check_resized(frame_size, (frames[0].height, frames[0].width), options, "video frame")
-            num_frames = -(-len(frames) // FRAME_FACTOR) * FRAME_FACTOR
-            budget.check_frames(num_frames, frame_size[1], frame_size[0], options, resized=True)
-            opened, source_size = (frames, frame_size), frame_size
+            opened, source_size, num_frames = self._open_frame_list(part)
         elif isinstance(part.value, str):
-            source = resolve(part.value, self.media_policy)
-            probe = probe_video(source)
-            budget.check_source("a frame of the video", probe.width, probe.height)
-            num_frames = sample_frame_count(options, probe.total_frames, probe.fps)
-            budget.check_frames(num_frames, probe.width, probe.height, options, resized=False)
-            opened, source_size = (source, probe), (probe.height, probe.width)
+            opened, source_size, num_frames = self._probe_video_file(part)
         else:
             raise MediaError(f"a video must be a path, URL or a list of frames, got {type(part.value).__name__}")
-        size = video_target_size(*source_size, num_frames, options, factor)
+        size = video_target_size(*source_size, num_frames, options, self.patchifier.factor)
         budget.check_resized(size, source_size, options, "video frame")
         return self._planned(part, opened, num_frames, size)
+
+    def _open_frame_list(self, part: MediaPart):
+        """((frames, their first resize), that size, the padded frame count) of a list of frames."""
+        budget, options = self.budget, part.options
+        frames, frame_size = frame_list_sizes(list(part.value), options, self.media_policy, budget, self._frame_factor)
+        budget.check_resized(frame_size, (frames[0].height, frames[0].width), options, "video frame")
+        num_frames = -(-len(frames) // FRAME_FACTOR) * FRAME_FACTOR
+        budget.check_frames(num_frames, frame_size[1], frame_size[0], options, resized=True)
+        return (frames, frame_size), frame_size, num_frames
+
+    def _probe_video_file(self, part: MediaPart):
+        """((source, probe), the frame size, the sampled frame count) of a video file."""
+        budget, options = self.budget, part.options
+        source = resolve(part.value, self.media_policy)
+        probe = probe_video(source)
+        budget.check_source("a frame of the video", probe.width, probe.height)
+        num_frames = sample_frame_count(options, probe.total_frames, probe.fps)
+        budget.check_frames(num_frames, probe.width, probe.height, options, resized=False)
+        return (source, probe), (probe.height, probe.width), num_frames
 
     def _planned(self, part: MediaPart, opened, num_frames: int, size: tuple[int, int]) -> _Plan:
         height, width = self._final_size(*size)
