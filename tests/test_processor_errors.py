@@ -1,6 +1,7 @@
 """Every bad input raises one of our ValueErrors naming the message, the content part and the cause."""
 from __future__ import annotations
 
+import base64
 import http.server
 import threading
 import time
@@ -169,7 +170,15 @@ def test_min_pixels_over_max_pixels(processor, checkpoint):
 
 
 def test_bad_option_value(processor):
-    raises(processor, with_image(Image.new("RGB", (50, 50)), max_pixels="big"), InputError, "max_pixels must be a positive number")
+    error = raises(processor, with_image(Image.new("RGB", (50, 50)), max_pixels="big"), InputError,
+                   "max_pixels must be a positive number")
+    assert error.field == "max_pixels"
+    error = raises(processor, with_image(Image.new("RGB", (50, 50)), min_pixels=5000, max_pixels=4000), InputError,
+                   r"min_pixels \(5000\) is greater")
+    assert error.field == "min_pixels"
+    error = raises(processor, with_image(Image.new("RGB", (50, 50)), resized_height=56), InputError,
+                   "resized_height and resized_width must be given together")
+    assert error.field == "resized_width"
 
 
 def test_message_format_errors(processor):
@@ -183,3 +192,80 @@ def test_message_format_errors(processor):
 def test_placeholder_token_in_text(processor):
     with pytest.raises(InputError, match="must not contain vision placeholder"):
         processor.prepare([{"role": "user", "content": "sneaky <|image_pad|>"}])
+
+
+# --- what was received, in the user's terms -----------------------------------------------------
+
+def _data_uri(media_type: str, data: bytes) -> str:
+    return f"data:{media_type};base64," + base64.b64encode(data).decode()
+
+
+def test_non_image_data_uri_says_what_it_got(processor):
+    error = raises(processor, with_image(_data_uri("text/plain", b"hello, this is text")), MediaError,
+                   "data URI of type text/plain is not an image")
+    assert "BytesIO" not in str(error)
+    raises(processor, with_image(_data_uri("image/png", b"hello, this is text")), MediaError,
+           r"data URI is not an image PIL can read \(it starts with b'hello, this is t'\)")
+
+
+def test_text_file_as_image(processor, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("just some words")
+    raises(processor, with_image(str(path)), MediaError, r"file .*notes.txt is not an image PIL can read \(it starts with b'just some words'\)")
+
+
+def test_folder_as_image(processor, tmp_path):
+    error = raises(processor, with_image(str(tmp_path)), MediaError, "is a directory, not a file")
+    assert "not found" not in str(error)
+
+
+def test_image_over_the_pixel_limit_names_our_limit(processor):
+    from test_server import _png_bytes_of_size  # a 20000x20000 PNG header and zero rows, 1.2 MB
+
+    start = time.perf_counter()
+    error = raises(processor, with_image(_data_uri("image/png", _png_bytes_of_size(20000, 20000))), MediaError,
+                   "the image is 400000000 pixels, over the limit of 89478485 pixels")
+    assert "decompression bomb" not in str(error) and time.perf_counter() - start < 0.5
+    raises(processor, with_image(_data_uri("image/png", _png_bytes_of_size(9500, 9500))), MediaError,
+           "the image is 9500x9500 = 90250000 pixels, over the limit of 89478485 pixels")
+
+
+def _video(tmp_path, frames: int):
+    av = pytest.importorskip("av")
+    path = tmp_path / f"{frames}.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 56, 56, "yuv420p"
+        for index in range(frames):
+            pixels = np.full((56, 56, 3), index * 30 % 256, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return str(path)
+
+
+def with_video(value, **options):
+    return [{"role": "user", "content": [{"type": "text", "text": "watch"}, {"type": "video", "video": value, **options}]}]
+
+
+def test_nframes_below_two(processor, tmp_path):
+    error = raises(processor, with_video(_video(tmp_path, 8), nframes=1), InputError,
+                   r"nframes must be at least 2 \(frames are sampled in pairs\), got 1", where=(0, 1))
+    assert error.field == "nframes" and "cannot sample" not in str(error)
+    error = raises(processor, with_video(_video(tmp_path, 8), nframes=20), MediaError,
+                   "nframes asks for 20 frames; the video has only 8", where=(0, 1))
+    assert error.field == "nframes"
+
+
+def test_picture_given_as_a_video(processor, tmp_path):
+    pytest.importorskip("av")
+    path = tmp_path / "still.png"
+    Image.new("RGB", (40, 30)).save(path)
+    raises(processor, with_video(str(path)), MediaError, r"file .*still.png is a still image \(png_pipe\), not a video; "
+           "send it as an image", where=(0, 1))
+    raises(processor, with_video(_data_uri("text/plain", b"hello, this is text")), MediaError,
+           "data URI of type text/plain is not a video", where=(0, 1))
+
+
+def test_one_frame_video(processor, tmp_path):
+    raises(processor, with_video(_video(tmp_path, 1)), MediaError,
+           "the video has only 1 frame; a video needs at least 2", where=(0, 1))

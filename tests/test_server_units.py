@@ -13,7 +13,8 @@ pytest.importorskip("fastapi")
 from qwen2vl.errors import InputError, MediaError  # noqa: E402
 from qwen2vl.server.app import _BYTE_DECODER  # noqa: E402
 from qwen2vl.server.limits import Admission, MediaAccess, Overloaded, ServerLimits  # noqa: E402
-from qwen2vl.server.media import check_media, media_policy, public_hosts_only  # noqa: E402
+from qwen2vl.processor import Processor  # noqa: E402
+from qwen2vl.server.media import check_media, media_policy, public_hosts_only, server_processor  # noqa: E402
 from qwen2vl.server.metrics import Metrics  # noqa: E402
 from qwen2vl.server.schemas import (  # noqa: E402
     ChatCompletionRequest,
@@ -116,37 +117,52 @@ def _messages(*images) -> list[dict]:
                                          {"type": "text", "text": "?"}]}]
 
 
-def test_check_media_opens_images_and_applies_limits(tmp_path):
-    policy = media_policy(MediaAccess())
-    messages = _messages(_png(40, 30))
-    check_media(messages, policy, ServerLimits(max_media_per_request=2, max_image_pixels=1200))
-    assert isinstance(messages[0]["content"][0]["image"], Image.Image)
-    assert messages[0]["content"][0]["image"].size == (40, 30)
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory):
+    from processor_reference import write_checkpoint_files
 
-    with pytest.raises(MediaError, match="40x31 = 1240 pixels, over the limit of 1200") as caught:
-        check_media(_messages(_png(4, 4), _png(40, 31)), policy, ServerLimits(max_media_per_request=2, max_image_pixels=1200))
+    return Processor.from_pretrained(write_checkpoint_files(tmp_path_factory.mktemp("units-ckpt")))
+
+
+def _server_checks(processor, messages, access=MediaAccess(), limits=ServerLimits()) -> int:
+    """What the server does before decoding: its own media rules, then the processor's budget (headers only)."""
+    check_media(messages, media_policy(access), limits)
+    return server_processor(processor, access, limits).count_tokens(messages)
+
+
+def test_server_media_limits_apply_to_the_image_as_sent(processor):
+    limits = ServerLimits(max_media_per_request=2, max_image_pixels=5000)
+    assert _server_checks(processor, _messages(_png(60, 40)), limits=limits) > 4
+    # max_image_pixels bounds the image as sent (80x63) and as its options resize it (60x40 asked to 84x84)
+    with pytest.raises(MediaError, match="80x63 = 5040 pixels, over the limit of 5000") as caught:
+        _server_checks(processor, _messages(_png(4, 4), _png(80, 63)), limits=limits)
     assert (caught.value.message_index, caught.value.content_index) == (0, 1)
+    messages = _messages(_png(60, 40))
+    messages[0]["content"][0]["min_pixels"] = 7056
+    with pytest.raises(InputError, match="min_pixels .7056. is over the limit of 5000 pixels per image") as caught:
+        _server_checks(processor, messages, limits=limits)
+    assert caught.value.field == "min_pixels"
     with pytest.raises(InputError, match="3 images and videos, over the limit of 2"):
-        check_media(_messages(*[_png(4, 4)] * 3), policy, ServerLimits(max_media_per_request=2, max_image_pixels=1200))
+        check_media(_messages(*[_png(4, 4)] * 3), media_policy(MediaAccess()), limits)
 
 
-def test_local_files_only_under_the_allowed_dir(tmp_path):
+def test_local_files_only_under_the_allowed_dir(processor, tmp_path):
     inside = tmp_path / "media"
     inside.mkdir()
     Image.new("RGB", (8, 8)).save(inside / "a.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
     with pytest.raises(MediaError, match="local files are refused"):
         check_media(_messages(str(inside / "a.png")), media_policy(MediaAccess()), ServerLimits())
-    policy = media_policy(MediaAccess(allowed_dir=inside))
-    check_media(_messages(str(inside / "a.png"), f"file://{inside / 'a.png'}"), policy, ServerLimits())
+    access = MediaAccess(allowed_dir=inside)
+    _server_checks(processor, _messages(str(inside / "a.png"), f"file://{inside / 'a.png'}"), access)
     for outside in (str(tmp_path / "b.png"), str(inside / ".." / "b.png"), "file:///etc/hostname"):
         with pytest.raises(MediaError, match="outside the allowed media folder"):
-            check_media(_messages(outside), policy, ServerLimits())
+            _server_checks(processor, _messages(outside), access)
 
 
-def test_remote_media_off_by_default():
+def test_remote_media_off_by_default(processor):
     with pytest.raises(MediaError, match="fetching remote media is disabled"):
-        check_media(_messages("http://example.com/a.png"), media_policy(MediaAccess()), ServerLimits())
+        _server_checks(processor, _messages("http://example.com/a.png"))
 
 
 def test_limits_and_admission():
@@ -201,14 +217,14 @@ def _video_uri(frames: int = 8, size: int = 56) -> str:
     return "data:video/mp4;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def test_video_frames_are_bounded_before_decoding():
+def test_video_frames_are_bounded_before_decoding(processor):
     messages = [{"role": "user", "content": [{"type": "video", "video": _video_uri(), "nframes": 4}]}]
-    policy = media_policy(MediaAccess())
-    check_media(messages, policy, ServerLimits(max_video_pixels=4 * 56 * 56))
-    with pytest.raises(MediaError, match="would decode 4 frames of 56x56, over the limit of 12543"):
-        check_media(messages, policy, ServerLimits(max_video_pixels=4 * 56 * 56 - 1))
+    _server_checks(processor, messages, limits=ServerLimits(max_video_pixels=4 * 56 * 56))
+    with pytest.raises(MediaError, match="would decode 4 frames of 56x56, over the limit of 12543") as caught:
+        _server_checks(processor, messages, limits=ServerLimits(max_video_pixels=4 * 56 * 56 - 1))
+    assert caught.value.field == "nframes"
     with pytest.raises(MediaError, match="a frame of the video is 56x56"):
-        check_media(messages, policy, ServerLimits(max_image_pixels=56 * 55))
+        _server_checks(processor, messages, limits=ServerLimits(max_image_pixels=56 * 55))
 
 
 class _FakeEngine:

@@ -1,4 +1,5 @@
 """Chat messages to model inputs: media, chat template, tokenizer, placeholder expansion, M-RoPE."""
+from qwen2vl.processor.budget import MediaBudget
 from qwen2vl.processor.fetch import MediaPolicy
 from qwen2vl.processor.image import smart_resize
 from qwen2vl.processor.mrope import mrope_positions
@@ -8,6 +9,7 @@ from qwen2vl.processor.types import PreparedPrompt, VisionItem
 
 __all__ = [
     "IncrementalDetokenizer",
+    "MediaBudget",
     "MediaPolicy",
     "PreparedPrompt",
     "Processor",

@@ -42,29 +42,49 @@ class MediaPolicy:
 
 @dataclass(frozen=True)
 class MediaSource:
-    """A resolved source: either `data` (bytes in memory) or `path` (a local file), never both."""
+    """A resolved source: either `data` (bytes in memory) or `path` (a local file), never both.
+
+    `origin` says what the user sent, for messages ("data URI", "file cat.png", the URL);
+    `media_type` is the type the sender declared (a data URI's or an HTTP Content-Type), if any.
+    """
 
     data: bytes | None = None
     path: Path | None = None
+    origin: str = "the media"
+    media_type: str | None = None
+
+    def head(self, size: int = 16) -> bytes:
+        """The first bytes, to tell the user what they sent."""
+        if self.data is not None:
+            return self.data[:size]
+        with open(self.path, "rb") as f:
+            return f.read(size)
+
+    def not_a(self, kind: str, reader: str) -> str:
+        """Why these bytes are no `kind` ("image", "video") that `reader` can read, in the user's terms."""
+        article = "an" if kind[0] in "aeiou" else "a"
+        if self.media_type not in (None, "application/octet-stream") and not self.media_type.startswith(kind + "/"):
+            return f"{self.origin} of type {self.media_type} is not {article} {kind}"
+        return f"{self.origin} is not {article} {kind} {reader} can read (it starts with {self.head()!r})"
 
 
 
 def resolve(source: str, policy: MediaPolicy) -> MediaSource:
     """Turn a media string into bytes or a checked local path; raises `MediaError`."""
     if source.startswith(("http://", "https://")):
-        return MediaSource(data=fetch_url(source, policy))
+        return fetch_url(source, policy)
     if source.startswith("data:"):
-        return MediaSource(data=_decode_data_uri(source, policy))
+        return _decode_data_uri(source, policy)
     if source.startswith("file://"):
-        return MediaSource(path=_local_file(source[len("file://"):], policy))
+        return _local_file(source[len("file://"):], policy)
     if "://" in source[:16]:
         raise MediaError(f"unsupported URL scheme {source.split('://', 1)[0]!r} (use a path, file://, http(s):// or data:)")
     if os.path.exists(source) or not _BASE64.fullmatch(source[:4096]) or len(source) < 64:
-        return MediaSource(path=_local_file(source, policy))
-    return MediaSource(data=_decode_base64(source, policy))
+        return _local_file(source, policy)
+    return MediaSource(data=_decode_base64(source, policy), origin="the base64 data")
 
 
-def fetch_url(url: str, policy: MediaPolicy) -> bytes:
+def fetch_url(url: str, policy: MediaPolicy) -> MediaSource:
     if not policy.allow_remote:
         raise MediaError(f"fetching remote media is disabled: {_short(url)}")
     _check_host(url, policy)
@@ -75,6 +95,7 @@ def fetch_url(url: str, policy: MediaPolicy) -> bytes:
             if declared is not None and declared.isdigit() and int(declared) > policy.max_bytes:
                 raise MediaError(f"{_short(url)} is {int(declared)} bytes, over the limit of {policy.max_bytes}")
             data = _read_capped(response, policy.max_bytes, _short(url))
+            media_type = response.headers.get_content_type() if response.headers.get("Content-Type") else None
     except MediaError:
         raise
     except urllib.error.HTTPError as e:
@@ -86,7 +107,7 @@ def fetch_url(url: str, policy: MediaPolicy) -> bytes:
         raise MediaError(f"fetching {_short(url)} failed: {reason}") from None
     if not data:
         raise MediaError(f"{_short(url)} returned no data")
-    return data
+    return MediaSource(data=data, origin=_short(url), media_type=media_type)
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
@@ -124,10 +145,12 @@ def _read_capped(stream, limit: int, what: str) -> bytes:
     return b"".join(chunks)
 
 
-def _local_file(path: str, policy: MediaPolicy) -> Path:
+def _local_file(path: str, policy: MediaPolicy) -> MediaSource:
     resolved = Path(path).expanduser().resolve()
     if policy.allowed_dir is not None and not resolved.is_relative_to(Path(policy.allowed_dir).resolve()):
         raise MediaError(f"local file {path!r} is outside the allowed media folder")
+    if resolved.is_dir():
+        raise MediaError(f"{_short(path)} is a directory, not a file")
     if not resolved.is_file():
         raise MediaError(f"file not found: {_short(path)}")
     size = resolved.stat().st_size
@@ -135,14 +158,15 @@ def _local_file(path: str, policy: MediaPolicy) -> Path:
         raise MediaError(f"file {_short(path)} is {size} bytes, over the limit of {policy.max_bytes}")
     if size == 0:
         raise MediaError(f"file {_short(path)} is empty")
-    return resolved
+    return MediaSource(path=resolved, origin=f"file {_short(path)}")
 
 
-def _decode_data_uri(uri: str, policy: MediaPolicy) -> bytes:
+def _decode_data_uri(uri: str, policy: MediaPolicy) -> MediaSource:
     header, sep, payload = uri.partition(",")
     if not sep or not header.endswith(";base64"):
         raise MediaError("a data: URI must be base64-encoded (data:<type>;base64,<data>)")
-    return _decode_base64(payload, policy)
+    media_type = header[len("data:"):-len(";base64")].split(";", 1)[0].strip().lower() or None
+    return MediaSource(data=_decode_base64(payload, policy), origin="data URI", media_type=media_type)
 
 
 def _decode_base64(text: str, policy: MediaPolicy) -> bytes:

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from qwen2vl.errors import InputError, MediaError
 from qwen2vl.processor.fetch import MediaPolicy, resolve
+
+if TYPE_CHECKING:
+    from qwen2vl.processor.budget import MediaBudget
 
 MAX_ASPECT_RATIO = 200
 IMAGE_MIN_TOKENS = 4
@@ -35,7 +40,7 @@ def smart_resize(
     min_pixels = IMAGE_MIN_TOKENS * factor * factor if min_pixels is None else min_pixels
     max_pixels = IMAGE_MAX_TOKENS * factor * factor if max_pixels is None else max_pixels
     if min_pixels > max_pixels:
-        raise InputError(f"min_pixels ({min_pixels}) is greater than max_pixels ({max_pixels})")
+        raise InputError(f"min_pixels ({min_pixels}) is greater than max_pixels ({max_pixels})", field="min_pixels")
     if height < 1 or width < 1:
         raise MediaError(f"image is empty ({width}x{height} pixels)")
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
@@ -78,15 +83,17 @@ class MediaOptions:
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-                raise InputError(f"{f.name} must be a positive number, got {value!r}")
+                raise InputError(f"{f.name} must be a positive number, got {value!r}", field=f.name)
             values[f.name] = value
         options = cls(**values)
         if (options.resized_height is None) != (options.resized_width is None):
-            raise InputError("resized_height and resized_width must be given together")
+            missing = "resized_width" if options.resized_width is None else "resized_height"
+            raise InputError("resized_height and resized_width must be given together", field=missing)
         if options.fps is not None and options.nframes is not None:
-            raise InputError("give either fps or nframes for a video, not both")
+            raise InputError("give either fps or nframes for a video, not both", field="nframes")
         if options.min_pixels is not None and options.max_pixels is not None and options.min_pixels > options.max_pixels:
-            raise InputError(f"min_pixels ({options.min_pixels}) is greater than max_pixels ({options.max_pixels})")
+            raise InputError(f"min_pixels ({options.min_pixels}) is greater than max_pixels ({options.max_pixels})",
+                             field="min_pixels")
         return options
 
 
@@ -97,9 +104,11 @@ def image_target_size(height: int, width: int, options: MediaOptions, factor: in
     return smart_resize(height, width, factor, options.min_pixels, options.max_pixels)
 
 
-def open_image(image, policy: MediaPolicy) -> Image.Image:
-    """A lazily decoded PIL image (its size is known from the header) from any supported source."""
+def open_image(image, policy: MediaPolicy, budget: MediaBudget) -> Image.Image:
+    """A lazily decoded PIL image (its size is known from the header) from any supported source,
+    within `budget.max_source_pixels`."""
     if isinstance(image, Image.Image):
+        budget.check_source("the image", *image.size)
         return image
     if isinstance(image, dict) and isinstance(image.get("url"), str):  # OpenAI-style {"url": ...}
         image = image["url"]
@@ -108,12 +117,22 @@ def open_image(image, policy: MediaPolicy) -> Image.Image:
     source = resolve(image, policy)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own limit applies below; PIL's warning threshold is its default for that limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             opened = Image.open(source.path if source.path is not None else io.BytesIO(source.data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise MediaError(f"image is too large to decode: {e}") from None
+    except Image.DecompressionBombError as e:
+        # PIL refuses before the size can be read; its message carries the pixel count.
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{pixels.group(1)} pixels" if pixels else "larger than PIL accepts"
+        if pixels and int(pixels.group(1)) <= budget.max_source_pixels:
+            raise MediaError(f"the image is {size}, over PIL's decompression-bomb limit of "
+                             f"{2 * Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS)") from None
+        raise MediaError(f"the image is {size}, over the limit of {budget.max_source_pixels} pixels") from None
+    except UnidentifiedImageError:
+        raise MediaError(source.not_a("image", "PIL")) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise MediaError(f"cannot read image: {e}") from None
+    budget.check_source("the image", *opened.size)
     return opened
 
 

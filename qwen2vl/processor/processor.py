@@ -6,11 +6,14 @@ Matches the model card's pipeline, `qwen_vl_utils.process_vision_info` followed 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from qwen2vl.errors import CheckpointError, InputError, MediaError
+from qwen2vl.processor.budget import MAX_RESIZED_PIXELS, MediaBudget
 from qwen2vl.processor.chat import ChatTemplate, MediaPart, media_parts
 from qwen2vl.processor.fetch import DEFAULT_MAX_MEDIA_BYTES, MediaPolicy, resolve
 from qwen2vl.processor.image import (
@@ -42,6 +45,16 @@ VISION_START_TOKEN, VISION_END_TOKEN = "<|vision_start|>", "<|vision_end|>"
 TOKEN_TYPE = {"text": 0, "image": 1, "video": 2}
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One image or video sized from its header and options, within the budget; nothing decoded yet."""
+
+    part: MediaPart
+    opened: Any  # the lazily opened image; (opened frames, their first resize) of a list; (source, probe) of a file
+    size: tuple[int, int]  # (height, width) of the per-item resize (of each frame, for a video)
+    num_tokens: int
+
+
 class Processor:
     """Turns conversations into model inputs.
 
@@ -49,6 +62,19 @@ class Processor:
     `from_pretrained`) bound every image and video frame after its per-item resize, as transformers'
     processor does after qwen_vl_utils; per-item `min_pixels`/`max_pixels`/`resized_height`/
     `resized_width` pick the first resize.
+
+    Every image and video is sized from its header and per-item options and checked against
+    `budget` (a `MediaBudget`) before any pixel is decoded or resized; over a limit is an
+    `InputError`/`MediaError` whose `field` names the option. The default bounds:
+
+    - an image or video frame as sent: 89,478,485 pixels (PIL's decompression-bomb threshold);
+    - an image or video frame after its per-item resize: 12,845,056 pixels (16384 visual tokens,
+      the model card's default `max_pixels` for an image); `min_pixels` over it is refused at once;
+    - all frames sampled from one video as decoded (a list of frames: as first resized):
+      256 x 1920x1080 pixels;
+    - one image or video: 32768 visual tokens (Qwen2-VL's context).
+
+    The processor's own `min_pixels` may not exceed 12,845,056 either.
     """
 
     def __init__(
@@ -59,15 +85,20 @@ class Processor:
         min_pixels: int,
         max_pixels: int,
         media_policy: MediaPolicy | None = None,
+        budget: MediaBudget | None = None,
     ):
         if min_pixels > max_pixels:
-            raise InputError(f"min_pixels ({min_pixels}) is greater than max_pixels ({max_pixels})")
+            raise InputError(f"min_pixels ({min_pixels}) is greater than max_pixels ({max_pixels})", field="min_pixels")
+        if min_pixels > MAX_RESIZED_PIXELS:
+            raise InputError(f"min_pixels ({min_pixels}) is over the limit of {MAX_RESIZED_PIXELS} pixels per image "
+                             "(16384 visual tokens)", field="min_pixels")
         self.tokenizer = tokenizer
         self.template = template
         self.patchifier = patchifier
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.media_policy = media_policy or MediaPolicy()
+        self.budget = budget or MediaBudget()
         self.image_token_id = self._special_id(IMAGE_TOKEN)
         self.video_token_id = self._special_id(VIDEO_TOKEN)
         self.vision_start_token_id = self._special_id(VISION_START_TOKEN)
@@ -86,11 +117,13 @@ class Processor:
         fetch_timeout: float = 10.0,
         allowed_media_dir: str | Path | None = None,
         check_host=None,
+        budget: MediaBudget | None = None,
     ) -> "Processor":
         """Read tokenizer.json (+ tokenizer_config.json), preprocessor_config.json and the chat template.
 
         A missing preprocessor config or chat template falls back to Qwen2-VL's (in `assets/`).
-        `check_host(hostname)` may refuse remote hosts by raising; see `MediaPolicy`.
+        `check_host(hostname)` may refuse remote hosts by raising; see `MediaPolicy`. `budget`
+        (default `MediaBudget()`) bounds each image and video; see the class docstring.
         """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -123,6 +156,7 @@ class Processor:
             config_min if min_pixels is None else min_pixels,
             config_max if max_pixels is None else max_pixels,
             policy,
+            budget,
         )
 
     @property
@@ -143,7 +177,8 @@ class Processor:
         """Tokens with pads expanded, each image/video patchified, and M-RoPE positions."""
         parts = media_parts(messages)
         text, ids = self._render(messages, parts, add_generation_prompt, add_vision_id)
-        items = [self._located(self._load, part) for part in parts]
+        plans = [self._located(part, self._plan, part) for part in parts]  # all within budget before any decoding
+        items = [self._located(plan.part, self._load, plan) for plan in plans]
         input_ids = self._expand(ids, [item.num_tokens(self.merge_size) for item in items])
         positions, rope_delta = self.mrope(input_ids, [item.grid_thw for item in items])
         return PreparedPrompt(input_ids, positions, rope_delta, items, text)
@@ -152,7 +187,7 @@ class Processor:
         """The prompt length `prepare` would give, reading only media headers (no pixel decoding)."""
         parts = media_parts(messages)
         _, ids = self._render(messages, parts, add_generation_prompt, add_vision_id)
-        tokens = [self._located(self._count_media_tokens, part) for part in parts]
+        tokens = [self._located(part, self._plan, part).num_tokens for part in parts]
         return len(ids) + sum(tokens) - len(tokens)
 
     def mrope(self, input_ids, vision_grids) -> tuple[torch.Tensor, int]:
@@ -210,10 +245,10 @@ class Processor:
         return token_id
 
     @staticmethod
-    def _located(step, part: MediaPart):
-        """Run `step(part)`, naming the message and content index in any input error."""
+    def _located(part: MediaPart, step, arg):
+        """`step(arg)`, naming `part`'s message and content index in any input error."""
         try:
-            return step(part)
+            return step(arg)
         except InputError as e:
             raise type(e)(e.cause, part.message_index, part.content_index, e.field) from None
 
@@ -246,51 +281,77 @@ class Processor:
     def _final_size(self, height: int, width: int) -> tuple[int, int]:
         return smart_resize(height, width, self.patchifier.factor, self.min_pixels, self.max_pixels)
 
-    def _count_media_tokens(self, part: MediaPart) -> int:
-        """Tokens of one image or video from its header sizes, the same arithmetic `_load` follows."""
-        factor, options = self.patchifier.factor, part.options
+    def _plan(self, part: MediaPart) -> _Plan:
+        """Size one image or video from its header and options, within the budget; decodes no pixels."""
+        budget, options = self.budget, part.options
+        budget.check_options(options, "image" if part.kind == "image" else "video frame")
         if part.kind == "image":
-            image = open_image(part.value, self.media_policy)
-            size, num_frames = image_target_size(image.height, image.width, options, factor), 1
-        elif isinstance(part.value, (list, tuple)):
-            frames, frame_size = frame_list_sizes(list(part.value), options, self.media_policy, self._frame_factor)
-            num_frames = -(-len(frames) // FRAME_FACTOR) * FRAME_FACTOR
-            size = video_target_size(*frame_size, num_frames, options, factor)
+            image = open_image(part.value, self.media_policy, budget)
+            size = image_target_size(image.height, image.width, options, self.patchifier.factor)
+            budget.check_resized(size, (image.height, image.width), options, "image")
+            return self._planned(part, image, 1, size)
+        if isinstance(part.value, (list, tuple)):
+            opened, source_size, num_frames = self._open_frame_list(part)
         elif isinstance(part.value, str):
-            probe = probe_video(resolve(part.value, self.media_policy))
-            num_frames = sample_frame_count(options, probe.total_frames, probe.fps)
-            size = video_target_size(probe.height, probe.width, num_frames, options, factor)
+            opened, source_size, num_frames = self._probe_video_file(part)
         else:
             raise MediaError(f"a video must be a path, URL or a list of frames, got {type(part.value).__name__}")
+        size = video_target_size(*source_size, num_frames, options, self.patchifier.factor)
+        budget.check_resized(size, source_size, options, "video frame")
+        return self._planned(part, opened, num_frames, size)
+
+    def _open_frame_list(self, part: MediaPart):
+        """((frames, their first resize), that size, the padded frame count) of a list of frames."""
+        budget, options = self.budget, part.options
+        frames, frame_size = frame_list_sizes(list(part.value), options, self.media_policy, budget, self._frame_factor)
+        budget.check_resized(frame_size, (frames[0].height, frames[0].width), options, "video frame")
+        num_frames = -(-len(frames) // FRAME_FACTOR) * FRAME_FACTOR
+        budget.check_frames(num_frames, frame_size[1], frame_size[0], options, resized=True)
+        return (frames, frame_size), frame_size, num_frames
+
+    def _probe_video_file(self, part: MediaPart):
+        """((source, probe), the frame size, the sampled frame count) of a video file."""
+        budget, options = self.budget, part.options
+        source = resolve(part.value, self.media_policy)
+        probe = probe_video(source)
+        budget.check_source("a frame of the video", probe.width, probe.height)
+        num_frames = sample_frame_count(options, probe.total_frames, probe.fps)
+        budget.check_frames(num_frames, probe.width, probe.height, options, resized=False)
+        return (source, probe), (probe.height, probe.width), num_frames
+
+    def _planned(self, part: MediaPart, opened, num_frames: int, size: tuple[int, int]) -> _Plan:
         height, width = self._final_size(*size)
         t = -(-num_frames // self.temporal_patch_size)
-        return t * (height // self.patch_size) * (width // self.patch_size) // self.merge_size**2
+        num_tokens = t * (height // self.patch_size) * (width // self.patch_size) // self.merge_size**2
+        self.budget.check_tokens(part.kind, num_tokens, part.options)
+        return _Plan(part, opened, size, num_tokens)
 
-    def _load(self, part: MediaPart) -> VisionItem:
-        if part.kind == "image":
-            return self._load_image(part)
-        return self._load_video(part)
+    def _load(self, plan: _Plan) -> VisionItem:
+        if plan.part.kind == "image":
+            return self._load_image(plan)
+        return self._load_video(plan)
 
-    def _load_image(self, part: MediaPart) -> VisionItem:
-        image = open_image(part.value, self.media_policy)
-        original = image.size
-        height, width = image_target_size(image.height, image.width, part.options, self.patchifier.factor)
-        pixels = resize_image(to_rgb(image), height, width)
-        pixels = resize_image_tensor(pixels, *self._final_size(height, width))
+    def _load_image(self, plan: _Plan) -> VisionItem:
+        image = plan.opened
+        pixels = resize_image(to_rgb(image), *plan.size)
+        pixels = resize_image_tensor(pixels, *self._final_size(*plan.size))
         values, grid = self.patchifier(pixels[None])
-        return VisionItem("image", values, grid, original, (pixels.shape[-1], pixels.shape[-2]))
+        return VisionItem("image", values, grid, image.size, (pixels.shape[-1], pixels.shape[-2]))
 
-    def _load_video(self, part: MediaPart) -> VisionItem:
-        factor, options = self.patchifier.factor, part.options
-        if isinstance(part.value, (list, tuple)):
-            frames, original = load_frame_list(list(part.value), options, self.media_policy, self._frame_factor)
+    def _load_video(self, plan: _Plan) -> VisionItem:
+        factor, options = self.patchifier.factor, plan.part.options
+        if isinstance(plan.part.value, (list, tuple)):
+            opened, frame_size = plan.opened
+            frames = load_frame_list(opened, *frame_size)
+            original = opened[0].size
             fps = options.sample_fps or 2.0  # qwen_vl_utils reports this for frame lists, whatever `fps` says
         else:
-            frames, fps, probe = load_video_file(part.value, options, self.media_policy)
+            source, probe = plan.opened
+            frames, fps = load_video_file(source, probe, options)
             original = (probe.width, probe.height)
+        # From the decoded frames: a container that over-reported its length yields fewer than planned.
         height, width = video_target_size(frames.shape[-2], frames.shape[-1], frames.shape[0], options, factor)
         frames = resize_frames(frames, height, width).float()
         frames = resize_frames(frames, *self._final_size(height, width))
         values, grid = self.patchifier(frames)
         return VisionItem("video", values, grid, original, (frames.shape[-1], frames.shape[-2]), fps)
-

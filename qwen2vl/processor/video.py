@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen2vl.errors import MediaError
-from qwen2vl.processor.fetch import MediaPolicy, MediaSource, resolve
+from qwen2vl.errors import InputError, MediaError
+from qwen2vl.processor.budget import MediaBudget, number
+from qwen2vl.processor.fetch import MediaPolicy, MediaSource
 from qwen2vl.processor.image import MediaOptions, image_target_size, open_image, resize_image, smart_resize, to_rgb
 
 VIDEO_MIN_TOKENS = 128
@@ -36,21 +37,28 @@ class VideoProbe:
 
 
 def sample_frame_count(options: MediaOptions, total_frames: int, video_fps: float) -> int:
+    """How many frames qwen_vl_utils samples: an even count from `nframes`, or from `fps` within
+    min_frames..max_frames (default 4..768) and the video's length."""
+    if total_frames < FRAME_FACTOR:
+        raise MediaError(f"the video has only {total_frames} frame; a video needs at least {FRAME_FACTOR} "
+                         "(send a single picture as an image)")
     if options.nframes is not None:
         count = round(options.nframes / FRAME_FACTOR) * FRAME_FACTOR
-    else:
-        fps = DEFAULT_FPS if options.fps is None else options.fps
-        min_frames = math.ceil((options.min_frames or MIN_FRAMES) / FRAME_FACTOR) * FRAME_FACTOR
-        max_frames = math.floor((options.max_frames or min(MAX_FRAMES, total_frames)) / FRAME_FACTOR) * FRAME_FACTOR
-        count = total_frames / video_fps * fps
-        count = min(max(count, min_frames), max_frames, total_frames)
-        count = math.floor(count / FRAME_FACTOR) * FRAME_FACTOR
-    if not FRAME_FACTOR <= count <= total_frames:
-        raise MediaError(
-            f"cannot sample {count} frames from a video of {total_frames} frames "
-            f"(need between {FRAME_FACTOR} and the video's frame count)"
-        )
-    return count
+        if count < FRAME_FACTOR:
+            raise InputError(f"nframes must be at least {FRAME_FACTOR} (frames are sampled in pairs), "
+                             f"got {number(options.nframes)}", field="nframes")
+        if count > total_frames:
+            raise MediaError(f"nframes asks for {count} frames; the video has only {total_frames}", field="nframes")
+        return count
+    fps = DEFAULT_FPS if options.fps is None else options.fps
+    min_frames = math.ceil((options.min_frames or MIN_FRAMES) / FRAME_FACTOR) * FRAME_FACTOR
+    max_frames = math.floor((options.max_frames or min(MAX_FRAMES, total_frames)) / FRAME_FACTOR) * FRAME_FACTOR
+    if max_frames < FRAME_FACTOR:
+        raise InputError(f"max_frames must be at least {FRAME_FACTOR} (frames are sampled in pairs), "
+                         f"got {number(options.max_frames)}", field="max_frames")
+    count = total_frames / video_fps * fps
+    count = min(max(count, min_frames), max_frames, total_frames)
+    return math.floor(count / FRAME_FACTOR) * FRAME_FACTOR
 
 
 def sample_indices(total_frames: int, count: int) -> list[int]:
@@ -81,11 +89,17 @@ def _open_container(source: MediaSource):
     av = _av()
     try:
         container = av.open(io.BytesIO(source.data) if source.data is not None else str(source.path))
+    except av.InvalidDataError:
+        raise MediaError(source.not_a("video", "PyAV")) from None
     except (av.FFmpegError, OSError, ValueError) as e:
         raise MediaError(f"cannot read video: {e}") from None
+    if container.format.name == "image2" or container.format.name.endswith("_pipe"):  # png_pipe, jpeg_pipe, ...
+        container.close()
+        raise MediaError(f"{source.origin} is a still image ({container.format.name}), not a video; "
+                         "send it as an image")
     if not container.streams.video:
         container.close()
-        raise MediaError("the file has no video stream")
+        raise MediaError(f"{source.origin} has no video stream")
     return container
 
 
@@ -133,25 +147,21 @@ def decode_frames(source: MediaSource, indices: list[int]) -> tuple[torch.Tensor
     return torch.stack([found[i] for i in indices]), decoded
 
 
-def load_video_file(video: str, options: MediaOptions, policy: MediaPolicy) -> tuple[torch.Tensor, float, VideoProbe]:
-    """Sampled frames (uint8 `[T, 3, H, W]`), the sampled fps, and the probe."""
-    if not isinstance(video, str):
-        raise MediaError(f"a video must be a path, URL or a list of frames, got {type(video).__name__}")
-    source = resolve(video, policy)
-    probe = probe_video(source)
+def load_video_file(source: MediaSource, probe: VideoProbe, options: MediaOptions) -> tuple[torch.Tensor, float]:
+    """Sampled frames (uint8 `[T, 3, H, W]`) and the sampled fps."""
     total = probe.total_frames
     for _ in range(2):
         count = sample_frame_count(options, total, probe.fps)
         frames, decoded = decode_frames(source, sample_indices(total, count))
         if frames.numel():
-            return frames, count / max(total, 1e-6) * probe.fps, probe
+            return frames, count / max(total, 1e-6) * probe.fps
         if decoded == 0:
             raise MediaError("the video has no frames")
         total = decoded  # the container over-reported its frame count
     raise MediaError("the video's frame count changed between reads")
 
 
-def frame_list_sizes(frames: list, options: MediaOptions, policy: MediaPolicy, frame_factor: int):
+def frame_list_sizes(frames: list, options: MediaOptions, policy: MediaPolicy, budget: MediaBudget, frame_factor: int):
     """Each frame opened lazily (header only) and its qwen_vl_utils size; all must agree.
 
     qwen_vl_utils resizes listed frames as images with a factor of patch * merge * merge (it hands
@@ -163,10 +173,10 @@ def frame_list_sizes(frames: list, options: MediaOptions, policy: MediaPolicy, f
     opened, size = [], None
     for index, frame in enumerate(frames):
         try:
-            image = open_image(frame, policy)
+            image = open_image(frame, policy, budget)
             target = image_target_size(image.height, image.width, options, frame_factor)
         except MediaError as e:
-            raise MediaError(f"frame {index}: {e.cause}") from None
+            raise MediaError(f"frame {index}: {e.cause}", field=e.field) from None
         if size is not None and target != size:
             raise MediaError(f"frame {index} resizes to {target[1]}x{target[0]}, frame 0 to {size[1]}x{size[0]}")
         opened.append(image)
@@ -174,12 +184,9 @@ def frame_list_sizes(frames: list, options: MediaOptions, policy: MediaPolicy, f
     return opened, size
 
 
-def load_frame_list(
-    frames: list, options: MediaOptions, policy: MediaPolicy, frame_factor: int
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Frames resized as images (PIL bicubic), padded to an even count by repeating the last; and
-    the first frame's (width, height)."""
-    opened, (height, width) = frame_list_sizes(frames, options, policy, frame_factor)
+def load_frame_list(opened: list, height: int, width: int) -> torch.Tensor:
+    """Opened frames resized as images (PIL bicubic) to `height` x `width`, padded to an even count
+    by repeating the last."""
     tensors = []
     for index, image in enumerate(opened):
         try:
@@ -187,5 +194,4 @@ def load_frame_list(
         except MediaError as e:
             raise MediaError(f"frame {index}: {e.cause}") from None
     tensors += tensors[-1:] * (-len(tensors) % FRAME_FACTOR)
-    return torch.stack(tensors), opened[0].size
-
+    return torch.stack(tensors)

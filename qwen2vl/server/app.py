@@ -338,7 +338,7 @@ class OpenAIServer:
         self.limits = limits
         self.api_key = api_key or None
         self.engine = AsyncEngine(llm.driver)
-        self.processor = server_processor(llm.processor, media)
+        self.processor = server_processor(llm.processor, media, limits)
         self.tokenizer = self.processor.tokenizer
         self.max_model_len = llm.engine.max_model_len
         self.admission = Admission(limits.max_requests_in_flight)

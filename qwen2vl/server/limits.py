@@ -22,7 +22,7 @@ class ServerLimits:
 
     max_body_bytes: int = 32 << 20  # the whole HTTP body, base64 images included
     max_media_per_request: int = 8  # images + videos in one request
-    max_image_pixels: int = 7680 * 4320  # of an image or video frame as sent (before resizing): 8K
+    max_image_pixels: int = 7680 * 4320  # an image or video frame, as sent and as its options resize it: 8K
     max_video_pixels: int = 256 * 1920 * 1080  # all the frames sampled from one video, as decoded
     max_prompt_tokens: int | None = None  # default: the engine's max_model_len minus one
     max_requests_in_flight: int = 256  # preparing, waiting or generating; beyond: 503

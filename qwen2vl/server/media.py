@@ -3,8 +3,9 @@
 Safe by default: inline `data:` URIs always work; remote URLs only with `allow_remote`, and
 then never to a host that is or resolves to a loopback, private, link-local, multicast or
 otherwise non-public address (checked again on every redirect by the processor's fetcher);
-local files only under `allowed_dir`. Images are opened (header only) and videos probed, and
-their pixel counts checked, before any pixel is decoded.
+local files only under `allowed_dir`. The processor's media budget follows the server's limits
+(`server_budget`): every image is opened (header only) and every video probed, and the sizes
+their options ask for checked, before any pixel is decoded.
 """
 from __future__ import annotations
 
@@ -12,11 +13,8 @@ import ipaddress
 import socket
 
 from qwen2vl.errors import InputError, MediaError
-from qwen2vl.processor import MediaPolicy, Processor
-from qwen2vl.processor.chat import MediaPart, media_parts
-from qwen2vl.processor.fetch import resolve
-from qwen2vl.processor.image import open_image
-from qwen2vl.processor.video import probe_video, sample_frame_count
+from qwen2vl.processor import MediaBudget, MediaPolicy, Processor
+from qwen2vl.processor.chat import media_parts
 from qwen2vl.server.limits import MediaAccess, ServerLimits
 
 
@@ -42,19 +40,29 @@ def media_policy(access: MediaAccess) -> MediaPolicy:
                        allowed_dir=access.allowed_dir, check_host=public_hosts_only)
 
 
-def server_processor(processor: Processor, access: MediaAccess) -> Processor:
-    """`processor` (same tokenizer, template and resize settings) under the server's media policy."""
+def server_budget(limits: ServerLimits) -> MediaBudget:
+    """The processor's media budget under the server's limits: `max_image_pixels` bounds an image or
+    video frame both as sent and as resized, never above the processor's own bounds."""
+    default = MediaBudget()
+    return MediaBudget(
+        max_source_pixels=limits.max_image_pixels,
+        max_resized_pixels=min(limits.max_image_pixels, default.max_resized_pixels),
+        max_video_pixels=limits.max_video_pixels,
+        max_item_tokens=min(limits.max_prompt_tokens or default.max_item_tokens, default.max_item_tokens),
+    )
+
+
+def server_processor(processor: Processor, access: MediaAccess, limits: ServerLimits) -> Processor:
+    """`processor` (same tokenizer, template and resize settings) under the server's media policy and limits."""
     return Processor(processor.tokenizer, processor.template, processor.patchifier,
-                     processor.min_pixels, processor.max_pixels, media_policy(access))
+                     processor.min_pixels, processor.max_pixels, media_policy(access), server_budget(limits))
 
 
 def check_media(messages: list[dict], policy: MediaPolicy, limits: ServerLimits) -> None:
-    """Apply the server's rules to the images and videos of `messages` (processor format).
-
-    Each image is opened here (fetched once, header only) and replaced in `messages` by the
-    opened image, which the processor then decodes. A video's container is probed for its frame
-    size and the frames that would be sampled. Raises `InputError` / `MediaError` naming the
-    message and content index.
+    """The server's rules for the images and videos of `messages` (processor format) that the
+    processor does not apply: how many, and that each is a URL string (local paths only with
+    `--allowed-media-dir`). Sizes are the processor's `budget` (see `server_budget`), checked from
+    headers before any decoding. Raises `InputError` / `MediaError` naming the message and content index.
     """
     parts = media_parts(messages)
     if len(parts) > limits.max_media_per_request:
@@ -63,29 +71,8 @@ def check_media(messages: list[dict], policy: MediaPolicy, limits: ServerLimits)
     for part in parts:
         try:
             _check_source(part.value, policy)
-            if part.kind == "image":
-                image = open_image(part.value, policy)
-                _check_pixels("the image", *image.size, limits.max_image_pixels)
-                messages[part.message_index]["content"][part.content_index]["image"] = image
-            else:
-                _check_video(part, policy, limits)
         except InputError as e:
             raise type(e)(e.cause, part.message_index, part.content_index, e.field) from None
-
-
-def _check_video(part: MediaPart, policy: MediaPolicy, limits: ServerLimits) -> None:
-    # The processor decodes the sampled frames at full size before resizing them: bound that.
-    probe = probe_video(resolve(part.value, policy))
-    _check_pixels("a frame of the video", probe.width, probe.height, limits.max_image_pixels)
-    frames = sample_frame_count(part.options, probe.total_frames, probe.fps)
-    if frames * probe.width * probe.height > limits.max_video_pixels:
-        raise MediaError(f"the video would decode {frames} frames of {probe.width}x{probe.height}, over the limit of "
-                         f"{limits.max_video_pixels} pixels per video; ask for fewer frames (fps, nframes)")
-
-
-def _check_pixels(what: str, width: int, height: int, limit: int) -> None:
-    if width * height > limit:
-        raise MediaError(f"{what} is {width}x{height} = {width * height} pixels, over the limit of {limit} pixels")
 
 
 def _check_source(source, policy: MediaPolicy) -> None:

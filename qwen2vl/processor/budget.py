@@ -1,0 +1,95 @@
+"""How large one image or video may become, checked from its header and its per-item options
+before any pixel is decoded or resized, so that a small request cannot make the processor
+allocate gigabytes.
+
+The defaults are the bounds a user of Qwen2-VL can expect (a server tightens them, see
+`qwen2vl.server.media.server_budget`):
+
+- an image or video frame as sent, as decoded: `MAX_SOURCE_PIXELS`, PIL's own decompression-bomb
+  threshold (about 9459x9459);
+- an image or video frame after its per-item resize (`min_pixels`, `max_pixels`,
+  `resized_height`/`resized_width`): `MAX_RESIZED_PIXELS`, 16384 visual tokens, which is the
+  model card's (and qwen_vl_utils') default `max_pixels` for an image;
+- all frames sampled from one video, as decoded (or, for a list of frames, as resized first):
+  `MAX_VIDEO_PIXELS`, 256 frames of 1920x1080;
+- the visual tokens of one image or video: `MAX_ITEM_TOKENS`, Qwen2-VL's context length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qwen2vl.errors import InputError, MediaError
+from qwen2vl.processor.image import IMAGE_MAX_TOKENS, MediaOptions
+
+MAX_SOURCE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS as PIL ships it
+MAX_RESIZED_PIXELS = IMAGE_MAX_TOKENS * 28 * 28  # 12,845,056
+MAX_VIDEO_PIXELS = 256 * 1920 * 1080
+MAX_ITEM_TOKENS = 32768  # Qwen2-VL's max_position_embeddings
+
+
+def number(value: float) -> int | float:
+    """An option as the user wrote it: 2e8 reads 200000000, 1.5 stays 1.5."""
+    return int(value) if float(value).is_integer() else value
+
+
+@dataclass(frozen=True)
+class MediaBudget:
+    """The largest image or video a `Processor` takes; see the module docstring for the defaults."""
+
+    max_source_pixels: int = MAX_SOURCE_PIXELS
+    max_resized_pixels: int = MAX_RESIZED_PIXELS
+    max_video_pixels: int = MAX_VIDEO_PIXELS
+    max_item_tokens: int = MAX_ITEM_TOKENS
+
+    def check_options(self, options: MediaOptions, per: str) -> None:
+        """What the options alone ask for, before the media is fetched; `per` is "image" or "video frame"."""
+        if options.min_pixels is not None and options.min_pixels > self.max_resized_pixels:
+            raise InputError(f"min_pixels ({number(options.min_pixels)}) is over the limit of {self.max_resized_pixels} "
+                             f"pixels per {per}", field="min_pixels")
+
+    def check_source(self, what: str, width: int, height: int) -> None:
+        """An image or video frame as sent (from its header)."""
+        if width * height > self.max_source_pixels:
+            raise MediaError(f"{what} is {width}x{height} = {width * height} pixels, over the limit of "
+                             f"{self.max_source_pixels} pixels")
+
+    def check_resized(self, size: tuple[int, int], source_size: tuple[int, int], options: MediaOptions, per: str) -> None:
+        """The (height, width) the options resize an image or each video frame to, before resizing."""
+        height, width = size
+        if height * width <= self.max_resized_pixels:
+            return
+        field = _resize_field(options, height * width > source_size[0] * source_size[1])
+        source = f"a {source_size[1]}x{source_size[0]} {per}"
+        resize = f"{field} asks to resize {source} to" if field else f"{source} resizes to"
+        raise InputError(f"{resize} {width}x{height} = {height * width} pixels, over the limit of "
+                         f"{self.max_resized_pixels} pixels per {per}", field=field)
+
+    def check_frames(self, num_frames: int, width: int, height: int, options: MediaOptions, resized: bool) -> None:
+        """All sampled frames of one video as held in memory: decoded from a file, or a list's frames resized."""
+        if num_frames * width * height > self.max_video_pixels:
+            held = f"hold {num_frames} frames resized to" if resized else f"decode {num_frames} frames of"
+            raise MediaError(f"the video would {held} {width}x{height}, over the limit of {self.max_video_pixels} "
+                             "pixels per video; ask for fewer frames (fps, nframes)", field=_frames_field(options))
+
+    def check_tokens(self, kind: str, num_tokens: int, options: MediaOptions) -> None:
+        if num_tokens > self.max_item_tokens:
+            hint = "fewer frames (fps, nframes) or smaller frames (max_pixels)" if kind == "video" else "a smaller size (max_pixels)"
+            raise MediaError(f"the {kind} would make {num_tokens} visual tokens, over the limit of {self.max_item_tokens} "
+                             f"per {kind}; ask for {hint}",
+                             field=_frames_field(options) if kind == "video" else _resize_field(options, False))
+
+
+def _resize_field(options: MediaOptions, upscaled: bool) -> str | None:
+    """The option that decides a resize's size: resized_*, else min_pixels when it enlarged, else max_pixels."""
+    if options.resized_height is not None:
+        return "resized_height"
+    if upscaled and options.min_pixels is not None:
+        return "min_pixels"
+    return "max_pixels" if options.max_pixels is not None else None
+
+
+def _frames_field(options: MediaOptions) -> str | None:
+    for name in ("nframes", "fps", "max_frames", "min_frames"):
+        if getattr(options, name) is not None:
+            return name
+    return None
