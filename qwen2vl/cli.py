@@ -300,8 +300,13 @@ def _is_loopback(host: str) -> bool:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
     from .server.limits import MediaAccess, ServerLimits
+
+    try:
+        from .server import serve
+    except ModuleNotFoundError as error:
+        raise Qwen2VLError(f"serve needs the server extra ({error.name} is not installed): "
+                           "pip install 'qwen2vl[server]', or from a clone pip install -e '.[server]'") from None
 
     limits = ServerLimits(
         max_body_bytes=args.max_body_bytes, max_media_per_request=args.max_media_per_request,

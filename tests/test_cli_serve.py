@@ -1,6 +1,8 @@
 """`qwen2vl serve`: sampling flags as server-side defaults, the start-up lines, the open-host warning."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 import qwen2vl.server
@@ -55,6 +57,15 @@ def test_loopback_or_a_key_does_not_warn(tiny_ckpt, served, capsys, monkeypatch,
     err = capsys.readouterr().err
     assert "warning" not in err and "API key required" in err
     assert served[-1]["api_key"] == "secret"
+
+
+def test_without_the_server_extra_serve_says_what_to_install(tiny_ckpt, capsys, monkeypatch):
+    monkeypatch.delitem(sys.modules, "qwen2vl.server.app", raising=False)
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    monkeypatch.setattr(Qwen2VL, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(["serve", "--model", str(tiny_ckpt)]) == 2
+    assert capsys.readouterr().err == ("qwen2vl: error: serve needs the server extra (fastapi is not installed): "
+                                       "pip install 'qwen2vl[server]', or from a clone pip install -e '.[server]'\n")
 
 
 def test_requests_take_the_defaults_for_the_fields_they_leave_unset(tiny_ckpt, monkeypatch):
