@@ -68,7 +68,7 @@ def _load(args: argparse.Namespace):
                                    max_model_len=args.max_model_len, int8_vocab=args.int8_vocab)
 
 
-def _user_message(prompt: str, images: list[str], videos: list[str]) -> dict:
+def _user_message(prompt: str, images: list, videos: list[str]) -> dict:
     content = [{"type": "image", "image": path} for path in images]
     content += [{"type": "video", "video": path} for path in videos]
     content.append({"type": "text", "text": prompt})
@@ -96,9 +96,9 @@ def _answer(llm, messages: list[dict], params, timing: bool):
     return completion
 
 
-def _short(text: str, limit: int = 60) -> str:
-    """A path or URL as messages show it (a data: URI is kilobytes long)."""
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+def _short(text: str, limit: int = 160) -> str:
+    """A path or URL as messages show it: whole, but for the head of a long one (a data: URI)."""
+    return text if len(text) <= limit else text[:48] + "..."
 
 
 def _check_draw_boxes(args: argparse.Namespace) -> None:
@@ -120,15 +120,15 @@ def _check_draw_boxes(args: argparse.Namespace) -> None:
                          "use .png or .jpg")
 
 
-def _open_image(llm, image: str):
-    """The --image to draw on, opened as the model will see it (paths, file://, data: and http(s) URLs)."""
+def _open_image(llm, image: str, option: str = "--image"):
+    """`image` (a path, file://, data: or http(s) URL) opened as the model will read it, once."""
     from .errors import MediaError
     from .processor.image import open_image
 
     try:
         return open_image(image, llm.processor.media_policy)
     except MediaError as error:
-        raise MediaError(f"--image {_short(image)}: {error}") from None
+        raise MediaError(f"{option} {_short(image)}: {error}") from None
 
 
 def _draw_boxes(completion, image, out_path: str) -> None:
@@ -183,7 +183,7 @@ def _print_help() -> None:
 def _attach(llm, kind: str, source: str):
     """The attachment to keep for `/image` or `/video`: an opened image, or a checked video path."""
     if kind == "image":
-        return _open_image(llm, source)
+        return _open_image(llm, source, "/image")
     if "://" not in source and not Path(source).is_file():
         raise InputError(f"/video {source}: no such file")
     return source

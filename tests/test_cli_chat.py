@@ -109,7 +109,7 @@ def test_interactive_confirms_attachments_and_reset(llm, image, capsys):
 def test_interactive_refuses_a_missing_file_and_goes_on(llm, tmp_path, capsys):
     assert _run_loop(llm, [f"/image {tmp_path / 'gone.png'}", f"/video {tmp_path / 'gone.mp4'}", "Hi"]) == 0
     stdout, err = capsys.readouterr()
-    assert "gone.png" in err and f"/video {tmp_path / 'gone.mp4'}: no such file" in err
+    assert f"error: /image {tmp_path / 'gone.png'}: " in err and f"/video {tmp_path / 'gone.mp4'}: no such file" in err
     assert "attached" not in err
     assert stdout.splitlines() == [_greedy(llm, [{"type": "text", "text": "Hi"}])]
 
