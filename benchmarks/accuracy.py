@@ -102,7 +102,8 @@ def run(model: Path, n: int, seed: int, group_size: int, work_dir: Path) -> tupl
     dirs = dict.fromkeys(BF16_COLUMNS, model)
     for column, method in ((AWQ, "awq"), ("RTN 4-bit", "rtn")):
         out = work_dir / f"{model.name}-{method}-g{group_size}"
-        quantize(model, out, method=method, group_size=group_size, log=lambda line: print(line, file=sys.stderr))
+        quantize(model, out, method=method, group_size=group_size, overwrite=True,  # a rerun replaces them
+                 log=lambda line: print(line, file=sys.stderr))
         dirs[column] = out
     samples = make_samples(n, seed)
     results, seconds, raw = {}, {}, {}

@@ -65,10 +65,25 @@ def _is_final(item) -> bool:
     return isinstance(item, BaseException) or item.finished
 
 
-def _pick_device(device: str) -> torch.device:
+def _pick_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch device this machine has ("auto": cuda if present, else cpu); raises
+    `InputError` naming the device and the ones available."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        return torch.device("cuda" if gpus else "cpu")
+    available = "available: cpu" + (f", cuda (cuda:0 to cuda:{gpus - 1})" if gpus > 1 else ", cuda" if gpus else "")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda"):
+        raise InputError(f"device {str(device)!r} is not supported; {available}", field="device")
+    if chosen.type == "cuda" and not gpus:
+        raise InputError(f"device {str(device)!r}: this machine has no CUDA GPU that torch can use; {available}",
+                         field="device")
+    if chosen.type == "cuda" and (chosen.index or 0) >= gpus:
+        raise InputError(f"device {str(device)!r}: this machine has {gpus} CUDA GPU(s); {available}", field="device")
+    return chosen
 
 
 def _pick_dtype(dtype: str | torch.dtype) -> torch.dtype | None:

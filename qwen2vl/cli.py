@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import Qwen2VLError
+from .errors import InputError, Qwen2VLError
 
 EPILOG = """examples:
   qwen2vl chat --model Qwen/Qwen2-VL-2B-Instruct-AWQ --image photo.jpg "Describe this image."
@@ -34,8 +34,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="keep a 4-bit checkpoint's vocabulary table in bf16 (default: int8 rows)")
 
 
-def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling (unset = the checkpoint's generation_config.json)")
+def _add_sampling_options(parser: argparse.ArgumentParser,
+                          title: str = "sampling (unset = the checkpoint's generation_config.json)") -> None:
+    group = parser.add_argument_group(title)
     group.add_argument("--max-tokens", type=int, help="most tokens to generate")
     group.add_argument("--temperature", type=float, help="0 = greedy")
     group.add_argument("--top-p", type=float)
@@ -67,15 +68,15 @@ def _load(args: argparse.Namespace):
                                    max_model_len=args.max_model_len, int8_vocab=args.int8_vocab)
 
 
-def _user_message(prompt: str, images: list[str], videos: list[str]) -> dict:
+def _user_message(prompt: str, images: list, videos: list[str]) -> dict:
     content = [{"type": "image", "image": path} for path in images]
     content += [{"type": "video", "video": path} for path in videos]
     content.append({"type": "text", "text": prompt})
     return {"role": "user", "content": content}
 
 
-def _answer(llm, messages: list[dict], params, timing: bool) -> str:
-    """Stream one answer to stdout; returns its text."""
+def _answer(llm, messages: list[dict], params, timing: bool):
+    """Stream one answer to stdout; returns its `Completion`."""
     start = time.perf_counter()
     first = None
     stream = llm.chat(messages, params, stream=True)
@@ -92,67 +93,149 @@ def _answer(llm, messages: list[dict], params, timing: bool) -> str:
         print(f"[prompt {completion.usage.prompt_tokens} tokens, time to first text {ttft * 1000:.0f} ms, "
               f"{tokens} tokens in {end - start:.2f} s, decode {decode_rate:.1f} tokens/s, "
               f"finish: {completion.finish_reason}]", file=sys.stderr)
-    return completion.text
+    return completion
 
 
-def _draw_boxes(llm, messages: list[dict], params, image_path: str, out_path: str) -> None:
+def _short(text: str, limit: int = 160) -> str:
+    """A path or URL as messages show it: whole, but for the head of a long one (a data: URI)."""
+    return text if len(text) <= limit else text[:48] + "..."
+
+
+def _check_draw_boxes(args: argparse.Namespace) -> None:
+    """Everything about --draw-boxes that can be checked before the model is loaded."""
     from PIL import Image
 
+    out = Path(args.draw_boxes)
+    if args.prompt is None:
+        raise InputError("--draw-boxes draws one answer's boxes: give a PROMPT")
+    if not args.image:
+        raise InputError("--draw-boxes needs an --image to draw on")
+    if out.is_dir():
+        raise InputError(f"--draw-boxes {out}: is a directory; give a file name such as {out / 'boxes.png'}")
+    if not out.parent.is_dir():
+        raise InputError(f"--draw-boxes {out}: folder {out.parent} does not exist")
+    formats = Image.registered_extensions()
+    if formats.get(out.suffix.lower()) not in Image.SAVE:
+        raise InputError(f"--draw-boxes {out}: cannot write images of type {out.suffix or '(none)'!r}; "
+                         "use .png or .jpg")
+
+
+def _open_image(llm, image: str, option: str = "--image"):
+    """`image` (a path, file://, data: or http(s) URL) opened as the model will read it, once."""
+    from .errors import MediaError
+    from .processor.image import open_image
+
+    try:
+        return open_image(image, llm.processor.media_policy)
+    except MediaError as error:
+        raise MediaError(f"{option} {_short(image)}: {error}") from None
+
+
+def _draw_boxes(completion, image, out_path: str) -> None:
     from .grounding import draw_boxes
 
-    completion = llm.chat(messages, params)
     boxes = completion.boxes(image_index=0)
-    draw_boxes(Image.open(image_path), boxes).save(out_path)
+    try:
+        draw_boxes(image, boxes).save(out_path)
+    except (OSError, ValueError) as error:
+        raise InputError(f"--draw-boxes {out_path}: cannot write the image ({error})") from None
     for box in boxes:
         print(f"box {box.label or ''} ({box.x1:.0f},{box.y1:.0f}),({box.x2:.0f},{box.y2:.0f})", file=sys.stderr)
     print(f"[{len(boxes)} box(es) drawn to {out_path}]", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.draw_boxes:
+        _check_draw_boxes(args)
     start = time.perf_counter()
     llm = _load(args)
     if args.timing:
         print(f"[loaded {llm.model_dir} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     params = _sampling_params(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    if args.prompt is not None:
-        messages = history + [_user_message(args.prompt, args.image or [], args.video or [])]
-        if args.draw_boxes:
-            if not args.image:
-                raise SystemExit("--draw-boxes needs an --image to draw on")
-            _draw_boxes(llm, messages, params, args.image[0], args.draw_boxes)
-        else:
-            _answer(llm, messages, params, args.timing)
-        return 0
-    return _interactive(llm, history, params, list(args.image or []), list(args.video or []), args.timing)
+    images, videos = list(args.image or []), list(args.video or [])
+    if args.prompt is None:
+        return chat_loop(llm, history, params, images, videos, args.timing)
+    if args.draw_boxes:
+        images[0] = _open_image(llm, images[0])  # opened once: the model reads it, the boxes go on it
+    completion = _answer(llm, history + [_user_message(args.prompt, images, videos)], params, args.timing)
+    if args.draw_boxes:
+        _draw_boxes(completion, images[0], args.draw_boxes)
+    return 0
 
 
-def _interactive(llm, history, params, images, videos, timing) -> int:
-    print("Type a message. /image PATH and /video PATH attach media to the next message, "
-          "/reset clears the conversation, /quit leaves.", file=sys.stderr)
+CHAT_COMMANDS = (
+    ("/image PATH_OR_URL", "attach an image to the next message"),
+    ("/video PATH", "attach a video to the next message"),
+    ("/reset", "forget the conversation and any attachments (the --system prompt stays)"),
+    ("/help", "list these commands"),
+    ("/quit", "leave (also /exit or Ctrl-D)"),
+)
+
+
+def _print_help() -> None:
+    width = max(len(usage) for usage, _ in CHAT_COMMANDS)
+    for usage, meaning in CHAT_COMMANDS:
+        print(f"  {usage.ljust(width)}  {meaning}", file=sys.stderr)
+    print("  a line starting with // is sent as a message starting with /", file=sys.stderr)
+
+
+def _attach(llm, kind: str, source: str):
+    """The attachment to keep for `/image` or `/video`: an opened image, or a checked video path."""
+    if kind == "image":
+        return _open_image(llm, source, "/image")
+    if "://" not in source and not Path(source).is_file():
+        raise InputError(f"/video {source}: no such file")
+    return source
+
+
+def chat_loop(llm, history: list[dict], params, images: list, videos: list, timing: bool, read=None) -> int:
+    """The interactive chat: each line `read("> ")` returns (default: `input`) is a message or a /command."""
+    read = read or input
+    print("Type a message; /image PATH attaches an image to it, /help lists the commands, /quit leaves.",
+          file=sys.stderr)
+    system = [m for m in history if m["role"] == "system"]
     while True:
         try:
-            line = input("> ").strip()
+            line = read("> ").strip()
         except EOFError:
             return 0
         if not line:
             continue
-        if line in ("/quit", "/exit"):
-            return 0
-        if line == "/reset":
-            history = [m for m in history if m["role"] == "system"]
-            continue
         command, _, argument = line.partition(" ")
-        if command in ("/image", "/video"):
-            if not Path(argument.strip()).exists():
-                print(f"no such file: {argument.strip()}", file=sys.stderr)
+        argument = argument.strip()
+        if line.startswith("//"):
+            line = line[1:]
+        elif command in ("/quit", "/exit"):
+            return 0
+        elif command == "/help":
+            _print_help()
+            continue
+        elif command == "/reset":
+            dropped = len(images) + len(videos)
+            history, images, videos = list(system), [], []
+            print("conversation cleared" + (f" ({dropped} attachment(s) dropped)" if dropped else ""), file=sys.stderr)
+            continue
+        elif command in ("/image", "/video"):
+            kind = command[1:]
+            if not argument:
+                print(f"usage: {command} PATH (attaches the {kind} to your next message)", file=sys.stderr)
                 continue
-            (images if command == "/image" else videos).append(argument.strip())
+            try:
+                (images if kind == "image" else videos).append(_attach(llm, kind, argument))
+            except Qwen2VLError as error:
+                print(f"error: {error}", file=sys.stderr)
+                continue
+            print(f"{kind} attached: {_short(argument)} (it goes with your next message)", file=sys.stderr)
+            continue
+        elif line.startswith("/"):
+            print(f"unknown command {command}; /help lists the commands (start with // to send it as a message)",
+                  file=sys.stderr)
             continue
         message = _user_message(line, images, videos)
         images, videos = [], []
         try:
-            text = _answer(llm, history + [message], params, timing)
+            text = _answer(llm, history + [message], params, timing).text
         except Qwen2VLError as error:
             print(f"error: {error}", file=sys.stderr)
             continue
@@ -171,7 +254,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         for first in range(0, len(records), args.batch_size):
             chunk = records[first:first + args.batch_size]
-            completions = llm.chat([record["messages"] for record in chunk], params)
+            completions = _generate_chunk(llm, chunk, params, args.input)
             for record, completion in zip(chunk, completions):
                 out.write(json.dumps({"id": record["id"], "text": completion.text,
                                       "finish_reason": completion.finish_reason,
@@ -184,16 +267,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
             elapsed = time.perf_counter() - start
             print(f"\r[{done}/{len(records)} conversations, {generated / elapsed:.1f} tokens/s]",
                   end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
     finally:
+        if done:
+            print(file=sys.stderr)  # ends the progress line, also before an error message
         if out is not sys.stdout:
             out.close()
     return 0
 
 
+def _generate_chunk(llm, chunk: list[dict], params, path: str):
+    """The completions of `chunk`; a bad conversation's error names its line of `path` (from 1)."""
+    try:
+        return llm.chat([record["messages"] for record in chunk], params)
+    except InputError as error:
+        # The batch's error counts conversations within the chunk; find the one to name its line.
+        for record in chunk:
+            try:
+                llm.processor.prepare(record["messages"])
+            except InputError as own:
+                raise type(own)(f"{path}: line {record['line']}: {own}") from None
+        lines = f"line {chunk[0]['line']}" if len(chunk) == 1 else f"lines {chunk[0]['line']}-{chunk[-1]['line']}"
+        raise type(error)(f"{path}: {lines}: {error}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
     from .server.limits import MediaAccess, ServerLimits
+
+    try:
+        from .server import serve
+    except ModuleNotFoundError as error:
+        raise Qwen2VLError(f"serve needs the server extra ({error.name} is not installed): "
+                           "pip install 'qwen2vl[server]', or from a clone pip install -e '.[server]'") from None
 
     limits = ServerLimits(
         max_body_bytes=args.max_body_bytes, max_media_per_request=args.max_media_per_request,
@@ -203,10 +316,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     media = MediaAccess(allow_remote=args.allow_remote_media, max_bytes=args.max_media_bytes,
                         fetch_timeout_s=args.fetch_timeout,
                         allowed_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None)
+    default_params = _sampling_params(args)
+    default_params.validate()  # a bad flag is the operator's error, not every client's 400
+    api_key = args.api_key or os.environ.get("QWEN2VL_API_KEY")
     llm = _load(args)
-    serve(llm, model_name=args.served_model_name or args.model or llm.model_dir.name, host=args.host, port=args.port,
-          limits=limits, media=media, api_key=args.api_key or os.environ.get("QWEN2VL_API_KEY"),
-          log_level=args.log_level)
+    model_name = args.served_model_name or args.model or llm.model_dir.name
+    url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}/v1"
+    if not api_key and not _is_loopback(args.host):
+        print(f"qwen2vl: warning: --host {args.host} accepts connections from other machines and no API key is "
+              "set: anyone who can reach the port can use the model (set --api-key or $QWEN2VL_API_KEY)",
+              file=sys.stderr)
+    print(f"[serving {llm.model_dir} as model {model_name!r} at {url}"
+          f"{', API key required' if api_key else ''}]", file=sys.stderr)
+    serve(llm, model_name=model_name, host=args.host, port=args.port, limits=limits, media=media,
+          api_key=api_key, log_level=args.log_level, default_params=default_params)
     return 0
 
 
@@ -214,11 +337,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import quantize, read_calibration
 
     if args.bits != 4:
-        raise SystemExit("--bits: only 4-bit AWQ GEMM checkpoints are written")
+        raise InputError(f"--bits {args.bits}: only 4-bit AWQ GEMM checkpoints are written")
     calibration = read_calibration(args.calibration) if args.calibration else None
     start = time.perf_counter()
     out = quantize(args.model_dir, args.out_dir, method=args.method, group_size=args.group_size,
-                   calibration=calibration, log=lambda line: print(line, file=sys.stderr))
+                   calibration=calibration, log=lambda line: print(line, file=sys.stderr), overwrite=args.force)
     print(f"[wrote {args.method} 4-bit checkpoint {out} in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     return 0
 
@@ -231,7 +354,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = tuple(args.only) if args.only else TASKS
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
-        raise SystemExit(f"--only {unknown[0]}: expected one of {', '.join(TASKS)}")
+        raise InputError(f"--only {unknown[0]}: expected one of {', '.join(TASKS)}")
     llm = Qwen2VL.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
     start = time.perf_counter()
     scores = evaluate_fresh(llm, args.n, args.seed, tasks, batch_size=args.batch_size,
@@ -309,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--request-timeout", type=float, default=limits.request_timeout_s,
                        help="seconds from arrival to the last token (504 over it)")
     _add_model_options(serve)
+    _add_sampling_options(serve, "sampling defaults (for the fields a request leaves unset; "
+                                 "unset here = the checkpoint's generation_config.json)")
     serve.set_defaults(run=cmd_serve)
 
     quantize = commands.add_parser("quantize", help="4-bit AWQ (or round-to-nearest) checkpoint of a model",
@@ -321,7 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="awq: activation-aware scales and clipping; rtn: round to nearest (baseline)")
     quantize.add_argument("--bits", type=int, default=4)
     quantize.add_argument("--group-size", type=int, default=128,
-                          help="inputs sharing one scale and zero (must divide every decoder linear's inputs)")
+                          help="inputs sharing one scale and zero (must divide every decoder linear's inputs; "
+                               "the bundled demo model needs 64)")
+    quantize.add_argument("--force", action="store_true",
+                          help="write into OUT_DIR even if it is not empty (replacing the checkpoint in it)")
     quantize.add_argument("--calibration", metavar="CONVS.jsonl",
                           help="AWQ calibration conversations, one list of messages per line "
                                "(default: a built-in set of shapes-task conversations)")

@@ -96,4 +96,17 @@ def test_generate_names_the_bad_line(tiny_ckpt, tmp_path, capsys):
     source = tmp_path / "in.jsonl"
     source.write_text('[{"role": "user", "content": "hi"}]\n{"messages": 3}\n')
     assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source)]) == 2
-    assert f"{source}:2: expected a list of messages" in capsys.readouterr().err
+    assert f"{source}: line 2: expected a list of messages" in capsys.readouterr().err
+
+
+def test_generate_names_the_line_of_a_bad_conversation(tiny_ckpt, tmp_path, capsys):
+    """Lines count from 1, blank ones included; the batch's own 0-based index never shows."""
+    good = json.dumps([{"role": "user", "content": "hi"}])
+    bad = json.dumps([{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "gone.png")},
+                                                   {"type": "text", "text": "What?"}]}])
+    source = tmp_path / "in.jsonl"
+    source.write_text(f"{good}\n\n{good}\n{bad}\n")
+    assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), "--batch-size", "2", *GREEDY]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"qwen2vl: error: {source}: line 4: messages[0].content[0]: ") and "gone.png" in err
+    assert "conversations[" not in err

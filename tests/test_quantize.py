@@ -131,4 +131,33 @@ def test_scale_search_protects_outlier_channels():
 
 def test_cli_refuses_a_group_size_that_does_not_divide(source, tmp_path, capsys):
     assert main(["quantize", str(source), str(tmp_path / "out"), "--group-size", "128", "--method", "rtn"]) == 2
-    assert "--group-size 128" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "qwen2vl: error: --group-size 128 does not divide the 96 inputs of language_model.layers.0.mlp.down_proj "
+        "(the decoder's linears take 96 and 128 inputs); use --group-size 32\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_readmes_default_group_size_on_the_demo_model_suggests_64(tmp_path, capsys):
+    assert main(["quantize", str(DEMO_MODEL), str(tmp_path / "out"), "--method", "rtn"]) == 2
+    err = capsys.readouterr().err
+    assert "--group-size 128 does not divide the 64 inputs of language_model.layers.0.self_attn.qkv_proj" in err
+    assert err.endswith("use --group-size 64\n")
+
+
+def test_a_non_empty_output_dir_is_refused_unless_forced(source, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"stale")
+    with monkeypatch.context() as patch:
+        patch.setattr(Qwen2VL, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+        assert main(["quantize", str(source), str(out), "--group-size", "32", "--method", "rtn"]) == 2
+        assert capsys.readouterr().err == (f"qwen2vl: error: output {out} exists and is not empty; choose a new "
+                                           "directory, or pass --force to replace the checkpoint in it\n")
+        assert main(["quantize", str(source), str(source), "--group-size", "32", "--force"]) == 2
+        assert "is the source checkpoint" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["model-00002-of-00002.safetensors", "notes.txt"]
+    assert main(["quantize", str(source), str(out), "--group-size", "32", "--method", "rtn", "--force"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]  # the stale shard is gone
+    assert load_model(out).config.quant.group_size == 32

@@ -142,7 +142,8 @@ def _raise_from_template(message: str):
 
 def read_conversations(path: str | Path) -> list[dict]:
     """A JSONL file of conversations, each line a list of messages or an object with 'messages'
-    (and optionally 'id', else the line number). Returns `{"id", "messages", ...}` per line."""
+    (and optionally 'id', else the line number). Returns `{"id", "messages", ..., "line"}` per
+    line; `line` counts from 1, as errors name it."""
     records = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -150,11 +151,11 @@ def read_conversations(path: str | Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{number}: not JSON ({error})") from None
+            raise InputError(f"{path}: line {number}: not JSON ({error.msg} at column {error.colno})") from None
         if isinstance(record, list):
             record = {"messages": record}
         if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-            raise InputError(f"{path}:{number}: expected a list of messages or an object with 'messages'")
+            raise InputError(f"{path}: line {number}: expected a list of messages or an object with 'messages'")
         record.setdefault("id", number)
-        records.append(record)
+        records.append({**record, "line": number})
     return records

@@ -20,6 +20,7 @@ tensors, and the source's tokenizer / processor files.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -184,11 +185,32 @@ def quantized_tensors(model, group_size: int) -> dict[str, torch.Tensor]:
 
 
 def check_group_size(model, group_size: int) -> None:
-    for name, module in model.language_model.layers.named_modules(prefix="language_model.layers"):
-        if hasattr(module, "output_sizes") and (module.in_features % group_size or any(n % 8 for n in module.output_sizes)):
-            raise InputError(f"--group-size {group_size}: {name} has {module.in_features} inputs and outputs "
-                             f"{list(module.output_sizes)}; AWQ needs inputs divisible by the group size "
-                             "and outputs by 8")
+    layers = model.language_model.layers.named_modules(prefix="language_model.layers")
+    linears = {name: module for name, module in layers if hasattr(module, "output_sizes")}
+    for name, module in linears.items():
+        if any(n % 8 for n in module.output_sizes):
+            raise InputError(f"{name} has outputs {list(module.output_sizes)}: the AWQ GEMM format packs 8 outputs "
+                             "in each int32, so every output size must be divisible by 8")
+    widths = sorted({module.in_features for module in linears.values()})
+    for name, module in linears.items():
+        if module.in_features % group_size:
+            common = math.gcd(*widths)
+            fitting = max(size for size in range(1, min(group_size, common) + 1) if common % size == 0)
+            raise InputError(f"--group-size {group_size} does not divide the {module.in_features} inputs of {name} "
+                             f"(the decoder's linears take {' and '.join(map(str, widths))} inputs); "
+                             f"use --group-size {fitting}", field="group_size")
+
+
+def check_out_dir(source_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to write over the source or, unless `overwrite`, into a non-empty folder."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output {out_dir} exists and is not a directory", field="out_dir")
+    if out_dir.exists() and out_dir.resolve() == source_dir.resolve():
+        raise InputError(f"output {out_dir} is the source checkpoint; write the quantized one to another directory",
+                         field="out_dir")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise InputError(f"output {out_dir} exists and is not empty; choose a new directory, or pass --force "
+                         "to replace the checkpoint in it", field="out_dir")
 
 
 def write_checkpoint(source_dir: Path, out_dir: Path, quantized: dict[str, torch.Tensor], group_size: int) -> Path:
@@ -200,6 +222,8 @@ def write_checkpoint(source_dir: Path, out_dir: Path, quantized: dict[str, torch
     from qwen2vl.tools.random_checkpoint import quantization_config
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("*.safetensors"), *out_dir.glob("*.safetensors.index.json")]:
+        stale.unlink()  # an overwritten folder's old shards would be loaded with the new weights
     tensors = {}
     for file in sorted(source_dir.glob("*.safetensors")):
         for key, tensor in load_file(file).items():
@@ -220,10 +244,11 @@ def write_checkpoint(source_dir: Path, out_dir: Path, quantized: dict[str, torch
 
 
 def quantize(model_dir, out_dir, method: str = "awq", group_size: int = 128,
-             calibration: list[list[dict]] | None = None, log=print) -> Path:
+             calibration: list[list[dict]] | None = None, log=print, overwrite: bool = False) -> Path:
     """Quantize checkpoint `model_dir` to 4-bit AWQ GEMM in `out_dir` (`method` "awq" or "rtn").
 
     `calibration` conversations (AWQ only) default to the built-in set (`default_calibration`).
+    A non-empty `out_dir` is refused unless `overwrite`, which replaces the checkpoint files in it.
     """
     from qwen2vl.api import Qwen2VL
     from qwen2vl.hub import resolve_model_dir
@@ -231,6 +256,7 @@ def quantize(model_dir, out_dir, method: str = "awq", group_size: int = 128,
     if method not in ("awq", "rtn"):
         raise InputError(f"method {method!r}: expected 'awq' or 'rtn'")
     source_dir = resolve_model_dir(model_dir)
+    check_out_dir(source_dir, Path(out_dir), overwrite)
     llm = Qwen2VL.from_pretrained(source_dir, device="cpu", dtype="float32")
     model = llm.engine.model
     if model.config.quant is not None:

@@ -332,9 +332,11 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
 class OpenAIServer:
     """Routes and shared state of one app: engine loop, processor, limits, metrics."""
 
-    def __init__(self, llm, model_name: str, limits: ServerLimits, media: MediaAccess, api_key: str | None):
+    def __init__(self, llm, model_name: str, limits: ServerLimits, media: MediaAccess, api_key: str | None,
+                 default_params: SamplingParams | None = None):
         self.llm = llm
         self.model_name = model_name
+        self.default_params = default_params
         self.limits = limits
         self.api_key = api_key or None
         self.engine = AsyncEngine(llm.driver)
@@ -350,7 +352,7 @@ class OpenAIServer:
     # -- routes -----------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
-        body = _parse(ChatCompletionRequest, await request.body())
+        body = self._with_defaults(_parse(ChatCompletionRequest, await request.body()))
         self._check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -375,7 +377,7 @@ class OpenAIServer:
                                     choices=choices, usage=self._usage(job, outputs)))
 
     async def completions(self, request: Request) -> Response:
-        body = _parse(CompletionRequest, await request.body())
+        body = self._with_defaults(_parse(CompletionRequest, await request.body()))
         self._check_model(body.model)
         for name, value, default in (("echo", body.echo, False), ("suffix", body.suffix, None)):
             if value != default:
@@ -420,6 +422,15 @@ class OpenAIServer:
         if model is not None and model != self.model_name:
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
+
+    def _with_defaults(self, body):
+        """`body` with the sampling fields its client left unset taken from `default_params`."""
+        if self.default_params is None:
+            return body
+        given = body.model_fields_set | ({"max_tokens"} if "max_completion_tokens" in body.model_fields_set else set())
+        defaults = {name: value for name, value in dataclasses.asdict(self.default_params).items()
+                    if value is not None and name in type(body).model_fields and name not in given}
+        return body.model_copy(update=defaults)
 
     def _choice_params(self, body, max_tokens: int | None, logprobs: int | None, num_prompts: int) -> list[SamplingParams]:
         try:
@@ -612,12 +623,14 @@ _BYTE_DECODER = _byte_decoder()
 # --- the app -----------------------------------------------------------------------------------
 
 def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, media: MediaAccess | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, default_params: SamplingParams | None = None) -> FastAPI:
     """An ASGI app serving `llm` (a loaded `Qwen2VL`) under OpenAI's API as `model_name`.
+
+    `default_params` (`serve --temperature ...`) fill the sampling fields a request leaves unset.
 
     The engine thread starts with the app (lifespan) and stops with it.
     """
-    server = OpenAIServer(llm, model_name, limits or ServerLimits(), media or MediaAccess(), api_key)
+    server = OpenAIServer(llm, model_name, limits or ServerLimits(), media or MediaAccess(), api_key, default_params)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -651,9 +664,11 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
 
 
 def serve(llm, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,
-          media: MediaAccess | None = None, api_key: str | None = None, log_level: str = "info") -> None:
+          media: MediaAccess | None = None, api_key: str | None = None, log_level: str = "info",
+          default_params: SamplingParams | None = None) -> None:
     """Run the server until interrupted (blocking)."""
     import uvicorn
 
-    app = create_app(llm, model_name=model_name, limits=limits, media=media, api_key=api_key)
+    app = create_app(llm, model_name=model_name, limits=limits, media=media, api_key=api_key,
+                     default_params=default_params)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
