@@ -11,7 +11,7 @@ from qwen2vl.engine.cuda_graphs import DecodeGraphs
 from qwen2vl.engine.scheduler import ScheduledChunk, slot_mapping, step_positions, step_tokens
 from qwen2vl.engine.sequence import Sequence
 from qwen2vl.layers.attention_metadata import AttentionMetadata
-from qwen2vl.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+from qwen2vl.layers.sampler import LogitBias, Sampler, SamplerOutput, SamplingBatch
 
 
 @dataclass
@@ -197,6 +197,18 @@ class ModelRunner:
             column = dict(zip(names, table.unbind(1)))
             column["top_k"] = column["top_k"].long()
         asked = [p.logprobs for p in params if p.logprobs is not None]
+        entries = []
+        for row, seq in enumerate(seqs):
+            bias = seq.params.logit_bias or {}
+            # stopping tokens are banned (-inf wins over any bias) until min_tokens were generated
+            if seq.num_tokens - seq.prompt_len < seq.params.min_tokens:
+                bias = {**bias, **dict.fromkeys(seq.stop_token_ids, float("-inf"))}
+            entries += [(row, token, value) for token, value in bias.items()]
+        logit_bias = None
+        if entries:
+            rows, token_ids, values = zip(*entries)
+            logit_bias = LogitBias(self._tensor(rows, torch.long), self._tensor(token_ids, torch.long),
+                                   self._tensor(values, torch.float32))
         return SamplingBatch(
             **column,
             prompt_tokens=self._padded([seq.token_ids[:seq.prompt_len] for seq in seqs]) if any_penalty else None,
@@ -206,6 +218,7 @@ class ModelRunner:
             all_greedy=all_greedy,
             any_penalty=any_penalty,
             any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params),
+            logit_bias=logit_bias,
         )
 
     def _output_tokens(self, seqs: list[Sequence], previous: LaunchedStep | None) -> torch.Tensor:
