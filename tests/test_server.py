@@ -35,9 +35,9 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 class RunningServer:
     """A uvicorn server in a thread on a free 127.0.0.1 port."""
 
-    def __init__(self, llm, **options):
+    def __init__(self, llm, model_name: str = MODEL, **options):
         self.llm = llm
-        self.app = create_app(llm, model_name=MODEL, **options)
+        self.app = create_app(llm, model_name=model_name, **options)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -251,6 +251,18 @@ def test_retrieve_a_model(client):
     assert error["message"] == f"model 'gpt-4o' does not exist; this server serves '{MODEL}'"
 
 
+def test_retrieve_a_model_whose_name_has_a_slash(tiny_ckpt):
+    llm = Qwen2VL.from_pretrained(tiny_ckpt, device="cpu", max_model_len=MAX_MODEL_LEN)
+    running = RunningServer(llm, model_name="Qwen/Qwen2-VL-2B-Instruct-AWQ")
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        assert client.models.retrieve("Qwen/Qwen2-VL-2B-Instruct-AWQ").id == "Qwen/Qwen2-VL-2B-Instruct-AWQ"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("Qwen/other")
+    finally:
+        running.stop()
+
+
 def test_completion_logprobs_zero_holds_the_sampled_token(client):
     reply = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=5, temperature=0, logprobs=0)
     logprobs = reply.choices[0].logprobs
@@ -359,6 +371,9 @@ def test_openapi_describes_every_body(server):
 
     collect(schema)
     assert {ref.rsplit("/", 1)[1] for ref in refs} <= set(components)  # every reference resolves
+    assert schema["paths"]["/v1/models/{model}"]["get"]["parameters"] == [
+        {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    assert not any("422" in operation["responses"] for path in schema["paths"].values() for operation in path.values())
     assert "logit_bias" in components["ChatCompletionRequest"]["properties"]
     assert "echo" in components["CompletionRequest"]["properties"]
     page = httpx.get(server.url + "/docs")

@@ -617,12 +617,12 @@ class OpenAIServer:
 
 
 def _is_token_list(prompt) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and all(isinstance(token, int) for token in prompt)
+    return isinstance(prompt, list) and all(isinstance(token, int) for token in prompt)
 
 
 async def _parse(model: type[BaseModel], request: Request):
-    """The request's JSON body as `model`. A body declared as something else than JSON is refused
-    (one without a Content-Type is read as JSON)."""
+    """The request's JSON body as `model`. A body declared as anything but JSON is refused (one
+    without a Content-Type is read as JSON)."""
     content_type = request.headers.get("content-type")
     if content_type is not None and not _is_json(content_type):
         raise APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json', not "
@@ -736,7 +736,9 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
     app.add_api_route("/v1/completions", server.completions, methods=["POST"],
                       openapi_extra=_request_body(CompletionRequest), responses=_responses(TextCompletion, TextCompletion))
     app.add_api_route("/v1/models", server.models, methods=["GET"], responses=_responses(ModelList))
-    app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET"], responses=_responses(ModelCard))
+    app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET"], responses=_responses(ModelCard),
+                      openapi_extra={"parameters": [{"name": "model", "in": "path", "required": True,
+                                                     "schema": {"type": "string"}}]})
     app.add_api_route("/health", server.health, methods=["GET"], responses=_responses(HealthStatus),
                       openapi_extra={"security": []})
     app.add_api_route("/metrics", server.prometheus, methods=["GET"],
