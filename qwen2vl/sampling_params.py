@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from qwen2vl.errors import InputError
 
 DEFAULT_MAX_TOKENS = 256
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100  # OpenAI's range for a logit bias: [-100, 100]
+# Seeds are int64 (OpenAI's and vLLM's range): each maps to its own generator state, where torch
+# would wrap a negative seed onto [2**63, 2**64).
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
 
 # Fields `resolve` may take from a checkpoint's generation_config.json, by the same name there.
 _FROM_GENERATION_CONFIG = ("temperature", "top_p", "top_k", "repetition_penalty")
@@ -33,7 +38,12 @@ class SamplingParams:
     `stop` strings end generation and are cut from the text together with everything after
     them. `stop_token_ids` and the model's end-of-sequence ids end generation too (unless
     `ignore_eos`, which ignores only the model's end-of-sequence ids); the stopping token stays in
-    `token_ids` but adds no text.
+    `token_ids` but adds no text. `min_tokens` (vLLM's): those stopping tokens cannot be sampled
+    before `min_tokens` tokens were generated (stop strings still apply).
+
+    `logit_bias` (OpenAI's) maps token ids to a number in [-100, 100] added to their logits before
+    sampling (after the penalties; -100 all but bans a token, 100 all but forces it). Logprobs
+    stay the model's own, before the bias.
     """
 
     max_tokens: int | None = None
@@ -50,6 +60,8 @@ class SamplingParams:
     logprobs: int | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
 
     @classmethod
     def from_overrides(cls, params: SamplingParams | None = None, **overrides) -> SamplingParams:
@@ -77,10 +89,10 @@ class SamplingParams:
             )
         return dataclasses.replace(base, **overrides)
 
-    def resolve(self, generation_config: dict | None = None) -> SamplingParams:
+    def resolve(self, generation_config: dict | None = None, vocab_size: int | None = None) -> SamplingParams:
         """Fill unset fields from `generation_config` (a parsed generation_config.json), then
-        from neutral defaults; returns a new, validated object with no `None` left but `seed`
-        and `logprobs`.
+        from neutral defaults; returns a new object, validated (token ids below `vocab_size`),
+        with no `None` left but `seed` and `logprobs`.
 
         As in transformers, `do_sample: false` in the generation config means greedy unless the
         caller set a temperature.
@@ -106,8 +118,9 @@ class SamplingParams:
         stop = values["stop"]
         values["stop"] = [stop] if isinstance(stop, str) else list(stop or [])
         values["stop_token_ids"] = list(values["stop_token_ids"] or [])
+        values["logit_bias"] = dict(values["logit_bias"] or {})
         resolved = SamplingParams(**values)
-        resolved.validate()
+        resolved.validate(vocab_size)
         return resolved
 
     @property
@@ -122,12 +135,22 @@ class SamplingParams:
         """Whether a penalty reads the tokens so far (resolved params: no field is None)."""
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
-    def validate(self) -> None:
-        """Raise `InputError` naming the first field that is out of range."""
+    def validate(self, vocab_size: int | None = None, names: Mapping[str, str] | None = None) -> None:
+        """Raise `InputError` naming the first field that is out of range (also as its `field`).
+
+        With `vocab_size`, token ids (`stop_token_ids`, `logit_bias`) must be below it. `names`
+        maps field names to the caller's where they differ (the server's `top_logprobs` for
+        `logprobs`), for the messages and `field`.
+        """
+        names = names or {}
+
+        def fail(name: str, problem: str) -> None:
+            shown = names.get(name, name)
+            raise InputError(f"sampling parameter {shown}{problem}", field=shown)
 
         def check(ok: bool, name: str, expected: str) -> None:
             if not ok:
-                raise InputError(f"sampling parameter {name}={getattr(self, name)!r} is invalid: expected {expected}")
+                fail(name, f"={getattr(self, name)!r} is invalid: expected {expected}")
 
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
@@ -139,7 +162,16 @@ class SamplingParams:
             value = getattr(self, name)
             return value is None or ok(value)
 
+        def token_ids_in_vocabulary(name: str, ids) -> None:
+            bad = next((token for token in ids if vocab_size is not None and token >= vocab_size), None)
+            if bad is not None:
+                fail(name, f": token id {bad} is outside the vocabulary [0, {vocab_size})")
+
         check(optional("max_tokens", lambda v: is_int(v) and v >= 1), "max_tokens", "an integer >= 1")
+        check(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            fail("min_tokens", f"={self.min_tokens} is invalid: expected at most "
+                               f"{names.get('max_tokens', 'max_tokens')}={self.max_tokens}")
         check(optional("temperature", lambda v: is_number(v) and v >= 0), "temperature", "a number >= 0 (0 = greedy)")
         check(optional("top_p", lambda v: is_number(v) and 0 < v <= 1), "top_p", "a number in (0, 1]")
         check(optional("top_k", lambda v: is_int(v) and v >= -1), "top_k", "an integer >= 0 (0 or -1 = off)")
@@ -147,7 +179,8 @@ class SamplingParams:
         check(optional("repetition_penalty", lambda v: is_number(v) and v > 0), "repetition_penalty", "a number > 0 (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             check(optional(name, lambda v: is_number(v) and -2 <= v <= 2), name, "a number in [-2, 2]")
-        check(optional("seed", is_int), "seed", "an integer")
+        check(optional("seed", lambda v: is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1]), "seed",
+              f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (int64)")
         check(
             optional("logprobs", lambda v: is_int(v) and 0 <= v <= MAX_LOGPROBS),
             "logprobs", f"an integer in [0, {MAX_LOGPROBS}]",
@@ -161,3 +194,11 @@ class SamplingParams:
             optional("stop_token_ids", lambda v: isinstance(v, (list, tuple)) and all(is_int(t) and t >= 0 for t in v)),
             "stop_token_ids", "a list of token ids",
         )
+        token_ids_in_vocabulary("stop_token_ids", self.stop_token_ids or ())
+        check(optional("logit_bias", lambda v: isinstance(v, Mapping) and all(is_int(t) and t >= 0 for t in v)),
+              "logit_bias", "a mapping of token ids to numbers")
+        token_ids_in_vocabulary("logit_bias", self.logit_bias or {})
+        for token, bias in (self.logit_bias or {}).items():
+            if not (is_number(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+                fail("logit_bias", f": the bias of token id {token} is {bias!r}, expected a number in "
+                                   f"[-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]")

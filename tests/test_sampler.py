@@ -180,3 +180,91 @@ def test_sampling_params_overrides_follow_transformers_names():
 def test_sampling_params_validation_names_the_field(field, value, words):
     with pytest.raises(InputError, match=words):
         SamplingParams(**{field: value}).resolve({})
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("seed", 1 << 63, r"seed=9223372036854775808.*int64"),  # would wrap onto the seed -2**63
+    ("seed", -(1 << 63) - 1, "seed="),
+    ("min_tokens", -1, "min_tokens=-1"),
+    ("logit_bias", {5: 100.5}, r"bias of token id 5 is 100.5, expected a number in \[-100, 100\]"),
+    ("logit_bias", {-1: 1.0}, "logit_bias"),
+])
+def test_new_sampling_fields_are_validated(field, value, words):
+    with pytest.raises(InputError, match=words) as caught:
+        SamplingParams(**{field: value}).resolve({})
+    assert caught.value.field == field
+
+
+def test_validation_errors_carry_the_field_and_the_callers_name():
+    with pytest.raises(InputError, match="max_tokens=-1") as caught:
+        SamplingParams(max_tokens=-1).validate()
+    assert caught.value.field == "max_tokens"
+    with pytest.raises(InputError, match=r"^sampling parameter top_logprobs=50 is invalid") as caught:
+        SamplingParams(logprobs=50).validate(names={"logprobs": "top_logprobs"})
+    assert caught.value.field == "top_logprobs"
+    with pytest.raises(InputError, match="min_tokens=5 is invalid: expected at most max_completion_tokens=3"):
+        SamplingParams(max_tokens=3, min_tokens=5).validate(names={"max_tokens": "max_completion_tokens"})
+    for seed in ((1 << 63) - 1, -(1 << 63), 0):
+        SamplingParams(seed=seed).validate()
+
+
+def test_token_ids_are_checked_against_the_vocabulary():
+    SamplingParams(stop_token_ids=[49], logit_bias={49: -3}).validate(vocab_size=V)
+    with pytest.raises(InputError, match=r"stop_token_ids: token id 50 is outside the vocabulary \[0, 50\)") as caught:
+        SamplingParams(stop_token_ids=[3, 50]).validate(vocab_size=V)
+    assert caught.value.field == "stop_token_ids"
+    with pytest.raises(InputError, match=r"logit_bias: token id 70 is outside the vocabulary \[0, 50\)") as caught:
+        SamplingParams(logit_bias={70: 1.0}).validate(vocab_size=V)
+    assert caught.value.field == "logit_bias"
+
+
+def test_logit_bias_shifts_greedy_and_sampled_rows_and_bans(logits):
+    from qwen2vl.layers.sampler import LogitBias
+
+    least = logits.argmin(-1)
+    rows = torch.arange(6)
+    forced = LogitBias(rows, least, torch.full((6,), 100.0))
+    greedy = make_batch([{"temperature": 0.0}] * 6, num_logprobs=1)
+    greedy.logit_bias = forced
+    out = Sampler()(logits, greedy)
+    assert torch.equal(out.token_ids, least)
+    # logprobs stay the model's own: before the bias
+    torch.testing.assert_close(out.logprobs, torch.log_softmax(logits, -1).gather(1, least[:, None])[:, 0])
+    best = logits.argmax(-1)
+    banned = make_batch([{"temperature": 0.0}, {"temperature": 1.0}] * 3, generators=[seeded(r) for r in range(6)])
+    banned.logit_bias = LogitBias(rows, best, torch.full((6,), float("-inf")))
+    for _ in range(20):
+        assert not (Sampler()(logits, banned).token_ids == best).any()
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_ckpt):
+    from qwen2vl import Qwen2VL
+
+    return Qwen2VL.from_pretrained(tiny_ckpt, device="cpu", num_kv_blocks=64)
+
+
+@pytest.mark.parametrize("run_ahead", [False, True])
+def test_min_tokens_holds_back_stop_tokens(tiny_ckpt, tiny_llm, run_ahead):
+    from qwen2vl import Qwen2VL
+
+    llm = Qwen2VL.from_pretrained(tiny_ckpt, device="cpu", num_kv_blocks=64, run_ahead=True) if run_ahead else tiny_llm
+    hello = [{"role": "user", "content": "Hello"}]
+    first = llm.chat(hello, temperature=0, max_tokens=1).token_ids[0]
+    stopped = llm.chat(hello, temperature=0, max_tokens=8, stop_token_ids=[first])
+    assert stopped.token_ids == [first] and stopped.finish_reason == "stop"
+    held = llm.chat(hello, temperature=0, max_tokens=8, stop_token_ids=[first], min_tokens=3)
+    assert len(held.token_ids) >= 3 and first not in held.token_ids[:3]
+    if held.finish_reason == "stop":  # allowed from the 4th token on
+        assert len(held.token_ids) > 3 and held.token_ids[-1] in {first, *llm.engine.eos_token_ids}
+    else:
+        assert (held.finish_reason, len(held.token_ids)) == ("length", 8)
+
+
+def test_logit_bias_through_the_engine(tiny_llm):
+    hello = [{"role": "user", "content": "Hello"}]
+    token = tiny_llm.processor.tokenizer.encode(" blue")[0]
+    forced = tiny_llm.chat(hello, temperature=0, max_tokens=4, ignore_eos=True, logit_bias={token: 100})
+    assert forced.token_ids == [token] * 4
+    first = tiny_llm.chat(hello, temperature=0, max_tokens=1).token_ids[0]
+    assert tiny_llm.chat(hello, temperature=0, max_tokens=1, logit_bias={first: -100}).token_ids[0] != first

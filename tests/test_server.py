@@ -35,9 +35,9 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 class RunningServer:
     """A uvicorn server in a thread on a free 127.0.0.1 port."""
 
-    def __init__(self, llm, **options):
+    def __init__(self, llm, model_name: str = MODEL, **options):
         self.llm = llm
-        self.app = create_app(llm, model_name=MODEL, **options)
+        self.app = create_app(llm, model_name=model_name, **options)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -238,6 +238,194 @@ def test_models_health_metrics(server, client):
     assert 'qwen2vl_http_requests_total{endpoint="/v1/chat/completions",status="200"}' in metrics
 
 
+# --- protocol details, as OpenAI's clients expect them ----------------------------------------
+
+def test_retrieve_a_model(client):
+    card = client.models.retrieve(MODEL)
+    assert (card.id, card.object, card.owned_by) == (MODEL, "model", "qwen2vl")
+    assert card.model_dump()["max_model_len"] == MAX_MODEL_LEN
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("gpt-4o")
+    error = caught.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert error["message"] == f"model 'gpt-4o' does not exist; this server serves '{MODEL}'"
+
+
+def test_retrieve_a_model_whose_name_has_a_slash(tiny_ckpt):
+    llm = Qwen2VL.from_pretrained(tiny_ckpt, device="cpu", max_model_len=MAX_MODEL_LEN)
+    running = RunningServer(llm, model_name="Qwen/Qwen2-VL-2B-Instruct-AWQ")
+    try:
+        client = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        assert client.models.retrieve("Qwen/Qwen2-VL-2B-Instruct-AWQ").id == "Qwen/Qwen2-VL-2B-Instruct-AWQ"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("Qwen/other")
+    finally:
+        running.stop()
+
+
+def test_completion_logprobs_zero_holds_the_sampled_token(client):
+    reply = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=5, temperature=0, logprobs=0)
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == 5
+    assert logprobs.top_logprobs == [{token: value} for token, value in zip(logprobs.tokens, logprobs.token_logprobs)]
+    two = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=5, temperature=0, logprobs=2)
+    for token, value, top in zip(two.choices[0].logprobs.tokens, two.choices[0].logprobs.token_logprobs,
+                                 two.choices[0].logprobs.top_logprobs):
+        assert top[token] == value and len(top) in (2, 3)  # the 2 most likely, and the sampled one if it is not
+        assert list(top.values()) == sorted(top.values(), reverse=True)
+
+
+def test_echo_puts_the_prompt_before_the_completion(client, reference):
+    plain = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=5, temperature=0)
+    echoed = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=5, temperature=0, echo=True)
+    assert echoed.choices[0].text == "The quick brown fox" + plain.choices[0].text
+    assert echoed.usage == plain.usage
+    streamed = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=5, temperature=0,
+                                         echo=True, stream=True)
+    chunks = list(streamed)
+    assert chunks[0].choices[0].text == "The quick brown fox"
+    assert "".join(chunk.choices[0].text for chunk in chunks) == echoed.choices[0].text
+    ids = reference.processor.tokenizer.encode("Two prompts")
+    both = client.completions.create(model=MODEL, prompt=[ids, [ids[0]]], max_tokens=2, temperature=0, echo=True, n=2)
+    texts = [choice.text for choice in sorted(both.choices, key=lambda c: c.index)]
+    first = reference.processor.tokenizer.decode([ids[0]], skip_special_tokens=False)
+    assert [text.startswith(prefix) for text, prefix in zip(texts, ["Two prompts"] * 2 + [first] * 2)] == [True] * 4
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, echo=True, logprobs=1)
+    assert caught.value.body["param"] == "echo" and "echo together with logprobs" in caught.value.body["message"]
+
+
+def test_stream_options_need_stream(client):
+    for create, target in ((client.chat.completions.create, {"messages": HELLO}),
+                           (client.completions.create, {"prompt": "hi"})):
+        with pytest.raises(openai.BadRequestError) as caught:
+            create(model=MODEL, max_tokens=2, stream=False, stream_options={"include_usage": True}, **target)
+        assert caught.value.body["param"] == "stream_options"
+
+
+def test_seeds_span_int64_without_wrapping(client):
+    sampling = dict(model=MODEL, messages=HELLO, max_tokens=6, temperature=1.0, extra_body={"top_k": 0})
+    texts = {seed: client.chat.completions.create(seed=seed, **sampling).choices[0].message.content
+             for seed in ((1 << 63) - 1, -(1 << 63))}
+    assert texts[(1 << 63) - 1] == client.chat.completions.create(seed=(1 << 63) - 1, **sampling).choices[0].message.content
+    for seed in (1 << 63, (1 << 64) - 1, 1 << 64):  # 2**63 + k would be the same generator as -2**63 + k
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(seed=seed, **sampling)
+        assert caught.value.body["param"] == "seed" and f"seed={seed}" in caught.value.body["message"]
+
+
+def test_logit_bias(client, reference):
+    token = reference.processor.tokenizer.encode(" blue")[0]
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4, temperature=0,
+                                           logit_bias={str(token): 100}, extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.content == reference.processor.tokenizer.decode([token] * 4)
+    expected = reference.chat(HELLO, max_tokens=4, temperature=0, logit_bias={token: 100}, ignore_eos=True)
+    assert reply.choices[0].message.content == expected.text
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, logit_bias={"151669": 1})
+    assert caught.value.body["param"] == "logit_bias"
+    assert "token id 151669 is outside the vocabulary [0, 151669)" in caught.value.body["message"]
+
+
+def test_min_tokens_holds_back_stop_token_ids(client, reference):
+    first = reference.chat(HELLO, max_tokens=1, temperature=0).token_ids[0]  # the server's greedy first token too
+    sampling = dict(model=MODEL, messages=HELLO, max_tokens=8, temperature=0)
+    stopped = client.chat.completions.create(**sampling, extra_body={"stop_token_ids": [first]})
+    assert (stopped.usage.completion_tokens, stopped.choices[0].finish_reason) == (1, "stop")
+    held = client.chat.completions.create(**sampling, extra_body={"stop_token_ids": [first], "min_tokens": 3})
+    assert held.usage.completion_tokens >= 3
+    expected = reference.chat(HELLO, max_tokens=8, temperature=0, stop_token_ids=[first], min_tokens=3)
+    assert held.choices[0].message.content == expected.text and first not in expected.token_ids[:3]
+
+
+def test_openapi_describes_every_body(server):
+    schema = httpx.get(server.url + "/openapi.json").json()  # no key needed, as for /docs
+    components = schema["components"]["schemas"]
+    assert schema["components"]["securitySchemes"] == {"apiKey": {"type": "http", "scheme": "bearer"}}
+    routes = {("/v1/chat/completions", "post"): ("ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"),
+              ("/v1/completions", "post"): ("CompletionRequest", "TextCompletion", "TextCompletion"),
+              ("/v1/models", "get"): (None, "ModelList", None),
+              ("/v1/models/{model}", "get"): (None, "ModelCard", None),
+              ("/health", "get"): (None, "HealthStatus", None)}
+    for (path, method), (request, response, chunk) in routes.items():
+        operation = schema["paths"][path][method]
+        if request:
+            assert operation["requestBody"]["content"]["application/json"]["schema"] == {
+                "$ref": f"#/components/schemas/{request}"}
+        content = operation["responses"]["200"]["content"]
+        assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{response}"}
+        if chunk:
+            assert content["text/event-stream"]["schema"] == {"$ref": f"#/components/schemas/{chunk}"}
+        assert operation["responses"]["400"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"}
+    refs = set()
+
+    def collect(node):
+        if isinstance(node, dict):
+            refs.update(value for key, value in node.items() if key == "$ref")
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(schema)
+    assert {ref.rsplit("/", 1)[1] for ref in refs} <= set(components)  # every reference resolves
+    assert schema["paths"]["/v1/models/{model}"]["get"]["parameters"] == [
+        {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}]
+    assert not any("422" in operation["responses"] for path in schema["paths"].values() for operation in path.values())
+    assert "logit_bias" in components["ChatCompletionRequest"]["properties"]
+    assert "echo" in components["CompletionRequest"]["properties"]
+    page = httpx.get(server.url + "/docs")
+    assert page.status_code == 200 and "/openapi.json" in page.text
+
+
+def test_wrong_method_says_which_are_allowed(server):
+    response = httpx.get(server.url + "/v1/chat/completions", headers=HEADERS)
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["error"]["message"] == "Method Not Allowed"
+    assert httpx.post(server.url + "/v1/models", headers=HEADERS).headers["allow"] == "GET"
+
+
+def test_the_body_must_be_sent_as_json(server):
+    body = _chat_body(HELLO)
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
+        response = httpx.post(server.url + "/v1/chat/completions", content=body,
+                              headers={**HEADERS, "Content-Type": content_type})
+        assert response.status_code == 415, content_type
+        error = response.json()["error"]
+        assert error["code"] == "unsupported_media_type"
+        assert f"not {content_type!r}" in error["message"] and "Content-Type: application/json" in error["message"]
+    for content_type in (None, "application/json; charset=utf-8", "application/vnd.api+json"):
+        headers = {**HEADERS, **({"Content-Type": content_type} if content_type else {})}
+        assert httpx.post(server.url + "/v1/chat/completions", content=body, headers=headers).status_code == 200
+
+
+def test_integral_floats_are_integers(server, reference, media_dir):
+    path = str(media_dir / "green.png")
+    expected = reference.chat([{"role": "user", "content": [
+        {"type": "image", "image": path, "min_pixels": 3136, "max_pixels": 3136 * 4}, {"type": "text", "text": "?"}]}],
+        max_tokens=3, temperature=0)
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"file://{path}"}, "min_pixels": 3136.0, "max_pixels": 12544.0},
+        {"type": "text", "text": "?"}]}]
+    response = httpx.post(server.url + "/v1/chat/completions", headers=HEADERS, timeout=30, json={
+        "model": MODEL, "messages": messages, "max_tokens": 3.0, "temperature": 0, "n": 1.0})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == expected.text
+    assert response.json()["usage"]["prompt_tokens"] == expected.usage.prompt_tokens
+
+
+def test_empty_prompt_is_refused_as_the_schema_says(server, client):
+    prompt = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
+    assert {"minLength": 1, "type": "string"} in prompt["anyOf"]
+    for empty in ("", [], [""], [[]]):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(model=MODEL, prompt=empty, max_tokens=2)
+        assert caught.value.body["param"].startswith("prompt"), empty
+        assert "at least 1" in caught.value.body["message"]
+
+
 # --- many clients at once -------------------------------------------------------------------
 
 def test_32_concurrent_clients_equal_their_single_answers(server, reference):
@@ -321,8 +509,19 @@ def _long_chat(stream: bool, max_tokens: int = 400) -> dict:
             "stream": stream}
 
 
+def _metric(server, sample: str) -> float:
+    """The value of one sample (name with its labels) on /metrics, 0 when not there yet."""
+    text = httpx.get(server.url + "/metrics", headers=HEADERS).text
+    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " ")), 0.0)
+
+
+CHAT_CLOSED = 'qwen2vl_http_requests_total{endpoint="/v1/chat/completions",status="499"}'
+ABORTED = 'qwen2vl_request_finished_total{finish_reason="abort"}'
+
+
 def test_disconnect_aborts_and_frees_the_cache(server):
     engine = server.llm.engine
+    closed, aborted = _metric(server, CHAT_CLOSED), _metric(server, ABORTED)
     with httpx.Client(base_url=server.url, headers=HEADERS, timeout=30) as http:
         with http.stream("POST", "/v1/chat/completions", json=_long_chat(stream=True)) as response:
             lines = response.iter_lines()
@@ -335,6 +534,13 @@ def test_disconnect_aborts_and_frees_the_cache(server):
         httpx.post(server.url + "/v1/chat/completions", json=_long_chat(stream=False), headers=HEADERS, timeout=0.5)
     server.wait_idle()
     assert engine.num_free_blocks == engine.num_total_blocks
+    # both disconnects (the stream after its 200 went out, and the plain request) are counted as such
+    deadline = time.monotonic() + 10
+    while _metric(server, CHAT_CLOSED) < closed + 2:
+        assert time.monotonic() < deadline, (closed, _metric(server, CHAT_CLOSED))
+        time.sleep(0.02)
+    assert _metric(server, CHAT_CLOSED) == closed + 2
+    assert _metric(server, ABORTED) == aborted + 2
 
 
 def test_request_timeout(open_server):
@@ -413,7 +619,33 @@ BAD_REQUESTS = {
                             None, "over the limit of 2097152 bytes"),
     "unknown model": (lambda: json.dumps({"model": "gpt-4o", "messages": HELLO}).encode(), None, 404, "model",
                       "does not exist"),
-    "bad sampling value": (lambda: _chat_body(HELLO, temperature=-1), None, 400, None, "temperature=-1"),
+    "bad sampling value": (lambda: _chat_body(HELLO, temperature=-1), None, 400, "temperature", "temperature=-1"),
+    "max_tokens=-1": (lambda: _chat_body(HELLO, max_tokens=-1), None, 400, "max_tokens", "max_tokens=-1"),
+    "top_logprobs=50": (lambda: _chat_body(HELLO, logprobs=True, top_logprobs=50), None, 400, "top_logprobs",
+                        "sampling parameter top_logprobs=50 is invalid: expected an integer in [0, 20]"),
+    "max_completion_tokens=0": (lambda: _chat_body(HELLO, max_tokens=None, max_completion_tokens=0), None, 400,
+                                "max_completion_tokens", "max_completion_tokens=0"),
+    "non-integral max_tokens": (lambda: _chat_body(HELLO, max_tokens=4.5), None, 400, "max_tokens", "valid integer"),
+    "seed over int64": (lambda: _chat_body(HELLO, seed=1 << 63), None, 400, "seed", "seed=9223372036854775808"),
+    "seed over uint64": (lambda: _chat_body(HELLO, seed=1 << 64), None, 400, "seed", "(int64)"),
+    "seed + n over int64": (lambda: _chat_body(HELLO, seed=(1 << 63) - 1, n=2), None, 400, "seed",
+                            "over the int64 limit"),
+    "logit_bias outside the vocabulary": (lambda: _chat_body(HELLO, logit_bias={"999999": 5}), None, 400, "logit_bias",
+                                          "token id 999999 is outside the vocabulary [0, 151669)"),
+    "logit_bias over 100": (lambda: _chat_body(HELLO, logit_bias={"5": -101}), None, 400, "logit_bias",
+                            "expected a number in [-100, 100]"),
+    "stop_token_ids outside the vocabulary": (lambda: _chat_body(HELLO, stop_token_ids=[3, 200000]), None, 400,
+                                              "stop_token_ids", "token id 200000 is outside the vocabulary"),
+    "min_tokens over max_tokens": (lambda: _chat_body(HELLO, min_tokens=5), None, 400, "min_tokens",
+                                   "expected at most max_tokens=4"),
+    "stream_options without stream": (lambda: _chat_body(HELLO, stream_options={"include_usage": True}), None, 400,
+                                      "stream_options", "only allowed with stream: true"),
+    "image_url as a bare string": (lambda: _chat_body([{"role": "user", "content": [
+        {"type": "image_url", "image_url": _png_uri()}]}]), None, 400, "messages[0].content[0].image_url",
+        'expected an object {"url": ...}'),
+    "video_url as a bare string": (lambda: _chat_body([{"role": "user", "content": [
+        {"type": "video_url", "video_url": "https://example.com/v.mp4"}]}]), None, 400,
+        "messages[0].content[0].video_url", "not a bare string"),
 }
 
 

@@ -21,6 +21,7 @@ from qwen2vl.server.schemas import (  # noqa: E402
     ChatCompletionChunk,
     ChatChunkChoice,
     ChatDelta,
+    CompletionRequest,
     describe_validation_error,
 )
 from pydantic import ValidationError  # noqa: E402
@@ -64,12 +65,71 @@ def test_validation_errors_name_the_field():
     assert param == "messages"
 
 
+def _completion_error(body: dict) -> tuple[str, str | None]:
+    with pytest.raises(ValidationError) as caught:
+        CompletionRequest.model_validate_json(json.dumps(body))
+    return describe_validation_error(caught.value)
+
+
+def test_integral_floats_count_as_integers():
+    part = {"type": "image_url", "image_url": {"url": "x"}, "min_pixels": 3136.0, "resized_height": 28.0,
+            "resized_width": 56}
+    request = ChatCompletionRequest.model_validate_json(json.dumps({
+        "messages": [{"role": "user", "content": [part]}], "max_tokens": 16.0, "n": 2.0, "seed": 7.0,
+        "stop_token_ids": [5.0], "min_tokens": 1.0}))
+    values = (request.max_tokens, request.n, request.seed, request.stop_token_ids, request.min_tokens)
+    assert values == (16, 2, 7, [5], 1) and all(type(v) is int for v in values[:3])
+    image = request.processor_messages()[0]["content"][0]
+    assert (image["min_pixels"], image["resized_height"]) == (3136, 28) and type(image["min_pixels"]) is int
+    assert _error({"messages": [USER], "max_tokens": 16.5}) == ("max_tokens: Input should be a valid integer", "max_tokens")
+    assert _error({"messages": [{"role": "user", "content": [{**part, "min_pixels": 3136.5}]}]})[1] == \
+        "messages[0].content[0].min_pixels"
+    assert _error({"messages": [USER], "max_tokens": True})[1] == "max_tokens"  # still no bool -> int
+    assert CompletionRequest.model_validate_json('{"prompt": [1.0, 2]}').prompt == [1, 2]
+
+
+def test_media_urls_must_be_objects():
+    for kind in ("image_url", "video_url"):
+        message, param = _error({"messages": [{"role": "user", "content": [{"type": kind, kind: "https://a.b/c"}]}]})
+        assert param == f"messages[0].content[0].{kind}"
+        assert message == f'{param}: expected an object {{"url": ...}}, not a bare string'
+
+
+def test_empty_prompts_are_refused_by_the_schema_it_publishes():
+    assert _completion_error({"prompt": ""}) == ("prompt: String should have at least 1 character", "prompt")
+    assert _completion_error({"prompt": []})[1] == "prompt"
+    assert _completion_error({"prompt": ["a", ""]}) == ("prompt[1]: String should have at least 1 character", "prompt[1]")
+    assert _completion_error({"prompt": [[1], []]})[1] == "prompt[1]"
+    branches = CompletionRequest.model_json_schema()["properties"]["prompt"]["anyOf"]
+    assert {"minLength": 1, "type": "string"} in branches
+    assert all(branch.get("minItems") == 1 for branch in branches if branch["type"] == "array")
+    assert all(item.get("minItems", 1) == 1 for branch in branches if branch["type"] == "array"
+               for item in [branch["items"]] if item.get("type") == "array")
+
+
+def test_logit_bias_keys_are_token_ids():
+    request = CompletionRequest.model_validate_json('{"prompt": "x", "logit_bias": {"50256": -100, "7": 2.5}}')
+    assert request.sampling_params(16, None).logit_bias == {50256: -100.0, 7: 2.5}
+    message, param = _completion_error({"prompt": "x", "logit_bias": {"cat": 1}})
+    assert (param, message) == ("logit_bias", 'logit_bias: \'cat\' is not a token id (keys are token ids written as '
+                                              'strings, such as "50256")')
+
+
+def test_sampling_field_names_map_back_to_the_request():
+    chat = ChatCompletionRequest.model_validate_json(json.dumps({"messages": [USER], "max_completion_tokens": 5}))
+    assert chat.sampling_field_names() == {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens"}
+    assert ChatCompletionRequest.model_validate_json(json.dumps({"messages": [USER]})).sampling_field_names() == {
+        "logprobs": "top_logprobs"}
+    assert CompletionRequest.model_validate_json('{"prompt": "x"}').sampling_field_names() == {}
+
+
 def test_openai_parts_become_processor_parts():
     request = ChatCompletionRequest.model_validate_json(json.dumps({"messages": [
         {"role": "developer", "content": "be brief"},
         {"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:x", "detail": "low"}},
-            {"type": "image_url", "image_url": "https://example.com/a.png", "max_pixels": 50176, "min_pixels": 3136},
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}, "max_pixels": 50176.0,
+             "min_pixels": 3136},
             {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}, "fps": 1.0},
             {"type": "text", "text": "what?"},
         ]},
@@ -178,6 +238,14 @@ def test_limits_and_admission():
         admission.acquire(2)
     admission.release(2)
     admission.acquire(3)
+
+
+def test_metrics_labels_of_paths():
+    from qwen2vl.server.app import _endpoint
+
+    assert _endpoint("/v1/completions") == "/v1/completions"
+    assert _endpoint("/v1/models/Qwen/Qwen2-VL-2B-Instruct-AWQ") == "/v1/models/{model}"
+    assert _endpoint("/v1/unknown") == "other"
 
 
 def test_metrics_render_prometheus_text():

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from qwen2vl.engine.scheduler import SampledToken, ScheduledSpan, StepPlan
-from qwen2vl.layers.sampler import SamplerOutput, SamplingBatch
+from qwen2vl.layers.sampler import LogitBias, SamplerOutput, SamplingBatch
 
 # The per-row numbers a sampling batch carries, as `SamplingParams` names them.
 SAMPLER_COLUMNS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -171,6 +171,16 @@ def sampling_batch(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size:
         column["top_k"] = column["top_k"].long()
     asked = [p.logprobs for p in params if p.logprobs is not None]
     padded = _padder(vocab_size, to_device)
+    entries = []
+    for index, row in enumerate(rows):
+        # stopping tokens are banned (-inf wins over any bias) until min_tokens were generated
+        bias = {**(row.params.logit_bias or {}), **dict.fromkeys(row.banned_token_ids, float("-inf"))}
+        entries += [(index, token, value) for token, value in bias.items()]
+    logit_bias = None
+    if entries:
+        indices, token_ids, values = zip(*entries)
+        logit_bias = LogitBias(to_device(indices, torch.long), to_device(token_ids, torch.long),
+                               to_device(values, torch.float32))
     return SamplingBatch(
         **column,
         prompt_tokens=padded([row.prompt_token_ids for row in rows]) if any_penalty else None,
@@ -180,6 +190,7 @@ def sampling_batch(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size:
         all_greedy=all_greedy,
         any_penalty=any_penalty,
         any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params),
+        logit_bias=logit_bias,
     )
 
 

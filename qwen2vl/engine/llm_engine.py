@@ -129,7 +129,7 @@ class LLMEngine:
     def add_request(self, prompt: PreparedPrompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Validate and queue a request; returns its id. Raises `InputError` for a bad request
         (which leaves the engine and its other requests untouched)."""
-        params = (params or SamplingParams()).resolve(self.generation_config)
+        params = (params or SamplingParams()).resolve(self.generation_config, self.config.text.vocab_size)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif request_id in self.scheduler.requests:

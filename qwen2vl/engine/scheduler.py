@@ -21,6 +21,7 @@ class SampleRow:
     generator: torch.Generator | None
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # those read back; a pending last one is on the device (`ScheduledSpan.pending`)
+    banned_token_ids: frozenset[int]  # its stopping tokens, until it has `min_tokens` tokens
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,10 @@ def make_span(seq: Sequence, start: int, num_tokens: int) -> ScheduledSpan:
     rows = (seq.vision_rows_before[prompt_start], seq.vision_rows_before[prompt_end])
     sample = None
     if end == seq.num_tokens:
+        too_short = seq.num_tokens - seq.prompt_len < seq.params.min_tokens
         sample = SampleRow(seq.params, seq.generator, seq.prompt.input_ids,
-                           seq.output_token_ids if seq.params.has_penalty else [])
+                           seq.output_token_ids if seq.params.has_penalty else [],
+                           frozenset(seq.stop_token_ids) if too_short else frozenset())
     return ScheduledSpan(
         request_id=seq.request_id, start=start, num_tokens=num_tokens,
         input_ids=seq.token_ids[start:end], pending=end > len(seq.token_ids),

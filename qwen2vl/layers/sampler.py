@@ -20,6 +20,8 @@ class SamplingBatch:
 
     `generators[r]` is row r's seeded generator, or `None` to draw from the global one; a
     seeded row's draws never depend on the other rows.
+
+    `logit_bias` holds the few (row, token) logits to shift, or `None` when no row has any.
     """
 
     temperature: torch.Tensor | None  # [R] float32
@@ -36,6 +38,17 @@ class SamplingBatch:
     all_greedy: bool
     any_penalty: bool
     any_filter: bool  # some sampling row has top_k, top_p or min_p
+    logit_bias: LogitBias | None = None
+
+
+@dataclass
+class LogitBias:
+    """Sparse additions to the logits: `values[i]` goes to token `token_ids[i]` of row `rows[i]`;
+    -inf bans the token (a row's stopping tokens before its `min_tokens`)."""
+
+    rows: torch.Tensor  # [N] int64
+    token_ids: torch.Tensor  # [N] int64
+    values: torch.Tensor  # [N] float32
 
 
 @dataclass
@@ -50,7 +63,8 @@ class SamplerOutput:
 
 
 class Sampler(torch.nn.Module):
-    """logits [R, V] -> next tokens: penalties, temperature, top-k, top-p, min-p, then a draw.
+    """logits [R, V] -> next tokens: penalties, logit bias, temperature, top-k, top-p, min-p,
+    then a draw.
 
     Logprobs are the log-softmax of the raw logits (the model's distribution, before penalties
     and temperature), the convention of transformers' `output_logits` and vLLM's default.
@@ -61,6 +75,9 @@ class Sampler(torch.nn.Module):
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs is not None else None
         if batch.any_penalty:
             logits = apply_penalties(logits, batch)
+        if batch.logit_bias is not None:
+            bias = batch.logit_bias
+            logits = logits.index_put((bias.rows, bias.token_ids), bias.values, accumulate=True)
         greedy_ids = logits.argmax(dim=-1)
         if batch.all_greedy:
             token_ids = greedy_ids

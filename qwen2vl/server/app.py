@@ -8,6 +8,9 @@ Each request is validated (pydantic, strict), admitted under the in-flight limit
 checked, fetched and decoded in a worker thread, and is then handed to the engine thread; its
 outputs come back on its own queue. A client that disconnects, or a request that runs out of
 time, is aborted in the engine, which frees its KV blocks.
+
+The handlers parse the raw body themselves (strict JSON validation with our own messages); the
+OpenAPI document (`/openapi.json`, `/docs`) declares the same pydantic models as the bodies.
 """
 from __future__ import annotations
 
@@ -24,16 +27,19 @@ from contextlib import aclosing, asynccontextmanager
 from functools import lru_cache
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from qwen2vl import __version__
 from qwen2vl.engine.async_engine import AsyncEngine, EngineFailure, EngineStopped, RequestCancelled, RequestStream
 from qwen2vl.engine.sequence import RequestOutput
 from qwen2vl.errors import InputError, Qwen2VLError
 from qwen2vl.processor.types import PreparedPrompt
-from qwen2vl.sampling_params import SamplingParams
+from qwen2vl.sampling_params import SEED_RANGE, SamplingParams
 from qwen2vl.server.limits import Admission, MediaAccess, Overloaded, ServerLimits
 from qwen2vl.server.media import check_media, server_processor
 from qwen2vl.server.metrics import Metrics
@@ -49,8 +55,13 @@ from qwen2vl.server.schemas import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    ErrorInfo,
+    ErrorResponse,
+    HealthStatus,
     ModelCard,
     ModelList,
+    REQUEST_MODELS,
+    RESPONSE_MODELS,
     TextCompletion,
     TokenLogprob,
     TopLogprob,
@@ -60,8 +71,16 @@ from qwen2vl.server.schemas import (
 
 logger = logging.getLogger("qwen2vl.server")
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs")
+PUBLIC_PATHS = ("/health", "/openapi.json", "/docs")  # no API key needed
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"; only seen in metrics
+
+
+def _endpoint(path: str) -> str:
+    """The metrics label of a path: one of ENDPOINTS, the model route, or "other"."""
+    if path in ENDPOINTS:
+        return path
+    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
 
 class APIError(Exception):
@@ -74,7 +93,8 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                             code=self.code)).model_dump()
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -125,33 +145,33 @@ class RequestGate:
             return await self.app(scope, receive, send)
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        status = CLIENT_CLOSED
-        started = False
+        exchange = _Exchange()
 
         async def send_tagged(message):
-            nonlocal status, started
             if message["type"] == "http.response.start":
-                status, started = message["status"], True
+                exchange.status = message["status"]
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                exchange.complete = True
             await send(message)
 
         try:
             self._authorize(scope)
             body = await self._read_body(scope, receive)
-            await self.app(scope, _replay(body, receive), send_tagged)
+            await self.app(scope, exchange.replay(body, receive), send_tagged)
         except Exception as error:  # noqa: BLE001 - every failure must still get an answer
             if isinstance(error, _ClientGone):
                 return
             answer = api_error(error, request_id)
-            if not started:
+            if exchange.status is None:
                 await answer.response()(scope, receive, send_tagged)
         finally:
-            endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
-            self.server.metrics.requests.inc(endpoint, str(status))
+            status = CLIENT_CLOSED if exchange.client_left or exchange.status is None else exchange.status
+            self.server.metrics.requests.inc(_endpoint(scope["path"]), str(status))
 
     def _authorize(self, scope) -> None:
         key = self.server.api_key
-        if key is None or scope["path"] == "/health":
+        if key is None or scope["path"] in PUBLIC_PATHS:
             return
         scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
         if not token:
@@ -188,15 +208,30 @@ def _too_large(size: int, limit: int) -> APIError:
                     code="request_too_large")
 
 
-def _replay(body: bytes, receive):
-    """A `receive` that hands over the already-read body once, then listens to the client again
-    (which is how a disconnect is noticed)."""
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
+class _Exchange:
+    """One HTTP exchange as the gate sees it: the status sent (None: none yet), whether the
+    response went out in full, and whether the client left before that (a stream cut short
+    counts as 499, not as the 200 its headers said)."""
 
-    async def replayed():
-        return pending.pop() if pending else await receive()
+    def __init__(self):
+        self.status: int | None = None
+        self.complete = False
+        self.client_left = False
 
-    return replayed
+    def replay(self, body: bytes, receive):
+        """A `receive` that hands over the already-read body once, then listens to the client
+        again (which is how a disconnect is noticed)."""
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replayed():
+            if pending:
+                return pending.pop()
+            message = await receive()
+            if message["type"] == "http.disconnect" and not self.complete:
+                self.client_left = True
+            return message
+
+        return replayed
 
 
 async def _until_disconnected(receive) -> None:
@@ -221,6 +256,7 @@ class _Job:
         self._admitted = 0
         self._watcher: asyncio.Task | None = None
         self._timed_out = False
+        self._num_finished = 0
 
     async def start(self, prepare: Callable[[], list[PreparedPrompt]], params: list[SamplingParams]) -> None:
         """Admit, prepare the prompts in a worker thread and hand `len(prompts) * len(params)`
@@ -272,6 +308,7 @@ class _Job:
             metrics.time_to_first_token.observe(now - self.arrival)
         metrics.generation_tokens.inc(amount=len(output.new_token_ids))
         if output.finished:
+            self._num_finished += 1
             metrics.request_latency.observe(now - self.arrival)
             metrics.finished.inc(output.finish_reason or "unknown")
             if output.finish_reason == "error":
@@ -284,9 +321,14 @@ class _Job:
         return last
 
     def close(self) -> None:
-        """Abort what is still running (freeing its KV blocks) and give back the admission."""
+        """Abort what is still running (freeing its KV blocks), count it under finish reason
+        "abort" (the client left, or the request timed out), and give back the admission."""
         if self._watcher is not None:
             self._watcher.cancel()
+            self._watcher = None
+            unfinished = len(self.streams) - self._num_finished
+            if unfinished:
+                self.server.metrics.finished.inc("abort", amount=unfinished)
         for stream in self.streams:
             stream.abort()
         self.server.admission.release(self._admitted)
@@ -342,6 +384,7 @@ class OpenAIServer:
         self.engine = AsyncEngine(llm.driver)
         self.processor = server_processor(llm.processor, media, limits)
         self.tokenizer = self.processor.tokenizer
+        self.vocab_size = self.tokenizer.vocab_size
         self.max_model_len = llm.engine.max_model_len
         self.admission = Admission(limits.max_requests_in_flight)
         self.metrics = Metrics()
@@ -352,8 +395,8 @@ class OpenAIServer:
     # -- routes -----------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
-        body = self._with_defaults(_parse(ChatCompletionRequest, await request.body()))
-        self._check_model(body.model)
+        body = self._with_defaults(await _parse(ChatCompletionRequest, request))
+        self._check_common(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
@@ -377,16 +420,17 @@ class OpenAIServer:
                                     choices=choices, usage=self._usage(job, outputs)))
 
     async def completions(self, request: Request) -> Response:
-        body = self._with_defaults(_parse(CompletionRequest, await request.body()))
-        self._check_model(body.model)
-        for name, value, default in (("echo", body.echo, False), ("suffix", body.suffix, None)):
-            if value != default:
-                raise APIError(400, f"{name} is not supported by this server", param=name)
+        body = self._with_defaults(await _parse(CompletionRequest, request))
+        self._check_common(body)
+        if body.suffix is not None:
+            raise APIError(400, "suffix is not supported by this server", param="suffix")
+        if body.echo and body.logprobs is not None:
+            # the prompt's logprobs would need the model's logits at every prompt position
+            raise APIError(400, "echo together with logprobs is not supported by this server (it has no logprobs "
+                                "for prompt tokens); leave out one of them", param="echo")
         if body.best_of not in (None, 1, body.n):
             raise APIError(400, "best_of is not supported by this server (only best_of = n)", param="best_of")
         prompts = [body.prompt] if isinstance(body.prompt, str) or _is_token_list(body.prompt) else body.prompt
-        if not prompts:
-            raise APIError(400, "prompt is empty", param="prompt")
         params = self._choice_params(body, body.max_tokens, body.logprobs, num_prompts=len(prompts))
         job = _Job(self, request, len(prompts) * len(params))
         await job.start(lambda: self._prepare_text(prompts), params)
@@ -396,19 +440,24 @@ class OpenAIServer:
             outputs = await job.finals()
         finally:
             job.close()
-        choices = [CompletionChoice(index=index, text=output.text, finish_reason=output.finish_reason,
+        choices = [CompletionChoice(index=index, text=self._echo(body, job, index) + output.text,
+                                    finish_reason=output.finish_reason,
                                     logprobs=self._completion_logprobs(output.token_ids, output.logprobs, body.logprobs, 0))
                    for index, output in enumerate(outputs)]
         return _json(TextCompletion(id=f"cmpl-{job.request_id}", created=int(time.time()), model=self.model_name,
                                     choices=choices, usage=self._usage(job, outputs)))
 
     async def models(self, request: Request) -> Response:
-        return _json(ModelList(data=[ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)]))
+        return _json(ModelList(data=[self._model_card()]))
+
+    async def model(self, request: Request) -> Response:
+        self._check_model(request.path_params["model"])
+        return _json(self._model_card())
 
     async def health(self, request: Request) -> Response:
         if not self.engine.is_running:
             raise APIError(503, "the engine is not running", "server_error")
-        return JSONResponse({"status": "ok"})
+        return _json(HealthStatus())
 
     async def prometheus(self, request: Request) -> Response:
         text = self.metrics.render(running=self.engine.num_requests - self.engine.num_waiting,
@@ -417,6 +466,9 @@ class OpenAIServer:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- requests to engine inputs ------------------------------------------------------------
+
+    def _model_card(self) -> ModelCard:
+        return ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -432,14 +484,24 @@ class OpenAIServer:
                     if value is not None and name in type(body).model_fields and name not in given}
         return body.model_copy(update=defaults)
 
+    def _check_common(self, body) -> None:
+        """The checks chat and text completions share beyond the schema."""
+        self._check_model(body.model)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+
     def _choice_params(self, body, max_tokens: int | None, logprobs: int | None, num_prompts: int) -> list[SamplingParams]:
         try:
             self.limits.check_choices(body.n * num_prompts)
         except InputError as error:
             raise APIError(400, str(error), param="n") from None
         base = body.sampling_params(max_tokens, logprobs)
-        base.validate()
-        return [dataclasses.replace(base, seed=seed) for seed in body.choice_seeds()]
+        base.validate(vocab_size=self.vocab_size, names=body.sampling_field_names())
+        seeds = body.choice_seeds()
+        if seeds[-1] is not None and seeds[-1] > SEED_RANGE[1]:
+            raise APIError(400, f"seed={body.seed} with n={body.n} is invalid: choice i samples with seed + i, and "
+                                f"{seeds[-1]} is over the int64 limit {SEED_RANGE[1]}", param="seed")
+        return [dataclasses.replace(base, seed=seed) for seed in seeds]
 
     def _prepare_chat(self, messages: list[dict]) -> list[PreparedPrompt]:
         """Runs in a media worker thread: media checks, fetch, decode, template, tokens."""
@@ -447,19 +509,26 @@ class OpenAIServer:
         return [self.processor.prepare(messages)]
 
     def _prepare_text(self, prompts: list[str | list[int]]) -> list[PreparedPrompt]:
+        """Token ids and text of each prompt (a non-empty string always has tokens: the schema
+        refuses empty prompts)."""
         prepared = []
-        vocab_size = self.tokenizer.vocab_size
         for index, prompt in enumerate(prompts):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            if not ids:
-                raise APIError(400, f"prompt {index} has no tokens", param=f"prompt[{index}]")
-            bad = next((token for token in ids if not 0 <= token < vocab_size), None)
+            bad = next((token for token in ids if not 0 <= token < self.vocab_size), None)
             if bad is not None:
-                raise APIError(400, f"prompt {index} has token id {bad}, outside the vocabulary [0, {vocab_size})",
+                raise APIError(400, f"prompt {index} has token id {bad}, outside the vocabulary [0, {self.vocab_size})",
                                param=f"prompt[{index}]")
+            text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=False)
             positions, rope_delta = self.processor.mrope(ids, [])
-            prepared.append(PreparedPrompt(ids, positions, rope_delta, [], prompt if isinstance(prompt, str) else ""))
+            prepared.append(PreparedPrompt(ids, positions, rope_delta, [], text))
         return prepared
+
+    @staticmethod
+    def _echo(body: CompletionRequest, job: _Job, choice: int) -> str:
+        """The prompt text choice `choice` continues with `echo`, else "" (choices are grouped by prompt)."""
+        if not body.echo:
+            return ""
+        return job.prompts[choice // (len(job.streams) // len(job.prompts))].text
 
     # -- engine outputs to responses ----------------------------------------------------------
 
@@ -495,10 +564,12 @@ class OpenAIServer:
         result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
         for token_id, distribution in zip(token_ids, logprobs):
             text = self._token_strings(token_id)[0]
+            # OpenAI's legacy shape: the `top` most likely tokens and the sampled one (so up to top + 1)
             best = sorted(distribution.items(), key=lambda item: -item[1])[:top]
+            chosen = sorted({**dict(best), token_id: distribution[token_id]}.items(), key=lambda item: -item[1])
             result.tokens.append(text)
             result.token_logprobs.append(distribution[token_id])
-            result.top_logprobs.append({self._token_strings(other)[0]: value for other, value in best})
+            result.top_logprobs.append({self._token_strings(other)[0]: value for other, value in chosen})
             result.text_offset.append(offset)
             offset += len(text)
         return result
@@ -539,6 +610,10 @@ class OpenAIServer:
 
         finals: list[RequestOutput | None] = [None] * len(job.streams)
         offsets = [0] * len(job.streams)
+        if body.echo:
+            for index in range(len(job.streams)):
+                yield chunk([CompletionChoice(index=index, text=self._echo(body, job, index), logprobs=None,
+                                              finish_reason=None)])
         async for index, output in job.events():
             new_logprobs = output.logprobs[len(output.logprobs) - len(output.new_token_ids):] if output.logprobs else None
             logprobs = self._completion_logprobs(output.new_token_ids, new_logprobs, body.logprobs, offsets[index])
@@ -553,15 +628,27 @@ class OpenAIServer:
 
 
 def _is_token_list(prompt) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and all(isinstance(token, int) for token in prompt)
+    return isinstance(prompt, list) and all(isinstance(token, int) for token in prompt)
 
 
-def _parse(model: type[BaseModel], body: bytes):
+async def _parse(model: type[BaseModel], request: Request):
+    """The request's JSON body as `model`. A body declared as anything but JSON is refused (one
+    without a Content-Type is read as JSON)."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not _is_json(content_type):
+        raise APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json', not "
+                            f"{content_type!r} (curl -d sends 'application/x-www-form-urlencoded' unless given "
+                            f"-H 'Content-Type: application/json')", code="unsupported_media_type")
     try:
-        return model.model_validate_json(body)
+        return model.model_validate_json(await request.body())
     except ValidationError as error:
         message, param = describe_validation_error(error)
         raise APIError(400, message, param=param) from None
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
 
 
 def _json(model: BaseModel) -> Response:
@@ -641,7 +728,8 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
             server.engine.stop()
             server.media_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="qwen2vl", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="qwen2vl", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json", swagger_ui_oauth2_redirect_url=None)
     app.state.server = server
     app.add_middleware(RequestGate, server=server)
 
@@ -650,17 +738,67 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
 
     async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:
         return APIError(error.status_code, str(error.detail), "not_found_error" if error.status_code == 404
-                        else "invalid_request_error").response()
+                        else "invalid_request_error", headers=error.headers).response()  # a 405's Allow
 
     app.add_exception_handler(APIError, on_error)
     app.add_exception_handler(Qwen2VLError, on_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
-    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
-    app.add_api_route("/v1/models", server.models, methods=["GET"])
-    app.add_api_route("/health", server.health, methods=["GET"])
-    app.add_api_route("/metrics", server.prometheus, methods=["GET"])
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"],
+                      openapi_extra=_request_body(ChatCompletionRequest),
+                      responses=_responses(ChatCompletion, ChatCompletionChunk))
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"],
+                      openapi_extra=_request_body(CompletionRequest), responses=_responses(TextCompletion, TextCompletion))
+    app.add_api_route("/v1/models", server.models, methods=["GET"], responses=_responses(ModelList))
+    app.add_api_route("/v1/models/{model:path}", server.model, methods=["GET"], responses=_responses(ModelCard),
+                      openapi_extra={"parameters": [{"name": "model", "in": "path", "required": True,
+                                                     "schema": {"type": "string"}}]})
+    app.add_api_route("/health", server.health, methods=["GET"], responses=_responses(HealthStatus),
+                      openapi_extra={"security": []})
+    app.add_api_route("/metrics", server.prometheus, methods=["GET"],
+                      responses={200: {"description": "Prometheus text format",
+                                       "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    app.openapi = lambda: _openapi(app, with_api_key=server.api_key is not None)
     return app
+
+
+# --- the OpenAPI document: the request and response models above, declared by reference -------
+
+def _ref(model: type[BaseModel]) -> dict:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _request_body(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(model)}}}}
+
+
+_ERRORS = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or path",
+           413: "body over the limit", 415: "body not sent as JSON", 500: "a bug of the server",
+           503: "overloaded or shutting down", 504: "over the request timeout"}
+
+
+def _responses(model: type[BaseModel], chunk: type[BaseModel] | None = None) -> dict:
+    content = {"application/json": {"schema": _ref(model)}}
+    description = "OK"
+    if chunk is not None:
+        content["text/event-stream"] = {"schema": _ref(chunk)}
+        description = "the response, or with `stream: true` server-sent events, each `data: <chunk>`, then `data: [DONE]`"
+    errors = {status: {"description": text, "content": {"application/json": {"schema": _ref(ErrorResponse)}}}
+              for status, text in _ERRORS.items()}
+    return {200: {"description": description, "content": content}, **errors}
+
+
+def _openapi(app: FastAPI, with_api_key: bool) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        models = [(model, "validation") for model in REQUEST_MODELS] + [(model, "serialization") for model in RESPONSE_MODELS]
+        _, definitions = models_json_schema(models, ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {})
+        components.setdefault("schemas", {}).update(definitions["$defs"])
+        if with_api_key:
+            components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"apiKey": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def serve(llm, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,

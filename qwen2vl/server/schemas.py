@@ -2,13 +2,15 @@
 `Processor` messages and `SamplingParams`.
 
 Requests are validated strictly (no silent type coercion, unknown fields refused) so that a typo
-in a parameter name is an error instead of a silently ignored setting.
+in a parameter name is an error instead of a silently ignored setting. The one conversion: an
+integral number such as `16.0` is accepted where an integer is asked (JSON Schema counts it as an
+integer), `16.5` is not.
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from qwen2vl.sampling_params import SamplingParams
 
@@ -22,15 +24,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def _integral(value: Any) -> Any:
+    """`16.0` -> `16`; anything else is left to strict integer validation (which refuses it)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _token_id_key(value: Any) -> Any:
+    """A JSON object key such as "50256" -> 50256 (OpenAI's logit_bias keys are token ids as strings)."""
+    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+PositiveInteger = Annotated[int, Field(gt=0), BeforeValidator(_integral)]
+NonEmptyString = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[Integer], Field(min_length=1)]
+
+
 # --- requests ------------------------------------------------------------------------------
 
 class _MediaOptions(_Strict):
     """Our per-part extensions: the processor's per-item resize settings."""
 
-    min_pixels: int | None = Field(None, gt=0)
-    max_pixels: int | None = Field(None, gt=0)
-    resized_height: int | None = Field(None, gt=0)
-    resized_width: int | None = Field(None, gt=0)
+    min_pixels: PositiveInteger | None = None
+    max_pixels: PositiveInteger | None = None
+    resized_height: PositiveInteger | None = None
+    resized_width: PositiveInteger | None = None
 
     def _options(self) -> dict[str, Any]:
         return self.model_dump(exclude={"type", "image_url", "video_url"}, exclude_none=True)
@@ -48,14 +66,13 @@ class ImageURL(_Strict):
 
 class ImagePart(_MediaOptions):
     type: Literal["image_url"]
-    image_url: ImageURL | str
+    image_url: ImageURL
 
     def to_processor(self) -> dict[str, Any]:
-        image_url = self.image_url if isinstance(self.image_url, ImageURL) else ImageURL(url=self.image_url)
         options = self._options()
-        if image_url.detail == "low":
+        if self.image_url.detail == "low":
             options.setdefault("max_pixels", LOW_DETAIL_MAX_PIXELS)
-        return {"type": "image", "image": image_url.url, **options}
+        return {"type": "image", "image": self.image_url.url, **options}
 
 
 class VideoURL(_Strict):
@@ -64,13 +81,12 @@ class VideoURL(_Strict):
 
 class VideoPart(_MediaOptions):
     type: Literal["video_url"]
-    video_url: VideoURL | str
+    video_url: VideoURL
     fps: float | None = Field(None, gt=0)
-    nframes: int | None = Field(None, gt=0)
+    nframes: PositiveInteger | None = None
 
     def to_processor(self) -> dict[str, Any]:
-        url = self.video_url.url if isinstance(self.video_url, VideoURL) else self.video_url
-        return {"type": "video", "video": url, **self._options()}
+        return {"type": "video", "video": self.video_url.url, **self._options()}
 
 
 ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
@@ -100,22 +116,25 @@ class _SamplingRequest(_Strict):
     """Fields shared by chat and text completions."""
 
     model: str | None = None
-    max_tokens: int | None = None
+    max_tokens: Integer | None = None
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
+    seed: Integer | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: Integer = 1
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[Annotated[int, BeforeValidator(_token_id_key)], float] | None = Field(
+        None, description='token id (as a string, such as "50256") -> a bias in [-100, 100] added to its logit')
     # extensions (vLLM names)
-    top_k: int | None = None
+    top_k: Integer | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Integer] | None = None
     ignore_eos: bool = False
+    min_tokens: Integer = 0
     # accepted and ignored
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -127,9 +146,14 @@ class _SamplingRequest(_Strict):
         """Only the fields the client set: the rest come from the checkpoint's generation config,
         exactly as for `Qwen2VL.chat`."""
         fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                  "frequency_penalty", "seed", "stop", "stop_token_ids")
+                  "frequency_penalty", "seed", "stop", "stop_token_ids", "logit_bias")
         values = {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=self.ignore_eos, **values)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=self.ignore_eos,
+                              min_tokens=self.min_tokens, **values)
+
+    def sampling_field_names(self) -> dict[str, str]:
+        """The request's names of `SamplingParams` fields where they differ, for error messages."""
+        return {}
 
     def choice_seeds(self) -> list[int | None]:
         """Choice i samples with seed + i, so each choice is reproducible on its own."""
@@ -138,21 +162,29 @@ class _SamplingRequest(_Strict):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Integer | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Integer | None = None
 
     def processor_messages(self) -> list[dict[str, Any]]:
         return [message.to_processor() for message in self.messages]
 
+    def sampling_field_names(self) -> dict[str, str]:
+        names = {"logprobs": "top_logprobs"}
+        if self.max_completion_tokens is not None:
+            names["max_tokens"] = "max_completion_tokens"
+        return names
+
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for this endpoint
-    logprobs: int | None = None
+    # never empty: a prompt of no tokens gives the model nothing to continue
+    prompt: NonEmptyString | Annotated[list[NonEmptyString], Field(min_length=1)] | TokenIds \
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    max_tokens: Integer | None = 16  # OpenAI's default for this endpoint
+    logprobs: Integer | None = None
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Integer | None = None
 
 
 # --- responses -----------------------------------------------------------------------------
@@ -263,6 +295,27 @@ class ModelList(_Envelope):
     data: list[ModelCard]
 
 
+class HealthStatus(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorInfo
+
+
+REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest)
+RESPONSE_MODELS = (ChatCompletion, ChatCompletionChunk, TextCompletion, ModelCard, ModelList, HealthStatus, ErrorResponse)
+
+
 # --- validation errors ---------------------------------------------------------------------
 
 def describe_validation_error(error: ValidationError) -> tuple[str, str | None]:
@@ -272,11 +325,13 @@ def describe_validation_error(error: ValidationError) -> tuple[str, str | None]:
     meant (a list of content parts with a bad part, rather than "not a string").
     """
     errors = error.errors(include_url=False)
-    located = [(_param(err["loc"]), err) for err in errors]
-    depth = max(len(err["loc"]) for _, err in located)
-    param, first = next((param, err) for param, err in located if len(err["loc"]) == depth)
-    messages = [_describe(err) for p, err in located if p == param and len(err["loc"]) == depth]
-    text = " or ".join(dict.fromkeys(messages))
+    depth = max(len(err["loc"]) for err in errors)
+    deepest = [err for err in errors if len(err["loc"]) == depth]
+    # a union branch whose type matched but whose value did not is the one the client meant
+    # (`"prompt": ""` is a string that is too short, rather than "not a list")
+    meant = [err for err in deepest if not err["type"].endswith("_type")] or deepest
+    param = _param(meant[0]["loc"])
+    text = " or ".join(dict.fromkeys(_describe(err) for err in meant if _param(err["loc"]) == param))
     return (f"{param}: {text}" if param else text), param or None
 
 
@@ -294,7 +349,11 @@ def _describe(err: dict) -> str:
     if kind == "missing":
         return "required field is missing"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
+        if err["loc"][-1] in ("image_url", "video_url") and isinstance(err.get("input"), str):
+            return 'expected an object {"url": ...}, not a bare string'
         return "expected an object"
+    if err["loc"][-1] == "[key]":
+        return f"{err['input']!r} is not a token id (keys are token ids written as strings, such as \"50256\")"
     return err["msg"]
 
 
@@ -302,12 +361,14 @@ def _param(loc: tuple) -> str:
     """`('messages', 0, 'content', 'list[...]', 1, 'image_url', 'image_url', 'url')` ->
     `messages[0].content[1].image_url.url`: drops pydantic's union branch labels and the
     discriminator tag it inserts after a list index."""
+    if loc[-1:] == ("[key]",):  # a bad key of a mapping: the mapping is the param
+        loc = loc[:-2]
     out = ""
     previous = None
     for item in loc:
         if isinstance(item, int):
             out += f"[{item}]"
-        elif "[" in item or item[:1].isupper() or item in ("str", "int", "float", "bool"):
+        elif "[" in item or item[:1].isupper() or item in ("str", "int", "float", "bool") or item.startswith("constrained-"):
             pass  # a union branch label
         elif isinstance(previous, int) and item in CONTENT_PART_TYPES and "content" in loc:
             pass  # the discriminator tag
