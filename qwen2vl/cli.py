@@ -126,7 +126,7 @@ def _open_image(llm, image: str, option: str = "--image"):
     from .processor.image import open_image
 
     try:
-        return open_image(image, llm.processor.media_policy)
+        return open_image(image, llm.processor.media_policy, llm.processor.budget)
     except MediaError as error:
         raise MediaError(f"{option} {_short(image)}: {error}") from None
 
