@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .engine.driver import EngineDriver, NewRequest
+from .engine_args import EngineArgs
 from .errors import InputError
 from .grounding import Box, parse_boxes
 from .hub import resolve_model_dir
@@ -137,33 +138,27 @@ class Qwen2VL:
         self.model_dir = model_dir
 
     @classmethod
-    def from_pretrained(
-        cls,
-        model: str | os.PathLike | None = None,
-        device: str = "auto",
-        dtype: str | torch.dtype = "auto",
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        max_model_len: int | None = None,
-        int8_vocab: bool = True,
-        **engine_options,
-    ) -> "Qwen2VL":
+    def from_pretrained(cls, model: str | os.PathLike | None = None, args: EngineArgs | None = None,
+                        **fields) -> "Qwen2VL":
         """Load `model` (a checkpoint directory or a hub id; None: the card's AWQ checkpoint if
-        cached, else the bundled demo model); `engine_options` go to `LLMEngine`. A 4-bit
-        checkpoint on its int4 kernel keeps the vocabulary table as int8 rows (half the head's
-        bytes per token) unless `int8_vocab` is False."""
+        cached, else the bundled demo model). `fields` are `EngineArgs`' (device, dtype,
+        min_pixels, max_pixels, max_model_len, int8_vocab, max_num_seqs, ...), or give `args`. A 4-bit checkpoint on its int4 kernel keeps the vocabulary table as int8 rows (half
+        the head's bytes per token) unless `int8_vocab` is False."""
         from .engine import LLMEngine
         from .loader import load_model
         from .processor import Processor
 
-        model_dir = resolve_model_dir(model)
-        torch_device = _pick_device(device)
-        processor = Processor.from_pretrained(model_dir, min_pixels=min_pixels, max_pixels=max_pixels)
-        network = load_model(model_dir, device=torch_device, dtype=_pick_dtype(dtype), int8_vocab=int8_vocab)
+        if args is None:
+            args = EngineArgs.from_keywords(model=model, **fields)
+        elif fields or model is not None:
+            raise TypeError("give either args or its fields as keywords, not both")
+        model_dir = resolve_model_dir(args.model)
+        device = _pick_device(args.device)
+        processor = Processor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        network = load_model(model_dir, device=device, dtype=_pick_dtype(args.dtype), int8_vocab=args.int8_vocab)
         generation_config_path = model_dir / "generation_config.json"
         generation_config = json.loads(generation_config_path.read_text()) if generation_config_path.is_file() else {}
-        engine = LLMEngine(network, processor, max_model_len=max_model_len,
-                           generation_config=generation_config, **engine_options)
+        engine = LLMEngine(network, processor, args, generation_config=generation_config)
         return cls(engine, processor, model_dir)
 
     def chat(self, messages: Messages | list[Messages], params: SamplingParams | None = None, *,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,50 +23,52 @@ EPILOG = """examples:
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The `EngineArgs` fields that have a flag, with their defaults and help."""
+    from .engine_args import EngineArgs
+
     group = parser.add_argument_group("model")
-    group.add_argument("--model", help="checkpoint directory, or a hub id such as Qwen/Qwen2-VL-2B-Instruct-AWQ "
-                       "(default: that one if in the Hugging Face cache, else the bundled demo model)")
-    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    group.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (auto: bf16 on GPU; on CPU bf16 with the int4 kernel for 4-bit checkpoints, else fp32)")
-    group.add_argument("--min-pixels", type=int, help="smallest image area after resizing (pixels)")
-    group.add_argument("--max-pixels", type=int, help="largest image area after resizing (pixels); fewer = faster")
-    group.add_argument("--max-model-len", type=int, help="longest prompt + answer in tokens")
-    group.add_argument("--no-int8-vocab", dest="int8_vocab", action="store_false",
-                       help="keep a 4-bit checkpoint's vocabulary table in bf16 (default: int8 rows)")
+    for f in dataclasses.fields(EngineArgs):
+        if not f.metadata["flag"]:
+            continue
+        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.default is True:
+            group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_)
+        else:
+            group.add_argument(flag, type=int if "int" in str(f.type) else None, default=f.default, help=help_)
+
+
+def _engine_args(args: argparse.Namespace):
+    from .engine_args import EngineArgs
+
+    return EngineArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs) if f.metadata["flag"]})
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser,
                           title: str = "sampling (unset = the checkpoint's generation_config.json)") -> None:
+    """The `SamplingParams` fields that have a flag."""
+    from .sampling_params import SamplingParams, fields_where
+
     group = parser.add_argument_group(title)
-    group.add_argument("--max-tokens", type=int, help="most tokens to generate")
-    group.add_argument("--temperature", type=float, help="0 = greedy")
-    group.add_argument("--top-p", type=float)
-    group.add_argument("--top-k", type=int)
-    group.add_argument("--min-p", type=float)
-    group.add_argument("--repetition-penalty", type=float)
-    group.add_argument("--presence-penalty", type=float)
-    group.add_argument("--frequency-penalty", type=float)
-    group.add_argument("--seed", type=int, help="makes sampling reproducible")
-    group.add_argument("--stop", action="append", help="stop string (repeatable)")
-
-
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
-                   "presence_penalty", "frequency_penalty", "seed", "stop")
+    types = {f.name: str(f.type) for f in dataclasses.fields(SamplingParams)}
+    for name in fields_where("flag"):
+        flag, help_ = "--" + name.replace("_", "-"), SamplingParams.__dataclass_fields__[name].metadata["flag"] or None
+        if "list" in types[name]:
+            group.add_argument(flag, action="append", help=help_)
+        else:
+            group.add_argument(flag, type=float if "float" in types[name] else int, help=help_)
 
 
 def _sampling_params(args: argparse.Namespace):
-    from .sampling_params import SamplingParams
+    from .sampling_params import SamplingParams, fields_where
 
-    return SamplingParams(**{name: getattr(args, name) for name in SAMPLING_FIELDS
+    return SamplingParams(**{name: getattr(args, name) for name in fields_where("flag")
                              if getattr(args, name) is not None})
 
 
 def _load(args: argparse.Namespace):
     from .api import Qwen2VL
 
-    return Qwen2VL.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                   min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-                                   max_model_len=args.max_model_len, int8_vocab=args.int8_vocab)
+    return Qwen2VL.from_pretrained(args=_engine_args(args))
 
 
 def _user_message(prompt: str, images: list, videos: list[str]) -> dict:
@@ -425,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-media-per-request", type=int, default=limits.max_media_per_request,
                        help="images and videos in one request")
     group.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
-                       help="width x height of an image as sent, before resizing")
+                       help="width x height of an image or video frame, as sent and as its per-part options resize it")
     group.add_argument("--max-prompt-tokens", type=int, help="default: --max-model-len minus one")
     group.add_argument("--max-requests-in-flight", type=int, default=limits.max_requests_in_flight,
                        help="beyond it new requests get 503 with Retry-After")

@@ -14,8 +14,14 @@ MAX_LOGIT_BIAS = 100  # OpenAI's range for a logit bias: [-100, 100]
 # would wrap a negative seed onto [2**63, 2**64).
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)
 
-# Fields `resolve` may take from a checkpoint's generation_config.json, by the same name there.
-_FROM_GENERATION_CONFIG = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def _field(default=None, *, flag: str | None = None, generation_config: bool = False, per_row: bool = False):
+    """A sampling field. `flag`: the CLI offers it as `--name-with-dashes`, with this help;
+    `generation_config`: `resolve` may take it from a checkpoint's generation_config.json (same
+    name there); `per_row`: a number the sampler takes per row."""
+    return dataclasses.field(default=default, metadata={"flag": flag, "generation_config": generation_config,
+                                                        "per_row": per_row})
 
 
 @dataclass
@@ -46,22 +52,22 @@ class SamplingParams:
     stay the model's own, before the bias.
     """
 
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    logprobs: int | None = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    min_tokens: int = 0
-    logit_bias: dict[int, float] | None = None
+    max_tokens: int | None = _field(flag="most tokens to generate")
+    temperature: float | None = _field(flag="0 = greedy", generation_config=True, per_row=True)
+    top_p: float | None = _field(flag="", generation_config=True, per_row=True)
+    top_k: int | None = _field(flag="", generation_config=True, per_row=True)
+    min_p: float | None = _field(flag="", per_row=True)
+    repetition_penalty: float | None = _field(flag="", generation_config=True, per_row=True)
+    presence_penalty: float | None = _field(flag="", per_row=True)
+    frequency_penalty: float | None = _field(flag="", per_row=True)
+    seed: int | None = _field(flag="makes sampling reproducible")
+    stop: str | list[str] | None = _field(flag="stop string (repeatable)")
+    stop_token_ids: list[int] | None = _field()
+    logprobs: int | None = _field()
+    ignore_eos: bool = _field(False)
+    skip_special_tokens: bool = _field(True)
+    min_tokens: int = _field(0, flag="fewest tokens to generate before an end-of-sequence token may end it")
+    logit_bias: dict[int, float] | None = _field()
 
     @classmethod
     def from_overrides(cls, params: SamplingParams | None = None, **overrides) -> SamplingParams:
@@ -99,7 +105,7 @@ class SamplingParams:
         """
         config = generation_config or {}
         values = dataclasses.asdict(self)
-        for name in _FROM_GENERATION_CONFIG:
+        for name in fields_where("generation_config"):
             if values[name] is None and config.get(name) is not None:
                 values[name] = config[name]
         if self.temperature is None and config.get("do_sample") is False:
@@ -202,3 +208,8 @@ class SamplingParams:
             if not (is_number(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
                 fail("logit_bias", f": the bias of token id {token} is {bias!r}, expected a number in "
                                    f"[-{MAX_LOGIT_BIAS}, {MAX_LOGIT_BIAS}]")
+
+
+def fields_where(key: str) -> tuple[str, ...]:
+    """The names of the sampling fields whose `key` metadata is set (see `_field`)."""
+    return tuple(f.name for f in dataclasses.fields(SamplingParams) if f.metadata[key] not in (None, False))

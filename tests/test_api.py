@@ -235,3 +235,16 @@ def test_a_refused_conversation_in_a_batch_runs_none_of_them(llm, conversations)
         llm.chat([conversations["text"], long_text], max_tokens=4)
     assert not llm.engine.has_unfinished()
     assert llm.engine.num_free_blocks == llm.engine.num_total_blocks
+
+
+def test_engine_arguments_are_checked_once_where_they_are_given(tiny_ckpt):
+    from qwen2vl.engine_args import EngineArgs
+
+    with pytest.raises(InputError, match="max_num_seqs=0 is invalid") as caught:
+        Qwen2VL.from_pretrained(tiny_ckpt, max_num_seqs=0)
+    assert caught.value.field == "max_num_seqs"
+    with pytest.raises(InputError, match="unknown engine argument.*max_batch.*known: .*max_num_seqs"):
+        Qwen2VL.from_pretrained(tiny_ckpt, max_batch=4)
+    llm = Qwen2VL.from_pretrained(args=EngineArgs(model=str(tiny_ckpt), num_kv_blocks=32, max_num_seqs=3))
+    assert llm.engine.args.max_num_seqs == llm.engine.scheduler.max_num_seqs == 3
+    assert llm.engine.num_total_blocks == 32

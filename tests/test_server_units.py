@@ -364,3 +364,14 @@ def test_async_engine_streams_refuses_and_aborts():
             engine.stop()
 
     asyncio.run(run())
+
+
+def test_every_sampling_field_is_a_request_field_or_named_as_not_offered():
+    import dataclasses
+
+    from qwen2vl.sampling_params import SamplingParams
+    from qwen2vl.server.schemas import SAMPLING_FIELDS_BY_NAME, SAMPLING_FIELDS_NOT_OFFERED, ChatCompletionRequest
+
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert names == set(SAMPLING_FIELDS_BY_NAME) | set(SAMPLING_FIELDS_NOT_OFFERED) | {"max_tokens", "logprobs"}
+    assert {"max_tokens", "max_completion_tokens", "top_logprobs"} <= set(ChatCompletionRequest.model_fields)

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from qwen2vl.engine.scheduler import SampledToken, ScheduledSpan, StepPlan
+from qwen2vl.sampling_params import fields_where
 from qwen2vl.layers.sampler import LogitBias, SamplerOutput, SamplingBatch
 
 # The per-row numbers a sampling batch carries, as `SamplingParams` names them.
-SAMPLER_COLUMNS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                   "frequency_penalty")
+SAMPLER_COLUMNS = fields_where("per_row")
 
 
 @dataclass

@@ -10,6 +10,7 @@ from qwen2vl.engine.block_manager import BlockManager
 from qwen2vl.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from qwen2vl.engine.scheduler import Scheduler, StepPlan, VisionWork
 from qwen2vl.engine.sequence import RequestOutput, Sequence
+from qwen2vl.engine_args import EngineArgs
 from qwen2vl.errors import InputError
 from qwen2vl.processor.tokenizer import IncrementalDetokenizer
 from qwen2vl.processor.types import PreparedPrompt
@@ -29,7 +30,7 @@ class LLMEngine:
     for every request that got a token or finished. A request that fails on its own (such as a
     broken image in the vision encoder) finishes with `finish_reason="error"`; the others go on.
 
-    The KV pool is `num_kv_blocks` blocks of `block_size` tokens, or as many as fit in
+    `EngineArgs` sizes it. The KV pool is `num_kv_blocks` blocks of `block_size` tokens, or as many as fit in
     `kv_cache_memory` bytes; by default most of the free GPU memory, or on CPU room for a few
     sequences of `max_model_len` (at most 1 GiB). `max_model_len` (prompt plus output) defaults
     to the model's `max_position_embeddings`, capped by the pool. `generation_config` is the
@@ -46,22 +47,14 @@ class LLMEngine:
     read-back first; penalties take a pending token from the device.
     """
 
-    def __init__(
-        self,
-        model,
-        processor,
-        *,
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        num_kv_blocks: int | None = None,
-        kv_cache_memory: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        max_vision_tokens_per_step: int | None = None,
-        generation_config: dict | None = None,
-        cuda_graphs: bool | None = None,
-        run_ahead: bool | None = None,
-    ):
+    def __init__(self, model, processor, args: EngineArgs | None = None, *, generation_config: dict | None = None,
+                 **fields):
+        """`args` (or its fields as keywords) size the engine; its loading fields are not read here."""
+        if args is None:
+            args = EngineArgs.from_keywords(**fields)
+        elif fields:
+            raise TypeError("give either args or its fields as keywords, not both")
+        self.args = args
         self.model = model
         self.processor = processor
         self.config = model.config
@@ -69,10 +62,10 @@ class LLMEngine:
         self.device = model.device
 
         text = self.config.text
+        block_size, num_kv_blocks, max_model_len = args.block_size, args.num_kv_blocks, args.max_model_len
         block_bytes = kv_cache_bytes_per_block(text.num_layers, text.num_kv_heads, text.head_dim, block_size, model.dtype)
         if num_kv_blocks is None:
-            if kv_cache_memory is None:
-                kv_cache_memory = self._default_kv_cache_memory(block_bytes // block_size, max_model_len)
+            kv_cache_memory = args.kv_cache_memory or self._default_kv_cache_memory(block_bytes // block_size, max_model_len)
             num_kv_blocks = kv_cache_memory // block_bytes
         capacity = num_kv_blocks * block_size
         if max_model_len is None:
@@ -80,27 +73,28 @@ class LLMEngine:
         elif max_model_len > capacity:
             raise InputError(
                 f"max_model_len={max_model_len} does not fit the KV cache of {num_kv_blocks} blocks x "
-                f"{block_size} tokens = {capacity} tokens; lower max_model_len or give more KV cache memory"
+                f"{block_size} tokens = {capacity} tokens; lower max_model_len or give more KV cache memory",
+                field="max_model_len",
             )
         self.max_model_len = max_model_len
 
         self.block_manager = BlockManager(num_kv_blocks, block_size)
         self.scheduler = Scheduler(
             self.block_manager,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_vision_tokens_per_step=max_vision_tokens_per_step or max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_vision_tokens_per_step=args.max_vision_tokens_per_step or args.max_num_batched_tokens,
             max_model_len=max_model_len,
         )
-        self.runner = ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
-                                  max_model_len=max_model_len, cuda_graphs=cuda_graphs)
+        self.runner = ModelRunner(model, num_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=args.max_num_seqs,
+                                  max_model_len=max_model_len, cuda_graphs=args.cuda_graphs)
 
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
         # Each request's vision embeddings, item by item, from its encoding to its end.
         self._vision_embeds: dict[str, list[torch.Tensor]] = {}
         self._ids = itertools.count()
-        self.run_ahead = self.device.type == "cuda" if run_ahead is None else run_ahead
+        self.run_ahead = self.device.type == "cuda" if args.run_ahead is None else args.run_ahead
         self._in_flight: LaunchedStep | None = None  # launched, tokens not read back yet
 
     @property

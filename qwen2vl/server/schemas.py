@@ -8,6 +8,7 @@ integer), `16.5` is not.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -145,11 +146,8 @@ class _SamplingRequest(_Strict):
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Only the fields the client set: the rest come from the checkpoint's generation config,
         exactly as for `Qwen2VL.chat`."""
-        fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                  "frequency_penalty", "seed", "stop", "stop_token_ids", "logit_bias")
-        values = {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=self.ignore_eos,
-                              min_tokens=self.min_tokens, **values)
+        values = {name: getattr(self, name) for name in SAMPLING_FIELDS_BY_NAME if getattr(self, name) is not None}
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **values)
 
     def sampling_field_names(self) -> dict[str, str]:
         """The request's names of `SamplingParams` fields where they differ, for error messages."""
@@ -158,6 +156,13 @@ class _SamplingRequest(_Strict):
     def choice_seeds(self) -> list[int | None]:
         """Choice i samples with seed + i, so each choice is reproducible on its own."""
         return [None if self.seed is None else self.seed + i for i in range(self.n)]
+
+
+# The `SamplingParams` fields a request sets under their own name; `max_tokens` and `logprobs`
+# take the endpoint's own shape (max_completion_tokens, top_logprobs), the rest is not offered.
+SAMPLING_FIELDS_BY_NAME = tuple(f.name for f in dataclasses.fields(SamplingParams)
+                                if f.name in _SamplingRequest.model_fields and f.name not in ("max_tokens", "logprobs"))
+SAMPLING_FIELDS_NOT_OFFERED = ("skip_special_tokens",)
 
 
 class ChatCompletionRequest(_SamplingRequest):
