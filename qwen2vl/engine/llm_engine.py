@@ -238,9 +238,9 @@ class LLMEngine:
             raise InputError("the prompt has no tokens")
         if len(prompt) + 1 > self.max_model_len:
             raise InputError(
-                f"the prompt has {len(prompt)} tokens, but max_model_len is {self.max_model_len} "
-                f"(prompt plus at least one generated token); shorten the prompt, lower the image "
-                f"resolution (max_pixels) or raise max_model_len"
+                f"the prompt has {len(prompt)} tokens, over the limit of {self.max_model_len - 1} (max_model_len is "
+                f"{self.max_model_len}: prompt plus at least one generated token); shorten the prompt, lower the "
+                f"image resolution (max_pixels) or raise max_model_len"
             )
         if tuple(prompt.positions.shape) != (3, len(prompt)):
             raise InputError(f"prompt positions have shape {tuple(prompt.positions.shape)}, expected (3, {len(prompt)})")
