@@ -11,6 +11,7 @@ _EXPORTS = {
     "Qwen2VL": "qwen2vl.api",
     "Completion": "qwen2vl.api",
     "SamplingParams": "qwen2vl.sampling_params",
+    "EngineArgs": "qwen2vl.engine_args",
     "Qwen2VLError": "qwen2vl.errors",
     "InputError": "qwen2vl.errors",
     "MediaError": "qwen2vl.errors",
