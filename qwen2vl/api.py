@@ -30,6 +30,7 @@ Messages = list[dict]
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -228,7 +229,7 @@ class Qwen2VL:
             text=output.text,
             token_ids=list(output.token_ids),
             finish_reason=output.finish_reason,
-            usage=Usage(len(prompt.input_ids), len(output.token_ids)),
+            usage=Usage(len(prompt.input_ids), len(output.token_ids), output.num_cached_tokens),
             logprobs=output.logprobs,
             raw_text=self.processor.tokenizer.decode(output.token_ids, skip_special_tokens=False),
             image_sizes=[item.original_size for item in prompt.vision_items if item.kind == "image"],

@@ -38,6 +38,10 @@ class EngineArgs:
     kv_cache_memory: int | None = _option(help="bytes of KV cache (default: most of the free GPU memory; on CPU "
                                                "room for a few sequences of max_model_len, at most 1 GiB)",
                                           positive=True)
+    prefix_caching: bool = _option(True, help="recompute every prompt from its start (default: reuse the KV "
+                                              "blocks of earlier requests' matching prefixes)")
+    vision_cache_bytes: int | None = _option(help="bytes of image/video encodings kept for reuse (default: 256 MiB "
+                                                  "on CPU, 1 GiB on GPU; 0: off)")
     cuda_graphs: bool | None = _option(flag=False)
     run_ahead: bool | None = _option(flag=False)
 
@@ -47,8 +51,12 @@ class EngineArgs:
             if f.metadata["positive"] and value is not None and not (
                     isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise InputError(f"{f.name}={value!r} is invalid: expected an integer >= 1", field=f.name)
-        for name in ("int8_vocab", "cuda_graphs", "run_ahead"):
-            if getattr(self, name) not in (True, False, None) or (name == "int8_vocab" and self.int8_vocab is None):
+        if self.vision_cache_bytes is not None and not (isinstance(self.vision_cache_bytes, int) and self.vision_cache_bytes >= 0):
+            raise InputError(f"vision_cache_bytes={self.vision_cache_bytes!r} is invalid: expected an integer >= 0",
+                             field="vision_cache_bytes")
+        for name in ("int8_vocab", "prefix_caching", "cuda_graphs", "run_ahead"):
+            if getattr(self, name) not in (True, False, None) or (name in ("int8_vocab", "prefix_caching")
+                                                                   and getattr(self, name) is None):
                 raise InputError(f"{name}={getattr(self, name)!r} is invalid: expected True or False", field=name)
 
     @classmethod

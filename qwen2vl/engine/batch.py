@@ -21,7 +21,7 @@ class LaunchedStep:
     `plan.sampling[r]`. Until they are read back, a next step can take them as its input there."""
 
     plan: StepPlan
-    out: SamplerOutput
+    out: SamplerOutput | None  # None when no span samples
 
     def __post_init__(self):
         self.row_of = {span.request_id: row for row, span in enumerate(self.plan.sampling)}
@@ -30,6 +30,8 @@ class LaunchedStep:
         """The tokens on the host (waits for the device), one per sampling span, with the
         log-probabilities each asked for."""
         out, spans = self.out, self.plan.sampling
+        if out is None:
+            return []
         token_ids = out.token_ids.tolist()
         if out.logprobs is None:
             return [SampledToken(token_id, None) for token_id in token_ids]

@@ -10,6 +10,7 @@ from qwen2vl.engine.block_manager import BlockManager
 from qwen2vl.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from qwen2vl.engine.scheduler import Scheduler, StepPlan, VisionWork
 from qwen2vl.engine.sequence import RequestOutput, Sequence
+from qwen2vl.engine.vision_cache import VisionCache
 from qwen2vl.engine_args import EngineArgs
 from qwen2vl.errors import InputError
 from qwen2vl.processor.tokenizer import IncrementalDetokenizer
@@ -20,6 +21,9 @@ _CPU_KV_CACHE_MAX_BYTES = 1 << 30
 _CPU_KV_CACHE_SEQS = 4  # on CPU the default pool holds this many sequences of max_model_len
 _GPU_MEMORY_FRACTION = 0.85  # of the memory free after loading the model, for the KV cache
 _GPU_RESERVE_BYTES = 1 << 30  # left for activations and the vision encoder
+# Vision encoder outputs kept for reuse: a 448x448 image's 256 rows of 1536 are 0.75-1.5 MiB.
+_CPU_VISION_CACHE_BYTES = 256 << 20
+_GPU_VISION_CACHE_BYTES = 1 << 30
 
 
 class LLMEngine:
@@ -78,7 +82,7 @@ class LLMEngine:
             )
         self.max_model_len = max_model_len
 
-        self.block_manager = BlockManager(num_kv_blocks, block_size)
+        self.block_manager = BlockManager(num_kv_blocks, block_size, prefix_caching=args.prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=args.max_num_seqs,
@@ -92,7 +96,9 @@ class LLMEngine:
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
         # Each request's vision embeddings, item by item, from its encoding to its end.
-        self._vision_embeds: dict[str, list[torch.Tensor]] = {}
+        self._vision_embeds: dict[str, dict[int, torch.Tensor]] = {}
+        self.vision_cache = VisionCache(self._default_vision_cache_bytes() if args.vision_cache_bytes is None
+                                        else args.vision_cache_bytes)
         self._ids = itertools.count()
         self.run_ahead = self.device.type == "cuda" if args.run_ahead is None else args.run_ahead
         self._in_flight: LaunchedStep | None = None  # launched, tokens not read back yet
@@ -133,6 +139,8 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        merge = self.config.vision.spatial_merge_size
+        item_tokens = [item.num_tokens(merge) for item in prompt.vision_items]
         seq = Sequence(
             request_id,
             prompt,
@@ -141,13 +149,12 @@ class LLMEngine:
             stop_token_ids=stop_token_ids,
             detokenizer=IncrementalDetokenizer(self.processor.tokenizer, skip_special_tokens=params.skip_special_tokens),
             generator=generator,
+            item_tokens=item_tokens,
         )
-        merge = self.config.vision.spatial_merge_size
-        expected = sum(item.num_tokens(merge) for item in prompt.vision_items)
-        if seq.num_vision_tokens != expected:
+        if seq.num_vision_tokens != sum(item_tokens):
             raise InputError(
                 f"the prompt has {seq.num_vision_tokens} image/video pad tokens but its "
-                f"{len(prompt.vision_items)} vision item(s) make {expected} embeddings"
+                f"{len(prompt.vision_items)} vision item(s) make {sum(item_tokens)} embeddings"
             )
         self.scheduler.add(seq)
         return request_id
@@ -201,27 +208,50 @@ class LLMEngine:
         return self._finish(seq)
 
     def _encode_vision(self, works: list[VisionWork]) -> list[Sequence]:
-        """Encode the images and videos of `works` in one encoder call (the scheduler admits at
-        most `max_vision_tokens_per_step` of them a step); if it fails, one request at a time,
-        so that a broken input fails its own request only. Returns the requests that failed."""
+        """Encode the images and videos of `works` not in the vision cache, in one encoder call
+        (the scheduler admits at most `max_vision_tokens_per_step` of them a step); if it fails,
+        one request at a time, so that a broken input fails its own request only. Returns the
+        requests that failed."""
+        missing = []
+        for work in works:
+            store = self._vision_embeds.setdefault(work.request_id, {})
+            indices = []
+            for index, item in zip(work.indices, work.items):
+                cached = self.vision_cache.get(item.digest) if self.vision_cache.max_bytes else None
+                if cached is not None:
+                    store[index] = cached
+                else:
+                    indices.append(index)
+            if indices:
+                missing.append(VisionWork(work.request_id, indices, [work.items[work.indices.index(i)] for i in indices]))
+        return self._encode_missing(missing)
+
+    def _encode_missing(self, works: list[VisionWork]) -> list[Sequence]:
         if not works:
             return []
         try:
             for work, embeds in zip(works, self.runner.encode_vision(works)):
-                self._vision_embeds[work.request_id] = embeds
+                for index, item, item_embeds in zip(work.indices, work.items, embeds):
+                    self._vision_embeds[work.request_id][index] = item_embeds
+                    if self.vision_cache.max_bytes:
+                        self.vision_cache.put(item.digest, item_embeds)
             return []
         except Exception as e:
             if len(works) > 1:
-                return [seq for work in works for seq in self._encode_vision([work])]
+                return [seq for work in works for seq in self._encode_missing([work])]
             seq = self.scheduler.requests[works[0].request_id]
             seq.finish("error", f"vision encoding failed: {type(e).__name__}: {e}")
             return [seq]
 
     def _vision_rows(self, request_id: str, start: int, end: int) -> torch.Tensor:
         """Rows `start:end` of a request's vision embeddings (its items' rows, in prompt order)."""
-        items = self._vision_embeds[request_id]
-        embeds = items[0] if len(items) == 1 else torch.cat(items)
-        return embeds[start:end]
+        seq, store = self.scheduler.requests[request_id], self._vision_embeds[request_id]
+        pieces = []
+        for index in range(len(seq.prompt.vision_items)):
+            item_start, item_end = seq.item_rows(index)
+            if item_start < end and item_end > start:
+                pieces.append(store[index][max(start, item_start) - item_start:min(end, item_end) - item_start])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def _finish(self, seq: Sequence) -> RequestOutput:
         """The final output of a request the engine ended (aborted, or failed on its own)."""
@@ -244,6 +274,9 @@ class LLMEngine:
             )
         if tuple(prompt.positions.shape) != (3, len(prompt)):
             raise InputError(f"prompt positions have shape {tuple(prompt.positions.shape)}, expected (3, {len(prompt)})")
+
+    def _default_vision_cache_bytes(self) -> int:
+        return _GPU_VISION_CACHE_BYTES if self.device.type == "cuda" else _CPU_VISION_CACHE_BYTES
 
     def _default_kv_cache_memory(self, bytes_per_token: int, max_model_len: int | None) -> int:
         max_len = max_model_len or self.config.text.max_position_embeddings

@@ -60,9 +60,9 @@ class ModelRunner:
         return [[next(embeds) for _ in work.items] for work in works]
 
     @torch.inference_mode()
-    def launch(self, plan: StepPlan, previous: LaunchedStep | None, vision_rows) -> LaunchedStep | None:
+    def launch(self, plan: StepPlan, previous: LaunchedStep | None, vision_rows) -> LaunchedStep:
         """One forward over the plan's spans and the sampling of those that reach their
-        request's last token, without waiting for the device (None if no span samples). Input tokens still pending on the
+        request's last token, without waiting for the device. Input tokens still pending on the
         device are taken from `previous`; `vision_rows(request_id, start, end)` gives rows of a
         request's vision embeddings."""
         inputs = step_inputs(plan, block_size=self.block_size, vision_rows=vision_rows, previous=previous,
@@ -74,7 +74,7 @@ class ModelRunner:
         else:
             logits = self._forward(inputs)
         if not plan.sampling:
-            return None
+            return LaunchedStep(plan, None)
         sampling = sampling_batch(plan, previous, vocab_size=self.vocab_size, to_device=self.to_device)
         return LaunchedStep(plan, self.sampler(logits, sampling))
 

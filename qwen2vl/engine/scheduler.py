@@ -54,9 +54,10 @@ class ScheduledSpan:
 
 @dataclass(frozen=True)
 class VisionWork:
-    """The images and videos of one request, to encode before its first span runs."""
+    """Images and videos of one request (its items `indices`), to encode before its span runs."""
 
     request_id: str
+    indices: list[int]
     items: list[VisionItem]
 
 
@@ -187,18 +188,25 @@ class Scheduler:
             budget -= num_tokens
 
         vision_tokens = 0
+        manager = self.block_manager
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.needs_vision_encoding:
-                if vision_tokens and vision_tokens + seq.num_vision_tokens > self.max_vision_tokens_per_step:
-                    break
-                vision_tokens += seq.num_vision_tokens
-            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            end = seq.num_computed_tokens + num_tokens
-            if not self.block_manager.can_grow(seq, end):
+            cached = manager.cached_prefix(seq)  # a waiting sequence holds no blocks
+            start = len(cached) * manager.block_size
+            num_tokens = min(seq.num_tokens - start, budget)
+            if manager.blocks_for(start + num_tokens) - len(cached) + manager.blocks_taken_from_free(cached) \
+                    > manager.num_free_blocks:
                 break
+            encode = sum(seq.item_rows(i)[1] - seq.item_rows(i)[0] for i in seq.items_to_encode_from(start))
+            if encode and vision_tokens and vision_tokens + encode > self.max_vision_tokens_per_step:
+                break
+            vision_tokens += encode
             self.waiting.popleft()
-            self.block_manager.grow(seq, end)
+            manager.take_prefix(seq, cached)
+            seq.num_computed_tokens = start
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = start
+            manager.grow(seq, start + num_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append((seq, num_tokens))
@@ -208,9 +216,10 @@ class Scheduler:
     def _commit(self, scheduled: list[tuple[Sequence, int]]) -> StepPlan:
         spans, encode = [], []
         for seq, num_tokens in scheduled:
-            if seq.needs_vision_encoding:
-                encode.append(VisionWork(seq.request_id, list(seq.prompt.vision_items)))
-                seq.vision_encoded = True
+            indices = seq.items_to_encode
+            if indices:
+                encode.append(VisionWork(seq.request_id, indices, [seq.prompt.vision_items[i] for i in indices]))
+                seq.encoded_items.update(indices)
             spans.append(make_span(seq, seq.num_computed_tokens, num_tokens))
             seq.num_computed_tokens += num_tokens
             if spans[-1].sample is not None:
@@ -221,6 +230,10 @@ class Scheduler:
         """The tokens sampled by `plan`'s step (one per sampling span, in order) arrive: each is
         appended to its request, unless that request finished or was aborted since. Finished
         requests are taken out. Returns the requests that got a token."""
+        for span in plan.spans:
+            seq = self.requests.get(span.request_id)
+            if seq is not None:
+                self.block_manager.register(seq, span.end, span.block_table)
         updated = []
         for span, token in zip(plan.sampling, sampled):
             seq = self.requests.get(span.request_id)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     logprobs: list[dict[int, float]] | None = None
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
 
 class Sequence:
@@ -64,6 +66,7 @@ class Sequence:
         stop_token_ids: set[int],
         detokenizer,
         generator: torch.Generator | None,
+        item_tokens: list[int] | None = None,
     ):
         self.request_id = request_id
         self.prompt = prompt
@@ -79,7 +82,11 @@ class Sequence:
         ids = torch.tensor(prompt.input_ids, dtype=torch.long)
         self.vision_mask = torch.isin(ids, torch.tensor(vision_token_ids, dtype=torch.long))
         self.vision_rows_before = torch.cat([torch.zeros(1, dtype=torch.long), self.vision_mask.cumsum(0)]).tolist()
-        self.vision_encoded = False  # set when a step is planned to encode its vision items
+        # Where each vision item's rows start among the prompt's vision rows (one item if not told).
+        self.item_row_starts = [0, *itertools.accumulate(item_tokens or [self.vision_rows_before[-1]])][:-1]
+        self.encoded_items: set[int] = set()  # items a step was planned to encode (the engine holds them)
+        self.block_digests: list[bytes] = []  # of its full blocks, in order (see `BlockManager`)
+        self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache, at first admission
 
         self.stop_token_ids = stop_token_ids
         self.generator = generator
@@ -103,9 +110,35 @@ class Sequence:
     def num_vision_tokens(self) -> int:
         return self.vision_rows_before[-1]
 
+    def item_rows(self, index: int) -> tuple[int, int]:
+        """The vision rows of item `index`."""
+        starts = self.item_row_starts
+        return starts[index], starts[index + 1] if index + 1 < len(starts) else self.num_vision_tokens
+
+    def items_to_encode_from(self, start: int) -> list[int]:
+        """The vision items whose rows the tokens from `start` on need and no step encoded yet."""
+        computed_rows = self.vision_rows_before[min(start, self.prompt_len)]
+        return [index for index in range(len(self.prompt.vision_items))
+                if index not in self.encoded_items and self.item_rows(index)[1] > computed_rows]
+
+    @property
+    def items_to_encode(self) -> list[int]:
+        return self.items_to_encode_from(self.num_computed_tokens)
+
     @property
     def needs_vision_encoding(self) -> bool:
-        return bool(self.prompt.vision_items) and not self.vision_encoded
+        return bool(self.items_to_encode)
+
+    def media_in(self, start: int, end: int) -> list[tuple[bytes, int]]:
+        """For each vision item with pad tokens among tokens `start:end`: its digest and the
+        offset of its first row there (what a block's digest takes of its media)."""
+        first, last = self.vision_rows_before[min(start, self.prompt_len)], self.vision_rows_before[min(end, self.prompt_len)]
+        media = []
+        for index, item in enumerate(self.prompt.vision_items):
+            item_start, item_end = self.item_rows(index)
+            if item_start < last and item_end > first:
+                media.append((item.digest, max(first, item_start) - item_start))
+        return media
 
     @property
     def is_finished(self) -> bool:
@@ -158,6 +191,7 @@ class Sequence:
             finish_reason=self.finish_reason,
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
             error=self.error,
+            num_cached_tokens=self.num_cached_tokens or 0,
         )
         self.num_emitted_chars = visible
         self.num_emitted_tokens = len(self.token_ids) - self.prompt_len

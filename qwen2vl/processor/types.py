@@ -1,6 +1,8 @@
 """What the processor hands to the engine: one conversation, ready to run."""
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +23,14 @@ class VisionItem:
     original_size: tuple[int, int]  # (width, height) of the source image or first frame
     resized_size: tuple[int, int]  # (width, height) after smart_resize
     fps: float | None = None  # sampled frames per second, videos only
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """Identifies the item by its processed pixels, grid, kind and frame rate (BLAKE2b)."""
+        h = hashlib.blake2b(digest_size=32)
+        h.update(f"{self.kind} {self.grid_thw} {self.fps} {self.pixel_values.dtype} ".encode())
+        h.update(self.pixel_values.contiguous().numpy().data)
+        return h.digest()
 
     def num_tokens(self, merge_size: int) -> int:
         t, h, w = self.grid_thw
