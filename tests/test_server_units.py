@@ -11,7 +11,6 @@ from PIL import Image
 pytest.importorskip("fastapi")
 
 from qwen2vl.errors import InputError, MediaError  # noqa: E402
-from qwen2vl.server.app import _BYTE_DECODER  # noqa: E402
 from qwen2vl.server.limits import Admission, MediaAccess, Overloaded, ServerLimits  # noqa: E402
 from qwen2vl.processor import Processor  # noqa: E402
 from qwen2vl.server.media import check_media, media_policy, public_hosts_only, server_processor  # noqa: E402
@@ -241,7 +240,7 @@ def test_limits_and_admission():
 
 
 def test_metrics_labels_of_paths():
-    from qwen2vl.server.app import _endpoint
+    from qwen2vl.server.gate import _endpoint
 
     assert _endpoint("/v1/completions") == "/v1/completions"
     assert _endpoint("/v1/models/Qwen/Qwen2-VL-2B-Instruct-AWQ") == "/v1/models/{model}"
@@ -262,11 +261,6 @@ def test_metrics_render_prometheus_text():
     assert "qwen2vl_time_to_first_token_seconds_count 2" in text
     assert "qwen2vl_requests_running 2" in text and "qwen2vl_requests_waiting 1" in text
     assert "qwen2vl_kv_cache_usage_ratio 0.25" in text
-
-
-def test_byte_level_alphabet_is_a_bijection():
-    assert len(_BYTE_DECODER) == 256 and sorted(_BYTE_DECODER.values()) == list(range(256))
-    assert _BYTE_DECODER["Ġ"] == ord(" ") and _BYTE_DECODER["a"] == ord("a")
 
 
 def _video_uri(frames: int = 8, size: int = 56) -> str:

@@ -6,6 +6,7 @@ import pytest
 from processor_reference import real_tokenizer_dir
 
 from qwen2vl.processor import IncrementalDetokenizer, Tokenizer
+from qwen2vl.processor.tokenizer import byte_decoder
 
 TEXTS = [
     "<|im_start|>user\nHello, world!<|im_end|>\n<|im_start|>assistant\n",
@@ -61,3 +62,16 @@ def test_incremental_detokenizer_holds_partial_characters(tokenizer):
     stream = IncrementalDetokenizer(tokenizer)
     assert stream.add(pieces[0]) == ""
     assert stream.flush() == tokenizer.decode(pieces[:1])
+
+
+def test_byte_level_alphabet_is_a_bijection():
+    decoder = byte_decoder()
+    assert len(decoder) == 256 and sorted(decoder.values()) == list(range(256))
+    assert decoder["Ġ"] == ord(" ") and decoder["a"] == ord("a")
+
+
+@pytest.mark.parametrize("text", TEXTS + ["多字节字符 😀🚀"])
+def test_token_bytes_join_to_the_text(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert b"".join(tokenizer.token_bytes(i) for i in ids).decode("utf-8") == text
+    assert tokenizer.token_bytes(tokenizer.encode(" a")[0]) == b" a"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import tokenizers
@@ -57,6 +58,30 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes token `token_id` stands for, which may be part of a UTF-8 character
+        (OpenAI's logprob `bytes`). A token string with characters outside the byte-level alphabet
+        (an added token kept as plain text) is that text in UTF-8."""
+        piece = self.id_to_token(token_id) or ""
+        decoder = byte_decoder()
+        if all(ch in decoder for ch in piece):
+            return bytes(decoder[ch] for ch in piece)
+        return piece.encode()
+
+
+@lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, which Qwen2's vocabulary is written in: the printable
+    character that stands for each of the 256 bytes in token strings, mapped to that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    characters = {byte: byte for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in characters:
+            characters[byte] = 256 + extra
+            extra += 1
+    return {chr(code): byte for byte, code in characters.items()}
 
 
 def _token_text(token) -> str | None:

@@ -1,0 +1,147 @@
+"""What every HTTP request passes before a route runs: request id, API key, body size limit,
+request metrics, a 500 in OpenAI's shape for anything unexpected; then the body parsed as JSON."""
+from __future__ import annotations
+
+import hmac
+import uuid
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
+
+from qwen2vl.server.errors import APIError, ClientGone, api_error
+from qwen2vl.server.schemas import describe_validation_error
+
+if TYPE_CHECKING:
+    from qwen2vl.server.app import OpenAIServer
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs")
+PUBLIC_PATHS = ("/health", "/openapi.json", "/docs")  # no API key needed
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"; only seen in metrics
+
+
+def _endpoint(path: str) -> str:
+    """The metrics label of a path: one of ENDPOINTS, the model route, or "other"."""
+    if path in ENDPOINTS:
+        return path
+    return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+
+
+class RequestGate:
+    """ASGI middleware: request id, API key, body size limit, request metrics, and a 500 in
+    OpenAI's shape for anything unexpected. It reads the body (up to the limit) before the route
+    sees it, so an oversized or unauthenticated request costs nothing more."""
+
+    def __init__(self, app, server: OpenAIServer):
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        exchange = _Exchange()
+
+        async def send_tagged(message):
+            if message["type"] == "http.response.start":
+                exchange.status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                exchange.complete = True
+            await send(message)
+
+        try:
+            self._authorize(scope)
+            body = await self._read_body(scope, receive)
+            await self.app(scope, exchange.replay(body, receive), send_tagged)
+        except Exception as error:  # noqa: BLE001 - every failure must still get an answer
+            if isinstance(error, ClientGone):
+                return
+            answer = api_error(error, request_id)
+            if exchange.status is None:
+                await answer.response()(scope, receive, send_tagged)
+        finally:
+            status = CLIENT_CLOSED if exchange.client_left or exchange.status is None else exchange.status
+            self.server.metrics.requests.inc(_endpoint(scope["path"]), str(status))
+
+    def _authorize(self, scope) -> None:
+        key = self.server.api_key
+        if key is None or scope["path"] in PUBLIC_PATHS:
+            return
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if not token:
+            raise APIError(401, "no API key: send it as 'Authorization: Bearer <key>'", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_body(self, scope, receive) -> bytes:
+        limit = self.server.limits.max_body_bytes
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(size, limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"the request body is {size} bytes or more, over the limit of {limit} bytes",
+                    code="request_too_large")
+
+
+class _Exchange:
+    """One HTTP exchange as the gate sees it: the status sent (None: none yet), whether the
+    response went out in full, and whether the client left before that (a stream cut short
+    counts as 499, not as the 200 its headers said)."""
+
+    def __init__(self):
+        self.status: int | None = None
+        self.complete = False
+        self.client_left = False
+
+    def replay(self, body: bytes, receive):
+        """A `receive` that hands over the already-read body once, then listens to the client
+        again (which is how a disconnect is noticed)."""
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replayed():
+            if pending:
+                return pending.pop()
+            message = await receive()
+            if message["type"] == "http.disconnect" and not self.complete:
+                self.client_left = True
+            return message
+
+        return replayed
+
+
+async def parse_body(model: type[BaseModel], request: Request):
+    """The request's JSON body (already read by the gate) as `model`. A body declared as anything
+    but JSON is refused (one without a Content-Type is read as JSON)."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not _is_json(content_type):
+        raise APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json', not "
+                            f"{content_type!r} (curl -d sends 'application/x-www-form-urlencoded' unless given "
+                            f"-H 'Content-Type: application/json')", code="unsupported_media_type")
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as error:
+        message, param = describe_validation_error(error)
+        raise APIError(400, message, param=param) from None
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))

@@ -1,0 +1,192 @@
+"""One generation, from admission to close: admission, media preparation in a worker thread,
+the engine streams of its choices merged into one, the disconnect and timeout watch, and the
+server-sent-events response that closes it however it ends."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from qwen2vl.engine.async_engine import RequestCancelled, RequestStream
+from qwen2vl.engine.sequence import RequestOutput
+from qwen2vl.processor.types import PreparedPrompt
+from qwen2vl.sampling_params import SamplingParams
+from qwen2vl.server.errors import APIError, ClientGone, api_error
+
+if TYPE_CHECKING:
+    from qwen2vl.server.app import OpenAIServer
+
+
+class Job:
+    """The engine requests of one HTTP request (`n` choices per prompt), from admission to close."""
+
+    def __init__(self, server: OpenAIServer, request: Request, num_choices: int):
+        self.server = server
+        self.request = request
+        self.request_id = request.state.request_id
+        self.num_choices = num_choices
+        self.arrival = time.monotonic()
+        self.deadline = self.arrival + server.limits.request_timeout_s
+        self.prompts: list[PreparedPrompt] = []
+        self.streams: list[RequestStream] = []
+        self._admitted = 0
+        self._watcher: asyncio.Task | None = None
+        self._timed_out = False
+        self._num_finished = 0
+
+    async def start(self, prepare: Callable[[], list[PreparedPrompt]], params: list[SamplingParams]) -> None:
+        """Admit, prepare the prompts in a worker thread and hand `len(prompts) * len(params)`
+        requests to the engine (choice `p * len(params) + i` is prompt p with params i)."""
+        server = self.server
+        server.admission.acquire(self.num_choices)
+        self._admitted = self.num_choices
+        try:
+            loop = asyncio.get_running_loop()
+            self.prompts = await self._in_time(loop.run_in_executor(server.media_pool, prepare))
+            for prompt in self.prompts:
+                server.limits.check_prompt_length(len(prompt), server.max_model_len)
+            requests = [(prompt, choice_params) for prompt in self.prompts for choice_params in params]
+            added = await asyncio.gather(
+                *(server.engine.add_request(prompt, choice_params, f"{self.request_id}-{index}")
+                  for index, (prompt, choice_params) in enumerate(requests)),
+                return_exceptions=True,
+            )
+            self.streams = [stream for stream in added if isinstance(stream, RequestStream)]
+            failures = [error for error in added if isinstance(error, BaseException)]
+            if failures:
+                raise failures[0]
+            server.metrics.prompt_tokens.inc(amount=sum(len(prompt) for prompt, _ in requests))
+            self._watcher = asyncio.create_task(self._watch())
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(prompt) for prompt in self.prompts)
+
+    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, output) as the engine produces them, all choices interleaved."""
+        try:
+            async with aclosing(_merge(self.streams)) as merged:
+                async for index, output in merged:
+                    self._observe(output)
+                    yield index, output
+        except RequestCancelled:
+            if self._timed_out:
+                raise APIError(504, f"the request ran past the server's limit of {self.server.limits.request_timeout_s:g} s",
+                               "timeout_error", code="request_timeout") from None
+            raise ClientGone() from None
+
+    def _observe(self, output: RequestOutput) -> None:
+        metrics, now = self.server.metrics, time.monotonic()
+        if output.new_token_ids and len(output.token_ids) == len(output.new_token_ids):
+            metrics.time_to_first_token.observe(now - self.arrival)
+        metrics.generation_tokens.inc(amount=len(output.new_token_ids))
+        if output.finished:
+            self._num_finished += 1
+            metrics.request_latency.observe(now - self.arrival)
+            metrics.finished.inc(output.finish_reason or "unknown")
+            if output.finish_reason == "error":
+                raise APIError(500, f"generation failed: {output.error} (request id {self.request_id})", "server_error")
+
+    async def finals(self) -> list[RequestOutput]:
+        """Each choice's last output, once all have finished; the job is closed after."""
+        try:
+            last: list[RequestOutput | None] = [None] * len(self.streams)
+            async for index, output in self.events():
+                last[index] = output
+            return last
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Abort what is still running (freeing its KV blocks), count it under finish reason
+        "abort" (the client left, or the request timed out), and give back the admission."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+            unfinished = len(self.streams) - self._num_finished
+            if unfinished:
+                self.server.metrics.finished.inc("abort", amount=unfinished)
+        for stream in self.streams:
+            stream.abort()
+        self.server.admission.release(self._admitted)
+        self._admitted = 0
+
+    async def _in_time(self, awaitable):
+        try:
+            return await asyncio.wait_for(awaitable, max(self.deadline - time.monotonic(), 0))
+        except asyncio.TimeoutError:
+            raise APIError(504, f"preparing the request ran past the server's limit of "
+                                f"{self.server.limits.request_timeout_s:g} s", "timeout_error",
+                           code="request_timeout") from None
+
+    async def _watch(self) -> None:
+        try:
+            await asyncio.wait_for(_until_disconnected(self.request.receive), max(self.deadline - time.monotonic(), 0))
+        except asyncio.TimeoutError:
+            self._timed_out = True
+        for stream in self.streams:
+            stream.abort()
+
+
+async def _until_disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    pending = {asyncio.ensure_future(stream.__anext__()): index for index, stream in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for future in sorted(done, key=pending.get):
+                index = pending.pop(future)
+                try:
+                    output = future.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(streams[index].__anext__())] = index
+                yield index, output
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+def event_stream(events: AsyncIterator[str], job: Job) -> StreamingResponse:
+    """Server-sent events; an error after the headers went out becomes an error event."""
+
+    async def stream():
+        try:
+            async for event in events:
+                yield event
+            yield "data: [DONE]\n\n"
+        except ClientGone:
+            return
+        except Exception as error:  # noqa: BLE001 - the status line is gone; report in the stream
+            yield f"data: {json.dumps(api_error(error, job.request_id).body())}\n\n"
+            yield "data: [DONE]\n\n"
+
+    return _EventStream(stream(), job)
+
+
+class _EventStream(StreamingResponse):
+    """Closes its job however the response ends, even if it never got to start streaming."""
+
+    def __init__(self, events: AsyncIterator[str], job: Job):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                           "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.close()

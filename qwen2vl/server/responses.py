@@ -1,0 +1,206 @@
+"""Engine outputs to OpenAI's responses. One formatter writes both chat and text completions,
+whole or as stream chunks, with their usage and logprobs; `ChatFormat` and `CompletionFormat`
+say only what differs: the models, the id prefix, a choice's text (a message or a delta, or
+plain text), the chunk that opens each choice, and the shape of the logprobs."""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from functools import lru_cache
+
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from qwen2vl.engine.sequence import RequestOutput
+from qwen2vl.processor.tokenizer import Tokenizer
+from qwen2vl.server.jobs import Job
+from qwen2vl.server.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChoiceLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    TextCompletion,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+Distribution = dict[int, float]  # token id -> logprob, for the sampled token and the most likely ones
+
+
+def json_response(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+def _event(model: BaseModel) -> str:
+    # exclude_unset: keys a chunk sets explicitly (even to null) are sent, the others are left out
+    return f"data: {model.model_dump_json(exclude_unset=True)}\n\n"
+
+
+class TokenTexts:
+    """Each token's text and exact bytes (a token may hold part of a UTF-8 character), cached."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._lookup = lru_cache(maxsize=1 << 16)(self._text_and_bytes)
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        return self._lookup(token_id)
+
+    def _text_and_bytes(self, token_id: int) -> tuple[str, list[int]]:
+        data = self._tokenizer.token_bytes(token_id)
+        return data.decode("utf-8", errors="replace"), list(data)
+
+
+class _Format:
+    """The responses of one request; a subclass fills in what chat and text completions differ in."""
+
+    id_prefix: str
+    response_model: type[BaseModel]
+    chunk_model: type[BaseModel]
+
+    def __init__(self, body: ChatCompletionRequest | CompletionRequest, top: int | None, model_name: str,
+                 texts: TokenTexts):
+        self.body = body
+        self.top = top  # logprobs of how many most likely tokens per token; None: no logprobs
+        self.model_name = model_name
+        self.texts = texts
+
+    def response(self, job: Job, outputs: list[RequestOutput]) -> BaseModel:
+        choices = [self._choice(job, index, output, self._logprobs(index, output.token_ids, output.logprobs))
+                   for index, output in enumerate(outputs)]
+        return self.response_model(id=f"{self.id_prefix}-{job.request_id}", created=int(time.time()),
+                                   model=self.model_name, choices=choices, usage=usage(job, outputs))
+
+    async def chunks(self, job: Job) -> AsyncIterator[str]:
+        created, chunk_id = int(time.time()), f"{self.id_prefix}-{job.request_id}"
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+
+        def chunk(choices: list[BaseModel], **usage_field) -> str:
+            if include_usage:
+                usage_field.setdefault("usage", None)
+            return _event(self.chunk_model(id=chunk_id, created=created, model=self.model_name, choices=choices,
+                                           **usage_field))
+
+        for index in range(len(job.streams)):
+            opening = self._opening(job, index)
+            if opening is not None:
+                yield chunk([opening])
+        finals: list[RequestOutput | None] = [None] * len(job.streams)
+        async for index, output in job.events():
+            new_logprobs = output.logprobs[len(output.logprobs) - len(output.new_token_ids):] if output.logprobs else None
+            logprobs = self._logprobs(index, output.new_token_ids, new_logprobs)
+            if output.text_delta or output.finished or logprobs:
+                yield chunk([self._chunk_choice(index, output, logprobs)])
+            finals[index] = output
+        if include_usage:
+            yield chunk([], usage=usage(job, finals))
+
+    def _logprobs(self, index: int, token_ids: list[int], distributions: list[Distribution] | None):
+        """The logprobs of choice `index`'s tokens `token_ids` (the next ones, when streaming)."""
+        if self.top is None or distributions is None:
+            return None
+        ranked = [(token_id, distribution, sorted(distribution.items(), key=lambda item: -item[1])[:self.top])
+                  for token_id, distribution in zip(token_ids, distributions)]
+        return self._shape_logprobs(index, ranked)
+
+    # -- what differs -------------------------------------------------------------------------
+
+    def _opening(self, job: Job, index: int) -> BaseModel | None:
+        """The chunk choice streamed for choice `index` before any output, if any."""
+        raise NotImplementedError
+
+    def _choice(self, job: Job, index: int, output: RequestOutput, logprobs) -> BaseModel:
+        raise NotImplementedError
+
+    def _chunk_choice(self, index: int, output: RequestOutput, logprobs) -> BaseModel:
+        raise NotImplementedError
+
+    def _shape_logprobs(self, index: int, ranked: list[tuple[int, Distribution, list[tuple[int, float]]]]):
+        """`ranked`: each token's id, distribution and its `top` most likely (id, logprob)."""
+        raise NotImplementedError
+
+
+class ChatFormat(_Format):
+    id_prefix, response_model, chunk_model = "chatcmpl", ChatCompletion, ChatCompletionChunk
+
+    def __init__(self, body: ChatCompletionRequest, model_name: str, texts: TokenTexts):
+        super().__init__(body, (body.top_logprobs or 0) if body.logprobs else None, model_name, texts)
+
+    def _opening(self, job: Job, index: int) -> ChatChunkChoice:
+        return ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""), logprobs=None,
+                               finish_reason=None)
+
+    def _choice(self, job: Job, index: int, output: RequestOutput, logprobs) -> ChatChoice:
+        return ChatChoice(index=index, message=AssistantMessage(content=output.text), logprobs=logprobs,
+                          finish_reason=output.finish_reason)
+
+    def _chunk_choice(self, index: int, output: RequestOutput, logprobs) -> ChatChunkChoice:
+        return ChatChunkChoice(index=index, delta=ChatDelta(content=output.text_delta) if output.text_delta else ChatDelta(),
+                               logprobs=logprobs, finish_reason=output.finish_reason if output.finished else None)
+
+    def _shape_logprobs(self, index, ranked) -> ChoiceLogprobs:
+        content = []
+        for token_id, distribution, best in ranked:
+            text, data = self.texts(token_id)
+            content.append(TokenLogprob(
+                token=text, logprob=distribution[token_id], bytes=data,
+                top_logprobs=[TopLogprob(token=self.texts(other)[0], logprob=value, bytes=self.texts(other)[1])
+                              for other, value in best],
+            ))
+        return ChoiceLogprobs(content=content)
+
+
+class CompletionFormat(_Format):
+    id_prefix, response_model, chunk_model = "cmpl", TextCompletion, TextCompletion
+
+    def __init__(self, body: CompletionRequest, model_name: str, texts: TokenTexts):
+        super().__init__(body, body.logprobs, model_name, texts)
+        self._offsets: dict[int, int] = {}  # choice -> text offset of its next token
+
+    def _opening(self, job: Job, index: int) -> CompletionChoice | None:
+        if not self.body.echo:
+            return None
+        return CompletionChoice(index=index, text=self._echo(job, index), logprobs=None, finish_reason=None)
+
+    def _choice(self, job: Job, index: int, output: RequestOutput, logprobs) -> CompletionChoice:
+        return CompletionChoice(index=index, text=self._echo(job, index) + output.text,
+                                finish_reason=output.finish_reason, logprobs=logprobs)
+
+    def _chunk_choice(self, index: int, output: RequestOutput, logprobs) -> CompletionChoice:
+        return CompletionChoice(index=index, text=output.text_delta, logprobs=logprobs,
+                                finish_reason=output.finish_reason if output.finished else None)
+
+    def _echo(self, job: Job, choice: int) -> str:
+        """The prompt text choice `choice` continues with `echo`, else "" (choices are grouped by prompt)."""
+        if not self.body.echo:
+            return ""
+        return job.prompts[choice // (len(job.streams) // len(job.prompts))].text
+
+    def _shape_logprobs(self, index, ranked) -> CompletionLogprobs:
+        result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        offset = self._offsets.get(index, 0)
+        for token_id, distribution, best in ranked:
+            text = self.texts(token_id)[0]
+            # OpenAI's legacy shape: the `top` most likely tokens and the sampled one (so up to top + 1)
+            chosen = sorted({**dict(best), token_id: distribution[token_id]}.items(), key=lambda item: -item[1])
+            result.tokens.append(text)
+            result.token_logprobs.append(distribution[token_id])
+            result.top_logprobs.append({self.texts(other)[0]: value for other, value in chosen})
+            result.text_offset.append(offset)
+            offset += len(text)
+        self._offsets[index] = offset
+        return result
+
+
+def usage(job: Job, outputs: list[RequestOutput]) -> Usage:
+    completion = sum(len(output.token_ids) for output in outputs)
+    return Usage(prompt_tokens=job.prompt_tokens, completion_tokens=completion,
+                 total_tokens=job.prompt_tokens + completion)
