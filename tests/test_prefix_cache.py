@@ -110,7 +110,7 @@ def test_a_cached_prefix_ending_inside_an_image(model, processor, prompts, singl
     they are encoded again)."""
     prompt = prompts["image"]
     pads = [i for i, t in enumerate(prompt.input_ids) if t == model.config.image_token_id]
-    engine = make_engine(model, processor, block_size=4, max_num_batched_tokens=pads[0] + 9, vision_cache_bytes=0)
+    engine = make_engine(model, processor, block_size=4, max_num_batched_tokens=pads[0] + 3, vision_cache_bytes=0)
     doomed = engine.add_request(prompt, GREEDY)
     engine.step()
     engine.abort(doomed)
