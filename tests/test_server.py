@@ -731,3 +731,20 @@ def test_engine_failure_fails_only_the_requests_in_flight(server, monkeypatch):
     assert engine.num_free_blocks == engine.num_total_blocks
     assert httpx.post(server.url + "/v1/chat/completions", content=_chat_body(HELLO), headers=HEADERS,
                       timeout=30).status_code == 200
+
+
+def test_a_repeated_prompt_reports_its_cached_tokens(server):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: 0 on first sight, > 0 on a repeat; the
+    prefix-cache counters on /metrics count them."""
+    system = {"role": "system", "content": "You answer questions about long documents. " * 8}
+    messages = [system, {"role": "user", "content": f"Question {time.time()}?"}]
+    queried, hits = (_metric(server, f"qwen2vl_prefix_cache_{name}_tokens_total") for name in ("queried", "hit"))
+    first = httpx.post(server.url + "/v1/chat/completions", content=_chat_body(messages), headers=HEADERS, timeout=30)
+    second = httpx.post(server.url + "/v1/chat/completions", content=_chat_body(messages), headers=HEADERS, timeout=30)
+    assert first.status_code == second.status_code == 200
+    usage = [r.json()["usage"] for r in (first, second)]
+    assert usage[0]["prompt_tokens_details"]["cached_tokens"] < 16 <= usage[1]["prompt_tokens_details"]["cached_tokens"]
+    assert usage[1]["prompt_tokens_details"]["cached_tokens"] < usage[1]["prompt_tokens"]
+    assert _metric(server, "qwen2vl_prefix_cache_hit_tokens_total") - hits >= usage[1]["prompt_tokens_details"]["cached_tokens"]
+    assert _metric(server, "qwen2vl_prefix_cache_queried_tokens_total") - queried >= 2 * usage[0]["prompt_tokens"]
+    assert "qwen2vl_vision_cache_hits_total" in httpx.get(server.url + "/metrics", headers=HEADERS).text

@@ -112,6 +112,14 @@ class LLMEngine:
         return self.block_manager.num_blocks
 
     @property
+    def cache_counters(self) -> dict[str, int]:
+        """Totals since start: prompt tokens looked up in and found in the prefix cache, vision
+        items found in the vision cache."""
+        manager = self.block_manager
+        return {"prefix_cache_queried_tokens": manager.num_queried_tokens,
+                "prefix_cache_hit_tokens": manager.num_hit_tokens, "vision_cache_hits": self.vision_cache.num_hits}
+
+    @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
 

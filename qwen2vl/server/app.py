@@ -122,7 +122,8 @@ class OpenAIServer:
     async def prometheus(self, request: Request) -> Response:
         text = self.metrics.render(running=self.engine.num_requests - self.engine.num_waiting,
                                    waiting=self.admission.in_flight - (self.engine.num_requests - self.engine.num_waiting),
-                                   kv_cache_usage=self.engine.kv_cache_usage)
+                                   kv_cache_usage=self.engine.kv_cache_usage,
+                                   caches=self.llm.engine.cache_counters)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- requests to engine inputs ------------------------------------------------------------

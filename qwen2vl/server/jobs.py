@@ -71,6 +71,13 @@ class Job:
     def prompt_tokens(self) -> int:
         return sum(len(prompt) for prompt in self.prompts)
 
+    def cached_tokens(self, outputs: list[RequestOutput | None]) -> int:
+        """Prompt tokens found in the prefix cache, each prompt counted once (by its first choice),
+        as `prompt_tokens` counts them."""
+        per_prompt = len(outputs) // max(len(self.prompts), 1)
+        firsts = outputs[::per_prompt] if per_prompt else []
+        return sum(output.num_cached_tokens for output in firsts if output is not None)
+
     async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, output) as the engine produces them, all choices interleaved."""
         try:

@@ -59,6 +59,13 @@ def _gauge(name: str, help_text: str, value: float) -> list[str]:
     return [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value:g}"]
 
 
+CACHE_COUNTERS = {
+    "prefix_cache_queried_tokens": "Prompt tokens looked up in the prefix cache",
+    "prefix_cache_hit_tokens": "Prompt tokens whose KV blocks were found in the prefix cache",
+    "vision_cache_hits": "Images and videos whose encodings were found in the vision cache",
+}
+
+
 class Metrics:
     """The server's counters and histograms; gauges are read from the live state when rendered."""
 
@@ -74,11 +81,15 @@ class Metrics:
         self.request_latency = Histogram("qwen2vl_request_duration_seconds",
                                          "From the request's arrival to its last generated token", LATENCY_BUCKETS_S)
 
-    def render(self, *, running: int, waiting: int, kv_cache_usage: float) -> str:
+    def render(self, *, running: int, waiting: int, kv_cache_usage: float, caches: dict[str, int] | None = None) -> str:
+        """`caches`: the engine's cache counters (`LLMEngine.cache_counters`)."""
         lines = _gauge("qwen2vl_requests_running", "Requests generating tokens", running)
         lines += _gauge("qwen2vl_requests_waiting", "Requests admitted and not yet generating (preparing media or queued)",
                         waiting)
         lines += _gauge("qwen2vl_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", kv_cache_usage)
+        for name, value in (caches or {}).items():
+            lines += [f"# HELP qwen2vl_{name}_total {CACHE_COUNTERS[name]}", f"# TYPE qwen2vl_{name}_total counter",
+                      f"qwen2vl_{name}_total {value}"]
         for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.finished,
                        self.time_to_first_token, self.request_latency):
             lines += metric.render()

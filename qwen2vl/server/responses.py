@@ -26,6 +26,7 @@ from qwen2vl.server.schemas import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    PromptTokensDetails,
     TextCompletion,
     TokenLogprob,
     TopLogprob,
@@ -203,4 +204,5 @@ class CompletionFormat(_Format):
 def usage(job: Job, outputs: list[RequestOutput]) -> Usage:
     completion = sum(len(output.token_ids) for output in outputs)
     return Usage(prompt_tokens=job.prompt_tokens, completion_tokens=completion,
-                 total_tokens=job.prompt_tokens + completion)
+                 total_tokens=job.prompt_tokens + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=job.cached_tokens(outputs)))
