@@ -233,12 +233,15 @@ def accuracy_table(results: dict[str, dict]) -> str:
 
 
 def write_section(doc: Path, body: str) -> None:
+    """Put `body` (a section: its first line is its `## ` title) in `doc`, in place of the section
+    of that title if there is one."""
+    section = body.split("\n", 1)[0]
     text = doc.read_text() if doc.is_file() else "# Benchmarks\n\nSide-by-side tables, each with the command that made it.\n"
-    start = text.find(SECTION)
+    start = text.find(section)
     if start == -1:
         text = text.rstrip("\n") + "\n\n" + body + "\n"
     else:
-        end = text.find("\n## ", start + len(SECTION))
+        end = text.find("\n## ", start + len(section))
         text = text[:start] + body + ("\n\n" + text[end + 1:] if end != -1 else "\n")
     doc.write_text(text)
 

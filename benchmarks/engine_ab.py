@@ -2,9 +2,10 @@
 
     python benchmarks/engine_ab.py --base REV [--rounds 3] [--decode-tokens 32] [--models awq demo]
 
-Each revision runs `benchmarks/cpu.py`'s worker for our engine (its own copy of it, from its own
-tree: the base revision is checked out into `.cache/ab-REV` as a git worktree), one subprocess per
-measurement, alternating the sides and their order round by round; each side's best is kept (the
+Each side runs `benchmarks/cpu.py`'s measurement of our engine (decode tok/s at batch 1, the
+448x448 image's time to first token) in a subprocess that imports that revision's qwen2vl (the
+base revision is checked out into `.cache/ab-REV` as a git worktree), prefix and vision caches
+off where the revision has them (the prompts repeat), one subprocess per measurement, alternating the sides and their order round by round; each side's best is kept (the
 machine is shared: the minimum is the least disturbed). Models: `awq` is the random-weight 2B AWQ
 checkpoint of `benchmarks/cpu.py` (the int4 path: the matmuls dominate), `demo` the bundled demo
 model (a few microseconds of math per step: what the engine's host side costs).
@@ -35,8 +36,8 @@ def base_tree(rev: str) -> Path:
 
 
 def measure(tree: Path, model_dir: Path, image: str, decode_tokens: int) -> dict:
-    command = [sys.executable, str(tree / "benchmarks" / "cpu.py"), "--worker", "ours", "--model-dir", str(model_dir),
-               "--dtype", "auto", "--image", image, "--decode-tokens", str(decode_tokens)]
+    """One measurement in a subprocess that imports `tree`'s qwen2vl."""
+    command = [sys.executable, __file__, "--worker", str(model_dir), image, str(decode_tokens)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
@@ -44,13 +45,39 @@ def measure(tree: Path, model_dir: Path, image: str, decode_tokens: int) -> dict
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def worker(model_dir: str, image: str, decode_tokens: int) -> None:
+    """`benchmarks/cpu.py`'s measurement of our engine, with the caches off where the tree has
+    them: the prompts repeat, and reusing them would time the cache, not the engine."""
+    import qwen2vl
+    from qwen2vl import Qwen2VL
+
+    options = {"max_model_len": cpu.MAX_MODEL_LEN}
+    if "EngineArgs" in qwen2vl.__all__:
+        options.update(prefix_caching=False, vision_cache_bytes=0)
+    llm = Qwen2VL.from_pretrained(model_dir, dtype="auto", **options)
+
+    def generate(messages, tokens):
+        out = llm.chat(messages, max_tokens=tokens, temperature=0.0, ignore_eos=True)
+        assert out.usage.completion_tokens == tokens
+
+    result = cpu.measure(generate, image, decode_tokens)
+    print("RESULT " + json.dumps({**result, "peak_rss_gib": cpu.peak_rss_gib(), "tree": qwen2vl.__file__}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="the revision to compare against (a commit or branch)")
+    parser.add_argument("--base", help="the revision to compare against (a commit or branch)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--models", nargs="+", choices=["awq", "demo"], default=["awq", "demo"])
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        model_dir, image, decode_tokens = args.worker
+        worker(model_dir, image, int(decode_tokens))
+        return
+    if args.base is None:
+        parser.error("--base REV is required")
 
     cache = ROOT / ".cache" / "bench"
     models = {"awq": cpu.ensure_checkpoints(cache)[0] if "awq" in args.models else None, "demo": DEMO}
@@ -62,6 +89,7 @@ def main() -> None:
         for model in args.models:
             for side in (("base", "head") if round_ % 2 == 0 else ("head", "base")):
                 result = measure(sides[side], models[model], image, args.decode_tokens)
+                assert result["tree"].startswith(str(sides[side])), (side, result["tree"])
                 print(f"round {round_ + 1} {model} {side}: decode {result['decode_tok_s']:.2f} tok/s, "
                       f"image TTFT {result['ttft_image_s']:.3f} s, peak RSS {result['peak_rss_gib']:.2f} GiB", flush=True)
                 kept = best.setdefault((model, side), dict(result))

@@ -115,6 +115,7 @@ class ChatStream:
     def __iter__(self) -> Iterator[str]:
         try:
             while self.completion is None:
+                self._llm.driver.pump(lambda: not self._outputs.empty())
                 output = self._outputs.get()
                 if isinstance(output, BaseException):
                     raise output
@@ -126,7 +127,7 @@ class ChatStream:
                     self.completion = self._llm._completion(self._prompt, output)
         finally:
             if self.completion is None:
-                self._llm.driver.abort(self._request_id).result()
+                self._llm._abort([self._request_id])
 
 
 class Qwen2VL:
@@ -185,6 +186,7 @@ class Qwen2VL:
         finished = {}
         try:
             while len(finished) < len(request_ids):
+                self.driver.pump(lambda: not finals.empty())
                 output = finals.get()
                 if isinstance(output, BaseException):
                     raise output
@@ -198,7 +200,9 @@ class Qwen2VL:
     def _submit(self, prompts, params: SamplingParams, sink, batch: bool) -> list[str]:
         """Hand the prompts to the engine together; their request ids. If the engine refuses
         one, none of them runs and its error is raised, naming its conversation in a batch."""
-        results = self.driver.submit([NewRequest(prompt, params) for prompt in prompts], sink).result()
+        accepted = self.driver.submit([NewRequest(prompt, params) for prompt in prompts], sink)
+        self.driver.pump(accepted.done)
+        results = accepted.result()
         refused = [(index, error) for index, error in enumerate(results) if isinstance(error, BaseException)]
         if refused:
             self._abort([request_id for request_id in results if not isinstance(request_id, BaseException)])
@@ -208,8 +212,8 @@ class Qwen2VL:
 
     def _abort(self, request_ids: list[str]) -> None:
         """Abort the requests and wait until their blocks are free."""
-        for done in [self.driver.abort(request_id) for request_id in request_ids]:
-            done.result()
+        aborts = [self.driver.abort(request_id) for request_id in request_ids]
+        self.driver.pump(lambda: all(done.done() for done in aborts))
 
     def _prepare(self, conversation: Messages, conversation_index: int | None):
         try:

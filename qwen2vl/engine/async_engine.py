@@ -1,7 +1,8 @@
 """An `EngineDriver` for asyncio: each request's outputs arrive on its own asyncio queue.
 
-The driver thread hands each output to the event loop with `call_soon_threadsafe`; a step runs
-while the event loop keeps serving other clients (torch releases the GIL in its kernels).
+The driver's background thread steps the engine and hands each output to the event loop with
+`call_soon_threadsafe`; a step runs while the event loop keeps serving other clients (torch
+releases the GIL in its kernels).
 """
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ class AsyncEngine:
             except RuntimeError:  # the event loop is closed: nobody is left to read outputs
                 pass
 
-        accepted = self.driver.submit([NewRequest(prompt, params, request_id)], deliver)
+        accepted = self.driver.submit([NewRequest(prompt, params, request_id)], deliver, background=True)
         try:
             [result] = await asyncio.shield(asyncio.wrap_future(accepted))
         except asyncio.CancelledError:

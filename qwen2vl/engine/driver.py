@@ -1,10 +1,15 @@
 """The one driver of an `LLMEngine`'s steps, shared by every consumer of that engine.
 
 The engine is not thread-safe, and a step returns the outputs of every request in it: if two
-loops stepped one engine, each would consume the other's outputs. So one thread steps it, while
-it has requests, and hands each output to the consumer of its request: a blocking `chat`, a
+loops stepped one engine, each would consume the other's outputs. So the driver steps it for
+everyone and hands each output to the consumer of its request (its `Sink`): a blocking `chat`, a
 stream being iterated, the server's asyncio streams, from any thread, in any mix. Requests and
-aborts reach the thread through a command queue and are applied between steps.
+aborts are queued as commands and applied between steps.
+
+Who steps: a thread that waits for an output `pump`s, stepping the engine itself while no other
+thread does (so the CPU path runs its kernels on the caller's thread, as a plain loop would:
+glibc gives a new thread its own malloc arena, whose trimming costs ~35% of a CPU decode step);
+consumers that cannot wait (asyncio) have a background thread step while they have requests.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from qwen2vl.sampling_params import SamplingParams
 
 logger = logging.getLogger("qwen2vl.engine")
 
-# What a consumer is handed, on the driver thread: each output of its request in order (the last
+# What a consumer is handed, on the stepping thread: each output of its request in order (the last
 # one `finished`), or the error that ended it. It must not block.
 Sink = Callable[[RequestOutput | BaseException], None]
 
@@ -41,6 +46,7 @@ class NewRequest:
 class _Add:
     requests: list[NewRequest]
     sink: Sink
+    background: bool  # its consumer does not pump: the background thread steps for it
     accepted: Future  # -> one request id or exception per request
 
 
@@ -51,30 +57,33 @@ class _Abort:
 
 
 class EngineDriver:
-    """Steps `engine` on a thread of its own while it has requests (the thread ends when the
-    engine is idle and starts again with the next request).
+    """Steps `engine` for all its consumers.
 
-    `submit` hands requests over and returns a future of their ids (or of the `InputError` that
+    `submit` queues requests and returns a future of their ids (or of the `InputError` that
     refused each); their outputs then go to `sink`. `abort` stops a request, freeing its blocks,
-    once the current step is done. If a step raises, every request in the engine ends with an
-    `EngineFailure` and the driver goes on with the next ones.
+    before the next step. Consumers that wait call `pump(done)`; with `background=True` a thread
+    of the driver's steps while those requests live. If a step raises, every request in the
+    engine ends with an `EngineFailure` and the driver goes on with the next ones.
     """
 
     def __init__(self, engine):
         self.engine = engine
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()  # guards the fields below; notified after each step
         self._commands: list[_Add | _Abort] = []
-        self._thread: threading.Thread | None = None
-        self._sinks: dict[str, Sink] = {}  # the requests in the engine; touched by the driver thread only
+        self._stepping = False  # a thread holds the engine
+        self._background: threading.Thread | None = None
+        self._background_requests: set[str] = set()
+        # Touched by the stepping thread only.
+        self._sinks: dict[str, Sink] = {}
 
     @property
     def kv_cache_usage(self) -> float:
         """The fraction of KV blocks in use."""
         return 1.0 - self.engine.num_free_blocks / max(self.engine.num_total_blocks, 1)
 
-    def submit(self, requests: list[NewRequest], sink: Sink) -> Future:
+    def submit(self, requests: list[NewRequest], sink: Sink, background: bool = False) -> Future:
         accepted: Future = Future()
-        self._command(_Add(list(requests), sink, accepted))
+        self._command(_Add(list(requests), sink, background, accepted))
         return accepted
 
     def abort(self, request_id: str) -> Future:
@@ -84,38 +93,64 @@ class EngineDriver:
         return done
 
     def _command(self, command: _Add | _Abort) -> None:
-        with self._lock:
+        with self._cond:
             self._commands.append(command)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="qwen2vl-engine", daemon=True)
-                self._thread.start()
+            if self._background is None and (self._background_requests or getattr(command, "background", False)):
+                self._background = threading.Thread(target=self.pump, args=(self._background_done,),
+                                                    name="qwen2vl-engine", daemon=True)
+                self._background.start()
+            self._cond.notify_all()
 
-    def _run(self) -> None:
-        engine = self.engine
+    def _background_done(self) -> bool:
+        """(With the lock held.) The background thread ends when no request needs it."""
+        if self._commands or self._background_requests:
+            return False
+        if self._background is threading.current_thread():
+            self._background = None
+        return True
+
+    def pump(self, done: Callable[[], bool]) -> None:
+        """Step the engine on this thread until `done()` (checked with the driver's lock held);
+        while another thread steps, wait for its steps instead."""
         while True:
-            with self._lock:
-                commands, self._commands = self._commands, []
-                if not commands and not engine.has_unfinished():
-                    self._thread = None
+            with self._cond:
+                while not done() and (self._stepping or not (self._commands or self.engine.has_unfinished())):
+                    self._cond.wait(timeout=None if self._stepping else 0.1)
+                if done():
                     return
-            for command in commands:
-                self._apply(command)
-            if not engine.has_unfinished():
-                continue
+                self._stepping = True
+                commands, self._commands = self._commands, []
             try:
-                outputs = engine.step()
-            except Exception as error:  # a bug in the engine: fail what it holds, keep serving
-                logger.exception("engine step failed; failing the requests in flight")
-                self._fail_all(error)
-                continue
-            for output in outputs:
-                sink = self._sinks.pop(output.request_id) if output.finished else self._sinks.get(output.request_id)
-                if sink is not None:
-                    _hand(sink, output)
+                self._step(commands)
+            finally:
+                with self._cond:
+                    self._stepping = False
+                    self._cond.notify_all()
+
+    def _step(self, commands: list[_Add | _Abort]) -> None:
+        for command in commands:
+            self._apply(command)
+        if not self.engine.has_unfinished():
+            return
+        try:
+            outputs = self.engine.step()
+        except Exception as error:  # a bug in the engine: fail what it holds, keep serving
+            logger.exception("engine step failed; failing the requests in flight")
+            self._fail_all(error)
+            return
+        for output in outputs:
+            if output.finished:
+                self._forget(output.request_id)
+                sink = self._sinks.pop(output.request_id, None)
+            else:
+                sink = self._sinks.get(output.request_id)
+            if sink is not None:
+                _hand(sink, output)
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
             sink = self._sinks.pop(command.request_id, None)
+            self._forget(command.request_id)
             if sink is not None:
                 try:
                     output = self.engine.abort(command.request_id)
@@ -130,6 +165,9 @@ class EngineDriver:
             try:
                 request_id = self.engine.add_request(request.prompt, request.params, request.request_id)
                 self._sinks[request_id] = command.sink
+                if command.background:
+                    with self._cond:
+                        self._background_requests.add(request_id)
                 results.append(request_id)
             except Exception as error:  # InputError for a bad request; anything else is ours
                 if not isinstance(error, ValueError):
@@ -137,11 +175,16 @@ class EngineDriver:
                 results.append(error)
         command.accepted.set_result(results)
 
+    def _forget(self, request_id: str) -> None:
+        with self._cond:
+            self._background_requests.discard(request_id)
+
     def _fail_all(self, error: Exception) -> None:
         failure = EngineFailure(f"the engine failed: {type(error).__name__}: {error}")
         failure.__cause__ = error
         sinks, self._sinks = self._sinks, {}
         for request_id, sink in sinks.items():
+            self._forget(request_id)
             try:
                 self.engine.abort(request_id)
             except Exception:
