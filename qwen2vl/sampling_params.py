@@ -47,6 +47,10 @@ class SamplingParams:
     `token_ids` but adds no text. `min_tokens` (vLLM's): those stopping tokens cannot be sampled
     before `min_tokens` tokens were generated (stop strings still apply).
 
+    `prompt_logprobs=k` (vLLM's) returns, for each prompt token after the first, its
+    log-probability given the tokens before it and the k most likely there; such a prompt is
+    computed whole (not from the prefix cache).
+
     `logit_bias` (OpenAI's) maps token ids to a number in [-100, 100] added to their logits before
     sampling (after the penalties; -100 all but bans a token, 100 all but forces it). Logprobs
     stay the model's own, before the bias.
@@ -68,6 +72,7 @@ class SamplingParams:
     skip_special_tokens: bool = _field(True)
     min_tokens: int = _field(0, flag="fewest tokens to generate before an end-of-sequence token may end it")
     logit_bias: dict[int, float] | None = _field()
+    prompt_logprobs: int | None = _field()
 
     @classmethod
     def from_overrides(cls, params: SamplingParams | None = None, **overrides) -> SamplingParams:
@@ -187,10 +192,9 @@ class SamplingParams:
             check(optional(name, lambda v: is_number(v) and -2 <= v <= 2), name, "a number in [-2, 2]")
         check(optional("seed", lambda v: is_int(v) and SEED_RANGE[0] <= v <= SEED_RANGE[1]), "seed",
               f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (int64)")
-        check(
-            optional("logprobs", lambda v: is_int(v) and 0 <= v <= MAX_LOGPROBS),
-            "logprobs", f"an integer in [0, {MAX_LOGPROBS}]",
-        )
+        for name in ("logprobs", "prompt_logprobs"):
+            check(optional(name, lambda v: is_int(v) and 0 <= v <= MAX_LOGPROBS), name,
+                  f"an integer in [0, {MAX_LOGPROBS}]")
         check(
             optional("stop", lambda v: (isinstance(v, str) and v != "")
                      or (isinstance(v, (list, tuple)) and all(isinstance(s, str) and s for s in v))),

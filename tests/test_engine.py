@@ -464,3 +464,36 @@ def test_penalties_count_the_token_still_on_the_device(model, processor, prompts
     plan = StepPlan([make_span(seq, seq.num_tokens - 1, 1)], [])
     tokens = output_tokens(plan, engine._in_flight, vocab_size=engine.runner.vocab_size, to_device=engine.runner.to_device)
     assert tokens.tolist() == [seq.output_token_ids + [pending]]
+
+
+def test_prompt_logprobs_are_the_models_and_survive_chunks_and_preemption(model, processor, prompts, hf_model):
+    """`prompt_logprobs`: each prompt token's log-probability given those before it, as
+    transformers' logits give it, the same prefilled whole, in chunks, or recomputed after a
+    preemption; such a prompt is never taken from the prefix cache."""
+    prompt = prompts["image"]
+    params = SamplingParams.from_overrides(GREEDY, max_tokens=4, prompt_logprobs=3)
+    token_types = (torch.tensor([prompt.input_ids]) == hf_model.config.image_token_id).long()
+    item = prompt.vision_items[0]
+    with torch.no_grad():
+        logits = hf_model(input_ids=torch.tensor([prompt.input_ids]), mm_token_type_ids=token_types,
+                          pixel_values=item.pixel_values, image_grid_thw=torch.tensor([item.grid_thw])).logits[0]
+    expected = torch.log_softmax(logits.float(), -1)
+    whole_engine = make_engine(model, processor)
+    [whole] = run(whole_engine, [prompt], params)
+    assert whole.prompt_logprobs[0] is None and len(whole.prompt_logprobs) == len(prompt)
+    for position, (token, scores) in enumerate(zip(prompt.input_ids[1:], whole.prompt_logprobs[1:])):
+        assert abs(scores[token] - expected[position, token].item()) < 1e-4
+        top = expected[position].topk(3)
+        assert all(abs(scores[t] - v) < 1e-4 for t, v in zip(top.indices.tolist(), top.values.tolist()))
+    [again] = run(whole_engine, [prompt], params)
+    assert again.num_cached_tokens == 0 and again.prompt_logprobs == whole.prompt_logprobs
+    chunked = run(make_engine(model, processor, block_size=4, max_num_batched_tokens=7), [prompt], params)[0]
+    small = make_engine(model, processor, block_size=4, num_kv_blocks=-(-(len(prompt) + 4) // 4) + 2,
+                        max_num_batched_tokens=7)
+    preempted = run(small, [prompt, prompt], params)
+    assert small.num_preemptions > 0
+    for output in [chunked, *preempted]:
+        assert len(output.prompt_logprobs) == len(prompt) and output.prompt_logprobs[0] is None
+        for ours, reference_scores in zip(output.prompt_logprobs[1:], whole.prompt_logprobs[1:]):
+            assert ours.keys() == reference_scores.keys()
+            assert all(abs(ours[t] - reference_scores[t]) < 1e-4 for t in ours)

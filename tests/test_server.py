@@ -290,9 +290,35 @@ def test_echo_puts_the_prompt_before_the_completion(client, reference):
     texts = [choice.text for choice in sorted(both.choices, key=lambda c: c.index)]
     first = reference.processor.tokenizer.decode([ids[0]], skip_special_tokens=False)
     assert [text.startswith(prefix) for text, prefix in zip(texts, ["Two prompts"] * 2 + [first] * 2)] == [True] * 4
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(model=MODEL, prompt="x", max_tokens=2, echo=True, logprobs=1)
-    assert caught.value.body["param"] == "echo" and "echo together with logprobs" in caught.value.body["message"]
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_transformers(client, reference, tiny_ckpt):
+    """OpenAI's legacy echo + logprobs: the prompt's tokens come first, the first with no logprob,
+    each other with its log-probability given the tokens before it (transformers' own), streamed
+    or not."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    ids = reference.processor.tokenizer.encode("The quick brown fox jumps over")
+    length = len(ids)
+    reply = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == length + 3
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits, -1)[torch.arange(length - 1), torch.tensor(ids[1:])]
+    torch.testing.assert_close(torch.tensor(logprobs.token_logprobs[1:length]), expected, rtol=0, atol=1e-4)
+    for token, value, top in zip(logprobs.tokens[1:], logprobs.token_logprobs[1:], logprobs.top_logprobs[1:]):
+        assert top[token] == value and len(top) in (2, 3)
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+    chunks = list(client.completions.create(model=MODEL, prompt=ids, max_tokens=3, temperature=0, echo=True,
+                                            logprobs=2, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == reply.choices[0].text
+    streamed = [value for c in chunks if c.choices[0].logprobs for value in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and len(streamed) == length + 3
+    torch.testing.assert_close(torch.tensor(streamed[1:]), torch.tensor(logprobs.token_logprobs[1:]), rtol=0, atol=1e-5)
 
 
 def test_stream_options_need_stream(client):

@@ -9,7 +9,7 @@ import torch
 
 from qwen2vl.engine.scheduler import SampledToken, ScheduledSpan, StepPlan
 from qwen2vl.sampling_params import fields_where
-from qwen2vl.layers.sampler import LogitBias, SamplerOutput, SamplingBatch
+from qwen2vl.layers.sampler import LogitBias, PromptScores, SamplerOutput, SamplingBatch
 
 # The per-row numbers a sampling batch carries, as `SamplingParams` names them.
 SAMPLER_COLUMNS = fields_where("per_row")
@@ -22,9 +22,28 @@ class LaunchedStep:
 
     plan: StepPlan
     out: SamplerOutput | None  # None when no span samples
+    scores: PromptScores | None = None  # of the spans' scored prompt rows, in order
 
     def __post_init__(self):
         self.row_of = {span.request_id: row for row, span in enumerate(self.plan.sampling)}
+
+    def prompt_logprobs(self) -> dict[str, list[dict[int, float]]]:
+        """Each scored span's prompt log-probabilities (its next tokens' and the top ones), by request."""
+        if self.scores is None:
+            return {}
+        chosen, top_ids, top_logprobs = (t.tolist() for t in (self.scores.logprobs, self.scores.top_ids,
+                                                              self.scores.top_logprobs))
+        result, row = {}, 0
+        for span in self.plan.spans:
+            if span.scored is None:
+                continue
+            rows = []
+            for target in span.scored.targets:
+                k = span.scored.top
+                rows.append({target: chosen[row], **dict(zip(top_ids[row][:k], top_logprobs[row][:k]))})
+                row += 1
+            result[span.request_id] = rows
+        return result
 
     def result(self) -> list[SampledToken]:
         """The tokens on the host (waits for the device), one per sampling span, with the
@@ -61,8 +80,9 @@ class StepInputs:
     """A step's model inputs on the host: N tokens, span after span.
 
     `input_ids` holds 0 where `pending` puts a token on the device. `logits_rows` are the rows
-    whose logits are sampled (the last of each sampling span). The vision embeddings fill the
-    rows where `vision_mask` is set.
+    whose logits are computed: the last of each sampling span (`sample_index` among them, None
+    when they are all), and the scored prompt rows (`scored_index`, scoring `scored_targets` with
+    the `scored_top` most likely). The vision embeddings fill the rows where `vision_mask` is set.
     """
 
     input_ids: list[int]
@@ -72,6 +92,10 @@ class StepInputs:
     context_lens: list[int]
     block_tables: list[list[int]]
     logits_rows: list[int]
+    sample_index: list[int] | None
+    scored_index: list[int]
+    scored_targets: list[int]
+    scored_top: int
     vision_embeds: torch.Tensor | None
     vision_mask: torch.Tensor | None
     pending: PendingTokens | None
@@ -114,6 +138,16 @@ def step_inputs(plan: StepPlan, *, block_size: int, vision_rows, previous: Launc
     spans = plan.spans
     input_ids = [token for span in spans for token in span.input_ids + [0] * span.pending]
     ends = list(itertools.accumulate(span.num_tokens for span in spans))
+    logits_rows, sample_index, scored_index, targets = [], [], [], []
+    for span, end in zip(spans, ends):
+        if span.scored is not None:
+            first = end - span.num_tokens + span.scored.first - span.start
+            scored_index += range(len(logits_rows), len(logits_rows) + len(span.scored.targets))
+            logits_rows += range(first, first + len(span.scored.targets))
+            targets += span.scored.targets
+        if span.sample is not None:
+            sample_index.append(len(logits_rows))
+            logits_rows.append(end - 1)
     return StepInputs(
         input_ids=input_ids,
         positions=step_positions(spans),
@@ -121,7 +155,11 @@ def step_inputs(plan: StepPlan, *, block_size: int, vision_rows, previous: Launc
         query_lens=[span.num_tokens for span in spans],
         context_lens=[span.end for span in spans],
         block_tables=[span.block_table for span in spans],
-        logits_rows=[end - 1 for span, end in zip(spans, ends) if span.sample is not None],
+        logits_rows=logits_rows,
+        sample_index=sample_index if scored_index else None,
+        scored_index=scored_index,
+        scored_targets=targets,
+        scored_top=max((span.scored.top for span in spans if span.scored is not None), default=0),
         **_vision_inputs(spans, vision_rows, to_device),
         pending=_pending_tokens(spans, ends, previous, to_device),
     )

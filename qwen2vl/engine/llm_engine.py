@@ -204,7 +204,8 @@ class LLMEngine:
         """The in-flight step's tokens handed to the scheduler; the outputs of the requests
         that took one (those finished or aborted since it was launched drop theirs)."""
         launched, self._in_flight = self._in_flight, None
-        return [self._output(seq) for seq in self.scheduler.update(launched.plan, launched.result())]
+        updated = self.scheduler.update(launched.plan, launched.result(), launched.prompt_logprobs())
+        return [self._output(seq) for seq in updated]
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks; returns its final output (finish_reason "abort"),

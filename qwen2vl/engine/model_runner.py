@@ -10,7 +10,7 @@ from qwen2vl.engine.cuda_graphs import DecodeGraphs
 from qwen2vl.engine.batch import LaunchedStep, StepInputs, sampling_batch, step_inputs
 from qwen2vl.engine.scheduler import StepPlan, VisionWork
 from qwen2vl.layers.attention_metadata import AttentionMetadata
-from qwen2vl.layers.sampler import Sampler
+from qwen2vl.layers.sampler import Sampler, score_tokens
 
 
 def kv_cache_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
@@ -73,10 +73,15 @@ class ModelRunner:
                 logits = logits[inputs.logits_rows]
         else:
             logits = self._forward(inputs)
+        scores = None
+        if inputs.scored_index:
+            scores = score_tokens(logits[self.to_device(inputs.scored_index, torch.long)],
+                                  self.to_device(inputs.scored_targets, torch.long), inputs.scored_top)
+            logits = logits[self.to_device(inputs.sample_index, torch.long)]
         if not plan.sampling:
-            return LaunchedStep(plan, None)
+            return LaunchedStep(plan, None, scores)
         sampling = sampling_batch(plan, previous, vocab_size=self.vocab_size, to_device=self.to_device)
-        return LaunchedStep(plan, self.sampler(logits, sampling))
+        return LaunchedStep(plan, self.sampler(logits, sampling), scores)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         input_ids = self.to_device(inputs.input_ids, torch.long)

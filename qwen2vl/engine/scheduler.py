@@ -25,6 +25,16 @@ class SampleRow:
 
 
 @dataclass(frozen=True)
+class ScoredRows:
+    """Prompt positions `first:first + len(targets)` of a span whose logits score the prompt's
+    next tokens `targets` (`SamplingParams.prompt_logprobs`: the `top` most likely too)."""
+
+    first: int
+    targets: list[int]
+    top: int
+
+
+@dataclass(frozen=True)
 class ScheduledSpan:
     """Tokens `start:start + num_tokens` of request `request_id` are computed this step.
 
@@ -46,6 +56,7 @@ class ScheduledSpan:
     vision_rows: tuple[int, int]
     vision_mask: torch.Tensor | None
     sample: SampleRow | None
+    scored: ScoredRows | None = None
 
     @property
     def end(self) -> int:
@@ -100,7 +111,19 @@ def make_span(seq: Sequence, start: int, num_tokens: int) -> ScheduledSpan:
         block_table=list(seq.block_table), prompt=seq.prompt, vision_rows=rows,
         vision_mask=seq.vision_mask[prompt_start:prompt_end] if rows[1] > rows[0] else None,
         sample=sample,
+        scored=_scored_rows(seq, start, end),
     )
+
+
+def _scored_rows(seq: Sequence, start: int, end: int) -> ScoredRows | None:
+    """The span's prompt rows whose next token's log-probability the request asked for and has
+    not got yet (a recomputed prompt is not scored twice)."""
+    if seq.prompt_logprobs is None:
+        return None
+    first, stop = max(start, len(seq.prompt_logprobs) - 1), min(end, seq.prompt_len - 1)
+    if first >= stop:
+        return None
+    return ScoredRows(first, seq.token_ids[first + 1:stop + 1], seq.params.prompt_logprobs)
 
 
 class Scheduler:
@@ -191,7 +214,8 @@ class Scheduler:
         manager = self.block_manager
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = manager.cached_prefix(seq)  # a waiting sequence holds no blocks
+            # a waiting sequence holds no blocks; one that scores its prompt computes all of it
+            cached = manager.cached_prefix(seq) if seq.prompt_logprobs is None else []
             start = len(cached) * manager.block_size
             num_tokens = min(seq.num_tokens - start, budget)
             if manager.blocks_for(start + num_tokens) - len(cached) + manager.blocks_taken_from_free(cached) \
@@ -226,14 +250,19 @@ class Scheduler:
                 seq.num_pending += 1
         return StepPlan(spans, encode)
 
-    def update(self, plan: StepPlan, sampled: list[SampledToken]) -> list[Sequence]:
-        """The tokens sampled by `plan`'s step (one per sampling span, in order) arrive: each is
-        appended to its request, unless that request finished or was aborted since. Finished
-        requests are taken out. Returns the requests that got a token."""
+    def update(self, plan: StepPlan, sampled: list[SampledToken],
+               scores: dict[str, list[dict[int, float]]] | None = None) -> list[Sequence]:
+        """The results of `plan`'s step arrive: the computed blocks become findable; the prompt
+        log-probabilities of scored spans (`scores`, by request) and the sampled tokens (one per
+        sampling span, in order) go to their requests, unless a request finished or was aborted
+        since. Finished requests are taken out. Returns the requests that got a token."""
         for span in plan.spans:
             seq = self.requests.get(span.request_id)
-            if seq is not None:
-                self.block_manager.register(seq, span.end, span.block_table)
+            if seq is None:
+                continue
+            self.block_manager.register(seq, span.end, span.block_table)
+            if span.scored is not None and len(seq.prompt_logprobs) == span.scored.first + 1:
+                seq.prompt_logprobs += scores[span.request_id]
         updated = []
         for span, token in zip(plan.sampling, sampled):
             seq = self.requests.get(span.request_id)

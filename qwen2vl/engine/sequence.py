@@ -41,6 +41,9 @@ class RequestOutput:
     logprobs: list[dict[int, float]] | None = None
     error: str | None = None
     num_cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
+    # with `SamplingParams.prompt_logprobs`: per prompt token, None for the first (complete once
+    # the prompt is computed, then never changed)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class Sequence:
@@ -95,6 +98,9 @@ class Sequence:
         self.num_emitted_chars = 0
         self.num_emitted_tokens = 0
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        # prompt token i's log-probabilities given the tokens before it (the first has none)
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None)
         self.finish_reason: str | None = None
         self.error: str | None = None
 
@@ -192,6 +198,7 @@ class Sequence:
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
             error=self.error,
             num_cached_tokens=self.num_cached_tokens or 0,
+            prompt_logprobs=self.prompt_logprobs,
         )
         self.num_emitted_chars = visible
         self.num_emitted_tokens = len(self.token_ids) - self.prompt_len

@@ -62,6 +62,24 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None = None  # [R, K] float32
 
 
+@dataclass
+class PromptScores:
+    """Of R scored rows: `logprobs[r]` is the log-probability of row r's target token,
+    `top_ids[r]` / `top_logprobs[r]` the `top` most likely tokens there."""
+
+    logprobs: torch.Tensor  # [R] float32
+    top_ids: torch.Tensor  # [R, top] int64
+    top_logprobs: torch.Tensor  # [R, top] float32
+
+
+def score_tokens(logits: torch.Tensor, targets: torch.Tensor, top: int) -> PromptScores:
+    """The model's own log-probabilities (log-softmax of the raw logits) of `targets` [R] at the
+    rows of `logits` [R, V], and the `top` most likely tokens of each row."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top_logprobs, top_ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], targets[:, None][:, :0])
+    return PromptScores(logprobs.gather(1, targets[:, None])[:, 0], top_ids, top_logprobs)
+
+
 class Sampler(torch.nn.Module):
     """logits [R, V] -> next tokens: penalties, logit bias, temperature, top-k, top-p, min-p,
     then a draw.

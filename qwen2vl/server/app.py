@@ -94,10 +94,6 @@ class OpenAIServer:
         self._check_common(body)
         if body.suffix is not None:
             raise APIError(400, "suffix is not supported by this server", param="suffix")
-        if body.echo and body.logprobs is not None:
-            # the prompt's logprobs would need the model's logits at every prompt position
-            raise APIError(400, "echo together with logprobs is not supported by this server (it has no logprobs "
-                                "for prompt tokens); leave out one of them", param="echo")
         if body.best_of not in (None, 1, body.n):
             raise APIError(400, "best_of is not supported by this server (only best_of = n)", param="best_of")
         prompts = [body.prompt] if isinstance(body.prompt, str) or _is_token_list(body.prompt) else body.prompt
@@ -162,6 +158,8 @@ class OpenAIServer:
         if seeds[-1] is not None and seeds[-1] > SEED_RANGE[1]:
             raise APIError(400, f"seed={body.seed} with n={body.n} is invalid: choice i samples with seed + i, and "
                                 f"{seeds[-1]} is over the int64 limit {SEED_RANGE[1]}", param="seed")
+        if getattr(body, "echo", False) and logprobs is not None:  # the echoed prompt's tokens get logprobs too
+            base = dataclasses.replace(base, prompt_logprobs=logprobs)
         return [dataclasses.replace(base, seed=seed) for seed in seeds]
 
     def _prepare_chat(self, messages: list[dict]) -> list[PreparedPrompt]:

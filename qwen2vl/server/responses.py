@@ -96,6 +96,10 @@ class _Format:
                 yield chunk([opening])
         finals: list[RequestOutput | None] = [None] * len(job.streams)
         async for index, output in job.events():
+            if finals[index] is None:
+                first = self._before_first(job, index, output)
+                if first is not None:
+                    yield chunk([first])
             new_logprobs = output.logprobs[len(output.logprobs) - len(output.new_token_ids):] if output.logprobs else None
             logprobs = self._logprobs(index, output.new_token_ids, new_logprobs)
             if output.text_delta or output.finished or logprobs:
@@ -117,6 +121,10 @@ class _Format:
     def _opening(self, job: Job, index: int) -> BaseModel | None:
         """The chunk choice streamed for choice `index` before any output, if any."""
         raise NotImplementedError
+
+    def _before_first(self, job: Job, index: int, output: RequestOutput) -> BaseModel | None:
+        """The chunk choice streamed for choice `index` before its first output's, if any."""
+        return None
 
     def _choice(self, job: Job, index: int, output: RequestOutput, logprobs) -> BaseModel:
         raise NotImplementedError
@@ -166,14 +174,52 @@ class CompletionFormat(_Format):
         super().__init__(body, body.logprobs, model_name, texts)
         self._offsets: dict[int, int] = {}  # choice -> text offset of its next token
 
+    def response(self, job: Job, outputs: list[RequestOutput]) -> TextCompletion:
+        for index in range(len(outputs)):
+            self._offsets[index] = len(self._echo(job, index))  # generated text starts after the echo
+        return super().response(job, outputs)
+
     def _opening(self, job: Job, index: int) -> CompletionChoice | None:
         if not self.body.echo:
             return None
+        self._offsets[index] = len(self._echo(job, index))
+        if self.top is not None:
+            return None  # the prompt's logprobs come with its first output (`_before_first`)
         return CompletionChoice(index=index, text=self._echo(job, index), logprobs=None, finish_reason=None)
 
+    def _before_first(self, job: Job, index: int, output: RequestOutput) -> CompletionChoice | None:
+        if not (self.body.echo and self.top is not None):
+            return None
+        return CompletionChoice(index=index, text=self._echo(job, index), logprobs=self._prompt_logprobs(job, index, output),
+                                finish_reason=None)
+
     def _choice(self, job: Job, index: int, output: RequestOutput, logprobs) -> CompletionChoice:
+        if self.body.echo and logprobs is not None:
+            prompt = self._prompt_logprobs(job, index, output)
+            logprobs = CompletionLogprobs(**{name: getattr(prompt, name) + getattr(logprobs, name)
+                                             for name in CompletionLogprobs.model_fields})
         return CompletionChoice(index=index, text=self._echo(job, index) + output.text,
                                 finish_reason=output.finish_reason, logprobs=logprobs)
+
+    def _prompt_logprobs(self, job: Job, index: int, output: RequestOutput) -> CompletionLogprobs:
+        """The echoed prompt's tokens with their logprobs (none for the first, as OpenAI's legacy API)."""
+        prompt = job.prompts[index // (len(job.streams) // len(job.prompts))]
+        result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+        offset = 0
+        for token_id, distribution in zip(prompt.input_ids, output.prompt_logprobs or []):
+            text = self.texts(token_id)[0]
+            result.tokens.append(text)
+            result.text_offset.append(offset)
+            offset += len(text)
+            if distribution is None:
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+                continue
+            best = sorted(distribution.items(), key=lambda item: -item[1])[:self.top]
+            chosen = sorted({**dict(best), token_id: distribution[token_id]}.items(), key=lambda item: -item[1])
+            result.token_logprobs.append(distribution[token_id])
+            result.top_logprobs.append({self.texts(other)[0]: value for other, value in chosen})
+        return result
 
     def _chunk_choice(self, index: int, output: RequestOutput, logprobs) -> CompletionChoice:
         return CompletionChoice(index=index, text=output.text_delta, logprobs=logprobs,

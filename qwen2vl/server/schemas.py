@@ -162,7 +162,7 @@ class _SamplingRequest(_Strict):
 # take the endpoint's own shape (max_completion_tokens, top_logprobs), the rest is not offered.
 SAMPLING_FIELDS_BY_NAME = tuple(f.name for f in dataclasses.fields(SamplingParams)
                                 if f.name in _SamplingRequest.model_fields and f.name not in ("max_tokens", "logprobs"))
-SAMPLING_FIELDS_NOT_OFFERED = ("skip_special_tokens",)
+SAMPLING_FIELDS_NOT_OFFERED = ("skip_special_tokens", "prompt_logprobs")  # the latter: set by echo + logprobs
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -271,8 +271,8 @@ class ChatCompletionChunk(_Envelope):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
