@@ -95,7 +95,8 @@ class EngineDriver:
     def _command(self, command: _Add | _Abort) -> None:
         with self._cond:
             self._commands.append(command)
-            if self._background is None and (self._background_requests or getattr(command, "background", False)):
+            wants_background = isinstance(command, _Add) and command.background
+            if self._background is None and (self._background_requests or wants_background):
                 self._background = threading.Thread(target=self.pump, args=(self._background_done,),
                                                     name="qwen2vl-engine", daemon=True)
                 self._background.start()

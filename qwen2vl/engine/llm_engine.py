@@ -224,15 +224,17 @@ class LLMEngine:
         missing = []
         for work in works:
             store = self._vision_embeds.setdefault(work.request_id, {})
-            indices = []
+            indices, items = [], []
             for index, item in zip(work.indices, work.items):
+                # the digest hashes the pixels: not computed when the cache is off
                 cached = self.vision_cache.get(item.digest) if self.vision_cache.max_bytes else None
                 if cached is not None:
                     store[index] = cached
                 else:
                     indices.append(index)
+                    items.append(item)
             if indices:
-                missing.append(VisionWork(work.request_id, indices, [work.items[work.indices.index(i)] for i in indices]))
+                missing.append(VisionWork(work.request_id, indices, items))
         return self._encode_missing(missing)
 
     def _encode_missing(self, works: list[VisionWork]) -> list[Sequence]:

@@ -2,6 +2,7 @@
 and the one place where a step's results advance the requests."""
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass
 
@@ -79,7 +80,7 @@ class StepPlan:
     spans: list[ScheduledSpan]
     encode: list[VisionWork]
 
-    @property
+    @functools.cached_property
     def sampling(self) -> list[ScheduledSpan]:
         return [span for span in self.spans if span.sample is not None]
 
