@@ -144,8 +144,9 @@ class Qwen2VL:
                         **fields) -> "Qwen2VL":
         """Load `model` (a checkpoint directory or a hub id; None: the card's AWQ checkpoint if
         cached, else the bundled demo model). `fields` are `EngineArgs`' (device, dtype,
-        min_pixels, max_pixels, max_model_len, int8_vocab, max_num_seqs, ...), or give `args`. A 4-bit checkpoint on its int4 kernel keeps the vocabulary table as int8 rows (half
-        the head's bytes per token) unless `int8_vocab` is False."""
+        min_pixels, max_pixels, max_model_len, int8_vocab, max_num_seqs, ...), or give `args`.
+        A 4-bit checkpoint on its int4 kernel keeps the vocabulary table as int8 rows (half the
+        head's bytes per token) unless `int8_vocab` is False."""
         from .engine import LLMEngine
         from .loader import load_model
         from .processor import Processor

@@ -71,10 +71,14 @@ class Job:
     def prompt_tokens(self) -> int:
         return sum(len(prompt) for prompt in self.prompts)
 
+    def prompt_of(self, choice: int) -> PreparedPrompt:
+        """The prompt choice `choice` answers (choices are grouped by prompt, `start`'s order)."""
+        return self.prompts[choice // (len(self.streams) // len(self.prompts))]
+
     def cached_tokens(self, outputs: list[RequestOutput | None]) -> int:
         """Prompt tokens found in the prefix cache, each prompt counted once (by its first choice),
         as `prompt_tokens` counts them."""
-        per_prompt = len(outputs) // max(len(self.prompts), 1)
+        per_prompt = len(self.streams) // max(len(self.prompts), 1)
         firsts = outputs[::per_prompt] if per_prompt else []
         return sum(output.num_cached_tokens for output in firsts if output is not None)
 

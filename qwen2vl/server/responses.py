@@ -112,9 +112,12 @@ class _Format:
         """The logprobs of choice `index`'s tokens `token_ids` (the next ones, when streaming)."""
         if self.top is None or distributions is None:
             return None
-        ranked = [(token_id, distribution, sorted(distribution.items(), key=lambda item: -item[1])[:self.top])
-                  for token_id, distribution in zip(token_ids, distributions)]
-        return self._shape_logprobs(index, ranked)
+        return self._shape_logprobs(index, self._rank(token_ids, distributions))
+
+    def _rank(self, token_ids: list[int], distributions: list[Distribution]):
+        """Each token's id, distribution and its `top` most likely (id, logprob)."""
+        return [(token_id, distribution, sorted(distribution.items(), key=lambda item: -item[1])[:self.top])
+                for token_id, distribution in zip(token_ids, distributions)]
 
     # -- what differs -------------------------------------------------------------------------
 
@@ -203,23 +206,11 @@ class CompletionFormat(_Format):
 
     def _prompt_logprobs(self, job: Job, index: int, output: RequestOutput) -> CompletionLogprobs:
         """The echoed prompt's tokens with their logprobs (none for the first, as OpenAI's legacy API)."""
-        prompt = job.prompts[index // (len(job.streams) // len(job.prompts))]
-        result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-        offset = 0
-        for token_id, distribution in zip(prompt.input_ids, output.prompt_logprobs or []):
-            text = self.texts(token_id)[0]
-            result.tokens.append(text)
-            result.text_offset.append(offset)
-            offset += len(text)
-            if distribution is None:
-                result.token_logprobs.append(None)
-                result.top_logprobs.append(None)
-                continue
-            best = sorted(distribution.items(), key=lambda item: -item[1])[:self.top]
-            chosen = sorted({**dict(best), token_id: distribution[token_id]}.items(), key=lambda item: -item[1])
-            result.token_logprobs.append(distribution[token_id])
-            result.top_logprobs.append({self.texts(other)[0]: value for other, value in chosen})
-        return result
+        first, *rest = job.prompt_of(index).input_ids
+        text = self.texts(first)[0]
+        scored, _ = self._legacy(self._rank(rest, output.prompt_logprobs[1:]), len(text))
+        return CompletionLogprobs(tokens=[text, *scored.tokens], token_logprobs=[None, *scored.token_logprobs],
+                                  top_logprobs=[None, *scored.top_logprobs], text_offset=[0, *scored.text_offset])
 
     def _chunk_choice(self, index: int, output: RequestOutput, logprobs) -> CompletionChoice:
         return CompletionChoice(index=index, text=output.text_delta, logprobs=logprobs,
@@ -229,11 +220,15 @@ class CompletionFormat(_Format):
         """The prompt text choice `choice` continues with `echo`, else "" (choices are grouped by prompt)."""
         if not self.body.echo:
             return ""
-        return job.prompts[choice // (len(job.streams) // len(job.prompts))].text
+        return job.prompt_of(choice).text
 
     def _shape_logprobs(self, index, ranked) -> CompletionLogprobs:
+        result, self._offsets[index] = self._legacy(ranked, self._offsets.get(index, 0))
+        return result
+
+    def _legacy(self, ranked, offset: int) -> tuple[CompletionLogprobs, int]:
+        """OpenAI's legacy logprobs of `ranked` tokens whose text starts at `offset`; the offset after them."""
         result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-        offset = self._offsets.get(index, 0)
         for token_id, distribution, best in ranked:
             text = self.texts(token_id)[0]
             # OpenAI's legacy shape: the `top` most likely tokens and the sampled one (so up to top + 1)
@@ -243,8 +238,7 @@ class CompletionFormat(_Format):
             result.top_logprobs.append({self.texts(other)[0]: value for other, value in chosen})
             result.text_offset.append(offset)
             offset += len(text)
-        self._offsets[index] = offset
-        return result
+        return result, offset
 
 
 def usage(job: Job, outputs: list[RequestOutput]) -> Usage:
