@@ -21,9 +21,11 @@ import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import FileResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen2vl import __version__
@@ -49,6 +51,9 @@ from qwen2vl.server.schemas import (
     ModelList,
     TextCompletion,
 )
+
+
+PAGE_DIR = Path(__file__).with_name("static")
 
 
 class OpenAIServer:
@@ -244,6 +249,9 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
     app.add_api_route("/metrics", server.prometheus, methods=["GET"],
                       responses={200: {"description": "Prometheus text format",
                                        "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    # the chat page (static/, package data): public, it asks for the API key itself
+    app.add_api_route("/", lambda: FileResponse(PAGE_DIR / "index.html"), methods=["GET"], include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
     app.openapi = lambda: openapi_document(app, with_api_key=server.api_key is not None)
     return app
 

@@ -16,8 +16,9 @@ from qwen2vl.server.schemas import describe_validation_error
 if TYPE_CHECKING:
     from qwen2vl.server.app import OpenAIServer
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs")
-PUBLIC_PATHS = ("/health", "/openapi.json", "/docs")  # no API key needed
+ENDPOINTS = ("/", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs")
+PUBLIC_PATHS = ("/", "/health", "/openapi.json", "/docs")  # no API key needed; nor under PAGE_PREFIX
+PAGE_PREFIX = "/static/"  # the chat page's script and style sheet
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"; only seen in metrics
 
 
@@ -68,7 +69,7 @@ class RequestGate:
 
     def _authorize(self, scope) -> None:
         key = self.server.api_key
-        if key is None or scope["path"] in PUBLIC_PATHS:
+        if key is None or scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PAGE_PREFIX):
             return
         scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
         if not token:

@@ -1,0 +1,320 @@
+"""The chat page at `/`, driven in headless Chromium (Selenium) against a real `qwen2vl serve` of
+the demo model: loading, a streamed grounding answer with its box drawn where `Completion.boxes()`
+puts it, the server's message for an oversized image, a bad API key, stop mid-stream, a dropped
+connection, the phone layout. A screenshot of each state goes to $QWEN2VL_SCREENSHOT_DIR (default:
+a temporary folder, printed). Skipped, with the reason, where chromium or chromedriver is missing
+(Debian: apt-get install chromium chromium-driver; .ci/run does it).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "qwen2-vl-shapes-demo"
+SHAPES = ROOT / "examples" / "shapes.png"
+GROUNDING_QUESTION = "Where is the red circle?"
+MAX_IMAGE_PIXELS = 300_000  # server A's limit: shapes.png (280x196) is under it, the 800x600 test image over
+API_KEY = "page-test-key"
+LONG_ANSWER = 3000  # server B's min and max tokens: an answer long enough to stop mid-stream
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMEDRIVER = shutil.which("chromedriver")
+if CHROMIUM is None or CHROMEDRIVER is None:
+    pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver): "
+                "skipping the browser tests of the chat page", allow_module_level=True)
+
+httpx = pytest.importorskip("httpx")
+
+
+# --- a real server -----------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    """`qwen2vl serve` of the demo model in a subprocess, on 127.0.0.1."""
+
+    def __init__(self, *flags: str, api_key: str | None = None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.api_key = api_key
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               "MALLOC_ARENA_MAX": "1"}
+        env.pop("QWEN2VL_API_KEY", None)
+        command = [sys.executable, "-m", "qwen2vl.cli", "serve", "--model", str(MODEL), "--device", "cpu",
+                   "--port", str(self.port), "--log-level", "warning", *flags]
+        if api_key:
+            command += ["--api-key", api_key]
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"qwen2vl serve exited with {self.process.returncode}: {self.process.stderr.read()}")
+            try:
+                if httpx.get(self.url + "health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        pytest.fail("qwen2vl serve did not answer /health within 120 s")
+
+    def running_requests(self) -> float:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        metrics = httpx.get(self.url + "metrics", headers=headers, timeout=5).text
+        line = next(line for line in metrics.splitlines() if line.startswith("qwen2vl_requests_running"))
+        return float(line.split()[-1])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    """No API key; images over MAX_IMAGE_PIXELS are refused."""
+    running = Server("--max-image-pixels", str(MAX_IMAGE_PIXELS))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def keyed_server():
+    """An API key, and answers of LONG_ANSWER tokens."""
+    running = Server("--min-tokens", str(LONG_ANSWER), "--max-tokens", str(LONG_ANSWER), api_key=API_KEY)
+    yield running
+    running.stop()
+
+
+# --- the browser -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def screens(tmp_path_factory):
+    folder = Path(os.environ.get("QWEN2VL_SCREENSHOT_DIR") or tmp_path_factory.mktemp("web-page-screens"))
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"\n[chat page screenshots: {folder}]")
+    return lambda driver, name: driver.save_screenshot(str(folder / f"{name}.png"))
+
+
+@pytest.fixture
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1100,900", "--force-device-scale-factor=1"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def wait(driver, condition, timeout: float = 60, message: str = ""):
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d), message)
+
+
+def open_page(driver, server: Server) -> None:
+    driver.get(server.url)
+    wait(driver, lambda d: d.find_element(By.ID, "model-name").text or d.find_element(By.ID, "key-dialog").is_displayed(),
+         30, "the page neither showed the model's name nor asked for the key")
+
+
+def attach(driver, path: Path) -> None:
+    count = len(driver.find_elements(By.CSS_SELECTOR, "#attachments li"))
+    driver.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(path))
+    wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attachments li")) == count + 1, 10,
+         "the attachment did not appear")
+
+
+def ask(driver, text: str) -> None:
+    box = driver.find_element(By.CSS_SELECTOR, "textarea")
+    box.send_keys(text)
+    box.send_keys(Keys.ENTER)
+
+
+def finished_answer(driver, timeout: float = 60):
+    return wait(driver, lambda d: next((a for a in d.find_elements(By.CSS_SELECTOR, '[data-role="assistant"]')[-1:]
+                                        if a.get_attribute("aria-busy") == "false"), None), timeout,
+                "no finished answer")
+
+
+def error_text(driver, timeout: float = 30) -> str:
+    return wait(driver, lambda d: next((e.text for e in d.find_elements(By.CSS_SELECTOR, '[data-role="error"]')), None),
+                timeout, "no error shown")
+
+
+def set_temperature(driver, value: str) -> None:
+    driver.find_element(By.ID, "open-settings").click()
+    field = driver.find_element(By.ID, "temperature")
+    field.clear()
+    field.send_keys(value)
+    field.send_keys(Keys.ENTER)  # submits the dialog's form: Save
+    wait(driver, lambda d: not d.find_element(By.ID, "settings").is_displayed(), 5, "settings did not close")
+
+
+def severe_console_messages(driver) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def drawn_box(driver, box) -> tuple[float, ...]:
+    """A box element's rectangle in pixels of its image, as drawn on screen."""
+    return driver.execute_script("""
+        const box = arguments[0], image = box.closest('figure').querySelector('img');
+        const b = box.getBoundingClientRect(), i = image.getBoundingClientRect();
+        const scale = image.naturalWidth / i.width;
+        return [(b.left - i.left) * scale, (b.top - i.top) * scale, (b.right - i.left) * scale, (b.bottom - i.top) * scale];
+    """, box)
+
+
+# --- the tests ---------------------------------------------------------------------------------
+
+def test_the_page_loads_with_labelled_controls_and_no_console_errors(server, browser, screens):
+    open_page(browser, server)
+    assert browser.find_element(By.ID, "model-name").text == str(MODEL)
+    assert httpx.get(server.url + "static/app.js").headers["content-type"].startswith(("text/javascript", "application/javascript"))
+    for control in browser.find_elements(By.CSS_SELECTOR, "textarea, input"):
+        label = browser.find_elements(By.CSS_SELECTOR, f'label[for="{control.get_attribute("id")}"]')
+        assert label and label[0].get_attribute("textContent").strip(), control.get_attribute("id")
+    assert browser.find_element(By.CSS_SELECTOR, "textarea") == browser.switch_to.active_element
+    assert not browser.find_element(By.ID, "open-key").is_displayed()  # this server has no key
+    screens(browser, "01-loaded")
+    assert severe_console_messages(browser) == []
+
+
+def test_a_grounding_answer_streams_and_its_box_is_drawn_where_completion_boxes_puts_it(server, browser, screens):
+    from qwen2vl import Qwen2VL
+
+    llm = Qwen2VL.from_pretrained(MODEL, device="cpu")
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(SHAPES)},
+                                             {"type": "text", "text": GROUNDING_QUESTION}]}]
+    expected = llm.chat(messages, temperature=0.0).boxes()
+    del llm
+    assert len(expected) == 1
+
+    open_page(browser, server)
+    set_temperature(browser, "0")
+    attach(browser, SHAPES)
+    browser.execute_script("""  // every length the answer's text passes through
+        window.answerLengths = new Set();
+        new MutationObserver(() => {
+            const answer = [...document.querySelectorAll('[data-role="assistant"] .content')].pop();
+            if (answer) window.answerLengths.add(answer.textContent.length);
+        }).observe(document.getElementById('conversation'), {subtree: true, childList: true, characterData: true});
+    """)
+    screens(browser, "02-attached")
+    ask(browser, GROUNDING_QUESTION)
+    answer = finished_answer(browser)
+    assert len(browser.execute_script("return [...window.answerLengths]")) > 3  # it arrived in pieces
+    stats = answer.find_element(By.CSS_SELECTOR, ".stats").text
+    assert "first token" in stats and "tokens/s" in stats, stats
+    user_image = browser.find_element(By.CSS_SELECTOR, '[data-role="user"] img')
+    assert user_image.get_attribute("alt") == "Attached image shapes.png (280×196 pixels)"
+
+    boxes = answer.find_elements(By.CSS_SELECTOR, "[data-box]")
+    assert len(boxes) == 1
+    want = expected[0]
+    given = [float(v) for v in boxes[0].get_attribute("data-box").split(",")]
+    assert given == pytest.approx([want.x1, want.y1, want.x2, want.y2], abs=1e-9)
+    assert boxes[0].text == want.label == "the red circle"
+    assert answer.find_element(By.CSS_SELECTOR, "figure img").get_attribute("alt") == \
+        "shapes.png with 1 box drawn: the red circle"
+    assert drawn_box(browser, boxes[0]) == pytest.approx([want.x1, want.y1, want.x2, want.y2], abs=2)
+    screens(browser, "03-grounding-answer")
+
+    browser.set_window_size(390, 844)  # a phone: the box scales with the image
+    image_width = browser.execute_script("return arguments[0].closest('figure').querySelector('img').getBoundingClientRect().width", boxes[0])
+    assert image_width < 280 or browser.execute_script("return document.documentElement.scrollWidth") <= 390
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= 390  # nothing sticks out
+    assert drawn_box(browser, boxes[0]) == pytest.approx([want.x1, want.y1, want.x2, want.y2], abs=2)
+    screens(browser, "04-phone-layout")
+
+    browser.find_element(By.ID, "new-chat").click()
+    assert browser.find_elements(By.CSS_SELECTOR, '[data-role="assistant"]') == []
+    assert severe_console_messages(browser) == []
+
+
+def test_an_oversized_image_shows_the_servers_message_and_the_page_stays_usable(server, browser, screens, tmp_path):
+    from PIL import Image
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (800, 600), "white").save(big)
+    open_page(browser, server)
+    attach(browser, big)
+    ask(browser, "Describe this image.")
+    message = error_text(browser)
+    assert "800x600" in message and f"over the limit of {MAX_IMAGE_PIXELS}" in message, message
+    assert "messages[0].content[0]" in message
+    assert browser.find_elements(By.CSS_SELECTOR, '[data-role="assistant"]') == []
+    assert browser.find_element(By.CSS_SELECTOR, "textarea").get_attribute("value") == "Describe this image."
+    screens(browser, "05-oversized-image")
+
+    browser.find_element(By.CSS_SELECTOR, "#attachments .remove").click()  # the draft came back: fix it, resend
+    attach(browser, SHAPES)
+    browser.find_element(By.CSS_SELECTOR, "textarea").send_keys(Keys.ENTER)
+    answer = finished_answer(browser)
+    assert answer.find_element(By.CSS_SELECTOR, ".content").text == "a red circle and a blue square"
+
+
+def test_a_bad_key_is_refused_then_stop_ends_the_stream_on_the_server(keyed_server, browser, screens):
+    open_page(browser, keyed_server)
+    dialog = browser.find_element(By.ID, "key-dialog")
+    assert dialog.is_displayed()
+    key = browser.find_element(By.ID, "api-key")
+    key.send_keys("wrong-key", Keys.ENTER)
+    assert "incorrect API key" in error_text(browser)
+    wait(browser, lambda d: dialog.is_displayed(), 10, "the key was not asked for again")
+    screens(browser, "06-bad-key")
+    key.clear()
+    key.send_keys(API_KEY, Keys.ENTER)
+    wait(browser, lambda d: d.find_element(By.ID, "model-name").text == str(MODEL), 10, "the right key was not used")
+
+    ask(browser, "Describe this image.")
+    content = browser.find_element(By.CSS_SELECTOR, '[data-role="assistant"] .content')
+    wait(browser, lambda d: len(content.text) > 20, 30, "the answer did not start")
+    assert keyed_server.running_requests() == 1
+    browser.find_element(By.ID, "stop").click()
+    answer = finished_answer(browser, 10)
+    assert answer.find_element(By.CSS_SELECTOR, ".stats").text.endswith("stopped")
+    stopped_at = content.text
+    wait(browser, lambda d: keyed_server.running_requests() == 0, 10, "the server still generates the stopped answer")
+    assert content.text == stopped_at and len(stopped_at.split()) < LONG_ANSWER
+    assert browser.find_element(By.ID, "send").is_displayed() and not browser.find_element(By.ID, "stop").is_displayed()
+    screens(browser, "07-stopped")
+
+
+def test_a_dropped_connection_is_shown_and_the_page_stays_usable(keyed_server, browser, screens):
+    browser.get(keyed_server.url)
+    browser.execute_script("localStorage.setItem('qwen2vl.apiKey', arguments[0])", API_KEY)
+    open_page(browser, keyed_server)
+    ask(browser, "Describe this image.")
+    content = browser.find_element(By.CSS_SELECTOR, '[data-role="assistant"] .content')
+    wait(browser, lambda d: len(content.text) > 20, 30, "the answer did not start")
+    keyed_server.process.kill()  # gone at once, as a crashed server or a lost network
+    assert "connection to the server was lost" in error_text(browser)
+    assert browser.find_element(By.ID, "send").is_displayed()
+    screens(browser, "08-connection-lost")
+    browser.find_element(By.ID, "new-chat").click()
+    assert browser.find_elements(By.CSS_SELECTOR, '[data-role="error"]') == []
+    assert browser.find_element(By.CSS_SELECTOR, "textarea") == browser.switch_to.active_element
