@@ -289,6 +289,7 @@ def test_a_bad_key_is_refused_then_stop_ends_the_stream_on_the_server(keyed_serv
     key.clear()
     key.send_keys(API_KEY, Keys.ENTER)
     wait(browser, lambda d: d.find_element(By.ID, "model-name").text == str(MODEL), 10, "the right key was not used")
+    assert browser.find_elements(By.CSS_SELECTOR, '[data-role="error"]') == []  # the key's error is resolved
 
     ask(browser, "Describe this image.")
     content = browser.find_element(By.CSS_SELECTOR, '[data-role="assistant"] .content')
@@ -313,8 +314,37 @@ def test_a_dropped_connection_is_shown_and_the_page_stays_usable(keyed_server, b
     wait(browser, lambda d: len(content.text) > 20, 30, "the answer did not start")
     keyed_server.process.kill()  # gone at once, as a crashed server or a lost network
     assert "connection to the server was lost" in error_text(browser)
+    assert browser.find_element(By.CSS_SELECTOR, '[data-role="assistant"] .stats').text.endswith("interrupted")
     assert browser.find_element(By.ID, "send").is_displayed()
     screens(browser, "08-connection-lost")
     browser.find_element(By.ID, "new-chat").click()
     assert browser.find_elements(By.CSS_SELECTOR, '[data-role="error"]') == []
     assert browser.find_element(By.CSS_SELECTOR, "textarea") == browser.switch_to.active_element
+
+
+GROUNDING_TEXTS = [
+    "<|object_ref_start|>the red circle<|object_ref_end|><|box_start|>(111,240),(330,600)<|box_end|>",
+    "<|object_ref_start|>the squares<|object_ref_end|><|box_start|>(10,20),(30,40)<|box_end|> and "
+    "<|box_start|>( 700 , 650 ),( 500.5 , 999 )<|box_end|>",  # the label carries on; corners in any order
+    "<|box_start|>(0,0),(999,999)<|box_end|>; <|object_ref_start|>a blue square<|object_ref_end|>"
+    "<|box_start|>(500,100),(620,330)<|box_end|>",  # a box before any reference has no label
+]
+
+
+@pytest.mark.parametrize("text", GROUNDING_TEXTS)
+def test_the_pages_box_parsing_and_scaling_is_grounding_pys(server, browser, text):
+    """The page's parseBoxes + scaled against qwen2vl.grounding, on the text with its markers and
+    on the text as the server streams it (special tokens skipped)."""
+    import re
+
+    from qwen2vl.grounding import parse_boxes
+
+    browser.get(server.url)
+    width, height = 280, 196
+    want = [box.scaled(width, height) for box in parse_boxes(text)]
+    streamed = re.sub(r"<\|[a-z_]+\|>", "", text)
+    for given_text in (text, streamed):
+        given = browser.execute_script("return parseBoxes(arguments[0]).map((box) => scaled(box, arguments[1], arguments[2]))",
+                                       given_text, width, height)
+        assert [(box["label"], box["x1"], box["y1"], box["x2"], box["y2"]) for box in given] == \
+            [(box.label, box.x1, box.y1, box.x2, box.y2) for box in want], given_text

@@ -99,9 +99,9 @@ async function errorOf(response) {
   return {status: response.status, message};
 }
 
-function showError(text, where = ui.conversation) {
-  const node = element("div", {className: "error", role: "alert", dataset: {role: "error"}}, [text]);
-  where.append(node);
+function showError(text, className = "") {
+  const node = element("div", {className: `error ${className}`, role: "alert", dataset: {role: "error"}}, [text]);
+  ui.conversation.append(node);
   scrollToEnd();
   return node;
 }
@@ -143,14 +143,15 @@ async function connect() {
     const models = await fetch("v1/models", {headers: authHeaders()});
     if (!models.ok) {
       const error = await errorOf(models);
-      showError(`The server refused the page: ${error.message}`);
+      showError(`The server refused the page: ${error.message}`, "connection");
       if (error.status === 401) askForKey(`The server refused the key: ${error.message}`);
       return;
     }
+    ui.conversation.querySelectorAll(".error.connection").forEach((node) => node.remove());  // resolved now
     state.model = (await models.json()).data[0].id;
     ui.modelName.textContent = state.model;
   } catch (error) {
-    showError(`Could not reach the server (${error.message}). Is qwen2vl serve running?`);
+    showError(`Could not reach the server (${error.message}). Is qwen2vl serve running?`, "connection");
   }
 }
 
@@ -386,7 +387,9 @@ async function send() {
       answer.stats.textContent = `${timing(started, firstToken, performance.now(), tokens)} · stopped`;
     } else {
       const why = error.fromServer ? error.message : `the connection to the server was lost (${error.message})`;
-      if (!reply) {
+      if (reply) {
+        answer.stats.textContent = `${timing(started, firstToken, performance.now(), tokens)} · interrupted`;
+      } else {
         answer.node.remove();
         restoreDraft();
       }
