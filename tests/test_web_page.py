@@ -2,8 +2,9 @@
 the demo model: loading, a streamed grounding answer with its box drawn where `Completion.boxes()`
 puts it, the server's message for an oversized image, a bad API key, stop mid-stream, a dropped
 connection, the phone layout. A screenshot of each state goes to $QWEN2VL_SCREENSHOT_DIR (default:
-a temporary folder, printed). Skipped, with the reason, where chromium or chromedriver is missing
-(Debian: apt-get install chromium chromium-driver; .ci/run does it).
+a temporary folder, printed). The browser tests are skipped, with the reason, where selenium, chromium or chromedriver is
+missing (Debian: apt-get install chromium chromium-driver; .ci/run does it); the route test runs
+everywhere.
 """
 from __future__ import annotations
 
@@ -25,16 +26,24 @@ MAX_IMAGE_PIXELS = 300_000  # server A's limit: shapes.png (280x196) is under it
 API_KEY = "page-test-key"
 LONG_ANSWER = 3000  # server B's min and max tokens: an answer long enough to stop mid-stream
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+try:
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:
+    webdriver = None
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHROMEDRIVER = shutil.which("chromedriver")
-if CHROMIUM is None or CHROMEDRIVER is None:
-    pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver): "
-                "skipping the browser tests of the chat page", allow_module_level=True)
+if webdriver is None:
+    NO_BROWSER = "selenium is not installed (pip install -e '.[dev]'): skipping the chat page's browser tests"
+elif CHROMIUM is None or CHROMEDRIVER is None:
+    NO_BROWSER = ("chromium and chromedriver are not installed (apt-get install chromium chromium-driver): "
+                  "skipping the chat page's browser tests")
+else:
+    NO_BROWSER = None
+needs_browser = pytest.mark.skipif(NO_BROWSER is not None, reason=NO_BROWSER or "")
 
 httpx = pytest.importorskip("httpx")
 
@@ -99,9 +108,9 @@ def server():
     running.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def keyed_server():
-    """An API key, and answers of LONG_ANSWER tokens."""
+    """An API key, and answers of LONG_ANSWER tokens. The last test to use it kills it."""
     running = Server("--min-tokens", str(LONG_ANSWER), "--max-tokens", str(LONG_ANSWER), api_key=API_KEY)
     yield running
     running.stop()
@@ -131,7 +140,7 @@ def browser():
     driver.quit()
 
 
-def wait(driver, condition, timeout: float = 60, message: str = ""):
+def wait(driver, condition, timeout: float = 120, message: str = ""):
     return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d), message)
 
 
@@ -154,7 +163,7 @@ def ask(driver, text: str) -> None:
     box.send_keys(Keys.ENTER)
 
 
-def finished_answer(driver, timeout: float = 60):
+def finished_answer(driver, timeout: float = 120):
     return wait(driver, lambda d: next((a for a in d.find_elements(By.CSS_SELECTOR, '[data-role="assistant"]')[-1:]
                                         if a.get_attribute("aria-busy") == "false"), None), timeout,
                 "no finished answer")
@@ -190,6 +199,28 @@ def drawn_box(driver, box) -> tuple[float, ...]:
 
 # --- the tests ---------------------------------------------------------------------------------
 
+def test_the_page_and_its_files_are_served_without_the_api_key():
+    """The route alone (no browser): the page asks for the key itself, the API still needs it."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from qwen2vl import Qwen2VL
+    from qwen2vl.server import create_app
+
+    app = create_app(Qwen2VL.from_pretrained(MODEL, device="cpu", max_model_len=256), model_name="demo", api_key=API_KEY)
+    with TestClient(app) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        for name in ('<textarea id="message"', '<input type="file"', 'src="static/app.js"', 'href="static/style.css"'):
+            assert name in page.text
+        assert client.get("/static/app.js").status_code == client.get("/static/style.css").status_code == 200
+        missing = client.get("/static/nothing.js")
+        assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+        assert client.get("/v1/models").status_code == 401
+        assert "/" not in client.get("/openapi.json").json()["paths"]
+
+
+@needs_browser
 def test_the_page_loads_with_labelled_controls_and_no_console_errors(server, browser, screens):
     open_page(browser, server)
     assert browser.find_element(By.ID, "model-name").text == str(MODEL)
@@ -199,10 +230,16 @@ def test_the_page_loads_with_labelled_controls_and_no_console_errors(server, bro
         assert label and label[0].get_attribute("textContent").strip(), control.get_attribute("id")
     assert browser.find_element(By.CSS_SELECTOR, "textarea") == browser.switch_to.active_element
     assert not browser.find_element(By.ID, "open-key").is_displayed()  # this server has no key
+    textarea = browser.find_element(By.CSS_SELECTOR, "textarea")
+    textarea.send_keys("one", Keys.SHIFT, Keys.ENTER, Keys.SHIFT, "two")  # a new line, not a send
+    assert textarea.get_attribute("value") == "one\ntwo"
+    assert browser.find_elements(By.CSS_SELECTOR, '[data-role="user"]') == []
+    textarea.clear()
     screens(browser, "01-loaded")
     assert severe_console_messages(browser) == []
 
 
+@needs_browser
 def test_a_grounding_answer_streams_and_its_box_is_drawn_where_completion_boxes_puts_it(server, browser, screens):
     from qwen2vl import Qwen2VL
 
@@ -216,8 +253,14 @@ def test_a_grounding_answer_streams_and_its_box_is_drawn_where_completion_boxes_
     open_page(browser, server)
     set_temperature(browser, "0")
     attach(browser, SHAPES)
-    browser.execute_script("""  // every length the answer's text passes through
+    browser.execute_script("""  // every length the answer's text passes through; every request body sent
         window.answerLengths = new Set();
+        window.sentBodies = [];
+        const send = window.fetch;
+        window.fetch = (url, options) => {
+            if (options && options.body) window.sentBodies.push(JSON.parse(options.body));
+            return send(url, options);
+        };
         new MutationObserver(() => {
             const answer = [...document.querySelectorAll('[data-role="assistant"] .content')].pop();
             if (answer) window.answerLengths.add(answer.textContent.length);
@@ -243,18 +286,32 @@ def test_a_grounding_answer_streams_and_its_box_is_drawn_where_completion_boxes_
     assert drawn_box(browser, boxes[0]) == pytest.approx([want.x1, want.y1, want.x2, want.y2], abs=2)
     screens(browser, "03-grounding-answer")
 
-    browser.set_window_size(390, 844)  # a phone: the box scales with the image
-    image_width = browser.execute_script("return arguments[0].closest('figure').querySelector('img').getBoundingClientRect().width", boxes[0])
-    assert image_width < 280 or browser.execute_script("return document.documentElement.scrollWidth") <= 390
-    assert browser.execute_script("return document.documentElement.scrollWidth") <= 390  # nothing sticks out
+    browser.set_window_size(320, 640)  # a small phone: the image shrinks to fit, its box with it
+    image_width = browser.execute_script(
+        "return arguments[0].closest('figure').querySelector('img').getBoundingClientRect().width", boxes[0])
+    assert image_width < 280
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= 320  # nothing sticks out
     assert drawn_box(browser, boxes[0]) == pytest.approx([want.x1, want.y1, want.x2, want.y2], abs=2)
+    browser.execute_script("arguments[0].scrollIntoView()", answer)
     screens(browser, "04-phone-layout")
+
+    browser.set_window_size(1100, 900)
+    ask(browser, "Describe this image.")  # a second turn carries the first, image and answer included
+    finished_answer(browser)
+    first, second = browser.execute_script("return window.sentBodies")
+    assert first["temperature"] == 0 and first["stream"] is True
+    assert [message["role"] for message in second["messages"]] == ["user", "assistant", "user"]
+    assert second["messages"][0] == first["messages"][0]
+    assert second["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert second["messages"][1]["content"] == answer.find_element(By.CSS_SELECTOR, ".content").text
+    assert len(browser.find_elements(By.CSS_SELECTOR, '[data-role="assistant"]')) == 2
 
     browser.find_element(By.ID, "new-chat").click()
     assert browser.find_elements(By.CSS_SELECTOR, '[data-role="assistant"]') == []
     assert severe_console_messages(browser) == []
 
 
+@needs_browser
 def test_an_oversized_image_shows_the_servers_message_and_the_page_stays_usable(server, browser, screens, tmp_path):
     from PIL import Image
 
@@ -277,6 +334,7 @@ def test_an_oversized_image_shows_the_servers_message_and_the_page_stays_usable(
     assert answer.find_element(By.CSS_SELECTOR, ".content").text == "a red circle and a blue square"
 
 
+@needs_browser
 def test_a_bad_key_is_refused_then_stop_ends_the_stream_on_the_server(keyed_server, browser, screens):
     open_page(browser, keyed_server)
     dialog = browser.find_element(By.ID, "key-dialog")
@@ -305,6 +363,7 @@ def test_a_bad_key_is_refused_then_stop_ends_the_stream_on_the_server(keyed_serv
     screens(browser, "07-stopped")
 
 
+@needs_browser
 def test_a_dropped_connection_is_shown_and_the_page_stays_usable(keyed_server, browser, screens):
     browser.get(keyed_server.url)
     browser.execute_script("localStorage.setItem('qwen2vl.apiKey', arguments[0])", API_KEY)
@@ -322,6 +381,25 @@ def test_a_dropped_connection_is_shown_and_the_page_stays_usable(keyed_server, b
     assert browser.find_element(By.CSS_SELECTOR, "textarea") == browser.switch_to.active_element
 
 
+@needs_browser
+def test_a_video_file_is_sent_and_answered(server, browser, screens, tmp_path):
+    pytest.importorskip("av")
+    from processor_reference import write_mp4
+
+    from qwen2vl.evals.shapes import VIDEO_FRAMES, VIDEO_SIDE, Shape, draw
+
+    frames = [draw([Shape("square", "green", 20 + 16 * i, 80, 50)], VIDEO_SIDE, VIDEO_SIDE) for i in range(VIDEO_FRAMES)]
+    video = write_mp4(tmp_path / "moving.mp4", frames, fps=4)
+    open_page(browser, server)
+    attach(browser, video)
+    ask(browser, "Which direction does the shape move?")
+    answer = finished_answer(browser)
+    assert answer.find_element(By.CSS_SELECTOR, ".content").text == "right"
+    assert browser.find_element(By.CSS_SELECTOR, '[data-role="user"] video').get_attribute("aria-label") == \
+        "Attached video moving.mp4"
+    screens(browser, "09-video")
+
+
 GROUNDING_TEXTS = [
     "<|object_ref_start|>the red circle<|object_ref_end|><|box_start|>(111,240),(330,600)<|box_end|>",
     "<|object_ref_start|>the squares<|object_ref_end|><|box_start|>(10,20),(30,40)<|box_end|> and "
@@ -331,6 +409,8 @@ GROUNDING_TEXTS = [
 ]
 
 
+@needs_browser
+@needs_browser
 @pytest.mark.parametrize("text", GROUNDING_TEXTS)
 def test_the_pages_box_parsing_and_scaling_is_grounding_pys(server, browser, text):
     """The page's parseBoxes + scaled against qwen2vl.grounding, on the text with its markers and

@@ -149,7 +149,7 @@ async function connect() {
     }
     ui.conversation.querySelectorAll(".error.connection").forEach((node) => node.remove());  // resolved now
     state.model = (await models.json()).data[0].id;
-    ui.modelName.textContent = state.model;
+    ui.modelName.textContent = ui.modelName.title = state.model;
   } catch (error) {
     showError(`Could not reach the server (${error.message}). Is qwen2vl serve running?`, "connection");
   }
