@@ -123,7 +123,13 @@ def screens(tmp_path_factory):
     folder = Path(os.environ.get("QWEN2VL_SCREENSHOT_DIR") or tmp_path_factory.mktemp("web-page-screens"))
     folder.mkdir(parents=True, exist_ok=True)
     print(f"\n[chat page screenshots: {folder}]")
-    return lambda driver, name: driver.save_screenshot(str(folder / f"{name}.png"))
+
+    def save(driver, name: str) -> None:
+        # two animation frames: a scroll or resize just made is painted before the capture
+        driver.execute_async_script("requestAnimationFrame(() => requestAnimationFrame(arguments[0]))")
+        driver.save_screenshot(str(folder / f"{name}.png"))
+
+    return save
 
 
 @pytest.fixture
@@ -292,7 +298,7 @@ def test_a_grounding_answer_streams_and_its_box_is_drawn_where_completion_boxes_
     assert image_width < 280
     assert browser.execute_script("return document.documentElement.scrollWidth") <= 320  # nothing sticks out
     assert drawn_box(browser, boxes[0]) == pytest.approx([want.x1, want.y1, want.x2, want.y2], abs=2)
-    browser.execute_script("arguments[0].scrollIntoView()", answer)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'end'})", answer.find_element(By.CSS_SELECTOR, "figure"))
     screens(browser, "04-phone-layout")
 
     browser.set_window_size(1100, 900)
