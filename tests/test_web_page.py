@@ -180,13 +180,27 @@ def error_text(driver, timeout: float = 30) -> str:
                 timeout, "no error shown")
 
 
-def set_temperature(driver, value: str) -> None:
+def change_settings(driver, **values: str) -> None:
+    """Fill the settings dialog's fields (by element id) and save it from the keyboard."""
     driver.find_element(By.ID, "open-settings").click()
-    field = driver.find_element(By.ID, "temperature")
-    field.clear()
-    field.send_keys(value)
+    for field_id, value in values.items():
+        field = driver.find_element(By.ID, field_id.replace("_", "-"))
+        field.clear()
+        field.send_keys(value)
     field.send_keys(Keys.ENTER)  # submits the dialog's form: Save
     wait(driver, lambda d: not d.find_element(By.ID, "settings").is_displayed(), 5, "settings did not close")
+
+
+def record_requests(driver) -> None:
+    """From now on, window.sentBodies holds the JSON body of each request the page sends."""
+    driver.execute_script("""
+        window.sentBodies = [];
+        const send = window.fetch;
+        window.fetch = (url, options) => {
+            if (options && options.body) window.sentBodies.push(JSON.parse(options.body));
+            return send(url, options);
+        };
+    """)
 
 
 def severe_console_messages(driver) -> list[str]:
@@ -257,16 +271,11 @@ def test_a_grounding_answer_streams_and_its_box_is_drawn_where_completion_boxes_
     assert len(expected) == 1
 
     open_page(browser, server)
-    set_temperature(browser, "0")
+    change_settings(browser, temperature="0")
     attach(browser, SHAPES)
-    browser.execute_script("""  // every length the answer's text passes through; every request body sent
+    record_requests(browser)
+    browser.execute_script("""  // every length the answer's text passes through
         window.answerLengths = new Set();
-        window.sentBodies = [];
-        const send = window.fetch;
-        window.fetch = (url, options) => {
-            if (options && options.body) window.sentBodies.push(JSON.parse(options.body));
-            return send(url, options);
-        };
         new MutationObserver(() => {
             const answer = [...document.querySelectorAll('[data-role="assistant"] .content')].pop();
             if (answer) window.answerLengths.add(answer.textContent.length);
@@ -335,9 +344,15 @@ def test_an_oversized_image_shows_the_servers_message_and_the_page_stays_usable(
 
     browser.find_element(By.CSS_SELECTOR, "#attachments .remove").click()  # the draft came back: fix it, resend
     attach(browser, SHAPES)
+    change_settings(browser, max_tokens="16", max_pixels="100000")
+    record_requests(browser)
     browser.find_element(By.CSS_SELECTOR, "textarea").send_keys(Keys.ENTER)
     answer = finished_answer(browser)
     assert answer.find_element(By.CSS_SELECTOR, ".content").text == "a red circle and a blue square"
+    (sent,) = browser.execute_script("return window.sentBodies")
+    assert len(sent["messages"]) == 1  # the refused turn left the history
+    assert sent["max_tokens"] == 16 and "temperature" not in sent  # an empty setting: the server's default
+    assert [part.get("max_pixels") for part in sent["messages"][0]["content"]] == [100000, None]
 
 
 @needs_browser
