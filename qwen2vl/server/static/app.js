@@ -428,7 +428,7 @@ ui.message.addEventListener("keydown", (event) => {
   }
 });
 document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && state.controller) stop();
+  if (event.key === "Escape" && state.controller && !document.querySelector("dialog[open]")) stop();  // Esc in a dialog closes it
 });
 ui.stop.addEventListener("click", stop);
 ui.newChat.addEventListener("click", newChat);
