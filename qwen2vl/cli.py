@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", help="the model name clients send (default: --model as given, else the default model's directory name)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API (the page at /, /health, /openapi.json and /docs stay open) "
                                          "(default: $QWEN2VL_API_KEY; unset = no key)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     group = serve.add_argument_group("media sources")
