@@ -86,9 +86,9 @@ def _rows(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _ray_generate(tiny_ckpt, source, target, *extra) -> int:
-    return main(["generate", "--ray", "--num-replicas", "2", "--model", str(tiny_ckpt), "--input", str(source),
-                 "--output", str(target), "--batch-size", "8", *GREEDY, *extra])
+def _ray_generate(tiny_ckpt, source, target, *extra, replicas: int = 2) -> int:
+    return main(["generate", "--ray", "--num-replicas", str(replicas), "--model", str(tiny_ckpt), "--input",
+                 str(source), "--output", str(target), "--batch-size", "8", *GREEDY, *extra])
 
 
 def test_two_replicas_answer_as_one_process(tiny_ckpt, job, tmp_path, capsys):
@@ -161,7 +161,7 @@ def test_parquet_with_a_bytes_column(tiny_ckpt, job, tmp_path):
     table = pa.table({"id": [1, 2], "messages": [messages, messages], "jpeg": [png, b"broken"]})
     source, target = tmp_path / "in.parquet", tmp_path / "out.parquet"
     pq.write_table(table, source)
-    assert _ray_generate(tiny_ckpt, source, target) == 1
+    assert _ray_generate(tiny_ckpt, source, target, replicas=1) == 1
     rows = {row["id"]: row for row in pq.read_table(target).to_pylist()}
     assert rows[1]["text"] == expected["row-9"]["text"] and rows[1]["error"] is None
     assert rows[2]["error"]["type"] == "MediaError" and rows[2]["text"] is None

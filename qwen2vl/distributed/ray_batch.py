@@ -39,6 +39,11 @@ from ..engine_args import EngineArgs
 from ..errors import InputError, Qwen2VLError
 from ..sampling_params import SamplingParams
 
+# CPUs a read or prepare task asks for: half a core, as decoding waits on reads part of the time;
+# and a request unlike the replicas' keeps Ray Data from fusing preparation into the replicas,
+# where decoding would stall the engine.
+PREPARE_CPUS = 0.5
+
 OUTPUT_FIELDS = [
     ("text", pa.string()),
     ("finish_reason", pa.string()),
@@ -53,7 +58,7 @@ def read_dataset(path: str) -> "ray.data.Dataset":
         raise InputError(f"--input {path}: no such file or folder", field="input")
     if path.rstrip("/").endswith(".parquet"):
         return ray.data.read_parquet(path)
-    return ray.data.read_text(path).map_batches(_jsonl_rows, batch_format="pyarrow")
+    return ray.data.read_text(path).map_batches(_jsonl_rows, batch_format="pyarrow", num_cpus=PREPARE_CPUS)
 
 
 def _jsonl_rows(batch: pa.Table) -> pa.Table:
@@ -77,8 +82,12 @@ def _jsonl_rows(batch: pa.Table) -> pa.Table:
 @functools.lru_cache(maxsize=4)
 def _processor(engine_args: EngineArgs):
     """One processor per worker process and checkpoint (tokenizer and template read once)."""
+    import torch
+
     from ..hub import resolve_model_dir
     from ..processor import Processor
+
+    torch.set_num_threads(1)  # the parallelism is the pool of prepare tasks; threads would contend with it
 
     return Processor.from_pretrained(resolve_model_dir(engine_args.model), min_pixels=engine_args.min_pixels,
                                      max_pixels=engine_args.max_pixels)
@@ -158,6 +167,7 @@ class _Replica:
 
 def generate_dataset(ds: "ray.data.Dataset", model: str | os.PathLike | None = None, *, num_replicas: int = 1,
                      cpus_per_replica: int = 1, gpus_per_replica: int | None = None, batch_size: int = 64,
+                     prepare_tasks: int | None = None,
                      engine_args: EngineArgs | None = None, params: SamplingParams | None = None,
                      **overrides) -> "ray.data.Dataset":
     """Answer every row of `ds` (columns `id`, `messages`; optional binary media columns a part
@@ -165,6 +175,8 @@ def generate_dataset(ds: "ray.data.Dataset", model: str | os.PathLike | None = N
     `finish_reason`, `usage` (a struct) and `error` (`type`, `message`; set for a row that
     could not run, the rest then null). Lazy, as Ray datasets are.
 
+    Media are decoded and prompts prepared in at most `prepare_tasks` Ray tasks at a time
+    (default: two per replica, one batch ready while a replica answers another), half a CPU each.
     `model` or `engine_args` choose the checkpoint and engine; keyword overrides are
     `SamplingParams` fields. `gpus_per_replica` defaults to 1 where the cluster has GPUs and the
     device is not "cpu", else 0 (then `cpus_per_replica` CPUs and PyTorch threads each).
@@ -182,7 +194,8 @@ def generate_dataset(ds: "ray.data.Dataset", model: str | os.PathLike | None = N
         if not (isinstance(value, int) and value >= 1):
             raise InputError(f"{name}={value!r} is invalid: expected an integer >= 1", field=name)
     prepared = ds.map_batches(_prepare_batch, batch_format="pyarrow", batch_size=batch_size,
-                              fn_kwargs={"engine_args": engine_args})
+                              fn_kwargs={"engine_args": engine_args}, num_cpus=PREPARE_CPUS,
+                              concurrency=prepare_tasks or 2 * num_replicas)
     resources = {"num_gpus": gpus_per_replica} if gpus_per_replica else {"num_cpus": cpus_per_replica}
     return prepared.map_batches(
         _Replica, batch_format="pyarrow", batch_size=batch_size,
