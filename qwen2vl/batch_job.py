@@ -165,3 +165,10 @@ class JobOutput:
     def close(self) -> None:
         """Stop writing; an uncommitted job's rows stay in `PATH.partial` for `--resume`."""
         self._file.close()
+        note_partial(self.partial)
+
+
+def note_partial(partial: Path) -> None:
+    """Say where a stopped job's rows are (nothing once the job is committed)."""
+    if partial.is_file():
+        print(f"\r[the rows written so far are in {partial}; --resume goes on from there]", file=sys.stderr)

@@ -164,3 +164,29 @@ def test_generate_resume_answers_only_the_missing_rows(tiny_ckpt, llm, tmp_path)
     assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target),
                  "--resume", *GREEDY]) == 0
     assert target.read_text().splitlines() == complete
+
+
+def test_generate_stopped_keeps_its_rows_for_resume(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the first batch: the output is untouched, the batch in OUT.partial, --resume finishes."""
+    import qwen2vl.batch_job as batch_job
+
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps([{"role": "user", "content": f"hi {i}"}]) + "\n" for i in range(4)))
+    target.write_text("old\n")
+    answer_chunk = batch_job._answer_chunk
+
+    def stop_after_the_first(llm, rows, params):
+        if rows[0]["id"] != 1:
+            raise KeyboardInterrupt
+        return answer_chunk(llm, rows, params)
+
+    monkeypatch.setattr(batch_job, "_answer_chunk", stop_after_the_first)
+    args = ["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target),
+            "--batch-size", "2", *GREEDY]
+    assert main(args) == 130
+    assert target.read_text() == "old\n"
+    assert [json.loads(line)["id"] for line in (tmp_path / "out.jsonl.partial").read_text().splitlines()] == [1, 2]
+    assert f"the rows written so far are in {tmp_path / 'out.jsonl.partial'}" in capsys.readouterr().err
+    monkeypatch.setattr(batch_job, "_answer_chunk", answer_chunk)
+    assert main([*args, "--resume"]) == 0
+    assert [json.loads(line)["id"] for line in target.read_text().splitlines()] == [1, 2, 3, 4]

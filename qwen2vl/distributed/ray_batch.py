@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from ..batch_job import JobOutput, Progress, answer_rows, error_row, id_key, prepare_row
+from ..batch_job import JobOutput, Progress, answer_rows, id_key, note_partial, prepare_row
 from ..engine_args import EngineArgs
 from ..errors import InputError, Qwen2VLError
 from ..sampling_params import SamplingParams
@@ -52,10 +52,14 @@ OUTPUT_FIELDS = [
 ]
 
 
-def read_dataset(path: str) -> "ray.data.Dataset":
-    """`path` (a file, a folder of them, or a URI): Parquet if it ends in .parquet, else JSONL."""
+def check_input(path: str) -> None:
     if "://" not in path and not Path(path).exists():
         raise InputError(f"--input {path}: no such file or folder", field="input")
+
+
+def read_dataset(path: str) -> "ray.data.Dataset":
+    """`path` (a file, a folder of them, or a URI): Parquet if it ends in .parquet, else JSONL."""
+    check_input(path)
     if path.rstrip("/").endswith(".parquet"):
         return ray.data.read_parquet(path)
     return ray.data.read_text(path).map_batches(_jsonl_rows, batch_format="pyarrow", num_cpus=PREPARE_CPUS)
@@ -230,13 +234,16 @@ class ParquetOutput:
         if self._writer is None:  # no new rows: the kept ones, or an empty table
             empty = pa.schema([("id", pa.string()), *OUTPUT_FIELDS])
             pq.write_table(self._kept if self._kept is not None else empty.empty_table(), self.partial)
-        self.close()
+        else:
+            self._writer.close()
+            self._writer = None
         os.replace(self.partial, self.path)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        note_partial(self.partial)
 
 
 def run_job(input_path: str, output_path: str | None, *, engine_args: EngineArgs, params: SamplingParams,
@@ -305,6 +312,7 @@ def init_cluster(address: str | None, num_replicas: int, cpus_per_replica: int) 
 def run_cli_job(args, engine_args: EngineArgs, params: SamplingParams) -> int:
     """`qwen2vl generate --ray`: exit status 0, or 1 when some rows are error rows."""
     num_replicas = args.num_replicas or 1
+    check_input(args.input)  # before Ray starts (seconds)
     try:
         init_cluster(args.ray_address, num_replicas, args.cpus_per_replica)
     except (ConnectionError, RuntimeError, ValueError) as error:
