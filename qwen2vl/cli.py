@@ -408,8 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                "'messages' (and optionally 'id'). Writes one JSON line per "
                                                "conversation: id, text, finish_reason, usage; or id, error "
                                                "for one that cannot run. Exit status 1: some rows failed.")
-    generate.add_argument("--input", required=True, metavar="IN.jsonl")
-    generate.add_argument("--output", metavar="OUT.jsonl", help="default: standard output")
+    generate.add_argument("--input", required=True, metavar="IN.jsonl",
+                          help="with --ray also .parquet, a folder, or a URI such as s3://...")
+    generate.add_argument("--output", metavar="OUT.jsonl",
+                          help="written as OUT.jsonl.partial, moved into place at the end (with --ray also "
+                               ".parquet); default: standard output")
     generate.add_argument("--batch-size", type=int, default=64, help="conversations submitted together")
     generate.add_argument("--resume", action="store_true",
                           help="answer only the ids not yet in --output (or its .partial file of a stopped job)")

@@ -190,3 +190,8 @@ def test_generate_stopped_keeps_its_rows_for_resume(tiny_ckpt, tmp_path, monkeyp
     monkeypatch.setattr(batch_job, "_answer_chunk", answer_chunk)
     assert main([*args, "--resume"]) == 0
     assert [json.loads(line)["id"] for line in target.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_generate_ray_flags_need_ray(tmp_path, capsys):
+    assert main(["generate", "--input", str(tmp_path / "in.jsonl"), "--num-replicas", "2"]) == 2
+    assert "qwen2vl: error: --num-replicas and --ray-address go with --ray" in capsys.readouterr().err
