@@ -84,8 +84,8 @@ def _complete_one(llm, prompt, params):
 class Progress:
     """Rows/s, tokens/s and failed rows on one stderr line while a job runs, and its summary."""
 
-    def __init__(self, total: int | None, stream=sys.stderr, every_s: float = 0.5):
-        self.total, self.stream, self.every_s = total, stream, every_s
+    def __init__(self, total: int | None, stream=None, every_s: float = 0.5):
+        self.total, self.stream, self.every_s = total, stream or sys.stderr, every_s
         self.rows = self.failed = self.tokens = 0
         self.start = self._shown = time.perf_counter()
 

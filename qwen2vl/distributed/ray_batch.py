@@ -199,7 +199,7 @@ def generate_dataset(ds: "ray.data.Dataset", model: str | os.PathLike | None = N
             raise InputError(f"{name}={value!r} is invalid: expected an integer >= 1", field=name)
     prepared = ds.map_batches(_prepare_batch, batch_format="pyarrow", batch_size=batch_size,
                               fn_kwargs={"engine_args": engine_args}, num_cpus=PREPARE_CPUS,
-                              concurrency=prepare_tasks or 2 * num_replicas)
+                              compute=ray.data.TaskPoolStrategy(size=prepare_tasks or 2 * num_replicas))
     resources = {"num_gpus": gpus_per_replica} if gpus_per_replica else {"num_cpus": cpus_per_replica}
     return prepared.map_batches(
         _Replica, batch_format="pyarrow", batch_size=batch_size,
