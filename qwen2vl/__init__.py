@@ -10,6 +10,7 @@ _EXPORTS = {
     "Processor": "qwen2vl.processor",
     "Qwen2VL": "qwen2vl.api",
     "Completion": "qwen2vl.api",
+    "answer_rows": "qwen2vl.batch_job",
     "SamplingParams": "qwen2vl.sampling_params",
     "EngineArgs": "qwen2vl.engine_args",
     "Qwen2VLError": "qwen2vl.errors",

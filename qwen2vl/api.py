@@ -21,6 +21,7 @@ from .engine_args import EngineArgs
 from .errors import InputError
 from .grounding import Box, parse_boxes
 from .hub import resolve_model_dir
+from .processor.types import PreparedPrompt
 from .sampling_params import SamplingParams
 
 Messages = list[dict]
@@ -182,6 +183,16 @@ class Qwen2VL:
         conversations = messages if batch else [messages]
         prompts = [self._prepare(conversation, index if batch else None)
                    for index, conversation in enumerate(conversations)]
+        completions = self._complete(prompts, params, batch)
+        return completions if batch else completions[0]
+
+    def complete(self, prompts: list[PreparedPrompt], params: SamplingParams | None = None,
+                 **overrides) -> list[Completion]:
+        """Answer prompts prepared ahead (`llm.processor.prepare(messages)`, possibly in another
+        process) as one continuous batch, as `chat` answers a list of conversations."""
+        return self._complete(prompts, SamplingParams.from_overrides(params, **overrides), batch=True)
+
+    def _complete(self, prompts: list[PreparedPrompt], params: SamplingParams, batch: bool) -> list[Completion]:
         finals: queue.SimpleQueue = queue.SimpleQueue()
         request_ids = self._submit(prompts, params, lambda item: _is_final(item) and finals.put(item), batch)
         finished = {}
@@ -194,9 +205,7 @@ class Qwen2VL:
                 finished[output.request_id] = output
         finally:
             self._abort([request_id for request_id in request_ids if request_id not in finished])
-        completions = [self._completion(prompt, finished[request_id])
-                       for prompt, request_id in zip(prompts, request_ids)]
-        return completions if batch else completions[0]
+        return [self._completion(prompt, finished[request_id]) for prompt, request_id in zip(prompts, request_ids)]
 
     def _submit(self, prompts, params: SamplingParams, sink, batch: bool) -> list[str]:
         """Hand the prompts to the engine together; their request ids. If the engine refuses

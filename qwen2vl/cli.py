@@ -274,51 +274,60 @@ def chat_loop(llm, history: list[dict], params, images: list, videos: list, timi
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Exit status 0: every row answered; 1: some rows are error rows (the summary says how many)."""
+    from .batch_job import JobOutput, Progress, answer_rows, id_key
+
+    if args.resume and not args.output:
+        raise InputError("--resume continues an --output file: give --output")
+    if args.ray:
+        try:
+            from .distributed.ray_batch import run_cli_job
+        except ModuleNotFoundError as error:
+            raise Qwen2VLError(f"--ray needs the ray extra ({error.name} is not installed): "
+                               "pip install 'qwen2vl[ray]', or from a clone pip install -e '.[ray]'") from None
+        return run_cli_job(args, _engine_args(args), _sampling_params(args))
+    if args.num_replicas is not None or args.ray_address is not None:
+        raise InputError("--num-replicas and --ray-address go with --ray")
+    records = _read_input(args.input)
+    output = JobOutput(args.output, resume=args.resume) if args.output else None
+    try:
+        todo = [record for record in records if output is None or id_key(record["id"]) not in output.done]
+        if output is not None and len(todo) < len(records):
+            print(f"[--resume: {len(records) - len(todo)} rows already in {args.output}]", file=sys.stderr)
+        llm = _load(args) if todo else None
+        progress = Progress(len(todo))
+        lines = {id_key(record["id"]): record["line"] for record in todo}
+        for row in answer_rows(llm, todo, _sampling_params(args), args.batch_size):
+            if output is None:
+                print(json.dumps(row, ensure_ascii=False), flush=True)
+            else:
+                output.write([row])
+            progress.add(row)
+            if "error" in row:
+                print(f"\r{args.input}: line {lines[id_key(row['id'])]}: {row['error']['message']}", file=sys.stderr)
+        if output is not None:
+            output.commit()
+    finally:
+        if output is not None:
+            output.close()
+    print(f"\r[{progress.summary()}]", file=sys.stderr)
+    return 1 if progress.failed else 0
+
+
+def _read_input(path: str) -> list[dict]:
+    """The conversations of --input, each id once (a repeated id could not be answered exactly once)."""
+    from .batch_job import id_key
     from .processor.chat import read_conversations
 
-    records = read_conversations(args.input)
-    llm = _load(args)
-    params = _sampling_params(args)
-    out = open(args.output, "w") if args.output else sys.stdout
-    start = time.perf_counter()
-    done, generated = 0, 0
-    try:
-        for first in range(0, len(records), args.batch_size):
-            chunk = records[first:first + args.batch_size]
-            completions = _generate_chunk(llm, chunk, params, args.input)
-            for record, completion in zip(chunk, completions):
-                out.write(json.dumps({"id": record["id"], "text": completion.text,
-                                      "finish_reason": completion.finish_reason,
-                                      "usage": {"prompt_tokens": completion.usage.prompt_tokens,
-                                                "completion_tokens": completion.usage.completion_tokens}},
-                                     ensure_ascii=False) + "\n")
-                generated += completion.usage.completion_tokens
-            out.flush()
-            done += len(chunk)
-            elapsed = time.perf_counter() - start
-            print(f"\r[{done}/{len(records)} conversations, {generated / elapsed:.1f} tokens/s]",
-                  end="", file=sys.stderr, flush=True)
-    finally:
-        if done:
-            print(file=sys.stderr)  # ends the progress line, also before an error message
-        if out is not sys.stdout:
-            out.close()
-    return 0
-
-
-def _generate_chunk(llm, chunk: list[dict], params, path: str):
-    """The completions of `chunk`; a bad conversation's error names its line of `path` (from 1)."""
-    try:
-        return llm.chat([record["messages"] for record in chunk], params)
-    except InputError as error:
-        # The batch's error counts conversations within the chunk; find the one to name its line.
-        for record in chunk:
-            try:
-                llm.processor.prepare(record["messages"])
-            except InputError as own:
-                raise type(own)(f"{path}: line {record['line']}: {own}") from None
-        lines = f"line {chunk[0]['line']}" if len(chunk) == 1 else f"lines {chunk[0]['line']}-{chunk[-1]['line']}"
-        raise type(error)(f"{path}: {lines}: {error}") from None
+    if not Path(path).is_file():
+        raise InputError(f"--input {path}: no such file", field="input")
+    records, first_line = read_conversations(path), {}
+    for record in records:
+        line = first_line.setdefault(id_key(record["id"]), record["line"])
+        if line != record["line"]:
+            raise InputError(f"{path}: line {record['line']}: id {record['id']!r} is also on line {line}; "
+                             "ids must be unique", field="input")
+    return records
 
 
 def _is_loopback(host: str) -> bool:
@@ -425,10 +434,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="answer every conversation of a JSONL file, batched",
                                    description="Each input line is a list of messages, or an object with "
                                                "'messages' (and optionally 'id'). Writes one JSON line per "
-                                               "conversation: id, text, finish_reason, usage.")
-    generate.add_argument("--input", required=True, metavar="IN.jsonl")
-    generate.add_argument("--output", metavar="OUT.jsonl", help="default: standard output")
+                                               "conversation: id, text, finish_reason, usage; or id, error "
+                                               "for one that cannot run. Exit status 1: some rows failed.")
+    generate.add_argument("--input", required=True, metavar="IN.jsonl",
+                          help="with --ray also .parquet, a folder, or a URI such as s3://...")
+    generate.add_argument("--output", metavar="OUT.jsonl",
+                          help="written as OUT.jsonl.partial, moved into place at the end (with --ray also "
+                               ".parquet); default: standard output")
     generate.add_argument("--batch-size", type=int, default=64, help="conversations submitted together")
+    generate.add_argument("--resume", action="store_true",
+                          help="answer only the ids not yet in --output (or its .partial file of a stopped job)")
+    group = generate.add_argument_group("Ray cluster (pip install 'qwen2vl[ray]'; see docs/distributed.md)")
+    group.add_argument("--ray", action="store_true",
+                       help="run over a Ray cluster: --input and --output may be JSONL or Parquet, local or URIs")
+    group.add_argument("--ray-address", metavar="auto|ray://HOST:10001",
+                       help="the cluster to join (default: $RAY_ADDRESS, else a local one on this machine)")
+    group.add_argument("--num-replicas", type=int, help="model replicas (actors; default: 1)")
+    group.add_argument("--cpus-per-replica", type=int, default=1,
+                       help="CPUs and PyTorch threads per replica without a GPU (with GPUs: one GPU each)")
     _add_model_options(generate)
     _add_sampling_options(generate)
     generate.set_defaults(run=cmd_generate)

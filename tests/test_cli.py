@@ -99,14 +99,99 @@ def test_generate_names_the_bad_line(tiny_ckpt, tmp_path, capsys):
     assert f"{source}: line 2: expected a list of messages" in capsys.readouterr().err
 
 
-def test_generate_names_the_line_of_a_bad_conversation(tiny_ckpt, tmp_path, capsys):
-    """Lines count from 1, blank ones included; the batch's own 0-based index never shows."""
-    good = json.dumps([{"role": "user", "content": "hi"}])
-    bad = json.dumps([{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "gone.png")},
-                                                   {"type": "text", "text": "What?"}]}])
+def test_generate_writes_an_error_row_and_goes_on(tiny_ckpt, image, llm, tmp_path, capsys):
+    """A bad row is an error row naming its part; the others are answered; exit status 1.
+    The stderr line counts lines from 1, blank ones included; the batch's own index never shows."""
+    good = [{"role": "user", "content": "hi"}]
+    bad = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "gone.png")},
+                                        {"type": "text", "text": "What?"}]}]
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(f"{json.dumps(good)}\n\n{json.dumps(good)}\n{json.dumps(bad)}\n")
+    assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target),
+                 "--batch-size", "2", *GREEDY]) == 1
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [1, 3, 4]
+    expected = llm.chat(good, temperature=0, max_tokens=8).text
+    assert rows[0]["text"] == rows[1]["text"] == expected
+    assert rows[2]["error"]["type"] == "MediaError"
+    assert rows[2]["error"]["message"].startswith("messages[0].content[0]: ") and "gone.png" in rows[2]["error"]["message"]
+    assert set(rows[2]) == {"id", "error"}
+    err = capsys.readouterr().err
+    assert f"{source}: line 4: messages[0].content[0]: " in err and "conversations[" not in err
+    assert "3/3 rows" in err and "1 failed" in err and "rows/s" in err and "tokens/s" in err
+    assert not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_generate_never_destroys_an_existing_output(tiny_ckpt, tmp_path, capsys):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps([{"role": "user", "content": "hi"}]) + "\n")
+    target.write_text('{"id": "kept"}\n')
+    assert main(["generate", "--model", str(tmp_path / "nothing"), "--input", str(source),
+                 "--output", str(target)]) == 2
+    assert target.read_text() == '{"id": "kept"}\n'
+    assert main(["generate", "--model", str(tiny_ckpt), "--input", str(tmp_path / "missing.jsonl"),
+                 "--output", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"qwen2vl: error: --input {tmp_path / 'missing.jsonl'}: no such file" in err and "Traceback" not in err
+    assert target.read_text() == '{"id": "kept"}\n'
+
+
+def test_generate_refuses_a_repeated_id(tiny_ckpt, tmp_path, capsys):
     source = tmp_path / "in.jsonl"
-    source.write_text(f"{good}\n\n{good}\n{bad}\n")
-    assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), "--batch-size", "2", *GREEDY]) == 2
-    err = capsys.readouterr().err.splitlines()[-1]
-    assert err.startswith(f"qwen2vl: error: {source}: line 4: messages[0].content[0]: ") and "gone.png" in err
-    assert "conversations[" not in err
+    conversation = [{"role": "user", "content": "hi"}]
+    source.write_text("".join(json.dumps({"id": "a", "messages": conversation}) + "\n" for _ in range(2)))
+    assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source)]) == 2
+    assert f"{source}: line 2: id 'a' is also on line 1; ids must be unique" in capsys.readouterr().err
+
+
+def test_generate_resume_answers_only_the_missing_rows(tiny_ckpt, llm, tmp_path):
+    """A stopped job's rows are in OUT.partial (its last line cut short); --resume finishes it."""
+    conversations = [{"id": f"c{i}", "messages": [{"role": "user", "content": f"Count to {i}"}]} for i in range(5)]
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target),
+                 *GREEDY]) == 0
+    complete = target.read_text().splitlines()
+    target.rename(tmp_path / "out.jsonl.partial")
+    (tmp_path / "out.jsonl.partial").write_text("\n".join(complete[:2]) + "\n" + complete[2][:10])
+    assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target),
+                 "--resume", *GREEDY]) == 0
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["c0", "c1", "c2", "c3", "c4"]
+    assert target.read_text().splitlines() == complete
+    assert not (tmp_path / "out.jsonl.partial").exists()
+    # Everything answered: a second --resume runs nothing and keeps the file.
+    assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target),
+                 "--resume", *GREEDY]) == 0
+    assert target.read_text().splitlines() == complete
+
+
+def test_generate_stopped_keeps_its_rows_for_resume(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after the first batch: the output is untouched, the batch in OUT.partial, --resume finishes."""
+    import qwen2vl.batch_job as batch_job
+
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps([{"role": "user", "content": f"hi {i}"}]) + "\n" for i in range(4)))
+    target.write_text("old\n")
+    answer_chunk = batch_job._answer_chunk
+
+    def stop_after_the_first(llm, rows, params):
+        if rows[0]["id"] != 1:
+            raise KeyboardInterrupt
+        return answer_chunk(llm, rows, params)
+
+    monkeypatch.setattr(batch_job, "_answer_chunk", stop_after_the_first)
+    args = ["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target),
+            "--batch-size", "2", *GREEDY]
+    assert main(args) == 130
+    assert target.read_text() == "old\n"
+    assert [json.loads(line)["id"] for line in (tmp_path / "out.jsonl.partial").read_text().splitlines()] == [1, 2]
+    assert f"the rows written so far are in {tmp_path / 'out.jsonl.partial'}" in capsys.readouterr().err
+    monkeypatch.setattr(batch_job, "_answer_chunk", answer_chunk)
+    assert main([*args, "--resume"]) == 0
+    assert [json.loads(line)["id"] for line in target.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_generate_ray_flags_need_ray(tmp_path, capsys):
+    assert main(["generate", "--input", str(tmp_path / "in.jsonl"), "--num-replicas", "2"]) == 2
+    assert "qwen2vl: error: --num-replicas and --ray-address go with --ray" in capsys.readouterr().err

@@ -1,0 +1,174 @@
+"""The generate job: every row of a set of conversations answered once, a bad row as an error row.
+
+`qwen2vl generate` runs it in one process; `qwen2vl.distributed` runs `answer_rows` in each
+replica of a Ray actor pool and writes through the same `JobOutput`.
+
+An input row is `{"id", "messages"}`, or `{"id", "prompt"}` with the prompt (or the `InputError`
+of preparing it) made ahead by `prepare_row`. An output row is
+`{"id", "text", "finish_reason", "usage": {"prompt_tokens", "completion_tokens"}}`, or
+`{"id", "error": {"type", "message"}}` for a row whose media or prompt is bad.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import InputError
+
+
+def id_key(row_id) -> str:
+    """A row id as a set member: 7 and "7" stay different ids, as in the JSON."""
+    return json.dumps(row_id, sort_keys=True)
+
+
+def prepare_row(processor, messages):
+    """`processor.prepare(messages)`, or the `InputError` that says why the row cannot run."""
+    try:
+        return processor.prepare(messages)
+    except InputError as error:
+        return error
+
+
+def error_row(row_id, error: BaseException) -> dict:
+    return {"id": row_id, "error": {"type": type(error).__name__, "message": str(error)}}
+
+
+def answer_row(row_id, completion) -> dict:
+    return {"id": row_id, "text": completion.text, "finish_reason": completion.finish_reason,
+            "usage": {"prompt_tokens": completion.usage.prompt_tokens,
+                      "completion_tokens": completion.usage.completion_tokens}}
+
+
+def answer_rows(llm, rows: Iterable[dict], params=None, batch_size: int = 64) -> Iterator[dict]:
+    """One output row per input row, in input order; `batch_size` rows at a time run as one
+    continuous batch. A row that cannot run (its media, its prompt, a limit) becomes an error row
+    and the others go on."""
+    chunk: list[dict] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == batch_size:
+            yield from _answer_chunk(llm, chunk, params)
+            chunk = []
+    if chunk:
+        yield from _answer_chunk(llm, chunk, params)
+
+
+def _answer_chunk(llm, rows: list[dict], params) -> list[dict]:
+    prompts = [row["prompt"] if "prompt" in row else prepare_row(llm.processor, row["messages"]) for row in rows]
+    runnable = [i for i, prompt in enumerate(prompts) if not isinstance(prompt, InputError)]
+    try:
+        completions = dict(zip(runnable, llm.complete([prompts[i] for i in runnable], params)))
+    except InputError:
+        # The engine refused one of them (or one failed while running): each alone says which.
+        completions = {i: _complete_one(llm, prompts[i], params) for i in runnable}
+    answers = []
+    for i, row in enumerate(rows):
+        outcome = completions.get(i, prompts[i])
+        answers.append(error_row(row["id"], outcome) if isinstance(outcome, InputError)
+                       else answer_row(row["id"], outcome))
+    return answers
+
+
+def _complete_one(llm, prompt, params):
+    try:
+        [completion] = llm.complete([prompt], params)
+        return completion
+    except InputError as error:
+        return error
+
+
+class Progress:
+    """Rows/s, tokens/s and failed rows on one stderr line while a job runs, and its summary."""
+
+    def __init__(self, total: int | None, stream=None, every_s: float = 0.5):
+        self.total, self.stream, self.every_s = total, stream or sys.stderr, every_s
+        self.rows = self.failed = self.tokens = 0
+        self.start = self._shown = time.perf_counter()
+
+    def add(self, row: dict) -> None:
+        self.rows += 1
+        if "error" in row:
+            self.failed += 1
+        else:
+            self.tokens += row["usage"]["completion_tokens"]
+        now = time.perf_counter()
+        if now - self._shown >= self.every_s or self.rows == self.total:
+            self._shown = now
+            print(f"\r[{self.line()}]", end="", file=self.stream, flush=True)
+
+    def line(self) -> str:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        done = f"{self.rows}/{self.total}" if self.total is not None else f"{self.rows}"
+        return (f"{done} rows, {self.rows / elapsed:.2f} rows/s, {self.tokens / elapsed:.1f} tokens/s, "
+                f"{self.failed} failed")
+
+    def summary(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        return f"{self.line()}, {elapsed:.1f} s"
+
+
+class JobOutput:
+    """Output rows written to `PATH.partial`, flushed as they come, moved onto PATH by `commit`.
+
+    A job that fails or is stopped leaves PATH as it was and its rows in `PATH.partial`;
+    `resume=True` goes on from `PATH.partial` if there is one, else from PATH, and `done` holds
+    the ids already answered (as `id_key`), so a restarted job answers only the rest. Without
+    `resume` an earlier partial file is started over. A line cut short by a crash is dropped.
+    """
+
+    def __init__(self, path: str | os.PathLike, resume: bool = False):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        if self.path.is_dir():
+            raise InputError(f"--output {self.path}: is a directory", field="output")
+        if not self.path.parent.is_dir():
+            raise InputError(f"--output {self.path}: folder {self.path.parent} does not exist", field="output")
+        self.done: set[str] = set()
+        kept = ""
+        if resume:
+            source = self.partial if self.partial.is_file() else self.path
+            kept = self._answered(source) if source.is_file() else ""
+        self._file = open(self.partial, "w", encoding="utf-8")
+        self._file.write(kept)
+        self._file.flush()
+
+    def _answered(self, source: Path) -> str:
+        """The complete rows of `source`, recording their ids in `done`."""
+        kept = []
+        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(keepends=True), 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if line.endswith("\n"):
+                    raise InputError(f"--resume: {source}: line {number} is not JSON; "
+                                     "is this a qwen2vl generate output?", field="output") from None
+                continue  # the last line, cut short when the job stopped
+            if not isinstance(row, dict) or "id" not in row:
+                raise InputError(f"--resume: {source}: line {number} has no 'id'", field="output")
+            self.done.add(id_key(row["id"]))
+            kept.append(line if line.endswith("\n") else line + "\n")
+        return "".join(kept)
+
+    def write(self, rows: Iterable[dict]) -> None:
+        for row in rows:
+            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def commit(self) -> None:
+        self._file.close()
+        os.replace(self.partial, self.path)
+
+    def close(self) -> None:
+        """Stop writing; an uncommitted job's rows stay in `PATH.partial` for `--resume`."""
+        self._file.close()
+        note_partial(self.partial)
+
+
+def note_partial(partial: Path) -> None:
+    """Say where a stopped job's rows are (nothing once the job is committed)."""
+    if partial.is_file():
+        print(f"\r[the rows written so far are in {partial}; --resume goes on from there]", file=sys.stderr)

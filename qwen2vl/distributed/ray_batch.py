@@ -1,0 +1,324 @@
+"""Batch inference over a Ray cluster (`pip install 'qwen2vl[ray]'`): the only module that imports ray.
+
+Pipeline (Ray Data, streaming, so memory stays bounded whatever the dataset's size):
+
+1. read: JSONL (one conversation per line, as `qwen2vl generate` reads) or Parquet (columns `id`,
+   `messages` as a list or its JSON text, optional binary media columns), local paths or any
+   pyarrow filesystem URI (s3://, gs://, ...);
+2. prepare, in Ray tasks: media fetched, decoded, resized and patchified, and the prompt tokenized
+   (`qwen2vl.batch_job.prepare_row`), so a model replica never waits on JPEG decoding; a bad row
+   carries its error from here on;
+3. answer, in an actor pool of `num_replicas` engines (one `Qwen2VL` each, its continuous batcher
+   inside; one GPU each on a GPU cluster, `cpus_per_replica` CPUs and PyTorch threads each
+   without): `qwen2vl.batch_job.answer_rows`, the loop `qwen2vl generate` runs in one process;
+4. write (the CLI): the driver streams the rows into `JobOutput` (or Parquet), answering each id once.
+
+Exactly once: Ray Data's actor pool restarts a replica that dies, however often
+(`max_restarts=-1`), and reruns its unfinished batches (`max_task_retries=-1`); a prepare task
+that dies with its worker is rerun (Ray's task `max_retries`, 3). These are Ray Data's defaults
+for `map_batches`, kept on purpose (tests/test_distributed_ray.py kills a replica mid-run). A
+batch's rows reach the output only when the batch is done, and the driver drops an id it has
+already written. `--resume` skips the ids already in the output.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from ..batch_job import JobOutput, Progress, answer_rows, id_key, note_partial, prepare_row
+from ..engine_args import EngineArgs
+from ..errors import InputError, Qwen2VLError
+from ..sampling_params import SamplingParams
+
+# CPUs a read or prepare task asks for: half a core, as decoding waits on reads part of the time;
+# and a request unlike the replicas' keeps Ray Data from fusing preparation into the replicas,
+# where decoding would stall the engine.
+PREPARE_CPUS = 0.5
+
+OUTPUT_FIELDS = [
+    ("text", pa.string()),
+    ("finish_reason", pa.string()),
+    ("usage", pa.struct([("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())])),
+    ("error", pa.struct([("type", pa.string()), ("message", pa.string())])),
+]
+
+
+def check_input(path: str) -> None:
+    if "://" not in path and not Path(path).exists():
+        raise InputError(f"--input {path}: no such file or folder", field="input")
+
+
+def read_dataset(path: str) -> "ray.data.Dataset":
+    """`path` (a file, a folder of them, or a URI): Parquet if it ends in .parquet, else JSONL."""
+    check_input(path)
+    if path.rstrip("/").endswith(".parquet"):
+        return ray.data.read_parquet(path)
+    return ray.data.read_text(path).map_batches(_jsonl_rows, batch_format="pyarrow", num_cpus=PREPARE_CPUS)
+
+
+def _jsonl_rows(batch: pa.Table) -> pa.Table:
+    """JSONL lines to `id` and `messages` (its JSON text). A line that is not a conversation keeps
+    its text as `messages`, so its row fails in `prepare` with the reason; without an `id` it has
+    none (the row numbers of a file read in parallel are not known here)."""
+    ids, messages = [], []
+    for line in batch.column("text").to_pylist():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, list):
+            record = {"messages": record}
+        ok = isinstance(record, dict) and "messages" in record
+        ids.append(record.get("id") if isinstance(record, dict) else None)
+        messages.append(json.dumps(record["messages"]) if ok else line)
+    return pa.table({"id": ids, "messages": messages})
+
+
+@functools.lru_cache(maxsize=4)
+def _processor(engine_args: EngineArgs):
+    """One processor per worker process and checkpoint (tokenizer and template read once)."""
+    import torch
+
+    from ..hub import resolve_model_dir
+    from ..processor import Processor
+
+    torch.set_num_threads(1)  # the parallelism is the pool of prepare tasks; threads would contend with it
+
+    return Processor.from_pretrained(resolve_model_dir(engine_args.model), min_pixels=engine_args.min_pixels,
+                                     max_pixels=engine_args.max_pixels)
+
+
+def _prepare_batch(batch: pa.Table, engine_args: EngineArgs) -> pa.Table:
+    processor = _processor(engine_args)
+    rows = batch.to_pylist()
+    prompts = [pickle.dumps(_prepared(processor, row)) for row in rows]
+    return pa.table({"id": batch.column("id"), "prompt": pa.array(prompts, pa.binary())})
+
+
+def _prepared(processor, row: dict):
+    try:
+        messages = _messages_of(row)
+    except InputError as error:
+        return error
+    return prepare_row(processor, messages)
+
+
+def _messages_of(row: dict):
+    """The row's messages as the processor takes them: parsed from JSON text, Arrow's nulls of
+    absent struct fields dropped, `{"column": NAME}` media replaced by that binary column's bytes."""
+    messages = row.get("messages")
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as error:
+            raise InputError(f"not a JSON conversation ({error.msg} at column {error.colno})") from None
+        if not isinstance(messages, list):
+            raise InputError("expected a list of messages or an object with 'messages'")
+        return _with_column_media(messages, row)
+    return _with_column_media(_without_nulls(messages), row)
+
+
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value
+
+
+def _with_column_media(messages: list, row: dict) -> list:
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            for kind in ("image", "video"):
+                value = part.get(kind) if isinstance(part, dict) else None
+                if isinstance(value, dict) and "column" in value:
+                    data = row.get(value["column"])
+                    if not isinstance(data, bytes):
+                        raise InputError(f"{kind} column {value['column']!r}: the row has no bytes there")
+                    part[kind] = "data:;base64," + base64.b64encode(data).decode()
+    return messages
+
+
+class _Replica:
+    """One engine in the actor pool: answers prepared rows with `answer_rows`."""
+
+    def __init__(self, engine_args: EngineArgs, params: SamplingParams, threads: int | None):
+        import torch
+
+        from ..api import Qwen2VL
+
+        if threads:
+            torch.set_num_threads(threads)  # else every replica starts a thread per core and they contend
+        self.llm = Qwen2VL.from_pretrained(args=engine_args)
+        self.params = params
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [{"id": row["id"], "prompt": pickle.loads(row["prompt"])} for row in batch.to_pylist()]
+        answers = list(answer_rows(self.llm, rows, self.params, batch_size=len(rows)))
+        schema = pa.schema([batch.schema.field("id"), *OUTPUT_FIELDS])
+        return pa.Table.from_pylist(answers, schema=schema)
+
+
+def generate_dataset(ds: "ray.data.Dataset", model: str | os.PathLike | None = None, *, num_replicas: int = 1,
+                     cpus_per_replica: int = 1, gpus_per_replica: int | None = None, batch_size: int = 64,
+                     prepare_tasks: int | None = None,
+                     engine_args: EngineArgs | None = None, params: SamplingParams | None = None,
+                     **overrides) -> "ray.data.Dataset":
+    """Answer every row of `ds` (columns `id`, `messages`; optional binary media columns a part
+    names as `{"type": "image", "image": {"column": NAME}}`): a dataset of `id`, `text`,
+    `finish_reason`, `usage` (a struct) and `error` (`type`, `message`; set for a row that
+    could not run, the rest then null). Lazy, as Ray datasets are.
+
+    Media are decoded and prompts prepared in at most `prepare_tasks` Ray tasks at a time
+    (default: two per replica, one batch ready while a replica answers another), half a CPU each.
+    `model` or `engine_args` choose the checkpoint and engine; keyword overrides are
+    `SamplingParams` fields. `gpus_per_replica` defaults to 1 where the cluster has GPUs and the
+    device is not "cpu", else 0 (then `cpus_per_replica` CPUs and PyTorch threads each).
+    """
+    if engine_args is None:
+        engine_args = EngineArgs(model=model)
+    elif model is not None:
+        raise TypeError("give either model or engine_args, not both")
+    params = SamplingParams.from_overrides(params, **overrides)
+    params.validate()  # a bad setting fails here, not once per row in every replica
+    if gpus_per_replica is None:
+        gpus_per_replica = 1 if ray.cluster_resources().get("GPU", 0) >= 1 and engine_args.device != "cpu" else 0
+    for name, value in (("num_replicas", num_replicas), ("cpus_per_replica", cpus_per_replica),
+                        ("batch_size", batch_size)):
+        if not (isinstance(value, int) and value >= 1):
+            raise InputError(f"{name}={value!r} is invalid: expected an integer >= 1", field=name)
+    prepared = ds.map_batches(_prepare_batch, batch_format="pyarrow", batch_size=batch_size,
+                              fn_kwargs={"engine_args": engine_args}, num_cpus=PREPARE_CPUS,
+                              compute=ray.data.TaskPoolStrategy(size=prepare_tasks or 2 * num_replicas))
+    resources = {"num_gpus": gpus_per_replica} if gpus_per_replica else {"num_cpus": cpus_per_replica}
+    return prepared.map_batches(
+        _Replica, batch_format="pyarrow", batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=num_replicas),
+        fn_constructor_kwargs={"engine_args": engine_args, "params": params,
+                               "threads": None if gpus_per_replica else cpus_per_replica},
+        **resources)
+
+
+class ParquetOutput:
+    """`JobOutput` for a .parquet file: rows written as they come to `PATH.partial`, moved onto
+    PATH by `commit`; `resume` keeps the rows of the partial file (else of PATH) and skips their ids."""
+
+    def __init__(self, path: str | os.PathLike, resume: bool = False):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        if not self.path.parent.is_dir():
+            raise InputError(f"--output {self.path}: folder {self.path.parent} does not exist", field="output")
+        source = self.partial if self.partial.is_file() else self.path
+        self._kept = pq.read_table(source) if resume and source.is_file() else None
+        self.done = {id_key(row_id) for row_id in self._kept.column("id").to_pylist()} if self._kept else set()
+        self._writer = None
+
+    def write(self, rows: list[dict], schema: pa.Schema) -> None:
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.partial, self._kept.schema if self._kept is not None else schema)
+            if self._kept is not None:
+                self._writer.write_table(self._kept)
+        self._writer.write_table(pa.Table.from_pylist(rows, schema=self._writer.schema))
+
+    def commit(self) -> None:
+        if self._writer is None:  # no new rows: the kept ones, or an empty table
+            empty = pa.schema([("id", pa.string()), *OUTPUT_FIELDS])
+            pq.write_table(self._kept if self._kept is not None else empty.empty_table(), self.partial)
+        else:
+            self._writer.close()
+            self._writer = None
+        os.replace(self.partial, self.path)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        note_partial(self.partial)
+
+
+def run_job(input_path: str, output_path: str | None, *, engine_args: EngineArgs, params: SamplingParams,
+            num_replicas: int = 1, cpus_per_replica: int = 1, batch_size: int = 64, resume: bool = False,
+            progress: Progress | None = None) -> Progress:
+    """Read `input_path`, answer every row not yet in `output_path` (with `resume`), write each
+    id once (standard output without `output_path`); the job's `Progress` for its summary."""
+    parquet = output_path is not None and output_path.endswith(".parquet")
+    output = None if output_path is None else (ParquetOutput if parquet else JobOutput)(output_path, resume=resume)
+    progress = progress or Progress(None)
+    try:
+        ds = read_dataset(input_path)
+        if output is not None and output.done:
+            done = output.done
+            ds = ds.filter(lambda row: row["id"] is None or id_key(row["id"]) not in done)
+        answered = generate_dataset(ds, engine_args=engine_args, params=params, num_replicas=num_replicas,
+                                    cpus_per_replica=cpus_per_replica, batch_size=batch_size)
+        seen = set(output.done) if output is not None else set()
+        for batch in answered.iter_batches(batch_format="pyarrow", batch_size=None):
+            rows = [_row(row) for row in batch.to_pylist()]
+            fresh = [row for row in rows if row["id"] is None or _first(row["id"], seen)]
+            if fresh and parquet:
+                output.write(fresh, batch.schema)
+            elif fresh and output is not None:
+                output.write(fresh)
+            for row in fresh:
+                if output is None:
+                    print(json.dumps(row, ensure_ascii=False), flush=True)
+                progress.add(row)
+        if output is not None:
+            output.commit()
+    finally:
+        if output is not None:
+            output.close()
+    return progress
+
+
+def _row(row: dict) -> dict:
+    """A dataset row as `qwen2vl generate` writes it: the fields of an answer, or of an error."""
+    if row.get("error") is not None:
+        return {"id": row["id"], "error": row["error"]}
+    return {key: value for key, value in row.items() if key != "error"}
+
+
+def _first(row_id, seen: set) -> bool:
+    key = id_key(row_id)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
+def init_cluster(address: str | None, num_replicas: int, cpus_per_replica: int) -> None:
+    """Join the cluster at `address` ("auto", "ray://HOST:10001"; default $RAY_ADDRESS), else
+    start one on this machine with room for the replicas and a prepare task beside them."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, num_replicas * cpus_per_replica + 1), log_to_driver=False,
+                 include_dashboard=False)
+
+
+def run_cli_job(args, engine_args: EngineArgs, params: SamplingParams) -> int:
+    """`qwen2vl generate --ray`: exit status 0, or 1 when some rows are error rows."""
+    num_replicas = args.num_replicas or 1
+    check_input(args.input)  # before Ray starts (seconds)
+    try:
+        init_cluster(args.ray_address, num_replicas, args.cpus_per_replica)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise Qwen2VLError(f"--ray-address {args.ray_address}: cannot join the Ray cluster ({error})") from None
+    progress = run_job(args.input, args.output, engine_args=engine_args, params=params,
+                       num_replicas=num_replicas, cpus_per_replica=args.cpus_per_replica,
+                       batch_size=args.batch_size, resume=args.resume)
+    print(f"\r[{progress.summary()}, {num_replicas} replica(s)]", file=sys.stderr)
+    return 1 if progress.failed else 0
