@@ -239,8 +239,11 @@ def test_preemption_and_run_ahead_keep_constrained_outputs(tiny_ckpt, llm):
     params = [SamplingParams(max_tokens=MAX_TOKENS, seed=i, json_schema=SCHEMAS[n], **SAMPLED) for i, n in enumerate(names)]
     params.append(SamplingParams(max_tokens=40, seed=9, **SAMPLED))
     prompts = [PROMPT] * len(params)
-    expected = [c.token_ids for c in run_each(llm, prompts, params)]
-    small = Qwen2VL.from_pretrained(tiny_ckpt, block_size=4, num_kv_blocks=40)
+    outputs = run_each(llm, prompts, params)
+    expected = [c.token_ids for c in outputs]
+    longest = max(o.prompt_len + len(o.token_ids) for o in outputs)
+    # room for the longest request and a little more: the others are preempted on the way
+    small = Qwen2VL.from_pretrained(tiny_ckpt, block_size=4, num_kv_blocks=-(-longest // 4) + 2)
     assert [c.token_ids for c in run_each(small, prompts, params)] == expected
     assert small.engine.num_preemptions > 0
     ahead = Qwen2VL.from_pretrained(tiny_ckpt, num_kv_blocks=512, run_ahead=True)
