@@ -57,6 +57,11 @@ def _create(client, **kwargs):
                                           max_tokens=kwargs.pop("max_tokens", MAX_TOKENS), **kwargs)
 
 
+# The checkpoint's generation config has top_k=1 and top_p=0.001 (nearly greedy at any
+# temperature): sample for real.
+SAMPLED = {"temperature": 1.0, "top_p": 1.0, "extra_body": {"top_k": 0}}
+
+
 def _assert_valid_calls(choice, names: set[str], max_calls: int | None = None) -> list[tuple[str, dict]]:
     assert choice.finish_reason == "tool_calls", choice
     assert choice.message.content is None
@@ -75,15 +80,13 @@ def _assert_valid_calls(choice, names: set[str], max_calls: int | None = None) -
 
 @pytest.mark.parametrize("parallel", [True, False])
 def test_required_tool_calls_validate(client, parallel):
-    reply = _create(client, tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel, n=4, seed=7,
-                    temperature=1.0)
-    for choice in reply.choices:
-        _assert_valid_calls(choice, set(SCHEMAS), None if parallel else 1)
+    reply = _create(client, tools=TOOLS, tool_choice="required", parallel_tool_calls=parallel, n=4, seed=7, **SAMPLED)
+    replies = [_assert_valid_calls(choice, set(SCHEMAS), None if parallel else 1) for choice in reply.choices]
+    assert len({json.dumps(calls) for calls in replies}) > 1  # sampled: the choices differ
 
 
 def test_named_function_is_called_once(client):
-    reply = _create(client, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}}, n=3, seed=1,
-                    temperature=1.0)
+    reply = _create(client, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}}, n=3, seed=1, **SAMPLED)
     for choice in reply.choices:
         [(name, _)] = _assert_valid_calls(choice, {"add"}, 1)
 
@@ -112,7 +115,7 @@ def _assembled(stream) -> list[dict]:
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_streamed_tool_calls_equal_the_whole_reply(client, tool_choice):
-    request = dict(tools=TOOLS, tool_choice=tool_choice, n=2, seed=3, temperature=1.0)
+    request = dict(tools=TOOLS, tool_choice=tool_choice, n=2, seed=3, **SAMPLED)
     whole = _create(client, **request)
     streamed = _assembled(_create(client, stream=True, **request))
     for choice, pieces in zip(whole.choices, streamed, strict=True):
@@ -154,7 +157,7 @@ def test_agent_loop_follow_up_turn(client, server):
 # --- structured output ---------------------------------------------------------------------------
 
 def test_response_format_json_object(client):
-    reply = _create(client, response_format={"type": "json_object"}, n=2, seed=5, temperature=1.0, max_tokens=300)
+    reply = _create(client, response_format={"type": "json_object"}, n=2, seed=5, max_tokens=300, **SAMPLED)
     for choice in reply.choices:
         if choice.finish_reason == "stop":
             assert isinstance(json.loads(choice.message.content), dict)
@@ -166,7 +169,7 @@ def test_response_format_json_object(client):
 def test_response_format_json_schema(client, stream):
     request = dict(response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
                                                                           "strict": True}},
-                   n=3, seed=11, temperature=1.0)
+                   n=3, seed=11, **SAMPLED)
     if stream:
         outputs = [(choice["content"], choice["finish_reason"]) for choice in _assembled(_create(client, stream=True,
                                                                                                   **request))]
@@ -195,7 +198,7 @@ CONSTRAINTS = {
 @pytest.mark.parametrize("case", list(CONSTRAINTS))
 def test_vllm_constraints(client, case):
     extra, check = CONSTRAINTS[case]
-    reply = _create(client, extra_body=extra, n=3, seed=2, temperature=1.0)
+    reply = _create(client, n=3, seed=2, **{**SAMPLED, "extra_body": {**extra, "top_k": 0}})
     for choice in reply.choices:
         assert choice.finish_reason == "stop" and check(choice.message.content), choice.message.content
 
@@ -208,10 +211,11 @@ def _body(**fields) -> dict:
 
 BAD = {
     "a schema with an unknown type": (_body(response_format={"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strin"}}}}}), None, "strin"),
-    "a regex that does not parse": (_body(guided_regex="(ab"), None, None),
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strin"}}}}}), "response_format",
+        "Invalid type: strin"),
+    "a regex that does not parse": (_body(guided_regex="(ab"), "guided_regex", "unclosed group"),
     "tool parameters with an unknown type": (_body(tools=[{"type": "function", "function": {
-        "name": "f", "parameters": {"type": "objekt"}}}], tool_choice="required"), None, "objekt"),
+        "name": "f", "parameters": {"type": "objekt"}}}], tool_choice="required"), "tools", "Invalid type: objekt"),
     "two constraints": (_body(guided_regex="a", structured_outputs={"choice": ["b"]}), "guided_regex",
                         "this request gives 2: structured_outputs.choice, guided_regex"),
     "forced calls and a response format": (_body(tools=TOOLS, tool_choice="required",

@@ -108,7 +108,9 @@ class _Format:
             new_logprobs = output.logprobs[len(output.logprobs) - len(output.new_token_ids):] if output.logprobs else None
             logprobs = self._logprobs(index, output.new_token_ids, new_logprobs)
             if output.text_delta or output.finished or logprobs:
-                yield chunk([self._chunk_choice(index, output, logprobs)])
+                choice = self._chunk_choice(index, output, logprobs)
+                if choice is not None:
+                    yield chunk([choice])
             finals[index] = output
         if include_usage:
             yield chunk([], usage=usage(job, finals))
@@ -137,7 +139,8 @@ class _Format:
     def _choice(self, job: Job, index: int, output: RequestOutput, logprobs) -> BaseModel:
         raise NotImplementedError
 
-    def _chunk_choice(self, index: int, output: RequestOutput, logprobs) -> BaseModel:
+    def _chunk_choice(self, index: int, output: RequestOutput, logprobs) -> BaseModel | None:
+        """The chunk choice of an output, or None when it has nothing to send yet."""
         raise NotImplementedError
 
     def _shape_logprobs(self, index: int, ranked: list[tuple[int, Distribution, list[tuple[int, float]]]]):
@@ -163,7 +166,7 @@ class ChatFormat(_Format):
         return ChatChoice(index=index, message=message, logprobs=logprobs,
                           finish_reason=_finish_reason(output.finish_reason, calls))
 
-    def _chunk_choice(self, index: int, output: RequestOutput, logprobs) -> ChatChunkChoice:
+    def _chunk_choice(self, index: int, output: RequestOutput, logprobs) -> ChatChunkChoice | None:
         content, deltas, calls = output.text_delta, [], []
         if self.body.parses_tool_calls:
             parser = self._parsers.setdefault(index, tool_calls.ToolCallParser())
@@ -172,6 +175,8 @@ class ChatFormat(_Format):
                 rest, last = parser.finish()
                 content, deltas = content + rest, deltas + last
             calls = parser.calls
+        if not (content or deltas or logprobs or output.finished):
+            return None  # held back: it may be the start of a call
         delta = ChatDelta(**({"content": content} if content else {}),
                           **({"tool_calls": [_tool_call_delta(delta) for delta in deltas]} if deltas else {}))
         return ChatChunkChoice(index=index, delta=delta, logprobs=logprobs,
