@@ -47,25 +47,53 @@ def _engine_args(args: argparse.Namespace):
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser,
-                          title: str = "sampling (unset = the checkpoint's generation_config.json)") -> None:
-    """The `SamplingParams` fields that have a flag."""
+                          title: str = "sampling (unset = the checkpoint's generation_config.json)",
+                          structured: bool = True) -> None:
+    """The `SamplingParams` fields that have a flag (the structured-output ones when `structured`)."""
     from .sampling_params import SamplingParams, fields_where
+    from .structured import KINDS
 
     group = parser.add_argument_group(title)
     types = {f.name: str(f.type) for f in dataclasses.fields(SamplingParams)}
     for name in fields_where("flag"):
         flag, help_ = "--" + name.replace("_", "-"), SamplingParams.__dataclass_fields__[name].metadata["flag"] or None
-        if "list" in types[name]:
+        if name in KINDS and not structured:
+            continue
+        if name in _STRUCTURED_FLAG_TYPES:
+            group.add_argument(flag, type=_STRUCTURED_FLAG_TYPES[name], help=help_)
+        elif types[name] == "bool":
+            group.add_argument(flag, action="store_true", default=None, help=help_)
+        elif "list" in types[name]:
             group.add_argument(flag, action="append", help=help_)
         else:
             group.add_argument(flag, type=float if "float" in types[name] else int, help=help_)
+
+
+def _json_file(path: str):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"cannot read a JSON schema from {path}: {e}") from None
+
+
+def _text_file(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e}") from None
+
+
+# How the structured-output flags read their values: `--json-schema FILE`, `--grammar FILE`,
+# `--choice A,B,C`, `--regex R` as given.
+_STRUCTURED_FLAG_TYPES = {"json_schema": _json_file, "grammar": _text_file, "choice": lambda text: text.split(","),
+                          "regex": str}
 
 
 def _sampling_params(args: argparse.Namespace):
     from .sampling_params import SamplingParams, fields_where
 
     return SamplingParams(**{name: getattr(args, name) for name in fields_where("flag")
-                             if getattr(args, name) is not None})
+                             if getattr(args, name, None) is not None})
 
 
 def _load(args: argparse.Namespace):
@@ -445,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds from arrival to the last token (504 over it)")
     _add_model_options(serve)
     _add_sampling_options(serve, "sampling defaults (for the fields a request leaves unset; "
-                                 "unset here = the checkpoint's generation_config.json)")
+                                 "unset here = the checkpoint's generation_config.json)", structured=False)
     serve.set_defaults(run=cmd_serve)
 
     quantize = commands.add_parser("quantize", help="4-bit AWQ (or round-to-nearest) checkpoint of a model",

@@ -5,6 +5,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from qwen2vl import structured
 from qwen2vl.errors import InputError
 
 DEFAULT_MAX_TOKENS = 256
@@ -54,6 +55,14 @@ class SamplingParams:
     `logit_bias` (OpenAI's) maps token ids to a number in [-100, 100] added to their logits before
     sampling (after the penalties; -100 all but bans a token, 100 all but forces it). Logprobs
     stay the model's own, before the bias.
+
+    Structured output (at most one of these; see `qwen2vl.structured`): `json_schema` (a dict,
+    its JSON text or a pydantic model class), `json_object=True` (any JSON object), `regex`,
+    `choice` (a list of strings) or `grammar` (Lark text, llguidance's dialect) restrict every
+    sampled token to those that keep the output valid, in any sampling mode; end-of-sequence is
+    allowed only where the output is complete, and generation stops once nothing may follow.
+    JSON is written without optional whitespace unless the schema's "x-guidance" asks for it.
+    Logprobs stay the model's own, before the constraint.
     """
 
     max_tokens: int | None = _field(flag="most tokens to generate")
@@ -73,6 +82,11 @@ class SamplingParams:
     min_tokens: int = _field(0, flag="fewest tokens to generate before an end-of-sequence token may end it")
     logit_bias: dict[int, float] | None = _field()
     prompt_logprobs: int | None = _field()
+    json_schema: dict | str | type | None = _field(flag="FILE: the output is JSON valid against this JSON schema")
+    json_object: bool = _field(False, flag="the output is a JSON object")
+    regex: str | None = _field(flag="the output matches this regular expression")
+    choice: list[str] | None = _field(flag="A,B,...: the output is one of these strings")
+    grammar: str | None = _field(flag="FILE: the output follows this Lark grammar (llguidance's dialect)")
 
     @classmethod
     def from_overrides(cls, params: SamplingParams | None = None, **overrides) -> SamplingParams:
@@ -80,10 +94,14 @@ class SamplingParams:
 
         Accepts the field names above and transformers' `generate` names: `max_new_tokens`
         (= `max_tokens`) and `do_sample` (`False` = greedy; `True` keeps the temperature, and an
-        explicit `temperature=0` stays greedy). Unknown names raise `InputError`.
+        explicit `temperature=0` stays greedy), and OpenAI's `response_format` (`{"type":
+        "json_object"}`, `{"type": "json_schema", "json_schema": {"schema": ...}}`). Unknown names
+        raise `InputError`.
         """
         base = params if params is not None else cls()
         overrides = dict(overrides)
+        if "response_format" in overrides:
+            overrides.update(structured.response_format_fields(overrides.pop("response_format")))
         if "max_new_tokens" in overrides:
             if "max_tokens" in overrides:
                 raise InputError("give either max_tokens or max_new_tokens, not both")
@@ -96,7 +114,7 @@ class SamplingParams:
         if unknown:
             raise InputError(
                 f"unknown sampling parameter(s) {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(fields | {'max_new_tokens', 'do_sample'}))}"
+                f"known: {', '.join(sorted(fields | {'max_new_tokens', 'do_sample', 'response_format'}))}"
             )
         return dataclasses.replace(base, **overrides)
 
@@ -130,9 +148,21 @@ class SamplingParams:
         values["stop"] = [stop] if isinstance(stop, str) else list(stop or [])
         values["stop_token_ids"] = list(values["stop_token_ids"] or [])
         values["logit_bias"] = dict(values["logit_bias"] or {})
+        for kind in structured.KINDS:
+            if values[kind] not in (None, False):
+                values[kind] = structured.normalize(kind, getattr(self, kind))
         resolved = SamplingParams(**values)
         resolved.validate(vocab_size)
         return resolved
+
+    @property
+    def constraint(self) -> tuple[str, object] | None:
+        """The structured-output constraint as (kind, spec), or None (resolved params)."""
+        for kind in structured.KINDS:
+            value = getattr(self, kind)
+            if value not in (None, False):
+                return kind, value
+        return None
 
     @property
     def greedy(self) -> bool:
@@ -208,6 +238,9 @@ class SamplingParams:
         check(optional("logit_bias", lambda v: isinstance(v, Mapping) and all(is_int(t) and t >= 0 for t in v)),
               "logit_bias", "a mapping of token ids to numbers")
         token_ids_in_vocabulary("logit_bias", self.logit_bias or {})
+        constraints = [names.get(kind, kind) for kind in structured.KINDS if getattr(self, kind) not in (None, False)]
+        if len(constraints) > 1:
+            fail(constraints[1], f": give at most one structured-output constraint, got {' and '.join(constraints)}")
         for token, bias in (self.logit_bias or {}).items():
             if not (is_number(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
                 fail("logit_bias", f": the bias of token id {token} is {bias!r}, expected a number in "

@@ -9,7 +9,8 @@ import torch
 
 from qwen2vl.engine.scheduler import SampledToken, ScheduledSpan, StepPlan
 from qwen2vl.sampling_params import fields_where
-from qwen2vl.layers.sampler import LogitBias, PromptScores, SamplerOutput, SamplingBatch
+from qwen2vl.layers.sampler import AllowedTokens, LogitBias, PromptScores, SamplerOutput, SamplingBatch
+from qwen2vl.structured import allowed_tokens
 
 # The per-row numbers a sampling batch carries, as `SamplingParams` names them.
 SAMPLER_COLUMNS = fields_where("per_row")
@@ -221,6 +222,11 @@ def sampling_batch(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size:
         indices, token_ids, values = zip(*entries)
         logit_bias = LogitBias(to_device(indices, torch.long), to_device(token_ids, torch.long),
                                to_device(values, torch.float32))
+    constrained = [index for index, row in enumerate(rows) if row.constraint is not None]
+    allowed = None
+    if constrained:  # on the host, while the device runs the forward
+        masks = allowed_tokens([rows[index].constraint for index in constrained])
+        allowed = AllowedTokens(to_device(constrained, torch.long), to_device(masks))
     return SamplingBatch(
         **column,
         prompt_tokens=padded([row.prompt_token_ids for row in rows]) if any_penalty else None,
@@ -231,6 +237,7 @@ def sampling_batch(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size:
         any_penalty=any_penalty,
         any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params),
         logit_bias=logit_bias,
+        allowed=allowed,
     )
 
 

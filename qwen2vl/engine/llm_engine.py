@@ -16,6 +16,7 @@ from qwen2vl.errors import InputError
 from qwen2vl.processor.tokenizer import IncrementalDetokenizer
 from qwen2vl.processor.types import PreparedPrompt
 from qwen2vl.sampling_params import SamplingParams
+from qwen2vl.structured import GrammarCompiler
 
 _CPU_KV_CACHE_MAX_BYTES = 1 << 30
 _CPU_KV_CACHE_SEQS = 4  # on CPU the default pool holds this many sequences of max_model_len
@@ -48,7 +49,8 @@ class LLMEngine:
     detokenizes while the device computes, instead of in turn. A step then returns the outputs
     of the step before it; a sequence that stops computes one token more, which is dropped.
     Sequences at their last token (by max_tokens or max_model_len) make a step wait for the
-    read-back first; penalties take a pending token from the device.
+    read-back first, and so do constrained ones (structured output: the next token's mask needs
+    the token); penalties take a pending token from the device.
     """
 
     def __init__(self, model, processor, args: EngineArgs | None = None, *, generation_config: dict | None = None,
@@ -95,6 +97,7 @@ class LLMEngine:
 
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
+        self.grammars = GrammarCompiler(processor.tokenizer.backend.to_str, self.eos_token_ids)
         # Each request's vision embeddings, item by item, from its encoding to its end.
         self._vision_embeds: dict[str, dict[int, torch.Tensor]] = {}
         self.vision_cache = VisionCache(self._default_vision_cache_bytes() if args.vision_cache_bytes is None
@@ -147,6 +150,9 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        constraint = None
+        if params.constraint is not None:
+            constraint = self.grammars.constraint(*params.constraint)
         merge = self.config.vision.spatial_merge_size
         item_tokens = [item.num_tokens(merge) for item in prompt.vision_items]
         seq = Sequence(
@@ -158,6 +164,7 @@ class LLMEngine:
             detokenizer=IncrementalDetokenizer(self.processor.tokenizer, skip_special_tokens=params.skip_special_tokens),
             generator=generator,
             item_tokens=item_tokens,
+            constraint=constraint,
         )
         if seq.num_vision_tokens != sum(item_tokens):
             raise InputError(
@@ -197,8 +204,10 @@ class LLMEngine:
         request of it ends by length with them (it would compute a token past its end)."""
         requests = self.scheduler.requests
         return self.run_ahead and not any(
-            seq.ends_by_length(seq.num_tokens, self.max_model_len)
-            for seq in (requests.get(span.request_id) for span in launched.plan.sampling) if seq is not None)
+            span.sample.constraint is not None  # its next mask needs the token
+            or seq.ends_by_length(seq.num_tokens, self.max_model_len)
+            for span, seq in ((span, requests.get(span.request_id)) for span in launched.plan.sampling)
+            if seq is not None)
 
     def _read_back(self) -> list[RequestOutput]:
         """The in-flight step's tokens handed to the scheduler; the outputs of the requests

@@ -23,6 +23,7 @@ class SampleRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # those read back; a pending last one is on the device (`ScheduledSpan.pending`)
     banned_token_ids: frozenset[int]  # its stopping tokens, until it has `min_tokens` tokens
+    constraint: object | None = None  # its `structured.Constraint`, which masks the tokens it may take
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def make_span(seq: Sequence, start: int, num_tokens: int) -> ScheduledSpan:
         too_short = seq.num_tokens - seq.prompt_len < seq.params.min_tokens
         sample = SampleRow(seq.params, seq.generator, seq.prompt.input_ids,
                            seq.output_token_ids if seq.params.has_penalty else [],
-                           frozenset(seq.stop_token_ids) if too_short else frozenset())
+                           frozenset(seq.stop_token_ids) if too_short else frozenset(), seq.constraint)
     return ScheduledSpan(
         request_id=seq.request_id, start=start, num_tokens=num_tokens,
         input_ids=seq.token_ids[start:end], pending=end > len(seq.token_ids),

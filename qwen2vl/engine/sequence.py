@@ -70,6 +70,7 @@ class Sequence:
         detokenizer,
         generator: torch.Generator | None,
         item_tokens: list[int] | None = None,
+        constraint=None,
     ):
         self.request_id = request_id
         self.prompt = prompt
@@ -93,6 +94,7 @@ class Sequence:
 
         self.stop_token_ids = stop_token_ids
         self.generator = generator
+        self.constraint = constraint  # a `structured.Constraint`, advanced by each sampled token
         self.detokenizer = detokenizer
         self.text = ""
         self.num_emitted_chars = 0
@@ -158,6 +160,7 @@ class Sequence:
         if token_id in self.stop_token_ids:
             self.finish("stop")
         else:
+            constrained = self.constraint.advance(token_id) if self.constraint is not None else None
             old_len = len(self.text)
             self.detokenizer.add(token_id)
             self.text = self.detokenizer.text
@@ -166,7 +169,11 @@ class Sequence:
                 self.text = self.text[:cut]
                 self.finish("stop")
                 return
-            if self.ends_by_length(len(self.token_ids), max_model_len):
+            if constrained == "stop":  # the constrained output is complete
+                self.finish("stop")
+            elif constrained is not None:  # the token broke it (its masks never let one through)
+                self.finish("error", constrained)
+            elif self.ends_by_length(len(self.token_ids), max_model_len):
                 self.finish("length")
         if self.is_finished:  # a character cut short by the end is released as U+FFFD, as decode does
             self.detokenizer.flush()

@@ -22,6 +22,7 @@ class SamplingBatch:
     seeded row's draws never depend on the other rows.
 
     `logit_bias` holds the few (row, token) logits to shift, or `None` when no row has any.
+    `allowed` restricts the constrained rows (structured output) to their allowed tokens.
     """
 
     temperature: torch.Tensor | None  # [R] float32
@@ -39,6 +40,16 @@ class SamplingBatch:
     any_penalty: bool
     any_filter: bool  # some sampling row has top_k, top_p or min_p
     logit_bias: LogitBias | None = None
+    allowed: AllowedTokens | None = None
+
+
+@dataclass
+class AllowedTokens:
+    """Rows `rows` may only take the tokens set in their bitmask `masks[i]`: bit t % 32 of word
+    t // 32 for token t (llguidance's layout); tokens past the mask's end are never allowed."""
+
+    rows: torch.Tensor  # [N] int64
+    masks: torch.Tensor  # [N, W] int32
 
 
 @dataclass
@@ -96,6 +107,8 @@ class Sampler(torch.nn.Module):
         if batch.logit_bias is not None:
             bias = batch.logit_bias
             logits = logits.index_put((bias.rows, bias.token_ids), bias.values, accumulate=True)
+        if batch.allowed is not None:
+            logits = apply_allowed_tokens(logits, batch.allowed)
         greedy_ids = logits.argmax(dim=-1)
         if batch.all_greedy:
             token_ids = greedy_ids
@@ -110,6 +123,26 @@ class Sampler(torch.nn.Module):
         top_logprobs, top_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
         sampled_logprobs = raw_logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
         return SamplerOutput(token_ids, sampled_logprobs, top_ids, top_logprobs)
+
+
+def apply_allowed_tokens(logits: torch.Tensor, allowed: AllowedTokens) -> torch.Tensor:
+    """-inf for every token a constrained row may not take."""
+    ok = unpack_bits(allowed.masks)
+    width = min(ok.shape[1], logits.shape[1])
+    rows = logits[allowed.rows]
+    rows[:, width:] = float("-inf")
+    rows[:, :width].masked_fill_(ok[:, :width].logical_not_(), float("-inf"))
+    return logits.index_put((allowed.rows,), rows)
+
+
+def unpack_bits(masks: torch.Tensor) -> torch.Tensor:
+    """int32 bitmasks `[N, W]` -> bool `[N, 32 W]`, bit j of word i at column 32 i + j."""
+    if masks.device.type == "cpu":  # numpy's unpacking is a table lookup, ~50x torch's shifts there
+        import numpy as np
+
+        return torch.from_numpy(np.unpackbits(masks.numpy().view(np.uint8), axis=1, bitorder="little").view(np.bool_))
+    bits = torch.arange(32, dtype=torch.int32, device=masks.device)
+    return ((masks.unsqueeze(-1) >> bits) & 1).bool().flatten(1)
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
