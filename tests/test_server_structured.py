@@ -203,6 +203,14 @@ def test_vllm_constraints(client, case):
         assert choice.finish_reason == "stop" and check(choice.message.content), choice.message.content
 
 
+def test_text_completions_take_the_constraints_too(client):
+    reply = client.completions.create(model="tiny-qwen2vl", prompt="The colour is", max_tokens=16, n=3, seed=4,
+                                      temperature=1.0, top_p=1.0,
+                                      extra_body={"guided_choice": ["red", "green"], "top_k": 0})
+    assert {choice.finish_reason for choice in reply.choices} == {"stop"}
+    assert {choice.text for choice in reply.choices} <= {"red", "green"}
+
+
 # --- bad requests --------------------------------------------------------------------------------
 
 def _body(**fields) -> dict:

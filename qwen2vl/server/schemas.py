@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from qwen2vl.errors import InputError
 from qwen2vl.sampling_params import SamplingParams
+from qwen2vl.structured import response_format_fields
 from qwen2vl.tool_calls import TOOL_CHOICES, check_tool_choice, tool_call_grammar
 
 # Fields clients commonly send that change nothing here; accepted and ignored.
@@ -236,8 +237,6 @@ class _SamplingRequest(_Strict):
         at most one of `response_format`, `structured_outputs` and the `guided_*` fields."""
         given = []
         if self.response_format is not None:
-            from qwen2vl.structured import response_format_fields
-
             fields = response_format_fields(self.response_format)
             if fields:
                 given.append(("response_format", fields))
