@@ -236,7 +236,8 @@ BAD = {
     "a bad function name": (_body(tools=[{"type": "function", "function": {"name": "get weather"}}]),
                             "tools[0].function.name", "should match pattern"),
     "an unknown tool_choice": (_body(tools=TOOLS, tool_choice="always"), "tool_choice", None),
-    "a user message without content": (_body(messages=[{"role": "user"}]), "messages[0]", "content is missing"),
+    "a user message without content": (_body(messages=[{"role": "user"}]), "messages[0]",
+                                         "only an assistant message with tool_calls may leave it out"),
 }
 
 

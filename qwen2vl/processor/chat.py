@@ -51,7 +51,8 @@ def media_parts(messages: Any) -> list[MediaPart]:
         if isinstance(content, str) or (content is None and message.get("tool_calls")):
             continue
         if content is None:
-            raise InputError("content is missing (only an assistant message with tool_calls may leave it out)", m)
+            raise InputError("content must be a string or a list of parts (only an assistant message with "
+                             "tool_calls may leave it out)", m)
         if not isinstance(content, (list, tuple)):
             raise InputError(f"content must be a string or a list of parts, got {type(content).__name__}", m)
         for c, part in enumerate(content):
