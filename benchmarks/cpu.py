@@ -208,7 +208,7 @@ def machine() -> str:
 
 def load_note() -> str:
     load1, load5, _ = os.getloadavg()
-    return f"load average {load1:.2f} (1 min) / {load5:.2f} (5 min) when the run started"
+    return f"load average {load1:.2f} (1 min) / {load5:.2f} (5 min)"
 
 
 def table(rows: list[tuple[str, dict]], baseline: float) -> str:
@@ -278,7 +278,7 @@ def main(argv=None) -> None:
     body = [SECTION, "",
             f"Command: `python benchmarks/cpu.py --decode-tokens {args.decode_tokens}`  ",
             f"Machine: {machine()}  ",
-            f"Run: {started}, {note}.", "",
+            f"Run: {started}, {note} when the run started.", "",
             table(rows, best), "",
             f"Decode: greedy after a {len(PROMPT.split())}-word text prompt, "
             f"{args.decode_tokens} tokens, EOS ignored, `N / (t(N+1 tokens) - t(1 token))`, each time the best of "

@@ -7,6 +7,7 @@ checkpoint's tokenizer.json; it is imported on the first constrained request onl
 """
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -176,12 +177,21 @@ class Constraint:
 def allowed_tokens(constraints: list[Constraint]) -> torch.Tensor:
     """The bitmasks `[len(constraints), mask_width]` int32 of the tokens each allows next: bit
     t % 32 of word t // 32 set when token t is allowed."""
-    from llguidance.torch import fill_next_token_bitmask
+    from llguidance.torch import fill_next_token_bitmask, fill_next_token_bitmask_par
 
     masks = torch.empty(len(constraints), constraints[0].mask_width, dtype=torch.int32)
-    for row, constraint in enumerate(constraints):
-        fill_next_token_bitmask(constraint.matcher, masks, row)
+    if len(constraints) == 1:
+        fill_next_token_bitmask(constraints[0].matcher, masks, 0)
+    else:  # llguidance's threads, without the GIL
+        fill_next_token_bitmask_par(_executor(), [(c.matcher, row) for row, c in enumerate(constraints)], masks)
     return masks
+
+
+@functools.lru_cache(maxsize=None)
+def _executor():
+    import llguidance
+
+    return llguidance.LLExecutor()
 
 
 def _limits(llguidance):
