@@ -35,6 +35,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_)
         else:
             group.add_argument(flag, type=int if "int" in str(f.type) else None, default=f.default, help=help_)
+    group.add_argument("--chat-template", metavar="FILE",
+                       help="a Jinja chat template (or JSON with a 'chat_template' key) for every conversation, "
+                            "those with tools too (default: the checkpoint's, and a built-in one for tools)")
 
 
 def _engine_args(args: argparse.Namespace):
@@ -95,8 +98,14 @@ def _sampling_params(args: argparse.Namespace):
 
 def _load(args: argparse.Namespace):
     from .api import Qwen2VL
+    from .processor.chat import ChatTemplate
 
-    return Qwen2VL.from_pretrained(args=_engine_args(args))
+    template = ChatTemplate.from_file(args.chat_template) if args.chat_template else None  # before the slow load
+    llm = Qwen2VL.from_pretrained(args=_engine_args(args))
+    if template is not None:
+        template.special_tokens = llm.processor.tokenizer.special_tokens
+        llm.processor.template = template
+    return llm
 
 
 def _user_message(prompt: str, images: list, videos: list[str]) -> dict:

@@ -56,8 +56,8 @@ def test_validation_errors_name_the_field():
     message, param = _error({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"},
                                                                         "max_pixels": -5}]}]})
     assert param == "messages[0].content[0].max_pixels" and "greater than 0" in message
-    message, param = _error({"messages": [USER], "tools": []})
-    assert param == "tools" and "unknown field" in message
+    message, param = _error({"messages": [USER], "functions": []})  # OpenAI's deprecated form of tools
+    assert param == "functions" and "unknown field" in message
     message, param = _error({"messages": [{"role": "robot", "content": "x"}]})
     assert param == "messages[0].role"
     message, param = _error({"messages": []})
@@ -364,8 +364,14 @@ def test_every_sampling_field_is_a_request_field_or_named_as_not_offered():
     import dataclasses
 
     from qwen2vl.sampling_params import SamplingParams
-    from qwen2vl.server.schemas import SAMPLING_FIELDS_BY_NAME, SAMPLING_FIELDS_NOT_OFFERED, ChatCompletionRequest
+    from qwen2vl.server.schemas import (
+        CONSTRAINT_FIELDS,
+        SAMPLING_FIELDS_BY_NAME,
+        SAMPLING_FIELDS_NOT_OFFERED,
+        ChatCompletionRequest,
+    )
 
     names = {f.name for f in dataclasses.fields(SamplingParams)}
-    assert names == set(SAMPLING_FIELDS_BY_NAME) | set(SAMPLING_FIELDS_NOT_OFFERED) | {"max_tokens", "logprobs"}
+    assert names == (set(SAMPLING_FIELDS_BY_NAME) | set(SAMPLING_FIELDS_NOT_OFFERED) | {"max_tokens", "logprobs"}
+                     | set(CONSTRAINT_FIELDS))
     assert {"max_tokens", "max_completion_tokens", "top_logprobs"} <= set(ChatCompletionRequest.model_fields)

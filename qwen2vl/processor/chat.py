@@ -13,9 +13,13 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from qwen2vl.errors import CheckpointError, InputError
 from qwen2vl.processor.image import MediaOptions
+from qwen2vl.tool_calls import uses_tools
 
-ROLES = ("system", "user", "assistant")
-BUILTIN_TEMPLATE = Path(__file__).resolve().parent.parent / "assets" / "chat_template.json"
+ROLES = ("system", "user", "assistant", "tool")
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN_TEMPLATE = ASSETS / "chat_template.json"
+# Qwen2-VL's template knows no tools: conversations with tools render with this one.
+BUILTIN_TOOLS_TEMPLATE = ASSETS / "chat_template_tools.jinja"
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,11 @@ def media_parts(messages: Any) -> list[MediaPart]:
         if message.get("role") not in ROLES:
             raise InputError(f"unknown role {message.get('role')!r} (expected one of {', '.join(ROLES)})", m)
         content = message.get("content")
-        if isinstance(content, str):
+        if isinstance(content, str) or (content is None and message.get("tool_calls")):
             continue
+        if content is None:
+            raise InputError("content must be a string or a list of parts (only an assistant message with "
+                             "tool_calls may leave it out)", m)
         if not isinstance(content, (list, tuple)):
             raise InputError(f"content must be a string or a list of parts, got {type(content).__name__}", m)
         for c, part in enumerate(content):
@@ -81,11 +88,19 @@ def _media_part(part: Any, m: int, c: int) -> MediaPart | None:
 
 
 class ChatTemplate:
-    """A chat template rendered with jinja2 the way transformers does (sandboxed, trimmed blocks)."""
+    """A chat template rendered with jinja2 the way transformers does (sandboxed, trimmed blocks).
 
-    def __init__(self, source: str, special_tokens: dict[str, str] | None = None):
+    `tools_source` renders the conversations with tools, tool results or past tool calls when
+    `source` cannot (a template that never mentions `tools`, such as Qwen2-VL's): the built-in
+    tool-aware one unless given.
+    """
+
+    def __init__(self, source: str, special_tokens: dict[str, str] | None = None, tools_source: str | None = None):
         self.source = source
         self.special_tokens = dict(special_tokens or {})
+        if tools_source is None and "tools" not in source:
+            tools_source = BUILTIN_TOOLS_TEMPLATE.read_text(encoding="utf-8")
+        self.tools_source = tools_source or source
 
     @classmethod
     def from_dir(cls, model_dir: Path, special_tokens: dict[str, str] | None = None) -> "ChatTemplate":
@@ -100,20 +115,34 @@ class ChatTemplate:
                 return cls(template, special_tokens)
         return cls(_template_in(BUILTIN_TEMPLATE), special_tokens)
 
+    @classmethod
+    def from_file(cls, path: str | Path, special_tokens: dict[str, str] | None = None) -> "ChatTemplate":
+        """A template file (`--chat-template`): Jinja text, or JSON with a "chat_template" key. It
+        renders every conversation, those with tools too."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"chat template {path} is not a file", field="chat_template")
+        template = _template_in(path) if path.suffix == ".json" else path.read_text(encoding="utf-8")
+        if template is None:
+            raise InputError(f"{path} has no \"chat_template\" string", field="chat_template")
+        return cls(template, special_tokens, tools_source=template)
+
     @cached_property
     def _compiled(self) -> jinja2.Template:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-        env.globals["raise_exception"] = _raise_from_template
-        try:
-            return env.from_string(self.source)
-        except jinja2.TemplateSyntaxError as e:
-            raise CheckpointError(f"chat template does not parse: {e}") from None
+        return _compile(self.source)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, add_vision_id: bool = False) -> str:
+    @cached_property
+    def _tools_compiled(self) -> jinja2.Template:
+        return self._compiled if self.tools_source == self.source else _compile(self.tools_source)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, add_vision_id: bool = False,
+               tools: list[dict] | None = None) -> str:
+        """`tools`: OpenAI's `{"type": "function", "function": {...}}` objects, listed in the prompt."""
+        template = self._tools_compiled if uses_tools(messages, tools) else self._compiled
         try:
-            return self._compiled.render(
+            return template.render(
                 messages=messages,
+                tools=tools or None,
                 add_generation_prompt=add_generation_prompt,
                 add_vision_id=add_vision_id,
                 **self.special_tokens,
@@ -122,6 +151,16 @@ class ChatTemplate:
             raise
         except (jinja2.TemplateError, TypeError, KeyError, AttributeError) as e:
             raise InputError(f"the chat template cannot render these messages: {e}") from None
+
+
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise_from_template
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise CheckpointError(f"chat template does not parse: {e}") from None
 
 
 def _template_in(path: Path) -> str | None:

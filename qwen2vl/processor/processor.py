@@ -173,10 +173,12 @@ class Processor:
 
     # -- one conversation -------------------------------------------------------------------------
 
-    def prepare(self, messages: list[dict], add_generation_prompt: bool = True, add_vision_id: bool = False) -> PreparedPrompt:
-        """Tokens with pads expanded, each image/video patchified, and M-RoPE positions."""
+    def prepare(self, messages: list[dict], add_generation_prompt: bool = True, add_vision_id: bool = False,
+                tools: list[dict] | None = None) -> PreparedPrompt:
+        """Tokens with pads expanded, each image/video patchified, and M-RoPE positions. `tools`
+        (OpenAI's function tools) are listed in the prompt by the template."""
         parts = media_parts(messages)
-        text, ids = self._render(messages, parts, add_generation_prompt, add_vision_id)
+        text, ids = self._render(messages, parts, add_generation_prompt, add_vision_id, tools)
         plans = [self._located(part, self._plan, part) for part in parts]  # all within budget before any decoding
         items = [self._located(plan.part, self._load, plan) for plan in plans]
         input_ids = self._expand(ids, [item.num_tokens(self.merge_size) for item in items])
@@ -252,8 +254,9 @@ class Processor:
         except InputError as e:
             raise type(e)(e.cause, part.message_index, part.content_index, e.field) from None
 
-    def _render(self, messages, parts: list[MediaPart], add_generation_prompt: bool, add_vision_id: bool):
-        text = self.template.render(messages, add_generation_prompt, add_vision_id)
+    def _render(self, messages, parts: list[MediaPart], add_generation_prompt: bool, add_vision_id: bool,
+                tools: list[dict] | None = None):
+        text = self.template.render(messages, add_generation_prompt, add_vision_id, tools)
         ids = self.tokenizer.encode(text)
         pad_kinds = [self._pad_kind[i] for i in ids if i in self._pad_kind]
         part_kinds = [part.kind for part in parts]

@@ -89,9 +89,9 @@ class OpenAIServer:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         answer = ChatFormat(body, self.model_name, self.token_texts)
         params = self._choice_params(body, max_tokens, answer.top, num_prompts=1)
-        messages = body.processor_messages()
+        messages, tools = body.processor_messages(), body.template_tools()
         job = Job(self, request, len(params))
-        await job.start(lambda: self._prepare_chat(messages), params)
+        await _start(job, body, lambda: self._prepare_chat(messages, tools), params)
         return await _respond(answer, job)
 
     async def completions(self, request: Request) -> Response:
@@ -105,7 +105,7 @@ class OpenAIServer:
         answer = CompletionFormat(body, self.model_name, self.token_texts)
         params = self._choice_params(body, body.max_tokens, answer.top, num_prompts=len(prompts))
         job = Job(self, request, len(prompts) * len(params))
-        await job.start(lambda: self._prepare_text(prompts), params)
+        await _start(job, body, lambda: self._prepare_text(prompts), params)
         return await _respond(answer, job)
 
     async def models(self, request: Request) -> Response:
@@ -167,10 +167,10 @@ class OpenAIServer:
             base = dataclasses.replace(base, prompt_logprobs=logprobs)
         return [dataclasses.replace(base, seed=seed) for seed in seeds]
 
-    def _prepare_chat(self, messages: list[dict]) -> list[PreparedPrompt]:
+    def _prepare_chat(self, messages: list[dict], tools: list[dict] | None) -> list[PreparedPrompt]:
         """Runs in a media worker thread: media checks, fetch, decode, template, tokens."""
         check_media(messages, self.processor.media_policy, self.limits)
-        return [self.processor.prepare(messages)]
+        return [self.processor.prepare(messages, tools=tools)]
 
     def _prepare_text(self, prompts: list[str | list[int]]) -> list[PreparedPrompt]:
         """Token ids and text of each prompt (a non-empty string always has tokens: the schema
@@ -186,6 +186,15 @@ class OpenAIServer:
             positions, rope_delta = self.processor.mrope(ids, [])
             prepared.append(PreparedPrompt(ids, positions, rope_delta, [], text))
         return prepared
+
+
+async def _start(job: Job, body, prepare, params: list[SamplingParams]) -> None:
+    """`job.start`, an input error the engine raises (compiling a constraint) named as the request
+    names its field (`response_format`, `tools`, `max_completion_tokens`)."""
+    try:
+        await job.start(prepare, params)
+    except InputError as error:
+        raise body.located(error) from None
 
 
 async def _respond(answer: ChatFormat | CompletionFormat, job: Job) -> Response:

@@ -11,6 +11,7 @@ from functools import lru_cache
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from qwen2vl import tool_calls
 from qwen2vl.engine.sequence import RequestOutput
 from qwen2vl.processor.tokenizer import Tokenizer
 from qwen2vl.server.jobs import Job
@@ -29,6 +30,10 @@ from qwen2vl.server.schemas import (
     PromptTokensDetails,
     TextCompletion,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallFunction,
+    ToolCallFunctionDelta,
     TopLogprob,
     Usage,
 )
@@ -103,7 +108,9 @@ class _Format:
             new_logprobs = output.logprobs[len(output.logprobs) - len(output.new_token_ids):] if output.logprobs else None
             logprobs = self._logprobs(index, output.new_token_ids, new_logprobs)
             if output.text_delta or output.finished or logprobs:
-                yield chunk([self._chunk_choice(index, output, logprobs)])
+                choice = self._chunk_choice(index, output, logprobs)
+                if choice is not None:
+                    yield chunk([choice])
             finals[index] = output
         if include_usage:
             yield chunk([], usage=usage(job, finals))
@@ -132,7 +139,8 @@ class _Format:
     def _choice(self, job: Job, index: int, output: RequestOutput, logprobs) -> BaseModel:
         raise NotImplementedError
 
-    def _chunk_choice(self, index: int, output: RequestOutput, logprobs) -> BaseModel:
+    def _chunk_choice(self, index: int, output: RequestOutput, logprobs) -> BaseModel | None:
+        """The chunk choice of an output, or None when it has nothing to send yet."""
         raise NotImplementedError
 
     def _shape_logprobs(self, index: int, ranked: list[tuple[int, Distribution, list[tuple[int, float]]]]):
@@ -145,18 +153,34 @@ class ChatFormat(_Format):
 
     def __init__(self, body: ChatCompletionRequest, model_name: str, texts: TokenTexts):
         super().__init__(body, (body.top_logprobs or 0) if body.logprobs else None, model_name, texts)
+        self._parsers: dict[int, tool_calls.ToolCallParser] = {}  # choice -> its reply's tool calls so far
 
     def _opening(self, job: Job, index: int) -> ChatChunkChoice:
         return ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""), logprobs=None,
                                finish_reason=None)
 
     def _choice(self, job: Job, index: int, output: RequestOutput, logprobs) -> ChatChoice:
-        return ChatChoice(index=index, message=AssistantMessage(content=output.text), logprobs=logprobs,
-                          finish_reason=output.finish_reason)
+        content, calls = tool_calls.parse_tool_calls(output.text) if self.body.parses_tool_calls else (output.text, [])
+        message = AssistantMessage(content=content, tool_calls=[
+            ToolCall(id=call.id, function=ToolCallFunction(name=call.name, arguments=call.arguments)) for call in calls])
+        return ChatChoice(index=index, message=message, logprobs=logprobs,
+                          finish_reason=_finish_reason(output.finish_reason, calls))
 
-    def _chunk_choice(self, index: int, output: RequestOutput, logprobs) -> ChatChunkChoice:
-        return ChatChunkChoice(index=index, delta=ChatDelta(content=output.text_delta) if output.text_delta else ChatDelta(),
-                               logprobs=logprobs, finish_reason=output.finish_reason if output.finished else None)
+    def _chunk_choice(self, index: int, output: RequestOutput, logprobs) -> ChatChunkChoice | None:
+        content, deltas, calls = output.text_delta, [], []
+        if self.body.parses_tool_calls:
+            parser = self._parsers.setdefault(index, tool_calls.ToolCallParser())
+            content, deltas = parser.feed(output.text_delta)
+            if output.finished:
+                rest, last = parser.finish()
+                content, deltas = content + rest, deltas + last
+            calls = parser.calls
+        if not (content or deltas or logprobs or output.finished):
+            return None  # held back: it may be the start of a call
+        delta = ChatDelta(**({"content": content} if content else {}),
+                          **({"tool_calls": [_tool_call_delta(delta) for delta in deltas]} if deltas else {}))
+        return ChatChunkChoice(index=index, delta=delta, logprobs=logprobs,
+                               finish_reason=_finish_reason(output.finish_reason, calls) if output.finished else None)
 
     def _shape_logprobs(self, index, ranked) -> ChoiceLogprobs:
         content = []
@@ -168,6 +192,18 @@ class ChatFormat(_Format):
                               for other, value in best],
             ))
         return ChoiceLogprobs(content=content)
+
+
+def _finish_reason(reason: str | None, calls: list) -> str | None:
+    """OpenAI's "tool_calls" for a reply that ended by itself with calls."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+def _tool_call_delta(delta: tool_calls.ToolCallDelta) -> ToolCallDelta:
+    if delta.id is None:
+        return ToolCallDelta(index=delta.index, function=ToolCallFunctionDelta(arguments=delta.arguments))
+    return ToolCallDelta(index=delta.index, id=delta.id, type="function",
+                         function=ToolCallFunctionDelta(name=delta.name, arguments=delta.arguments))
 
 
 class CompletionFormat(_Format):

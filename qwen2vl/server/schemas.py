@@ -9,14 +9,18 @@ integer), `16.5` is not.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from qwen2vl.errors import InputError
 from qwen2vl.sampling_params import SamplingParams
+from qwen2vl.structured import response_format_fields
+from qwen2vl.tool_calls import TOOL_CHOICES, check_tool_choice, tool_call_grammar
 
 # Fields clients commonly send that change nothing here; accepted and ignored.
-IGNORED_FIELDS = ("user", "metadata", "store", "service_tier", "parallel_tool_calls")
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
 # A cap on the pixels of an image sent with OpenAI's `detail: "low"` (256 visual tokens).
 LOW_DETAIL_MAX_PIXELS = 256 * 28 * 28
 
@@ -94,23 +98,83 @@ ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminat
 CONTENT_PART_TYPES = ("text", "image_url", "video_url")
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class MessageToolCall(_Strict):
+    """A call an earlier assistant turn made (as a response's `message.tool_calls` gave it)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = Field(
+        None, description="required but for an assistant message with tool_calls")
     name: str | None = None  # accepted for compatibility; the chat template has no use for it
+    tool_calls: list[MessageToolCall] | None = Field(None, description="an assistant message's calls")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
 
     def to_processor(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role
-        if isinstance(self.content, str):
-            return {"role": role, "content": self.content}
-        return {"role": role, "content": [
-            {"type": "text", "text": part.text} if isinstance(part, TextPart) else part.to_processor()
-            for part in self.content
-        ]}
+        message: dict[str, Any] = {"role": role, "content": self.content}
+        if isinstance(self.content, list):
+            message["content"] = [{"type": "text", "text": part.text} if isinstance(part, TextPart)
+                                  else part.to_processor() for part in self.content]
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+class FunctionDefinition(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="a JSON schema of the arguments object; left out: no arguments")
+    strict: bool | None = None  # forced calls (tool_choice required or named) always follow `parameters`
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: one constraint on the reply."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    json_schema: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON schema")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    grammar: str | None = Field(None, description="a Lark grammar (llguidance's dialect)")
+
+
+# The `SamplingParams` fields that constrain a reply; a request gives at most one, through
+# `response_format`, `structured_outputs` or a `guided_*` field (vLLM's older names).
+CONSTRAINT_FIELDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+GUIDED_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
 
 
 class _SamplingRequest(_Strict):
@@ -141,17 +205,52 @@ class _SamplingRequest(_Strict):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
+    # structured output
+    response_format: dict[str, Any] | None = Field(
+        None, description='OpenAI\'s: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                          '"json_schema": {"name": ..., "schema": {...}, "strict": true}}')
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Only the fields the client set: the rest come from the checkpoint's generation config,
         exactly as for `Qwen2VL.chat`."""
         values = {name: getattr(self, name) for name in SAMPLING_FIELDS_BY_NAME if getattr(self, name) is not None}
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **values)
+        _, constraint = self.constraint()
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **values, **constraint)
 
     def sampling_field_names(self) -> dict[str, str]:
         """The request's names of `SamplingParams` fields where they differ, for error messages."""
-        return {}
+        param, constraint = self.constraint()
+        return {name: param for name in constraint}
+
+    def located(self, error: InputError) -> InputError:
+        """`error` with a `SamplingParams` field renamed to the request field that set it."""
+        param = self.sampling_field_names().get(error.field) if error.message_index is None else None
+        return error if param is None else type(error)(error.cause, field=param)
+
+    def constraint(self) -> tuple[str | None, dict[str, Any]]:
+        """(the request field, its `SamplingParams` field values) of the reply's constraint, if any:
+        at most one of `response_format`, `structured_outputs` and the `guided_*` fields."""
+        given = []
+        if self.response_format is not None:
+            fields = response_format_fields(self.response_format)
+            if fields:
+                given.append(("response_format", fields))
+        if self.structured_outputs is not None:
+            for name, value in self.structured_outputs.model_dump(exclude_none=True).items():
+                if value is not False:  # json_object: false constrains nothing
+                    alias = StructuredOutputs.model_fields[name].alias or name
+                    given.append((f"structured_outputs.{alias}", {name: value}))
+        given += [(name, {field: getattr(self, name)}) for name, field in GUIDED_FIELDS.items()
+                  if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise InputError(f"the reply can follow one constraint; this request gives {len(given)}: "
+                             f"{', '.join(param for param, _ in given)}", field=given[1][0])
+        return given[0] if given else (None, {})
 
     def choice_seeds(self) -> list[int | None]:
         """Choice i samples with seed + i, so each choice is reproducible on its own."""
@@ -161,7 +260,8 @@ class _SamplingRequest(_Strict):
 # The `SamplingParams` fields a request sets under their own name; `max_tokens` and `logprobs`
 # take the endpoint's own shape (max_completion_tokens, top_logprobs), the rest is not offered.
 SAMPLING_FIELDS_BY_NAME = tuple(f.name for f in dataclasses.fields(SamplingParams)
-                                if f.name in _SamplingRequest.model_fields and f.name not in ("max_tokens", "logprobs"))
+                                if f.name in _SamplingRequest.model_fields and f.name not in ("max_tokens", "logprobs")
+                                and f.name not in CONSTRAINT_FIELDS)
 SAMPLING_FIELDS_NOT_OFFERED = ("skip_special_tokens", "prompt_logprobs")  # the latter: set by echo + logprobs
 
 
@@ -170,12 +270,45 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: Integer | None = None
     logprobs: bool = False
     top_logprobs: Integer | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal[TOOL_CHOICES] | NamedToolChoice | None = Field(
+        None, description='"auto" (the default with tools), "none" (the default without), "required", or '
+                          '{"type": "function", "function": {"name": ...}}')
+    parallel_tool_calls: bool = Field(True, description="whether a forced reply may make several calls")
 
     def processor_messages(self) -> list[dict[str, Any]]:
         return [message.to_processor() for message in self.messages]
 
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template lists them (as sent, unset fields left out)."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+    @property
+    def effective_tool_choice(self) -> str | dict:
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        return self.tool_choice if isinstance(self.tool_choice, str) else self.tool_choice.model_dump()
+
+    @property
+    def parses_tool_calls(self) -> bool:
+        """Whether `<tool_call>` blocks in the reply are answered as `tool_calls`."""
+        return bool(self.tools) and self.effective_tool_choice != "none"
+
+    def constraint(self) -> tuple[str | None, dict[str, Any]]:
+        """Also the grammar of a forced tool call (`tool_choice` "required" or a named function)."""
+        param, constraint = super().constraint()
+        tools, choice = self.template_tools() or [], self.effective_tool_choice
+        check_tool_choice(tools, choice)
+        grammar = tool_call_grammar(tools, choice, self.parallel_tool_calls)
+        if grammar is None:
+            return param, constraint
+        if param is not None:
+            raise InputError(f"tool_choice {json.dumps(choice)} constrains the reply to tool calls; it cannot be "
+                             f"combined with {param}", field=param)
+        return "tools", {"grammar": grammar}
+
     def sampling_field_names(self) -> dict[str, str]:
-        names = {"logprobs": "top_logprobs"}
+        names = {"logprobs": "top_logprobs", **super().sampling_field_names()}
         if self.max_completion_tokens is not None:
             names["max_tokens"] = "max_completion_tokens"
         return names
@@ -227,9 +360,21 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the reply is only tool calls
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -248,9 +393,25 @@ class ChatCompletion(_Envelope):
     usage: Usage
 
 
+class ToolCallFunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of call `index`: its first has `id`, `type` and `function.name`, the next ones
+    `function.arguments` fragments (chunks are sent with only the keys set)."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallFunctionDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
