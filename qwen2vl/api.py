@@ -218,7 +218,7 @@ class Qwen2VL:
 
     def _prepare(self, conversation: Messages, conversation_index: int | None):
         try:
-            return self.processor.prepare(conversation)
+            return self.processor.prepare(conversation, context_len=self.engine.max_model_len)
         except InputError as error:
             if conversation_index is None:
                 raise
