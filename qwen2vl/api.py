@@ -21,6 +21,7 @@ from .engine_args import EngineArgs
 from .errors import InputError
 from .grounding import Box, parse_boxes
 from .hub import resolve_model_dir
+from .processor.pool import media_map
 from .sampling_params import SamplingParams
 
 Messages = list[dict]
@@ -180,8 +181,7 @@ class Qwen2VL:
                 raise InputError("stream=True takes one conversation, not a list of conversations")
             return self._stream(messages, params)
         conversations = messages if batch else [messages]
-        prompts = [self._prepare(conversation, index if batch else None)
-                   for index, conversation in enumerate(conversations)]
+        prompts = media_map(lambda pair: self._prepare(pair[1], pair[0] if batch else None), enumerate(conversations))
         finals: queue.SimpleQueue = queue.SimpleQueue()
         request_ids = self._submit(prompts, params, lambda item: _is_final(item) and finals.put(item), batch)
         finished = {}

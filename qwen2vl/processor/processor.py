@@ -29,6 +29,7 @@ from qwen2vl.processor.image import (
     to_rgb,
 )
 from qwen2vl.processor.mrope import mrope_positions
+from qwen2vl.processor.pool import media_map
 from qwen2vl.processor.tokenizer import Tokenizer
 from qwen2vl.processor.types import PreparedPrompt, VisionItem
 from qwen2vl.processor.video import (
@@ -206,7 +207,7 @@ class Processor:
         parts = media_parts(messages)
         text, ids = self._render(messages, parts, add_generation_prompt, add_vision_id)
         plans = self._plans(parts, len(ids) - len(parts), context_len)  # all within budget before any decoding
-        items = [self._located(plan.part, self._load, plan) for plan in plans]
+        items = media_map(lambda plan: self._located(plan.part, self._load, plan), plans)
         input_ids = self._expand(ids, [item.num_tokens(self.merge_size) for item in items])
         positions, rope_delta = self.mrope(input_ids, [item.grid_thw for item in items])
         return PreparedPrompt(input_ids, positions, rope_delta, items, text)
@@ -240,7 +241,7 @@ class Processor:
         if padding_side not in ("left", "right"):
             raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         batch = conversations if conversations and isinstance(conversations[0], (list, tuple)) else [conversations]
-        prompts = [self.prepare(c, add_generation_prompt, add_vision_id) for c in batch]
+        prompts = media_map(lambda c: self.prepare(c, add_generation_prompt, add_vision_id), batch)
         length = max(len(p) for p in prompts)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
@@ -403,15 +404,16 @@ class Processor:
         if isinstance(plan.part.value, (list, tuple)):
             opened, frame_size = plan.opened
             frames = load_frame_list(opened, *frame_size)
+            frames = resize_frames(frames, *video_target_size(*frame_size, frames.shape[0], options, factor))
             original = opened[0].size
             fps = options.sample_fps or 2.0  # qwen_vl_utils reports this for frame lists, whatever `fps` says
         else:
             source, probe = plan.opened
-            frames, fps = load_video_file(source, probe, options)
+            # sized by the frames sampled: a container that over-reported its length yields fewer than planned
+            frames, fps = load_video_file(source, probe, options,
+                                          lambda count: video_target_size(probe.height, probe.width, count, options, factor))
             original = (probe.width, probe.height)
-        # From the decoded frames: a container that over-reported its length yields fewer than planned.
-        height, width = video_target_size(frames.shape[-2], frames.shape[-1], frames.shape[0], options, factor)
-        frames = resize_frames(frames, height, width)
+        height, width = frames.shape[-2:]
         final = self._final_size(height, width)
         if final != (height, width):  # the reference resizes its float frames again, unrounded
             frames = resize_frames(frames.float(), *final)
