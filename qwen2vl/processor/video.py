@@ -177,7 +177,7 @@ def _packet_index(container, stream) -> tuple[list[int], list[int]] | None:
 def _decode_at(container, stream, targets: list[int], keyframes: list[int], size) -> torch.Tensor | None:
     """The frames of timestamps `targets`, resized: seek to the keyframe before each one that is
     ahead of the decoder, decode forward. None when a frame's timestamp is not what the index says."""
-    frames: dict[int, torch.Tensor] = {}
+    frames = _Resized(size)
     decoded, position = None, None  # the decoding iterator; the timestamp of its last frame
     for target in sorted(set(targets)):
         key = keyframes[max(0, bisect.bisect_right(keyframes, target) - 1)]
@@ -188,26 +188,49 @@ def _decode_at(container, stream, targets: list[int], keyframes: list[int], size
         if frame is None or frame.pts != target:
             return None
         position = frame.pts
-        frames[target] = _resized(frame, size)
-    return torch.stack([frames[t] for t in targets])
+        frames.add(target, frame)
+    return frames.stack(targets)
 
 
 def _decode_in_order(decoded, indices: list[int], size) -> tuple[torch.Tensor, int]:
     """The frames at `indices` counted in decoding order, resized, and how many were decoded; stops
     after the last wanted one (nothing comes back if the stream ends first)."""
-    wanted, last, found, count = set(indices), max(indices), {}, 0
+    wanted, last, frames, count = set(indices), max(indices), _Resized(size), 0
     for frame in decoded:
         if count in wanted:
-            found[count] = _resized(frame, size)
+            frames.add(count, frame)
         count += 1
         if count > last:
-            return torch.stack([found[i] for i in indices]), count
+            return frames.stack(indices), count
     return torch.empty(0), count
 
 
-def _resized(frame, size: tuple[int, int]) -> torch.Tensor:
-    rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
-    return resize_frames(rgb[None], *size)[0]
+class _Resized:
+    """Decoded frames resized to `size` a few at a time: never more than `CHUNK` of them held at full
+    resolution, and one resize call per chunk (one call per frame costs several times more in
+    torch's thread pool when the machine is busy)."""
+
+    CHUNK = 16
+
+    def __init__(self, size: tuple[int, int]):
+        self.size = size
+        self.done: dict[int, torch.Tensor] = {}
+        self.pending: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, key: int, frame) -> None:
+        self.pending.append((key, torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)))
+        if len(self.pending) == self.CHUNK:
+            self._flush()
+
+    def stack(self, keys: list[int]) -> torch.Tensor:
+        self._flush()
+        return torch.stack([self.done[key] for key in keys])
+
+    def _flush(self) -> None:
+        if self.pending:
+            resized = resize_frames(torch.stack([rgb for _, rgb in self.pending]), *self.size)
+            self.done.update(zip((key for key, _ in self.pending), resized))
+            self.pending = []
 
 
 def load_video_file(source: MediaSource, probe: VideoProbe, options: MediaOptions,
