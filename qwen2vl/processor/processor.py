@@ -13,11 +13,11 @@ from typing import Any
 import torch
 
 from qwen2vl.errors import CheckpointError, InputError, MediaError
+from qwen2vl.layers.patchify import Patchifier
 from qwen2vl.processor.budget import MAX_RESIZED_PIXELS, MediaBudget
 from qwen2vl.processor.chat import ChatTemplate, MediaPart, media_parts
 from qwen2vl.processor.fetch import DEFAULT_MAX_MEDIA_BYTES, MediaPolicy, resolve
 from qwen2vl.processor.fit import fit_context
-from qwen2vl.layers.patchify import Patchifier
 from qwen2vl.processor.image import (
     MediaOptions,
     image_target_size,
