@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -80,6 +79,14 @@ def write_long_video(path: Path, minutes: int, fps: int, width: int, height: int
     return path
 
 
+def peak_rss_gib() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited across exec from the parent)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def chat(*parts) -> list[dict]:
     return [{"role": "user", "content": [*parts, {"type": "text", "text": "Describe this."}]}]
 
@@ -124,7 +131,7 @@ def side_runner(side: str, case: str, conversations, checkpoint: Path):
                 item.pixel_values  # noqa: B018 - the float32 rows a CPU engine's vision tower gets
             return tokens(prompts)
         return run
-    if side == "ours-one-by-one":
+    if side in ("ours-one-by-one", "base"):
         return lambda: tokens([processor.prepare(c) for c in conversations])
     from qwen2vl.processor.pool import media_map
 
@@ -134,7 +141,7 @@ def side_runner(side: str, case: str, conversations, checkpoint: Path):
 def worker(side: str, case: str, cache: Path) -> None:
     sys.path.insert(0, str(Path.cwd() / "tests"))
     run = side_runner(side, case, case_messages(case, cache), cache / "media-ckpt")
-    setup_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    setup_rss = peak_rss_gib()
     print("READY", flush=True)
     for line in sys.stdin:
         if line.strip() != "run":
@@ -142,7 +149,7 @@ def worker(side: str, case: str, cache: Path) -> None:
         start = time.perf_counter()
         tokens = run()
         print("TIME", json.dumps({"seconds": time.perf_counter() - start, "tokens": tokens}), flush=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_rss_gib()
     print("RESULT", json.dumps({"peak_rss_gib": peak, "setup_rss_gib": setup_rss}), flush=True)
 
 
