@@ -133,10 +133,12 @@ def test_a_video_without_timestamps_still_decodes_in_order(tmp_path, monkeypatch
 
 
 def test_media_map_keeps_order_and_raises_the_first_failure():
-    threads = set()
+    threads, torch_threads = set(), set()
+    callers = torch.get_num_threads()
 
     def work(value):
         threads.add(threading.current_thread().name)
+        torch_threads.add(torch.get_num_threads())
         if value in (3, 5):
             raise MediaError(f"bad {value}")
         return value * 2
@@ -145,6 +147,7 @@ def test_media_map_keeps_order_and_raises_the_first_failure():
     with pytest.raises(MediaError, match="bad 3"):
         media_map(work, range(8))
     assert any(name.startswith("qwen2vl-media") for name in threads)
+    assert torch_threads == {1} and torch.get_num_threads() == callers  # the pool is the parallelism
     # nested: a worker's own map runs in that worker, no waiting on the pool it occupies
     assert media_map(lambda n: media_map(lambda m: m + n, range(4)), range(4)) == [[m + n for m in range(4)] for n in range(4)]
 
