@@ -22,6 +22,7 @@ from .errors import InputError
 from .grounding import Box, parse_boxes
 from .hub import resolve_model_dir
 from .processor.types import PreparedPrompt
+from .processor.pool import media_map
 from .sampling_params import SamplingParams
 
 Messages = list[dict]
@@ -181,8 +182,7 @@ class Qwen2VL:
                 raise InputError("stream=True takes one conversation, not a list of conversations")
             return self._stream(messages, params)
         conversations = messages if batch else [messages]
-        prompts = [self._prepare(conversation, index if batch else None)
-                   for index, conversation in enumerate(conversations)]
+        prompts = media_map(lambda pair: self._prepare(pair[1], pair[0] if batch else None), enumerate(conversations))
         completions = self._complete(prompts, params, batch)
         return completions if batch else completions[0]
 
@@ -227,7 +227,7 @@ class Qwen2VL:
 
     def _prepare(self, conversation: Messages, conversation_index: int | None):
         try:
-            return self.processor.prepare(conversation)
+            return self.processor.prepare(conversation, context_len=self.engine.max_model_len)
         except InputError as error:
             if conversation_index is None:
                 raise

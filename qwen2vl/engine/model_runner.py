@@ -10,6 +10,7 @@ from qwen2vl.engine.cuda_graphs import DecodeGraphs
 from qwen2vl.engine.batch import LaunchedStep, StepInputs, sampling_batch, step_inputs
 from qwen2vl.engine.scheduler import StepPlan, VisionWork
 from qwen2vl.layers.attention_metadata import AttentionMetadata
+from qwen2vl.layers.patchify import VisionPixels
 from qwen2vl.layers.sampler import Sampler, score_tokens
 
 
@@ -53,10 +54,11 @@ class ModelRunner:
         """Run the vision encoder once over the items of `works`, in order (same-sized images of
         different requests share their attention calls); each work's item embeddings."""
         items = [item for work in works for item in work.items]
-        pixel_values = torch.cat([item.pixel_values for item in items]).to(self.device)
+        pixels = VisionPixels([item.pixels for item in items], items[0].patchifier)
+        pixels = pixels.to(self.device, non_blocking=self.device.type == "cuda")
         grid_thw = torch.tensor([item.grid_thw for item in items], dtype=torch.long, device=self.device)
         merge = self.model.config.vision.spatial_merge_size
-        embeds = iter(self.model.encode_vision(pixel_values, grid_thw).split([item.num_tokens(merge) for item in items]))
+        embeds = iter(self.model.encode_vision(pixels, grid_thw).split([item.num_tokens(merge) for item in items]))
         return [[next(embeds) for _ in work.items] for work in works]
 
     @torch.inference_mode()

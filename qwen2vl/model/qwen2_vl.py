@@ -6,6 +6,7 @@ from torch import nn
 
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.layers.attention_metadata import AttentionMetadata
+from qwen2vl.layers.patchify import VisionPixels, patch_rows
 from qwen2vl.layers.vocab import VocabTable
 from qwen2vl.model.text import TextDecoder
 from qwen2vl.model.vision import VisionTransformer
@@ -34,8 +35,10 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     def device(self) -> torch.device:
         return self.language_model.norm.weight.device
 
-    def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Images and videos packed in one call -> `[P / merge^2, text hidden]`, rows in input order."""
+    def encode_vision(self, pixel_values: torch.Tensor | VisionPixels, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Images and videos packed in one call -> `[P / merge^2, text hidden]`, rows in input order.
+        `VisionPixels` (resized frames) are normalized and patchified here, in the tower's dtype."""
+        pixel_values = patch_rows(pixel_values, self.visual.patch_embed.weight.dtype)
         return self.visual(pixel_values, grid_thw).to(self.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,

@@ -1,5 +1,5 @@
-"""Images: decoding, RGB, `smart_resize`, and the tensor steps shared with video (resize, normalize,
-patchify).
+"""Images: decoding, RGB, `smart_resize`, and the resizes shared with video. Normalizing and
+patchifying happen where the vision tower runs (`qwen2vl.layers.patchify`).
 
 The reference resizes twice: qwen_vl_utils first (PIL bicubic, per-item limits or its own
 4..16384-token defaults), then transformers' image processor (torch bicubic with antialias, the
@@ -181,43 +181,3 @@ def resize_image_tensor(image: torch.Tensor, height: int, width: int) -> torch.T
     if image.shape[-2:] == (height, width):
         return image
     return F.interpolate(image[None], size=(height, width), mode="bicubic", align_corners=False, antialias=True)[0]
-
-
-@dataclass(frozen=True)
-class Patchifier:
-    """Pixel values the vision tower reads: normalized, cut into `temporal x patch x patch` cubes."""
-
-    patch_size: int
-    merge_size: int
-    temporal_patch_size: int
-    image_mean: tuple[float, float, float]
-    image_std: tuple[float, float, float]
-    rescale_factor: float = 1 / 255
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
-
-    def __call__(self, frames: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """`[T, 3, H, W]` (0..255, any dtype) -> (`[t*h*w, 3*temporal*patch*patch]` float32, (t, h, w)).
-
-        Rows are ordered so each `merge x merge` window of patches is contiguous: the vision tower
-        merges rows 4 at a time. A short last temporal patch repeats the last frame (a still image
-        becomes two identical frames).
-        """
-        pad = -frames.shape[0] % self.temporal_patch_size
-        if pad:
-            frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
-        pixels = self.normalize(frames)
-        num_frames, channels, height, width = pixels.shape
-        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
-        grid = (num_frames // tp, height // p, width // p)
-        cubes = pixels.view(grid[0], tp, channels, grid[1] // m, m, p, grid[2] // m, m, p)
-        cubes = cubes.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        return cubes.reshape(grid[0] * grid[1] * grid[2], channels * tp * p * p), grid
-
-    def normalize(self, frames: torch.Tensor) -> torch.Tensor:
-        # Rescale folded into mean/std (x - 255*mean) / (255*std) in float32, as the reference computes it.
-        mean = torch.tensor(self.image_mean) * (1.0 / self.rescale_factor)
-        std = torch.tensor(self.image_std) * (1.0 / self.rescale_factor)
-        return frames.float().sub(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))

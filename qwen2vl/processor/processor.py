@@ -13,11 +13,13 @@ from typing import Any
 import torch
 
 from qwen2vl.errors import CheckpointError, InputError, MediaError
+from qwen2vl.layers.patchify import Patchifier
 from qwen2vl.processor.budget import MAX_RESIZED_PIXELS, MediaBudget
 from qwen2vl.processor.chat import ChatTemplate, MediaPart, media_parts
 from qwen2vl.processor.fetch import DEFAULT_MAX_MEDIA_BYTES, MediaPolicy, resolve
+from qwen2vl.processor.fit import fit_context
 from qwen2vl.processor.image import (
-    Patchifier,
+    MediaOptions,
     image_target_size,
     open_image,
     resize_frames,
@@ -27,6 +29,7 @@ from qwen2vl.processor.image import (
     to_rgb,
 )
 from qwen2vl.processor.mrope import mrope_positions
+from qwen2vl.processor.pool import media_map
 from qwen2vl.processor.tokenizer import Tokenizer
 from qwen2vl.processor.types import PreparedPrompt, VisionItem
 from qwen2vl.processor.video import (
@@ -43,14 +46,30 @@ BUILTIN_PREPROCESSOR = Path(__file__).resolve().parent.parent / "assets" / "prep
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
 VISION_START_TOKEN, VISION_END_TOKEN = "<|vision_start|>", "<|vision_end|>"
 TOKEN_TYPE = {"text": 0, "image": 1, "video": 2}
+DEFAULT_CONTEXT_LEN = 32768  # Qwen2-VL's max_position_embeddings
+
+
+def _context_len(model_dir: Path) -> int:
+    """The checkpoint's `max_position_embeddings` (config.json, its text_config's), else Qwen2-VL's."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return DEFAULT_CONTEXT_LEN
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not JSON: {e}") from None
+    text = config.get("text_config") or {}
+    return int(text.get("max_position_embeddings") or config.get("max_position_embeddings") or DEFAULT_CONTEXT_LEN)
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """One image or video sized from its header and options, within the budget; nothing decoded yet."""
+    """One image or video sized from its header and options; nothing decoded yet."""
 
     part: MediaPart
     opened: Any  # the lazily opened image; (opened frames, their first resize) of a list; (source, probe) of a file
+    options: MediaOptions  # the part's own, or what `fit_context` chose for it
+    num_frames: int  # frames sampled (1 for an image)
     size: tuple[int, int]  # (height, width) of the per-item resize (of each frame, for a video)
     num_tokens: int
 
@@ -86,6 +105,7 @@ class Processor:
         max_pixels: int,
         media_policy: MediaPolicy | None = None,
         budget: MediaBudget | None = None,
+        context_len: int = DEFAULT_CONTEXT_LEN,
     ):
         if min_pixels > max_pixels:
             raise InputError(f"min_pixels ({min_pixels}) is greater than max_pixels ({max_pixels})", field="min_pixels")
@@ -99,6 +119,7 @@ class Processor:
         self.max_pixels = max_pixels
         self.media_policy = media_policy or MediaPolicy()
         self.budget = budget or MediaBudget()
+        self.context_len = context_len
         self.image_token_id = self._special_id(IMAGE_TOKEN)
         self.video_token_id = self._special_id(VIDEO_TOKEN)
         self.vision_start_token_id = self._special_id(VISION_START_TOKEN)
@@ -121,7 +142,8 @@ class Processor:
     ) -> "Processor":
         """Read tokenizer.json (+ tokenizer_config.json), preprocessor_config.json and the chat template.
 
-        A missing preprocessor config or chat template falls back to Qwen2-VL's (in `assets/`).
+        A missing preprocessor config or chat template falls back to Qwen2-VL's (in `assets/`);
+        `context_len` is config.json's `max_position_embeddings` (32768 without one).
         `check_host(hostname)` may refuse remote hosts by raising; see `MediaPolicy`. `budget`
         (default `MediaBudget()`) bounds each image and video; see the class docstring.
         """
@@ -134,13 +156,14 @@ class Processor:
         size = config.get("size") or {}
         config_min = config.get("min_pixels", size.get("shortest_edge", 56 * 56))
         config_max = config.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))
+        default = Patchifier()
         patchifier = Patchifier(
-            patch_size=config.get("patch_size", 14),
-            merge_size=config.get("merge_size", 2),
-            temporal_patch_size=config.get("temporal_patch_size", 2),
-            image_mean=tuple(config.get("image_mean", (0.48145466, 0.4578275, 0.40821073))),
-            image_std=tuple(config.get("image_std", (0.26862954, 0.26130258, 0.27577711))),
-            rescale_factor=config.get("rescale_factor", 1 / 255),
+            patch_size=config.get("patch_size", default.patch_size),
+            merge_size=config.get("merge_size", default.merge_size),
+            temporal_patch_size=config.get("temporal_patch_size", default.temporal_patch_size),
+            image_mean=tuple(config.get("image_mean", default.image_mean)),
+            image_std=tuple(config.get("image_std", default.image_std)),
+            rescale_factor=config.get("rescale_factor", default.rescale_factor),
         )
         policy = MediaPolicy(
             allow_remote=allow_remote_media,
@@ -157,6 +180,7 @@ class Processor:
             config_max if max_pixels is None else max_pixels,
             policy,
             budget,
+            _context_len(model_dir),
         )
 
     @property
@@ -174,23 +198,28 @@ class Processor:
     # -- one conversation -------------------------------------------------------------------------
 
     def prepare(self, messages: list[dict], add_generation_prompt: bool = True, add_vision_id: bool = False,
-                tools: list[dict] | None = None) -> PreparedPrompt:
-        """Tokens with pads expanded, each image/video patchified, and M-RoPE positions. `tools`
-        (OpenAI's function tools) are listed in the prompt by the template."""
+                context_len: int | None = None, tools: list[dict] | None = None) -> PreparedPrompt:
+        """Tokens with pads expanded, each image/video resized (uint8, see `VisionItem`), and M-RoPE positions.
+
+        The prompt must fit `context_len` tokens (at most the processor's own `context_len`) with
+        one token to generate; images and videos without an explicit size shrink to fit (see
+        `qwen2vl.processor.fit`). `tools` (OpenAI's function tools) are listed in the prompt by the
+        template."""
         parts = media_parts(messages)
         text, ids = self._render(messages, parts, add_generation_prompt, add_vision_id, tools)
-        plans = [self._located(part, self._plan, part) for part in parts]  # all within budget before any decoding
-        items = [self._located(plan.part, self._load, plan) for plan in plans]
+        plans = self._plans(parts, len(ids) - len(parts), context_len)  # all within budget before any decoding
+        items = media_map(lambda plan: self._located(plan.part, self._load, plan), plans)
         input_ids = self._expand(ids, [item.num_tokens(self.merge_size) for item in items])
         positions, rope_delta = self.mrope(input_ids, [item.grid_thw for item in items])
         return PreparedPrompt(input_ids, positions, rope_delta, items, text)
 
-    def count_tokens(self, messages: list[dict], add_generation_prompt: bool = True, add_vision_id: bool = False) -> int:
+    def count_tokens(self, messages: list[dict], add_generation_prompt: bool = True, add_vision_id: bool = False,
+                     context_len: int | None = None) -> int:
         """The prompt length `prepare` would give, reading only media headers (no pixel decoding)."""
         parts = media_parts(messages)
         _, ids = self._render(messages, parts, add_generation_prompt, add_vision_id)
-        tokens = [self._located(part, self._plan, part).num_tokens for part in parts]
-        return len(ids) + sum(tokens) - len(tokens)
+        text_tokens = len(ids) - len(parts)
+        return text_tokens + sum(plan.num_tokens for plan in self._plans(parts, text_tokens, context_len))
 
     def mrope(self, input_ids, vision_grids) -> tuple[torch.Tensor, int]:
         return mrope_positions(torch.as_tensor(input_ids), vision_grids, (self.image_token_id, self.video_token_id), self.merge_size)
@@ -213,7 +242,7 @@ class Processor:
         if padding_side not in ("left", "right"):
             raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         batch = conversations if conversations and isinstance(conversations[0], (list, tuple)) else [conversations]
-        prompts = [self.prepare(c, add_generation_prompt, add_vision_id) for c in batch]
+        prompts = media_map(lambda c: self.prepare(c, add_generation_prompt, add_vision_id), batch)
         length = max(len(p) for p in prompts)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
@@ -232,7 +261,7 @@ class Processor:
         for kind, pixels_key, grid_key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
             items = [item for p in prompts for item in p.vision_items if item.kind == kind]
             if items:
-                out[pixels_key] = torch.cat([item.pixel_values for item in items])
+                out[pixels_key] = self.patchifier([item.pixels for item in items])
                 out[grid_key] = torch.tensor([item.grid_thw for item in items], dtype=torch.long)
         out["position_ids"] = position_ids
         out["rope_deltas"] = torch.tensor([[p.rope_delta] for p in prompts], dtype=torch.long)
@@ -247,10 +276,10 @@ class Processor:
         return token_id
 
     @staticmethod
-    def _located(part: MediaPart, step, arg):
-        """`step(arg)`, naming `part`'s message and content index in any input error."""
+    def _located(part: MediaPart, step, *args):
+        """`step(*args)`, naming `part`'s message and content index in any input error."""
         try:
-            return step(arg)
+            return step(*args)
         except InputError as e:
             raise type(e)(e.cause, part.message_index, part.content_index, e.field) from None
 
@@ -284,50 +313,81 @@ class Processor:
     def _final_size(self, height: int, width: int) -> tuple[int, int]:
         return smart_resize(height, width, self.patchifier.factor, self.min_pixels, self.max_pixels)
 
+    def _plans(self, parts: list[MediaPart], text_tokens: int, context_len: int | None) -> list[_Plan]:
+        """Every image and video sized from its header and options, the defaults shrunk to fit the
+        context, all within the budget; nothing decoded."""
+        plans = [self._located(part, self._plan, part) for part in parts]
+        context_len = self.context_len if context_len is None else min(context_len, self.context_len)
+        plans = fit_context(plans, text_tokens, context_len, self._located_resize, self.patchifier.factor)
+        for plan in plans:
+            self._located(plan.part, self._check, plan)
+        total = text_tokens + sum(plan.num_tokens for plan in plans)
+        if plans and total > context_len - 1:  # a prompt of text alone is the engine's to refuse: nothing to decode
+            raise InputError(f"the prompt would have {total} tokens ({total - text_tokens} of them visual), over the "
+                             f"limit of {context_len - 1} (the context is {context_len} tokens, max_model_len or the "
+                             "model's: the prompt plus at least one generated token); ask for fewer frames (fps, "
+                             "nframes) or smaller images and frames (max_pixels), shorten the text or raise "
+                             "max_model_len")
+        return plans
+
     def _plan(self, part: MediaPart) -> _Plan:
-        """Size one image or video from its header and options, within the budget; decodes no pixels."""
-        budget, options = self.budget, part.options
-        budget.check_options(options, "image" if part.kind == "image" else "video frame")
+        """Open one image or video (its header) and size it by its options; decodes no pixels."""
+        options = part.options
+        self.budget.check_options(options, "image" if part.kind == "image" else "video frame")
         if part.kind == "image":
-            image = open_image(part.value, self.media_policy, budget)
-            size = image_target_size(image.height, image.width, options, self.patchifier.factor)
-            budget.check_resized(size, (image.height, image.width), options, "image")
-            return self._planned(part, image, 1, size)
-        if isinstance(part.value, (list, tuple)):
-            opened, source_size, num_frames = self._open_frame_list(part)
+            opened = open_image(part.value, self.media_policy, self.budget)
+        elif isinstance(part.value, (list, tuple)):
+            opened = self._open_frame_list(part)
         elif isinstance(part.value, str):
-            opened, source_size, num_frames = self._probe_video_file(part)
+            source = resolve(part.value, self.media_policy)
+            opened = (source, probe_video(source))
+            self.budget.check_source("a frame of the video", opened[1].width, opened[1].height)
         else:
             raise MediaError(f"a video must be a path, URL or a list of frames, got {type(part.value).__name__}")
-        size = video_target_size(*source_size, num_frames, options, self.patchifier.factor)
-        budget.check_resized(size, source_size, options, "video frame")
-        return self._planned(part, opened, num_frames, size)
+        return self._resize_plan(_Plan(part, opened, options, 0, (0, 0), 0), options)
+
+    def _located_resize(self, plan: _Plan, options: MediaOptions) -> _Plan:
+        return self._located(plan.part, self._resize_plan, plan, options)
+
+    def _resize_plan(self, plan: _Plan, options: MediaOptions) -> _Plan:
+        """`plan` sized under `options` (the part's own, or the ones `fit_context` chose)."""
+        part, opened, factor = plan.part, plan.opened, self.patchifier.factor
+        if part.kind == "image":
+            size = image_target_size(opened.height, opened.width, options, factor)
+            self.budget.check_resized(size, (opened.height, opened.width), options, "image")
+            return self._planned(plan, options, 1, size)
+        if isinstance(part.value, (list, tuple)):
+            frames, source_size = opened
+            num_frames = -(-len(frames) // FRAME_FACTOR) * FRAME_FACTOR
+        else:
+            probe = opened[1]
+            source_size = (probe.height, probe.width)
+            num_frames = sample_frame_count(options, probe.total_frames, probe.fps)
+        size = video_target_size(*source_size, num_frames, options, factor)
+        self.budget.check_resized(size, source_size, options, "video frame")
+        return self._planned(plan, options, num_frames, size)
 
     def _open_frame_list(self, part: MediaPart):
-        """((frames, their first resize), that size, the padded frame count) of a list of frames."""
+        """(each frame opened lazily, their first resize) of a list of frames, within the budget."""
         budget, options = self.budget, part.options
         frames, frame_size = frame_list_sizes(list(part.value), options, self.media_policy, budget, self._frame_factor)
         budget.check_resized(frame_size, (frames[0].height, frames[0].width), options, "video frame")
         num_frames = -(-len(frames) // FRAME_FACTOR) * FRAME_FACTOR
         budget.check_frames(num_frames, frame_size[1], frame_size[0], options, resized=True)
-        return (frames, frame_size), frame_size, num_frames
+        return frames, frame_size
 
-    def _probe_video_file(self, part: MediaPart):
-        """((source, probe), the frame size, the sampled frame count) of a video file."""
-        budget, options = self.budget, part.options
-        source = resolve(part.value, self.media_policy)
-        probe = probe_video(source)
-        budget.check_source("a frame of the video", probe.width, probe.height)
-        num_frames = sample_frame_count(options, probe.total_frames, probe.fps)
-        budget.check_frames(num_frames, probe.width, probe.height, options, resized=False)
-        return (source, probe), (probe.height, probe.width), num_frames
-
-    def _planned(self, part: MediaPart, opened, num_frames: int, size: tuple[int, int]) -> _Plan:
+    def _planned(self, plan: _Plan, options: MediaOptions, num_frames: int, size: tuple[int, int]) -> _Plan:
         height, width = self._final_size(*size)
         t = -(-num_frames // self.temporal_patch_size)
         num_tokens = t * (height // self.patch_size) * (width // self.patch_size) // self.merge_size**2
-        self.budget.check_tokens(part.kind, num_tokens, part.options)
-        return _Plan(part, opened, size, num_tokens)
+        return _Plan(plan.part, plan.opened, options, num_frames, size, num_tokens)
+
+    def _check(self, plan: _Plan) -> None:
+        """The budget's limits on what the (fitted) plan will decode and make."""
+        if plan.part.kind == "video" and isinstance(plan.part.value, str):
+            probe = plan.opened[1]
+            self.budget.check_frames(plan.num_frames, probe.width, probe.height, plan.options, resized=False)
+        self.budget.check_tokens(plan.part.kind, plan.num_tokens, plan.options)
 
     def _load(self, plan: _Plan) -> VisionItem:
         if plan.part.kind == "image":
@@ -337,24 +397,27 @@ class Processor:
     def _load_image(self, plan: _Plan) -> VisionItem:
         image = plan.opened
         pixels = resize_image(to_rgb(image), *plan.size)
-        pixels = resize_image_tensor(pixels, *self._final_size(*plan.size))
-        values, grid = self.patchifier(pixels[None])
-        return VisionItem("image", values, grid, image.size, (pixels.shape[-1], pixels.shape[-2]))
+        pixels = resize_image_tensor(pixels, *self._final_size(*plan.size))[None]
+        return VisionItem("image", pixels, self.patchifier.grid(pixels), image.size,
+                          (pixels.shape[-1], pixels.shape[-2]), patchifier=self.patchifier)
 
     def _load_video(self, plan: _Plan) -> VisionItem:
-        factor, options = self.patchifier.factor, plan.part.options
+        factor, options = self.patchifier.factor, plan.options
         if isinstance(plan.part.value, (list, tuple)):
             opened, frame_size = plan.opened
             frames = load_frame_list(opened, *frame_size)
+            frames = resize_frames(frames, *video_target_size(*frame_size, frames.shape[0], options, factor))
             original = opened[0].size
             fps = options.sample_fps or 2.0  # qwen_vl_utils reports this for frame lists, whatever `fps` says
         else:
             source, probe = plan.opened
-            frames, fps = load_video_file(source, probe, options)
+            # sized by the frames sampled: a container that over-reported its length yields fewer than planned
+            frames, fps = load_video_file(source, probe, options,
+                                          lambda count: video_target_size(probe.height, probe.width, count, options, factor))
             original = (probe.width, probe.height)
-        # From the decoded frames: a container that over-reported its length yields fewer than planned.
-        height, width = video_target_size(frames.shape[-2], frames.shape[-1], frames.shape[0], options, factor)
-        frames = resize_frames(frames, height, width).float()
-        frames = resize_frames(frames, *self._final_size(height, width))
-        values, grid = self.patchifier(frames)
-        return VisionItem("video", values, grid, original, (frames.shape[-1], frames.shape[-2]), fps)
+        height, width = frames.shape[-2:]
+        final = self._final_size(height, width)
+        if final != (height, width):  # the reference resizes its float frames again, unrounded
+            frames = resize_frames(frames.float(), *final)
+        return VisionItem("video", frames, self.patchifier.grid(frames), original,
+                          (frames.shape[-1], frames.shape[-2]), fps, self.patchifier)

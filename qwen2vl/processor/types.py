@@ -7,29 +7,41 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qwen2vl.layers.patchify import Patchifier
+
 
 @dataclass
 class VisionItem:
-    """One image or video of a prompt, patchified.
+    """One image or video of a prompt, resized, not yet normalized.
 
-    `pixel_values` is `[t*h*w, 3*temporal_patch*patch*patch]` float32 in the reference's patch
-    order; `grid_thw` is `(t, h, w)` in patches. The vision tower treats images and videos alike,
-    so items of both kinds can be encoded in one packed call, in prompt order.
+    `pixels` is `[T, 3, H, W]` as resized, 0..255: uint8, except a video whose frames the
+    processor's own limits resized a second time (float32, as the reference keeps them). One
+    still image has T = 1. `patchifier` turns them into the vision tower's rows where the tower
+    runs (`qwen2vl.layers.patchify`); `grid_thw` is `(t, h, w)` in patches. The vision tower
+    treats images and videos alike, so items of both kinds can be encoded in one packed call, in
+    prompt order.
     """
 
     kind: str  # "image" | "video"
-    pixel_values: torch.Tensor
+    pixels: torch.Tensor
     grid_thw: tuple[int, int, int]
     original_size: tuple[int, int]  # (width, height) of the source image or first frame
     resized_size: tuple[int, int]  # (width, height) after smart_resize
     fps: float | None = None  # sampled frames per second, videos only
+    patchifier: Patchifier = field(default_factory=Patchifier)
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """The reference's `pixel_values` rows of this item: `[t*h*w, 3*temporal*patch*patch]` float32."""
+        return self.patchifier([self.pixels], torch.float32)
 
     @functools.cached_property
     def digest(self) -> bytes:
-        """Identifies the item by its processed pixels, grid, kind and frame rate (BLAKE2b)."""
+        """Identifies the item by its resized pixels, their normalization, grid, kind and frame rate (BLAKE2b)."""
         h = hashlib.blake2b(digest_size=32)
-        h.update(f"{self.kind} {self.grid_thw} {self.fps} {self.pixel_values.dtype} ".encode())
-        h.update(self.pixel_values.contiguous().numpy().data)
+        h.update(f"{self.kind} {self.grid_thw} {self.fps} {self.pixels.dtype} {tuple(self.pixels.shape)} "
+                 f"{self.patchifier} ".encode())
+        h.update(self.pixels.contiguous().numpy().data)
         return h.digest()
 
     def num_tokens(self, merge_size: int) -> int:

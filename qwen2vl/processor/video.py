@@ -6,8 +6,10 @@ total budget of 0.9 * 128000 tokens across the video.
 """
 from __future__ import annotations
 
+import bisect
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +17,15 @@ import torch
 from qwen2vl.errors import InputError, MediaError
 from qwen2vl.processor.budget import MediaBudget, number
 from qwen2vl.processor.fetch import MediaPolicy, MediaSource
-from qwen2vl.processor.image import MediaOptions, image_target_size, open_image, resize_image, smart_resize, to_rgb
+from qwen2vl.processor.image import (
+    MediaOptions,
+    image_target_size,
+    open_image,
+    resize_frames,
+    resize_image,
+    smart_resize,
+    to_rgb,
+)
 
 VIDEO_MIN_TOKENS = 128
 VIDEO_MAX_TOKENS = 768
@@ -121,43 +131,120 @@ def probe_video(source: MediaSource) -> VideoProbe:
     return probe
 
 
-def decode_frames(source: MediaSource, indices: list[int]) -> tuple[torch.Tensor, int]:
-    """The frames at `indices` as uint8 `[T, 3, H, W]`, and how many frames were decoded in all.
+def decode_frames(source: MediaSource, indices: list[int], size: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    """The frames at `indices` (in presentation order), each resized to `size` as it is decoded, as
+    uint8 `[T, 3, height, width]`, and how many frames the stream has (or, if it ends before the
+    last wanted frame, how many it had): then nothing comes back and the caller re-samples.
 
-    Decoding stops after the last wanted frame; if the stream ends early, fewer frames come back
-    and the caller re-samples with the true count.
+    Only what is sampled is decoded: from the stream's packet index (demuxed, not decoded) each
+    wanted frame's timestamp and the keyframe before it; the decoder seeks to that keyframe when it
+    lies ahead of where decoding is, else decodes forward, on all cores (PyAV frame threads).
     """
     av = _av()
-    wanted = set(indices)
-    last = max(indices)
-    found = {}
-    decoded = 0
     with _open_container(source) as container:
+        stream = container.streams.video[0]
         try:
-            for frame in container.decode(container.streams.video[0]):
-                if decoded in wanted:
-                    found[decoded] = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
-                decoded += 1
-                if decoded > last:
-                    break
+            index = _packet_index(container, stream)
+            if index is not None and len(index[0]) <= max(indices):
+                return torch.empty(0), len(index[0])
+            stream.thread_type = "AUTO"
+            frames = None if index is None else _decode_at(container, stream, [index[0][i] for i in indices], index[1], size)
+            if frames is not None:
+                return frames, len(index[0])
+            container.seek(0, stream=stream)
+            return _decode_in_order(container.decode(stream), indices, size)
         except av.FFmpegError as e:
             raise MediaError(f"cannot decode video: {e}") from None
-    if decoded <= last:
-        return torch.empty(0), decoded
-    return torch.stack([found[i] for i in indices]), decoded
 
 
-def load_video_file(source: MediaSource, probe: VideoProbe, options: MediaOptions) -> tuple[torch.Tensor, float]:
-    """Sampled frames (uint8 `[T, 3, H, W]`) and the sampled fps."""
+def _packet_index(container, stream) -> tuple[list[int], list[int]] | None:
+    """Presentation timestamps of every frame, sorted, and those of the keyframes; None for a stream
+    whose packets lack timestamps. Leaves the demuxer at the start."""
+    timestamps, keyframes = [], []
+    for packet in container.demux(stream):
+        if packet.size:
+            if packet.pts is None:
+                return None
+            timestamps.append(packet.pts)
+            if packet.is_keyframe:
+                keyframes.append(packet.pts)
+    container.seek(0, stream=stream)
+    if not keyframes:
+        return None
+    return sorted(timestamps), sorted(keyframes)
+
+
+def _decode_at(container, stream, targets: list[int], keyframes: list[int], size) -> torch.Tensor | None:
+    """The frames of timestamps `targets`, resized: seek to the keyframe before each one that is
+    ahead of the decoder, decode forward. None when a frame's timestamp is not what the index says."""
+    frames = _Resized(size)
+    decoded, position = None, None  # the decoding iterator; the timestamp of its last frame
+    for target in sorted(set(targets)):
+        key = keyframes[max(0, bisect.bisect_right(keyframes, target) - 1)]
+        if decoded is None or key > position:
+            container.seek(key, stream=stream, backward=True)
+            decoded = container.decode(stream)
+        frame = next((f for f in decoded if f.pts is not None and f.pts >= target), None)
+        if frame is None or frame.pts != target:
+            return None
+        position = frame.pts
+        frames.add(target, frame)
+    return frames.stack(targets)
+
+
+def _decode_in_order(decoded, indices: list[int], size) -> tuple[torch.Tensor, int]:
+    """The frames at `indices` counted in decoding order, resized, and how many were decoded; stops
+    after the last wanted one (nothing comes back if the stream ends first)."""
+    wanted, last, frames, count = set(indices), max(indices), _Resized(size), 0
+    for frame in decoded:
+        if count in wanted:
+            frames.add(count, frame)
+        count += 1
+        if count > last:
+            return frames.stack(indices), count
+    return torch.empty(0), count
+
+
+class _Resized:
+    """Decoded frames resized to `size` a few at a time: never more than `CHUNK` of them held at full
+    resolution, and one resize call per chunk (one call per frame costs several times more in
+    torch's thread pool when the machine is busy)."""
+
+    CHUNK = 16
+
+    def __init__(self, size: tuple[int, int]):
+        self.size = size
+        self.done: dict[int, torch.Tensor] = {}
+        self.pending: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, key: int, frame) -> None:
+        self.pending.append((key, torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)))
+        if len(self.pending) == self.CHUNK:
+            self._flush()
+
+    def stack(self, keys: list[int]) -> torch.Tensor:
+        self._flush()
+        return torch.stack([self.done[key] for key in keys])
+
+    def _flush(self) -> None:
+        if self.pending:
+            resized = resize_frames(torch.stack([rgb for _, rgb in self.pending]), *self.size)
+            self.done.update(zip((key for key, _ in self.pending), resized))
+            self.pending = []
+
+
+def load_video_file(source: MediaSource, probe: VideoProbe, options: MediaOptions,
+                    frame_size: Callable[[int], tuple[int, int]]) -> tuple[torch.Tensor, float]:
+    """Sampled frames, each resized to `frame_size(number of frames)` (uint8 `[T, 3, H, W]`), and the sampled fps."""
     total = probe.total_frames
     for _ in range(2):
         count = sample_frame_count(options, total, probe.fps)
-        frames, decoded = decode_frames(source, sample_indices(total, count))
+        frames, found = decode_frames(source, sample_indices(total, count), frame_size(count))
         if frames.numel():
             return frames, count / max(total, 1e-6) * probe.fps
-        if decoded == 0:
+        if found == 0:
             raise MediaError("the video has no frames")
-        total = decoded  # the container over-reported its frame count
+        total = found  # the container over-reported its frame count
     raise MediaError("the video's frame count changed between reads")
 
 

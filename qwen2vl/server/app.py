@@ -170,7 +170,7 @@ class OpenAIServer:
     def _prepare_chat(self, messages: list[dict], tools: list[dict] | None) -> list[PreparedPrompt]:
         """Runs in a media worker thread: media checks, fetch, decode, template, tokens."""
         check_media(messages, self.processor.media_policy, self.limits)
-        return [self.processor.prepare(messages, tools=tools)]
+        return [self.processor.prepare(messages, context_len=self.max_model_len, tools=tools)]
 
     def _prepare_text(self, prompts: list[str | list[int]]) -> list[PreparedPrompt]:
         """Token ids and text of each prompt (a non-empty string always has tokens: the schema
