@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import InputError
+from .processor.pool import media_map
 
 
 def id_key(row_id) -> str:
@@ -58,7 +59,8 @@ def answer_rows(llm, rows: Iterable[dict], params=None, batch_size: int = 64) ->
 
 
 def _answer_chunk(llm, rows: list[dict], params) -> list[dict]:
-    prompts = [row["prompt"] if "prompt" in row else prepare_row(llm.processor, row["messages"]) for row in rows]
+    prompts = media_map(lambda row: row["prompt"] if "prompt" in row else prepare_row(llm.processor, row["messages"]),
+                        rows)
     runnable = [i for i, prompt in enumerate(prompts) if not isinstance(prompt, InputError)]
     try:
         completions = dict(zip(runnable, llm.complete([prompts[i] for i in runnable], params)))
