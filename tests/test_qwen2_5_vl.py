@@ -19,7 +19,7 @@ from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.errors import CheckpointError
 from qwen2vl.loader import load_model
 from qwen2vl.model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, window_partition
-from qwen2vl.processor import Processor
+from qwen2vl.processor import Processor, mrope_positions
 from qwen2vl.tools.random_checkpoint import write_random_checkpoint
 
 
@@ -165,3 +165,38 @@ def test_awq_checkpoint_matches_transformers_on_the_dequantized_weights(tmp_path
     for name in ("image_video", "text"):
         (ours,) = run_ours(model, [ours_inputs(processor, CONVERSATIONS[name])])
         assert_same_predictions(ours, Reference(model=reference).logits(processor(CONVERSATIONS[name])))
+
+
+def test_time_aligned_video_positions_by_hand():
+    """Temporal patches floor(i x step) apart; text resumes past the span's largest position.
+    A video of 3 temporal x 2 x 2 merged tokens at 0.5 s per temporal patch and 3 tokens per second:
+    step 1.5, temporal positions 0, 1, 3 (transformers 5.17 would truncate 0.5 s to 0)."""
+    ids = torch.tensor([7, 8] + [151656] * 12 + [9])
+    positions, delta = mrope_positions(ids, [(3, 4, 4)], (151655, 151656), 2, time_steps=[0.5 * 3])
+    assert positions[0, 2:14].tolist() == [2] * 4 + [3] * 4 + [5] * 4
+    assert positions[1, 2:14].tolist() == [2, 2, 3, 3] * 3 and positions[2, 2:14].tolist() == [2, 3, 2, 3] * 3
+    assert positions[:, 14].tolist() == [6, 6, 6] and delta == 6 - 14
+    # The same grid with step 4: positions 0, 4, 8 past the start, the text after at 2 + 8 + 1.
+    positions, _ = mrope_positions(ids, [(3, 4, 4)], (151655, 151656), 2, time_steps=[4.0])
+    assert positions[0, 2:14:4].tolist() == [2, 6, 10] and positions[:, 14].tolist() == [11] * 3
+
+
+def test_engine_decodes_as_transformers_generate(tmp_path, monkeypatch):
+    """A hub id resolved from the cache (as `make demo MODEL=Qwen/Qwen2.5-VL-3B-Instruct-AWQ`
+    does), then greedy decoding through the engine against `generate` with the checkpoint's
+    generation_config. The prompts are ones where transformers' positions agree with ours."""
+    from qwen2vl import Qwen2VL
+
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen2.5-VL-3B-Instruct-AWQ" / "snapshots" / "0"
+    write_tiny_checkpoint_2_5(snapshot, "a")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    llm = Qwen2VL.from_pretrained("Qwen/Qwen2.5-VL-3B-Instruct-AWQ", device="cpu")
+    reference = Reference(snapshot).model
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+            "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids")
+    for name in ("image", "video", "text"):
+        inputs = llm.processor(CONVERSATIONS[name])
+        with torch.no_grad():
+            out = reference.generate(**{k: inputs[k] for k in keys if k in inputs}, max_new_tokens=6)
+        expected = out[0, inputs["input_ids"].shape[1]:].tolist()
+        assert llm.chat(CONVERSATIONS[name], max_new_tokens=6).token_ids == expected, name

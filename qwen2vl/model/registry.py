@@ -4,7 +4,7 @@ Each owns what differs between them: its vision settings (parsed from `vision_co
 class (its vision tower), the names of its checkpoint tensors, and its M-RoPE rule for videos.
 The text decoder, attention, quantized linears, kernels, engine and server are shared. A new
 variant is one module beside `qwen2_5_vl.py` (importing what it shares, as that one imports
-Qwen2-VL's) and one entry here; docs/perf-notes.md says why the layout is this one.
+Qwen2-VL's) and one entry here; README.md (Layout) says why the layout is this one.
 """
 from __future__ import annotations
 
