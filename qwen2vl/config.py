@@ -19,7 +19,7 @@ from qwen2vl.errors import CheckpointError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Old vision key names of the flat layout -> current names.
-_VISION_ALIASES = {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}
+VISION_ALIASES = {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def _text_config(t: dict, tied: bool) -> TextConfig:
 
 def vision_config(v: dict, text_hidden_size: int) -> VisionConfig:
     """Qwen2-VL's vision settings: `embed_dim` is the tower's width, `hidden_size` the merger's output."""
-    v = {_VISION_ALIASES.get(k, k): val for k, val in v.items()}
+    v = {VISION_ALIASES.get(k, k): val for k, val in v.items()}
     fields = {k: v[k] for k in VisionConfig.__dataclass_fields__ if k in v}
     fields.setdefault("hidden_size", text_hidden_size)
     return checked_vision_config(VisionConfig, fields, v)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen2vl.config import VisionConfig, _VISION_ALIASES, checked_vision_config
+from qwen2vl.config import VisionConfig, VISION_ALIASES, checked_vision_config
 from qwen2vl.errors import CheckpointError
 from qwen2vl.layers.activation import silu_and_mul
 from qwen2vl.layers.attention import Segments
@@ -51,7 +51,7 @@ class Qwen2_5_VisionConfig(VisionConfig):
 
 
 def parse_vision_config(v: dict, text_hidden_size: int) -> Qwen2_5_VisionConfig:
-    v = {_VISION_ALIASES.get(k, k): val for k, val in v.items()}
+    v = {VISION_ALIASES.get(k, k): val for k, val in v.items()}
     renamed = {"hidden_size": "embed_dim", "out_hidden_size": "hidden_size"}
     fields = {renamed.get(k, k): val for k, val in v.items()
               if renamed.get(k, k) in Qwen2_5_VisionConfig.__dataclass_fields__}
