@@ -2,8 +2,9 @@
 
 Text tokens have t = h = w = their running index. A vision span of grid (t, h, w) patches, i.e.
 (t, h/m, w/m) merged tokens, gets its own grid coordinates offset by the running index at the span
-start; the text after it resumes at the largest position in the span plus one. `rope_delta` = max position + 1 - length, so decode step i after a
-prompt of length L sits at position L + i + rope_delta on all three axes.
+start; the text after it resumes at the largest position in the span plus one. `rope_delta` =
+max position + 1 - length, so decode step i after a prompt of length L sits at position
+L + i + rope_delta on all three axes.
 
 transformers 5.17 resumes text after a span at start + max(h, w)/m, ignoring t; that equals
 max + 1 except for videos with more temporal than spatial merged tokens, where we keep the
