@@ -1,7 +1,7 @@
 """CPU side by side: our engine (4-bit AWQ through the int4 kernel) against transformers.
 
-    python benchmarks/cpu.py [--cache-dir .cache/bench] [--decode-tokens 32] [--no-accuracy]
-                             [--doc docs/benchmarks.md]
+    python benchmarks/cpu.py [--model qwen2-vl-2b|qwen2.5-vl-3b] [--cache-dir .cache/bench]
+                             [--decode-tokens 32] [--no-accuracy] [--doc docs/benchmarks.md]
 
 On the random-weight Qwen2-VL-2B-Instruct-AWQ checkpoint and its BF16 sibling (both written by
 `qwen2vl.tools.random_checkpoint` into the cache dir when absent), each side runs in its own
@@ -17,6 +17,9 @@ linears need the CUDA kernels of autoawq), so it has no AWQ row. Our engine runs
 checkpoint with `dtype="auto"`, and the BF16 sibling too for reference. With `--accuracy` (the
 default) it also compares logits over 64 teacher-forced positions with the dequantized float32
 path. Prints a table and writes it as the "CPU" section of `--doc`.
+
+`--model qwen2.5-vl-3b` runs the same on Qwen2.5-VL-3B-Instruct's shape (AWQ ours, BF16
+transformers in bf16; its fp32 copy, 15 GB, is left out) into a section of its own.
 """
 from __future__ import annotations
 
@@ -34,11 +37,17 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG_2B = ROOT / "qwen2vl" / "assets" / "qwen2-vl-2b-instruct-awq.config.json"
+ASSETS = ROOT / "qwen2vl" / "assets"
+# --model: (published config, checkpoint name in the cache dir, doc section, transformers dtypes)
+MODELS = {
+    "qwen2-vl-2b": (ASSETS / "qwen2-vl-2b-instruct-awq.config.json", "qwen2-vl-2b",
+                    "## CPU: 4-bit AWQ, our engine vs transformers", ("bf16", "fp32")),
+    "qwen2.5-vl-3b": (ASSETS / "qwen2.5-vl-3b-instruct.config.json", "qwen2.5-vl-3b",
+                      "## CPU: Qwen2.5-VL-3B, 4-bit AWQ, our engine vs transformers", ("bf16",)),
+}
 PROMPT = "Write a long story about a lighthouse keeper and a cat."
 IMAGE_SIZE = 448
 MAX_MODEL_LEN = 1024  # our KV cache: 4 sequences of this length (the prompts here are < 400 tokens)
-SECTION = "## CPU: 4-bit AWQ, our engine vs transformers"
 
 
 def peak_rss_gib() -> float:
@@ -104,13 +113,16 @@ def run_ours(model_dir: str, dtype: str, image: str, decode_tokens: int) -> dict
 
 
 def run_transformers(model_dir: str, dtype: str, image: str, decode_tokens: int) -> dict:
+    import transformers
     from PIL import Image
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import AutoProcessor
 
+    model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+    model_class = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+                   "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[model_type]
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     start = time.perf_counter()
-    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype,
-                                                            attn_implementation="sdpa").eval()
+    model = model_class.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="sdpa").eval()
     processor = AutoProcessor.from_pretrained(model_dir)
     load_s = time.perf_counter() - start
 
@@ -169,12 +181,14 @@ def worker(args) -> None:
 
 # --- the driver -------------------------------------------------------------------------------
 
-def ensure_checkpoints(cache_dir: Path) -> tuple[Path, Path]:
+def ensure_checkpoints(cache_dir: Path, model: str = "qwen2-vl-2b") -> tuple[Path, Path]:
+    """(AWQ, BF16) random checkpoints of `model` (a `MODELS` key) in `cache_dir`, written when absent."""
     from qwen2vl.tools.random_checkpoint import write_random_checkpoint
 
-    config = json.loads(CONFIG_2B.read_text())
+    config_path, stem, _, _ = MODELS[model]
+    config = json.loads(config_path.read_text())
     dirs = []
-    for name, quant in (("qwen2-vl-2b-awq-random", "awq"), ("qwen2-vl-2b-bf16-random", None)):
+    for name, quant in ((f"{stem}-awq-random", "awq"), (f"{stem}-bf16-random", None)):
         out = cache_dir / name
         if not (out / "config.json").is_file():
             print(f"writing {out} ...", flush=True)
@@ -250,6 +264,7 @@ def write_section(doc: Path, body: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="qwen2-vl-2b")
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "bench"))
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--no-accuracy", dest="accuracy", action="store_false")
@@ -265,18 +280,18 @@ def main(argv=None) -> None:
         return
 
     cache_dir = Path(args.cache_dir)
-    awq, bf16 = ensure_checkpoints(cache_dir)
+    _, _, section, reference_dtypes = MODELS[args.model]
+    awq, bf16 = ensure_checkpoints(cache_dir, args.model)
     image = write_image(cache_dir / "image-448.png")
     started, note = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), load_note()
     common = ["--image", image, "--decode-tokens", str(args.decode_tokens)]
     runs = [("AWQ 4-bit / ours", "ours", awq, "auto"), ("BF16 / ours", "ours", bf16, "bf16"),
-            ("BF16 / transformers", "transformers", bf16, "bf16"),
-            ("BF16 / transformers", "transformers", bf16, "fp32")]
+            *(("BF16 / transformers", "transformers", bf16, dtype) for dtype in reference_dtypes)]
     rows = [(label, spawn(name, "--model-dir", str(path), "--dtype", dtype, *common))
             for label, name, path, dtype in runs]
     best = max(r["decode_tok_s"] for label, r in rows if "transformers" in label)
-    body = [SECTION, "",
-            f"Command: `python benchmarks/cpu.py --decode-tokens {args.decode_tokens}`  ",
+    body = [section, "",
+            f"Command: `python benchmarks/cpu.py --model {args.model} --decode-tokens {args.decode_tokens}`  ",
             f"Machine: {machine()}  ",
             f"Run: {started}, {note} when the run started.", "",
             table(rows, best), "",

@@ -3,6 +3,9 @@
 Two layouts exist on the hub: the original flat one (text settings at the top level, a partial
 `vision_config` with old key names, `rope_scaling`) and the one current transformers writes
 (`text_config` / `vision_config`, `rope_parameters`). Both parse to the same dataclasses.
+
+The text settings are common to every architecture of the family; the vision tower's are parsed
+by the architecture `model_type` names (`qwen2vl.model.registry`).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from qwen2vl.errors import CheckpointError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Old vision key names of the flat layout -> current names.
-_VISION_ALIASES = {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}
+VISION_ALIASES = {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class Qwen2VLConfig:
     vision_end_token_id: int
     eos_token_id: int
     torch_dtype: torch.dtype  # the checkpoint's storage dtype
+    model_type: str = "qwen2_vl"  # the architecture (`qwen2vl.model.registry`)
 
     @property
     def four_bit(self) -> bool:
@@ -143,9 +147,10 @@ class Qwen2VLConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Qwen2VLConfig":
+        from qwen2vl.model.registry import architecture  # the architectures' modules import this one
+
         model_type = d.get("model_type", "qwen2_vl")
-        if model_type != "qwen2_vl":
-            raise CheckpointError(f"config.json: model_type {model_type!r} is not supported (expected 'qwen2_vl')")
+        arch = architecture(model_type)
         # Newer layouts nest text settings; the flat layout keeps them at the top level.
         text = {**d, **d.get("text_config", {})}
         quant = d.get("quantization_config") or text.get("quantization_config")
@@ -156,7 +161,7 @@ class Qwen2VLConfig:
                                   f"(expected one of {sorted(_DTYPES)})")
         return cls(
             text=_text_config(text, tied=bool(d.get("tie_word_embeddings")) or bool(text.get("tie_word_embeddings"))),
-            vision=_vision_config(d.get("vision_config", {}), text["hidden_size"]),
+            vision=arch.parse_vision_config(d.get("vision_config", {}), text["hidden_size"]),
             quant=QuantConfig.from_dict(quant) if quant else None,
             image_token_id=d.get("image_token_id", 151655),
             video_token_id=d.get("video_token_id", 151656),
@@ -164,6 +169,7 @@ class Qwen2VLConfig:
             vision_end_token_id=d.get("vision_end_token_id", 151653),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
             torch_dtype=_DTYPES[dtype_name or "bfloat16"],
+            model_type=model_type,
         )
 
 
@@ -195,13 +201,19 @@ def _text_config(t: dict, tied: bool) -> TextConfig:
     )
 
 
-def _vision_config(v: dict, text_hidden_size: int) -> VisionConfig:
-    v = {_VISION_ALIASES.get(k, k): val for k, val in v.items()}
+def vision_config(v: dict, text_hidden_size: int) -> VisionConfig:
+    """Qwen2-VL's vision settings: `embed_dim` is the tower's width, `hidden_size` the merger's output."""
+    v = {VISION_ALIASES.get(k, k): val for k, val in v.items()}
     fields = {k: v[k] for k in VisionConfig.__dataclass_fields__ if k in v}
     fields.setdefault("hidden_size", text_hidden_size)
+    return checked_vision_config(VisionConfig, fields, v)
+
+
+def checked_vision_config(cls: type, fields: dict, v: dict):
+    """`cls(**fields)` with the rotary base of `v`'s `rope_parameters`, its head width checked."""
     if "rope_parameters" in v:
-        fields["rope_theta"] = v["rope_parameters"].get("rope_theta", VisionConfig.rope_theta)
-    config = VisionConfig(**fields)
+        fields["rope_theta"] = v["rope_parameters"].get("rope_theta", cls.rope_theta)
+    config = cls(**fields)
     if config.embed_dim % config.num_heads or config.head_dim % 4:
         raise CheckpointError(f"config.json: vision embed_dim {config.embed_dim} / num_heads {config.num_heads} "
                               "must give a head_dim divisible by 4 (2D rotary)")

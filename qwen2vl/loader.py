@@ -1,4 +1,7 @@
-"""Load a Hugging Face Qwen2-VL checkpoint directory into our model.
+"""Load a Hugging Face Qwen2-VL / Qwen2.5-VL checkpoint directory into our model.
+
+The architecture (`qwen2vl.model.registry`, by config.json's `model_type`) gives the model class
+and the names of the checkpoint's tensors.
 
 Tensors stream from safetensors one at a time, straight into their place in the model (built
 first on the meta device, so nothing is allocated twice). Files are read with plain reads, not
@@ -23,17 +26,11 @@ from qwen2vl.errors import CheckpointError
 from qwen2vl import kernels
 from qwen2vl.layers.linear import AWQLinear, GPTQLinear, Int4Linear, Linear, QuantizedLinear
 from qwen2vl.layers.vocab import Int8VocabTable
-from qwen2vl.model.qwen2_vl import Qwen2VLForConditionalGeneration
+from qwen2vl.model.qwen2_vl import WEIGHT_RENAMES, Qwen2VLForConditionalGeneration
+from qwen2vl.model.registry import architecture
 
 # Our fused projections and the checkpoint projections they are made of, in order.
 _FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-# Our tensor/module names -> checkpoint names (original layout), first match wins.
-_RENAMES = (
-    ("language_model.", "model."),
-    ("visual.patch_embed", "visual.patch_embed.proj"),
-    ("visual.merger.fc1", "visual.merger.mlp.0"),
-    ("visual.merger.fc2", "visual.merger.mlp.2"),
-)
 # Current transformers layout -> original layout.
 _LAYOUTS = (("model.language_model.", "model."), ("model.visual.", "visual."))
 _IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
@@ -59,10 +56,11 @@ def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
     device = torch.device(device)
     config = Qwen2VLConfig.from_pretrained(model_dir)
     text_dtype, vision_dtype = compute_dtypes(dtype or default_dtype(config, device))
+    arch = architecture(config.model_type)
     with torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration(config)
+        model = arch.model_class(config)
         if config.quant is not None:
-            swap_quantized_linears(model, config.quant)
+            swap_quantized_linears(model, config.quant, arch.weight_renames)
     int4_kernel = text_dtype == torch.bfloat16 if int4_kernel is None else int4_kernel
     if int8_vocab and int8_vocabulary(config, device, text_dtype, int4_kernel):
         swap_vocab_tables_int8(model, text_dtype, device)
@@ -95,7 +93,7 @@ def _fill(model: Qwen2VLForConditionalGeneration, model_dir: Path, text_dtype: t
           vision_dtype: torch.dtype, device: torch.device) -> None:
     """Read every checkpoint tensor into its place. The plan (which references every module) is
     gone on return, so modules replaced afterwards are freed one by one."""
-    plan = _plan(model)
+    plan = _plan(model, architecture(model.config.model_type).weight_renames)
     shards = _shard_keys(model_dir)
     _check_keys(plan, shards, model.config.text.tie_word_embeddings)
     for shard in shards.values():
@@ -141,12 +139,13 @@ def compute_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
     return dtype, dtype
 
 
-def swap_quantized_linears(model: torch.nn.Module, quant: QuantConfig) -> None:
+def swap_quantized_linears(model: torch.nn.Module, quant: QuantConfig,
+                           renames: tuple[tuple[str, str], ...] = WEIGHT_RENAMES) -> None:
     """Replace the decoder layers' `Linear`s stored quantized by AWQ / GPTQ linears."""
     for name, module in list(model.named_modules()):
         if not (isinstance(module, Linear) and name.startswith("language_model.layers.")):
             continue
-        if not all(quant.converts(hub) for hub in checkpoint_part_names(name)):
+        if not all(quant.converts(hub) for hub in checkpoint_part_names(name, renames)):
             continue
         if quant.method == "awq":
             new = AWQLinear(module, quant.bits, quant.group_size)
@@ -211,7 +210,7 @@ class _Int8RowsSlot:
             self.table.fill_rows(start, rows.to(device))
 
 
-def _plan(model: torch.nn.Module) -> dict[str, _Slot | _Int8RowsSlot]:
+def _plan(model: torch.nn.Module, renames: tuple[tuple[str, str], ...]) -> dict[str, _Slot | _Int8RowsSlot]:
     """Checkpoint name (original layout) -> slot, for every tensor the model needs."""
     plan = {}
     linear_tensors = set()
@@ -219,7 +218,7 @@ def _plan(model: torch.nn.Module) -> dict[str, _Slot | _Int8RowsSlot]:
         if not isinstance(module, Linear):
             continue
         is_text = not name.startswith("visual.")
-        parts = checkpoint_part_names(name)
+        parts = checkpoint_part_names(name, renames)
         for attr in module.checkpoint_shapes(module.out_features):
             linear_tensors.add(f"{name}.{attr}")
             dim = module.part_dims[attr] if len(parts) > 1 else None
@@ -232,11 +231,11 @@ def _plan(model: torch.nn.Module) -> dict[str, _Slot | _Int8RowsSlot]:
     for name, tensor in model.named_parameters():
         if name not in linear_tensors:
             module_name, _, attr = name.rpartition(".")
-            plan[checkpoint_name(name)] = _Slot(model.get_submodule(module_name), attr, tuple(tensor.shape),
+            plan[checkpoint_name(name, renames)] = _Slot(model.get_submodule(module_name), attr, tuple(tensor.shape),
                                           is_text=not name.startswith("visual."))
     for name, module in model.named_modules():
         if isinstance(module, Int8VocabTable):
-            plan[checkpoint_name(f"{name}.weight")] = _Int8RowsSlot(module, tuple(module.values.shape))
+            plan[checkpoint_name(f"{name}.weight", renames)] = _Int8RowsSlot(module, tuple(module.values.shape))
     patch = plan["visual.patch_embed.proj.weight"]
     vision = model.config.vision
     patch.shape = (vision.embed_dim, vision.in_channels, vision.temporal_patch_size,
@@ -244,17 +243,17 @@ def _plan(model: torch.nn.Module) -> dict[str, _Slot | _Int8RowsSlot]:
     return plan
 
 
-def checkpoint_name(name: str) -> str:
-    """Our parameter name -> the checkpoint's (original layout)."""
-    for ours, theirs in _RENAMES:
+def checkpoint_name(name: str, renames: tuple[tuple[str, str], ...] = WEIGHT_RENAMES) -> str:
+    """Our parameter name -> the checkpoint's (original layout), by an architecture's `renames`."""
+    for ours, theirs in renames:
         if name.startswith(ours):
             return theirs + name[len(ours):]
     return name
 
 
-def checkpoint_part_names(module_name: str) -> list[str]:
+def checkpoint_part_names(module_name: str, renames: tuple[tuple[str, str], ...] = WEIGHT_RENAMES) -> list[str]:
     """Checkpoint module names that make up our (possibly fused) linear `module_name`."""
-    hub = checkpoint_name(module_name)
+    hub = checkpoint_name(module_name, renames)
     prefix, _, last = hub.rpartition(".")
     return [f"{prefix}.{part}" for part in _FUSED_PARTS[last]] if last in _FUSED_PARTS else [hub]
 

@@ -148,3 +148,58 @@ def prefill_batch(text_config, seq_lens: list[int], block_size: int = 4, spare_b
     attn = attention_metadata(seq_lens, seq_lens, tables, block_size)
     num_blocks = sum(len(t) for t in tables) + spare_blocks
     return attn, allocate_kv_caches(text_config, num_blocks, block_size, dtype, device), tables
+
+
+# --- Qwen2.5-VL -------------------------------------------------------------------------------
+
+# Windows of 56 pixels (2 x 2 merged tokens) split the test images into several windows, with
+# full attention in at least one block; the text decoders are those of variants "a" and "b".
+VARIANTS_2_5: dict[str, dict] = {
+    "a": dict(
+        text=VARIANTS["a"]["text"],
+        vision=dict(hidden_size=32, num_heads=2, depth=3, intermediate_size=48, window_size=56,
+                    fullatt_block_indexes=[1], tokens_per_second=2),
+        tie_word_embeddings=False,
+    ),
+    "b": dict(
+        text=VARIANTS["b"]["text"],
+        vision=dict(hidden_size=48, num_heads=3, depth=2, intermediate_size=40, window_size=56,
+                    fullatt_block_indexes=[0], tokens_per_second=4),
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def reference_config_2_5(variant: str = "a"):
+    """The transformers `Qwen2_5_VLConfig` of a tiny Qwen2.5-VL variant."""
+    from transformers import Qwen2_5_VLConfig
+
+    spec = VARIANTS_2_5[variant]
+    text = dict(spec["text"])
+    mrope_section = text.pop("mrope_section")
+    text.update(vocab_size=VOCAB_SIZE, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section})
+    vision = dict(spec["vision"], out_hidden_size=spec["text"]["hidden_size"], patch_size=14,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=spec["tie_word_embeddings"])
+    config.text_config.tie_word_embeddings = spec["tie_word_embeddings"]
+    return config
+
+
+def build_reference_model_2_5(variant: str = "a", seed: int = 0):
+    """A fp32 `transformers.Qwen2_5_VLForConditionalGeneration` with the scaled random init."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = reference_config_2_5(variant)
+    config._attn_implementation = "sdpa"
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    scale_init_(model, seed, tied=VARIANTS_2_5[variant]["tie_word_embeddings"])
+    return model
+
+
+def write_tiny_checkpoint_2_5(out_dir, variant: str = "a", seed: int = 0) -> Path:
+    """`write_tiny_checkpoint` of a tiny Qwen2.5-VL variant."""
+    out_dir = Path(out_dir)
+    build_reference_model_2_5(variant, seed).save_pretrained(out_dir)
+    write_support_files(out_dir, "qwen2_5_vl")
+    return out_dir

@@ -11,12 +11,25 @@ from qwen2vl.layers.vocab import VocabTable
 from qwen2vl.model.text import TextDecoder
 from qwen2vl.model.vision import VisionTransformer
 
+# Our tensor/module names -> checkpoint names (original layout), first match wins.
+WEIGHT_RENAMES = (
+    ("language_model.", "model."),
+    ("visual.patch_embed", "visual.patch_embed.proj"),
+    ("visual.merger.fc1", "visual.merger.mlp.0"),
+    ("visual.merger.fc2", "visual.merger.mlp.2"),
+)
+
 
 class Qwen2VLForConditionalGeneration(nn.Module):
+    """The family's model: an architecture's vision tower (`vision_tower`, built from
+    `config.vision`) feeding the shared Qwen2 text decoder."""
+
+    vision_tower: type[nn.Module] = VisionTransformer
+
     def __init__(self, config: Qwen2VLConfig):
         super().__init__()
         self.config = config
-        self.visual = VisionTransformer(config.vision)
+        self.visual = self.vision_tower(config.vision)
         self.language_model = TextDecoder(config.text)
         if not config.text.tie_word_embeddings:
             self.lm_head = VocabTable(config.text.vocab_size, config.text.hidden_size)

