@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from qwen2vl import InputError, Qwen2VL, SamplingParams
-from qwen2vl.layers.sampler import AllowedTokens, apply_allowed_tokens, unpack_bits
+from qwen2vl.layers.sampler import AllowedTokens, allowed_tokens_bias, apply_allowed_tokens, unpack_bits
 
 pytest.importorskip("llguidance")
 
@@ -258,15 +258,20 @@ def test_masks_ban_all_but_the_allowed_tokens():
         for token in ids:
             masks[row, token // 32] |= torch.tensor(1 << (token % 32)).to(torch.int32)
     logits = torch.randn(3, vocab)
-    out = apply_allowed_tokens(logits, AllowedTokens(torch.tensor([2, 0]), masks))
+    out = apply_allowed_tokens(logits.clone(), AllowedTokens(torch.tensor([2, 0]), masks))
     assert torch.equal(out[1], logits[1])  # an unconstrained row is untouched
     for row, ids in zip([2, 0], allowed_ids):
         finite = torch.isfinite(out[row]).nonzero().flatten().tolist()
         assert finite == ids
         assert torch.equal(out[row, ids], logits[row, ids])
-    # the device path (shifts) unpacks as the host path (numpy) does
-    bits = torch.arange(32, dtype=torch.int32)
-    assert torch.equal(((masks.unsqueeze(-1) >> bits) & 1).bool().flatten(1), unpack_bits(masks))
+    # every row constrained: the same, in place
+    both = AllowedTokens(torch.tensor([0, 1]), masks)
+    assert torch.equal(apply_allowed_tokens(logits[:2].clone(), both), apply_allowed_tokens(
+        torch.cat([logits[:2], logits[:1]]), AllowedTokens(torch.tensor([0, 1]), masks))[:2])
+    # the device path (shifts and a select) gives the host path's (a byte table) biases
+    device_path = torch.where(unpack_bits(masks), 0.0, float("-inf"))
+    assert torch.equal(device_path, allowed_tokens_bias(masks))
+    assert unpack_bits(masks)[0].nonzero().flatten().tolist() == allowed_ids[0]
 
 
 def test_cli_structured_flags(tmp_path, tiny_ckpt):

@@ -92,8 +92,8 @@ def score_tokens(logits: torch.Tensor, targets: torch.Tensor, top: int) -> Promp
 
 
 class Sampler(torch.nn.Module):
-    """logits [R, V] -> next tokens: penalties, logit bias, temperature, top-k, top-p, min-p,
-    then a draw.
+    """logits [R, V] -> next tokens: penalties, logit bias, allowed tokens, temperature, top-k,
+    top-p, min-p, then a draw. The logits of constrained rows may be overwritten.
 
     Logprobs are the log-softmax of the raw logits (the model's distribution, before penalties
     and temperature), the convention of transformers' `output_logits` and vLLM's default.
@@ -126,21 +126,40 @@ class Sampler(torch.nn.Module):
 
 
 def apply_allowed_tokens(logits: torch.Tensor, allowed: AllowedTokens) -> torch.Tensor:
-    """-inf for every token a constrained row may not take."""
-    ok = unpack_bits(allowed.masks)
-    width = min(ok.shape[1], logits.shape[1])
-    rows = logits[allowed.rows]
+    """-inf for every token a constrained row may not take, in place (0 is added to the others:
+    a branch-free pass over the vocabulary)."""
+    bias = allowed_tokens_bias(allowed.masks)
+    width = min(bias.shape[1], logits.shape[1])
+    every_row = allowed.rows.numel() == logits.shape[0] and _is_identity(allowed.rows)
+    rows = logits if every_row else logits[allowed.rows]
+    rows[:, :width] += bias[:, :width]
     rows[:, width:] = float("-inf")
-    rows[:, :width].masked_fill_(ok[:, :width].logical_not_(), float("-inf"))
-    return logits.index_put((allowed.rows,), rows)
+    if rows is not logits:
+        logits[allowed.rows] = rows
+    return logits
+
+
+def _is_identity(rows: torch.Tensor) -> bool:
+    return bool((rows == torch.arange(rows.numel(), device=rows.device)).all())
+
+
+# byte -> the biases of its 8 tokens: 0 where the bit is set, -inf where not
+_BYTE_BIAS = torch.where(((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool(), 0.0, float("-inf"))
+
+
+def allowed_tokens_bias(masks: torch.Tensor) -> torch.Tensor:
+    """int32 bitmasks `[N, W]` -> float32 `[N, 32 W]` of 0 (allowed) and -inf; bit j of word i is
+    column 32 i + j."""
+    if masks.device.type == "cpu":  # a table lookup per byte, 2-3x torch's shifts and selects there
+        import numpy as np
+
+        table = _BYTE_BIAS.numpy()
+        return torch.from_numpy(table[masks.numpy().view(np.uint8)].reshape(masks.shape[0], -1))
+    return torch.where(unpack_bits(masks), 0.0, float("-inf"))
 
 
 def unpack_bits(masks: torch.Tensor) -> torch.Tensor:
     """int32 bitmasks `[N, W]` -> bool `[N, 32 W]`, bit j of word i at column 32 i + j."""
-    if masks.device.type == "cpu":  # numpy's unpacking is a table lookup, ~50x torch's shifts there
-        import numpy as np
-
-        return torch.from_numpy(np.unpackbits(masks.numpy().view(np.uint8), axis=1, bitorder="little").view(np.bool_))
     bits = torch.arange(32, dtype=torch.int32, device=masks.device)
     return ((masks.unsqueeze(-1) >> bits) & 1).bool().flatten(1)
 
