@@ -46,12 +46,11 @@ def architecture(model_type: str) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
-def video_tokens_per_second(model_dir: str | Path) -> float | None:
-    """The M-RoPE time scale of a checkpoint's videos: its `tokens_per_second` where the
-    architecture aligns video positions to time, else None (also without a config.json)."""
+def video_tokens_per_second(config: dict) -> float | None:
+    """The M-RoPE time scale of a checkpoint's videos (its parsed config.json, `{}` without
+    one): its `tokens_per_second` where the architecture aligns video positions to time, else None."""
     from qwen2vl.config import Qwen2VLConfig
 
-    if not (Path(model_dir) / "config.json").is_file():
+    if not architecture(config.get("model_type", "qwen2_vl")).time_aligned:
         return None
-    config = Qwen2VLConfig.from_pretrained(model_dir)
-    return config.vision.tokens_per_second if architecture(config.model_type).time_aligned else None
+    return Qwen2VLConfig.from_dict(config).vision.tokens_per_second

@@ -50,15 +50,19 @@ TOKEN_TYPE = {"text": 0, "image": 1, "video": 2}
 DEFAULT_CONTEXT_LEN = 32768  # Qwen2-VL's max_position_embeddings
 
 
-def _context_len(model_dir: Path) -> int:
-    """The checkpoint's `max_position_embeddings` (config.json, its text_config's), else Qwen2-VL's."""
+def _checkpoint_config(model_dir: Path) -> dict:
+    """config.json, parsed; `{}` where there is none."""
     path = model_dir / "config.json"
     if not path.is_file():
-        return DEFAULT_CONTEXT_LEN
+        return {}
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not JSON: {e}") from None
+
+
+def _context_len(config: dict) -> int:
+    """The checkpoint's `max_position_embeddings` (its text_config's), else Qwen2-VL's."""
     text = config.get("text_config") or {}
     return int(text.get("max_position_embeddings") or config.get("max_position_embeddings") or DEFAULT_CONTEXT_LEN)
 
@@ -157,6 +161,7 @@ class Processor:
         if not model_dir.is_dir():
             raise CheckpointError(f"{model_dir} is not a directory")
         tokenizer = Tokenizer.from_dir(model_dir)
+        checkpoint = _checkpoint_config(model_dir)
         config_path = model_dir / "preprocessor_config.json"
         config = json.loads((config_path if config_path.is_file() else BUILTIN_PREPROCESSOR).read_text(encoding="utf-8"))
         size = config.get("size") or {}
@@ -186,8 +191,8 @@ class Processor:
             config_max if max_pixels is None else max_pixels,
             policy,
             budget,
-            _context_len(model_dir),
-            video_tokens_per_second(model_dir),
+            _context_len(checkpoint),
+            video_tokens_per_second(checkpoint),
         )
 
     @property
