@@ -220,6 +220,13 @@ def machine() -> str:
             f"torch {torch.__version__} with {torch.get_num_threads()} threads")
 
 
+def run_lines(command: str, started: str, note: str) -> list[str]:
+    """A benchmark section's first lines: its command, the machine, when it ran and the load."""
+    return [f"Command: `{command}`  ", f"Machine: {machine()}  ",
+            f"Run: {started}, {note} at the start; ended {time.strftime('%H:%M UTC', time.gmtime())}, "
+            f"{load_note()} then.", ""]
+
+
 def load_note() -> str:
     load1, load5, _ = os.getloadavg()
     return f"load average {load1:.2f} (1 min) / {load5:.2f} (5 min)"

@@ -122,9 +122,7 @@ def main() -> None:
         rows.append(f"| {name} | {off_value:.3f} {unit} | {on_value:.3f} {unit} | {gain:.2f}x |")
     body = "\n".join([
         SECTION, "",
-        f"Command: `python benchmarks/prefix_cache.py --rounds {args.rounds}`  ",
-        f"Machine: {cpu.machine()}  ",
-        f"Run: {started}, {note} at the start; ended {time.strftime('%H:%M UTC', time.gmtime())}, {cpu.load_note()} then.", "",
+        *cpu.run_lines(f"python benchmarks/prefix_cache.py --rounds {args.rounds}", started, note),
         *rows, "",
         "Random-weight Qwen2-VL-2B-Instruct-AWQ (`dtype=\"auto\"`: the int4 kernel), one model shared by two "
         "engines: caches on (the default) and off (`prefix_caching=False, vision_cache_bytes=0`), each case "

@@ -125,9 +125,7 @@ def main() -> None:
                     f"{r['constrained'] / r['free']:.2f} |")
     body = "\n".join([
         SECTION, "",
-        f"Command: `python benchmarks/structured.py --rounds {args.rounds}`  ",
-        f"Machine: {cpu.machine()}  ",
-        f"Run: {started}, {note} at the start; ended {time.strftime('%H:%M UTC', time.gmtime())}, {cpu.load_note()} then.", "",
+        *cpu.run_lines(f"python benchmarks/structured.py --rounds {args.rounds}", started, note),
         *rows, "",
         f"Compiling the 6-field schema: first {compiled['first_ms']:.1f} ms, a repeat {compiled['repeat_ms']:.3f} ms "
         f"({compiled['compiled']} compiled in all: the repeat is a copy of the cached matcher); llguidance's "

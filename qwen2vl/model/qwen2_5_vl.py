@@ -18,12 +18,12 @@ from torch import nn
 
 from qwen2vl.config import VisionConfig, VISION_ALIASES, checked_vision_config
 from qwen2vl.errors import CheckpointError
-from qwen2vl.layers.activation import silu_and_mul
 from qwen2vl.layers.attention import Segments
 from qwen2vl.layers.linear import Linear
 from qwen2vl.layers.norm import RMSNorm
 from qwen2vl.layers.rotary import VisionRotaryEmbedding
 from qwen2vl.model.qwen2_vl import Qwen2VLForConditionalGeneration
+from qwen2vl.model.text import MLP
 from qwen2vl.model.vision import PatchMerger, VisionAttention, frame_lengths, patch_rows_cols
 
 VISION_NORM_EPS = 1e-6
@@ -87,23 +87,13 @@ def window_partition(grids: list[tuple[int, int, int]], merge_size: int, window:
     return torch.cat(order), lengths
 
 
-class GatedMLP(nn.Module):
-    def __init__(self, embed_dim: int, hidden_size: int):
-        super().__init__()
-        self.gate_up_proj = Linear(embed_dim, [hidden_size] * 2, bias=True)
-        self.down_proj = Linear(hidden_size, embed_dim, bias=True)
-
-    def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
 class Qwen2_5_VisionBlock(nn.Module):
     def __init__(self, config: Qwen2_5_VisionConfig):
         super().__init__()
         self.norm1 = RMSNorm(config.embed_dim, VISION_NORM_EPS)
         self.attn = VisionAttention(config.embed_dim, config.num_heads)
         self.norm2 = RMSNorm(config.embed_dim, VISION_NORM_EPS)
-        self.mlp = GatedMLP(config.embed_dim, config.mlp_hidden_size)
+        self.mlp = MLP(config.embed_dim, config.mlp_hidden_size, bias=True)
 
     def forward(self, x, cos, sin, segments: Segments):
         x = x + self.attn(self.norm1(x), cos, sin, segments)
