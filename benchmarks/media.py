@@ -256,8 +256,8 @@ def main() -> None:
         f"messages -> model inputs, best of {args.repeats} per side ({args.video_repeats} for the video), the sides' "
         "repetitions alternating (two subprocesses per case, started together; "
         "peak RSS is each subprocess's, Python, torch and transformers included). Machine: "
-        f"{cpu.machine()}; {started}: the machine is shared with other jobs and was loaded, so the absolute "
-        "times are high and noisy; the ratios are of the same run.", "",
+        f"{cpu.machine()}; {started} at the start, {cpu.load_note()} at the end (the machine is shared: a load "
+        "much over 2 means other jobs; the ratios are of the same run).", "",
         table(results),
     ])
     print(body)
