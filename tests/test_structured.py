@@ -265,8 +265,8 @@ def test_masks_ban_all_but_the_allowed_tokens():
         assert finite == ids
         assert torch.equal(out[row, ids], logits[row, ids])
     # every row constrained: the same, in place
-    both = AllowedTokens(torch.tensor([0, 1]), masks)
-    assert torch.equal(apply_allowed_tokens(logits[:2].clone(), both), apply_allowed_tokens(
+    every = AllowedTokens(None, masks)
+    assert torch.equal(apply_allowed_tokens(logits[:2].clone(), every), apply_allowed_tokens(
         torch.cat([logits[:2], logits[:1]]), AllowedTokens(torch.tensor([0, 1]), masks))[:2])
     # the device path (shifts and a select) gives the host path's (a byte table) biases
     device_path = torch.where(unpack_bits(masks), 0.0, float("-inf"))

@@ -226,7 +226,8 @@ def sampling_batch(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size:
     allowed = None
     if constrained:  # on the host, while the device runs the forward
         masks = allowed_tokens([rows[index].constraint for index in constrained])
-        allowed = AllowedTokens(to_device(constrained, torch.long), to_device(masks))
+        every_row = len(constrained) == len(rows)  # known here, where asking the device would wait for it
+        allowed = AllowedTokens(None if every_row else to_device(constrained, torch.long), to_device(masks))
     return SamplingBatch(
         **column,
         prompt_tokens=padded([row.prompt_token_ids for row in rows]) if any_penalty else None,

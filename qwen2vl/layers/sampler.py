@@ -45,10 +45,11 @@ class SamplingBatch:
 
 @dataclass
 class AllowedTokens:
-    """Rows `rows` may only take the tokens set in their bitmask `masks[i]`: bit t % 32 of word
-    t // 32 for token t (llguidance's layout); tokens past the mask's end are never allowed."""
+    """Rows `rows` (None: every row, in order) may only take the tokens set in their bitmask
+    `masks[i]`: bit t % 32 of word t // 32 for token t (llguidance's layout); tokens past the
+    mask's end are never allowed."""
 
-    rows: torch.Tensor  # [N] int64
+    rows: torch.Tensor | None  # [N] int64
     masks: torch.Tensor  # [N, W] int32
 
 
@@ -130,17 +131,12 @@ def apply_allowed_tokens(logits: torch.Tensor, allowed: AllowedTokens) -> torch.
     a branch-free pass over the vocabulary)."""
     bias = allowed_tokens_bias(allowed.masks)
     width = min(bias.shape[1], logits.shape[1])
-    every_row = allowed.rows.numel() == logits.shape[0] and _is_identity(allowed.rows)
-    rows = logits if every_row else logits[allowed.rows]
+    rows = logits if allowed.rows is None else logits[allowed.rows]
     rows[:, :width] += bias[:, :width]
     rows[:, width:] = float("-inf")
-    if rows is not logits:
+    if allowed.rows is not None:
         logits[allowed.rows] = rows
     return logits
-
-
-def _is_identity(rows: torch.Tensor) -> bool:
-    return bool((rows == torch.arange(rows.numel(), device=rows.device)).all())
 
 
 # byte -> the biases of its 8 tokens: 0 where the bit is set, -inf where not
