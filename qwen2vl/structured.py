@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -115,7 +114,6 @@ class GrammarCompiler:
         self._eos_token_ids = sorted(eos_token_ids)
         self._tokenizer = None
         self._compiled: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()  # the server validates requests on its own threads
         self.num_compiled = 0
 
     def _llguidance(self):
@@ -129,18 +127,18 @@ class GrammarCompiler:
 
     def constraint(self, kind: str, spec) -> Constraint:
         """A request's constraint, with a fresh parse state; `InputError` naming the problem (the
-        keyword, the position in the regex or grammar) when it does not compile."""
-        with self._lock:
-            llguidance = self._llguidance()
-            key = (kind, spec)
-            compiled = self._compiled.get(key)
-            if compiled is None:
-                compiled = self._compile(llguidance, kind, spec)
-                self._compiled[key] = compiled
-                if len(self._compiled) > CACHE_ENTRIES:
-                    self._compiled.popitem(last=False)
-            self._compiled.move_to_end(key)
-            return Constraint(compiled.deep_copy(), (self._tokenizer.vocab_size + 31) // 32)
+        keyword, the position in the regex or grammar) when it does not compile. Called where
+        requests are added to the engine (one thread at a time: the driver's)."""
+        llguidance = self._llguidance()
+        key = (kind, spec)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._compile(llguidance, kind, spec)
+            self._compiled[key] = compiled
+            if len(self._compiled) > CACHE_ENTRIES:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(key)
+        return Constraint(compiled.deep_copy(), (self._tokenizer.vocab_size + 31) // 32)
 
     def _compile(self, llguidance, kind: str, spec):
         start = time.perf_counter()
