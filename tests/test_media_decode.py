@@ -15,6 +15,7 @@ from processor_reference import write_checkpoint_files
 from qwen2vl.errors import MediaError
 from qwen2vl.layers.patchify import Patchifier, VisionPixels, patch_rows
 from qwen2vl.processor import Processor
+from qwen2vl.processor import image as image_module
 from qwen2vl.processor import video as video_module
 from qwen2vl.processor.fetch import MediaSource
 from qwen2vl.processor.pool import media_map
@@ -161,3 +162,38 @@ def test_a_batch_prepared_in_the_pool_equals_one_by_one(processor):
         single = processor(conversation)
         assert torch.equal(batch["input_ids"][i, :single["input_ids"].shape[1]], single["input_ids"][0])
     assert torch.equal(batch["pixel_values"], torch.cat([processor(c)["pixel_values"] for c in conversations]))
+
+
+def test_banded_resize_is_pils_resize(monkeypatch):
+    """A large image's resize runs in bands on the pool: exactly PIL's pixels, in either pass
+    order (Pillow runs the vertical pass first where the height shrinks much more than the width)."""
+    monkeypatch.setattr(image_module, "BANDED_RESIZE_MIN_PIXELS", 1)
+    monkeypatch.setattr(image_module, "media_workers", lambda: 3)  # bands of unequal sizes
+    assert image_module._pillow_vertical_first_rule() is not None
+    rng = np.random.default_rng(0)
+    shapes = [(300, 200, 120, 80), (200, 300, 80, 120), (64, 300, 60, 40), (300, 64, 40, 60), (90, 70, 200, 150),
+              (97, 61, 97, 30), (61, 97, 30, 97), (333, 3000 // 10, 56, 50), (100, 400, 90, 20)]
+    shapes += [tuple(int(v) for v in rng.integers(8, 260, 4)) for _ in range(40)]
+    for src_width, src_height, width, height in shapes:
+        picture = Image.fromarray(rng.integers(0, 256, (src_height, src_width, 3), dtype=np.uint8))
+        expected = np.asarray(picture.resize((width, height), Image.Resampling.BICUBIC))
+        got = image_module.resize_image(picture, height, width)
+        assert np.array_equal(got.permute(1, 2, 0).numpy(), expected), (src_width, src_height, width, height)
+
+
+def test_an_rgb_image_is_used_as_decoded():
+    picture = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    assert image_module.to_rgb(picture) is picture
+    assert image_module.to_rgb(picture.convert("L")).mode == "RGB"
+
+
+def test_media_threads_setting(monkeypatch):
+    from qwen2vl.processor import pool
+
+    monkeypatch.setenv("QWEN2VL_MEDIA_THREADS", "1")
+    assert pool.media_workers() == 1
+    caller = threading.current_thread().name
+    assert media_map(lambda n: (n, threading.current_thread().name), range(3)) == [(n, caller) for n in range(3)]
+    monkeypatch.setenv("QWEN2VL_MEDIA_THREADS", "two")
+    with pytest.raises(ValueError, match="QWEN2VL_MEDIA_THREADS must be a positive integer, got 'two'"):
+        pool.media_workers()

@@ -8,6 +8,7 @@ limits are tighter than the first step's, but then it does, so we do both.
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -21,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from qwen2vl.errors import InputError, MediaError
 from qwen2vl.processor.fetch import MediaPolicy, resolve
+from qwen2vl.processor.pool import media_map, media_workers
 
 if TYPE_CHECKING:
     from qwen2vl.processor.budget import MediaBudget
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
 MAX_ASPECT_RATIO = 200
 IMAGE_MIN_TOKENS = 4
 IMAGE_MAX_TOKENS = 16384
+# From this many output pixels on, a resize's passes run in bands on the media pool; below it the
+# bands' copies and hand-offs eat the gain.
+BANDED_RESIZE_MIN_PIXELS = 1 << 20
 
 
 def smart_resize(
@@ -143,16 +148,86 @@ def to_rgb(image: Image.Image) -> Image.Image:
             background = Image.new("RGB", image.size, (255, 255, 255))
             background.paste(image, mask=image.getchannel("A"))
             return background
+        if image.mode == "RGB":  # convert() would copy it
+            image.load()
+            return image
         return image.convert("RGB")
     except (OSError, ValueError, SyntaxError) as e:
         raise MediaError(f"cannot decode image: {e}") from None
 
 
 def resize_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
-    """PIL bicubic resize of an RGB image, as a uint8 `[3, height, width]` tensor."""
+    """PIL bicubic resize of an RGB image, as a uint8 `[3, height, width]` tensor.
+
+    A large image's resize runs on the media pool's threads (PIL releases the GIL), in bands that
+    are exactly what PIL computes: PIL resizes in two passes, each along one axis, and each
+    output row of the horizontal pass depends on that input row alone (each column of the vertical
+    pass on that column alone), so each pass splits into bands across the other axis. The passes
+    run in PIL's own order, which matters (each pass rounds to uint8).
+    """
     if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
+        order = _pass_order(*image.size, width, height)
+        if height * width < BANDED_RESIZE_MIN_PIXELS or media_workers() < 2 or order is None:
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+        else:
+            for pass_width, pass_height in order:
+                image = _one_pass_in_bands(image, pass_width, pass_height)
     return pil_to_tensor(image)
+
+
+def _pass_order(src_width: int, src_height: int, width: int, height: int) -> list[tuple[int, int]] | None:
+    """The sizes after each of PIL's resize passes (the ones it runs), or None where this Pillow's
+    order is unknown."""
+    vertical_first_rule = _pillow_vertical_first_rule()
+    if vertical_first_rule is None:
+        return None
+    # Pillow >= 11.3: "if height is being scaled down more than twice the amount the width is, run
+    # the vertical pass first"
+    vertical_first = vertical_first_rule and 0 < src_height - height and src_height - height > 2 * (src_width - width)
+    if vertical_first:
+        sizes = [(src_width, height), (width, height)]
+    else:
+        sizes = [(width, src_height), (width, height)]
+    previous, passes = (src_width, src_height), []
+    for size in sizes:
+        if size != previous:
+            passes.append(size)
+        previous = size
+    return passes
+
+
+@functools.cache
+def _pillow_vertical_first_rule() -> bool | None:
+    """Whether this Pillow runs the vertical pass first where the height shrinks more than twice
+    as much as the width (True), always the horizontal pass first (False), or neither (None: no
+    banding), seen on a small noise image where the two orders round differently."""
+    values = (torch.arange(96 * 48 * 3, dtype=torch.int64) * 2654435761 % 251).to(torch.uint8)
+    probe = Image.fromarray(values.view(96, 48, 3).numpy())
+    bicubic = Image.Resampling.BICUBIC
+    full = probe.resize((40, 24), bicubic).tobytes()
+    horizontal_first = probe.resize((40, 96), bicubic).resize((40, 24), bicubic).tobytes()
+    vertical_first = probe.resize((48, 24), bicubic).resize((40, 24), bicubic).tobytes()
+    if horizontal_first == vertical_first:
+        return None
+    return {horizontal_first: False, vertical_first: True}.get(full)
+
+
+def _one_pass_in_bands(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`image` resized along one axis (the other size unchanged), computed in bands across the
+    other axis on the media pool."""
+    src_width, src_height = image.size
+    workers = media_workers()
+    if height == src_height:  # horizontal pass: bands of rows
+        edges = [src_height * i // workers for i in range(workers + 1)]
+        bands = [((0, a, src_width, b), (width, b - a), (0, a)) for a, b in zip(edges, edges[1:])]
+    else:  # vertical pass: bands of columns
+        edges = [src_width * i // workers for i in range(workers + 1)]
+        bands = [((a, 0, b, src_height), (b - a, height), (a, 0)) for a, b in zip(edges, edges[1:])]
+    pieces = media_map(lambda band: image.crop(band[0]).resize(band[1], Image.Resampling.BICUBIC), bands)
+    out = Image.new("RGB", (width, height))
+    for piece, (_, _, offset) in zip(pieces, bands):
+        out.paste(piece, offset)
+    return out
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

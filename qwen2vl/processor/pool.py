@@ -1,5 +1,10 @@
 """One thread pool for decoding and resizing media: PIL, PyAV and torch's resize release the GIL, so the
-images of a message, or the conversations of a batch, are prepared side by side."""
+images of a message, or the conversations of a batch, are prepared side by side, and a large image's
+resize runs in bands on it.
+
+Its size is the machine's core count, or `QWEN2VL_MEDIA_THREADS` (1: everything in the calling thread,
+in order).
+"""
 from __future__ import annotations
 
 import os
@@ -18,13 +23,28 @@ _lock = threading.Lock()
 _worker = threading.local()
 
 
+def pool_size() -> int:
+    setting = os.environ.get("QWEN2VL_MEDIA_THREADS", "").strip()
+    if not setting:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not setting.isdigit() or int(setting) < 1:
+        raise ValueError(f"QWEN2VL_MEDIA_THREADS must be a positive integer, got {setting!r}")
+    return int(setting)
+
+
 def _executor() -> ThreadPoolExecutor:
     global _pool
     with _lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="qwen2vl-media",
+            _pool = ThreadPoolExecutor(max_workers=pool_size(), thread_name_prefix="qwen2vl-media",
                                        initializer=_mark_worker)
         return _pool
+
+
+def media_workers() -> int:
+    """How many of `media_map`'s items run side by side when called here: the pool's size, or 1
+    inside a pool worker (where it runs them in order)."""
+    return 1 if getattr(_worker, "active", False) else pool_size()
 
 
 def _mark_worker() -> None:
@@ -39,7 +59,7 @@ def media_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     raised once all have ended. Inside a pool worker (a conversation of a batch preparing its
     images) it runs in the caller's thread, so nested calls cannot wait on each other."""
     items = list(items)
-    if len(items) < 2 or getattr(_worker, "active", False):
+    if len(items) < 2 or media_workers() < 2:
         return [fn(item) for item in items]
     futures = [_executor().submit(fn, item) for item in items]
     errors = [future.exception() for future in futures]
