@@ -20,8 +20,8 @@ Each round measures llama.cpp Q4_0, Q4_K_M, BF16 and ours (the random AWQ checkp
 - prompt tok/s at 512 tokens: `llama-bench -p 512 -n 0`; ours 512 random token ids prefilled,
   one token out, `512 / (t - one decode step)`;
   both rates the best of 3 within a round (llama-bench `-r 3`, its fastest sample);
-- one 448x448 image to the first token: `llama-mtmd-cli -n 1` with each mmproj, the encode +
-  prefill times it reports; ours `image_messages`, one token, caches off, after one untimed image;
+- one 448x448 image to the first token: `llama-mtmd-cli -n 1` with each mmproj, the prompt eval
+  time it reports (image encoding + prefill); ours `image_messages`, one token, caches off, after one untimed image;
 - peak RSS of each side's processes (ours: one subprocess per round that keeps its engine loaded
   for the round's measurements). Both sides run on `THREADS` threads.
 
@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, also when imported as a package
-from cpu import (MAX_MODEL_LEN, ROOT, ensure_checkpoints, image_messages, load_note, machine, peak_rss_gib,  # noqa: E402
+from cpu import (MAX_MODEL_LEN, ROOT, ensure_checkpoints, image_messages, load_note, peak_rss_gib,  # noqa: E402
                  run_lines, text_messages, timed, write_image, write_section)
 from speed import text_prompt  # noqa: E402
 
@@ -153,26 +153,40 @@ def ensure_ggufs(root: Path, source: Path, bin_dir: Path, checkpoint: Path) -> d
 
 # --- llama.cpp: measurements ------------------------------------------------------------------
 
+def last_lines(text: str, count: int = 2) -> str:
+    """The last `count` non-empty lines of a process's log: where llama.cpp says what went wrong."""
+    return " / ".join([line.strip() for line in text.splitlines() if line.strip()][-count:])
+
+
+def high_water_kib(pid: int) -> int:
+    """The process's peak RSS so far (VmHWM), 0 once it has exited."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return int(found.group(1)) if found else 0
+
+
 def run_process(command: list) -> tuple[str, str, float]:
-    """(stdout, stderr, peak RSS in GiB) of one process; raises RuntimeError if it fails or hangs."""
+    """(stdout, stderr, peak RSS in GiB) of one process; raises RuntimeError if it fails or hangs.
+    The peak is polled from /proc: the rusage of a child counts the RSS of this (larger) Python
+    process it was forked from."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen([str(part) for part in command], stdout=out, stderr=err)
-        deadline = time.monotonic() + TIMEOUT_S
-        while True:  # wait4 gives this process's own rusage; polled so that a hung process times out
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
+        deadline, peak_kib = time.monotonic() + TIMEOUT_S, 0
+        while process.poll() is None:
+            peak_kib = max(peak_kib, high_water_kib(process.pid))
             if time.monotonic() > deadline:
                 process.kill()
-                _, status, usage = os.wait4(process.pid, 0)
-                break
-            time.sleep(0.05)
-        process.returncode = os.waitstatus_to_exitcode(status)
+                process.wait()
+                raise RuntimeError(f"{Path(str(command[0])).name} ran past {TIMEOUT_S} s and was stopped")
+            time.sleep(0.02)
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
     if process.returncode:
-        raise RuntimeError(f"{Path(str(command[0])).name} exited with {process.returncode}: {stderr.strip()[-500:]}")
-    return stdout, stderr, usage.ru_maxrss / 2**20  # Linux reports KiB
+        raise RuntimeError(f"{Path(str(command[0])).name} exited with {process.returncode}: {last_lines(stderr)}")
+    return stdout, stderr, peak_kib / 2**20
 
 
 def bench_rate(bin_dir: Path, model: Path, prompt: int, generate: int) -> tuple[float, float]:
@@ -185,15 +199,18 @@ def bench_rate(bin_dir: Path, model: Path, prompt: int, generate: int) -> tuple[
 
 def image_first_token(bin_dir: Path, model: Path, mmproj: Path, image: str) -> tuple[dict, float]:
     """({"total", "encode", "prefill"} seconds llama-mtmd-cli reports for one image and its
-    question to the first token, peak RSS GiB)."""
+    question up to the first token, peak RSS GiB). Its "prompt eval time" runs from the prompt's
+    first batch to its last, so it holds the image encoding: total = prompt eval, prefill = the rest."""
+    # -lv 4: the timings are logged at trace level
     _, stderr, rss = run_process([bin_dir / "llama-mtmd-cli", "-m", model, "--mmproj", mmproj, "--image", image,
-                                  "-p", IMAGE_QUESTION, "-n", 1, "-t", THREADS, "--temp", 0, "-c", MAX_MODEL_LEN])
-    encode_ms = [float(ms) for ms in re.findall(r"slice encoded in (\d+(?:\.\d+)?) ms", stderr)]
-    prefill = re.search(r"prompt eval time =\s*([\d.]+) ms", stderr)
-    if not encode_ms or prefill is None:
-        raise RuntimeError(f"llama-mtmd-cli printed no encode or prompt eval time: {stderr.strip()[-500:]}")
-    encode, prefill_s = sum(encode_ms) / 1000, float(prefill.group(1)) / 1000
-    return {"total": encode + prefill_s, "encode": encode, "prefill": prefill_s}, rss
+                                  "-p", IMAGE_QUESTION, "-n", 1, "-t", THREADS, "--temp", 0, "-c", MAX_MODEL_LEN,
+                                  "-lv", 4])
+    encode_ms = [float(ms) for ms in re.findall(r"mtmd batch encoding done in (\d+) ms", stderr)]
+    prompt = re.search(r"prompt eval time =\s*([\d.]+) ms", stderr)
+    if not encode_ms or prompt is None:
+        raise RuntimeError(f"llama-mtmd-cli printed no encoding or prompt eval time: {last_lines(stderr)}")
+    total, encode = float(prompt.group(1)) / 1000, sum(encode_ms) / 1000
+    return {"total": total, "encode": encode, "prefill": total - encode}, rss
 
 
 def measure_llamacpp(bin_dir: Path, files: dict[str, Path], quant: str, image: str) -> dict:
@@ -283,7 +300,7 @@ def rounds_of(samples: list, fmt: str, rounds: int, pick=statistics.median) -> s
     values = [value for value in samples if not isinstance(value, str)]
     if not values:
         reason = next(value for value in samples if isinstance(value, str))
-        return " ".join(reason.replace("|", "/").split())[:160]  # one line: a table cell
+        return " ".join(reason.replace("|", "/").split())[:240]  # one line: a table cell
     cell = fmt.format(pick(values))
     return cell if len(values) == rounds else f"{cell} ({len(values)} of {rounds} rounds)"
 
@@ -378,7 +395,7 @@ def main(argv=None) -> None:
         f"tokens) - t(1 token))`. Prompt: `llama-bench -p {PROMPT_TOKENS} -n 0`; ours {PROMPT_TOKENS} random token "
         f"ids, one token out, prefix caching off, `{PROMPT_TOKENS} / (t - one decode step)`. Each rate is the "
         f"best of {REPEATS} within a round (llama-bench `-r {REPEATS}`, its fastest sample). Image: "
-        f"`llama-mtmd-cli -n 1 -c {MAX_MODEL_LEN}`, the encode + prompt eval times it reports (its image decoding and resizing not included); ours the same "
+        f"`llama-mtmd-cli -n 1 -c {MAX_MODEL_LEN}`, the prompt eval time it reports (the prompt's first batch to its last, the image's encoding included; its image file decoding and resizing not); ours the same "
         f"question through `chat` with one token out, processing included, caches off, after one untimed image. "
         f"Peak RSS: the largest process of the side (llama.cpp's is the image run with its mmproj; ours one "
         f"process per round, `max_model_len={MAX_MODEL_LEN}`). Ratio column: ours' speed over {BASELINE}'s "
