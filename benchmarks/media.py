@@ -15,7 +15,9 @@ is shared: the minimum is the least disturbed run):
 - `batch-32`: 32 one-image conversations of mixed sizes (448x448, 1008x1008, 1920x1080,
   640x480), ours through the media pool (`Processor(conversations)`'s path) against ours one by
   one in one thread (`QWEN2VL_MEDIA_THREADS=1`: the pool's speed-up) and one by one with the
-  default pool (each large image's resize still split over it).
+  default pool (each large image's resize still split over it); and, for the machine's own
+  ceiling, two one-thread processes preparing the batch at the same time (time per batch: the
+  slower one's over two).
 - `video-20min`: a 20-minute 640x360 30 fps H.264 file (written into the cache dir with PyAV when
   absent) with its default budget. qwen_vl_utils' video readers do not run here (torchvision 0.29
   has no `read_video`, decord and torchcodec are not installed), so the other side is today's path:
@@ -187,6 +189,31 @@ class Side:
         return {**result, "best_s": min(self.times), "tokens": self.tokens}
 
 
+class SidePair:
+    """Two one-thread processes preparing the batch at once: what this machine's two cores give
+    for two independent streams of this work (no shared GIL, no pool), the ceiling for the pool.
+    A repetition's time is the slower one's; the ratio to `ours-one-thread` is the two-process speed-up."""
+
+    def __init__(self, case: str, cache: Path, tree: Path):
+        self.name = "two-one-thread-processes"
+        self.sides = [Side("ours-one-thread", case, cache, tree) for _ in range(2)]
+        self.times: list[float] = []
+
+    def run_once(self) -> None:
+        for side in self.sides:
+            side.process.stdin.write("run\n")
+            side.process.stdin.flush()
+        results = [json.loads(side._expect("TIME")) for side in self.sides]
+        self.times.append(max(r["seconds"] for r in results) / 2)  # per batch, two batches done
+        self.tokens = results[0]["tokens"]
+
+    def finish(self) -> dict:
+        for side in self.sides:
+            side.times = self.times  # the pair's: each side's own were not kept
+        results = [side.finish() for side in self.sides]
+        return {"peak_rss_gib": max(r["peak_rss_gib"] for r in results), "best_s": min(self.times), "tokens": self.tokens}
+
+
 def base_tree(rev: str) -> Path:
     tree = ROOT / ".cache" / f"media-{rev}"
     if not tree.is_dir():
@@ -197,7 +224,8 @@ def base_tree(rev: str) -> Path:
 def measure(case: str, sides: list[tuple[str, Path]], cache: Path, repeats: int) -> dict[str, dict]:
     """Both sides started together; repetitions alternate, the side going first alternating too."""
     print(f"{case}: {' vs '.join(name for name, _ in sides)} ...", flush=True)
-    running = [Side(name, case, cache, tree) for name, tree in sides]
+    running = [SidePair(case, cache, tree) if name == "two-one-thread-processes" else Side(name, case, cache, tree)
+               for name, tree in sides]
     for repeat in range(repeats):
         for side in running if repeat % 2 == 0 else running[::-1]:
             side.run_once()
@@ -248,8 +276,8 @@ def main() -> None:
             results[case] = measure(case, [("ours", ROOT), ("reference", ROOT), ("ours-cpu-patchify", ROOT)], cache,
                                     args.repeats)
         elif case == "batch-32":
-            results[case] = measure(case, [("ours", ROOT), ("ours-one-thread", ROOT), ("ours-one-by-one", ROOT)], cache,
-                                    args.repeats)
+            results[case] = measure(case, [("ours", ROOT), ("ours-one-thread", ROOT), ("ours-one-by-one", ROOT),
+                                           ("two-one-thread-processes", ROOT)], cache, args.repeats)
         else:
             results[case] = measure(case, [("ours", ROOT), ("base", base_tree(args.base))], cache, args.video_repeats)
         print(json.dumps(results[case]), flush=True)
