@@ -169,6 +169,9 @@ def test_banded_resize_is_pils_resize(monkeypatch):
     order (Pillow runs the vertical pass first where the height shrinks much more than the width)."""
     monkeypatch.setattr(image_module, "BANDED_RESIZE_MIN_PIXELS", 1)
     monkeypatch.setattr(image_module, "media_workers", lambda: 3)  # bands of unequal sizes
+    picture = Image.fromarray(np.arange(2 * 50 * 3, dtype=np.uint8).reshape(2, 50, 3))  # fewer rows than bands
+    assert np.array_equal(image_module.resize_image(picture, 2, 30).permute(1, 2, 0).numpy(),
+                          np.asarray(picture.resize((30, 2), Image.Resampling.BICUBIC)))
     assert image_module._pillow_vertical_first_rule() is not None
     rng = np.random.default_rng(0)
     shapes = [(300, 200, 120, 80), (200, 300, 80, 120), (64, 300, 60, 40), (300, 64, 40, 60), (90, 70, 200, 150),

@@ -166,8 +166,9 @@ def resize_image(image: Image.Image, height: int, width: int) -> torch.Tensor:
     run in PIL's own order, which matters (each pass rounds to uint8).
     """
     if image.size != (width, height):
-        order = _pass_order(*image.size, width, height)
-        if height * width < BANDED_RESIZE_MIN_PIXELS or media_workers() < 2 or order is None:
+        order = None if height * width < BANDED_RESIZE_MIN_PIXELS or media_workers() < 2 else \
+            _pass_order(*image.size, width, height)
+        if order is None:
             image = image.resize((width, height), Image.Resampling.BICUBIC)
         else:
             for pass_width, pass_height in order:
@@ -216,7 +217,7 @@ def _one_pass_in_bands(image: Image.Image, width: int, height: int) -> Image.Ima
     """`image` resized along one axis (the other size unchanged), computed in bands across the
     other axis on the media pool."""
     src_width, src_height = image.size
-    workers = media_workers()
+    workers = min(media_workers(), src_height if height == src_height else src_width)  # no empty band
     if height == src_height:  # horizontal pass: bands of rows
         edges = [src_height * i // workers for i in range(workers + 1)]
         bands = [((0, a, src_width, b), (width, b - a), (0, a)) for a, b in zip(edges, edges[1:])]
