@@ -375,3 +375,12 @@ def test_every_sampling_field_is_a_request_field_or_named_as_not_offered():
     assert names == (set(SAMPLING_FIELDS_BY_NAME) | set(SAMPLING_FIELDS_NOT_OFFERED) | {"max_tokens", "logprobs"}
                      | set(CONSTRAINT_FIELDS))
     assert {"max_tokens", "max_completion_tokens", "top_logprobs"} <= set(ChatCompletionRequest.model_fields)
+
+
+def test_the_server_processor_keeps_everything_but_its_media_rules(processor):
+    """Qwen2.5-VL's video time scale and the context survive the server's own media policy."""
+    source = processor.with_media(processor.media_policy, processor.budget)  # a copy to change
+    source.tokens_per_second, source.context_len = 2.0, 4096
+    served = server_processor(source, MediaAccess(), ServerLimits(max_image_pixels=5000))
+    assert (served.tokens_per_second, served.context_len, served.template) == (2.0, 4096, source.template)
+    assert served.budget != source.budget and source.tokens_per_second == 2.0

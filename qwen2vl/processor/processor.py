@@ -5,6 +5,7 @@ Matches the model card's pipeline, `qwen_vl_utils.process_vision_info` followed 
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +203,13 @@ class Processor:
     @property
     def merge_size(self) -> int:
         return self.patchifier.merge_size
+
+    def with_media(self, media_policy: MediaPolicy, budget: MediaBudget) -> "Processor":
+        """This processor (its tokenizer, template, sizes, context and video time scale) under
+        another media policy and budget."""
+        other = copy.copy(self)
+        other.media_policy, other.budget = media_policy, budget
+        return other
 
     @property
     def temporal_patch_size(self) -> int:

@@ -54,9 +54,7 @@ def server_budget(limits: ServerLimits) -> MediaBudget:
 
 def server_processor(processor: Processor, access: MediaAccess, limits: ServerLimits) -> Processor:
     """`processor` (same tokenizer, template and resize settings) under the server's media policy and limits."""
-    return Processor(processor.tokenizer, processor.template, processor.patchifier,
-                     processor.min_pixels, processor.max_pixels, media_policy(access), server_budget(limits),
-                     processor.context_len)
+    return processor.with_media(media_policy(access), server_budget(limits))
 
 
 def check_media(messages: list[dict], policy: MediaPolicy, limits: ServerLimits) -> None:
