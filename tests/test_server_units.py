@@ -364,8 +364,8 @@ def test_every_sampling_field_is_a_request_field_or_named_as_not_offered():
     import dataclasses
 
     from qwen2vl.sampling_params import SamplingParams
+    from qwen2vl.structured import KINDS
     from qwen2vl.server.schemas import (
-        CONSTRAINT_FIELDS,
         SAMPLING_FIELDS_BY_NAME,
         SAMPLING_FIELDS_NOT_OFFERED,
         ChatCompletionRequest,
@@ -373,7 +373,7 @@ def test_every_sampling_field_is_a_request_field_or_named_as_not_offered():
 
     names = {f.name for f in dataclasses.fields(SamplingParams)}
     assert names == (set(SAMPLING_FIELDS_BY_NAME) | set(SAMPLING_FIELDS_NOT_OFFERED) | {"max_tokens", "logprobs"}
-                     | set(CONSTRAINT_FIELDS))
+                     | set(KINDS))
     assert {"max_tokens", "max_completion_tokens", "top_logprobs"} <= set(ChatCompletionRequest.model_fields)
 
 

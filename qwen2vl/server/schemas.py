@@ -9,6 +9,7 @@ integer), `16.5` is not.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Annotated, Any, Literal, Union
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from qwen2vl.errors import InputError
 from qwen2vl.sampling_params import SamplingParams
-from qwen2vl.structured import response_format_fields
+from qwen2vl.structured import KINDS, response_format_fields
 from qwen2vl.tool_calls import TOOL_CHOICES, check_tool_choice, tool_call_grammar
 
 # Fields clients commonly send that change nothing here; accepted and ignored.
@@ -170,9 +171,8 @@ class StructuredOutputs(_Strict):
     grammar: str | None = Field(None, description="a Lark grammar (llguidance's dialect)")
 
 
-# The `SamplingParams` fields that constrain a reply; a request gives at most one, through
-# `response_format`, `structured_outputs` or a `guided_*` field (vLLM's older names).
-CONSTRAINT_FIELDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+# A request gives at most one constraint (`structured.KINDS`), through `response_format`,
+# `structured_outputs` or a `guided_*` field (vLLM's older names).
 GUIDED_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
                  "guided_grammar": "grammar"}
 
@@ -219,13 +219,18 @@ class _SamplingRequest(_Strict):
         """Only the fields the client set: the rest come from the checkpoint's generation config,
         exactly as for `Qwen2VL.chat`."""
         values = {name: getattr(self, name) for name in SAMPLING_FIELDS_BY_NAME if getattr(self, name) is not None}
-        _, constraint = self.constraint()
+        _, constraint = self.reply_constraint
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **values, **constraint)
 
     def sampling_field_names(self) -> dict[str, str]:
         """The request's names of `SamplingParams` fields where they differ, for error messages."""
-        param, constraint = self.constraint()
+        param, constraint = self.reply_constraint
         return {name: param for name in constraint}
+
+    @functools.cached_property
+    def reply_constraint(self) -> tuple[str | None, dict[str, Any]]:
+        """`constraint()`, worked out once per request (a forced tool call's grammar is built there)."""
+        return self.constraint()
 
     def located(self, error: InputError) -> InputError:
         """`error` with a `SamplingParams` field renamed to the request field that set it."""
@@ -261,7 +266,7 @@ class _SamplingRequest(_Strict):
 # take the endpoint's own shape (max_completion_tokens, top_logprobs), the rest is not offered.
 SAMPLING_FIELDS_BY_NAME = tuple(f.name for f in dataclasses.fields(SamplingParams)
                                 if f.name in _SamplingRequest.model_fields and f.name not in ("max_tokens", "logprobs")
-                                and f.name not in CONSTRAINT_FIELDS)
+                                and f.name not in KINDS)
 SAMPLING_FIELDS_NOT_OFFERED = ("skip_special_tokens", "prompt_logprobs")  # the latter: set by echo + logprobs
 
 
