@@ -148,9 +148,8 @@ class SamplingParams:
         values["stop"] = [stop] if isinstance(stop, str) else list(stop or [])
         values["stop_token_ids"] = list(values["stop_token_ids"] or [])
         values["logit_bias"] = dict(values["logit_bias"] or {})
-        for kind in structured.KINDS:
-            if values[kind] not in (None, False):
-                values[kind] = structured.normalize(kind, getattr(self, kind))
+        for kind in self._constraint_kinds():
+            values[kind] = structured.normalize(kind, getattr(self, kind))
         resolved = SamplingParams(**values)
         resolved.validate(vocab_size)
         return resolved
@@ -158,11 +157,12 @@ class SamplingParams:
     @property
     def constraint(self) -> tuple[str, object] | None:
         """The structured-output constraint as (kind, spec), or None (resolved params)."""
-        for kind in structured.KINDS:
-            value = getattr(self, kind)
-            if value not in (None, False):
-                return kind, value
-        return None
+        kinds = self._constraint_kinds()
+        return (kinds[0], getattr(self, kinds[0])) if kinds else None
+
+    def _constraint_kinds(self) -> list[str]:
+        """The structured-output fields set (json_object=False sets nothing)."""
+        return [kind for kind in structured.KINDS if getattr(self, kind) not in (None, False)]
 
     @property
     def greedy(self) -> bool:
@@ -238,7 +238,7 @@ class SamplingParams:
         check(optional("logit_bias", lambda v: isinstance(v, Mapping) and all(is_int(t) and t >= 0 for t in v)),
               "logit_bias", "a mapping of token ids to numbers")
         token_ids_in_vocabulary("logit_bias", self.logit_bias or {})
-        constraints = [names.get(kind, kind) for kind in structured.KINDS if getattr(self, kind) not in (None, False)]
+        constraints = [names.get(kind, kind) for kind in self._constraint_kinds()]
         if len(constraints) > 1:
             fail(constraints[1], f": give at most one structured-output constraint, got {' and '.join(constraints)}")
         for token, bias in (self.logit_bias or {}).items():
