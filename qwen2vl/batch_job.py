@@ -26,10 +26,11 @@ def id_key(row_id) -> str:
     return json.dumps(row_id, sort_keys=True)
 
 
-def prepare_row(processor, messages):
-    """`processor.prepare(messages)`, or the `InputError` that says why the row cannot run."""
+def prepare_row(processor, messages, context_len: int | None = None):
+    """`processor.prepare(messages)` within `context_len` tokens (the engine's max_model_len; None:
+    the checkpoint's context), or the `InputError` that says why the row cannot run."""
     try:
-        return processor.prepare(messages)
+        return processor.prepare(messages, context_len=context_len)
     except InputError as error:
         return error
 
@@ -59,8 +60,9 @@ def answer_rows(llm, rows: Iterable[dict], params=None, batch_size: int = 64) ->
 
 
 def _answer_chunk(llm, rows: list[dict], params) -> list[dict]:
-    prompts = media_map(lambda row: row["prompt"] if "prompt" in row else prepare_row(llm.processor, row["messages"]),
-                        rows)
+    context_len = llm.engine.max_model_len
+    prompts = media_map(lambda row: row["prompt"] if "prompt" in row
+                        else prepare_row(llm.processor, row["messages"], context_len), rows)
     runnable = [i for i, prompt in enumerate(prompts) if not isinstance(prompt, InputError)]
     try:
         completions = dict(zip(runnable, llm.complete([prompts[i] for i in runnable], params)))

@@ -110,3 +110,21 @@ def test_the_checkpoint_context_applies_without_an_engine(checkpoint, tmp_path, 
     assert [item.grid_thw for item in processor.prepare(one(video(mp4), video(mp4))).vision_items] == [(2, 20, 28)] * 2
     # a larger context_len than the checkpoint's does not raise the limit
     assert processor.count_tokens(one(video(mp4), video(mp4)), context_len=10**6) < 600
+
+
+def test_generate_rows_fit_the_engines_max_model_len(processor, mp4):
+    """`qwen2vl generate` prepares its rows as `chat` does: within the engine's max_model_len."""
+    from types import SimpleNamespace
+
+    from qwen2vl.batch_job import answer_rows
+
+    seen = []
+
+    def complete(prompts, params):
+        seen.extend(prompts)
+        return [SimpleNamespace(text="", finish_reason="stop",
+                                usage=SimpleNamespace(prompt_tokens=len(p), completion_tokens=0)) for p in prompts]
+
+    llm = SimpleNamespace(processor=processor, engine=SimpleNamespace(max_model_len=600), complete=complete)
+    [row] = answer_rows(llm, [{"id": 1, "messages": one(video(mp4), video(mp4))}])
+    assert "error" not in row and [item.grid_thw for item in seen[0].vision_items] == [(2, 20, 28)] * 2

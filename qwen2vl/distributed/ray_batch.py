@@ -100,16 +100,16 @@ def _processor(engine_args: EngineArgs):
 def _prepare_batch(batch: pa.Table, engine_args: EngineArgs) -> pa.Table:
     processor = _processor(engine_args)
     rows = batch.to_pylist()
-    prompts = [pickle.dumps(_prepared(processor, row)) for row in rows]
+    prompts = [pickle.dumps(_prepared(processor, row, engine_args.max_model_len)) for row in rows]
     return pa.table({"id": batch.column("id"), "prompt": pa.array(prompts, pa.binary())})
 
 
-def _prepared(processor, row: dict):
+def _prepared(processor, row: dict, context_len: int | None):
     try:
         messages = _messages_of(row)
     except InputError as error:
         return error
-    return prepare_row(processor, messages)
+    return prepare_row(processor, messages, context_len)
 
 
 def _messages_of(row: dict):
