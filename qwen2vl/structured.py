@@ -25,7 +25,8 @@ _FORMATS = {"json_schema": "json_schema", "json_object": "json_schema", "regex":
 ANY_JSON_OBJECT = '{"type": "object"}'
 # JSON is written without optional whitespace unless the schema asks otherwise ("x-guidance"):
 # a model that may always add one more newline can run to max_tokens without closing the object.
-_JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# The separators are Python's and Qwen's templates' (`tojson`): ", " and ": ".
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_SPEC_CHARS = 256 * 1024  # a constraint's text (a tool list's schemas fit easily)
 MAX_COMPILE_SECONDS = 2.0
 CACHE_ENTRIES = 256  # compiled constraints kept, least recently used dropped
@@ -97,7 +98,7 @@ def _grammar_text(kind: str, spec) -> str:
 
     if kind in ("json_schema", "json_object"):
         schema = ANY_JSON_OBJECT if kind == "json_object" else spec
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_DEFAULTS)
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_STYLE)
     return llguidance.grammar_from(_FORMATS[kind], list(spec) if kind == "choice" else spec)
 
 

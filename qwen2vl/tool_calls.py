@@ -26,13 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwen2vl.errors import InputError
+from qwen2vl.structured import JSON_STYLE
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
 TOOL_CHOICES = ("none", "auto", "required")
-# The arguments JSON as Qwen's templates write it into the history (`tojson`: ", " and ": "),
-# and no free whitespace a random or weak model could spin in.
-ARGUMENTS_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 # A call as the template asks for it, up to where its arguments begin.
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:')
@@ -83,7 +81,7 @@ def tool_call_grammar(tools: list[dict], choice: Any, parallel: bool = True) -> 
     for index, function in enumerate(functions):
         head = f'{{"name": {json.dumps(function["name"])}, "arguments": '
         schema = {**(function.get("parameters") or NO_PARAMETERS)}
-        schema["x-guidance"] = {**ARGUMENTS_JSON_STYLE, **schema.get("x-guidance", {})}
+        schema["x-guidance"] = {**JSON_STYLE, **schema.get("x-guidance", {})}  # as the templates write arguments
         rules.append(f'call_{index}: {json.dumps(head)} args_{index} "}}"')
         rules.append(f"args_{index}: %json {json.dumps(schema)}")
     alternatives = " | ".join(f"call_{index}" for index in range(len(functions)))
