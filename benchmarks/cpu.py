@@ -298,9 +298,7 @@ def main(argv=None) -> None:
             for label, name, path, dtype in runs]
     best = max(r["decode_tok_s"] for label, r in rows if "transformers" in label)
     body = [section, "",
-            f"Command: `python benchmarks/cpu.py --model {args.model} --decode-tokens {args.decode_tokens}`  ",
-            f"Machine: {machine()}  ",
-            f"Run: {started}, {note} when the run started.", "",
+            *run_lines(f"python benchmarks/cpu.py --model {args.model} --decode-tokens {args.decode_tokens}", started, note),
             table(rows, best), "",
             f"Decode: greedy after a {len(PROMPT.split())}-word text prompt, "
             f"{args.decode_tokens} tokens, EOS ignored, `N / (t(N+1 tokens) - t(1 token))`, each time the best of "

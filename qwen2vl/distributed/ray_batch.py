@@ -5,7 +5,8 @@ Pipeline (Ray Data, streaming, so memory stays bounded whatever the dataset's si
 1. read: JSONL (one conversation per line, as `qwen2vl generate` reads) or Parquet (columns `id`,
    `messages` as a list or its JSON text, optional binary media columns), local paths or any
    pyarrow filesystem URI (s3://, gs://, ...);
-2. prepare, in Ray tasks: media fetched, decoded, resized and patchified, and the prompt tokenized
+2. prepare, in Ray tasks: media fetched, decoded and resized (uint8: the vision tower patchifies), the
+   prompt tokenized and fitted to `--max-model-len`
    (`qwen2vl.batch_job.prepare_row`), so a model replica never waits on JPEG decoding; a bad row
    carries its error from here on;
 3. answer, in an actor pool of `num_replicas` engines (one `Qwen2VL` each, its continuous batcher
