@@ -13,6 +13,8 @@ import struct
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 from PIL import Image
@@ -30,6 +32,60 @@ MODEL = "tiny-qwen2vl"
 MAX_MODEL_LEN = 512
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+class ManualTimer:
+    """Request time limits that run out only when the test calls `expire()` (the server's `timer`).
+    A limit is registered when the server asks for it, not when its task first runs."""
+
+    def __init__(self):
+        self._waiting: dict[asyncio.Future, asyncio.AbstractEventLoop] = {}
+
+    def __call__(self, seconds: float) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        expired = loop.create_future()
+        self._waiting[expired] = loop
+        expired.add_done_callback(self._waiting.pop)
+        return expired
+
+    def expire(self) -> None:
+        """The time limit of every request now in the server runs out."""
+        for expired, loop in list(self._waiting.items()):
+            loop.call_soon_threadsafe(lambda future=expired: future.done() or future.set_result(None))
+
+
+class HeldSteps:
+    """Engine steps that wait, from the first one on, until `release()` or an abort is asked for:
+    a request in the engine cannot finish before the test has done its part."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.entered = threading.Event()  # a step is waiting
+        self.released = threading.Event()
+
+    def release(self) -> None:
+        self.released.set()
+
+    def __enter__(self) -> HeldSteps:
+        engine, driver = self.llm.engine, self.llm.driver
+        step, abort = engine.step, driver.abort
+
+        def held_step():
+            self.entered.set()
+            assert self.released.wait(60), "the test never released the engine"
+            return step()
+
+        def abort_and_release(request_id):
+            done = abort(request_id)
+            self.release()
+            return done
+
+        engine.step, driver.abort = held_step, abort_and_release
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+        del self.llm.engine.step, self.llm.driver.abort
 
 
 class RunningServer:
@@ -52,6 +108,10 @@ class RunningServer:
     @property
     def state(self):
         return self.app.state.server
+
+    @property
+    def timer(self):
+        return self.state.timer
 
     def stop(self):
         self.server.should_exit = True
@@ -89,10 +149,11 @@ def server(tiny_ckpt, media_dir):
 
 @pytest.fixture(scope="module")
 def open_server(tiny_ckpt):
-    """Remote media allowed, a short request timeout and room for only two requests in flight."""
+    """Remote media allowed, room for only two requests in flight, and request time limits (1.5 s
+    as the server says) that run out when the test expires them (`open_server.timer`)."""
     llm = Qwen2VL.from_pretrained(tiny_ckpt, device="cpu", max_model_len=MAX_MODEL_LEN)
     running = RunningServer(llm, media=MediaAccess(allow_remote=True, fetch_timeout_s=2),
-                            limits=ServerLimits(request_timeout_s=1.5, max_requests_in_flight=2))
+                            limits=ServerLimits(request_timeout_s=1.5, max_requests_in_flight=2), timer=ManualTimer())
     yield running
     running.stop()
 
@@ -570,26 +631,64 @@ def test_disconnect_aborts_and_frees_the_cache(server):
 
 
 def test_request_timeout(open_server):
-    response = httpx.post(open_server.url + "/v1/chat/completions", json=_long_chat(False, 4000), timeout=30)
+    url = open_server.url + "/v1/chat/completions"
+    with HeldSteps(open_server.llm) as steps, ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(httpx.post, url, json=_long_chat(False, 4000), timeout=60)
+        assert steps.entered.wait(30)  # the request is in the engine, and cannot finish
+        open_server.timer.expire()
+        response = reply.result()
     assert response.status_code == 504
     assert "limit of 1.5 s" in response.json()["error"]["message"]
-    with httpx.stream("POST", open_server.url + "/v1/chat/completions", json=_long_chat(True, 4000), timeout=30) as r:
+    open_server.wait_idle()
+    with HeldSteps(open_server.llm) as steps, httpx.stream("POST", url, json=_long_chat(True, 4000), timeout=60) as r:
+        assert steps.entered.wait(30)
+        open_server.timer.expire()
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][len("data: "):])["error"]["type"] == "timeout_error"
     open_server.wait_idle()
 
 
-def test_queue_full_gets_503_with_retry_after(open_server):
-    with httpx.Client(base_url=open_server.url, timeout=30) as http:
-        with http.stream("POST", "/v1/chat/completions", json=_long_chat(True, 1000)), \
-                http.stream("POST", "/v1/chat/completions", json=_long_chat(True, 1000)):
-            response = httpx.post(open_server.url + "/v1/chat/completions", json=_long_chat(False, 4), timeout=30)
-            assert response.status_code == 503
-            assert response.headers["Retry-After"] == "1"
-            assert response.json()["error"]["type"] == "server_overloaded"
+def test_request_timeout_while_preparing(open_server, monkeypatch):
+    """Out of time before the engine saw it (media still being fetched, say): a 504 all the same."""
+    preparing, release = threading.Event(), threading.Event()
+    prepare_chat = open_server.state._prepare_chat
+
+    def held_prepare(*args):
+        preparing.set()
+        assert release.wait(60)
+        return prepare_chat(*args)
+
+    monkeypatch.setattr(open_server.state, "_prepare_chat", held_prepare)
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(httpx.post, open_server.url + "/v1/chat/completions", json=_long_chat(False, 4), timeout=60)
+        assert preparing.wait(30)
+        open_server.timer.expire()
+        response = reply.result()
+        release.set()
+    assert response.status_code == 504
+    assert response.json()["error"]["message"].startswith("preparing the request ran past the server's limit of 1.5 s")
+    monkeypatch.undo()
     open_server.wait_idle()
     assert httpx.post(open_server.url + "/v1/chat/completions", json=_long_chat(False, 4), timeout=30).status_code == 200
+
+
+def test_queue_full_gets_503_with_retry_after(open_server):
+    url = open_server.url + "/v1/chat/completions"
+    with HeldSteps(open_server.llm) as steps, ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(httpx.post, url, json=_long_chat(False, 8), timeout=60) for _ in range(2)]
+        deadline = time.monotonic() + 30  # only a guard against a hang: the pass is decided by the counts
+        while open_server.state.admission.in_flight < 2:
+            assert time.monotonic() < deadline, open_server.state.admission.in_flight
+            time.sleep(0.01)
+        response = httpx.post(url, json=_long_chat(False, 4), timeout=30)
+        assert response.status_code == 503
+        assert response.headers["Retry-After"] == "1"
+        assert response.json()["error"]["type"] == "server_overloaded"
+        steps.release()
+        assert [reply.result().status_code for reply in held] == [200, 200]
+    open_server.wait_idle()
+    assert httpx.post(url, json=_long_chat(False, 4), timeout=30).status_code == 200
 
 
 # --- bad input: one test each, then a normal request still works ------------------------------

@@ -17,8 +17,10 @@ as the bodies.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -60,8 +62,9 @@ class OpenAIServer:
     """Routes and shared state of one app: engine loop, processor, limits, metrics."""
 
     def __init__(self, llm, model_name: str, limits: ServerLimits, media: MediaAccess, api_key: str | None,
-                 default_params: SamplingParams | None = None):
+                 default_params: SamplingParams | None = None, timer: Callable[[float], Awaitable] = asyncio.sleep):
         self.llm = llm
+        self.timer = timer  # awaited for a request's time limit
         self.model_name = model_name
         self.default_params = default_params
         self.limits = limits
@@ -211,14 +214,18 @@ def _is_token_list(prompt) -> bool:
 # --- the app -----------------------------------------------------------------------------------
 
 def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, media: MediaAccess | None = None,
-               api_key: str | None = None, default_params: SamplingParams | None = None) -> FastAPI:
+               api_key: str | None = None, default_params: SamplingParams | None = None,
+               timer: Callable[[float], Awaitable] = asyncio.sleep) -> FastAPI:
     """An ASGI app serving `llm` (a loaded `Qwen2VL`) under OpenAI's API as `model_name`.
 
     `default_params` (`serve --temperature ...`) fill the sampling fields a request leaves unset.
+    `timer(seconds)` is awaited for each request's time limit (`limits.request_timeout_s`); a test
+    passes one that ends when it says so.
 
     The engine thread starts with the app (lifespan) and stops with it.
     """
-    server = OpenAIServer(llm, model_name, limits or ServerLimits(), media or MediaAccess(), api_key, default_params)
+    server = OpenAIServer(llm, model_name, limits or ServerLimits(), media or MediaAccess(), api_key, default_params,
+                          timer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

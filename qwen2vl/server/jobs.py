@@ -32,7 +32,8 @@ class Job:
         self.request_id = request.state.request_id
         self.num_choices = num_choices
         self.arrival = time.monotonic()
-        self.deadline = self.arrival + server.limits.request_timeout_s
+        # Done when the request's time is up (the server's timer: asyncio.sleep, or a test's own).
+        self.expired = asyncio.ensure_future(server.timer(server.limits.request_timeout_s))
         self.prompts: list[PreparedPrompt] = []
         self.streams: list[RequestStream] = []
         self._admitted = 0
@@ -120,6 +121,7 @@ class Job:
     def close(self) -> None:
         """Abort what is still running (freeing its KV blocks), count it under finish reason
         "abort" (the client left, or the request timed out), and give back the admission."""
+        self.expired.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
@@ -131,21 +133,30 @@ class Job:
         self.server.admission.release(self._admitted)
         self._admitted = 0
 
-    async def _in_time(self, awaitable):
-        try:
-            return await asyncio.wait_for(awaitable, max(self.deadline - time.monotonic(), 0))
-        except asyncio.TimeoutError:
+    async def _in_time(self, work: asyncio.Future):
+        if not await _before(work, self.expired):
             raise APIError(504, f"preparing the request ran past the server's limit of "
                                 f"{self.server.limits.request_timeout_s:g} s", "timeout_error",
-                           code="request_timeout") from None
+                           code="request_timeout")
+        return work.result()
 
     async def _watch(self) -> None:
-        try:
-            await asyncio.wait_for(_until_disconnected(self.request.receive), max(self.deadline - time.monotonic(), 0))
-        except asyncio.TimeoutError:
+        disconnected = asyncio.ensure_future(_until_disconnected(self.request.receive))
+        if not await _before(disconnected, self.expired):
             self._timed_out = True
         for stream in self.streams:
             stream.abort()
+
+
+async def _before(work: asyncio.Future, expired: asyncio.Future) -> bool:
+    """Wait for `work` or `expired`, whichever comes first: True if `work` finished in time (it
+    is cancelled otherwise, and if the waiting itself is cancelled)."""
+    try:
+        await asyncio.wait((work, expired), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not work.done():
+            work.cancel()
+    return work.done() and not work.cancelled()
 
 
 async def _until_disconnected(receive) -> None:
