@@ -409,9 +409,22 @@ def test_logit_bias(client, reference):
     expected = reference.chat(HELLO, max_tokens=4, temperature=0, logit_bias={token: 100}, ignore_eos=True)
     assert reply.choices[0].message.content == expected.text
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, logit_bias={"151669": 1})
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, logit_bias={"151936": 1})
     assert caught.value.body["param"] == "logit_bias"
-    assert "token id 151669 is outside the vocabulary [0, 151669)" in caught.value.body["message"]
+    assert "token id 151936 is outside the vocabulary [0, 151936)" in caught.value.body["message"]
+
+
+def test_token_ids_are_checked_against_the_models_vocabulary(client):
+    """Ids past the tokenizer's last token (151669) but below the model's `vocab_size` (151936) are
+    rows of the embedding and the head: accepted, as vLLM does (the tokenizer decodes them to "")."""
+    for extra in ({"logit_bias": {"151669": -100, "151935": 5}}, {"stop_token_ids": [151700]}):
+        reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, temperature=0, extra_body=extra)
+        assert reply.usage.completion_tokens >= 1
+    reply = client.completions.create(model=MODEL, prompt=[9707, 151935], max_tokens=2, temperature=0)
+    assert reply.usage.prompt_tokens == 2
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=[9707, 151936], max_tokens=2)
+    assert "prompt 0 has token id 151936, outside the vocabulary [0, 151936)" in caught.value.body["message"]
 
 
 def test_min_tokens_holds_back_stop_token_ids(client, reference):
@@ -756,7 +769,7 @@ BAD_REQUESTS = {
     "seed + n over int64": (lambda: _chat_body(HELLO, seed=(1 << 63) - 1, n=2), None, 400, "seed",
                             "over the int64 limit"),
     "logit_bias outside the vocabulary": (lambda: _chat_body(HELLO, logit_bias={"999999": 5}), None, 400, "logit_bias",
-                                          "token id 999999 is outside the vocabulary [0, 151669)"),
+                                          "token id 999999 is outside the vocabulary [0, 151936)"),
     "logit_bias over 100": (lambda: _chat_body(HELLO, logit_bias={"5": -101}), None, 400, "logit_bias",
                             "expected a number in [-100, 100]"),
     "stop_token_ids outside the vocabulary": (lambda: _chat_body(HELLO, stop_token_ids=[3, 200000]), None, 400,

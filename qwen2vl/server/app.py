@@ -72,7 +72,7 @@ class OpenAIServer:
         self.engine = AsyncEngine(llm.driver)
         self.processor = server_processor(llm.processor, media, limits)
         self.tokenizer = self.processor.tokenizer
-        self.vocab_size = self.tokenizer.vocab_size
+        self.vocab_size = llm.engine.config.text.vocab_size  # rows of the embedding and the head (the tokenizer names fewer)
         self.max_model_len = llm.engine.max_model_len
         self.admission = Admission(limits.max_requests_in_flight)
         self.metrics = Metrics()
