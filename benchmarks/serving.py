@@ -80,13 +80,16 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> RequestResult:
     return result
 
 
-async def run_level(url: str, headers: dict, model: str, concurrency: int, num_requests: int, args) -> dict:
+async def run_level(url: str, headers: dict, model: str, concurrency: int, num_requests: int, args,
+                    extra=None) -> dict:
+    """`num_requests` streamed chats, `concurrency` at a time; `extra(index)` adds fields to
+    request `index`'s body (warm-up requests have negative indexes)."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as client:
         def body(index: int) -> dict:
             return {"model": model, "messages": build_messages(args.prompt, args.image, index),
                     "max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}}
+                    "stream_options": {"include_usage": True}, **(extra(index) if extra else {})}
 
         await asyncio.gather(*(one_request(client, body(-1 - i)) for i in range(min(concurrency, 4))))  # warm up
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -124,7 +127,8 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`qwen2vl serve` in a subprocess (with `env` added to this process's environment)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -132,7 +136,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "qwen2vl.cli", "serve", "--model", args.model, "--host", "127.0.0.1",
                "--port", str(port), "--served-model-name", args.served_model_name, "--log-level", "warning",
                "--device", args.device, *args.server_args]
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
