@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .engine.block_manager import check_cache_salt
 from .engine.driver import EngineDriver, NewRequest
 from .engine_args import EngineArgs
 from .errors import InputError
@@ -108,10 +109,10 @@ class ChatStream:
     Dropping the stream early aborts the request and frees its cache.
     """
 
-    def __init__(self, llm: "Qwen2VL", prompt, params: SamplingParams):
+    def __init__(self, llm: "Qwen2VL", prompt, params: SamplingParams, cache_salt: str | None = None):
         self._llm, self._prompt = llm, prompt
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()
-        [self._request_id] = llm._submit([prompt], params, self._outputs.put, batch=False)
+        [self._request_id] = llm._submit([prompt], params, self._outputs.put, batch=False, cache_salt=cache_salt)
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -167,34 +168,40 @@ class Qwen2VL:
         return cls(engine, processor, model_dir)
 
     def chat(self, messages: Messages | list[Messages], params: SamplingParams | None = None, *,
-             stream: bool = False, **overrides):
+             stream: bool = False, cache_salt: str | None = None, **overrides):
         """Answer one conversation (a list of messages) or a batch of them.
 
         One conversation returns a `Completion`; a list of conversations returns a list of them,
         run together as one continuous batch. `stream=True` (one conversation) returns a `ChatStream` of text deltas.
         Keyword overrides set `SamplingParams` fields, under vLLM's or transformers' names
-        (`max_tokens` / `max_new_tokens`, `temperature`, `do_sample`, ...).
+        (`max_tokens` / `max_new_tokens`, `temperature`, `do_sample`, ...). With `cache_salt`
+        (a string), cached prompt blocks and image encodings are shared only with requests of
+        the same salt.
         """
+        check_cache_salt(cache_salt)
         params = SamplingParams.from_overrides(params, **overrides)
         batch = bool(messages) and isinstance(messages, list) and all(isinstance(m, list) for m in messages)
         if stream:
             if batch:
                 raise InputError("stream=True takes one conversation, not a list of conversations")
-            return self._stream(messages, params)
+            return self._stream(messages, params, cache_salt)
         conversations = messages if batch else [messages]
         prompts = media_map(lambda pair: self._prepare(pair[1], pair[0] if batch else None), enumerate(conversations))
-        completions = self._complete(prompts, params, batch)
+        completions = self._complete(prompts, params, batch, cache_salt)
         return completions if batch else completions[0]
 
-    def complete(self, prompts: list[PreparedPrompt], params: SamplingParams | None = None,
-                 **overrides) -> list[Completion]:
+    def complete(self, prompts: list[PreparedPrompt], params: SamplingParams | None = None, *,
+                 cache_salt: str | None = None, **overrides) -> list[Completion]:
         """Answer prompts prepared ahead (`llm.processor.prepare(messages)`, possibly in another
         process) as one continuous batch, as `chat` answers a list of conversations."""
-        return self._complete(prompts, SamplingParams.from_overrides(params, **overrides), batch=True)
+        check_cache_salt(cache_salt)
+        return self._complete(prompts, SamplingParams.from_overrides(params, **overrides), True, cache_salt)
 
-    def _complete(self, prompts: list[PreparedPrompt], params: SamplingParams, batch: bool) -> list[Completion]:
+    def _complete(self, prompts: list[PreparedPrompt], params: SamplingParams, batch: bool,
+                  cache_salt: str | None) -> list[Completion]:
         finals: queue.SimpleQueue = queue.SimpleQueue()
-        request_ids = self._submit(prompts, params, lambda item: _is_final(item) and finals.put(item), batch)
+        request_ids = self._submit(prompts, params, lambda item: _is_final(item) and finals.put(item), batch,
+                                   cache_salt)
         finished = {}
         try:
             while len(finished) < len(request_ids):
@@ -207,10 +214,10 @@ class Qwen2VL:
             self._abort([request_id for request_id in request_ids if request_id not in finished])
         return [self._completion(prompt, finished[request_id]) for prompt, request_id in zip(prompts, request_ids)]
 
-    def _submit(self, prompts, params: SamplingParams, sink, batch: bool) -> list[str]:
+    def _submit(self, prompts, params: SamplingParams, sink, batch: bool, cache_salt: str | None) -> list[str]:
         """Hand the prompts to the engine together; their request ids. If the engine refuses
         one, none of them runs and its error is raised, naming its conversation in a batch."""
-        accepted = self.driver.submit([NewRequest(prompt, params) for prompt in prompts], sink)
+        accepted = self.driver.submit([NewRequest(prompt, params, cache_salt=cache_salt) for prompt in prompts], sink)
         self.driver.pump(accepted.done)
         results = accepted.result()
         refused = [(index, error) for index, error in enumerate(results) if isinstance(error, BaseException)]
@@ -233,8 +240,8 @@ class Qwen2VL:
                 raise
             raise error.in_conversation(conversation_index) from None
 
-    def _stream(self, messages: Messages, params: SamplingParams) -> "ChatStream":
-        return ChatStream(self, self._prepare(messages, None), params)
+    def _stream(self, messages: Messages, params: SamplingParams, cache_salt: str | None) -> "ChatStream":
+        return ChatStream(self, self._prepare(messages, None), params, cache_salt)
 
     def _completion(self, prompt, output) -> Completion:
         if output.error:

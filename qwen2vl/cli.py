@@ -368,6 +368,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     default_params = _sampling_params(args)
     default_params.validate()  # a bad flag is the operator's error, not every client's 400
     api_key = args.api_key or os.environ.get("QWEN2VL_API_KEY")
+    if args.cache_salt_by_key and not api_key:
+        raise InputError("--cache-salt-by-key gives each API key its own cache: give the keys "
+                         "(--api-key or $QWEN2VL_API_KEY)")
     llm = _load(args)
     model_name = args.served_model_name or args.model or llm.model_dir.name
     url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}/v1"
@@ -378,7 +381,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"[serving {llm.model_dir} as model {model_name!r} at {url}"
           f"{', API key required' if api_key else ''}]", file=sys.stderr)
     serve(llm, model_name=model_name, host=args.host, port=args.port, limits=limits, media=media,
-          api_key=api_key, log_level=args.log_level, default_params=default_params)
+          api_key=api_key, log_level=args.log_level, default_params=default_params,
+          cache_salt_by_key=args.cache_salt_by_key)
     return 0
 
 
@@ -474,8 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", help="the model name clients send (default: --model as given, else the default model's directory name)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API (the page at /, /health, /openapi.json and /docs stay open) "
-                                         "(default: $QWEN2VL_API_KEY; unset = no key)")
+    serve.add_argument("--api-key", nargs="+", action="extend", metavar="KEY",
+                       help="require 'Authorization: Bearer KEY' on the API (the page at /, /health, /openapi.json "
+                            "and /docs stay open); with several (--api-key A B, or the flag repeated), any one of them "
+                            "(default: $QWEN2VL_API_KEY; unset = no key)")
+    serve.add_argument("--cache-salt-by-key", action="store_true",
+                       help="each API key its own prefix and vision cache: a request reuses (and can time) only "
+                            "prompts sent with its own key (default: one cache shared by all, which is faster)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     group = serve.add_argument_group("media sources")
     group.add_argument("--allow-remote-media", action="store_true",

@@ -59,6 +59,23 @@ def test_loopback_or_a_key_does_not_warn(tiny_ckpt, served, capsys, monkeypatch,
     assert served[-1]["api_key"] == "secret"
 
 
+def test_several_api_keys_and_a_cache_salt_per_key(tiny_ckpt, served, monkeypatch):
+    monkeypatch.delenv("QWEN2VL_API_KEY", raising=False)
+    assert main(["serve", "--model", str(tiny_ckpt), "--api-key", "a", "b", "--api-key", "c", "--cache-salt-by-key"]) == 0
+    assert served[-1]["api_key"] == ["a", "b", "c"] and served[-1]["cache_salt_by_key"] is True
+    assert main(["serve", "--model", str(tiny_ckpt), "--api-key", "a"]) == 0
+    assert served[-1]["api_key"] == ["a"] and served[-1]["cache_salt_by_key"] is False
+
+
+def test_cache_salt_by_key_without_a_key_is_refused_before_loading(tiny_ckpt, served, capsys, monkeypatch):
+    monkeypatch.delenv("QWEN2VL_API_KEY", raising=False)
+    monkeypatch.setattr(Qwen2VL, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(["serve", "--model", str(tiny_ckpt), "--cache-salt-by-key"]) == 2
+    assert capsys.readouterr().err == ("qwen2vl: error: --cache-salt-by-key gives each API key its own cache: give "
+                                       "the keys (--api-key or $QWEN2VL_API_KEY)\n")
+    assert served == []
+
+
 def test_without_the_server_extra_serve_says_what_to_install(tiny_ckpt, capsys, monkeypatch):
     monkeypatch.delitem(sys.modules, "qwen2vl.server.app", raising=False)
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed

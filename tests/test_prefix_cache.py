@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from qwen2vl import Qwen2VL
-from qwen2vl.engine.block_manager import block_digest
+from qwen2vl.engine.block_manager import block_digest, salt_digest
+from qwen2vl.errors import InputError
 from qwen2vl.processor.types import PreparedPrompt
 from qwen2vl.sampling_params import SamplingParams
 from test_engine import (CONVERSATIONS, GREEDY, drain, hf_model, make_engine, model, picture,  # noqa: F401
@@ -190,3 +191,74 @@ def test_the_vision_cache_encodes_an_image_once(model, processor, prompts, singl
     outputs = run(engine, [prompts["image"]]) + run(engine, [prompts["image"]])
     assert encoded == [1] and engine.vision_cache.num_hits == 1
     assert [o.token_ids for o in outputs] == [singles["image"].token_ids] * 2
+
+
+def _salted(engine, prompt, cache_salt):
+    """Run `prompt` alone under `cache_salt`; its final output."""
+    request_id = engine.add_request(prompt, GREEDY, cache_salt=cache_salt)
+    return drain(engine)[request_id]
+
+
+def _count_encodings(engine, monkeypatch) -> list[int]:
+    """The number of vision items each call of the vision encoder gets, as it is called."""
+    encoded = []
+    encode = engine.runner.encode_vision
+    monkeypatch.setattr(engine.runner, "encode_vision",
+                        lambda works: encoded.append(sum(len(w.items) for w in works)) or encode(works))
+    return encoded
+
+
+def test_a_cache_salt_shares_blocks_only_within_itself(model, processor, prompts, singles, monkeypatch):  # noqa: F811
+    """The same image prompt under two salts shares no block and is encoded for each; under one
+    salt (or none, as before) it is shared."""
+    prompt = prompts["image"]
+    engine = make_engine(model, processor)
+    encoded = _count_encodings(engine, monkeypatch)
+    outputs = [_salted(engine, prompt, salt) for salt in ("alice", "bob", None, "alice", None, "bob")]
+    full = 16 * ((len(prompt) - 1) // 16)
+    assert cached(outputs) == [0, 0, 0, full, full, full]
+    # once per salt; each repeat starts from its salt's blocks (which end inside the image: the
+    # rest of its rows come from its salt's vision cache)
+    assert encoded == [1, 1, 1] and engine.vision_cache.num_hits == 3
+    assert [o.token_ids for o in outputs] == [singles["image"].token_ids] * 6
+    assert engine.num_free_blocks == engine.num_total_blocks
+
+
+def test_the_vision_cache_is_shared_only_within_a_salt(model, processor, prompts, singles, monkeypatch):  # noqa: F811
+    engine = make_engine(model, processor, prefix_caching=False)
+    encoded = _count_encodings(engine, monkeypatch)
+    outputs = [_salted(engine, prompts["image"], salt) for salt in ("alice", "bob", "alice", None, None)]
+    assert encoded == [1, 1, 1] and engine.vision_cache.num_hits == 2  # alice's and the unsalted repeat
+    assert [o.token_ids for o in outputs] == [singles["image"].token_ids] * 5
+
+
+def test_a_salt_is_the_first_blocks_parent():
+    first = block_digest(salt_digest("alice"), [1, 2, 3, 4], [])
+    assert salt_digest(None) == b"" and len(salt_digest("alice")) == 32
+    assert first != block_digest(b"", [1, 2, 3, 4], []) != block_digest(salt_digest("bob"), [1, 2, 3, 4], [])
+    assert first == block_digest(salt_digest("alice"), [1, 2, 3, 4], [])
+    assert salt_digest("\ud800") != salt_digest("\ud801")  # lone surrogates hash too
+
+
+@pytest.mark.parametrize("salt, message", [(7, "cache_salt must be a string, not int"),
+                                           ("", "cache_salt has 0 characters; give 1 to 256"),
+                                           ("x" * 257, "cache_salt has 257 characters; give 1 to 256")])
+def test_a_bad_cache_salt_is_refused_by_name(model, processor, prompts, salt, message):  # noqa: F811
+    engine = make_engine(model, processor)
+    with pytest.raises(InputError, match=message) as caught:
+        engine.add_request(prompts["text"], GREEDY, cache_salt=salt)
+    assert caught.value.field == "cache_salt" and not engine.has_unfinished()
+
+
+def test_the_python_api_takes_a_cache_salt(tiny_ckpt):
+    llm = Qwen2VL.from_pretrained(tiny_ckpt, num_kv_blocks=64)
+    turn = [user({"type": "image", "image": picture(84, 56, 1)}, "Describe this image.")]
+    greedy = dict(max_tokens=2, temperature=0)
+    first = llm.chat(turn, cache_salt="alice", **greedy)
+    assert llm.chat(turn, cache_salt="bob", **greedy).usage.cached_tokens == 0
+    streamed = llm.chat(turn, cache_salt="carol", stream=True, **greedy)
+    assert "".join(streamed) == first.text and streamed.completion.usage.cached_tokens == 0
+    assert llm.complete([llm.processor.prepare(turn)], cache_salt="dave", **greedy)[0].usage.cached_tokens == 0
+    assert llm.chat(turn, cache_salt="alice", **greedy).usage.cached_tokens > 0
+    with pytest.raises(InputError, match="cache_salt must be a string, not bytes"):
+        llm.chat(turn, cache_salt=b"alice")

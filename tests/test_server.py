@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import http.server
 import io
 import json
@@ -781,6 +782,10 @@ BAD_REQUESTS = {
     "image_url as a bare string": (lambda: _chat_body([{"role": "user", "content": [
         {"type": "image_url", "image_url": _png_uri()}]}]), None, 400, "messages[0].content[0].image_url",
         'expected an object {"url": ...}'),
+    "cache_salt not a string": (lambda: _chat_body(HELLO, cache_salt=42), None, 400, "cache_salt", "valid string"),
+    "empty cache_salt": (lambda: _chat_body(HELLO, cache_salt=""), None, 400, "cache_salt", "at least 1 character"),
+    "cache_salt over 256 characters": (lambda: _chat_body(HELLO, cache_salt="s" * 257), None, 400, "cache_salt",
+                                       "at most 256 characters"),
     "video_url as a bare string": (lambda: _chat_body([{"role": "user", "content": [
         {"type": "video_url", "video_url": "https://example.com/v.mp4"}]}]), None, 400,
         "messages[0].content[0].video_url", "not a bare string"),
@@ -886,3 +891,64 @@ def test_a_repeated_prompt_reports_its_cached_tokens(server):
     assert _metric(server, "qwen2vl_prefix_cache_hit_tokens_total") - hits >= usage[1]["prompt_tokens_details"]["cached_tokens"]
     assert _metric(server, "qwen2vl_prefix_cache_queried_tokens_total") - queried >= 2 * usage[0]["prompt_tokens"]
     assert "qwen2vl_vision_cache_hits_total" in httpx.get(server.url + "/metrics", headers=HEADERS).text
+
+
+def _cached_tokens(server, path: str, body: dict, key: str = API_KEY) -> int:
+    response = httpx.post(server.url + path, json={"model": MODEL, "max_tokens": 2, **body},
+                          headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+ALICES_IMAGE = _image_messages(_png_uri(56, 56, (23, 140, 90)), text="Describe the picture in great detail. " * 3)
+
+
+def test_another_salt_learns_nothing_of_a_users_image(server):
+    """User B sending user A's image under another cache_salt finds none of A's blocks (nor its
+    encoding); under A's salt, or without a salt on both sides as before, the cache is shared."""
+    def cached(**salt) -> int:
+        return _cached_tokens(server, "/v1/chat/completions", {"messages": ALICES_IMAGE, **salt})
+
+    assert cached(cache_salt="alice-8f3a9c") == 0
+    vision_hits = _metric(server, "qwen2vl_vision_cache_hits_total")
+    assert cached(cache_salt="bob-27d1e0") == 0
+    assert cached() == 0
+    assert _metric(server, "qwen2vl_vision_cache_hits_total") == vision_hits  # encoded again for each
+    assert cached(cache_salt="alice-8f3a9c") >= 16 and cached() >= 16
+
+
+def test_a_cache_salt_on_text_completions(server):
+    prompt = "A long preamble that two users happen to share, word for word. " * 3
+    def cached(salt: str) -> int:
+        return _cached_tokens(server, "/v1/completions", {"prompt": prompt, "cache_salt": salt})
+
+    assert cached("alice-8f3a9c") == cached("bob-27d1e0") == 0
+    assert cached("alice-8f3a9c") >= 16
+
+
+def test_cache_salt_by_key_gives_each_key_its_own_cache(tiny_ckpt, monkeypatch):
+    llm = Qwen2VL.from_pretrained(tiny_ckpt, device="cpu", max_model_len=MAX_MODEL_LEN)
+    salts = []
+    add_request = llm.engine.add_request
+    monkeypatch.setattr(llm.engine, "add_request", lambda *args, cache_salt=None: salts.append(cache_salt)
+                        or add_request(*args, cache_salt=cache_salt))
+    alice, bob = "key-of-alice", "key-of-bob"
+    running = RunningServer(llm, api_key=[alice, bob], cache_salt_by_key=True)
+    try:
+        def cached(key: str, **salt) -> int:
+            return _cached_tokens(running, "/v1/chat/completions", {"messages": ALICES_IMAGE, **salt}, key)
+
+        assert cached(alice) == 0
+        assert cached(bob) == 0  # bob sends alice's image
+        assert cached(alice) >= 16
+        assert cached(bob, cache_salt="team") == cached(alice, cache_salt="team") == 0  # one salt, two keys: two caches
+        assert cached(bob) >= 16
+        wrong = httpx.post(running.url + "/v1/chat/completions", json={"messages": HELLO},
+                           headers={"Authorization": "Bearer key-of-carol"}, timeout=30)
+        assert wrong.status_code == 401
+    finally:
+        running.stop()
+    # one salt per key (and per key and request salt), none of which shows the key
+    assert len(salts) == 6 and len(set(salts)) == 4
+    assert all(len(salt) == 64 and alice not in salt and bob not in salt for salt in salts)
+    assert hashlib.blake2b(alice.encode(), digest_size=32).hexdigest() not in salts

@@ -305,7 +305,7 @@ class _FakeEngine:
     def has_unfinished(self):
         return bool(self.requests)
 
-    def add_request(self, prompt, params, request_id):
+    def add_request(self, prompt, params, request_id, cache_salt=None):
         if len(prompt) < 2:
             raise InputError("the prompt is too short")
         self.requests[request_id] = 0

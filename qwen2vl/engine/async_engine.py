@@ -108,7 +108,8 @@ class AsyncEngine:
             stream._deliver(EngineStopped("the server is shutting down"))
             stream.abort()
 
-    async def add_request(self, prompt: PreparedPrompt, params: SamplingParams, request_id: str) -> RequestStream:
+    async def add_request(self, prompt: PreparedPrompt, params: SamplingParams, request_id: str,
+                          cache_salt: str | None = None) -> RequestStream:
         """Hand a request to the engine; returns its stream once the engine took it.
 
         Raises what `LLMEngine.add_request` raised for it (`InputError` for a bad request).
@@ -128,7 +129,7 @@ class AsyncEngine:
             except RuntimeError:  # the event loop is closed: nobody is left to read outputs
                 pass
 
-        accepted = self.driver.submit([NewRequest(prompt, params, request_id)], deliver, background=True)
+        accepted = self.driver.submit([NewRequest(prompt, params, request_id, cache_salt)], deliver, background=True)
         try:
             [result] = await asyncio.shield(asyncio.wrap_future(accepted))
         except asyncio.CancelledError:

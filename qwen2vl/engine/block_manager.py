@@ -6,11 +6,37 @@ import hashlib
 from collections import OrderedDict
 
 from qwen2vl.engine.sequence import Sequence
+from qwen2vl.errors import InputError
+
+MAX_CACHE_SALT_CHARS = 256  # a 256-bit random salt is 43 base64 characters
+
+
+def check_cache_salt(cache_salt: object) -> None:
+    """A request's `cache_salt` is None (the shared cache) or a non-empty string of at most
+    `MAX_CACHE_SALT_CHARS` characters."""
+    if cache_salt is None:
+        return
+    if not isinstance(cache_salt, str):
+        raise InputError(f"cache_salt must be a string, not {type(cache_salt).__name__}", field="cache_salt")
+    if not 0 < len(cache_salt) <= MAX_CACHE_SALT_CHARS:
+        raise InputError(f"cache_salt has {len(cache_salt)} characters; give 1 to {MAX_CACHE_SALT_CHARS}",
+                         field="cache_salt")
+
+
+def salt_digest(cache_salt: str | None) -> bytes:
+    """The parent of a request's first block: none without a salt, else the salt's own digest,
+    so that requests share blocks (and everything after them) only within one salt.
+
+    Personalized apart from `block_digest`, so no salt's digest is any block's."""
+    if cache_salt is None:
+        return b""
+    return hashlib.blake2b(cache_salt.encode("utf-8", "surrogatepass"), digest_size=32, person=b"qwen2vl salt").digest()
 
 
 def block_digest(parent: bytes, token_ids: list[int], media: list[tuple[bytes, int]]) -> bytes:
-    """The identity of a full block: its parent's digest, its token ids, and for the images and
-    videos whose pad tokens it holds, each one's digest and the offset of its first pad here.
+    """The identity of a full block: its parent's digest (for a first block, `salt_digest`), its
+    token ids, and for the images and videos whose pad tokens it holds, each one's digest and
+    the offset of its first pad here.
 
     Cryptographic (BLAKE2b) so that no prompt can be made to collide with another's blocks;
     media enter by the digest of their processed pixels, so two images of one size (the same pad
@@ -30,7 +56,8 @@ class BlockManager:
 
     A sequence holds `ceil(tokens / block_size)` blocks for the tokens it has in the cache (or is
     about to compute), listed in `seq.block_table`. With `prefix_caching`, each full block that
-    was computed is registered under its digest (chained from its parent's, see `block_digest`);
+    was computed is registered under its digest (chained from its parent's and from the
+    request's `cache_salt`, see `block_digest`);
     blocks are reference-counted, a new sequence starts from the longest run of registered blocks
     matching its tokens, and a block nobody holds stays registered (evictable) until a block is
     needed and no never-registered one is free: then the least recently used goes.
@@ -141,6 +168,6 @@ class BlockManager:
         size = self.block_size
         while len(digests) < num_blocks:
             start = len(digests) * size
-            parent = digests[-1] if digests else b""
+            parent = digests[-1] if digests else salt_digest(seq.cache_salt)
             digests.append(block_digest(parent, seq.token_ids[start:start + size], seq.media_in(start, start + size)))
         return digests[:num_blocks]

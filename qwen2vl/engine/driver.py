@@ -40,6 +40,7 @@ class NewRequest:
     prompt: PreparedPrompt
     params: SamplingParams | None
     request_id: str | None = None
+    cache_salt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,8 @@ class EngineDriver:
         results = []
         for request in command.requests:
             try:
-                request_id = self.engine.add_request(request.prompt, request.params, request.request_id)
+                request_id = self.engine.add_request(request.prompt, request.params, request.request_id,
+                                                     cache_salt=request.cache_salt)
                 self._sinks[request_id] = command.sink
                 if command.background:
                     with self._cond:

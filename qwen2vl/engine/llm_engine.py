@@ -1,12 +1,13 @@
 """The engine: requests in, one batched step at a time, outputs out."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
 
 from qwen2vl.engine.batch import LaunchedStep
-from qwen2vl.engine.block_manager import BlockManager
+from qwen2vl.engine.block_manager import BlockManager, check_cache_salt
 from qwen2vl.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from qwen2vl.engine.scheduler import Scheduler, StepPlan, VisionWork
 from qwen2vl.engine.sequence import RequestOutput, Sequence
@@ -137,9 +138,14 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def add_request(self, prompt: PreparedPrompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(self, prompt: PreparedPrompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    *, cache_salt: str | None = None) -> str:
         """Validate and queue a request; returns its id. Raises `InputError` for a bad request
-        (which leaves the engine and its other requests untouched)."""
+        (which leaves the engine and its other requests untouched).
+
+        With a `cache_salt`, the request shares cached blocks and vision encodings only with
+        requests of the same salt (None: with all unsalted requests)."""
+        check_cache_salt(cache_salt)
         params = (params or SamplingParams()).resolve(self.generation_config, self.config.text.vocab_size)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
@@ -165,6 +171,7 @@ class LLMEngine:
             generator=generator,
             item_tokens=item_tokens,
             constraint=constraint,
+            cache_salt=cache_salt,
         )
         if seq.num_vision_tokens != sum(item_tokens):
             raise InputError(
@@ -236,14 +243,14 @@ class LLMEngine:
             indices, items = [], []
             for index, item in zip(work.indices, work.items):
                 # the digest hashes the pixels: not computed when the cache is off
-                cached = self.vision_cache.get(item.digest) if self.vision_cache.max_bytes else None
+                cached = self.vision_cache.get(work.cache_salt, item.digest) if self.vision_cache.max_bytes else None
                 if cached is not None:
                     store[index] = cached
                 else:
                     indices.append(index)
                     items.append(item)
             if indices:
-                missing.append(VisionWork(work.request_id, indices, items))
+                missing.append(dataclasses.replace(work, indices=indices, items=items))
         return self._encode_missing(missing)
 
     def _encode_missing(self, works: list[VisionWork]) -> list[Sequence]:
@@ -254,7 +261,7 @@ class LLMEngine:
                 for index, item, item_embeds in zip(work.indices, work.items, embeds):
                     self._vision_embeds[work.request_id][index] = item_embeds
                     if self.vision_cache.max_bytes:
-                        self.vision_cache.put(item.digest, item_embeds)
+                        self.vision_cache.put(work.cache_salt, item.digest, item_embeds)
             return []
         except Exception as e:
             if len(works) > 1:

@@ -67,11 +67,13 @@ class ScheduledSpan:
 
 @dataclass(frozen=True)
 class VisionWork:
-    """Images and videos of one request (its items `indices`), to encode before its span runs."""
+    """Images and videos of one request (its items `indices`), to encode before its span runs;
+    their encodings are shared with other requests of its `cache_salt` only."""
 
     request_id: str
     indices: list[int]
     items: list[VisionItem]
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -244,7 +246,8 @@ class Scheduler:
         for seq, num_tokens in scheduled:
             indices = seq.items_to_encode
             if indices:
-                encode.append(VisionWork(seq.request_id, indices, [seq.prompt.vision_items[i] for i in indices]))
+                encode.append(VisionWork(seq.request_id, indices, [seq.prompt.vision_items[i] for i in indices],
+                                         seq.cache_salt))
                 seq.encoded_items.update(indices)
             spans.append(make_span(seq, seq.num_computed_tokens, num_tokens))
             seq.num_computed_tokens += num_tokens

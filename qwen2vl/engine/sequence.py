@@ -48,7 +48,7 @@ class RequestOutput:
 
 class Sequence:
     """A request in the engine: its tokens, KV blocks, vision inputs, positions, sampling
-    parameters, random generator and detokenizer. Its vision embeddings are the engine's (kept
+    parameters, random generator, detokenizer and cache salt. Its vision embeddings are the engine's (kept
     across preemption, so recomputing a prompt never re-encodes its images).
 
     `token_ids` holds the prompt and then the generated tokens; the first `num_computed_tokens`
@@ -71,8 +71,10 @@ class Sequence:
         generator: torch.Generator | None,
         item_tokens: list[int] | None = None,
         constraint=None,
+        cache_salt: str | None = None,
     ):
         self.request_id = request_id
+        self.cache_salt = cache_salt  # its prefix and vision cache entries are shared only within this salt
         self.prompt = prompt
         self.params = params
         self.token_ids = list(prompt.input_ids)

@@ -8,27 +8,30 @@ import torch
 
 class VisionCache:
     """Least recently used first out, under `max_bytes` of embeddings (0: off). An entry is the
-    embeddings of one image or video, keyed by `VisionItem.digest` (its processed pixels)."""
+    embeddings of one image or video, keyed by `VisionItem.digest` (its processed pixels) and the
+    `cache_salt` of the request that encoded it: a request finds only its own salt's entries."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.num_bytes = 0
         self.num_hits = 0
-        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[tuple[str | None, bytes], torch.Tensor] = OrderedDict()
 
-    def get(self, digest: bytes) -> torch.Tensor | None:
-        embeds = self._entries.get(digest)
+    def get(self, cache_salt: str | None, digest: bytes) -> torch.Tensor | None:
+        key = (cache_salt, digest)
+        embeds = self._entries.get(key)
         if embeds is not None:
-            self._entries.move_to_end(digest)
+            self._entries.move_to_end(key)
             self.num_hits += 1
         return embeds
 
-    def put(self, digest: bytes, embeds: torch.Tensor) -> None:
+    def put(self, cache_salt: str | None, digest: bytes, embeds: torch.Tensor) -> None:
+        key = (cache_salt, digest)
         size = embeds.numel() * embeds.element_size()
-        if size > self.max_bytes or digest in self._entries:
+        if size > self.max_bytes or key in self._entries:
             return
         while self.num_bytes + size > self.max_bytes:
             _, old = self._entries.popitem(last=False)
             self.num_bytes -= old.numel() * old.element_size()
-        self._entries[digest] = embeds
+        self._entries[key] = embeds
         self.num_bytes += size

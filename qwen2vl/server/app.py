@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -61,14 +63,20 @@ PAGE_DIR = Path(__file__).with_name("static")
 class OpenAIServer:
     """Routes and shared state of one app: engine loop, processor, limits, metrics."""
 
-    def __init__(self, llm, model_name: str, limits: ServerLimits, media: MediaAccess, api_key: str | None,
-                 default_params: SamplingParams | None = None, timer: Callable[[float], Awaitable] = asyncio.sleep):
+    def __init__(self, llm, model_name: str, limits: ServerLimits, media: MediaAccess,
+                 api_key: str | Sequence[str] | None, default_params: SamplingParams | None = None,
+                 cache_salt_by_key: bool = False, timer: Callable[[float], Awaitable] = asyncio.sleep):
         self.llm = llm
         self.timer = timer  # awaited for a request's time limit
         self.model_name = model_name
         self.default_params = default_params
         self.limits = limits
-        self.api_key = api_key or None
+        self.api_keys = tuple(key for key in ([api_key] if isinstance(api_key, str) else api_key or ()) if key)
+        if cache_salt_by_key and not self.api_keys:
+            raise ValueError("cache_salt_by_key needs API keys: without them every client is one user")
+        self.cache_salt_by_key = cache_salt_by_key
+        # Per process: a key's salt never leaves the server, and could not be traced back to the key if it did.
+        self._salt_secret = secrets.token_bytes(32)
         self.engine = AsyncEngine(llm.driver)
         self.processor = server_processor(llm.processor, media, limits)
         self.tokenizer = self.processor.tokenizer
@@ -94,7 +102,7 @@ class OpenAIServer:
         params = self._choice_params(body, max_tokens, answer.top, num_prompts=1)
         messages, tools = body.processor_messages(), body.template_tools()
         job = Job(self, request, len(params))
-        await _start(job, body, lambda: self._prepare_chat(messages, tools), params)
+        await _start(job, body, lambda: self._prepare_chat(messages, tools), params, self._cache_salt(request, body))
         return await _respond(answer, job)
 
     async def completions(self, request: Request) -> Response:
@@ -108,7 +116,7 @@ class OpenAIServer:
         answer = CompletionFormat(body, self.model_name, self.token_texts)
         params = self._choice_params(body, body.max_tokens, answer.top, num_prompts=len(prompts))
         job = Job(self, request, len(prompts) * len(params))
-        await _start(job, body, lambda: self._prepare_text(prompts), params)
+        await _start(job, body, lambda: self._prepare_text(prompts), params, self._cache_salt(request, body))
         return await _respond(answer, job)
 
     async def models(self, request: Request) -> Response:
@@ -148,6 +156,17 @@ class OpenAIServer:
         defaults = {name: value for name, value in dataclasses.asdict(self.default_params).items()
                     if value is not None and name in type(body).model_fields and name not in given}
         return body.model_copy(update=defaults)
+
+    def _cache_salt(self, request: Request, body) -> str | None:
+        """The request's `cache_salt`; with `cache_salt_by_key`, one of its API key's own
+        (the key, and the request's salt if any, hashed under the server's secret)."""
+        if not self.cache_salt_by_key:
+            return body.cache_salt
+        digest = hashlib.blake2b(key=self._salt_secret, digest_size=32)
+        for part in (request.state.api_key, body.cache_salt or ""):
+            data = part.encode("utf-8", "surrogatepass")
+            digest.update(len(data).to_bytes(8, "little") + data)
+        return digest.hexdigest()
 
     def _check_common(self, body) -> None:
         """The checks chat and text completions share beyond the schema."""
@@ -191,11 +210,11 @@ class OpenAIServer:
         return prepared
 
 
-async def _start(job: Job, body, prepare, params: list[SamplingParams]) -> None:
+async def _start(job: Job, body, prepare, params: list[SamplingParams], cache_salt: str | None) -> None:
     """`job.start`, an input error the engine raises (compiling a constraint) named as the request
     names its field (`response_format`, `tools`, `max_completion_tokens`)."""
     try:
-        await job.start(prepare, params)
+        await job.start(prepare, params, cache_salt)
     except InputError as error:
         raise body.located(error) from None
 
@@ -214,18 +233,20 @@ def _is_token_list(prompt) -> bool:
 # --- the app -----------------------------------------------------------------------------------
 
 def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, media: MediaAccess | None = None,
-               api_key: str | None = None, default_params: SamplingParams | None = None,
-               timer: Callable[[float], Awaitable] = asyncio.sleep) -> FastAPI:
+               api_key: str | Sequence[str] | None = None, default_params: SamplingParams | None = None,
+               cache_salt_by_key: bool = False, timer: Callable[[float], Awaitable] = asyncio.sleep) -> FastAPI:
     """An ASGI app serving `llm` (a loaded `Qwen2VL`) under OpenAI's API as `model_name`.
 
-    `default_params` (`serve --temperature ...`) fill the sampling fields a request leaves unset.
-    `timer(seconds)` is awaited for each request's time limit (`limits.request_timeout_s`); a test
-    passes one that ends when it says so.
+    `api_key`: one key or several, any of which a client may send. `default_params` (`serve
+    --temperature ...`) fill the sampling fields a request leaves unset. `cache_salt_by_key`:
+    each API key its own prefix and vision cache (requests share cached prompts only with
+    requests sent with the same key). `timer(seconds)` is awaited for each request's time limit
+    (`limits.request_timeout_s`); a test passes one that ends when it says so.
 
     The engine thread starts with the app (lifespan) and stops with it.
     """
     server = OpenAIServer(llm, model_name, limits or ServerLimits(), media or MediaAccess(), api_key, default_params,
-                          timer)
+                          cache_salt_by_key, timer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -268,16 +289,16 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
     # the chat page (static/, package data): public, it asks for the API key itself
     app.add_api_route("/", lambda: FileResponse(PAGE_DIR / "index.html"), methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
-    app.openapi = lambda: openapi_document(app, with_api_key=server.api_key is not None)
+    app.openapi = lambda: openapi_document(app, with_api_key=bool(server.api_keys))
     return app
 
 
 def serve(llm, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,
-          media: MediaAccess | None = None, api_key: str | None = None, log_level: str = "info",
-          default_params: SamplingParams | None = None) -> None:
+          media: MediaAccess | None = None, api_key: str | Sequence[str] | None = None, log_level: str = "info",
+          default_params: SamplingParams | None = None, cache_salt_by_key: bool = False) -> None:
     """Run the server until interrupted (blocking)."""
     import uvicorn
 
     app = create_app(llm, model_name=model_name, limits=limits, media=media, api_key=api_key,
-                     default_params=default_params)
+                     default_params=default_params, cache_salt_by_key=cache_salt_by_key)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -68,15 +68,20 @@ class RequestGate:
             self.server.metrics.requests.inc(_endpoint(scope["path"]), str(status))
 
     def _authorize(self, scope) -> None:
-        key = self.server.api_key
-        if key is None or scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PAGE_PREFIX):
+        """Any one of the server's keys opens the API; the request's state keeps which one (with
+        `cache_salt_by_key`, the key decides the request's cache salt)."""
+        keys = self.server.api_keys
+        if not keys or scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PAGE_PREFIX):
             return
         scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
         if not token:
             raise APIError(401, "no API key: send it as 'Authorization: Bearer <key>'", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        sent = token.strip().encode()
+        matches = [key for key in keys if hmac.compare_digest(sent, key.encode())]  # every key compared: no timing hint
+        if scheme.lower() != "bearer" or not matches:
             raise APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        scope["state"]["api_key"] = matches[0]
 
     async def _read_body(self, scope, receive) -> bytes:
         limit = self.server.limits.max_body_bytes

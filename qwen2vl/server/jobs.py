@@ -41,9 +41,11 @@ class Job:
         self._timed_out = False
         self._num_finished = 0
 
-    async def start(self, prepare: Callable[[], list[PreparedPrompt]], params: list[SamplingParams]) -> None:
+    async def start(self, prepare: Callable[[], list[PreparedPrompt]], params: list[SamplingParams],
+                    cache_salt: str | None = None) -> None:
         """Admit, prepare the prompts in a worker thread and hand `len(prompts) * len(params)`
-        requests to the engine (choice `p * len(params) + i` is prompt p with params i)."""
+        requests to the engine (choice `p * len(params) + i` is prompt p with params i), all
+        under `cache_salt`."""
         server = self.server
         server.admission.acquire(self.num_choices)
         self._admitted = self.num_choices
@@ -54,7 +56,7 @@ class Job:
                 server.limits.check_prompt_length(len(prompt), server.max_model_len)
             requests = [(prompt, choice_params) for prompt in self.prompts for choice_params in params]
             added = await asyncio.gather(
-                *(server.engine.add_request(prompt, choice_params, f"{self.request_id}-{index}")
+                *(server.engine.add_request(prompt, choice_params, f"{self.request_id}-{index}", cache_salt)
                   for index, (prompt, choice_params) in enumerate(requests)),
                 return_exceptions=True,
             )

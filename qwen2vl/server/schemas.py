@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from qwen2vl.engine.block_manager import MAX_CACHE_SALT_CHARS
 from qwen2vl.errors import InputError
 from qwen2vl.sampling_params import SamplingParams
 from qwen2vl.structured import KINDS, response_format_fields
@@ -200,6 +201,9 @@ class _SamplingRequest(_Strict):
     stop_token_ids: list[Integer] | None = None
     ignore_eos: bool = False
     min_tokens: Integer = 0
+    cache_salt: Annotated[str, Field(min_length=1, max_length=MAX_CACHE_SALT_CHARS)] | None = Field(
+        None, description="cached prompt blocks and image encodings are shared only with requests of the same salt "
+                          "(a random string kept secret, such as 43 base64 characters: 256 bits)")
     # accepted and ignored
     user: str | None = None
     metadata: dict[str, str] | None = None
