@@ -10,7 +10,6 @@ import base64
 import binascii
 import http.client
 import ipaddress
-import math
 import os
 import re
 import socket
@@ -96,8 +95,9 @@ def resolve(source: str, policy: MediaPolicy) -> MediaSource:
 
 def fetch_url(url: str, policy: MediaPolicy) -> MediaSource:
     """The body of an http(s) URL, following redirects. Each hop's host is resolved once, every
-    address it resolves to checked, and the connection made to a checked address; all hops
-    together must finish within `policy.timeout` seconds (the name lookups aside)."""
+    address it resolves to checked, and the connection made to a checked address (never through a
+    proxy, which would resolve the name again); all hops together must finish within
+    `policy.timeout` seconds, the name lookups aside."""
     if not policy.allow_remote:
         raise MediaError(f"fetching remote media is disabled: {_short(url)}")
     what = _short(url)
@@ -190,10 +190,14 @@ class _CheckedConnection(http.client.HTTPConnection):
         self.tls = tls
 
     def connect(self) -> None:
-        context = _tls_context() if self.tls else None
         sock = _open_socket(self.addresses, self.deadline)
-        if context is not None:
-            sock = context.wrap_socket(sock, server_hostname=self.host)
+        if self.tls:
+            try:
+                sock.settimeout(_remaining(self.deadline))  # bounds the whole handshake
+                sock = _tls_context().wrap_socket(sock, server_hostname=self.host)
+            except BaseException:
+                sock.close()
+                raise
             sock.deadline = self.deadline
         self.sock = sock
 
@@ -225,9 +229,9 @@ def _open_socket(addresses: list, deadline: float) -> socket.socket:
 class _Deadline:
     """Mixed into a socket class: each receive and send waits only until `deadline` (a
     `time.monotonic()` value), so a peer dripping a byte at a time is cut off at the deadline too,
-    in the headers as in the body. (A TLS handshake is bounded by the timeout the socket had.)"""
+    in the headers as in the body."""
 
-    deadline = math.inf
+    deadline: float  # set on each socket as soon as it exists
 
     def recv_into(self, *args, **kwargs):
         self.settimeout(_remaining(self.deadline))
