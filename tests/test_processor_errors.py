@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import base64
 import http.server
+import io
+import socket
+import ssl
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +17,9 @@ from PIL import Image
 from processor_reference import write_checkpoint_files
 
 from qwen2vl.errors import InputError, MediaError
-from qwen2vl.processor import Processor
+from qwen2vl.processor import MediaPolicy, Processor
+
+TLS = Path(__file__).parent / "tls"
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +54,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/slow":
             time.sleep(2)
+        if self.path == "/drip":  # headers at once, then 100 bytes of body at one byte per 50 ms
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            self._drip(b"x" * 100)
+            return
+        if self.path == "/drip-headers":  # the headers themselves at one byte per 50 ms
+            self.wfile.write(b"HTTP/1.0 200 OK\r\n")
+            self._drip(b"X-Padding: " + b"x" * 100 + b"\r\n\r\n")
+            return
+        if self.path.startswith("/hop/"):  # /hop/N: a redirect to /hop/N-1 after 200 ms; /hop/0 to the image
+            hops = int(self.path.rsplit("/", 1)[1])
+            time.sleep(0.2)
+            self.send_response(302)
+            self.send_header("Location", f"/hop/{hops - 1}" if hops else "/ok.png")
+            self.end_headers()
+            return
+        if self.path == "/to-localhost":
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{self.server.server_port}/ok.png")
+            self.end_headers()
+            return
         if self.path == "/ok.png":
             body = self.server.png
             self.send_response(200)
@@ -57,16 +85,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         self.send_error(404)
 
+    def _drip(self, data: bytes) -> None:
+        try:
+            for byte in data:
+                self.wfile.write(bytes([byte]))
+                time.sleep(0.05)
+        except OSError:  # the client hung up
+            pass
+
     def log_message(self, *args):
         pass
 
 
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (10, 20, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    path = tmp_path_factory.mktemp("srv") / "ok.png"
-    Image.new("RGB", (40, 40), (10, 20, 30)).save(path)
+def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.png = path.read_bytes()
+    httpd.png = _png_bytes()
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_port}"
@@ -113,13 +153,74 @@ def test_remote_fetch_switched_off(checkpoint, server):
     raises(offline, with_image(f"{server}/ok.png"), MediaError, "remote media is disabled")
 
 
-def test_host_refused_by_policy(checkpoint, server):
-    def no_loopback(host):
-        if host.startswith("127."):
+@pytest.mark.parametrize("path", ["/drip", "/drip-headers"])
+def test_a_dripping_server_is_cut_off_at_the_fetch_deadline(processor, server, path):
+    # each byte comes well within the 0.5 s timeout, the whole takes 5 s: only a total deadline stops it
+    raises(processor, with_image(f"{server}{path}"), MediaError, "timed out after 0.5s")
+
+
+def _patient(processor, **policy):
+    """`processor` with the default 10 s fetch timeout (and `policy`)."""
+    return processor.with_media(MediaPolicy(**policy), processor.budget)
+
+
+def test_redirects_count_against_the_same_deadline(processor, server):
+    patient = _patient(processor)
+    assert patient.prepare(with_image(f"{server}/hop/1")).vision_items[0].original_size == (40, 40)
+    # five hops of 200 ms each: every hop within the 0.5 s timeout, all of them not
+    raises(processor, with_image(f"{server}/hop/4"), MediaError, "timed out after 0.5s")
+
+
+def test_address_refused_by_policy(checkpoint, server):
+    def no_loopback(host, address):
+        if address.is_loopback:
             raise ValueError("loopback address")
 
-    guarded = Processor.from_pretrained(checkpoint, check_host=no_loopback)
-    raises(guarded, with_image(f"{server}/ok.png"), MediaError, "refused: loopback address")
+    guarded = Processor.from_pretrained(checkpoint, check_address=no_loopback)
+    raises(guarded, with_image(f"{server}/ok.png"), MediaError,
+           r"host '127.0.0.1' \(127.0.0.1\) refused: loopback address")
+
+
+def test_redirect_target_is_checked(processor, server):
+    def no_localhost(host, address):
+        if host == "localhost":
+            raise ValueError("not that one")
+
+    guarded = _patient(processor, check_address=no_localhost)
+    raises(guarded, with_image(f"{server}/to-localhost"), MediaError, "host 'localhost' .* refused: not that one")
+
+
+@pytest.fixture(scope="module")
+def tls_server():
+    """An HTTPS server on 127.0.0.1 whose certificate (tests/tls, signed by tests/tls/ca.pem) names only media.example."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(TLS / "media.example.pem")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    httpd.png = _png_bytes()
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd.server_port
+    httpd.shutdown()
+
+
+def test_https_is_verified_against_the_host_name(processor, tls_server, monkeypatch):
+    """The fetcher connects to the address it resolved, while TLS still checks the certificate for the name."""
+    real = socket.getaddrinfo
+
+    def media_example_is_local(host, *args, **kwargs):
+        return real("127.0.0.1" if host == "media.example" else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", media_example_is_local)
+    monkeypatch.setenv("SSL_CERT_FILE", str(TLS / "ca.pem"))
+    patient = _patient(processor)
+    item = patient.prepare(with_image(f"https://media.example:{tls_server}/ok.png")).vision_items[0]
+    assert item.original_size == (40, 40)
+    raises(patient, with_image(f"https://127.0.0.1:{tls_server}/ok.png"), MediaError,
+           "certificate verify failed: IP address mismatch")
+    monkeypatch.delenv("SSL_CERT_FILE")
+    raises(patient, with_image(f"https://media.example:{tls_server}/ok.png"), MediaError,
+           "certificate verify failed")
 
 
 def test_over_byte_limit(checkpoint, server, tmp_path):

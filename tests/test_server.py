@@ -840,6 +840,55 @@ def test_url_to_loopback_refused_even_when_remote_media_is_on(open_server):
     assert httpx.post(open_server.url + "/v1/chat/completions", content=_chat_body(HELLO), timeout=30).status_code == 200
 
 
+@pytest.mark.parametrize("host", ["[64:ff9b::7f00:1]", "[::127.0.0.1]", "[2002:7f00:1::]"])
+def test_ipv6_forms_of_loopback_are_refused(open_server, host):
+    """NAT64, IPv4-compatible and 6to4 addresses count as the IPv4 address they carry."""
+    response = httpx.post(open_server.url + "/v1/chat/completions",
+                          content=_chat_body(_image_messages(f"http://{host}/cat.png")), timeout=30)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "messages[0].content[0]"
+    assert "(IPv4 127.0.0.1), which is not a public address" in error["message"]
+
+
+def test_a_rebinding_name_is_fetched_from_the_address_that_was_checked(open_server, monkeypatch):
+    """rebind.example resolves to a public address once, then to 127.0.0.1: the fetch must go to the
+    address it checked (played by a stand-in server), never to the loopback one."""
+    class Internal(_CountingHandler):
+        hits = 0
+
+    class Public(_CountingHandler):
+        hits = 0
+
+    internal, public = (http.server.HTTPServer(("127.0.0.1", 0), handler) for handler in (Internal, Public))
+    for local in (internal, public):
+        threading.Thread(target=local.serve_forever, daemon=True).start()
+    port = internal.server_address[1]
+    lookups = []
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def rebinding_dns(host, *args, **kwargs):
+        if host != "rebind.example":
+            return real_getaddrinfo(host, *args, **kwargs)
+        lookups.append(host)
+        address = "8.8.8.8" if len(lookups) == 1 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
+
+    def public_host_is_the_stand_in(sock, address):
+        return real_connect(sock, public.server_address if address == ("8.8.8.8", port) else address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding_dns)
+    monkeypatch.setattr(socket.socket, "connect", public_host_is_the_stand_in)
+    try:
+        response = httpx.post(open_server.url + "/v1/chat/completions", timeout=30,
+                              content=_chat_body(_image_messages(f"http://rebind.example:{port}/cat.png"), max_tokens=1))
+    finally:
+        internal.shutdown()
+        public.shutdown()
+    assert (Internal.hits, Public.hits, len(lookups)) == (0, 1, 1)
+    assert response.status_code == 200, response.text
+
+
 def test_our_bugs_are_500_with_a_request_id_and_logged(server, monkeypatch, caplog):
     def broken(messages):
         raise RuntimeError("a bug in the processor")

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import json
+import socket
 
 import pytest
 from PIL import Image
@@ -13,7 +15,8 @@ pytest.importorskip("fastapi")
 from qwen2vl.errors import InputError, MediaError  # noqa: E402
 from qwen2vl.server.limits import Admission, MediaAccess, Overloaded, ServerLimits  # noqa: E402
 from qwen2vl.processor import Processor  # noqa: E402
-from qwen2vl.server.media import check_media, media_policy, public_hosts_only, server_processor  # noqa: E402
+from qwen2vl.processor.fetch import fetch_url  # noqa: E402
+from qwen2vl.server.media import check_media, media_policy, public_addresses_only, server_processor  # noqa: E402
 from qwen2vl.server.metrics import Metrics  # noqa: E402
 from qwen2vl.server.schemas import (  # noqa: E402
     ChatCompletionRequest,
@@ -159,16 +162,30 @@ def test_stream_chunks_send_only_what_they_set():
         "choices": [{"index": 0, "delta": {"content": "a"}, "logprobs": None, "finish_reason": None}]}
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "192.168.0.10", "172.16.5.4", "169.254.169.254",
-                                  "0.0.0.0", "::1", "::ffff:127.0.0.1", "fe80::1", "100.64.0.1", "224.0.0.1"])
-def test_non_public_hosts_are_refused(host):
-    with pytest.raises(MediaError, match="not a public address"):
-        public_hosts_only(host)
+# Every IPv6 form that carries an IPv4 address (mapped, compatible, NAT64, 6to4, Teredo's client) counts as it.
+CARRIED_IPV4 = {"[::ffff:127.0.0.1]": "127.0.0.1", "[::127.0.0.1]": "127.0.0.1", "[64:ff9b::7f00:1]": "127.0.0.1",
+                "[2002:7f00:1::]": "127.0.0.1", "[2001:0:4136:e378:8000:63bf:80ff:fffe]": "127.0.0.1",
+                "[64:ff9b::a00:1]": "10.0.0.1", "[2002:c0a8:1::1]": "192.168.0.1"}
+NON_PUBLIC_HOSTS = ["127.0.0.1", "localhost", "10.1.2.3", "192.168.0.10", "172.16.5.4", "169.254.169.254", "0.0.0.0",
+                    "100.64.0.1", "224.0.0.1", "[::1]", "[fe80::1]", "[64:ff9b:1::808:808]", *CARRIED_IPV4]
 
 
-def test_public_address_passes():
-    public_hosts_only("8.8.8.8")
-    public_hosts_only("2001:4860:4860::8888")
+@pytest.mark.parametrize("host", NON_PUBLIC_HOSTS)
+def test_non_public_hosts_are_refused_before_connecting(host, monkeypatch):
+    def no_connection(*args):
+        raise AssertionError("connected to a refused host")
+
+    monkeypatch.setattr(socket.socket, "connect", no_connection)
+    with pytest.raises(MediaError, match="which is not a public address") as caught:
+        fetch_url(f"http://{host}/a.png", media_policy(MediaAccess(allow_remote=True)))
+    if host in CARRIED_IPV4:
+        assert f"(IPv4 {CARRIED_IPV4[host]})" in str(caught.value)
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "2001:4860:4860::8888", "::ffff:8.8.8.8", "64:ff9b::808:808",
+                                     "2002:808:808::1"])
+def test_public_addresses_pass(address):
+    public_addresses_only("example.com", ipaddress.ip_address(address))
 
 
 def _messages(*images) -> list[dict]:

@@ -147,7 +147,7 @@ class Processor:
         max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES,
         fetch_timeout: float = 10.0,
         allowed_media_dir: str | Path | None = None,
-        check_host=None,
+        check_address=None,
         budget: MediaBudget | None = None,
     ) -> "Processor":
         """Read tokenizer.json (+ tokenizer_config.json), preprocessor_config.json and the chat template.
@@ -155,8 +155,9 @@ class Processor:
         A missing preprocessor config or chat template falls back to Qwen2-VL's (in `assets/`);
         `context_len` is config.json's `max_position_embeddings` (32768 without one); config.json,
         where there is one, also says whether video positions are aligned to time.
-        `check_host(hostname)` may refuse remote hosts by raising; see `MediaPolicy`. `budget`
-        (default `MediaBudget()`) bounds each image and video; see the class docstring.
+        `check_address(host, address)` may refuse an address a remote host resolves to by raising;
+        see `MediaPolicy`. `budget` (default `MediaBudget()`) bounds each image and video; see the
+        class docstring.
         """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -182,7 +183,7 @@ class Processor:
             max_bytes=max_media_bytes,
             timeout=fetch_timeout,
             allowed_dir=Path(allowed_media_dir) if allowed_media_dir is not None else None,
-            check_host=check_host,
+            check_address=check_address,
         )
         return cls(
             tokenizer,

@@ -2,7 +2,8 @@
 
 Safe by default: inline `data:` URIs always work; remote URLs only with `allow_remote`, and
 then never to a host that is or resolves to a loopback, private, link-local, multicast or
-otherwise non-public address (checked again on every redirect by the processor's fetcher);
+otherwise non-public address, an IPv6 form of one included (the processor's fetcher checks every
+address of every redirect, and connects only to the addresses it checked);
 local files only under `allowed_dir`. The processor's media budget follows the server's limits
 (`server_budget`): every image is opened (header only) and every video probed, and the sizes
 their options ask for checked, before any pixel is decoded.
@@ -10,34 +11,51 @@ their options ask for checked, before any pixel is decoded.
 from __future__ import annotations
 
 import ipaddress
-import socket
 
 from qwen2vl.errors import InputError, MediaError
 from qwen2vl.processor import MediaBudget, MediaPolicy, Processor
 from qwen2vl.processor.chat import media_parts
+from qwen2vl.processor.fetch import IPAddress
 from qwen2vl.server.limits import MediaAccess, ServerLimits
 
 
-def public_hosts_only(host: str) -> None:
-    """Refuse `host` unless every address it resolves to is public (a `MediaPolicy.check_host`)."""
-    if not host:
-        raise MediaError("the URL has no host")
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError) as e:
-        raise MediaError(f"cannot resolve host {host!r}: {e}") from None
-    for *_, sockaddr in infos:
-        address = ipaddress.ip_address(sockaddr[0].split("%")[0])  # drop an IPv6 zone index
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        if not address.is_global or address.is_multicast:
-            raise MediaError(f"host {host!r} is or resolves to {address}, which is not a public address; "
-                             "remote media may only come from public hosts")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: for one network's own translators
+
+
+def public_addresses_only(host: str, address: IPAddress) -> None:
+    """Refuse `address` (one that `host` resolves to) unless it is public, and so is the IPv4 address
+    an IPv6 one stands for (a `MediaPolicy.check_address`)."""
+    embedded = _embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
+    if _is_public(address) and (embedded is None or _is_public(embedded)):
+        return
+    shown = f"{address} (IPv4 {embedded})" if embedded is not None else str(address)
+    raise MediaError(f"host {host!r} is or resolves to {shown}, which is not a public address; "
+                     "remote media may only come from public hosts")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address that an IPv6 address carries: IPv4-mapped or -compatible, NAT64 (64:ff9b::/96),
+    6to4 (2002::/16) or Teredo's client; None for any other."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if (address in _IPV4_COMPATIBLE and int(address) > 1) or address in _NAT64:  # :: and ::1 are themselves
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    return None
+
+
+def _is_public(address: IPAddress) -> bool:
+    return address.is_global and not address.is_multicast and address not in _LOCAL_NAT64
 
 
 def media_policy(access: MediaAccess) -> MediaPolicy:
     return MediaPolicy(allow_remote=access.allow_remote, max_bytes=access.max_bytes, timeout=access.fetch_timeout_s,
-                       allowed_dir=access.allowed_dir, check_host=public_hosts_only)
+                       allowed_dir=access.allowed_dir, check_address=public_addresses_only)
 
 
 def server_budget(limits: ServerLimits) -> MediaBudget:
