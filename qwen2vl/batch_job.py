@@ -15,9 +15,10 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, Qwen2VLError
 from .jsonl import MAX_LINE_BYTES, jsonl_lines
 from .processor.pool import media_map
 
@@ -135,11 +136,12 @@ class JobOutput:
         if not self.path.parent.is_dir():
             raise InputError(f"--output {self.path}: folder {self.path.parent} does not exist", field="output")
         self.done: set[str] = set()
-        if resume:
-            source = self.partial if self.partial.is_file() else self.path
-            if source.is_file():
-                self._keep_answered(source, max_line_bytes)
-        self._file = open(self.partial, "a" if resume else "w", encoding="utf-8")
+        with _writing(self.partial):
+            if resume:
+                source = self.partial if self.partial.is_file() else self.path
+                if source.is_file():
+                    self._keep_answered(source, max_line_bytes)
+            self._file = open(self.partial, "a" if resume else "w", encoding="utf-8")
 
     def _keep_answered(self, source: Path, max_line_bytes: int) -> None:
         """The complete rows of `source` to `PATH.partial` by way of a new file, their ids to `done`."""
@@ -159,20 +161,34 @@ class JobOutput:
         _write_through_folder(self.partial.parent)
 
     def write(self, rows: Iterable[dict]) -> None:
-        for row in rows:
-            self._file.write(row_line(row))
-        self._file.flush()
+        with _writing(self.partial):
+            for row in rows:
+                self._file.write(row_line(row))
+            self._file.flush()
 
     def commit(self) -> None:
-        _write_through(self._file)
-        self._file.close()
-        os.replace(self.partial, self.path)
-        _write_through_folder(self.path.parent)
+        with _writing(self.path):
+            _write_through(self._file)
+            self._file.close()
+            os.replace(self.partial, self.path)
+            _write_through_folder(self.path.parent)
 
     def close(self) -> None:
         """Stop writing; an uncommitted job's rows stay in `PATH.partial` for `--resume`."""
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # the failed write was reported; the row it cut short is dropped by --resume
         note_partial(self.partial)
+
+
+@contextmanager
+def _writing(path: Path):
+    """An OSError while writing `path` (a full disk, a file size limit) as one line naming it."""
+    try:
+        yield
+    except OSError as error:
+        raise Qwen2VLError(f"--output: cannot write {path}: {error.strerror or error}") from None
 
 
 _CUT_SHORT = object()

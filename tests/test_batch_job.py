@@ -16,7 +16,9 @@ from qwen2vl.jsonl import jsonl_lines
 ROOT = Path(__file__).resolve().parent.parent
 
 # `qwen2vl generate` with a stand-in model: each row's answer is its prompt, with multi-byte
-# characters and a line separator, so a cut can land inside a character.
+# characters and a line separator, so a cut can land inside a character. Its first argument:
+# "kill" makes a write past RLIMIT_FSIZE kill it (SIGXFSZ, which Python ignores), "fail" leaves
+# that write failing with EFBIG, as on a full disk.
 STAND_IN_JOB = """
 import signal
 import sys
@@ -24,7 +26,8 @@ from types import SimpleNamespace
 
 from qwen2vl import cli
 
-signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it: a write past RLIMIT_FSIZE then kills
+if sys.argv.pop(1) == "kill":
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 
 def complete(prompts, params):
     return [SimpleNamespace(text=f"{prompt} \\u00e9\\u2028\\u00e9 " * 3, finish_reason="stop",
@@ -45,7 +48,8 @@ def test_jsonl_lines_split_at_newline_only_and_skip_what_is_over_the_limit():
     assert [line for _, line, _ in jsonl_lines(io.BytesIO(data))] == data.splitlines(keepends=True)
 
 
-def _run_job(source: Path, target: Path, max_file_bytes: int | None = None) -> int:
+def _run_job(source: Path, target: Path, max_file_bytes: int | None = None,
+             past_the_limit: str = "kill") -> subprocess.CompletedProcess:
     """The stand-in job with --resume, killed by the kernel (SIGXFSZ) when a write would take any
     file past `max_file_bytes`: a kill -9 at that exact byte, wherever the job is writing."""
     def limit_files():
@@ -54,9 +58,9 @@ def _run_job(source: Path, target: Path, max_file_bytes: int | None = None) -> i
             resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run([sys.executable, "-c", STAND_IN_JOB, "generate", "--input", str(source),
+    return subprocess.run([sys.executable, "-c", STAND_IN_JOB, past_the_limit, "generate", "--input", str(source),
                            "--output", str(target), "--batch-size", "4", "--resume"],
-                          cwd=target.parent, env=env, preexec_fn=limit_files, capture_output=True).returncode
+                          cwd=target.parent, env=env, preexec_fn=limit_files, capture_output=True, text=True)
 
 
 def test_generate_killed_at_random_moments_loses_no_row(tmp_path):
@@ -68,7 +72,7 @@ def test_generate_killed_at_random_moments_loses_no_row(tmp_path):
     source.write_text("".join(json.dumps({"id": f"r{i}", "messages": [{"role": "user", "content": f"q\u2028{i}"}]},
                                          ensure_ascii=False) + "\n" for i in range(40)), encoding="utf-8")
     finished = tmp_path / "finished.jsonl"
-    assert _run_job(source, finished) == 0
+    assert _run_job(source, finished).returncode == 0
     full = finished.read_bytes()
     target = tmp_path / "out.jsonl"
     partial = tmp_path / "out.jsonl.partial"
@@ -77,11 +81,16 @@ def test_generate_killed_at_random_moments_loses_no_row(tmp_path):
         before = partial.read_bytes() if partial.exists() else b""
         kept = before[:before.rfind(b"\n") + 1]  # without a last line cut short
         kill_at = rng.randrange(1, len(full))
-        assert _run_job(source, target, kill_at) == -signal.SIGXFSZ
+        assert _run_job(source, target, kill_at).returncode == -signal.SIGXFSZ
         after = partial.read_bytes()
         assert after == (before if kill_at < len(kept) else full[:kill_at])
         assert len({json.loads(line)["id"] for line in after.split(b"\n")[:-1]}) == after.count(b"\n")
         assert not target.exists()
-    assert _run_job(source, target) == 0
+    # A write that fails (a full disk): one line, the rows so far kept.
+    failed = _run_job(source, target, len(full) - 100, past_the_limit="fail")
+    assert failed.returncode == 2
+    assert f"qwen2vl: error: --output: cannot write {partial}: File too large\n" in failed.stderr
+    assert "Traceback" not in failed.stderr and partial.read_bytes() == full[:len(full) - 100]
+    assert _run_job(source, target).returncode == 0
     assert target.read_bytes() == full
     assert sorted(path.name for path in tmp_path.iterdir()) == ["finished.jsonl", "in.jsonl", "out.jsonl"]
