@@ -202,7 +202,7 @@ def _answered_id(source: Path, number: int, line: bytes, whole: bool):
                          field="output")
     try:
         row = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         if not line.endswith(b"\n"):
             return _CUT_SHORT
         raise InputError(f"{where} is not JSON; is this a qwen2vl generate output?", field="output") from None

@@ -247,13 +247,14 @@ def test_generate_line_over_max_line_bytes_is_an_error_row(tiny_ckpt, llm, tmp_p
     bytes(range(256)) * 4,
     "[]\n".encode("utf-16"),
     b"hello, world\n",
-    b"\x00" * 300,  # no newline, over the limit
-], ids=["png", "bytes", "utf-16", "text", "long"])
+    b"\x00" * 9000,  # no newline, over the limit
+    b"[" + b"9" * 5000 + b"]\n",  # over Python's limit of digits in an integer
+], ids=["png", "bytes", "utf-16", "text", "long", "digits"])
 def test_generate_garbage_input_exits_2_with_one_line(tiny_ckpt, tmp_path, capsys, content):
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_bytes(content)
     assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target),
-                 "--max-line-bytes", "200"]) == 2
+                 "--max-line-bytes", "8192"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"qwen2vl: error: {source}: line 1: not ") and err.count("\n") == 1
     assert not target.exists() and not (tmp_path / "out.jsonl.partial").exists()

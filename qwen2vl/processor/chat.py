@@ -212,8 +212,8 @@ def _conversation(text: str, number: int, where: str) -> dict:
         record = json.loads(text)
     except json.JSONDecodeError as error:
         raise InputError(f"{where}: not JSON ({error.msg} at column {error.colno})") from None
-    except RecursionError:
-        raise InputError(f"{where}: not JSON this parser reads (nested too deeply)") from None
+    except (ValueError, RecursionError) as error:  # a number over Python's digit limit; nesting too deep
+        raise InputError(f"{where}: not JSON this reader takes ({error})") from None
     if isinstance(record, list):
         record = {"messages": record}
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
@@ -243,7 +243,7 @@ def _unread_record(head: str, number: int, where: str, max_line_bytes: int) -> d
     if match := _LEADING_ID.match(head):
         try:
             row_id = json.JSONDecoder().raw_decode(head, match.end())[0]
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):
             pass  # the id is cut off too: the line number stands in
     error = InputError(f"the line is longer than {max_line_bytes} bytes (--max-line-bytes); it was not read",
                        field="max_line_bytes")
