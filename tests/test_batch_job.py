@@ -51,7 +51,8 @@ def test_jsonl_lines_split_at_newline_only_and_skip_what_is_over_the_limit():
 def _run_job(source: Path, target: Path, max_file_bytes: int | None = None,
              past_the_limit: str = "kill") -> subprocess.CompletedProcess:
     """The stand-in job with --resume, killed by the kernel (SIGXFSZ) when a write would take any
-    file past `max_file_bytes`: a kill -9 at that exact byte, wherever the job is writing."""
+    file past `max_file_bytes`: a kill -9 at that exact byte, wherever the job is writing
+    (`past_the_limit="fail"`: that write fails instead, as on a full disk)."""
     def limit_files():
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         if max_file_bytes is not None:

@@ -258,3 +258,19 @@ def test_generate_garbage_input_exits_2_with_one_line(tiny_ckpt, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith(f"qwen2vl: error: {source}: line 1: not ") and err.count("\n") == 1
     assert not target.exists() and not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_generate_lone_surrogate_escapes_are_an_error_row_and_an_escaped_id(tiny_ckpt, tmp_path):
+    """JSON parses "\\ud800" (half of a UTF-16 pair) and no tokenizer takes it: the row is an
+    error row and the job goes on; an id holding one is written with its escape and read back."""
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('{"id": "\\ud800", "messages": [{"role": "user", "content": "hi \\udc00"}]}\n'
+                      '{"id": "ok", "messages": [{"role": "user", "content": "hi \\ud83d\\ude00"}]}\n')
+    args = ["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target), *GREEDY]
+    assert main(args) == 1
+    lines = target.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == ('{"id": "\\ud800", "error": {"type": "InputError", "message": "messages: the escape '
+                        '\\\\udc00 is half of a UTF-16 surrogate pair, not a character"}}')
+    assert json.loads(lines[1])["id"] == "ok" and json.loads(lines[1])["finish_reason"] == "length"
+    assert main([*args, "--resume"]) == 0
+    assert target.read_text(encoding="utf-8").splitlines() == lines
