@@ -72,13 +72,13 @@ def test_generate_killed_at_random_moments_loses_no_row(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"id": f"r{i}", "messages": [{"role": "user", "content": f"q\u2028{i}"}]},
                                          ensure_ascii=False) + "\n" for i in range(40)), encoding="utf-8")
-    finished = tmp_path / "finished.jsonl"
-    assert _run_job(source, finished).returncode == 0
-    full = finished.read_bytes()
+    full = "".join(json.dumps({"id": f"r{i}", "text": f"q\u2028{i} \u00e9\u2028\u00e9 " * 3, "finish_reason": "stop",
+                               "usage": {"prompt_tokens": 1, "completion_tokens": 1}}, ensure_ascii=False) + "\n"
+                   for i in range(40)).encode()
     target = tmp_path / "out.jsonl"
     partial = tmp_path / "out.jsonl.partial"
-    rng = random.Random(40)
-    for _ in range(6):
+    rng = random.Random(40)  # kills at bytes 3757 and 4748 (writing rows), 4293 and 261 (copying the kept ones)
+    for _ in range(4):
         before = partial.read_bytes() if partial.exists() else b""
         kept = before[:before.rfind(b"\n") + 1]  # without a last line cut short
         kill_at = rng.randrange(1, len(full))
@@ -94,4 +94,4 @@ def test_generate_killed_at_random_moments_loses_no_row(tmp_path):
     assert "Traceback" not in failed.stderr and partial.read_bytes() == full[:len(full) - 100]
     assert _run_job(source, target).returncode == 0
     assert target.read_bytes() == full
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["finished.jsonl", "in.jsonl", "out.jsonl"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
