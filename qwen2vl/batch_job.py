@@ -15,9 +15,11 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, Qwen2VLError
+from .jsonl import MAX_LINE_BYTES, jsonl_lines
 from .processor.pool import media_map
 
 
@@ -120,11 +122,13 @@ class JobOutput:
 
     A job that fails or is stopped leaves PATH as it was and its rows in `PATH.partial`;
     `resume=True` goes on from `PATH.partial` if there is one, else from PATH, and `done` holds
-    the ids already answered (as `id_key`), so a restarted job answers only the rest. Without
-    `resume` an earlier partial file is started over. A line cut short by a crash is dropped.
+    the ids already answered (as `id_key`), so a restarted job answers only the rest. The rows
+    kept are copied to a new file renamed onto `PATH.partial`, so a job killed at any moment
+    leaves the old file or the new one whole. A line cut short by a crash is dropped. Without
+    `resume` an earlier partial file is started over.
     """
 
-    def __init__(self, path: str | os.PathLike, resume: bool = False):
+    def __init__(self, path: str | os.PathLike, resume: bool = False, max_line_bytes: int = MAX_LINE_BYTES):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         if self.path.is_dir():
@@ -132,44 +136,103 @@ class JobOutput:
         if not self.path.parent.is_dir():
             raise InputError(f"--output {self.path}: folder {self.path.parent} does not exist", field="output")
         self.done: set[str] = set()
-        kept = ""
-        if resume:
-            source = self.partial if self.partial.is_file() else self.path
-            kept = self._answered(source) if source.is_file() else ""
-        self._file = open(self.partial, "w", encoding="utf-8")
-        self._file.write(kept)
-        self._file.flush()
+        with _writing(self.partial):
+            if resume:
+                source = self.partial if self.partial.is_file() else self.path
+                if source.is_file():
+                    self._keep_answered(source, max_line_bytes)
+            self._file = open(self.partial, "a" if resume else "w", encoding="utf-8")
 
-    def _answered(self, source: Path) -> str:
-        """The complete rows of `source`, recording their ids in `done`."""
-        kept = []
-        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(keepends=True), 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                if line.endswith("\n"):
-                    raise InputError(f"--resume: {source}: line {number} is not JSON; "
-                                     "is this a qwen2vl generate output?", field="output") from None
-                continue  # the last line, cut short when the job stopped
-            if not isinstance(row, dict) or "id" not in row:
-                raise InputError(f"--resume: {source}: line {number} has no 'id'", field="output")
-            self.done.add(id_key(row["id"]))
-            kept.append(line if line.endswith("\n") else line + "\n")
-        return "".join(kept)
+    def _keep_answered(self, source: Path, max_line_bytes: int) -> None:
+        """The complete rows of `source` to `PATH.partial` by way of a new file, their ids to `done`."""
+        new_partial = self.partial.with_name(self.partial.name + ".new")
+        try:
+            with open(source, "rb") as old, open(new_partial, "wb") as new:
+                for number, line, whole in jsonl_lines(old, max_line_bytes):
+                    row_id = _answered_id(source, number, line, whole)
+                    if row_id is not _CUT_SHORT:
+                        self.done.add(id_key(row_id))
+                        new.write(line if line.endswith(b"\n") else line + b"\n")
+                _write_through(new)
+            os.replace(new_partial, self.partial)
+        except BaseException:
+            new_partial.unlink(missing_ok=True)
+            raise
+        _write_through_folder(self.partial.parent)
 
     def write(self, rows: Iterable[dict]) -> None:
-        for row in rows:
-            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._file.flush()
+        with _writing(self.partial):
+            for row in rows:
+                self._file.write(row_line(row))
+            self._file.flush()
 
     def commit(self) -> None:
-        self._file.close()
-        os.replace(self.partial, self.path)
+        with _writing(self.path):
+            _write_through(self._file)
+            self._file.close()
+            os.replace(self.partial, self.path)
+            _write_through_folder(self.path.parent)
 
     def close(self) -> None:
         """Stop writing; an uncommitted job's rows stay in `PATH.partial` for `--resume`."""
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # the failed write was reported; the row it cut short is dropped by --resume
         note_partial(self.partial)
+
+
+@contextmanager
+def _writing(path: Path):
+    """An OSError while writing `path` (a full disk, a file size limit) as one line naming it."""
+    try:
+        yield
+    except OSError as error:
+        raise Qwen2VLError(f"--output: cannot write {path}: {error.strerror or error}") from None
+
+
+_CUT_SHORT = object()
+
+
+def _answered_id(source: Path, number: int, line: bytes, whole: bool):
+    """The id of an output row read back, or `_CUT_SHORT` for a last line cut short by a crash."""
+    where = f"--resume: {source}: line {number}"
+    if not whole:
+        raise InputError(f"{where} is longer than any row of a job; is this a qwen2vl generate output?",
+                         field="output")
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        if not line.endswith(b"\n"):
+            return _CUT_SHORT
+        raise InputError(f"{where} is not JSON; is this a qwen2vl generate output?", field="output") from None
+    if not isinstance(row, dict) or "id" not in row:
+        raise InputError(f"{where} has no 'id'", field="output")
+    return row["id"]
+
+
+def row_line(row: dict) -> str:
+    """An output row as its JSON line. A lone surrogate (which an input's JSON escapes can carry
+    into an id) keeps its escape: UTF-8 cannot hold it."""
+    return json.dumps(row, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8") + "\n"
+
+
+def _write_through(file) -> None:
+    """`file`'s rows on disk, not only in the page cache, before a rename makes them the output."""
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def _write_through_folder(folder: Path) -> None:
+    """A rename in `folder` on disk (where a folder cannot be opened, as on Windows, the rename stands)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def note_partial(partial: Path) -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .errors import InputError, Qwen2VLError
+from .jsonl import MAX_LINE_BYTES
 
 EPILOG = """examples:
   qwen2vl chat --model Qwen/Qwen2-VL-2B-Instruct-AWQ --image photo.jpg "Describe this image."
@@ -284,11 +285,15 @@ def chat_loop(llm, history: list[dict], params, images: list, videos: list, timi
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Exit status 0: every row answered; 1: some rows are error rows (the summary says how many)."""
-    from .batch_job import JobOutput, Progress, answer_rows, id_key
+    from .batch_job import JobOutput, Progress, answer_rows, id_key, row_line
 
     if args.resume and not args.output:
         raise InputError("--resume continues an --output file: give --output")
+    if args.max_line_bytes is not None and args.max_line_bytes < 1:
+        raise InputError(f"--max-line-bytes {args.max_line_bytes}: expected an integer >= 1", field="max_line_bytes")
     if args.ray:
+        if args.max_line_bytes is not None:
+            raise InputError("--max-line-bytes: with --ray, Ray Data reads the lines", field="max_line_bytes")
         try:
             from .distributed.ray_batch import run_cli_job
         except ModuleNotFoundError as error:
@@ -297,8 +302,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return run_cli_job(args, _engine_args(args), _sampling_params(args))
     if args.num_replicas is not None or args.ray_address is not None:
         raise InputError("--num-replicas and --ray-address go with --ray")
-    records = _read_input(args.input)
-    output = JobOutput(args.output, resume=args.resume) if args.output else None
+    max_line_bytes = MAX_LINE_BYTES if args.max_line_bytes is None else args.max_line_bytes
+    records = _read_input(args.input, max_line_bytes)
+    output = JobOutput(args.output, resume=args.resume, max_line_bytes=max_line_bytes) if args.output else None
     try:
         todo = [record for record in records if output is None or id_key(record["id"]) not in output.done]
         if output is not None and len(todo) < len(records):
@@ -308,7 +314,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         lines = {id_key(record["id"]): record["line"] for record in todo}
         for row in answer_rows(llm, todo, _sampling_params(args), args.batch_size):
             if output is None:
-                print(json.dumps(row, ensure_ascii=False), flush=True)
+                print(row_line(row), end="", flush=True)
             else:
                 output.write([row])
             progress.add(row)
@@ -323,19 +329,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 1 if progress.failed else 0
 
 
-def _read_input(path: str) -> list[dict]:
-    """The conversations of --input, each id once (a repeated id could not be answered exactly once)."""
+def _read_input(path: str, max_line_bytes: int) -> list[dict]:
+    """The conversations of --input, each id once (a repeated id could not be answered exactly once);
+    a line over `max_line_bytes` as a row whose prompt is its error."""
     from .batch_job import id_key
     from .processor.chat import read_conversations
 
     if not Path(path).is_file():
         raise InputError(f"--input {path}: no such file", field="input")
-    records, first_line = read_conversations(path), {}
+    records, first_line = read_conversations(path, max_line_bytes), {}
     for record in records:
         line = first_line.setdefault(id_key(record["id"]), record["line"])
         if line != record["line"]:
             raise InputError(f"{path}: line {record['line']}: id {record['id']!r} is also on line {line}; "
                              "ids must be unique", field="input")
+        if "error" in record:
+            record["prompt"] = record.pop("error")
     return records
 
 
@@ -457,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--batch-size", type=int, default=64, help="conversations submitted together")
     generate.add_argument("--resume", action="store_true",
                           help="answer only the ids not yet in --output (or its .partial file of a stopped job)")
+    generate.add_argument("--max-line-bytes", type=int, metavar="N",
+                          help="an input line longer than this (base64 media included) is an error row, not "
+                               f"read (default: {MAX_LINE_BYTES >> 20} MiB)")
     group = generate.add_argument_group("Ray cluster (pip install 'qwen2vl[ray]'; see docs/distributed.md)")
     group.add_argument("--ray", action="store_true",
                        help="run over a Ray cluster: --input and --output may be JSONL or Parquet, local or URIs")

@@ -195,3 +195,82 @@ def test_generate_stopped_keeps_its_rows_for_resume(tiny_ckpt, tmp_path, monkeyp
 def test_generate_ray_flags_need_ray(tmp_path, capsys):
     assert main(["generate", "--input", str(tmp_path / "in.jsonl"), "--num-replicas", "2"]) == 2
     assert "qwen2vl: error: --num-replicas and --ray-address go with --ray" in capsys.readouterr().err
+
+
+def test_generate_answers_and_resumes_rows_holding_line_separators(tiny_ckpt, llm, tmp_path):
+    """U+2028 and U+0085 are characters inside a JSON string (str.splitlines would split there):
+    their rows are answered, and --resume reads the job's own output, which holds them raw."""
+    conversations = [{"id": f"{i}\u2028{i}\u0085", "messages": [{"role": "user", "content": f"a\u2028b\u0085c {i}"}]}
+                     for i in range(3)]
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in conversations), encoding="utf-8")
+    args = ["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target), *GREEDY]
+    assert main(args) == 0
+    complete = target.read_text(encoding="utf-8").split("\n")[:-1]
+    rows = [json.loads(line) for line in complete]
+    assert [row["id"] for row in rows] == [c["id"] for c in conversations]
+    expected = llm.chat([c["messages"] for c in conversations], temperature=0, max_tokens=8)
+    assert [row["text"] for row in rows] == [c.text for c in expected]
+    # Stopped after the first row, the second cut short: --resume keeps the first, answers the rest.
+    target.rename(tmp_path / "out.jsonl.partial")
+    (tmp_path / "out.jsonl.partial").write_text(complete[0] + "\n" + complete[1][:12], encoding="utf-8")
+    assert main([*args, "--resume"]) == 0
+    assert target.read_text(encoding="utf-8").split("\n")[:-1] == complete
+
+
+def test_generate_line_over_max_line_bytes_is_an_error_row(tiny_ckpt, llm, tmp_path, capsys):
+    """A line over --max-line-bytes is not read: its row is an error named by its leading id (else
+    its line number), and the other rows are answered."""
+    conversation = [{"role": "user", "content": "hi"}]
+    long = [{"role": "user", "content": "x" * 400}]
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("\n".join([json.dumps({"id": "ok", "messages": conversation}),
+                                 json.dumps({"id": "big", "messages": long}),
+                                 json.dumps(long),
+                                 json.dumps({"messages": long, "id": "late"}),
+                                 json.dumps({"id": "ok2", "messages": conversation})]) + "\n")
+    assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target),
+                 "--max-line-bytes", "200", *GREEDY]) == 1
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [row["id"] for row in rows] == ["ok", "big", 3, 4, "ok2"]
+    expected = llm.chat(conversation, temperature=0, max_tokens=8).text
+    assert rows[0]["text"] == rows[4]["text"] == expected
+    message = "the line is longer than 200 bytes (--max-line-bytes); it was not read"
+    for row in rows[1:4]:
+        assert row["error"] == {"type": "InputError", "message": message}
+    err = capsys.readouterr().err
+    assert f"{source}: line 2: {message}" in err and "5/5 rows" in err and "3 failed" in err
+
+
+@pytest.mark.parametrize("content", [
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01",  # an image given as --input
+    bytes(range(256)) * 4,
+    "[]\n".encode("utf-16"),
+    b"hello, world\n",
+    b"\x00" * 9000,  # no newline, over the limit
+    b"[" + b"9" * 5000 + b"]\n",  # over Python's limit of digits in an integer
+], ids=["png", "bytes", "utf-16", "text", "long", "digits"])
+def test_generate_garbage_input_exits_2_with_one_line(tiny_ckpt, tmp_path, capsys, content):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_bytes(content)
+    assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target),
+                 "--max-line-bytes", "8192"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qwen2vl: error: {source}: line 1: not ") and err.count("\n") == 1
+    assert not target.exists() and not (tmp_path / "out.jsonl.partial").exists()
+
+
+def test_generate_lone_surrogate_escapes_are_an_error_row_and_an_escaped_id(tiny_ckpt, tmp_path):
+    """JSON parses "\\ud800" (half of a UTF-16 pair) and no tokenizer takes it: the row is an
+    error row and the job goes on; an id holding one is written with its escape and read back."""
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('{"id": "\\ud800", "messages": [{"role": "user", "content": "hi \\udc00"}]}\n'
+                      '{"id": "ok", "messages": [{"role": "user", "content": "hi \\ud83d\\ude00"}]}\n')
+    args = ["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target), *GREEDY]
+    assert main(args) == 1
+    lines = target.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == ('{"id": "\\ud800", "error": {"type": "InputError", "message": "messages: the escape '
+                        '\\\\udc00 is half of a UTF-16 surrogate pair, not a character"}}')
+    assert json.loads(lines[1])["id"] == "ok" and json.loads(lines[1])["finish_reason"] == "length"
+    assert main([*args, "--resume"]) == 0
+    assert target.read_text(encoding="utf-8").splitlines() == lines

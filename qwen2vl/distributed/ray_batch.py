@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from ..batch_job import JobOutput, Progress, answer_rows, id_key, note_partial, prepare_row
+from ..batch_job import JobOutput, Progress, answer_rows, id_key, note_partial, prepare_row, row_line
 from ..engine_args import EngineArgs
 from ..errors import InputError, Qwen2VLError
 from ..sampling_params import SamplingParams
@@ -272,7 +272,7 @@ def run_job(input_path: str, output_path: str | None, *, engine_args: EngineArgs
                 output.write(fresh)
             for row in fresh:
                 if output is None:
-                    print(json.dumps(row, ensure_ascii=False), flush=True)
+                    print(row_line(row), end="", flush=True)
                 progress.add(row)
         if output is not None:
             output.commit()
