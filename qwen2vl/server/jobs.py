@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
@@ -40,15 +40,15 @@ class Job:
         self._timed_out = False
         self._num_finished = 0
 
-    async def start(self, prepare: Callable[[], list[PreparedPrompt]], params: list[SamplingParams]) -> None:
-        """Admit, prepare the prompts in a worker thread and hand `len(prompts) * len(params)`
-        requests to the engine (choice `p * len(params) + i` is prompt p with params i)."""
+    async def start(self, prepare: Callable[[], Awaitable[list[PreparedPrompt]]], params: list[SamplingParams]) -> None:
+        """Admit, prepare the prompts (`prepare` does it in a worker thread) and hand
+        `len(prompts) * len(params)` requests to the engine (choice `p * len(params) + i` is prompt p
+        with params i)."""
         server = self.server
         server.admission.acquire(self.num_choices)
         self._admitted = self.num_choices
         try:
-            loop = asyncio.get_running_loop()
-            self.prompts = await self._in_time(loop.run_in_executor(server.media_pool, prepare))
+            self.prompts = await self._in_time(prepare())
             for prompt in self.prompts:
                 server.limits.check_prompt_length(len(prompt), server.max_model_len)
             requests = [(prompt, choice_params) for prompt in self.prompts for choice_params in params]
