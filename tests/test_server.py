@@ -636,7 +636,7 @@ class _HeldBackend:
     def encode_batch(self, texts, **options):
         if max(map(len, texts)) > 1000:
             self.entered.set()
-            assert self.release.wait(timeout=60)
+            assert self.release.wait(timeout=120)
         return self.real.encode_batch(texts, **options)
 
     def encode(self, *args, **options):
@@ -653,7 +653,8 @@ def test_the_server_answers_while_a_long_prompt_is_tokenized(server, monkeypatch
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(httpx.post, server.url + "/v1/completions", json=long, headers=HEADERS, timeout=60)
         try:
-            assert held.entered.wait(timeout=60)
+            while not held.entered.wait(timeout=0.05):
+                assert not pending.done(), pending.result().text
             assert httpx.get(server.url + "/health", timeout=60).status_code == 200
             short = httpx.post(server.url + "/v1/chat/completions", content=_chat_body(HELLO), headers=HEADERS, timeout=60)
             assert short.status_code == 200 and short.json()["choices"][0]["message"]["content"]
@@ -672,21 +673,24 @@ def test_text_does_not_wait_for_other_requests_media(server, monkeypatch):
     def held(messages, **options):
         if media_parts(messages):
             holding.release()
-            assert release.wait(timeout=60)
+            assert release.wait(timeout=120)
         return prepare(messages, **options)
 
     monkeypatch.setattr(server.state.processor, "prepare", held)
     workers = server.state.limits.media_workers
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        with_images = [pool.submit(httpx.post, server.url + "/v1/chat/completions", headers=HEADERS, timeout=60,
+    with concurrent.futures.ThreadPoolExecutor(workers + 2) as pool:
+        with_images = [pool.submit(httpx.post, server.url + "/v1/chat/completions", headers=HEADERS, timeout=120,
                                    content=_chat_body(_image_messages(_png_uri(32 + i, 32)))) for i in range(workers)]
         try:
             for _ in range(workers):
                 assert holding.acquire(timeout=60)  # the media pool is full
-            chat = httpx.post(server.url + "/v1/chat/completions", content=_chat_body(HELLO), headers=HEADERS, timeout=60)
-            text = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 4},
-                              headers=HEADERS, timeout=60)
-            assert chat.status_code == text.status_code == 200
+            text_only = [pool.submit(httpx.post, server.url + "/v1/chat/completions", content=_chat_body(HELLO),
+                                     headers=HEADERS, timeout=120),
+                         pool.submit(httpx.post, server.url + "/v1/completions", headers=HEADERS, timeout=120,
+                                     json={"model": MODEL, "prompt": "Hello", "max_tokens": 4})]
+            done, waiting = concurrent.futures.wait(text_only, timeout=60)
+            assert not waiting, "a request of text alone waited for the media pool"
+            assert [future.result().status_code for future in text_only] == [200, 200]
         finally:
             release.set()
         assert [future.result().status_code for future in with_images] == [200] * workers
