@@ -71,8 +71,14 @@ def media_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     executor = _executor()
     with _lock:
         _calls.append(call)
-    for _ in items:  # one turn per item; which call's item a turn runs is decided when it starts
-        executor.submit(_take_turn)
+    try:
+        for _ in items:  # one turn per item; which call's item a turn runs is decided when it starts
+            executor.submit(_take_turn)
+    except RuntimeError:  # the interpreter is exiting: no more turns, so none may wait for this call's items
+        with _lock:
+            if call in _calls:
+                _calls.remove(call)
+        raise
     wait(call.futures)
     errors = [future.exception() for future in call.futures]
     for error in errors:
@@ -92,9 +98,11 @@ class _Call:
 
 
 def _take_turn() -> None:
-    """Run the next item of the call with the fewest items running. There are as many turns queued
-    as items waiting, so every item runs, each exactly once."""
+    """Run the next item of the call with the fewest items running. A call queues one turn per item
+    once its items are listed, so every turn finds an item and every item runs, exactly once."""
     with _lock:
+        if not _calls:  # a call withdrawn as the interpreter exits left its turns behind
+            return
         call = min(_calls, key=lambda c: c.running)  # min keeps the first of equals: arrival order
         future, item = call.waiting.popleft()
         call.running += 1
