@@ -369,6 +369,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = ServerLimits(
         max_body_bytes=args.max_body_bytes, max_media_per_request=args.max_media_per_request,
         max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
+        max_prompt_bytes=args.max_prompt_bytes,
         max_requests_in_flight=args.max_requests_in_flight, request_timeout_s=args.request_timeout,
     )
     media = MediaAccess(allow_remote=args.allow_remote_media, max_bytes=args.max_media_bytes,
@@ -481,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(generate)
     generate.set_defaults(run=cmd_generate)
 
-    from .server.limits import MediaAccess, ServerLimits
+    from .server.limits import PROMPT_BYTES_PER_TOKEN, MediaAccess, ServerLimits
 
     limits, media = ServerLimits(), MediaAccess()
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server",
@@ -511,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
                        help="width x height of an image or video frame, as sent and as its per-part options resize it")
     group.add_argument("--max-prompt-tokens", type=int, help="default: --max-model-len minus one")
+    group.add_argument("--max-prompt-bytes", type=int,
+                       help="a request's prompt text (messages and tools, or prompts), UTF-8, refused before it is "
+                            f"tokenized (default: {PROMPT_BYTES_PER_TOKEN} per token of --max-prompt-tokens)")
     group.add_argument("--max-requests-in-flight", type=int, default=limits.max_requests_in_flight,
                        help="beyond it new requests get 503 with Retry-After")
     group.add_argument("--request-timeout", type=float, default=limits.request_timeout_s,

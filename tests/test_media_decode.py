@@ -2,7 +2,9 @@
 where sampled, a batch's media prepared in a thread pool."""
 from __future__ import annotations
 
+import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import av
 import numpy as np
@@ -200,3 +202,44 @@ def test_media_threads_setting(monkeypatch):
     monkeypatch.setenv("QWEN2VL_MEDIA_THREADS", "two")
     with pytest.raises(ValueError, match="QWEN2VL_MEDIA_THREADS must be a positive integer, got 'two'"):
         pool.media_workers()
+
+
+def test_concurrent_media_maps_share_the_pool(monkeypatch):
+    """A second call's items do not queue behind all of a first call's: a freed worker takes an item
+    of the call with the fewest items running."""
+    from qwen2vl.processor import pool
+
+    monkeypatch.setenv("QWEN2VL_MEDIA_THREADS", "2")
+    executor = ThreadPoolExecutor(2, initializer=pool._mark_worker)
+    submitted = threading.Semaphore(0)
+    submit = executor.submit
+    monkeypatch.setattr(executor, "submit", lambda *args: (submitted.release(), submit(*args))[1])
+    monkeypatch.setattr(pool, "_pool", executor)
+    started, release = queue.Queue(), {name: threading.Event() for name in ("a0", "a1", "a2", "a3", "b0", "b1")}
+    results = {}
+
+    def work(name):
+        started.put(name)
+        assert release[name].wait(timeout=60)
+        return name
+
+    def run(key, names):
+        results[key] = media_map(work, names)
+
+    calls = [threading.Thread(target=run, args=("a", ["a0", "a1", "a2", "a3"]))]
+    try:
+        calls[0].start()
+        assert {started.get(timeout=60), started.get(timeout=60)} == {"a0", "a1"}  # the first call holds both workers
+        calls.append(threading.Thread(target=run, args=("b", ["b0", "b1"])))
+        calls[1].start()
+        for _ in range(6):  # both calls have handed the pool all their items
+            assert submitted.acquire(timeout=60)
+        release["a0"].set()
+        assert started.get(timeout=60) == "b0"  # not a2: the first call still has a1 running, the second none
+    finally:
+        for event in release.values():
+            event.set()
+        for call in calls:
+            call.join(timeout=60)
+        executor.shutdown()
+    assert results == {"a": ["a0", "a1", "a2", "a3"], "b": ["b0", "b1"]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import hashlib
 import http.server
 import io
@@ -26,6 +27,7 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
 from qwen2vl import Qwen2VL  # noqa: E402
+from qwen2vl.processor.chat import media_parts  # noqa: E402
 from qwen2vl.server import MediaAccess, ServerLimits, create_app  # noqa: E402
 
 API_KEY = "test-key"
@@ -669,14 +671,14 @@ def test_request_timeout(open_server):
 def test_request_timeout_while_preparing(open_server, monkeypatch):
     """Out of time before the engine saw it (media still being fetched, say): a 504 all the same."""
     preparing, release = threading.Event(), threading.Event()
-    prepare_chat = open_server.state._prepare_chat
+    prepare = open_server.state.processor.prepare
 
-    def held_prepare(*args):
+    def held_prepare(*args, **options):
         preparing.set()
         assert release.wait(60)
-        return prepare_chat(*args)
+        return prepare(*args, **options)
 
-    monkeypatch.setattr(open_server.state, "_prepare_chat", held_prepare)
+    monkeypatch.setattr(open_server.state.processor, "prepare", held_prepare)
     with ThreadPoolExecutor(1) as pool:
         reply = pool.submit(httpx.post, open_server.url + "/v1/chat/completions", json=_long_chat(False, 4), timeout=60)
         assert preparing.wait(30)
@@ -706,6 +708,109 @@ def test_queue_full_gets_503_with_retry_after(open_server):
         assert [reply.result().status_code for reply in held] == [200, 200]
     open_server.wait_idle()
     assert httpx.post(url, json=_long_chat(False, 4), timeout=30).status_code == 200
+
+
+# --- bounded work: prompt text by bytes, tokenizing off the loop, text beside media -----------
+
+PROMPT_BYTE_LIMIT = 16 * (MAX_MODEL_LEN - 1)  # the default: 16 bytes per prompt token allowed
+
+
+@pytest.mark.parametrize("path,body,param,size", [
+    ("/v1/completions", {"prompt": "word " * 1700}, "prompt", 8500),
+    ("/v1/completions", {"prompt": ["word " * 850, "word " * 850]}, "prompt", 8500),  # a request's prompts together
+    # the text of every message (its keys and role included) but not the image
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "word " * 850}, {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _png_uri()}}, {"type": "text", "text": "word " * 850}]}]},
+     "messages", 8500 + len("role" "system" "content" "role" "user" "content" "type" "text" "text")),
+])
+def test_prompt_text_over_its_bytes_is_refused_before_tokenizing(server, monkeypatch, path, body, param, size):
+    seen = []
+    encode = server.state.tokenizer.encode
+    monkeypatch.setattr(server.state.tokenizer, "encode", lambda text: seen.append(len(text)) or encode(text))
+    response = httpx.post(server.url + path, json={"model": MODEL, "max_tokens": 4, **body}, headers=HEADERS, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["message"] == (f"the prompt text is {size} bytes (UTF-8), over the limit of {PROMPT_BYTE_LIMIT} "
+                                f"(16 bytes for each of the {MAX_MODEL_LEN - 1} prompt tokens allowed); shorten it")
+    assert seen == []  # the tokenizer never saw it
+    normal = {"prompt": "word " * 100} if path == "/v1/completions" else {"messages": HELLO}
+    response = httpx.post(server.url + path, json={"model": MODEL, "max_tokens": 4, **normal}, headers=HEADERS, timeout=60)
+    assert response.status_code == 200 and seen
+    server.wait_idle()
+
+
+class _HeldBackend:
+    """The tokenizers backend with its batch call, which releases the GIL, held on an event for
+    long text; its `encode` holds the GIL for the whole call (a 28 MiB prompt froze the server,
+    /health included, for 28 s), so here it fails."""
+
+    def __init__(self, real):
+        self.real = real
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def encode_batch(self, texts, **options):
+        if max(map(len, texts)) > 1000:
+            self.entered.set()
+            assert self.release.wait(timeout=120)
+        return self.real.encode_batch(texts, **options)
+
+    def encode(self, *args, **options):
+        raise AssertionError("tokenizers' encode holds the GIL while it works")
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_the_server_answers_while_a_long_prompt_is_tokenized(server, monkeypatch):
+    held = _HeldBackend(server.state.tokenizer.backend)
+    monkeypatch.setattr(server.state.tokenizer, "backend", held)
+    long = {"model": MODEL, "prompt": "word " * 1500, "max_tokens": 2}  # under the byte limit, over the context
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, server.url + "/v1/completions", json=long, headers=HEADERS, timeout=60)
+        try:
+            while not held.entered.wait(timeout=0.05):
+                assert not pending.done(), pending.result().text
+            assert httpx.get(server.url + "/health", timeout=60).status_code == 200
+            short = httpx.post(server.url + "/v1/chat/completions", content=_chat_body(HELLO), headers=HEADERS, timeout=60)
+            assert short.status_code == 200 and short.json()["choices"][0]["message"]["content"]
+        finally:
+            held.release.set()
+        response = pending.result()
+    assert response.status_code == 400 and f"over the limit of {MAX_MODEL_LEN - 1}" in response.json()["error"]["message"]
+    server.wait_idle()
+
+
+def test_text_does_not_wait_for_other_requests_media(server, monkeypatch):
+    """Every media worker held by a request decoding images: requests of text alone still answer."""
+    prepare = server.state.processor.prepare
+    holding, release = threading.Semaphore(0), threading.Event()
+
+    def held(messages, **options):
+        if media_parts(messages):
+            holding.release()
+            assert release.wait(timeout=120)
+        return prepare(messages, **options)
+
+    monkeypatch.setattr(server.state.processor, "prepare", held)
+    workers = server.state.limits.media_workers
+    with concurrent.futures.ThreadPoolExecutor(workers + 2) as pool:
+        with_images = [pool.submit(httpx.post, server.url + "/v1/chat/completions", headers=HEADERS, timeout=120,
+                                   content=_chat_body(_image_messages(_png_uri(32 + i, 32)))) for i in range(workers)]
+        try:
+            for _ in range(workers):
+                assert holding.acquire(timeout=60)  # the media pool is full
+            text_only = [pool.submit(httpx.post, server.url + "/v1/chat/completions", content=_chat_body(HELLO),
+                                     headers=HEADERS, timeout=120),
+                         pool.submit(httpx.post, server.url + "/v1/completions", headers=HEADERS, timeout=120,
+                                     json={"model": MODEL, "prompt": "Hello", "max_tokens": 4})]
+            done, waiting = concurrent.futures.wait(text_only, timeout=60)
+            assert not waiting, "a request of text alone waited for the media pool"
+            assert [future.result().status_code for future in text_only] == [200, 200]
+        finally:
+            release.set()
+        assert [future.result().status_code for future in with_images] == [200] * workers
+    server.wait_idle()
 
 
 # --- bad input: one test each, then a normal request still works ------------------------------

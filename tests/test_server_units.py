@@ -248,6 +248,13 @@ def test_limits_and_admission():
         limits.check_prompt_length(101, max_model_len=1000)
     with pytest.raises(InputError, match="over the limit of 49"):
         ServerLimits().check_prompt_length(50, max_model_len=50)
+    limits.check_prompt_bytes(1600, max_model_len=1000, field="prompt")  # 16 bytes per prompt token allowed
+    with pytest.raises(InputError, match=r"1601 bytes \(UTF-8\), over the limit of 1600 \(16 bytes for each of the "
+                                         r"100 prompt tokens allowed\)") as caught:
+        limits.check_prompt_bytes(1601, max_model_len=1000, field="prompt")
+    assert caught.value.field == "prompt"
+    with pytest.raises(InputError, match="over the limit of 10 .the server's --max-prompt-bytes."):
+        ServerLimits(max_prompt_bytes=10).check_prompt_bytes(11, max_model_len=1000, field="messages")
     admission = Admission(3)
     admission.acquire(2)
     with pytest.raises(Overloaded):

@@ -2,6 +2,10 @@
 images of a message, or the conversations of a batch, are prepared side by side, and a large image's
 resize runs in bands on it.
 
+Callers share it fairly: a free worker takes the next item of the `media_map` call that has the fewest
+items running (the earliest call among equals), so a lone call uses every worker and concurrent calls
+(the requests of a server) interleave instead of one's images queueing behind all of another's.
+
 Its size is the machine's core count, or `QWEN2VL_MEDIA_THREADS` (1: everything in the calling thread,
 in order).
 """
@@ -9,8 +13,9 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 import torch
@@ -21,6 +26,7 @@ R = TypeVar("R")
 _pool: ThreadPoolExecutor | None = None
 _lock = threading.Lock()
 _worker = threading.local()
+_calls: list[_Call] = []  # the media_map calls with items not yet started, in arrival order (under _lock)
 
 
 def pool_size() -> int:
@@ -61,9 +67,51 @@ def media_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     items = list(items)
     if len(items) < 2 or media_workers() < 2:
         return [fn(item) for item in items]
-    futures = [_executor().submit(fn, item) for item in items]
-    errors = [future.exception() for future in futures]
+    call = _Call(fn, items)
+    executor = _executor()
+    with _lock:
+        _calls.append(call)
+    try:
+        for _ in items:  # one turn per item; which call's item a turn runs is decided when it starts
+            executor.submit(_take_turn)
+    except RuntimeError:  # the interpreter is exiting: no more turns, so none may wait for this call's items
+        with _lock:
+            if call in _calls:
+                _calls.remove(call)
+        raise
+    wait(call.futures)
+    errors = [future.exception() for future in call.futures]
     for error in errors:
         if error is not None:
             raise error
-    return [future.result() for future in futures]
+    return [future.result() for future in call.futures]
+
+
+class _Call:
+    """One `media_map` call's items: those not yet started, and how many of its items are running."""
+
+    def __init__(self, fn: Callable, items: list):
+        self.fn = fn
+        self.futures = [Future() for _ in items]
+        self.waiting = deque(zip(self.futures, items))
+        self.running = 0
+
+
+def _take_turn() -> None:
+    """Run the next item of the call with the fewest items running. A call queues one turn per item
+    once its items are listed, so every turn finds an item and every item runs, exactly once."""
+    with _lock:
+        if not _calls:  # a call withdrawn as the interpreter exits left its turns behind
+            return
+        call = min(_calls, key=lambda c: c.running)  # min keeps the first of equals: arrival order
+        future, item = call.waiting.popleft()
+        call.running += 1
+        if not call.waiting:
+            _calls.remove(call)
+    try:
+        future.set_result(call.fn(item))
+    except BaseException as error:  # noqa: BLE001 - handed to the caller, as the executor's own futures do
+        future.set_exception(error)
+    finally:
+        with _lock:
+            call.running -= 1

@@ -48,7 +48,9 @@ class Tokenizer:
         return {name: token for name, token in (("eos_token", self.eos_token), ("pad_token", self.pad_token)) if token}
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        # The batch call releases the GIL while it works; `encode` holds it throughout, and a long
+        # prompt then froze every other thread (a server's event loop included) for as long.
+        return self.backend.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

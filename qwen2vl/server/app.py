@@ -6,8 +6,10 @@
 
 A request passes the gate first (`gate.py`: request id, API key, body size limit, metrics), then
 its route here parses it (pydantic, strict, with our own messages) and checks what the schema
-cannot. Its job (`jobs.py`) admits it under the in-flight limit, has its media checked, fetched
-and decoded in a worker thread, and hands it to the engine thread; its outputs come back on its
+cannot, its prompt text bounded by bytes before any tokenizing. Its job (`jobs.py`) admits it
+under the in-flight limit, has it prepared in a worker thread (media checked, fetched and decoded
+in the media pool; text alone, templated and tokenized, in starlette's thread pool, never queued
+behind media), and hands it to the engine thread; its outputs come back on its
 own queue. A client that disconnects, or a request that runs out of time, is aborted in the
 engine, which frees its KV blocks. `responses.py` writes the outputs as OpenAI's responses or
 stream chunks; `errors.py` turns any exception into an answer in OpenAI's error shape.
@@ -30,11 +32,13 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen2vl import __version__
 from qwen2vl.engine.async_engine import AsyncEngine
 from qwen2vl.errors import InputError, Qwen2VLError
+from qwen2vl.processor.chat import media_parts
 from qwen2vl.processor.types import PreparedPrompt
 from qwen2vl.sampling_params import SEED_RANGE, SamplingParams
 from qwen2vl.server.errors import APIError, api_error
@@ -101,6 +105,7 @@ class OpenAIServer:
         answer = ChatFormat(body, self.model_name, self.token_texts)
         params = self._choice_params(body, max_tokens, answer.top, num_prompts=1)
         messages, tools = body.processor_messages(), body.template_tools()
+        self.limits.check_prompt_bytes(_text_bytes(_template_text(messages, tools)), self.max_model_len, "messages")
         job = Job(self, request, len(params))
         await _start(job, body, lambda: self._prepare_chat(messages, tools), params, self._cache_salt(request, body))
         return await _respond(answer, job)
@@ -113,6 +118,7 @@ class OpenAIServer:
         if body.best_of not in (None, 1, body.n):
             raise APIError(400, "best_of is not supported by this server (only best_of = n)", param="best_of")
         prompts = [body.prompt] if isinstance(body.prompt, str) or _is_token_list(body.prompt) else body.prompt
+        self.limits.check_prompt_bytes(_text_bytes(prompts), self.max_model_len, "prompt")
         answer = CompletionFormat(body, self.model_name, self.token_texts)
         params = self._choice_params(body, body.max_tokens, answer.top, num_prompts=len(prompts))
         job = Job(self, request, len(prompts) * len(params))
@@ -189,12 +195,21 @@ class OpenAIServer:
             base = dataclasses.replace(base, prompt_logprobs=logprobs)
         return [dataclasses.replace(base, seed=seed) for seed in seeds]
 
-    def _prepare_chat(self, messages: list[dict], tools: list[dict] | None) -> list[PreparedPrompt]:
-        """Runs in a media worker thread: media checks, fetch, decode, template, tokens."""
-        check_media(messages, self.processor.media_policy, self.limits)
-        return [self.processor.prepare(messages, context_len=self.max_model_len, tools=tools)]
+    async def _prepare_chat(self, messages: list[dict], tools: list[dict] | None) -> list[PreparedPrompt]:
+        """Media checks, fetch, decode, template and tokens in a worker thread: a media worker where
+        there are images or videos, else starlette's thread pool, so text never waits for media."""
+        def prepare():
+            check_media(messages, self.processor.media_policy, self.limits)
+            return [self.processor.prepare(messages, context_len=self.max_model_len, tools=tools)]
 
-    def _prepare_text(self, prompts: list[str | list[int]]) -> list[PreparedPrompt]:
+        if not media_parts(messages):
+            return await run_in_threadpool(prepare)
+        return await asyncio.get_running_loop().run_in_executor(self.media_pool, prepare)
+
+    async def _prepare_text(self, prompts: list[str | list[int]]) -> list[PreparedPrompt]:
+        return await run_in_threadpool(self._text_prompts, prompts)
+
+    def _text_prompts(self, prompts: list[str | list[int]]) -> list[PreparedPrompt]:
         """Token ids and text of each prompt (a non-empty string always has tokens: the schema
         refuses empty prompts)."""
         prepared = []
@@ -228,6 +243,28 @@ async def _respond(answer: ChatFormat | CompletionFormat, job: Job) -> Response:
 
 def _is_token_list(prompt) -> bool:
     return isinstance(prompt, list) and all(isinstance(token, int) for token in prompt)
+
+
+def _template_text(messages: list[dict], tools: list[dict] | None) -> list:
+    """What the chat template renders as text: the messages less their images and videos, and the tools."""
+    return [[{**message, "content": [part for part in message["content"] if part.get("type") == "text"]}
+             if isinstance(message.get("content"), list) else message for message in messages], tools]
+
+
+def _text_bytes(value) -> int:
+    """UTF-8 bytes of the strings in `value` (lists and dicts of them, keys included); walked without
+    recursion, as a tool's schema may nest deep."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item) if item.isascii() else len(item.encode())
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
 
 
 # --- the app -----------------------------------------------------------------------------------

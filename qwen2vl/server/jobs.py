@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
@@ -41,17 +41,16 @@ class Job:
         self._timed_out = False
         self._num_finished = 0
 
-    async def start(self, prepare: Callable[[], list[PreparedPrompt]], params: list[SamplingParams],
+    async def start(self, prepare: Callable[[], Awaitable[list[PreparedPrompt]]], params: list[SamplingParams],
                     cache_salt: str | None = None) -> None:
-        """Admit, prepare the prompts in a worker thread and hand `len(prompts) * len(params)`
-        requests to the engine (choice `p * len(params) + i` is prompt p with params i), all
-        under `cache_salt`."""
+        """Admit, prepare the prompts (`prepare` does it in a worker thread) and hand
+        `len(prompts) * len(params)` requests to the engine (choice `p * len(params) + i` is prompt p
+        with params i), all under `cache_salt`."""
         server = self.server
         server.admission.acquire(self.num_choices)
         self._admitted = self.num_choices
         try:
-            loop = asyncio.get_running_loop()
-            self.prompts = await self._in_time(loop.run_in_executor(server.media_pool, prepare))
+            self.prompts = await self._in_time(prepare())
             for prompt in self.prompts:
                 server.limits.check_prompt_length(len(prompt), server.max_model_len)
             requests = [(prompt, choice_params) for prompt in self.prompts for choice_params in params]
@@ -135,7 +134,8 @@ class Job:
         self.server.admission.release(self._admitted)
         self._admitted = 0
 
-    async def _in_time(self, work: asyncio.Future):
+    async def _in_time(self, awaitable):
+        work = asyncio.ensure_future(awaitable)
         if not await _before(work, self.expired):
             raise APIError(504, f"preparing the request ran past the server's limit of "
                                 f"{self.server.limits.request_timeout_s:g} s", "timeout_error",

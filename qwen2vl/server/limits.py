@@ -10,6 +10,11 @@ from pathlib import Path
 from qwen2vl.errors import InputError, Qwen2VLError
 
 
+# The default `max_prompt_bytes` per prompt token: text runs 3-8 bytes a token (code indented by
+# runs of spaces the most), so only text that could not fit is refused before it is tokenized.
+PROMPT_BYTES_PER_TOKEN = 16
+
+
 class Overloaded(Qwen2VLError):
     """Too many requests in flight: the client should retry later (HTTP 503 with Retry-After)."""
 
@@ -25,13 +30,27 @@ class ServerLimits:
     max_image_pixels: int = 7680 * 4320  # an image or video frame, as sent and as its options resize it: 8K
     max_video_pixels: int = 256 * 1920 * 1080  # all the frames sampled from one video, as decoded
     max_prompt_tokens: int | None = None  # default: the engine's max_model_len minus one
+    max_prompt_bytes: int | None = None  # text to tokenize, a request's together; default: 16 per prompt token
     max_requests_in_flight: int = 256  # preparing, waiting or generating; beyond: 503
     request_timeout_s: float = 600.0  # from arrival to the last token
     max_choices: int = 16  # `n` (times the number of prompts for /v1/completions)
     media_workers: int = 4  # threads that fetch and decode media, off the event loop
 
+    def prompt_token_limit(self, max_model_len: int) -> int:
+        return max_model_len - 1 if self.max_prompt_tokens is None else min(self.max_prompt_tokens, max_model_len - 1)
+
+    def check_prompt_bytes(self, num_bytes: int, max_model_len: int, field: str) -> None:
+        """Before tokenizing: the UTF-8 bytes of a request's prompt text (all of it: `field`)."""
+        tokens = self.prompt_token_limit(max_model_len)
+        limit = PROMPT_BYTES_PER_TOKEN * tokens if self.max_prompt_bytes is None else self.max_prompt_bytes
+        if num_bytes > limit:
+            why = (f"{PROMPT_BYTES_PER_TOKEN} bytes for each of the {tokens} prompt tokens allowed"
+                   if self.max_prompt_bytes is None else "the server's --max-prompt-bytes")
+            raise InputError(f"the prompt text is {num_bytes} bytes (UTF-8), over the limit of {limit} ({why}); "
+                             "shorten it", field=field)
+
     def check_prompt_length(self, num_tokens: int, max_model_len: int) -> None:
-        limit = max_model_len - 1 if self.max_prompt_tokens is None else min(self.max_prompt_tokens, max_model_len - 1)
+        limit = self.prompt_token_limit(max_model_len)
         if num_tokens > limit:
             raise InputError(
                 f"the prompt has {num_tokens} tokens, over the limit of {limit} (the context is {max_model_len} "
