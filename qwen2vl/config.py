@@ -17,6 +17,7 @@ import torch
 
 from qwen2vl.errors import CheckpointError
 
+DEFAULT_CONTEXT_LEN = 32768  # Qwen2-VL's max_position_embeddings, where a config.json gives none
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Old vision key names of the flat layout -> current names.
 VISION_ALIASES = {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}
@@ -196,7 +197,7 @@ def _text_config(t: dict, tied: bool) -> TextConfig:
         rms_norm_eps=t.get("rms_norm_eps", 1e-6),
         rope_theta=rope.get("rope_theta", t.get("rope_theta", 1000000.0)),
         mrope_section=mrope_section,
-        max_position_embeddings=t.get("max_position_embeddings", 32768),
+        max_position_embeddings=t.get("max_position_embeddings", DEFAULT_CONTEXT_LEN),
         tie_word_embeddings=tied,
     )
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from qwen2vl.config import DEFAULT_CONTEXT_LEN
 from qwen2vl.errors import CheckpointError, InputError, MediaError
 from qwen2vl.layers.patchify import Patchifier
 from qwen2vl.processor.budget import MAX_RESIZED_PIXELS, MediaBudget
@@ -48,7 +49,6 @@ BUILTIN_PREPROCESSOR = Path(__file__).resolve().parent.parent / "assets" / "prep
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
 VISION_START_TOKEN, VISION_END_TOKEN = "<|vision_start|>", "<|vision_end|>"
 TOKEN_TYPE = {"text": 0, "image": 1, "video": 2}
-DEFAULT_CONTEXT_LEN = 32768  # Qwen2-VL's max_position_embeddings
 
 
 def _checkpoint_config(model_dir: Path) -> dict:
