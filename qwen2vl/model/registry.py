@@ -37,3 +37,12 @@ ARCHITECTURES = {
 def architecture(model_type: str) -> Architecture:
     base_config.vision_config_class(model_type)  # an unsupported model_type is refused by name
     return ARCHITECTURES[model_type]
+
+
+def parse_config(model_dir) -> base_config.Qwen2VLConfig:
+    """`model_dir`'s config.json, read once and parsed with its architecture's settings: the loader
+    builds the model from it (`load_model(..., config=)`), the processor takes its
+    `processor_settings`."""
+    config = base_config.Qwen2VLConfig.from_pretrained(model_dir)
+    architecture(config.model_type)
+    return config
