@@ -152,6 +152,7 @@ class Qwen2VL:
         head's bytes per token) unless `int8_vocab` is False."""
         from .engine import LLMEngine
         from .loader import load_model
+        from .model.registry import parse_config
         from .processor import Processor
 
         if args is None:
@@ -160,8 +161,11 @@ class Qwen2VL:
             raise TypeError("give either args or its fields as keywords, not both")
         model_dir = resolve_model_dir(args.model)
         device = _pick_device(args.device)
-        processor = Processor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        network = load_model(model_dir, device=device, dtype=_pick_dtype(args.dtype), int8_vocab=args.int8_vocab)
+        config = parse_config(model_dir)  # the one read of config.json: the model's and the processor's settings
+        processor = Processor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                                              settings=config.processor_settings)
+        network = load_model(model_dir, device=device, dtype=_pick_dtype(args.dtype), int8_vocab=args.int8_vocab,
+                             config=config)
         generation_config_path = model_dir / "generation_config.json"
         generation_config = json.loads(generation_config_path.read_text()) if generation_config_path.is_file() else {}
         engine = LLMEngine(network, processor, args, generation_config=generation_config)

@@ -4,8 +4,10 @@ Two layouts exist on the hub: the original flat one (text settings at the top le
 `vision_config` with old key names, `rope_scaling`) and the one current transformers writes
 (`text_config` / `vision_config`, `rope_parameters`). Both parse to the same dataclasses.
 
-The text settings are common to every architecture of the family; the vision tower's are parsed
-by the architecture `model_type` names (`qwen2vl.model.registry`).
+The text settings are common to every architecture of the family; the vision settings are the
+architecture's (`VISION_CONFIGS`, by `model_type`). This module is plain data: it imports nothing
+of the model, so the processor and the tools can read a config without it; the model half of an
+architecture (model class, checkpoint names) is `qwen2vl.model.registry`'s.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 
 from qwen2vl.errors import CheckpointError
 
+DEFAULT_CONTEXT_LEN = 32768  # Qwen2-VL's max_position_embeddings, where a config.json gives none
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Old vision key names of the flat layout -> current names.
 VISION_ALIASES = {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}
@@ -40,6 +43,8 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class VisionConfig:
+    """Qwen2-VL's vision settings: `embed_dim` is the tower's width, `hidden_size` the merger's output."""
+
     depth: int = 32
     embed_dim: int = 1280
     hidden_size: int = 3584  # output width of the patch merger: the text model's hidden size
@@ -64,6 +69,88 @@ class VisionConfig:
     def patch_dim(self) -> int:
         """Length of one flattened patch: channels x temporal patch x patch x patch."""
         return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    @property
+    def video_tokens_per_second(self) -> float | None:
+        """Video M-RoPE: None where temporal positions advance by one per temporal patch (Qwen2-VL),
+        else by this many per second of video (Qwen2.5-VL's `tokens_per_second`)."""
+        return None
+
+    @classmethod
+    def from_dict(cls, v: dict, text_hidden_size: int | None = None) -> "VisionConfig":
+        """`vision_config` of config.json (old key names too); the merger's output (`hidden_size`)
+        defaults to the text model's hidden size where it is given."""
+        v = {VISION_ALIASES.get(k, k): val for k, val in v.items()}
+        return cls._checked({k: v[k] for k in cls.__dataclass_fields__ if k in v}, v, text_hidden_size)
+
+    @classmethod
+    def _checked(cls, fields: dict, v: dict, text_hidden_size: int | None):
+        """`cls(**fields)` with the rotary base of `v`'s `rope_parameters`, its head width checked."""
+        if text_hidden_size is not None:
+            fields.setdefault("hidden_size", text_hidden_size)
+        if "rope_parameters" in v:
+            fields["rope_theta"] = v["rope_parameters"].get("rope_theta", cls.rope_theta)
+        config = cls(**fields)
+        if config.embed_dim % config.num_heads or config.head_dim % 4:
+            raise CheckpointError(f"config.json: vision embed_dim {config.embed_dim} / num_heads {config.num_heads} "
+                                  "must give a head_dim divisible by 4 (2D rotary)")
+        return config
+
+
+@dataclass(frozen=True)
+class Qwen2_5_VisionConfig(VisionConfig):
+    """Qwen2.5-VL's vision settings: in its config.json `hidden_size` is the tower's own width
+    (`embed_dim` here) and `out_hidden_size` the merger's output. Defaults are transformers'
+    `Qwen2_5_VLVisionConfig`'s; published checkpoints set them all."""
+
+    embed_dim: int = 3584
+    hidden_act: str = "silu"
+    intermediate_size: int = 3420
+    window_size: int = 112  # pixels on a side
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    tokens_per_second: float = 4
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        return self.intermediate_size
+
+    @property
+    def window_merged_tokens(self) -> int:
+        """A window's side in merged tokens."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+    @property
+    def video_tokens_per_second(self) -> float | None:
+        return self.tokens_per_second
+
+    @classmethod
+    def from_dict(cls, v: dict, text_hidden_size: int | None = None) -> "Qwen2_5_VisionConfig":
+        v = {VISION_ALIASES.get(k, k): val for k, val in v.items()}
+        renamed = {"hidden_size": "embed_dim", "out_hidden_size": "hidden_size"}
+        fields = {renamed.get(k, k): val for k, val in v.items() if renamed.get(k, k) in cls.__dataclass_fields__}
+        fields["fullatt_block_indexes"] = tuple(fields.get("fullatt_block_indexes", cls.fullatt_block_indexes))
+        config = cls._checked(fields, v, text_hidden_size)
+        if config.hidden_act != "silu":
+            raise CheckpointError(f"config.json: vision hidden_act {config.hidden_act!r} is not supported "
+                                  "(Qwen2.5-VL's gated MLP is 'silu')")
+        if config.window_merged_tokens < 1:
+            raise CheckpointError(f"config.json: vision window_size {config.window_size} is smaller than one merged "
+                                  f"token ({config.spatial_merge_size * config.patch_size} pixels)")
+        return config
+
+
+# The vision settings of each architecture, by config.json `model_type`: the one part of its
+# config.json that differs. The rest of an architecture (its model class, checkpoint names) is
+# `qwen2vl.model.registry`'s, which lists the same model types.
+VISION_CONFIGS: dict[str, type[VisionConfig]] = {"qwen2_vl": VisionConfig, "qwen2_5_vl": Qwen2_5_VisionConfig}
+
+
+def vision_config_class(model_type: str) -> type[VisionConfig]:
+    """The vision settings of `model_type`'s architecture; a `CheckpointError` names the supported ones."""
+    if model_type not in VISION_CONFIGS:
+        raise CheckpointError(f"config.json: model_type {model_type!r} is not supported "
+                              f"(expected one of {', '.join(map(repr, VISION_CONFIGS))})")
+    return VISION_CONFIGS[model_type]
 
 
 @dataclass(frozen=True)
@@ -117,6 +204,27 @@ class QuantConfig:
 
 
 @dataclass(frozen=True)
+class ProcessorSettings:
+    """What a `Processor` takes from the checkpoint's config.json."""
+
+    context_len: int = DEFAULT_CONTEXT_LEN  # max_position_embeddings
+    tokens_per_second: float | None = None  # the vision settings' `video_tokens_per_second`
+    # (image, video, vision start, vision end) ids the model reads, checked against the tokenizer's;
+    # None: the tokenizer's are taken as they are
+    vision_token_ids: tuple[int, int, int, int] | None = None
+
+    @classmethod
+    def from_pretrained(cls, model_dir) -> "ProcessorSettings":
+        """Read from `model_dir`'s config.json (the defaults without one) only what a processor uses:
+        the architecture (`model_type`), its vision settings and the context length. A processor
+        loaded with its model gets them from `Qwen2VLConfig.processor_settings` instead."""
+        d = read_config_json(model_dir) or {}
+        vision = vision_config_class(d.get("model_type", "qwen2_vl")).from_dict(d.get("vision_config") or {})
+        return cls(int(_text_settings(d).get("max_position_embeddings") or DEFAULT_CONTEXT_LEN),
+                   vision.video_tokens_per_second)
+
+
+@dataclass(frozen=True)
 class Qwen2VLConfig:
     text: TextConfig
     vision: VisionConfig
@@ -134,25 +242,24 @@ class Qwen2VLConfig:
         """Whether the decoder's linears are stored in 4 bits (AWQ / GPTQ)."""
         return self.quant is not None and self.quant.bits == 4
 
+    @property
+    def processor_settings(self) -> ProcessorSettings:
+        return ProcessorSettings(self.text.max_position_embeddings, self.vision.video_tokens_per_second,
+                                 (self.image_token_id, self.video_token_id, self.vision_start_token_id,
+                                  self.vision_end_token_id))
+
     @classmethod
     def from_pretrained(cls, model_dir) -> "Qwen2VLConfig":
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
+        d = read_config_json(model_dir)
+        if d is None:
             raise CheckpointError(f"{model_dir}: no config.json")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from e
         return cls.from_dict(d)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Qwen2VLConfig":
-        from qwen2vl.model.registry import architecture  # the architectures' modules import this one
-
         model_type = d.get("model_type", "qwen2_vl")
-        arch = architecture(model_type)
-        # Newer layouts nest text settings; the flat layout keeps them at the top level.
-        text = {**d, **d.get("text_config", {})}
+        vision_class = vision_config_class(model_type)
+        text = _text_settings(d)
         quant = d.get("quantization_config") or text.get("quantization_config")
         eos = d.get("eos_token_id", text.get("eos_token_id", 151645))
         dtype_name = d.get("torch_dtype") or d.get("dtype") or text.get("torch_dtype") or text.get("dtype")
@@ -161,7 +268,7 @@ class Qwen2VLConfig:
                                   f"(expected one of {sorted(_DTYPES)})")
         return cls(
             text=_text_config(text, tied=bool(d.get("tie_word_embeddings")) or bool(text.get("tie_word_embeddings"))),
-            vision=arch.parse_vision_config(d.get("vision_config", {}), text["hidden_size"]),
+            vision=vision_class.from_dict(d.get("vision_config", {}), text["hidden_size"]),
             quant=QuantConfig.from_dict(quant) if quant else None,
             image_token_id=d.get("image_token_id", 151655),
             video_token_id=d.get("video_token_id", 151656),
@@ -171,6 +278,22 @@ class Qwen2VLConfig:
             torch_dtype=_DTYPES[dtype_name or "bfloat16"],
             model_type=model_type,
         )
+
+
+def read_config_json(model_dir) -> dict | None:
+    """`model_dir`'s config.json, parsed; None where there is none."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _text_settings(d: dict) -> dict:
+    """Newer layouts nest the text settings (`text_config`); the flat layout keeps them at the top level."""
+    return {**d, **(d.get("text_config") or {})}
 
 
 def _text_config(t: dict, tied: bool) -> TextConfig:
@@ -196,25 +319,6 @@ def _text_config(t: dict, tied: bool) -> TextConfig:
         rms_norm_eps=t.get("rms_norm_eps", 1e-6),
         rope_theta=rope.get("rope_theta", t.get("rope_theta", 1000000.0)),
         mrope_section=mrope_section,
-        max_position_embeddings=t.get("max_position_embeddings", 32768),
+        max_position_embeddings=t.get("max_position_embeddings", DEFAULT_CONTEXT_LEN),
         tie_word_embeddings=tied,
     )
-
-
-def vision_config(v: dict, text_hidden_size: int) -> VisionConfig:
-    """Qwen2-VL's vision settings: `embed_dim` is the tower's width, `hidden_size` the merger's output."""
-    v = {VISION_ALIASES.get(k, k): val for k, val in v.items()}
-    fields = {k: v[k] for k in VisionConfig.__dataclass_fields__ if k in v}
-    fields.setdefault("hidden_size", text_hidden_size)
-    return checked_vision_config(VisionConfig, fields, v)
-
-
-def checked_vision_config(cls: type, fields: dict, v: dict):
-    """`cls(**fields)` with the rotary base of `v`'s `rope_parameters`, its head width checked."""
-    if "rope_parameters" in v:
-        fields["rope_theta"] = v["rope_parameters"].get("rope_theta", cls.rope_theta)
-    config = cls(**fields)
-    if config.embed_dim % config.num_heads or config.head_dim % 4:
-        raise CheckpointError(f"config.json: vision embed_dim {config.embed_dim} / num_heads {config.num_heads} "
-                              "must give a head_dim divisible by 4 (2D rotary)")
-    return config

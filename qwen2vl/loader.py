@@ -27,7 +27,7 @@ from qwen2vl import kernels
 from qwen2vl.layers.linear import AWQLinear, GPTQLinear, Int4Linear, Linear, QuantizedLinear
 from qwen2vl.layers.vocab import Int8VocabTable
 from qwen2vl.model.qwen2_vl import WEIGHT_RENAMES, Qwen2VLForConditionalGeneration
-from qwen2vl.model.registry import architecture
+from qwen2vl.model.registry import architecture, parse_config
 
 # Our fused projections and the checkpoint projections they are made of, in order.
 _FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -37,8 +37,10 @@ _IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
 
 
 def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
-               int4_kernel: bool | str | None = None, int8_vocab: bool = True) -> Qwen2VLForConditionalGeneration:
-    """Load `model_dir` (config.json + safetensors) onto `device`.
+               int4_kernel: bool | str | None = None, int8_vocab: bool = True,
+               config: Qwen2VLConfig | None = None) -> Qwen2VLForConditionalGeneration:
+    """Load `model_dir` (config.json + safetensors) onto `device`. `config` is its config.json
+    where the caller has parsed it already (`registry.parse_config`); None reads it.
 
     `dtype` None picks bfloat16, except on the CPU for checkpoints without 4-bit linears, where
     float32 is the dense path that is both exact and fast. With float16 the vision tower runs in
@@ -54,7 +56,7 @@ def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
     """
     model_dir = Path(model_dir)
     device = torch.device(device)
-    config = Qwen2VLConfig.from_pretrained(model_dir)
+    config = config or parse_config(model_dir)
     text_dtype, vision_dtype = compute_dtypes(dtype or default_dtype(config, device))
     arch = architecture(config.model_type)
     with torch.device("meta"):

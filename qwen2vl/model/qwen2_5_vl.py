@@ -1,23 +1,21 @@
 """Qwen2.5-VL: Qwen2-VL's text decoder and embedding scatter with its own vision tower.
 
-What differs from Qwen2-VL is only here: the vision settings (`hidden_size` is the tower's own
-width, `out_hidden_size` the merger's output), the tower (RMSNorm, a gated SiLU MLP with bias, a
-merger with RMSNorm, attention within windows of `window_size` pixels except in the blocks
-`fullatt_block_indexes`, which attend over whole frames) and the time-aligned M-RoPE of videos
-(`tokens_per_second`, see `qwen2vl.processor.mrope`).
+What differs from Qwen2-VL is here and in its vision settings (`qwen2vl.config.Qwen2_5_VisionConfig`,
+which also sets the time-aligned M-RoPE of videos: `tokens_per_second`, see
+`qwen2vl.processor.mrope`): the tower (RMSNorm, a gated SiLU MLP with bias, a merger with
+RMSNorm, attention within windows of `window_size` pixels except in the blocks
+`fullatt_block_indexes`, which attend over whole frames).
 """
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen2vl.config import VisionConfig, VISION_ALIASES, checked_vision_config
-from qwen2vl.errors import CheckpointError
+from qwen2vl.config import Qwen2_5_VisionConfig
 from qwen2vl.layers.attention import Segments
 from qwen2vl.layers.linear import Linear
 from qwen2vl.layers.norm import RMSNorm
@@ -27,44 +25,6 @@ from qwen2vl.model.text import MLP
 from qwen2vl.model.vision import PatchMerger, VisionAttention, frame_lengths, patch_rows_cols
 
 VISION_NORM_EPS = 1e-6
-
-
-@dataclass(frozen=True)
-class Qwen2_5_VisionConfig(VisionConfig):
-    """Defaults are transformers' `Qwen2_5_VLVisionConfig`'s; published checkpoints set them all."""
-
-    embed_dim: int = 3584
-    hidden_act: str = "silu"
-    intermediate_size: int = 3420
-    window_size: int = 112  # pixels on a side
-    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
-    tokens_per_second: float = 4
-
-    @property
-    def mlp_hidden_size(self) -> int:
-        return self.intermediate_size
-
-    @property
-    def window_merged_tokens(self) -> int:
-        """A window's side in merged tokens."""
-        return self.window_size // self.spatial_merge_size // self.patch_size
-
-
-def parse_vision_config(v: dict, text_hidden_size: int) -> Qwen2_5_VisionConfig:
-    v = {VISION_ALIASES.get(k, k): val for k, val in v.items()}
-    renamed = {"hidden_size": "embed_dim", "out_hidden_size": "hidden_size"}
-    fields = {renamed.get(k, k): val for k, val in v.items()
-              if renamed.get(k, k) in Qwen2_5_VisionConfig.__dataclass_fields__}
-    fields.setdefault("hidden_size", text_hidden_size)
-    fields["fullatt_block_indexes"] = tuple(fields.get("fullatt_block_indexes", Qwen2_5_VisionConfig.fullatt_block_indexes))
-    config = checked_vision_config(Qwen2_5_VisionConfig, fields, v)
-    if config.hidden_act != "silu":
-        raise CheckpointError(f"config.json: vision hidden_act {config.hidden_act!r} is not supported "
-                              "(Qwen2.5-VL's gated MLP is 'silu')")
-    if config.window_merged_tokens < 1:
-        raise CheckpointError(f"config.json: vision window_size {config.window_size} is smaller than one merged "
-                              f"token ({config.spatial_merge_size * config.patch_size} pixels)")
-    return config
 
 
 def window_partition(grids: list[tuple[int, int, int]], merge_size: int, window: int) -> tuple[torch.Tensor, list[int]]:

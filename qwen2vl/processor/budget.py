@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qwen2vl.config import DEFAULT_CONTEXT_LEN
 from qwen2vl.errors import InputError, MediaError
 from qwen2vl.processor.image import IMAGE_MAX_TOKENS, MediaOptions
 
 MAX_SOURCE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS as PIL ships it
 MAX_RESIZED_PIXELS = IMAGE_MAX_TOKENS * 28 * 28  # 12,845,056
 MAX_VIDEO_PIXELS = 256 * 1920 * 1080
-MAX_ITEM_TOKENS = 32768  # Qwen2-VL's max_position_embeddings
+MAX_ITEM_TOKENS = DEFAULT_CONTEXT_LEN
 
 
 def number(value: float) -> int | float:

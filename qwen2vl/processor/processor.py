@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from qwen2vl.config import ProcessorSettings
 from qwen2vl.errors import CheckpointError, InputError, MediaError
 from qwen2vl.layers.patchify import Patchifier
 from qwen2vl.processor.budget import MAX_RESIZED_PIXELS, MediaBudget
@@ -29,7 +30,6 @@ from qwen2vl.processor.image import (
     smart_resize,
     to_rgb,
 )
-from qwen2vl.model.registry import video_tokens_per_second
 from qwen2vl.processor.mrope import mrope_positions
 from qwen2vl.processor.pool import media_map
 from qwen2vl.processor.tokenizer import Tokenizer
@@ -48,24 +48,8 @@ BUILTIN_PREPROCESSOR = Path(__file__).resolve().parent.parent / "assets" / "prep
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
 VISION_START_TOKEN, VISION_END_TOKEN = "<|vision_start|>", "<|vision_end|>"
 TOKEN_TYPE = {"text": 0, "image": 1, "video": 2}
-DEFAULT_CONTEXT_LEN = 32768  # Qwen2-VL's max_position_embeddings
-
-
-def _checkpoint_config(model_dir: Path) -> dict:
-    """config.json, parsed; `{}` where there is none."""
-    path = model_dir / "config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not JSON: {e}") from None
-
-
-def _context_len(config: dict) -> int:
-    """The checkpoint's `max_position_embeddings` (its text_config's), else Qwen2-VL's."""
-    text = config.get("text_config") or {}
-    return int(text.get("max_position_embeddings") or config.get("max_position_embeddings") or DEFAULT_CONTEXT_LEN)
+VISION_TOKENS = {"image_token_id": IMAGE_TOKEN, "video_token_id": VIDEO_TOKEN,  # config.json's name: the token
+                 "vision_start_token_id": VISION_START_TOKEN, "vision_end_token_id": VISION_END_TOKEN}
 
 
 @dataclass(frozen=True)
@@ -111,11 +95,11 @@ class Processor:
         max_pixels: int,
         media_policy: MediaPolicy | None = None,
         budget: MediaBudget | None = None,
-        context_len: int = DEFAULT_CONTEXT_LEN,
-        tokens_per_second: float | None = None,
+        settings: ProcessorSettings = ProcessorSettings(),
     ):
-        """`tokens_per_second`: the M-RoPE time scale of videos (Qwen2.5-VL's config), None where
-        video positions advance by one per temporal patch (Qwen2-VL)."""
+        """`settings`: what the checkpoint's config.json says (see `ProcessorSettings`): the
+        context length, and the M-RoPE time scale of videos (`tokens_per_second`: Qwen2.5-VL's;
+        None where video positions advance by one per temporal patch, as Qwen2-VL's do)."""
         if min_pixels > max_pixels:
             raise InputError(f"min_pixels ({min_pixels}) is greater than max_pixels ({max_pixels})", field="min_pixels")
         if min_pixels > MAX_RESIZED_PIXELS:
@@ -128,12 +112,10 @@ class Processor:
         self.max_pixels = max_pixels
         self.media_policy = media_policy or MediaPolicy()
         self.budget = budget or MediaBudget()
-        self.context_len = context_len
-        self.tokens_per_second = tokens_per_second
-        self.image_token_id = self._special_id(IMAGE_TOKEN)
-        self.video_token_id = self._special_id(VIDEO_TOKEN)
-        self.vision_start_token_id = self._special_id(VISION_START_TOKEN)
-        self.vision_end_token_id = self._special_id(VISION_END_TOKEN)
+        self.context_len = settings.context_len
+        self.tokens_per_second = settings.tokens_per_second
+        self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id = (
+            self._vision_token_ids(settings.vision_token_ids))
         self._pad_kind = {self.image_token_id: "image", self.video_token_id: "video"}
 
     @classmethod
@@ -149,12 +131,14 @@ class Processor:
         allowed_media_dir: str | Path | None = None,
         check_address=None,
         budget: MediaBudget | None = None,
+        settings: ProcessorSettings | None = None,
     ) -> "Processor":
         """Read tokenizer.json (+ tokenizer_config.json), preprocessor_config.json and the chat template.
 
-        A missing preprocessor config or chat template falls back to Qwen2-VL's (in `assets/`);
-        `context_len` is config.json's `max_position_embeddings` (32768 without one); config.json,
-        where there is one, also says whether video positions are aligned to time.
+        A missing preprocessor config or chat template falls back to Qwen2-VL's (in `assets/`).
+        `settings` (None: read from config.json, see `ProcessorSettings.from_pretrained`) give the
+        context (`max_position_embeddings`, 32768 without one) and whether video positions are
+        aligned to time.
         `check_address(host, address)` may refuse an address a remote host resolves to by raising;
         see `MediaPolicy`. `budget` (default `MediaBudget()`) bounds each image and video; see the
         class docstring.
@@ -163,7 +147,7 @@ class Processor:
         if not model_dir.is_dir():
             raise CheckpointError(f"{model_dir} is not a directory")
         tokenizer = Tokenizer.from_dir(model_dir)
-        checkpoint = _checkpoint_config(model_dir)
+        settings = settings or ProcessorSettings.from_pretrained(model_dir)
         config_path = model_dir / "preprocessor_config.json"
         config = json.loads((config_path if config_path.is_file() else BUILTIN_PREPROCESSOR).read_text(encoding="utf-8"))
         size = config.get("size") or {}
@@ -193,8 +177,7 @@ class Processor:
             config_max if max_pixels is None else max_pixels,
             policy,
             budget,
-            _context_len(checkpoint),
-            video_tokens_per_second(checkpoint),
+            settings,
         )
 
     @property
@@ -305,6 +288,15 @@ class Processor:
         return out
 
     # -- internals --------------------------------------------------------------------------------
+
+    def _vision_token_ids(self, expected: tuple[int, ...] | None) -> tuple[int, ...]:
+        """The tokenizer's ids of the vision tokens; where given, `expected` (config.json's: the
+        ids the model looks for) must be the same."""
+        ids = tuple(self._special_id(token) for token in VISION_TOKENS.values())
+        for (name, token), token_id, wanted in zip(VISION_TOKENS.items(), ids, expected or ids):
+            if token_id != wanted:
+                raise CheckpointError(f"config.json's {name} is {wanted}, but the tokenizer's {token} is {token_id}")
+        return ids
 
     def _special_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
