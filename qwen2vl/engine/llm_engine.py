@@ -137,6 +137,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def has_request(self, request_id: str) -> bool:
+        """Whether the request is in the engine (added, not finished or aborted yet)."""
+        return request_id in self.scheduler.requests
+
     def add_request(self, prompt: PreparedPrompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Validate and queue a request; returns its id. Raises `InputError` for a bad request
         (which leaves the engine and its other requests untouched)."""
@@ -194,10 +198,20 @@ class LLMEngine:
                 outputs += self._read_back()
             return outputs
         except BaseException:
-            if self._in_flight is not None:
-                self.scheduler.drop_pending(self._in_flight.plan)
-                self._in_flight = None
+            self._restart()
             raise
+
+    def _restart(self) -> None:
+        """A step failed or was interrupted (KeyboardInterrupt) anywhere: the tokens of the steps
+        scheduled and not read back will never arrive, and the queues may be half updated. Every
+        request starts over from the tokens it has, as a preempted one does (its vision
+        embeddings kept); those that finished are taken out."""
+        self._in_flight = None
+        self.scheduler.restart()
+        for request_id in [request_id for request_id in self._vision_embeds if not self.has_request(request_id)]:
+            del self._vision_embeds[request_id]
+        for seq in self.scheduler.requests.values():  # items planned for encoding in the lost step may lack theirs
+            seq.encoded_items.intersection_update(self._vision_embeds.get(seq.request_id, {}))
 
     def _can_run_ahead(self, launched: LaunchedStep) -> bool:
         """Whether the next step may be scheduled before `launched`'s tokens are read back: no
