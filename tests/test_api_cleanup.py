@@ -3,6 +3,7 @@ the middle of a step, a KeyboardInterrupt at any point of a call, a stream dropp
 from __future__ import annotations
 
 import gc
+import queue
 import threading
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from qwen2vl import Qwen2VL, SamplingParams
+from qwen2vl.engine.driver import EngineDriver, EngineFailure, NewRequest
 
 GREEDY = {"temperature": 0, "repetition_penalty": 1.0}
 HUNG = 120  # seconds: only a hung call takes this long; the test then fails instead of hanging the suite
@@ -80,21 +82,26 @@ def test_a_stream_collected_from_a_reference_cycle_inside_a_step(tiny_ckpt, conv
 
 
 class Interrupt:
-    """Stands in for `llm.engine.<owner>.<name>`, raising KeyboardInterrupt on its `at`-th call."""
+    """Stands in for `real`, raising KeyboardInterrupt on its `at`-th call."""
 
-    def __init__(self, monkeypatch, llm, point: str):
-        owner, name, self.at = POINTS[point]
-        if point == "vision" and llm.engine.vision_cache.max_bytes:
-            pytest.skip("the image is in the vision cache: it is not encoded again")
-        owner = getattr(llm.engine, owner)
-        self.real, self.calls = getattr(owner, name), 0
-        monkeypatch.setattr(owner, name, self)
+    def __init__(self, real, at: int):
+        self.real, self.at, self.calls = real, at, 0
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
         if self.calls == self.at:
             raise KeyboardInterrupt
         return self.real(*args, **kwargs)
+
+
+def interrupt_at(monkeypatch, llm, point: str) -> Interrupt:
+    owner, name, at = POINTS[point]
+    if point == "vision" and llm.engine.vision_cache.max_bytes:
+        pytest.skip("the image is in the vision cache: it is not encoded again")
+    owner = getattr(llm.engine, owner)
+    interrupt = Interrupt(getattr(owner, name), at)
+    monkeypatch.setattr(owner, name, interrupt)
+    return interrupt
 
 
 # Where Ctrl-C lands: the first step (the prompt's, run while the call hands it to the engine),
@@ -107,7 +114,7 @@ POINTS = {"prompt_step": ("runner", "launch", 1), "decode_step": ("runner", "lau
 @pytest.mark.parametrize("point", POINTS)
 def test_keyboard_interrupt_aborts_the_request_and_leaves_the_engine_usable(llm, conversations, answers, monkeypatch,
                                                                              point, stream):
-    interrupt = Interrupt(monkeypatch, llm, point)
+    interrupt = interrupt_at(monkeypatch, llm, point)
     with pytest.raises(KeyboardInterrupt):
         if stream:
             for _ in llm.chat(conversations["image"], max_tokens=12, ignore_eos=True, stream=True, **GREEDY):
@@ -147,6 +154,7 @@ def test_an_interrupted_step_restarts_its_requests_which_answer_as_before(llm, c
     """The engine itself: after a step raised anywhere, no token is left pending with no step to
     bring it, and every request goes on to the answer it would have given."""
     engine = llm.engine
+    interrupt_at(monkeypatch, llm, point)
     params = SamplingParams.from_overrides(None, max_tokens=12, ignore_eos=True, **GREEDY)
     names = {engine.add_request(llm.processor.prepare(messages, context_len=engine.max_model_len), params): name
              for name, messages in conversations.items()}
@@ -156,10 +164,72 @@ def test_an_interrupted_step_restarts_its_requests_which_answer_as_before(llm, c
         while engine.has_unfinished():
             finals.update((output.request_id, output.token_ids) for output in engine.step() if output.finished)
 
-    Interrupt(monkeypatch, llm, point)
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.undo()
     run()
     assert {names[request_id]: token_ids for request_id, token_ids in finals.items()} == answers
     assert_idle(llm)
+
+
+def test_keyboard_interrupt_while_a_batch_is_handed_to_the_engine(llm, conversations, answers, monkeypatch):
+    """Ctrl-C after the first conversation of a batch was added: it is aborted too."""
+    monkeypatch.setattr(llm.engine, "add_request", Interrupt(llm.engine.add_request, at=2))
+    with pytest.raises(KeyboardInterrupt):
+        llm.chat([conversations["text"], conversations["image"]], max_tokens=12, ignore_eos=True, **GREEDY)
+    assert_idle(llm)
+    monkeypatch.undo()
+    batch = llm.chat([conversations["text"], conversations["image"]], max_tokens=12, ignore_eos=True, **GREEDY)
+    assert [completion.token_ids for completion in batch] == [answers["text"], answers["image"]]
+
+
+class LosingEngine:
+    """An engine whose step finishes every request, then is interrupted before returning their outputs."""
+
+    def __init__(self):
+        self.requests = set()
+
+    def add_request(self, prompt, params, request_id):
+        self.requests.add(request_id)
+        return request_id
+
+    def has_unfinished(self):
+        return bool(self.requests)
+
+    def has_request(self, request_id):
+        return request_id in self.requests
+
+    def step(self):
+        self.requests.clear()
+        raise KeyboardInterrupt
+
+    def abort(self, request_id):
+        self.requests.discard(request_id)
+
+
+def test_a_consumer_whose_output_an_interrupted_step_lost_is_answered():
+    """Another consumer (a thread, the server) must not wait for ever for an output the
+    interrupted step took with it."""
+    driver = EngineDriver(LosingEngine())
+    other = queue.SimpleQueue()
+    driver.submit([NewRequest(None, None, "other")], other.put)
+    mine = driver.submit([NewRequest(None, None, "mine")], lambda item: None)
+    with pytest.raises(KeyboardInterrupt):
+        driver.pump(mine.done)
+    assert isinstance(other.get_nowait(), EngineFailure)
+
+
+def test_an_interrupted_add_answers_its_consumer_and_loses_no_other_command():
+    engine = LosingEngine()
+    driver = EngineDriver(engine)
+    engine.add_request = Interrupt(engine.add_request, at=2)
+    accepted = driver.submit([NewRequest(None, None, "a"), NewRequest(None, None, "b")], lambda item: None)
+    later = driver.submit([NewRequest(None, None, "c")], lambda item: None)
+    with pytest.raises(KeyboardInterrupt):
+        driver.pump(accepted.done)
+    first, second = accepted.result(timeout=0)
+    assert first == "a" and isinstance(second, EngineFailure)
+    assert not later.done()
+    engine.step = lambda: engine.requests.clear() or []
+    driver.pump(later.done)
+    assert later.result(timeout=0) == ["c"]

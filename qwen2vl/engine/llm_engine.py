@@ -180,7 +180,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; outputs of the requests that got tokens or finished (with
-        `run_ahead`, the tokens of the step before)."""
+        `run_ahead`, the tokens of the step before). If it raises (a failure, or a
+        KeyboardInterrupt anywhere in it), the engine stays usable: its requests start over."""
         try:
             outputs = []
             if self._in_flight is not None and not self._can_run_ahead(self._in_flight):
