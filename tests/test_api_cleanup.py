@@ -131,7 +131,7 @@ def test_keyboard_interrupt_aborts_the_request_and_leaves_the_engine_usable(llm,
 
 def test_keyboard_interrupt_in_the_consumers_loop_aborts_the_stream(llm, conversations, answers):
     with pytest.raises(KeyboardInterrupt):
-        for delta in llm.chat(conversations["image"], max_tokens=64, ignore_eos=True, stream=True, **GREEDY):
+        for _ in llm.chat(conversations["image"], max_tokens=64, ignore_eos=True, stream=True, **GREEDY):
             raise KeyboardInterrupt
     assert_idle(llm)
     assert llm.chat(conversations["text"], max_tokens=12, ignore_eos=True, **GREEDY).token_ids == answers["text"]
