@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,13 +107,18 @@ def _pick_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
 class ChatStream:
     """Text deltas of one answer as they are generated; `.completion` once exhausted.
 
-    Dropping the stream early aborts the request and frees its cache.
+    Leaving the iteration early (break, an exception, KeyboardInterrupt) or dropping the stream,
+    iterated or not, aborts the request and frees its cache.
     """
 
     def __init__(self, llm: "Qwen2VL", prompt, params: SamplingParams, cache_salt: str | None = None):
         self._llm, self._prompt = llm, prompt
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()
-        [self._request_id] = llm._submit([prompt], params, self._outputs.put, batch=False, cache_salt=cache_salt)
+        [request_id] = llm._submit([prompt], params, self._outputs.put, batch=False, cache_salt=cache_salt)
+        # The abort holds no reference to the stream, so it runs when the stream is collected,
+        # even from a reference cycle in the middle of a step (it only marks the request).
+        self._abort = weakref.finalize(self, llm.driver.abort, request_id)
+        self._abort.atexit = False
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -127,10 +133,10 @@ class ChatStream:
                 if output.text_delta:
                     yield output.text_delta
                 if output.finished:
+                    self._abort.detach()
                     self.completion = self._llm._completion(self._prompt, output)
         finally:
-            if self.completion is None:
-                self._llm._abort([self._request_id])
+            self._abort()  # a no-op once finished
 
 
 class Qwen2VL:
@@ -220,21 +226,28 @@ class Qwen2VL:
 
     def _submit(self, prompts, params: SamplingParams, sink, batch: bool, cache_salt: str | None) -> list[str]:
         """Hand the prompts to the engine together; their request ids. If the engine refuses
-        one, none of them runs and its error is raised, naming its conversation in a batch."""
+        one, none of them runs and its error is raised, naming its conversation in a batch.
+        Interrupted, it aborts them whenever the engine takes them."""
         accepted = self.driver.submit([NewRequest(prompt, params, cache_salt=cache_salt) for prompt in prompts], sink)
-        self.driver.pump(accepted.done)
+        try:
+            self.driver.pump(accepted.done)
+        except BaseException:
+            accepted.add_done_callback(lambda added: self._abort(added.result()))
+            raise
         results = accepted.result()
         refused = [(index, error) for index, error in enumerate(results) if isinstance(error, BaseException)]
         if refused:
-            self._abort([request_id for request_id in results if not isinstance(request_id, BaseException)])
+            self._abort(results)
             index, error = refused[0]
             raise error.in_conversation(index) if batch and isinstance(error, InputError) else error
         return results
 
-    def _abort(self, request_ids: list[str]) -> None:
-        """Abort the requests and wait until their blocks are free."""
-        aborts = [self.driver.abort(request_id) for request_id in request_ids]
-        self.driver.pump(lambda: all(done.done() for done in aborts))
+    def _abort(self, request_ids: list[str | BaseException]) -> None:
+        """Abort the requests (errors in the list, for requests never added, are skipped). It
+        never waits: their blocks are free now, or after the step that runs meanwhile."""
+        for request_id in request_ids:
+            if not isinstance(request_id, BaseException):
+                self.driver.abort(request_id)
 
     def _prepare(self, conversation: Messages, conversation_index: int | None):
         try:

@@ -10,10 +10,15 @@ Who steps: a thread that waits for an output `pump`s, stepping the engine itself
 thread does (so the CPU path runs its kernels on the caller's thread, as a plain loop would:
 glibc gives a new thread its own malloc arena, whose trimming costs ~35% of a CPU decode step);
 consumers that cannot wait (asyncio) have a background thread step while they have requests.
+
+Aborts are only marked (`abort` never steps and never waits), so they are safe from a finalizer
+that the garbage collector runs in the middle of a step, on the stepping thread itself: an
+abandoned stream's cleanup. The thread that holds the engine applies them between steps.
 """
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -54,7 +59,6 @@ class _Add:
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
-    done: Future
 
 
 class EngineDriver:
@@ -64,13 +68,16 @@ class EngineDriver:
     refused each); their outputs then go to `sink`. `abort` stops a request, freeing its blocks,
     before the next step. Consumers that wait call `pump(done)`; with `background=True` a thread
     of the driver's steps while those requests live. If a step raises, every request in the
-    engine ends with an `EngineFailure` and the driver goes on with the next ones.
+    engine ends with an `EngineFailure` and the driver goes on with the next ones. If a step is
+    interrupted (KeyboardInterrupt), the interrupt reaches the thread that stepped, the engine
+    restarts its requests, and those it lost on the way end with an `EngineFailure`.
     """
 
     def __init__(self, engine):
         self.engine = engine
         self._cond = threading.Condition()  # guards the fields below; notified after each step
         self._commands: list[_Add | _Abort] = []
+        self._marked: queue.SimpleQueue[str] = queue.SimpleQueue()  # aborts not queued as commands yet
         self._stepping = False  # a thread holds the engine
         self._background: threading.Thread | None = None
         self._background_requests: set[str] = set()
@@ -87,11 +94,28 @@ class EngineDriver:
         self._command(_Add(list(requests), sink, background, accepted))
         return accepted
 
-    def abort(self, request_id: str) -> Future:
-        """A future that is done when the request was aborted (or had already ended)."""
-        done: Future = Future()
-        self._command(_Abort(request_id, done))
-        return done
+    def abort(self, request_id: str) -> None:
+        """Mark the request aborted (if it has not ended). Safe from any thread, a finalizer
+        included: it never waits. It is applied at once if no thread holds the engine, else by
+        the thread that does, before its next step."""
+        self._marked.put(request_id)  # SimpleQueue.put is reentrant: safe inside a step's garbage collection
+        if self._cond.acquire(blocking=False):
+            try:
+                self._abort_marked_if_idle()
+            finally:
+                self._cond.release()
+
+    def _abort_marked_if_idle(self) -> None:
+        """(With the lock held.) Apply the marked aborts now if no thread holds the engine and
+        no command queued before them waits (an abort must not pass its request's add)."""
+        if self._stepping or self._commands:
+            return
+        self._stepping = True  # a finalizer run while applying them only marks its abort
+        try:
+            while (command := self._next_command()) is not None:
+                self._apply(command)
+        finally:
+            self._stepping = False
 
     def _command(self, command: _Add | _Abort) -> None:
         with self._cond:
@@ -116,21 +140,33 @@ class EngineDriver:
         while another thread steps, wait for its steps instead."""
         while True:
             with self._cond:
-                while not done() and (self._stepping or not (self._commands or self.engine.has_unfinished())):
+                while not done() and (self._stepping or not (self._commands or not self._marked.empty()
+                                                             or self.engine.has_unfinished())):
                     self._cond.wait(timeout=None if self._stepping else 0.1)
                 if done():
                     return
                 self._stepping = True
-                commands, self._commands = self._commands, []
             try:
-                self._step(commands)
+                self._step()
             finally:
                 with self._cond:
                     self._stepping = False
+                    self._abort_marked_if_idle()  # those marked during the step
                     self._cond.notify_all()
 
-    def _step(self, commands: list[_Add | _Abort]) -> None:
-        for command in commands:
+    def _next_command(self) -> _Add | _Abort | None:
+        """The oldest command; marked aborts join the queue behind the commands already in it.
+        Taken one at a time, so that an interrupt loses none of the others."""
+        with self._cond:
+            while True:
+                try:
+                    self._commands.append(_Abort(self._marked.get_nowait()))
+                except queue.Empty:
+                    break
+            return self._commands.pop(0) if self._commands else None
+
+    def _step(self) -> None:
+        while (command := self._next_command()) is not None:
             self._apply(command)
         if not self.engine.has_unfinished():
             return
@@ -140,6 +176,10 @@ class EngineDriver:
             logger.exception("engine step failed; failing the requests in flight")
             self._fail_all(error)
             return
+        except BaseException:  # KeyboardInterrupt: the engine restarted its requests; it may have lost some
+            self._fail_lost()
+            raise
+        deliveries = []
         for output in outputs:
             if output.finished:
                 self._forget(output.request_id)
@@ -147,7 +187,8 @@ class EngineDriver:
             else:
                 sink = self._sinks.get(output.request_id)
             if sink is not None:
-                _hand(sink, output)
+                deliveries.append((sink, output))
+        _hand_all(deliveries)
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
@@ -160,23 +201,29 @@ class EngineDriver:
                         _hand(sink, output)
                 except Exception:
                     logger.exception("abort of %s failed", command.request_id)
-            command.done.set_result(None)
             return
         results = []
-        for request in command.requests:
-            try:
-                request_id = self.engine.add_request(request.prompt, request.params, request.request_id,
-                                                     cache_salt=request.cache_salt)
-                self._sinks[request_id] = command.sink
-                if command.background:
-                    with self._cond:
-                        self._background_requests.add(request_id)
-                results.append(request_id)
-            except Exception as error:  # InputError for a bad request; anything else is ours
-                if not isinstance(error, ValueError):
-                    logger.exception("add_request failed")
-                results.append(error)
-        command.accepted.set_result(results)
+        try:
+            for request in command.requests:
+                results.append(self._add(request, command))
+        finally:  # interrupted, the requests not added yet are refused: the consumer is answered either way
+            interrupted = EngineFailure("the request was not added: the engine's thread was interrupted")
+            command.accepted.set_result(results + [interrupted] * (len(command.requests) - len(results)))
+
+    def _add(self, request: NewRequest, command: _Add) -> str | Exception:
+        """The new request's id, or the error that refused it."""
+        try:
+            request_id = self.engine.add_request(request.prompt, request.params, request.request_id,
+                                                 cache_salt=request.cache_salt)
+        except Exception as error:  # InputError for a bad request; anything else is ours
+            if not isinstance(error, ValueError):
+                logger.exception("add_request failed")
+            return error
+        self._sinks[request_id] = command.sink
+        if command.background:
+            with self._cond:
+                self._background_requests.add(request_id)
+        return request_id
 
     def _forget(self, request_id: str) -> None:
         with self._cond:
@@ -193,6 +240,27 @@ class EngineDriver:
             except Exception:
                 logger.exception("abort of %s failed after an engine failure", request_id)
             _hand(sink, failure)
+
+    def _fail_lost(self) -> None:
+        """After an interrupted step: the requests the engine no longer holds lost their final
+        output on the way; their consumers get a failure instead of waiting for ever."""
+        lost = [request_id for request_id in self._sinks if not self.engine.has_request(request_id)]
+        failure = EngineFailure("the engine's step was interrupted before this request's last output")
+        for request_id in lost:
+            self._forget(request_id)
+            _hand(self._sinks.pop(request_id), failure)
+
+
+def _hand_all(deliveries: list[tuple[Sink, RequestOutput]]) -> None:
+    """Hand each output to its consumer; if an interrupt stops the handing, the rest are still
+    handed (a consumer must not wait for ever for an output the engine already gave up)."""
+    rest = iter(deliveries)
+    try:
+        for sink, output in rest:
+            _hand(sink, output)
+    finally:
+        for sink, output in rest:
+            _hand(sink, output)
 
 
 def _hand(sink: Sink, item: RequestOutput | BaseException) -> None:

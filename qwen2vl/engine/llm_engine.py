@@ -138,6 +138,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def has_request(self, request_id: str) -> bool:
+        """Whether the request is in the engine (added, not finished or aborted yet)."""
+        return request_id in self.scheduler.requests
+
     def add_request(self, prompt: PreparedPrompt, params: SamplingParams | None = None, request_id: str | None = None,
                     *, cache_salt: str | None = None) -> str:
         """Validate and queue a request; returns its id. Raises `InputError` for a bad request
@@ -183,7 +187,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduler step; outputs of the requests that got tokens or finished (with
-        `run_ahead`, the tokens of the step before)."""
+        `run_ahead`, the tokens of the step before). If it raises (a failure, or a
+        KeyboardInterrupt anywhere in it), the engine stays usable: its requests start over."""
         try:
             outputs = []
             if self._in_flight is not None and not self._can_run_ahead(self._in_flight):
@@ -201,10 +206,20 @@ class LLMEngine:
                 outputs += self._read_back()
             return outputs
         except BaseException:
-            if self._in_flight is not None:
-                self.scheduler.drop_pending(self._in_flight.plan)
-                self._in_flight = None
+            self._restart()
             raise
+
+    def _restart(self) -> None:
+        """A step failed or was interrupted (KeyboardInterrupt) anywhere: the tokens of the steps
+        scheduled and not read back will never arrive, and the queues may be half updated. Every
+        request starts over from the tokens it has, as a preempted one does (its vision
+        embeddings kept); those that finished are taken out."""
+        self._in_flight = None
+        self.scheduler.restart()
+        for request_id in [request_id for request_id in self._vision_embeds if not self.has_request(request_id)]:
+            del self._vision_embeds[request_id]
+        for seq in self.scheduler.requests.values():  # items planned for encoding in the lost step may lack theirs
+            seq.encoded_items.intersection_update(self._vision_embeds.get(seq.request_id, {}))
 
     def _can_run_ahead(self, launched: LaunchedStep) -> bool:
         """Whether the next step may be scheduled before `launched`'s tokens are read back: no

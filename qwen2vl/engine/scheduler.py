@@ -280,12 +280,20 @@ class Scheduler:
             updated.append(seq)
         return updated
 
-    def drop_pending(self, plan: StepPlan) -> None:
-        """A launched step's tokens will never arrive (the step failed): nothing is pending."""
-        for span in plan.sampling:
-            seq = self.requests.get(span.request_id)
-            if seq is not None:
-                seq.num_pending = 0
+    def restart(self) -> None:
+        """The tokens of every step scheduled and not updated yet will never arrive (a step
+        failed or was interrupted, perhaps half way through `schedule` or `update`): every
+        unfinished request goes back to waiting, in arrival order, holding no blocks, to be
+        recomputed from the tokens it has, as a preempted one is. Finished ones are taken out."""
+        self.running, self.waiting = [], deque()
+        for seq in list(self.requests.values()):
+            self.block_manager.free(seq)
+            if seq.is_finished:
+                del self.requests[seq.request_id]
+                continue
+            seq.num_computed_tokens = seq.num_pending = 0
+            seq.status = SequenceStatus.WAITING
+            self.waiting.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
