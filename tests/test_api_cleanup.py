@@ -189,7 +189,7 @@ class LosingEngine:
     def __init__(self):
         self.requests = set()
 
-    def add_request(self, prompt, params, request_id):
+    def add_request(self, prompt, params, request_id, cache_salt=None):
         self.requests.add(request_id)
         return request_id
 
