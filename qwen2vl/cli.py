@@ -371,6 +371,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
         max_prompt_bytes=args.max_prompt_bytes,
         max_requests_in_flight=args.max_requests_in_flight, request_timeout_s=args.request_timeout,
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, max_connections=args.max_connections,
     )
     media = MediaAccess(allow_remote=args.allow_remote_media, max_bytes=args.max_media_bytes,
                         fetch_timeout_s=args.fetch_timeout,
@@ -392,7 +393,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"{', API key required' if api_key else ''}]", file=sys.stderr)
     serve(llm, model_name=model_name, host=args.host, port=args.port, limits=limits, media=media,
           api_key=api_key, log_level=args.log_level, default_params=default_params,
-          cache_salt_by_key=args.cache_salt_by_key)
+          cache_salt_by_key=args.cache_salt_by_key, docs=args.docs)
     return 0
 
 
@@ -499,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="each API key its own prefix and vision cache: a request reuses (and can time) only "
                             "prompts sent with its own key (default: one cache shared by all, which is faster)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--docs", action="store_true",
+                       help="serve Swagger UI at /docs; it loads a script from cdn.jsdelivr.net into the page's origin, "
+                            "where the chat page keeps the API key (default: off; /openapi.json is always served)")
     group = serve.add_argument_group("media sources")
     group.add_argument("--allow-remote-media", action="store_true",
                        help="fetch http(s) image/video URLs (never from loopback, private or link-local addresses)")
@@ -519,6 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="beyond it new requests get 503 with Retry-After")
     group.add_argument("--request-timeout", type=float, default=limits.request_timeout_s,
                        help="seconds from arrival to the last token (504 over it)")
+    group.add_argument("--header-timeout", type=float, default=limits.header_timeout_s,
+                       help="seconds for a request's line and headers to arrive, from the connection's start or the "
+                            "last response (408 and the connection closed over it; idle connections close too)")
+    group.add_argument("--body-timeout", type=float, default=limits.body_timeout_s,
+                       help="seconds for a request's whole body to arrive (408 over it)")
+    group.add_argument("--max-connections", type=int, default=limits.max_connections,
+                       help="open connections, idle ones included; a request on one more gets 503")
     _add_model_options(serve)
     _add_sampling_options(serve, "sampling defaults (for the fields a request leaves unset; "
                                  "unset here = the checkpoint's generation_config.json)", structured=False)

@@ -127,3 +127,34 @@ def test_requests_take_the_defaults_for_the_fields_they_leave_unset(tiny_ckpt, m
         completion = client.post("/v1/completions", json={"prompt": "The quick brown fox"})
         assert completion.status_code == 200, completion.text
         assert completion.json()["usage"]["completion_tokens"] == 6  # the server's default, not OpenAI's 16
+
+
+def test_the_connection_flags_reach_uvicorn(tiny_ckpt, monkeypatch):
+    uvicorn = pytest.importorskip("uvicorn")
+    from qwen2vl.server import connections
+
+    runs, lifted = [], []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: runs.append((app, options)))
+    monkeypatch.setattr(connections, "raise_open_file_limit", lifted.append)
+    assert main(["serve", "--model", str(tiny_ckpt), "--header-timeout", "3", "--body-timeout", "4",
+                 "--max-connections", "7", "--docs"]) == 0
+    (app, options), = runs
+    limits = app.state.server.limits
+    assert (limits.header_timeout_s, limits.body_timeout_s, limits.max_connections) == (3.0, 4.0, 7)
+    assert options["http"].header_timeout_s == 3.0 and options["limit_concurrency"] == 8
+    assert lifted == [7]
+    assert "/docs" in {route.path for route in app.routes}
+
+
+@pytest.mark.parametrize("soft, hard, expected", [(1024, 4096, 1256), (1024, 1100, 1100), (4096, 4096, None)])
+def test_the_open_file_limit_is_lifted_to_fit_the_connections(monkeypatch, caplog, soft, hard, expected):
+    resource = pytest.importorskip("resource")
+    pytest.importorskip("uvicorn")
+    from qwen2vl.server.connections import raise_open_file_limit
+
+    set_to = []
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", lambda kind, limits: set_to.append(limits))
+    raise_open_file_limit(1000)
+    assert set_to == ([] if expected is None else [(expected, hard)])
+    assert ("needs about 1256 open files, but the limit is 1100" in caplog.text) == (expected == 1100)

@@ -29,6 +29,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from qwen2vl import Qwen2VL  # noqa: E402
 from qwen2vl.processor.chat import media_parts  # noqa: E402
 from qwen2vl.server import MediaAccess, ServerLimits, create_app  # noqa: E402
+from qwen2vl.server.connections import uvicorn_options  # noqa: E402
 
 API_KEY = "test-key"
 MODEL = "tiny-qwen2vl"
@@ -94,7 +95,7 @@ class HeldSteps:
 
 
 class RunningServer:
-    """A uvicorn server in a thread on a free 127.0.0.1 port."""
+    """A uvicorn server in a thread on a free 127.0.0.1 port, with the connection settings of `serve`."""
 
     def __init__(self, llm, model_name: str = MODEL, **options):
         self.llm = llm
@@ -102,7 +103,8 @@ class RunningServer:
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on",
+                                                    **uvicorn_options(self.state.limits)))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -444,7 +446,7 @@ def test_min_tokens_holds_back_stop_token_ids(client, reference):
 
 
 def test_openapi_describes_every_body(server):
-    schema = httpx.get(server.url + "/openapi.json").json()  # no key needed, as for /docs
+    schema = httpx.get(server.url + "/openapi.json").json()  # no key needed
     components = schema["components"]["schemas"]
     assert schema["components"]["securitySchemes"] == {"apiKey": {"type": "http", "scheme": "bearer"}}
     routes = {("/v1/chat/completions", "post"): ("ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk"),
@@ -481,8 +483,6 @@ def test_openapi_describes_every_body(server):
     assert not any("422" in operation["responses"] for path in schema["paths"].values() for operation in path.values())
     assert "logit_bias" in components["ChatCompletionRequest"]["properties"]
     assert "echo" in components["CompletionRequest"]["properties"]
-    page = httpx.get(server.url + "/docs")
-    assert page.status_code == 200 and "/openapi.json" in page.text
 
 
 def test_wrong_method_says_which_are_allowed(server):
@@ -1109,3 +1109,117 @@ def test_cache_salt_by_key_gives_each_key_its_own_cache(tiny_ckpt, monkeypatch):
     assert len(salts) == 6 and len(set(salts)) == 4
     assert all(len(salt) == 64 and alice not in salt and bob not in salt for salt in salts)
     assert hashlib.blake2b(alice.encode(), digest_size=32).hexdigest() not in salts
+
+
+# --- the front door: bodies, slow and idle clients, connections, security headers ------------
+
+def _raw_exchange(url: str, data: bytes) -> bytes:
+    """Send `data` on a new connection and read until the server closes it (the timeout only
+    guards against a server that never does)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(data)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    return received
+
+
+def _status_and_body(response: bytes) -> tuple[int, bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.fixture(scope="module")
+def slow_client_server(tiny_ckpt):
+    """Short header and body deadlines, and Swagger UI at /docs."""
+    llm = Qwen2VL.from_pretrained(tiny_ckpt, device="cpu", max_model_len=MAX_MODEL_LEN)
+    running = RunningServer(llm, limits=ServerLimits(header_timeout_s=0.5, body_timeout_s=0.5), docs=True)
+    yield running
+    running.stop()
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"x"', b"1", b"null"])
+def test_a_body_that_is_not_an_object_is_400(server, body):
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        response = httpx.post(server.url + path, content=body, headers={**HEADERS, "Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["message"].startswith("the request body must be a JSON object, not ")
+
+
+def test_a_body_is_refused_before_it_is_read_where_no_route_takes_one(server):
+    """POST /health and the other public paths: 413 as soon as the headers declare a body, the
+    body never read and the connection closed; a keyless request to the API: 401, likewise."""
+    declared = b"Content-Length: 1048576\r\nContent-Type: application/json\r\n\r\n{"  # 1 MiB declared, 1 byte sent
+    for path in ("/health", "/", "/openapi.json", "/static/app.js", "/docs"):
+        status, body = _status_and_body(_raw_exchange(server.url, b"POST %s HTTP/1.1\r\nHost: x\r\n" % path.encode() + declared))
+        assert status == 413 and f"{path} takes no request body" in json.loads(body)["error"]["message"]
+    status, body = _status_and_body(_raw_exchange(server.url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + declared))
+    assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+    chunked = b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"  # no end
+    status, body = _status_and_body(_raw_exchange(server.url, chunked))
+    assert status == 413 and "/health takes no request body" in json.loads(body)["error"]["message"]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_slow_headers_and_idle_connections_get_408_and_are_closed(slow_client_server):
+    partial = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    for sent in (partial, b""):
+        status, body = _status_and_body(_raw_exchange(slow_client_server.url, sent))
+        assert (status, body) == (408, b"the request line and headers did not arrive in time")
+    assert httpx.get(slow_client_server.url + "/health").status_code == 200
+
+
+def test_a_slow_body_gets_408_and_the_connection_is_closed(slow_client_server):
+    headers = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    response = _raw_exchange(slow_client_server.url, headers + b'{"model":')
+    status, body = _status_and_body(response)
+    assert status == 408 and b"connection: close" in response.lower()
+    assert json.loads(body)["error"] == {"message": "the request body did not arrive within 0.5 s", "type": "invalid_request_error",
+                                         "param": None, "code": "request_timeout"}
+    assert httpx.post(slow_client_server.url + "/v1/chat/completions", content=_chat_body(HELLO), timeout=30).status_code == 200
+
+
+def test_a_request_over_the_connection_limit_gets_503(tiny_ckpt):
+    llm = Qwen2VL.from_pretrained(tiny_ckpt, device="cpu", max_model_len=MAX_MODEL_LEN)
+    running = RunningServer(llm, limits=ServerLimits(max_connections=2, header_timeout_s=600))
+    open_connections = running.server.server_state.connections
+    try:
+        port = int(running.url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while len(open_connections) < 2:
+            assert time.monotonic() < deadline, "the server did not accept the idle connections"
+            time.sleep(0.02)
+        refused = httpx.get(running.url + "/health")
+        assert refused.status_code == 503 and refused.headers["connection"] == "close"
+        idle.pop().close()
+        while len(open_connections) > 1:
+            assert time.monotonic() < deadline, "the server did not notice a connection closing"
+            time.sleep(0.02)
+        assert httpx.get(running.url + "/health").status_code == 200  # the second of two connections
+        idle.pop().close()
+    finally:
+        running.stop()
+
+
+def test_every_response_carries_the_security_headers(server):
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        responses = [http.get("/"), http.get("/static/app.js"), http.get("/health"), http.get("/openapi.json"),
+                     http.get("/v1/models", headers=HEADERS), http.get("/v1/models"), http.get("/nothing", headers=HEADERS),
+                     http.post("/v1/chat/completions", content=b"[]", headers=HEADERS)]
+    assert [r.status_code for r in responses] == [200, 200, 200, 200, 200, 401, 404, 400]
+    for response in responses:
+        assert response.headers["x-frame-options"] == "DENY"
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        policy = response.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in policy and "script-src 'self';" in policy and "http" not in policy
+
+
+def test_swagger_ui_is_off_unless_asked_for(server, slow_client_server):
+    assert httpx.get(server.url + "/docs").status_code == 404
+    page = httpx.get(slow_client_server.url + "/docs")
+    assert page.status_code == 200 and "/openapi.json" in page.text
+    assert "script-src https://cdn.jsdelivr.net 'unsafe-inline'" in page.headers["content-security-policy"]
+    assert "cdn.jsdelivr.net" not in httpx.get(slow_client_server.url + "/").headers["content-security-policy"]

@@ -8,11 +8,13 @@ everywhere.
 """
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -449,3 +451,29 @@ def test_the_pages_box_parsing_and_scaling_is_grounding_pys(server, browser, tex
                                        given_text, width, height)
         assert [(box["label"], box["x1"], box["y1"], box["x2"], box["y2"]) for box in given] == \
             [(box.label, box.x1, box.y1, box.x2, box.y2) for box in want], given_text
+
+
+@needs_browser
+def test_the_page_refuses_to_load_in_a_frame_of_another_origin(server, browser):
+    frame = f"<iframe src='{server.url}'></iframe>".encode()
+
+    class FramingPage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(frame)
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FramingPage)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        browser.get(f"http://localhost:{other.server_address[1]}/")  # another origin than 127.0.0.1's page
+        browser.switch_to.frame(0)
+        shown = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#message, body.neterror"), 30,
+                     "the frame stayed empty")
+        assert shown[0].tag_name == "body"  # the browser's error page, not the chat page's textarea
+    finally:
+        other.shutdown()

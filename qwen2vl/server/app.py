@@ -14,8 +14,8 @@ own queue. A client that disconnects, or a request that runs out of time, is abo
 engine, which frees its KV blocks. `responses.py` writes the outputs as OpenAI's responses or
 stream chunks; `errors.py` turns any exception into an answer in OpenAI's error shape.
 
-The OpenAPI document (`/openapi.json`, `/docs`, `openapi.py`) declares the same pydantic models
-as the bodies.
+The OpenAPI document (`/openapi.json`, `openapi.py`; Swagger UI at `/docs` with `docs=True`)
+declares the same pydantic models as the bodies.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ from qwen2vl.server.jobs import Job, event_stream
 from qwen2vl.server.limits import Admission, MediaAccess, ServerLimits
 from qwen2vl.server.media import check_media, server_processor
 from qwen2vl.server.metrics import Metrics
-from qwen2vl.server.openapi import openapi_document, request_body, responses
+from qwen2vl.server.openapi import docs_page, openapi_document, request_body, responses
 from qwen2vl.server.responses import ChatFormat, CompletionFormat, TokenTexts, json_response
 from qwen2vl.server.schemas import (
     ChatCompletion,
@@ -271,13 +271,15 @@ def _text_bytes(value) -> int:
 
 def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, media: MediaAccess | None = None,
                api_key: str | Sequence[str] | None = None, default_params: SamplingParams | None = None,
-               cache_salt_by_key: bool = False, timer: Callable[[float], Awaitable] = asyncio.sleep) -> FastAPI:
+               cache_salt_by_key: bool = False, docs: bool = False,
+               timer: Callable[[float], Awaitable] = asyncio.sleep) -> FastAPI:
     """An ASGI app serving `llm` (a loaded `Qwen2VL`) under OpenAI's API as `model_name`.
 
     `api_key`: one key or several, any of which a client may send. `default_params` (`serve
     --temperature ...`) fill the sampling fields a request leaves unset. `cache_salt_by_key`:
     each API key its own prefix and vision cache (requests share cached prompts only with
-    requests sent with the same key). `timer(seconds)` is awaited for each request's time limit
+    requests sent with the same key). `docs` serves Swagger UI at /docs (see
+    `openapi.docs_page`). `timer(seconds)` is awaited for each request's time limit
     (`limits.request_timeout_s`); a test passes one that ends when it says so.
 
     The engine thread starts with the app (lifespan) and stops with it.
@@ -294,7 +296,7 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
             server.engine.stop()
             server.media_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="qwen2vl", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
+    app = FastAPI(title="qwen2vl", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json", swagger_ui_oauth2_redirect_url=None)
     app.state.server = server
     app.add_middleware(RequestGate, server=server)
@@ -326,16 +328,22 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
     # the chat page (static/, package data): public, it asks for the API key itself
     app.add_api_route("/", lambda: FileResponse(PAGE_DIR / "index.html"), methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
+    if docs:
+        app.add_api_route("/docs", lambda: docs_page(app), methods=["GET"], include_in_schema=False)
     app.openapi = lambda: openapi_document(app, with_api_key=bool(server.api_keys))
     return app
 
 
 def serve(llm, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,
           media: MediaAccess | None = None, api_key: str | Sequence[str] | None = None, log_level: str = "info",
-          default_params: SamplingParams | None = None, cache_salt_by_key: bool = False) -> None:
+          default_params: SamplingParams | None = None, cache_salt_by_key: bool = False, docs: bool = False) -> None:
     """Run the server until interrupted (blocking)."""
     import uvicorn
 
+    from qwen2vl.server.connections import raise_open_file_limit, uvicorn_options
+
+    limits = limits or ServerLimits()
     app = create_app(llm, model_name=model_name, limits=limits, media=media, api_key=api_key,
-                     default_params=default_params, cache_salt_by_key=cache_salt_by_key)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+                     default_params=default_params, cache_salt_by_key=cache_salt_by_key, docs=docs)
+    raise_open_file_limit(limits.max_connections)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **uvicorn_options(limits))

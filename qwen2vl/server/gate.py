@@ -1,7 +1,9 @@
-"""What every HTTP request passes before a route runs: request id, API key, body size limit,
-request metrics, a 500 in OpenAI's shape for anything unexpected; then the body parsed as JSON."""
+"""What every HTTP request passes before a route runs: request id, API key, body size limit and
+deadline, request metrics, the security headers of every response, a 500 in OpenAI's shape for
+anything unexpected; then the body parsed as JSON."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import uuid
 from typing import TYPE_CHECKING
@@ -19,7 +21,15 @@ if TYPE_CHECKING:
 ENDPOINTS = ("/", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs")
 PUBLIC_PATHS = ("/", "/health", "/openapi.json", "/docs")  # no API key needed; nor under PAGE_PREFIX
 PAGE_PREFIX = "/static/"  # the chat page's script and style sheet
+BODY_PATHS = ("/v1/chat/completions", "/v1/completions")  # the only routes that read a body; others take none
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"; only seen in metrics
+# the chat page's needs (its own script, style sheet and fetches; images and videos as data: URIs), nothing
+# else: no inline script, no other origin, no framing
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                           "media-src 'self' data:; connect-src 'self'; form-action 'self'; base-uri 'none'; "
+                           "frame-ancestors 'none'")
+SECURITY_HEADERS = ((b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"))
 
 
 def _endpoint(path: str) -> str:
@@ -30,9 +40,11 @@ def _endpoint(path: str) -> str:
 
 
 class RequestGate:
-    """ASGI middleware: request id, API key, body size limit, request metrics, and a 500 in
-    OpenAI's shape for anything unexpected. It reads the body (up to the limit) before the route
-    sees it, so an oversized or unauthenticated request costs nothing more."""
+    """ASGI middleware: request id, API key, body size limit and deadline, request metrics, the
+    security headers, and a 500 in OpenAI's shape for anything unexpected. It checks the key, then
+    reads the body (up to the limit, within the deadline) before the route sees it, so an
+    oversized, slow or unauthenticated request costs nothing more; an answer given before the
+    body was read in full closes the connection (the rest of the body is never read)."""
 
     def __init__(self, app, server: OpenAIServer):
         self.app = app
@@ -48,7 +60,7 @@ class RequestGate:
         async def send_tagged(message):
             if message["type"] == "http.response.start":
                 exchange.status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+                message = {**message, "headers": exchange.response_headers(message.get("headers", []), request_id)}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 exchange.complete = True
             await send(message)
@@ -56,6 +68,7 @@ class RequestGate:
         try:
             self._authorize(scope)
             body = await self._read_body(scope, receive)
+            exchange.body_read = True
             await self.app(scope, exchange.replay(body, receive), send_tagged)
         except Exception as error:  # noqa: BLE001 - every failure must still get an answer
             if isinstance(error, ClientGone):
@@ -84,10 +97,18 @@ class RequestGate:
         scope["state"]["api_key"] = matches[0]
 
     async def _read_body(self, scope, receive) -> bytes:
-        limit = self.server.limits.max_body_bytes
+        timeout = self.server.limits.body_timeout_s
+        try:
+            return await asyncio.wait_for(self._receive_body(scope, receive), timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
+
+    async def _receive_body(self, scope, receive) -> bytes:
+        path = scope["path"]
+        limit = self.server.limits.max_body_bytes if path in BODY_PATHS else 0
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _too_large(int(declared), limit)
+            raise _too_large(int(declared), limit, path)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -96,13 +117,16 @@ class RequestGate:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise _too_large(size, limit)
+                raise _too_large(size, limit, path)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
 
-def _too_large(size: int, limit: int) -> APIError:
+def _too_large(size: int, limit: int, path: str) -> APIError:
+    if limit == 0:
+        return APIError(413, f"{path} takes no request body (only POST {' and '.join(BODY_PATHS)} do); this one "
+                             f"is {size} bytes or more", code="request_too_large")
     return APIError(413, f"the request body is {size} bytes or more, over the limit of {limit} bytes",
                     code="request_too_large")
 
@@ -114,8 +138,19 @@ class _Exchange:
 
     def __init__(self):
         self.status: int | None = None
+        self.body_read = False
         self.complete = False
         self.client_left = False
+
+    def response_headers(self, headers, request_id: str) -> list[tuple[bytes, bytes]]:
+        """`headers` with the request id and the security headers (a route may set its own
+        Content-Security-Policy), and with `Connection: close` if the body was left unread."""
+        added = [(b"x-request-id", request_id.encode()), *SECURITY_HEADERS]
+        if not any(name.lower() == b"content-security-policy" for name, _ in headers):
+            added.append((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()))
+        if not self.body_read:
+            added.append((b"connection", b"close"))
+        return [*headers, *added]
 
     def replay(self, body: bytes, receive):
         """A `receive` that hands over the already-read body once, then listens to the client

@@ -25,7 +25,10 @@ class Overloaded(Qwen2VLError):
 class ServerLimits:
     """Per-request and server-wide limits; every one is a command-line option of `qwen2vl serve`."""
 
-    max_body_bytes: int = 32 << 20  # the whole HTTP body, base64 images included
+    max_body_bytes: int = 32 << 20  # the whole HTTP body, base64 images included (routes without a body take none)
+    header_timeout_s: float = 10.0  # a request's line and headers, from the connection's start or the last response
+    body_timeout_s: float = 60.0  # a request's whole body, from the end of its headers
+    max_connections: int = 1000  # open connections, idle ones included; a request on one more gets 503
     max_media_per_request: int = 8  # images + videos in one request
     max_image_pixels: int = 7680 * 4320  # an image or video frame, as sent and as its options resize it: 8K
     max_video_pixels: int = 256 * 1920 * 1080  # all the frames sampled from one video, as decoded

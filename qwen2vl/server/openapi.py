@@ -1,17 +1,25 @@
-"""The OpenAPI document (`/openapi.json`, `/docs`): the request and response models of
-`schemas.py`, declared by reference, with every route's error answers."""
+"""The OpenAPI document (`/openapi.json`, and with `serve --docs` Swagger UI at `/docs`): the
+request and response models of `schemas.py`, declared by reference, with every route's error
+answers."""
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from qwen2vl.server.schemas import REQUEST_MODELS, RESPONSE_MODELS, ErrorResponse
 
 _ERRORS = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or path",
-           413: "body over the limit", 415: "body not sent as JSON", 500: "a bug of the server",
-           503: "overloaded or shutting down", 504: "over the request timeout"}
+           408: "body not sent in time", 413: "body over the limit", 415: "body not sent as JSON",
+           500: "a bug of the server", 503: "overloaded or shutting down", 504: "over the request timeout"}
+SWAGGER_UI_ORIGIN = "https://cdn.jsdelivr.net"  # where FastAPI's Swagger UI page loads its script and style from
+# FastAPI's page: Swagger UI from its CDN, started by an inline script; its favicon from FastAPI's site
+DOCS_POLICY = (f"default-src 'none'; script-src {SWAGGER_UI_ORIGIN} 'unsafe-inline'; style-src {SWAGGER_UI_ORIGIN}; "
+               "img-src 'self' data: https://fastapi.tiangolo.com; connect-src 'self'; base-uri 'none'; "
+               "frame-ancestors 'none'")
 
 
 def _ref(model: type[BaseModel]) -> dict:
@@ -48,3 +56,11 @@ def openapi_document(app: FastAPI, with_api_key: bool) -> dict:
             schema["security"] = [{"apiKey": []}]
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def docs_page(app: FastAPI) -> HTMLResponse:
+    """Swagger UI (`serve --docs`): a third-party script in the origin where the chat page keeps the
+    API key, hence off by default; its Content-Security-Policy allows that script's origin only here."""
+    page = get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API")
+    page.headers["content-security-policy"] = DOCS_POLICY
+    return page

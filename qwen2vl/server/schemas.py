@@ -529,12 +529,22 @@ def _describe(err: dict) -> str:
     if kind == "missing":
         return "required field is missing"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
+        if not err["loc"]:
+            return f"the request body must be a JSON object, not {_json_kind(err.get('input'))}"
         if err["loc"][-1] in ("image_url", "video_url") and isinstance(err.get("input"), str):
             return 'expected an object {"url": ...}, not a bare string'
         return "expected an object"
     if err["loc"][-1] == "[key]":
         return f"{err['input']!r} is not a token id (keys are token ids written as strings, such as \"50256\")"
     return err["msg"]
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {list: "an array", str: "a string"}.get(type(value), "a number")
 
 
 def _param(loc: tuple) -> str:
