@@ -365,6 +365,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as error:
         raise Qwen2VLError(f"serve needs the server extra ({error.name} is not installed): "
                            "pip install 'qwen2vl[server]', or from a clone pip install -e '.[server]'") from None
+    if args.docs:
+        from .server.openapi import swagger_ui_files
+
+        try:
+            swagger_ui_files()
+        except ImportError as error:
+            raise Qwen2VLError(str(error)) from None
 
     limits = ServerLimits(
         max_body_bytes=args.max_body_bytes, max_media_per_request=args.max_media_per_request,
@@ -501,8 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "prompts sent with its own key (default: one cache shared by all, which is faster)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--docs", action="store_true",
-                       help="serve Swagger UI at /docs; it loads a script from cdn.jsdelivr.net into the page's origin, "
-                            "where the chat page keeps the API key (default: off; /openapi.json is always served)")
+                       help="serve Swagger UI at /docs, from the fastapi-offline package (pip install 'qwen2vl[docs]') "
+                            "(default: off; /openapi.json is always served)")
     group = serve.add_argument_group("media sources")
     group.add_argument("--allow-remote-media", action="store_true",
                        help="fetch http(s) image/video URLs (never from loopback, private or link-local addresses)")

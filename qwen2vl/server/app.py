@@ -47,7 +47,14 @@ from qwen2vl.server.jobs import Job, event_stream
 from qwen2vl.server.limits import Admission, MediaAccess, ServerLimits
 from qwen2vl.server.media import check_media, server_processor
 from qwen2vl.server.metrics import Metrics
-from qwen2vl.server.openapi import docs_page, openapi_document, request_body, responses
+from qwen2vl.server.openapi import (
+    SWAGGER_UI_PREFIX,
+    docs_page,
+    openapi_document,
+    request_body,
+    responses,
+    swagger_ui_files,
+)
 from qwen2vl.server.responses import ChatFormat, CompletionFormat, TokenTexts, json_response
 from qwen2vl.server.schemas import (
     ChatCompletion,
@@ -327,9 +334,10 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
                                        "content": {"text/plain": {"schema": {"type": "string"}}}}})
     # the chat page (static/, package data): public, it asks for the API key itself
     app.add_api_route("/", lambda: FileResponse(PAGE_DIR / "index.html"), methods=["GET"], include_in_schema=False)
-    app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
     if docs:
         app.add_api_route("/docs", lambda: docs_page(app), methods=["GET"], include_in_schema=False)
+        app.mount(SWAGGER_UI_PREFIX, StaticFiles(directory=swagger_ui_files()), name="swagger-ui")
+    app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
     app.openapi = lambda: openapi_document(app, with_api_key=bool(server.api_keys))
     return app
 

@@ -3,8 +3,9 @@ request and response models of `schemas.py`, declared by reference, with every r
 answers."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
@@ -15,11 +16,29 @@ from qwen2vl.server.schemas import REQUEST_MODELS, RESPONSE_MODELS, ErrorRespons
 _ERRORS = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or path",
            408: "body not sent in time", 413: "body over the limit", 415: "body not sent as JSON",
            500: "a bug of the server", 503: "overloaded or shutting down", 504: "over the request timeout"}
-SWAGGER_UI_ORIGIN = "https://cdn.jsdelivr.net"  # where FastAPI's Swagger UI page loads its script and style from
-# FastAPI's page: Swagger UI from its CDN, started by an inline script; its favicon from FastAPI's site
-DOCS_POLICY = (f"default-src 'none'; script-src {SWAGGER_UI_ORIGIN} 'unsafe-inline'; style-src {SWAGGER_UI_ORIGIN}; "
-               "img-src 'self' data: https://fastapi.tiangolo.com; connect-src 'self'; base-uri 'none'; "
-               "frame-ancestors 'none'")
+SWAGGER_UI_PREFIX = "/static/swagger-ui"  # Swagger UI's files, package data of fastapi-offline
+# Swagger UI is served from this origin like the chat page; only its styles need 'unsafe-inline'.
+DOCS_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+_DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<link rel="icon" href="{prefix}/favicon.png"><link rel="stylesheet" href="{prefix}/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="{prefix}/swagger-ui-bundle.js"></script>
+<script src="/static/docs.js"></script></body></html>
+"""
+
+
+def swagger_ui_files() -> Path:
+    """The folder of Swagger UI's script and style sheet (package data of fastapi-offline)."""
+    try:
+        from importlib.resources import files
+
+        folder = Path(str(files("fastapi_offline") / "static"))
+    except ImportError:
+        raise ImportError("--docs serves Swagger UI from the fastapi-offline package, which is not installed: "
+                          "pip install 'qwen2vl[docs]' (or fastapi-offline)", name="fastapi_offline") from None
+    return folder
 
 
 def _ref(model: type[BaseModel]) -> dict:
@@ -59,8 +78,7 @@ def openapi_document(app: FastAPI, with_api_key: bool) -> dict:
 
 
 def docs_page(app: FastAPI) -> HTMLResponse:
-    """Swagger UI (`serve --docs`): a third-party script in the origin where the chat page keeps the
-    API key, hence off by default; its Content-Security-Policy allows that script's origin only here."""
-    page = get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API")
-    page.headers["content-security-policy"] = DOCS_POLICY
-    return page
+    """Swagger UI (`serve --docs`), every file of it from this server: no third-party script runs
+    in the origin where the chat page keeps the API key."""
+    page = _DOCS_PAGE.format(title=f"{app.title} - API", prefix=SWAGGER_UI_PREFIX)
+    return HTMLResponse(page, headers={"content-security-policy": DOCS_POLICY})
