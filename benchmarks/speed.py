@@ -219,7 +219,8 @@ def awq_operands(k: int, n: int, group_size: int, copies: int):
 
 @torch.inference_mode()
 def run_kernels(args, run: Run) -> None:
-    from qwen2vl.kernels import reference_ops, triton_activation, triton_attention, triton_awq, triton_norm, triton_rotary
+    import reference_ops  # tests/: the kernels' torch references
+    from qwen2vl.kernels import triton_activation, triton_attention, triton_awq, triton_norm, triton_rotary
     from qwen2vl.layers import activation, rotary
     from qwen2vl.layers.quantization import dequantize_awq
 

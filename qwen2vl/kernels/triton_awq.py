@@ -23,7 +23,7 @@ Two kernels, three shapes of launch (`pick_config`; `MatmulConfig` lets a sweep 
   depends on timing); or (`reduce_in_kernel`) the last program to finish a tile sums it, in the
   same order, and the matmul is one launch.
 - one row (batch-1 decode), `gemv`: `_awq_gemv_kernel`, words unpacked in registers, no dot,
-  the exact weight (see above; reference: `reference_ops.awq_matmul_reference(exact_weight=True)`).
+  the exact weight (see above; reference: `awq_matmul_reference(exact_weight=True)` in tests/reference_ops.py).
 - prefill: a tiled GEMM over (M, N) tiles with the whole K per program and the bias fused; from
   `DEQUANTIZE_MIN_M` rows on (and no config asked for), the weight is dequantized once per call
   (`dequantize`) and cuBLAS multiplies.

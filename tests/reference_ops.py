@@ -1,4 +1,5 @@
-"""Pure-torch references of the Triton kernels (`triton_*.py`): the functions they must compute.
+"""Pure-torch references of the Triton kernels (`qwen2vl/kernels/triton_*.py`): the functions they
+must compute, which tests/triton_cases.py and benchmarks/speed.py check them against.
 
 Where a layer already holds the reference math it is reused, not copied: rotary is
 `layers.rotary.apply_rotary`, SwiGLU is `layers.activation.silu_and_mul`, AWQ dequantization is
