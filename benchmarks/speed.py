@@ -570,7 +570,8 @@ def drive(engine, prompts, max_tokens: int, budget_s: float, greedy: bool = True
         steps += 1
         now = time.perf_counter()
         if all_started is None:  # where the time goes until every request has its first token
-            ramp.append(f"{1e3 * (now - before):.0f} ms ({engine.num_running} running, {engine.num_waiting} waiting)")
+            running = len(engine.scheduler.running)
+            ramp.append(f"{1e3 * (now - before):.0f} ms ({running} running, {engine.num_waiting} waiting)")
         for output in outputs:
             counts[output.request_id] = len(output.token_ids)
             if output.finished:

@@ -128,10 +128,6 @@ class LLMEngine:
         return self.scheduler.num_preemptions
 
     @property
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
-
-    @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
