@@ -85,7 +85,7 @@ def _media_part(part: Any, m: int, c: int) -> MediaPart | None:
     try:
         options = MediaOptions.from_part(part)
     except InputError as e:
-        raise InputError(e.cause, m, c, e.field) from None
+        raise e.at(m, c) from None
     return MediaPart(kind, value, options, m, c)
 
 

@@ -302,7 +302,7 @@ class Processor:
         try:
             return step(*args)
         except InputError as e:
-            raise type(e)(e.cause, part.message_index, part.content_index, e.field) from None
+            raise e.at(part.message_index, part.content_index) from None
 
     def _render(self, messages, parts: list[MediaPart], add_generation_prompt: bool, add_vision_id: bool,
                 tools: list[dict] | None = None):
