@@ -332,8 +332,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _read_input(path: str, max_line_bytes: int) -> list[dict]:
     """The conversations of --input, each id once (a repeated id could not be answered exactly once);
     a line over `max_line_bytes` as a row whose prompt is its error."""
-    from .batch_job import id_key
-    from .processor.chat import read_conversations
+    from .batch_job import id_key, read_conversations
 
     if not Path(path).is_file():
         raise InputError(f"--input {path}: no such file", field="input")
