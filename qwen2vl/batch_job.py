@@ -158,6 +158,23 @@ def _complete_one(llm, prompt, params):
         return error
 
 
+def write_rows(output, batches: Iterable[list[dict]], progress: Progress, on_row=None) -> None:
+    """Each batch of output rows to `output` (a `JobOutput`; None: standard output) as it comes,
+    each row counted in `progress` (then passed to `on_row`), and `output` committed once all are
+    written. The caller closes `output`, also when this raises."""
+    for rows in batches:
+        if output is not None and rows:
+            output.write(rows)
+        for row in rows:
+            if output is None:
+                print(row_line(row), end="", flush=True)
+            progress.add(row)
+            if on_row is not None:
+                on_row(row)
+    if output is not None:
+        output.commit()
+
+
 class Progress:
     """Rows/s, tokens/s and failed rows on one stderr line while a job runs, and its summary."""
 
