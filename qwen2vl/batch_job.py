@@ -159,9 +159,10 @@ def _complete_one(llm, prompt, params):
 
 
 def write_rows(output, batches: Iterable[list[dict]], progress: Progress, on_row=None) -> None:
-    """Each batch of output rows to `output` (a `JobOutput`; None: standard output) as it comes,
-    each row counted in `progress` (then passed to `on_row`), and `output` committed once all are
-    written. The caller closes `output`, also when this raises."""
+    """Each batch of output rows to `output` (a `JobOutput`, or the Ray job's `ParquetOutput`;
+    None: standard output) as it comes, each row counted in `progress` (then passed to
+    `on_row`), and `output` committed once all are written. The caller closes `output`, also
+    when this raises."""
     for rows in batches:
         if output is not None and rows:
             output.write(rows)
