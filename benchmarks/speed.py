@@ -219,7 +219,8 @@ def awq_operands(k: int, n: int, group_size: int, copies: int):
 
 @torch.inference_mode()
 def run_kernels(args, run: Run) -> None:
-    from qwen2vl.kernels import reference_ops, triton_activation, triton_attention, triton_awq, triton_norm, triton_rotary
+    import reference_ops  # tests/: the kernels' torch references
+    from qwen2vl.kernels import triton_activation, triton_attention, triton_awq, triton_norm, triton_rotary
     from qwen2vl.layers import activation, rotary
     from qwen2vl.layers.quantization import dequantize_awq
 
@@ -569,7 +570,8 @@ def drive(engine, prompts, max_tokens: int, budget_s: float, greedy: bool = True
         steps += 1
         now = time.perf_counter()
         if all_started is None:  # where the time goes until every request has its first token
-            ramp.append(f"{1e3 * (now - before):.0f} ms ({engine.num_running} running, {engine.num_waiting} waiting)")
+            running = len(engine.scheduler.running)
+            ramp.append(f"{1e3 * (now - before):.0f} ms ({running} running, {engine.num_waiting} waiting)")
         for output in outputs:
             counts[output.request_id] = len(output.token_ids)
             if output.finished:

@@ -114,7 +114,7 @@ class ChatStream:
     def __init__(self, llm: "Qwen2VL", prompt, params: SamplingParams, cache_salt: str | None = None):
         self._llm, self._prompt = llm, prompt
         self._outputs: queue.SimpleQueue = queue.SimpleQueue()
-        [request_id] = llm._submit([prompt], params, self._outputs.put, batch=False, cache_salt=cache_salt)
+        [request_id] = llm._submit([prompt], params, self._outputs.put, several=False, cache_salt=cache_salt)
         # The abort holds no reference to the stream, so it runs when the stream is collected,
         # even from a reference cycle in the middle of a step (it only marks the request).
         self._abort = weakref.finalize(self, llm.driver.abort, request_id)
@@ -190,15 +190,15 @@ class Qwen2VL:
         """
         check_cache_salt(cache_salt)
         params = SamplingParams.from_overrides(params, **overrides)
-        batch = bool(messages) and isinstance(messages, list) and all(isinstance(m, list) for m in messages)
+        several = bool(messages) and isinstance(messages, list) and all(isinstance(m, list) for m in messages)
         if stream:
-            if batch:
+            if several:
                 raise InputError("stream=True takes one conversation, not a list of conversations")
             return self._stream(messages, params, cache_salt)
-        conversations = messages if batch else [messages]
-        prompts = media_map(lambda pair: self._prepare(pair[1], pair[0] if batch else None), enumerate(conversations))
-        completions = self._complete(prompts, params, batch, cache_salt)
-        return completions if batch else completions[0]
+        conversations = messages if several else [messages]
+        prompts = media_map(lambda pair: self._prepare(pair[1], pair[0] if several else None), enumerate(conversations))
+        completions = self._complete(prompts, params, several, cache_salt)
+        return completions if several else completions[0]
 
     def complete(self, prompts: list[PreparedPrompt], params: SamplingParams | None = None, *,
                  cache_salt: str | None = None, **overrides) -> list[Completion]:
@@ -207,10 +207,10 @@ class Qwen2VL:
         check_cache_salt(cache_salt)
         return self._complete(prompts, SamplingParams.from_overrides(params, **overrides), True, cache_salt)
 
-    def _complete(self, prompts: list[PreparedPrompt], params: SamplingParams, batch: bool,
+    def _complete(self, prompts: list[PreparedPrompt], params: SamplingParams, several: bool,
                   cache_salt: str | None) -> list[Completion]:
         finals: queue.SimpleQueue = queue.SimpleQueue()
-        request_ids = self._submit(prompts, params, lambda item: _is_final(item) and finals.put(item), batch,
+        request_ids = self._submit(prompts, params, lambda item: _is_final(item) and finals.put(item), several,
                                    cache_salt)
         finished = {}
         try:
@@ -224,10 +224,11 @@ class Qwen2VL:
             self._abort([request_id for request_id in request_ids if request_id not in finished])
         return [self._completion(prompt, finished[request_id]) for prompt, request_id in zip(prompts, request_ids)]
 
-    def _submit(self, prompts, params: SamplingParams, sink, batch: bool, cache_salt: str | None) -> list[str]:
+    def _submit(self, prompts, params: SamplingParams, sink, several: bool, cache_salt: str | None) -> list[str]:
         """Hand the prompts to the engine together; their request ids. If the engine refuses
-        one, none of them runs and its error is raised, naming its conversation in a batch.
-        Interrupted, it aborts them whenever the engine takes them."""
+        one, none of them runs and its error is raised, naming its conversation when `several`
+        (the caller gave a list of conversations). Interrupted, it aborts them whenever the engine
+        takes them."""
         accepted = self.driver.submit([NewRequest(prompt, params, cache_salt=cache_salt) for prompt in prompts], sink)
         try:
             self.driver.pump(accepted.done)
@@ -239,7 +240,7 @@ class Qwen2VL:
         if refused:
             self._abort(results)
             index, error = refused[0]
-            raise error.in_conversation(index) if batch and isinstance(error, InputError) else error
+            raise error.in_conversation(index) if several and isinstance(error, InputError) else error
         return results
 
     def _abort(self, request_ids: list[str | BaseException]) -> None:

@@ -1,7 +1,8 @@
 """The generate job: every row of a set of conversations answered once, a bad row as an error row.
 
-`qwen2vl generate` runs it in one process; `qwen2vl.distributed` runs `answer_rows` in each
-replica of a Ray actor pool and writes through the same `JobOutput`.
+`qwen2vl generate` runs it in one process on the conversations `read_conversations` reads;
+`qwen2vl.distributed` runs `answer_rows` in each replica of a Ray actor pool and writes through
+the same `JobOutput`.
 
 An input row is `{"id", "messages"}`, or `{"id", "prompt"}` with the prompt (or the `InputError`
 of preparing it) made ahead by `prepare_row`. An output row is
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -19,13 +21,82 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError, Qwen2VLError
-from .jsonl import MAX_LINE_BYTES, jsonl_lines
+from .jsonl import JSON_SPACE, MAX_LINE_BYTES, jsonl_lines, utf8_text
 from .processor.pool import media_map
 
 
 def id_key(row_id) -> str:
     """A row id as a set member: 7 and "7" stay different ids, as in the JSON."""
     return json.dumps(row_id, sort_keys=True)
+
+
+# The start of an object line whose "id" comes first: a line over the limit is named by that id.
+_LEADING_ID = re.compile(r'[ \t\r]*\{[ \t\r]*"id"[ \t\r]*:[ \t\r]*')
+
+
+def read_conversations(path: str | Path, max_line_bytes: int | None = None) -> list[dict]:
+    """A JSONL file of conversations, each line a list of messages or an object with 'messages'
+    (and optionally 'id', else the line number). Returns `{"id", "messages", "line"}` per line
+    (other fields are not read); `line` counts from 1, as errors name it. A record with an
+    "error" (an `InputError`) cannot run: a line over `max_line_bytes`, not read (`{"id", "line",
+    "error"}`, its id if the line starts with it, else the line number), or messages that are not
+    text. A line that is not JSON (or not UTF-8) raises an `InputError`: the file is not what was
+    meant."""
+    records = []
+    with open(path, "rb") as file:
+        for number, line, whole in jsonl_lines(file, max_line_bytes):
+            where = f"{path}: line {number}"
+            text = utf8_text(line, where, complete=whole)
+            if number == 1:
+                text = text.removeprefix("\ufeff")
+            if not whole:
+                records.append(_unread_record(text, number, where, max_line_bytes))
+            elif text.strip(JSON_SPACE):
+                records.append({**_conversation(text, number, where), "line": number})
+    return records
+
+
+def _conversation(text: str, number: int, where: str) -> dict:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{where}: not JSON ({error.msg} at column {error.colno})") from None
+    except (ValueError, RecursionError) as error:  # a number over Python's digit limit; nesting too deep
+        raise InputError(f"{where}: not JSON this reader takes ({error})") from None
+    if isinstance(record, list):
+        record = {"messages": record}
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+        raise InputError(f"{where}: expected a list of messages or an object with 'messages'")
+    conversation = {"id": record.get("id", number), "messages": record["messages"]}
+    if "\\u" in text and (error := _lone_surrogate(record["messages"])):
+        conversation["error"] = error
+    return conversation
+
+
+def _lone_surrogate(messages: list) -> InputError | None:
+    """The error of messages holding a lone `\\uD800`-`\\uDFFF` escape, which JSON parses and no
+    tokenizer takes."""
+    try:
+        json.dumps(messages, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        return InputError(f"messages: the escape \\u{ord(error.object[error.start]):04x} is half of a UTF-16 "
+                          "surrogate pair, not a character", field="messages")
+    return None
+
+
+def _unread_record(head: str, number: int, where: str, max_line_bytes: int) -> dict:
+    """The record of a line over the limit, from its first bytes `head` (which must start JSON)."""
+    if not head.lstrip(JSON_SPACE).startswith(("{", "[")):
+        raise InputError(f"{where}: not JSON (expected a list of messages or an object with 'messages')")
+    row_id = number
+    if match := _LEADING_ID.match(head):
+        try:
+            row_id = json.JSONDecoder().raw_decode(head, match.end())[0]
+        except (ValueError, RecursionError):
+            pass  # the id is cut off too: the line number stands in
+    error = InputError(f"the line is longer than {max_line_bytes} bytes (--max-line-bytes); it was not read",
+                       field="max_line_bytes")
+    return {"id": row_id, "line": number, "error": error}
 
 
 def prepare_row(processor, messages, context_len: int | None = None):
@@ -85,6 +156,24 @@ def _complete_one(llm, prompt, params):
         return completion
     except InputError as error:
         return error
+
+
+def write_rows(output, batches: Iterable[list[dict]], progress: Progress, on_row=None) -> None:
+    """Each batch of output rows to `output` (a `JobOutput`, or the Ray job's `ParquetOutput`;
+    None: standard output) as it comes, each row counted in `progress` (then passed to
+    `on_row`), and `output` committed once all are written. The caller closes `output`, also
+    when this raises."""
+    for rows in batches:
+        if output is not None and rows:
+            output.write(rows)
+        for row in rows:
+            if output is None:
+                print(row_line(row), end="", flush=True)
+            progress.add(row)
+            if on_row is not None:
+                on_row(row)
+    if output is not None:
+        output.commit()
 
 
 class Progress:

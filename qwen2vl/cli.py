@@ -285,7 +285,7 @@ def chat_loop(llm, history: list[dict], params, images: list, videos: list, timi
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Exit status 0: every row answered; 1: some rows are error rows (the summary says how many)."""
-    from .batch_job import JobOutput, Progress, answer_rows, id_key, row_line
+    from .batch_job import JobOutput, Progress, answer_rows, id_key, write_rows
 
     if args.resume and not args.output:
         raise InputError("--resume continues an --output file: give --output")
@@ -312,16 +312,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         llm = _load(args) if todo else None
         progress = Progress(len(todo))
         lines = {id_key(record["id"]): record["line"] for record in todo}
-        for row in answer_rows(llm, todo, _sampling_params(args), args.batch_size):
-            if output is None:
-                print(row_line(row), end="", flush=True)
-            else:
-                output.write([row])
-            progress.add(row)
+
+        def name_its_line(row: dict) -> None:
             if "error" in row:
                 print(f"\r{args.input}: line {lines[id_key(row['id'])]}: {row['error']['message']}", file=sys.stderr)
-        if output is not None:
-            output.commit()
+
+        answered = ([row] for row in answer_rows(llm, todo, _sampling_params(args), args.batch_size))
+        write_rows(output, answered, progress, on_row=name_its_line)
     finally:
         if output is not None:
             output.close()
@@ -332,8 +329,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _read_input(path: str, max_line_bytes: int) -> list[dict]:
     """The conversations of --input, each id once (a repeated id could not be answered exactly once);
     a line over `max_line_bytes` as a row whose prompt is its error."""
-    from .batch_job import id_key
-    from .processor.chat import read_conversations
+    from .batch_job import id_key, read_conversations
 
     if not Path(path).is_file():
         raise InputError(f"--input {path}: no such file", field="input")

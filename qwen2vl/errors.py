@@ -26,6 +26,11 @@ class InputError(Qwen2VLError, ValueError):
             where += f".content[{content_index}]"
         super().__init__(f"{where}: {cause}" if where else cause)
 
+    def at(self, message_index: int, content_index: int) -> InputError:
+        """The same error (its type, cause and field), located in content part `content_index` of
+        message `message_index`: how a check that sees one part names where that part is."""
+        return type(self)(self.cause, message_index, content_index, self.field)
+
     def in_conversation(self, index: int) -> InputError:
         """The same error, located in conversation `index` of a batch (`conversations[2]: ...`)."""
         error = type(self)(self.cause, self.message_index, self.content_index, self.field)

@@ -2,8 +2,8 @@
 
 JSON text may hold U+2028, U+0085 and other characters that `str.splitlines` splits at, so a
 file is split in bytes; and a line is read at most `max_line_bytes + 1` bytes at a time, so one
-huge line costs its limit, not its size. Shared by `read_conversations` (a job's input) and
-`JobOutput` (its output, read back by `--resume`).
+huge line costs its limit, not its size. Shared by `batch_job.read_conversations` (a job's input)
+and `JobOutput` (its output, read back by `--resume`).
 """
 from __future__ import annotations
 

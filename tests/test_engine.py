@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from qwen2vl.engine import LLMEngine, Sequence
-from qwen2vl.engine.batch import output_tokens
+from qwen2vl.engine.step_batch import output_tokens
 from qwen2vl.engine.scheduler import StepPlan, make_span
 from qwen2vl.errors import InputError
 from qwen2vl.loader import load_model

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from processor_reference import write_checkpoint_files, write_mp4
+from prompt_tokens import count_tokens
 
 import qwen2vl.processor.fit as fit_module
 import qwen2vl.processor.processor as processor_module
@@ -66,7 +67,7 @@ def test_a_long_video_samples_fewer_frames_of_the_same_size(processor, mp4, capl
     assert [item.grid_thw for item in prompt.vision_items] == [(3, 20, 28)] * 2  # 6 frames each, same size
     assert [item.pixels.shape[0] for item in prompt.vision_items] == [6, 6]
     assert prompt.vision_items[0].fps == pytest.approx(1.0)
-    assert len(prompt) <= 0.9 * 1200 and processor.count_tokens(messages, context_len=1200) == len(prompt)
+    assert len(prompt) <= 0.9 * 1200 and count_tokens(processor, messages, context_len=1200) == len(prompt)
     logged = [r for r in caplog.records if r.name == "qwen2vl.processor.fit"]
     assert len(logged) == 1 and logged[0].levelno == logging.INFO
     assert "over the context of 1200" in logged[0].getMessage()
@@ -98,7 +99,7 @@ def test_explicit_options_win_and_what_cannot_fit_is_refused_before_decoding(pro
         processor.prepare(one(video(mp4, nframes=12), video(mp4, fps=2.0)), context_len=600)
     # frames at their minimum (4) and pixels at qwen_vl_utils' 128-token minimum still do not fit
     with pytest.raises(InputError, match="over the limit of 299"):
-        processor.count_tokens(one(video(mp4), video(mp4)), context_len=300)
+        count_tokens(processor, one(video(mp4), video(mp4)), context_len=300)
 
 
 def test_the_checkpoint_context_applies_without_an_engine(checkpoint, tmp_path, mp4):
@@ -109,7 +110,7 @@ def test_the_checkpoint_context_applies_without_an_engine(checkpoint, tmp_path, 
     assert processor.context_len == 600 and Processor.from_pretrained(checkpoint).context_len == 32768
     assert [item.grid_thw for item in processor.prepare(one(video(mp4), video(mp4))).vision_items] == [(2, 20, 28)] * 2
     # a larger context_len than the checkpoint's does not raise the limit
-    assert processor.count_tokens(one(video(mp4), video(mp4)), context_len=10**6) < 600
+    assert count_tokens(processor, one(video(mp4), video(mp4)), context_len=10**6) < 600
 
 
 def test_generate_rows_fit_the_engines_max_model_len(processor, mp4):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from processor_reference import real_tokenizer_dir, write_checkpoint_files, write_mp4
+from prompt_tokens import count_tokens
 
 import qwen2vl.processor.processor as processor_module
 from qwen2vl import Processor as TopLevelProcessor
@@ -84,7 +85,7 @@ def test_count_tokens_reads_no_pixels(processor, mp4, monkeypatch):
     monkeypatch.setattr(processor_module, "to_rgb", no_decoding)
     monkeypatch.setattr(processor_module, "load_frame_list", no_decoding)
     monkeypatch.setattr(processor_module, "load_video_file", no_decoding)
-    assert processor.count_tokens(messages) == expected
+    assert count_tokens(processor, messages) == expected
 
 
 def test_batch_padding_sides(processor):

@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("qwen_vl_utils")
 
 from processor_reference import install_pyav_read_video, reference_inputs, reference_processor, write_checkpoint_files, write_mp4  # noqa: E402
+from prompt_tokens import count_tokens  # noqa: E402
 
 from qwen2vl.errors import MediaError  # noqa: E402
 from qwen2vl.processor import Processor  # noqa: E402
@@ -98,7 +99,7 @@ def assert_parity(ours, reference, conversations, *, rope=True, **kwargs):
     single = conversations if isinstance(conversations[0], list) else [conversations]
     for conversation, rendered in zip(single, texts):
         assert ours.prepare(conversation, **kwargs).text == rendered
-        assert ours.count_tokens(conversation, **kwargs) == len(ours.prepare(conversation, **kwargs))
+        assert count_tokens(ours, conversation, **kwargs) == len(ours.prepare(conversation, **kwargs))
     return got
 
 

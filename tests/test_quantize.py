@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from answers import box_gap
 from qwen2vl import Qwen2VL
 from qwen2vl.cli import main
 from qwen2vl.engine import LLMEngine
 from qwen2vl.evals.shapes import make_samples
-from qwen2vl.evals.runner import box_gap
 from qwen2vl.kernels import int4_cpu
 from qwen2vl.layers.linear import Int4Linear
 from qwen2vl.loader import load_model

@@ -105,7 +105,7 @@ def test_vision_encoder_budget_defers_second_image_request():
     scheduler.add(make_seq("text", 5))
     assert run_step(scheduler) == {"big": 32}
     assert scheduler.waiting[0].request_id == "img"
-    assert not scheduler.running[0].needs_vision_encoding  # planned for encoding in step 1: no more encoder cost
+    assert not scheduler.running[0].items_to_encode  # planned for encoding in step 1: no more encoder cost
     assert run_step(scheduler) == {"big": 8, "img": 10, "text": 5}
 
 

@@ -10,6 +10,8 @@ import socket
 import pytest
 from PIL import Image
 
+from prompt_tokens import count_tokens
+
 pytest.importorskip("fastapi")
 
 from qwen2vl.errors import InputError, MediaError  # noqa: E402
@@ -203,7 +205,7 @@ def processor(tmp_path_factory):
 def _server_checks(processor, messages, access=MediaAccess(), limits=ServerLimits()) -> int:
     """What the server does before decoding: its own media rules, then the processor's budget (headers only)."""
     check_media(messages, media_policy(access), limits)
-    return server_processor(processor, access, limits).count_tokens(messages)
+    return count_tokens(server_processor(processor, access, limits), messages)
 
 
 def test_server_media_limits_apply_to_the_image_as_sent(processor):

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
+from answers import box_gap
 from qwen2vl.cli import main
-from qwen2vl.evals.runner import box_gap
 from qwen2vl.evals.shapes import (
     COLORS,
     MAX_BOX,

@@ -26,7 +26,7 @@ from qwen2vl.layers.attention import PagedAttention  # noqa: E402
 from qwen2vl.layers.attention_metadata import AttentionMetadata  # noqa: E402
 from qwen2vl.layers.norm import RMSNorm  # noqa: E402
 from qwen2vl.layers.rotary import MRotaryEmbedding, apply_rotary  # noqa: E402
-from qwen2vl.kernels import reference_ops  # noqa: E402
+import reference_ops  # noqa: E402
 
 
 def _kernel_module(name: str):

@@ -29,13 +29,14 @@ import json
 import os
 import pickle
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from ..batch_job import JobOutput, Progress, answer_rows, id_key, note_partial, prepare_row, row_line
+from ..batch_job import JobOutput, Progress, answer_rows, id_key, note_partial, prepare_row, write_rows
 from ..engine_args import EngineArgs
 from ..errors import InputError, Qwen2VLError
 from ..sampling_params import SamplingParams
@@ -222,11 +223,12 @@ class ParquetOutput:
         source = self.partial if self.partial.is_file() else self.path
         self._kept = pq.read_table(source) if resume and source.is_file() else None
         self.done = {id_key(row_id) for row_id in self._kept.column("id").to_pylist()} if self._kept else set()
+        self.schema: pa.Schema | None = None  # the answered rows' (set by the job): the file's, without kept rows
         self._writer = None
 
-    def write(self, rows: list[dict], schema: pa.Schema) -> None:
+    def write(self, rows: list[dict]) -> None:
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self.partial, self._kept.schema if self._kept is not None else schema)
+            self._writer = pq.ParquetWriter(self.partial, self._kept.schema if self._kept is not None else self.schema)
             if self._kept is not None:
                 self._writer.write_table(self._kept)
         self._writer.write_table(pa.Table.from_pylist(rows, schema=self._writer.schema))
@@ -262,24 +264,20 @@ def run_job(input_path: str, output_path: str | None, *, engine_args: EngineArgs
             ds = ds.filter(lambda row: row["id"] is None or id_key(row["id"]) not in done)
         answered = generate_dataset(ds, engine_args=engine_args, params=params, num_replicas=num_replicas,
                                     cpus_per_replica=cpus_per_replica, batch_size=batch_size)
-        seen = set(output.done) if output is not None else set()
-        for batch in answered.iter_batches(batch_format="pyarrow", batch_size=None):
-            rows = [_row(row) for row in batch.to_pylist()]
-            fresh = [row for row in rows if row["id"] is None or _first(row["id"], seen)]
-            if fresh and parquet:
-                output.write(fresh, batch.schema)
-            elif fresh and output is not None:
-                output.write(fresh)
-            for row in fresh:
-                if output is None:
-                    print(row_line(row), end="", flush=True)
-                progress.add(row)
-        if output is not None:
-            output.commit()
+        write_rows(output, _fresh_rows(answered, output), progress)
     finally:
         if output is not None:
             output.close()
     return progress
+
+
+def _fresh_rows(answered: "ray.data.Dataset", output) -> Iterator[list[dict]]:
+    """The answered rows, a batch at a time, each id once (a rerun batch may answer one again)."""
+    seen = set(output.done) if output is not None else set()
+    for batch in answered.iter_batches(batch_format="pyarrow", batch_size=None):
+        if isinstance(output, ParquetOutput):
+            output.schema = batch.schema
+        yield [row for row in map(_row, batch.to_pylist()) if row["id"] is None or _first(row["id"], seen)]
 
 
 def _row(row: dict) -> dict:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from qwen2vl.engine.batch import StepInputs
+from qwen2vl.engine.step_batch import StepInputs
 from qwen2vl.layers.attention_metadata import AttentionMetadata
 
 TOKEN, POSITIONS, SLOT, CONTEXT = 0, slice(1, 4), 4, 5  # rows of the per-sequence fields

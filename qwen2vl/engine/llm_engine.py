@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from qwen2vl.engine.batch import LaunchedStep
+from qwen2vl.engine.step_batch import LaunchedStep
 from qwen2vl.engine.block_manager import BlockManager, check_cache_salt
 from qwen2vl.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from qwen2vl.engine.scheduler import Scheduler, StepPlan, VisionWork
@@ -126,10 +126,6 @@ class LLMEngine:
     @property
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
-
-    @property
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
 
     @property
     def num_waiting(self) -> int:

@@ -7,7 +7,7 @@ import torch
 
 from qwen2vl import kernels
 from qwen2vl.engine.cuda_graphs import DecodeGraphs
-from qwen2vl.engine.batch import LaunchedStep, StepInputs, sampling_batch, step_inputs
+from qwen2vl.engine.step_batch import LaunchedStep, StepInputs, sampling_batch, step_inputs
 from qwen2vl.engine.scheduler import StepPlan, VisionWork
 from qwen2vl.layers.attention_metadata import AttentionMetadata
 from qwen2vl.layers.patchify import VisionPixels

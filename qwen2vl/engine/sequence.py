@@ -135,10 +135,6 @@ class Sequence:
     def items_to_encode(self) -> list[int]:
         return self.items_to_encode_from(self.num_computed_tokens)
 
-    @property
-    def needs_vision_encoding(self) -> bool:
-        return bool(self.items_to_encode)
-
     def media_in(self, start: int, end: int) -> list[tuple[bytes, int]]:
         """For each vision item with pad tokens among tokens `start:end`: its digest and the
         offset of its first row there (what a block's digest takes of its media)."""

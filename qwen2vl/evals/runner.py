@@ -1,15 +1,12 @@
 """Accuracy of a loaded model on freshly generated shapes samples, per prompt type."""
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from qwen2vl.evals.shapes import TASKS, Sample, is_correct, make_samples
-from qwen2vl.grounding import parse_boxes
 from qwen2vl.processor.types import PreparedPrompt
 
 # The longest answer (a grounding box) is ~24 tokens; a wrong answer should stop, not ramble.
@@ -75,17 +72,6 @@ def evaluate(llm, samples: list[Sample], batch_size: int = 32,
 def evaluate_fresh(llm, n: int, seed: int, tasks: tuple[str, ...] = TASKS, **options) -> dict[str, TaskScore]:
     """`n` fresh samples of each task, generated from `seed`."""
     return evaluate(llm, make_samples(n, seed, tasks), **options)
-
-
-def box_gap(answer: str, other: str) -> float:
-    """How far apart two raw answers are: 0 if identical, the largest difference between their
-    box coordinates (in 1000ths) if they differ in those alone, else infinity."""
-    if answer == other:
-        return 0.0
-    boxes, other_boxes = parse_boxes(answer), parse_boxes(other)
-    if not boxes or len(boxes) != len(other_boxes) or re.sub(r"\d", "", answer) != re.sub(r"\d", "", other):
-        return math.inf
-    return max(abs(getattr(a, edge) - getattr(b, edge)) for a, b in zip(boxes, other_boxes) for edge in ("x1", "y1", "x2", "y2"))
 
 
 def format_scores(scores: dict[str, TaskScore]) -> str:

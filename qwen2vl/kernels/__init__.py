@@ -1,4 +1,5 @@
-"""Kernels, each beside its pure-torch reference, and the one place that says which one runs.
+"""Kernels, and the one place that says which one runs (their pure-torch references, which the
+tests check them against, are in tests/reference_ops.py).
 
 Layers call the functions here, never a kernel module directly. On CUDA with fp16/bf16
 activations (`triton_runs`), residual-add + RMSNorm, rotary q/k and SwiGLU run as single Triton

@@ -1,4 +1,5 @@
-"""4-bit weight-only matmul on the CPU (torch's int4 kernel), beside its pure-torch reference.
+"""4-bit weight-only matmul on the CPU (torch's int4 kernel); its pure-torch reference, which the
+tests check it against, is `int4_matmul_reference` in tests/reference_ops.py.
 
 Layout: the 4-bit values `q [N, K]` of a linear weight, packed by
 `aten._convert_weight_to_int4pack_for_cpu`, and `scales_and_zeros [K/g, N, 2]` with
@@ -89,17 +90,3 @@ def dequantize_packed(packed: torch.Tensor, scales_and_zeros: torch.Tensor, grou
     values = torch.stack([tiles & 0xF, tiles >> 4], dim=2).permute(1, 0, 2, 3).reshape(k // group_size, group_size, n)
     scales, offsets = scales_and_zeros.unbind(-1)  # [G, N]
     return torch.addcmul(offsets[:, None, :], values.view(torch.int8).sub_(8), scales[:, None, :]).view(k, n)
-
-
-def dequantize(values: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The float32 weight `[N, K]` the layout stands for."""
-    scales, offsets = scales_and_zeros.float().unbind(-1)  # [G, N] each
-    grouped = (values.float() - 8).unflatten(1, (-1, group_size))  # [N, G, g]
-    return (grouped * scales.t()[:, :, None] + offsets.t()[:, :, None]).flatten(1)
-
-
-def int4_matmul_reference(x: torch.Tensor, values: torch.Tensor, scales_and_zeros: torch.Tensor,
-                          group_size: int) -> torch.Tensor:
-    """What `int4_matmul` computes, from the unpacked values, in float32 on the kernel-dtype inputs."""
-    weight = dequantize(values, scales_and_zeros, group_size)
-    return (x.to(KERNEL_DTYPE).float() @ weight.t()).to(x.dtype)

@@ -1,6 +1,6 @@
 """Paged decode attention in Triton.
 
-Reference: `reference_ops.paged_decode_attention_reference` (and the decoder's own
+Reference: `paged_decode_attention_reference` in tests/reference_ops.py (and the decoder's own
 `layers.attention.PagedAttention` on decode steps). The KV write of a decode step happens in
 `triton_rotary.qkv_rotary_cache`, fused with the rotary.
 

@@ -23,7 +23,7 @@ Two kernels, three shapes of launch (`pick_config`; `MatmulConfig` lets a sweep 
   depends on timing); or (`reduce_in_kernel`) the last program to finish a tile sums it, in the
   same order, and the matmul is one launch.
 - one row (batch-1 decode), `gemv`: `_awq_gemv_kernel`, words unpacked in registers, no dot,
-  the exact weight (see above; reference: `reference_ops.awq_matmul_reference(exact_weight=True)`).
+  the exact weight (see above; reference: `awq_matmul_reference(exact_weight=True)` in tests/reference_ops.py).
 - prefill: a tiled GEMM over (M, N) tiles with the whole K per program and the bias fused; from
   `DEQUANTIZE_MIN_M` rows on (and no config asked for), the weight is dequantized once per call
   (`dequantize`) and cuBLAS multiplies.
@@ -78,8 +78,8 @@ class MatmulConfig:
 
 # Measured winners (`benchmarks/speed.py --sections tune`), by (rows class, N, K, group size): a
 # batch of M rows uses the entry of the smallest class >= M (1, 16, 64). These are the 2B model's
-# four decoder linears, on an H100 (docs/perf-notes.md: M=1 and 16 run 5, with this GEMV; M=64
-# run 4). Read only: a sweep passes its own table to `pick_config`.
+# four decoder linears, on an H100 (docs/perf-notes.md, "The W4A16 matmul": M=1 and 16 tuned with
+# this GEMV, M=64 before it). Read only: a sweep passes its own table to `pick_config`.
 TUNED: Mapping[tuple[int, int, int, int], MatmulConfig] = MappingProxyType({
     (1, 2048, 1536, 128): MatmulConfig(1, 64, 128, split_k=12, gemv=True, reduce_in_kernel=True),
     (1, 1536, 1536, 128): MatmulConfig(1, 64, 128, split_k=12, gemv=True, reduce_in_kernel=True),
@@ -308,8 +308,8 @@ def _awq_gemv_kernel(
 
     The compiler moves each tile of words through shared memory to broadcast them over the
     nibbles (two barriers per iteration). One accumulator per nibble position in the load's own
-    layout avoids that, but measured slower on the H100 (docs/perf-notes.md, run 6: gate_up 19.1
-    against 15.9 us, down 13.7 against 12.1), its scales loaded as 2-byte scalars per nibble."""
+    layout avoids that, but measured slower on the H100 (docs/perf-notes.md: gate_up 19.1 against
+    15.9 us, down 13.7 against 12.1), its scales loaded as 2-byte scalars per nibble."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     # N_WORDS (= N / 8) as its own argument: Triton learns its divisibility, so rows of words are
     # known aligned and loaded in 16-byte vectors.

@@ -1,4 +1,4 @@
-"""Fused residual-add + RMSNorm in Triton (reference: `reference_ops.add_rms_norm_reference`).
+"""Fused residual-add + RMSNorm in Triton (reference: `add_rms_norm_reference` in tests/reference_ops.py).
 
 One program per row. The math matches `layers.norm.RMSNorm` step by step: the residual sum is
 rounded to the activation dtype (it is the residual stream the next layer adds to), statistics

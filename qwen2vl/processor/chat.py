@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -13,7 +12,6 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from qwen2vl.errors import CheckpointError, InputError
-from qwen2vl.jsonl import JSON_SPACE, jsonl_lines, utf8_text
 from qwen2vl.processor.image import MediaOptions
 from qwen2vl.tool_calls import uses_tools
 
@@ -85,7 +83,7 @@ def _media_part(part: Any, m: int, c: int) -> MediaPart | None:
     try:
         options = MediaOptions.from_part(part)
     except InputError as e:
-        raise InputError(e.cause, m, c, e.field) from None
+        raise e.at(m, c) from None
     return MediaPart(kind, value, options, m, c)
 
 
@@ -179,72 +177,3 @@ def _template_in(path: Path) -> str | None:
 
 def _raise_from_template(message: str):
     raise InputError(f"chat template: {message}")
-
-
-# The start of an object line whose "id" comes first: a line over the limit is named by that id.
-_LEADING_ID = re.compile(r'[ \t\r]*\{[ \t\r]*"id"[ \t\r]*:[ \t\r]*')
-
-
-def read_conversations(path: str | Path, max_line_bytes: int | None = None) -> list[dict]:
-    """A JSONL file of conversations, each line a list of messages or an object with 'messages'
-    (and optionally 'id', else the line number). Returns `{"id", "messages", "line"}` per line
-    (other fields are not read); `line` counts from 1, as errors name it. A record with an
-    "error" (an `InputError`) cannot run: a line over `max_line_bytes`, not read (`{"id", "line",
-    "error"}`, its id if the line starts with it, else the line number), or messages that are not
-    text. A line that is not JSON (or not UTF-8) raises an `InputError`: the file is not what was
-    meant."""
-    records = []
-    with open(path, "rb") as file:
-        for number, line, whole in jsonl_lines(file, max_line_bytes):
-            where = f"{path}: line {number}"
-            text = utf8_text(line, where, complete=whole)
-            if number == 1:
-                text = text.removeprefix("\ufeff")
-            if not whole:
-                records.append(_unread_record(text, number, where, max_line_bytes))
-            elif text.strip(JSON_SPACE):
-                records.append({**_conversation(text, number, where), "line": number})
-    return records
-
-
-def _conversation(text: str, number: int, where: str) -> dict:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InputError(f"{where}: not JSON ({error.msg} at column {error.colno})") from None
-    except (ValueError, RecursionError) as error:  # a number over Python's digit limit; nesting too deep
-        raise InputError(f"{where}: not JSON this reader takes ({error})") from None
-    if isinstance(record, list):
-        record = {"messages": record}
-    if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-        raise InputError(f"{where}: expected a list of messages or an object with 'messages'")
-    conversation = {"id": record.get("id", number), "messages": record["messages"]}
-    if "\\u" in text and (error := _lone_surrogate(record["messages"])):
-        conversation["error"] = error
-    return conversation
-
-
-def _lone_surrogate(messages: list) -> InputError | None:
-    """The error of messages holding a lone `\\uD800`-`\\uDFFF` escape, which JSON parses and no
-    tokenizer takes."""
-    try:
-        json.dumps(messages, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as error:
-        return InputError(f"messages: the escape \\u{ord(error.object[error.start]):04x} is half of a UTF-16 "
-                          "surrogate pair, not a character", field="messages")
-    return None
-
-
-def _unread_record(head: str, number: int, where: str, max_line_bytes: int) -> dict:
-    """The record of a line over the limit, from its first bytes `head` (which must start JSON)."""
-    if not head.lstrip(JSON_SPACE).startswith(("{", "[")):
-        raise InputError(f"{where}: not JSON (expected a list of messages or an object with 'messages')")
-    row_id = number
-    if match := _LEADING_ID.match(head):
-        try:
-            row_id = json.JSONDecoder().raw_decode(head, match.end())[0]
-        except (ValueError, RecursionError):
-            pass  # the id is cut off too: the line number stands in
-    error = InputError(f"the line is longer than {max_line_bytes} bytes (--max-line-bytes); it was not read",
-                       field="max_line_bytes")
-    return {"id": row_id, "line": number, "error": error}

@@ -218,14 +218,6 @@ class Processor:
                                            [self._time_step(item) for item in items])
         return PreparedPrompt(input_ids, positions, rope_delta, items, text)
 
-    def count_tokens(self, messages: list[dict], add_generation_prompt: bool = True, add_vision_id: bool = False,
-                     context_len: int | None = None) -> int:
-        """The prompt length `prepare` would give, reading only media headers (no pixel decoding)."""
-        parts = media_parts(messages)
-        _, ids = self._render(messages, parts, add_generation_prompt, add_vision_id)
-        text_tokens = len(ids) - len(parts)
-        return text_tokens + sum(plan.num_tokens for plan in self._plans(parts, text_tokens, context_len))
-
     def mrope(self, input_ids, vision_grids, time_steps=None) -> tuple[torch.Tensor, int]:
         return mrope_positions(torch.as_tensor(input_ids), vision_grids, (self.image_token_id, self.video_token_id),
                                self.merge_size, time_steps)
@@ -310,7 +302,7 @@ class Processor:
         try:
             return step(*args)
         except InputError as e:
-            raise type(e)(e.cause, part.message_index, part.content_index, e.field) from None
+            raise e.at(part.message_index, part.content_index) from None
 
     def _render(self, messages, parts: list[MediaPart], add_generation_prompt: bool, add_vision_id: bool,
                 tools: list[dict] | None = None):

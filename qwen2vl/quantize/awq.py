@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from qwen2vl.batch_job import read_conversations
 from qwen2vl.errors import InputError
 from qwen2vl.layers import quantization as q
 from qwen2vl.layers.activation import silu_and_mul
-from qwen2vl.processor.chat import read_conversations
 
 BITS = 4
 SCALE_GRID = 20  # exponents a = 0, 1/20, ..., 19/20

@@ -89,7 +89,7 @@ def check_media(messages: list[dict], policy: MediaPolicy, limits: ServerLimits)
         try:
             _check_source(part.value, policy)
         except InputError as e:
-            raise type(e)(e.cause, part.message_index, part.content_index, e.field) from None
+            raise e.at(part.message_index, part.content_index) from None
 
 
 def _check_source(source, policy: MediaPolicy) -> None:

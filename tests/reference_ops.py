@@ -1,4 +1,6 @@
-"""Pure-torch references of the Triton kernels (`triton_*.py`): the functions they must compute.
+"""Pure-torch references of the kernels (`qwen2vl/kernels/triton_*.py`, `int4_cpu.py`): the functions
+they must compute, which tests/triton_cases.py, tests/test_kernels_int4.py and benchmarks/speed.py
+check them against.
 
 Where a layer already holds the reference math it is reused, not copied: rotary is
 `layers.rotary.apply_rotary`, SwiGLU is `layers.activation.silu_and_mul`, AWQ dequantization is
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from qwen2vl.kernels.int4_cpu import KERNEL_DTYPE
 from qwen2vl.layers import quantization as q
 from qwen2vl.layers.attention import write_kv_cache
 from qwen2vl.layers.rotary import apply_rotary
@@ -67,3 +70,18 @@ def qkv_rotary_cache_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.
     keep = slot_mapping >= 0
     write_kv_cache(kv_cache, k[keep], v.unflatten(-1, (num_kv_heads, head_dim))[keep], slot_mapping[keep])
     return q
+
+
+def int4_cpu_dequantize(values: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The float32 weight `[N, K]` that `kernels.int4_cpu`'s layout (`values` unpacked) stands for."""
+    scales, offsets = scales_and_zeros.float().unbind(-1)  # [G, N] each
+    grouped = (values.float() - 8).unflatten(1, (-1, group_size))  # [N, G, g]
+    return (grouped * scales.t()[:, :, None] + offsets.t()[:, :, None]).flatten(1)
+
+
+def int4_matmul_reference(x: torch.Tensor, values: torch.Tensor, scales_and_zeros: torch.Tensor,
+                          group_size: int) -> torch.Tensor:
+    """What `kernels.int4_cpu.int4_matmul` computes, from the unpacked values, in float32 on the
+    kernel-dtype inputs."""
+    weight = int4_cpu_dequantize(values, scales_and_zeros, group_size)
+    return (x.to(KERNEL_DTYPE).float() @ weight.t()).to(x.dtype)
