@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from qwen2vl.config import DEFAULT_CONTEXT_LEN
 from qwen2vl.errors import InputError, MediaError
-from qwen2vl.processor.image import IMAGE_MAX_TOKENS, MediaOptions
+from qwen2vl.processor.image import IMAGE_MAX_TOKENS
+from qwen2vl.processor.types import MediaOptions
 
 MAX_SOURCE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS as PIL ships it
 MAX_RESIZED_PIXELS = IMAGE_MAX_TOKENS * 28 * 28  # 12,845,056

@@ -13,7 +13,6 @@ import io
 import math
 import re
 import warnings
-from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from qwen2vl.errors import InputError, MediaError
 from qwen2vl.processor.fetch import MediaPolicy, resolve
 from qwen2vl.processor.pool import media_map, media_workers
+from qwen2vl.processor.types import MediaOptions
 
 if TYPE_CHECKING:
     from qwen2vl.processor.budget import MediaBudget
@@ -63,43 +63,6 @@ def smart_resize(
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
-
-
-@dataclass(frozen=True)
-class MediaOptions:
-    """The per-item settings a content part may carry (model card format), parsed once."""
-
-    min_pixels: float | None = None
-    max_pixels: float | None = None
-    resized_height: float | None = None
-    resized_width: float | None = None
-    total_pixels: float | None = None
-    fps: float | None = None
-    nframes: float | None = None
-    min_frames: float | None = None
-    max_frames: float | None = None
-    sample_fps: float | None = None
-
-    @classmethod
-    def from_part(cls, part: dict) -> "MediaOptions":
-        values = {}
-        for f in fields(cls):
-            value = part.get(f.name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-                raise InputError(f"{f.name} must be a positive number, got {value!r}", field=f.name)
-            values[f.name] = value
-        options = cls(**values)
-        if (options.resized_height is None) != (options.resized_width is None):
-            missing = "resized_width" if options.resized_width is None else "resized_height"
-            raise InputError("resized_height and resized_width must be given together", field=missing)
-        if options.fps is not None and options.nframes is not None:
-            raise InputError("give either fps or nframes for a video, not both", field="nframes")
-        if options.min_pixels is not None and options.max_pixels is not None and options.min_pixels > options.max_pixels:
-            raise InputError(f"min_pixels ({options.min_pixels}) is greater than max_pixels ({options.max_pixels})",
-                             field="min_pixels")
-        return options
 
 
 def image_target_size(height: int, width: int, options: MediaOptions, factor: int) -> tuple[int, int]:

@@ -21,7 +21,6 @@ from qwen2vl.processor.chat import ChatTemplate, MediaPart, media_parts
 from qwen2vl.processor.fetch import DEFAULT_MAX_MEDIA_BYTES, MediaPolicy, resolve
 from qwen2vl.processor.fit import fit_context
 from qwen2vl.processor.image import (
-    MediaOptions,
     image_target_size,
     open_image,
     resize_frames,
@@ -33,7 +32,7 @@ from qwen2vl.processor.image import (
 from qwen2vl.processor.mrope import mrope_positions
 from qwen2vl.processor.pool import media_map
 from qwen2vl.processor.tokenizer import Tokenizer
-from qwen2vl.processor.types import PreparedPrompt, VisionItem
+from qwen2vl.processor.types import MediaOptions, PreparedPrompt, VisionItem
 from qwen2vl.processor.video import (
     FRAME_FACTOR,
     frame_list_sizes,

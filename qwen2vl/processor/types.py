@@ -1,13 +1,53 @@
-"""What the processor hands to the engine: one conversation, ready to run."""
+"""The processor's data: the per-item options a content part carries, and what the processor hands
+to the engine (one conversation, ready to run)."""
 from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from qwen2vl.errors import InputError
 from qwen2vl.layers.patchify import Patchifier
+
+
+@dataclass(frozen=True)
+class MediaOptions:
+    """The per-item settings a content part may carry (model card format), parsed once."""
+
+    min_pixels: float | None = None
+    max_pixels: float | None = None
+    resized_height: float | None = None
+    resized_width: float | None = None
+    total_pixels: float | None = None
+    fps: float | None = None
+    nframes: float | None = None
+    min_frames: float | None = None
+    max_frames: float | None = None
+    sample_fps: float | None = None
+
+    @classmethod
+    def from_part(cls, part: dict) -> "MediaOptions":
+        values = {}
+        for f in fields(cls):
+            value = part.get(f.name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+                raise InputError(f"{f.name} must be a positive number, got {value!r}", field=f.name)
+            values[f.name] = value
+        options = cls(**values)
+        if (options.resized_height is None) != (options.resized_width is None):
+            missing = "resized_width" if options.resized_width is None else "resized_height"
+            raise InputError("resized_height and resized_width must be given together", field=missing)
+        if options.fps is not None and options.nframes is not None:
+            raise InputError("give either fps or nframes for a video, not both", field="nframes")
+        if options.min_pixels is not None and options.max_pixels is not None and options.min_pixels > options.max_pixels:
+            raise InputError(f"min_pixels ({options.min_pixels}) is greater than max_pixels ({options.max_pixels})",
+                             field="min_pixels")
+        return options
 
 
 @dataclass

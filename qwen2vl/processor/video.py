@@ -18,7 +18,6 @@ from qwen2vl.errors import InputError, MediaError
 from qwen2vl.processor.budget import MediaBudget, number
 from qwen2vl.processor.fetch import MediaPolicy, MediaSource
 from qwen2vl.processor.image import (
-    MediaOptions,
     image_target_size,
     open_image,
     resize_frames,
@@ -26,6 +25,7 @@ from qwen2vl.processor.image import (
     smart_resize,
     to_rgb,
 )
+from qwen2vl.processor.types import MediaOptions
 
 VIDEO_MIN_TOKENS = 128
 VIDEO_MAX_TOKENS = 768
