@@ -166,8 +166,11 @@ def _open_image(llm, image: str, option: str = "--image"):
     from .errors import MediaError
     from .processor.image import open_image
 
+    budget = llm.processor.budget
     try:
-        return open_image(image, llm.processor.media_policy, llm.processor.budget)
+        opened = open_image(image, llm.processor.media_policy, budget.max_source_pixels)
+        budget.check_source("the image", *opened.size)
+        return opened
     except MediaError as error:
         raise MediaError(f"{option} {_short(image)}: {error}") from None
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from qwen2vl.config import DEFAULT_CONTEXT_LEN
 from qwen2vl.errors import InputError, MediaError
 from qwen2vl.processor.image import IMAGE_MAX_TOKENS
-from qwen2vl.processor.types import MediaOptions
+from qwen2vl.processor.types import FrameListPlan, ImagePlan, MediaOptions, MediaPlan, VideoFilePlan
 
 MAX_SOURCE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS as PIL ships it
 MAX_RESIZED_PIXELS = IMAGE_MAX_TOKENS * 28 * 28  # 12,845,056
@@ -44,7 +44,8 @@ class MediaBudget:
     max_item_tokens: int = MAX_ITEM_TOKENS
 
     def check_options(self, options: MediaOptions, per: str) -> None:
-        """What the options alone ask for, before the media is fetched; `per` is "image" or "video frame"."""
+        """What the options alone ask for, before the media is fetched (the one check that comes
+        before `check`); `per` is "image" or "video frame"."""
         if options.min_pixels is not None and options.min_pixels > self.max_resized_pixels:
             raise InputError(f"min_pixels ({number(options.min_pixels)}) is over the limit of {self.max_resized_pixels} "
                              f"pixels per {per}", field="min_pixels")
@@ -55,8 +56,29 @@ class MediaBudget:
             raise MediaError(f"{what} is {width}x{height} = {width * height} pixels, over the limit of "
                              f"{self.max_source_pixels} pixels")
 
-    def check_resized(self, size: tuple[int, int], source_size: tuple[int, int], options: MediaOptions, per: str) -> None:
-        """The (height, width) the options resize an image or each video frame to, before resizing."""
+    def check(self, plan: MediaPlan) -> None:
+        """Everything `plan` (sized, fitted to the context, not decoded) will decode and make: the
+        media as sent, each resize, the frames held at once, the visual tokens."""
+        per = "image" if isinstance(plan, ImagePlan) else "video frame"
+        if isinstance(plan, FrameListPlan):
+            for index, frame in enumerate(plan.frames):
+                try:
+                    self.check_source("the image", frame.width, frame.height)
+                except MediaError as e:
+                    raise MediaError(f"frame {index}: {e.cause}", field=e.field) from None
+            self._check_resized(plan.frame_size, plan.source_size, plan.options, per)
+            self._check_frames(plan.num_frames, plan.frame_size, plan.options, resized=True)
+        else:
+            height, width = plan.source_size
+            self.check_source("the image" if per == "image" else "a frame of the video", width, height)
+        self._check_resized(plan.size, plan.resize_from, plan.options, per)
+        if isinstance(plan, VideoFilePlan):
+            self._check_frames(plan.num_frames, plan.source_size, plan.options, resized=False)
+        self._check_tokens(plan.part.kind, plan.num_tokens, plan.options)
+
+    def _check_resized(self, size: tuple[int, int], source_size: tuple[int, int], options: MediaOptions,
+                       per: str) -> None:
+        """The (height, width) the options resize an image or each video frame to."""
         height, width = size
         if height * width <= self.max_resized_pixels:
             return
@@ -66,14 +88,15 @@ class MediaBudget:
         raise InputError(f"{resize} {width}x{height} = {height * width} pixels, over the limit of "
                          f"{self.max_resized_pixels} pixels per {per}", field=field)
 
-    def check_frames(self, num_frames: int, width: int, height: int, options: MediaOptions, resized: bool) -> None:
+    def _check_frames(self, num_frames: int, size: tuple[int, int], options: MediaOptions, resized: bool) -> None:
         """All sampled frames of one video as held in memory: decoded from a file, or a list's frames resized."""
+        height, width = size
         if num_frames * width * height > self.max_video_pixels:
             held = f"hold {num_frames} frames resized to" if resized else f"decode {num_frames} frames of"
             raise MediaError(f"the video would {held} {width}x{height}, over the limit of {self.max_video_pixels} "
                              "pixels per video; ask for fewer frames (fps, nframes)", field=_frames_field(options))
 
-    def check_tokens(self, kind: str, num_tokens: int, options: MediaOptions) -> None:
+    def _check_tokens(self, kind: str, num_tokens: int, options: MediaOptions) -> None:
         if num_tokens > self.max_item_tokens:
             hint = "fewer frames (fps, nframes) or smaller frames (max_pixels)" if kind == "video" else "a smaller size (max_pixels)"
             raise MediaError(f"the {kind} would make {num_tokens} visual tokens, over the limit of {self.max_item_tokens} "

@@ -13,7 +13,6 @@ import io
 import math
 import re
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +22,6 @@ from qwen2vl.errors import InputError, MediaError
 from qwen2vl.processor.fetch import MediaPolicy, resolve
 from qwen2vl.processor.pool import media_map, media_workers
 from qwen2vl.processor.types import MediaOptions
-
-if TYPE_CHECKING:
-    from qwen2vl.processor.budget import MediaBudget
 
 MAX_ASPECT_RATIO = 200
 IMAGE_MIN_TOKENS = 4
@@ -72,11 +68,13 @@ def image_target_size(height: int, width: int, options: MediaOptions, factor: in
     return smart_resize(height, width, factor, options.min_pixels, options.max_pixels)
 
 
-def open_image(image, policy: MediaPolicy, budget: MediaBudget) -> Image.Image:
-    """A lazily decoded PIL image (its size is known from the header) from any supported source,
-    within `budget.max_source_pixels`."""
+def open_image(image, policy: MediaPolicy, max_source_pixels: int) -> Image.Image:
+    """A lazily decoded PIL image (its size is known from the header) from any supported source.
+
+    Its size is the caller's to check (`MediaBudget.check_source`); `max_source_pixels` is that
+    limit, named where PIL refuses an image too large to read even its header.
+    """
     if isinstance(image, Image.Image):
-        budget.check_source("the image", *image.size)
         return image
     if isinstance(image, dict) and isinstance(image.get("url"), str):  # OpenAI-style {"url": ...}
         image = image["url"]
@@ -92,15 +90,14 @@ def open_image(image, policy: MediaPolicy, budget: MediaBudget) -> Image.Image:
         # PIL refuses before the size can be read; its message carries the pixel count.
         pixels = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{pixels.group(1)} pixels" if pixels else "larger than PIL accepts"
-        if pixels and int(pixels.group(1)) <= budget.max_source_pixels:
+        if pixels and int(pixels.group(1)) <= max_source_pixels:
             raise MediaError(f"the image is {size}, over PIL's decompression-bomb limit of "
                              f"{2 * Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS)") from None
-        raise MediaError(f"the image is {size}, over the limit of {budget.max_source_pixels} pixels") from None
+        raise MediaError(f"the image is {size}, over the limit of {max_source_pixels} pixels") from None
     except UnidentifiedImageError:
         raise MediaError(source.not_a("image", "PIL")) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise MediaError(f"cannot read image: {e}") from None
-    budget.check_source("the image", *opened.size)
     return opened
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -32,7 +31,15 @@ from qwen2vl.processor.image import (
 from qwen2vl.processor.mrope import mrope_positions
 from qwen2vl.processor.pool import media_map
 from qwen2vl.processor.tokenizer import Tokenizer
-from qwen2vl.processor.types import MediaOptions, PreparedPrompt, VisionItem
+from qwen2vl.processor.types import (
+    FrameListPlan,
+    ImagePlan,
+    MediaOptions,
+    MediaPlan,
+    PreparedPrompt,
+    VideoFilePlan,
+    VisionItem,
+)
 from qwen2vl.processor.video import (
     FRAME_FACTOR,
     frame_list_sizes,
@@ -49,18 +56,6 @@ VISION_START_TOKEN, VISION_END_TOKEN = "<|vision_start|>", "<|vision_end|>"
 TOKEN_TYPE = {"text": 0, "image": 1, "video": 2}
 VISION_TOKENS = {"image_token_id": IMAGE_TOKEN, "video_token_id": VIDEO_TOKEN,  # config.json's name: the token
                  "vision_start_token_id": VISION_START_TOKEN, "vision_end_token_id": VISION_END_TOKEN}
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """One image or video sized from its header and options; nothing decoded yet."""
-
-    part: MediaPart
-    opened: Any  # the lazily opened image; (opened frames, their first resize) of a list; (source, probe) of a file
-    options: MediaOptions  # the part's own, or what `fit_context` chose for it
-    num_frames: int  # frames sampled (1 for an image)
-    size: tuple[int, int]  # (height, width) of the per-item resize (of each frame, for a video)
-    num_tokens: int
 
 
 class Processor:
@@ -341,14 +336,14 @@ class Processor:
     def _final_size(self, height: int, width: int) -> tuple[int, int]:
         return smart_resize(height, width, self.patchifier.factor, self.min_pixels, self.max_pixels)
 
-    def _plans(self, parts: list[MediaPart], text_tokens: int, context_len: int | None) -> list[_Plan]:
+    def _plans(self, parts: list[MediaPart], text_tokens: int, context_len: int | None) -> list[MediaPlan]:
         """Every image and video sized from its header and options, the defaults shrunk to fit the
         context, all within the budget; nothing decoded."""
         plans = [self._located(part, self._plan, part) for part in parts]
         context_len = self.context_len if context_len is None else min(context_len, self.context_len)
         plans = fit_context(plans, text_tokens, context_len, self._located_resize, self.patchifier.factor)
         for plan in plans:
-            self._located(plan.part, self._check, plan)
+            self._located(plan.part, self.budget.check, plan)
         total = text_tokens + sum(plan.num_tokens for plan in plans)
         if plans and total > context_len - 1:  # a prompt of text alone is the engine's to refuse: nothing to decode
             raise InputError(f"the prompt would have {total} tokens ({total - text_tokens} of them visual), over the "
@@ -358,89 +353,65 @@ class Processor:
                              "max_model_len")
         return plans
 
-    def _plan(self, part: MediaPart) -> _Plan:
+    def _plan(self, part: MediaPart) -> MediaPlan:
         """Open one image or video (its header) and size it by its options; decodes no pixels."""
-        options = part.options
+        options, max_source = part.options, self.budget.max_source_pixels
         self.budget.check_options(options, "image" if part.kind == "image" else "video frame")
         if part.kind == "image":
-            opened = open_image(part.value, self.media_policy, self.budget)
+            plan = ImagePlan(part, options, image=open_image(part.value, self.media_policy, max_source))
         elif isinstance(part.value, (list, tuple)):
-            opened = self._open_frame_list(part)
+            frames, frame_size = frame_list_sizes(list(part.value), options, self.media_policy, max_source,
+                                                  self._frame_factor)
+            plan = FrameListPlan(part, options, frames=frames, frame_size=frame_size)
         elif isinstance(part.value, str):
             source = resolve(part.value, self.media_policy)
-            opened = (source, probe_video(source))
-            self.budget.check_source("a frame of the video", opened[1].width, opened[1].height)
+            plan = VideoFilePlan(part, options, source=source, probe=probe_video(source))
         else:
             raise MediaError(f"a video must be a path, URL or a list of frames, got {type(part.value).__name__}")
-        return self._resize_plan(_Plan(part, opened, options, 0, (0, 0), 0), options)
+        return self._resize_plan(plan, options)
 
-    def _located_resize(self, plan: _Plan, options: MediaOptions) -> _Plan:
+    def _located_resize(self, plan: MediaPlan, options: MediaOptions) -> MediaPlan:
         return self._located(plan.part, self._resize_plan, plan, options)
 
-    def _resize_plan(self, plan: _Plan, options: MediaOptions) -> _Plan:
+    def _resize_plan(self, plan: MediaPlan, options: MediaOptions) -> MediaPlan:
         """`plan` sized under `options` (the part's own, or the ones `fit_context` chose)."""
-        part, opened, factor = plan.part, plan.opened, self.patchifier.factor
-        if part.kind == "image":
-            size = image_target_size(opened.height, opened.width, options, factor)
-            self.budget.check_resized(size, (opened.height, opened.width), options, "image")
-            return self._planned(plan, options, 1, size)
-        if isinstance(part.value, (list, tuple)):
-            frames, source_size = opened
-            num_frames = -(-len(frames) // FRAME_FACTOR) * FRAME_FACTOR
+        factor = self.patchifier.factor
+        if isinstance(plan, ImagePlan):
+            num_frames, size = 1, image_target_size(*plan.source_size, options, factor)
         else:
-            probe = opened[1]
-            source_size = (probe.height, probe.width)
-            num_frames = sample_frame_count(options, probe.total_frames, probe.fps)
-        size = video_target_size(*source_size, num_frames, options, factor)
-        self.budget.check_resized(size, source_size, options, "video frame")
-        return self._planned(plan, options, num_frames, size)
-
-    def _open_frame_list(self, part: MediaPart):
-        """(each frame opened lazily, their first resize) of a list of frames, within the budget."""
-        budget, options = self.budget, part.options
-        frames, frame_size = frame_list_sizes(list(part.value), options, self.media_policy, budget, self._frame_factor)
-        budget.check_resized(frame_size, (frames[0].height, frames[0].width), options, "video frame")
-        num_frames = -(-len(frames) // FRAME_FACTOR) * FRAME_FACTOR
-        budget.check_frames(num_frames, frame_size[1], frame_size[0], options, resized=True)
-        return frames, frame_size
-
-    def _planned(self, plan: _Plan, options: MediaOptions, num_frames: int, size: tuple[int, int]) -> _Plan:
+            if isinstance(plan, FrameListPlan):
+                num_frames = -(-len(plan.frames) // FRAME_FACTOR) * FRAME_FACTOR
+            else:
+                num_frames = sample_frame_count(options, plan.probe.total_frames, plan.probe.fps)
+            size = video_target_size(*plan.resize_from, num_frames, options, factor)
         height, width = self._final_size(*size)
         t = -(-num_frames // self.temporal_patch_size)
         num_tokens = t * (height // self.patch_size) * (width // self.patch_size) // self.merge_size**2
-        return _Plan(plan.part, plan.opened, options, num_frames, size, num_tokens)
+        return replace(plan, options=options, num_frames=num_frames, size=size, num_tokens=num_tokens)
 
-    def _check(self, plan: _Plan) -> None:
-        """The budget's limits on what the (fitted) plan will decode and make."""
-        if plan.part.kind == "video" and isinstance(plan.part.value, str):
-            probe = plan.opened[1]
-            self.budget.check_frames(plan.num_frames, probe.width, probe.height, plan.options, resized=False)
-        self.budget.check_tokens(plan.part.kind, plan.num_tokens, plan.options)
-
-    def _load(self, plan: _Plan) -> VisionItem:
-        if plan.part.kind == "image":
+    def _load(self, plan: MediaPlan) -> VisionItem:
+        if isinstance(plan, ImagePlan):
             return self._load_image(plan)
         return self._load_video(plan)
 
-    def _load_image(self, plan: _Plan) -> VisionItem:
-        image = plan.opened
+    def _load_image(self, plan: ImagePlan) -> VisionItem:
+        image = plan.image
         pixels = resize_image(to_rgb(image), *plan.size)
         pixels = resize_image_tensor(pixels, *self._final_size(*plan.size))[None]
         return VisionItem("image", pixels, self.patchifier.grid(pixels), image.size,
                           (pixels.shape[-1], pixels.shape[-2]), patchifier=self.patchifier)
 
-    def _load_video(self, plan: _Plan) -> VisionItem:
+    def _load_video(self, plan: FrameListPlan | VideoFilePlan) -> VisionItem:
         factor, options = self.patchifier.factor, plan.options
-        if isinstance(plan.part.value, (list, tuple)):
-            opened, frame_size = plan.opened
-            frames = load_frame_list(opened, *frame_size)
-            frames = resize_frames(frames, *video_target_size(*frame_size, frames.shape[0], options, factor))
-            original = opened[0].size
+        if isinstance(plan, FrameListPlan):
+            frames = load_frame_list(plan.frames, *plan.frame_size)
+            frames = resize_frames(frames, *video_target_size(*plan.frame_size, frames.shape[0], options, factor))
+            original = plan.frames[0].size
             fps = options.sample_fps or 2.0  # qwen_vl_utils reports this for frame lists, whatever `fps` says
         else:
-            source, probe = plan.opened
+            probe = plan.probe
             # sized by the frames sampled: a container that over-reported its length yields fewer than planned
-            frames, fps = load_video_file(source, probe, options,
+            frames, fps = load_video_file(plan.source, probe, options,
                                           lambda count: video_target_size(probe.height, probe.width, count, options, factor))
             original = (probe.width, probe.height)
         height, width = frames.shape[-2:]
