@@ -2,8 +2,21 @@
 before any pixel is decoded or resized, so that a small request cannot make the processor
 allocate gigabytes.
 
-The defaults are the bounds a user of Qwen2-VL can expect (a server tightens them, see
-`qwen2vl.server.media.server_budget`):
+Every pixel bound on an image or video frame, and its one owner. Three settings size the media
+(the first two resizes are the reference's, see `qwen2vl.processor.image`); the budget refuses
+what is over its bounds, never shrinks it; the server sets the budget, it has no bound of its own:
+
+| bound | owner (where it is set) | what it does | default |
+|---|---|---|---|
+| `min_pixels`, `max_pixels`, `resized_height`/`resized_width`, `total_pixels` of a part | the content part: `MediaOptions`, read once by `chat.media_parts` (a server request's `image_url`/`video_url` part) | sizes the item's first resize (qwen_vl_utils') | 4..16384 visual tokens an image, 128..768 a video frame |
+| `Processor.min_pixels` / `max_pixels` | the processor: preprocessor_config.json, or `from_pretrained(min_pixels=, max_pixels=)` (`EngineArgs`, `--min-pixels`/`--max-pixels`) | sizes the second resize (transformers') of every image and frame | the checkpoint's; 3136..12,845,056 for Qwen2-VL |
+| `MediaBudget.max_source_pixels` | this budget | refuses an image or frame as sent | `MAX_SOURCE_PIXELS` |
+| `MediaBudget.max_resized_pixels` | this budget | refuses a first resize over it (a `min_pixels` over it before fetching) | `MAX_RESIZED_PIXELS` |
+| `MediaBudget.max_video_pixels` | this budget | refuses a video's sampled frames over it, as held | `MAX_VIDEO_PIXELS` |
+| `ServerLimits.max_image_pixels` (`serve --max-image-pixels`) | the server's limits, which set its budget (`qwen2vl.server.media.server_budget`) | becomes the server budget's `max_source_pixels`, and its `max_resized_pixels` where lower | 7680x4320 |
+| `ServerLimits.max_video_pixels` (`serve --max-video-pixels`) | the same | becomes the server budget's `max_video_pixels` | `MAX_VIDEO_PIXELS` |
+
+The defaults are the bounds a user of Qwen2-VL can expect:
 
 - an image or video frame as sent, as decoded: `MAX_SOURCE_PIXELS`, PIL's own decompression-bomb
   threshold (about 9459x9459);
@@ -13,6 +26,10 @@ The defaults are the bounds a user of Qwen2-VL can expect (a server tightens the
 - all frames sampled from one video, as decoded (or, for a list of frames, as resized first):
   `MAX_VIDEO_PIXELS`, 256 frames of 1920x1080;
 - the visual tokens of one image or video: `MAX_ITEM_TOKENS`, Qwen2-VL's context length.
+
+A processor makes a plan per item (`qwen2vl.processor.types.MediaPlan`), fits the plans to the
+context, and `MediaBudget.check` checks each, once, before anything is decoded; only the options
+alone (`check_options`) are checked earlier, before the media is fetched.
 """
 from __future__ import annotations
 
