@@ -360,6 +360,17 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _add_limit_options(parser: argparse.ArgumentParser) -> None:
+    """Every `ServerLimits` field as an option, with its default and help."""
+    from .server.limits import ServerLimits, flag
+
+    group = parser.add_argument_group("limits")
+    for f in dataclasses.fields(ServerLimits):
+        name = flag(f)
+        group.add_argument(name, dest=f.name, metavar=name[2:].upper().replace("-", "_"),
+                           type=float if "float" in f.type else int, default=f.default, help=f.metadata["help"])
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server.limits import MediaAccess, ServerLimits
 
@@ -369,12 +380,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise Qwen2VLError(f"serve needs the server extra ({error.name} is not installed): "
                            "pip install 'qwen2vl[server]', or from a clone pip install -e '.[server]'") from None
 
-    limits = ServerLimits(
-        max_body_bytes=args.max_body_bytes, max_media_per_request=args.max_media_per_request,
-        max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
-        max_prompt_bytes=args.max_prompt_bytes,
-        max_requests_in_flight=args.max_requests_in_flight, request_timeout_s=args.request_timeout,
-    )
+    limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
     media = MediaAccess(allow_remote=args.allow_remote_media, max_bytes=args.max_media_bytes,
                         fetch_timeout_s=args.fetch_timeout,
                         allowed_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None)
@@ -485,9 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(generate)
     generate.set_defaults(run=cmd_generate)
 
-    from .server.limits import PROMPT_BYTES_PER_TOKEN, MediaAccess, ServerLimits
+    from .server.limits import MediaAccess
 
-    limits, media = ServerLimits(), MediaAccess()
+    media = MediaAccess()
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server",
                                 description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health "
                                             "and /metrics, streaming included, to many clients at once.")
@@ -508,20 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--allowed-media-dir", metavar="DIR", help="serve local files under DIR (default: none)")
     group.add_argument("--max-media-bytes", type=int, default=media.max_bytes, help="per fetched or inline image/video")
     group.add_argument("--fetch-timeout", type=float, default=media.fetch_timeout_s, help="seconds, per remote fetch")
-    group = serve.add_argument_group("limits")
-    group.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, help="HTTP request body (413 over it)")
-    group.add_argument("--max-media-per-request", type=int, default=limits.max_media_per_request,
-                       help="images and videos in one request")
-    group.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
-                       help="width x height of an image or video frame, as sent and as its per-part options resize it")
-    group.add_argument("--max-prompt-tokens", type=int, help="default: --max-model-len minus one")
-    group.add_argument("--max-prompt-bytes", type=int,
-                       help="a request's prompt text (messages and tools, or prompts), UTF-8, refused before it is "
-                            f"tokenized (default: {PROMPT_BYTES_PER_TOKEN} per token of --max-prompt-tokens)")
-    group.add_argument("--max-requests-in-flight", type=int, default=limits.max_requests_in_flight,
-                       help="beyond it new requests get 503 with Retry-After")
-    group.add_argument("--request-timeout", type=float, default=limits.request_timeout_s,
-                       help="seconds from arrival to the last token (504 over it)")
+    _add_limit_options(serve)
     _add_model_options(serve)
     _add_sampling_options(serve, "sampling defaults (for the fields a request leaves unset; "
                                  "unset here = the checkpoint's generation_config.json)", structured=False)
