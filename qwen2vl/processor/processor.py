@@ -17,7 +17,7 @@ from qwen2vl.errors import CheckpointError, InputError, MediaError
 from qwen2vl.layers.patchify import Patchifier
 from qwen2vl.processor.budget import MAX_RESIZED_PIXELS, MediaBudget
 from qwen2vl.processor.chat import ChatTemplate, MediaPart, media_parts
-from qwen2vl.processor.fetch import DEFAULT_MAX_MEDIA_BYTES, MediaPolicy, resolve
+from qwen2vl.processor.fetch import MediaPolicy, resolve
 from qwen2vl.processor.fit import fit_context
 from qwen2vl.processor.image import (
     image_target_size,
@@ -119,9 +119,10 @@ class Processor:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         *,
-        allow_remote_media: bool = True,
-        max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES,
-        fetch_timeout: float = 10.0,
+        media_policy: MediaPolicy | None = None,
+        allow_remote_media: bool | None = None,
+        max_media_bytes: int | None = None,
+        fetch_timeout: float | None = None,
         allowed_media_dir: str | Path | None = None,
         check_address=None,
         budget: MediaBudget | None = None,
@@ -133,9 +134,10 @@ class Processor:
         `settings` (None: read from config.json, see `ProcessorSettings.from_pretrained`) give the
         context (`max_position_embeddings`, 32768 without one) and whether video positions are
         aligned to time.
-        `check_address(host, address)` may refuse an address a remote host resolves to by raising;
-        see `MediaPolicy`. `budget` (default `MediaBudget()`) bounds each image and video; see the
-        class docstring.
+        `media_policy` (default `MediaPolicy()`) says where media may come from; `allow_remote_media`,
+        `max_media_bytes`, `fetch_timeout`, `allowed_media_dir` and `check_address`, where given,
+        set its `allow_remote`, `max_bytes`, `timeout`, `allowed_dir` and `check_address`.
+        `budget` (default `MediaBudget()`) bounds each image and video; see the class docstring.
         """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -156,13 +158,10 @@ class Processor:
             image_std=tuple(config.get("image_std", default.image_std)),
             rescale_factor=config.get("rescale_factor", default.rescale_factor),
         )
-        policy = MediaPolicy(
-            allow_remote=allow_remote_media,
-            max_bytes=max_media_bytes,
-            timeout=fetch_timeout,
-            allowed_dir=Path(allowed_media_dir) if allowed_media_dir is not None else None,
-            check_address=check_address,
-        )
+        given = {"allow_remote": allow_remote_media, "max_bytes": max_media_bytes, "timeout": fetch_timeout,
+                 "allowed_dir": None if allowed_media_dir is None else Path(allowed_media_dir),
+                 "check_address": check_address}
+        policy = replace(media_policy or MediaPolicy(), **{name: value for name, value in given.items() if value is not None})
         return cls(
             tokenizer,
             ChatTemplate.from_dir(model_dir, tokenizer.special_tokens),
