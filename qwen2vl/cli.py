@@ -372,7 +372,8 @@ def _add_limit_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server.limits import MediaAccess, ServerLimits
+    from .processor.fetch import MediaPolicy
+    from .server.limits import ServerLimits
 
     try:
         from .server import serve
@@ -381,9 +382,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            "pip install 'qwen2vl[server]', or from a clone pip install -e '.[server]'") from None
 
     limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
-    media = MediaAccess(allow_remote=args.allow_remote_media, max_bytes=args.max_media_bytes,
-                        fetch_timeout_s=args.fetch_timeout,
-                        allowed_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None)
+    allowed_dir = Path(args.allowed_media_dir) if args.allowed_media_dir else None
+    media = MediaPolicy(allow_remote=args.allow_remote_media, max_bytes=args.max_media_bytes,
+                        timeout=args.fetch_timeout, allowed_dir=allowed_dir)
     default_params = _sampling_params(args)
     default_params.validate()  # a bad flag is the operator's error, not every client's 400
     api_key = args.api_key or os.environ.get("QWEN2VL_API_KEY")
@@ -491,9 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(generate)
     generate.set_defaults(run=cmd_generate)
 
-    from .server.limits import MediaAccess
-
-    media = MediaAccess()
+    from .server.limits import SERVER_MEDIA as media
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server",
                                 description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health "
                                             "and /metrics, streaming included, to many clients at once.")
@@ -513,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fetch http(s) image/video URLs (never from loopback, private or link-local addresses)")
     group.add_argument("--allowed-media-dir", metavar="DIR", help="serve local files under DIR (default: none)")
     group.add_argument("--max-media-bytes", type=int, default=media.max_bytes, help="per fetched or inline image/video")
-    group.add_argument("--fetch-timeout", type=float, default=media.fetch_timeout_s, help="seconds, per remote fetch")
+    group.add_argument("--fetch-timeout", type=float, default=media.timeout, help="seconds, per remote fetch")
     _add_limit_options(serve)
     _add_model_options(serve)
     _add_sampling_options(serve, "sampling defaults (for the fields a request leaves unset; "

@@ -39,12 +39,13 @@ from qwen2vl import __version__
 from qwen2vl.engine.async_engine import AsyncEngine
 from qwen2vl.errors import InputError, Qwen2VLError
 from qwen2vl.processor.chat import media_parts
+from qwen2vl.processor.fetch import MediaPolicy
 from qwen2vl.processor.types import PreparedPrompt
 from qwen2vl.sampling_params import SEED_RANGE, SamplingParams
 from qwen2vl.server.errors import APIError, api_error
 from qwen2vl.server.gate import RequestGate, parse_body
 from qwen2vl.server.jobs import Job, event_stream
-from qwen2vl.server.limits import Admission, MediaAccess, ServerLimits
+from qwen2vl.server.limits import SERVER_MEDIA, Admission, ServerLimits
 from qwen2vl.server.media import check_media, server_processor
 from qwen2vl.server.metrics import Metrics
 from qwen2vl.server.openapi import openapi_document, request_body, responses
@@ -67,7 +68,7 @@ PAGE_DIR = Path(__file__).with_name("static")
 class OpenAIServer:
     """Routes and shared state of one app: engine loop, processor, limits, metrics."""
 
-    def __init__(self, llm, model_name: str, limits: ServerLimits, media: MediaAccess,
+    def __init__(self, llm, model_name: str, limits: ServerLimits, media: MediaPolicy,
                  api_key: str | Sequence[str] | None, default_params: SamplingParams | None = None,
                  cache_salt_by_key: bool = False, timer: Callable[[float], Awaitable] = asyncio.sleep):
         self.llm = llm
@@ -269,12 +270,14 @@ def _text_bytes(value) -> int:
 
 # --- the app -----------------------------------------------------------------------------------
 
-def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, media: MediaAccess | None = None,
+def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, media: MediaPolicy | None = None,
                api_key: str | Sequence[str] | None = None, default_params: SamplingParams | None = None,
                cache_salt_by_key: bool = False, timer: Callable[[float], Awaitable] = asyncio.sleep) -> FastAPI:
     """An ASGI app serving `llm` (a loaded `Qwen2VL`) under OpenAI's API as `model_name`.
 
-    `api_key`: one key or several, any of which a client may send. `default_params` (`serve
+    `media`: where images and videos may come from (default `limits.SERVER_MEDIA`: inline data
+    only); remote hosts must be public whatever it says. `api_key`: one key or several, any of
+    which a client may send. `default_params` (`serve
     --temperature ...`) fill the sampling fields a request leaves unset. `cache_salt_by_key`:
     each API key its own prefix and vision cache (requests share cached prompts only with
     requests sent with the same key). `timer(seconds)` is awaited for each request's time limit
@@ -282,7 +285,7 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
 
     The engine thread starts with the app (lifespan) and stops with it.
     """
-    server = OpenAIServer(llm, model_name, limits or ServerLimits(), media or MediaAccess(), api_key, default_params,
+    server = OpenAIServer(llm, model_name, limits or ServerLimits(), media or SERVER_MEDIA, api_key, default_params,
                           cache_salt_by_key, timer)
 
     @asynccontextmanager
@@ -331,7 +334,7 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
 
 
 def serve(llm, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,
-          media: MediaAccess | None = None, api_key: str | Sequence[str] | None = None, log_level: str = "info",
+          media: MediaPolicy | None = None, api_key: str | Sequence[str] | None = None, log_level: str = "info",
           default_params: SamplingParams | None = None, cache_salt_by_key: bool = False) -> None:
     """Run the server until interrupted (blocking)."""
     import uvicorn

@@ -1,13 +1,15 @@
-"""How much one request, and the server as a whole, may ask for; where media may come from.
+"""How much one request, and the server as a whole, may ask for; where media may come from by
+default (a `MediaPolicy`, the processor's one name for media-source settings).
 
 Plain settings, cheap to import (the CLI reads their defaults for its help).
 """
 from __future__ import annotations
 
-from dataclasses import Field, dataclass, field
+from dataclasses import Field, dataclass, field, replace
 from pathlib import Path
 
 from qwen2vl.errors import InputError, Qwen2VLError
+from qwen2vl.processor.fetch import MediaPolicy
 
 
 # The default `max_prompt_bytes` per prompt token: text runs 3-8 bytes a token (code indented by
@@ -81,14 +83,18 @@ class ServerLimits:
                              "(n, times the number of prompts)")
 
 
-@dataclass(frozen=True)
-class MediaAccess:
-    """Where the server's images and videos may come from (see `qwen2vl.server.media`)."""
+# Where a server's images and videos may come from unless told otherwise (`serve`'s "media sources"
+# options): inline data only, each at most 20 MiB. The server refuses local files without
+# `allowed_dir` and lets remote URLs reach public hosts only (`qwen2vl.server.media`).
+SERVER_MEDIA = MediaPolicy(allow_remote=False, max_bytes=20 << 20)
 
-    allow_remote: bool = False  # http(s) URLs; even then only to public addresses
-    allowed_dir: Path | None = None  # the only folder local files may come from; None: no local files
-    max_bytes: int = 20 << 20  # one fetched or inline image/video
-    fetch_timeout_s: float = 10.0
+
+def MediaAccess(*, allow_remote: bool = SERVER_MEDIA.allow_remote,  # noqa: N802 (a class before)
+                allowed_dir: Path | None = SERVER_MEDIA.allowed_dir, max_bytes: int = SERVER_MEDIA.max_bytes,
+                fetch_timeout_s: float = SERVER_MEDIA.timeout) -> MediaPolicy:
+    """`SERVER_MEDIA` with these settings: the server's `MediaPolicy` under its earlier name."""
+    return replace(SERVER_MEDIA, allow_remote=allow_remote, allowed_dir=allowed_dir, max_bytes=max_bytes,
+                   timeout=fetch_timeout_s)
 
 
 class Admission:
