@@ -7,8 +7,8 @@
 A request passes the gate first (`gate.py`: request id, API key, body size limit, metrics), then
 its route here parses it (pydantic, strict, with our own messages) and checks what the schema
 cannot, its prompt text bounded by bytes before any tokenizing. Its job (`jobs.py`) admits it
-under the in-flight limit, has it prepared in a worker thread (media checked, fetched and decoded
-in the media pool; text alone, templated and tokenized, in starlette's thread pool, never queued
+under the in-flight limit, checks its media against the server's rules, has it prepared in a
+worker thread (media fetched, checked against the budget and decoded in the media pool; text alone, templated and tokenized, in starlette's thread pool, never queued
 behind media), and hands it to the engine thread; its outputs come back on its
 own queue. A client that disconnects, or a request that runs out of time, is aborted in the
 engine, which frees its KV blocks. `responses.py` writes the outputs as OpenAI's responses or
@@ -38,7 +38,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qwen2vl import __version__
 from qwen2vl.engine.async_engine import AsyncEngine
 from qwen2vl.errors import InputError, Qwen2VLError
-from qwen2vl.processor.chat import media_parts
 from qwen2vl.processor.fetch import MediaPolicy
 from qwen2vl.processor.types import PreparedPrompt
 from qwen2vl.sampling_params import SEED_RANGE, SamplingParams
@@ -197,13 +196,13 @@ class OpenAIServer:
         return [dataclasses.replace(base, seed=seed) for seed in seeds]
 
     async def _prepare_chat(self, messages: list[dict], tools: list[dict] | None) -> list[PreparedPrompt]:
-        """Media checks, fetch, decode, template and tokens in a worker thread: a media worker where
-        there are images or videos, else starlette's thread pool, so text never waits for media."""
+        """The server's media rules here (no I/O), then fetch, decode, template and tokens in a worker
+        thread: a media worker where there are images or videos, else starlette's thread pool, so
+        text never waits for media."""
         def prepare():
-            check_media(messages, self.processor.media_policy, self.limits)
             return [self.processor.prepare(messages, context_len=self.max_model_len, tools=tools)]
 
-        if not media_parts(messages):
+        if not check_media(messages, self.processor.media_policy, self.limits):
             return await run_in_threadpool(prepare)
         return await asyncio.get_running_loop().run_in_executor(self.media_pool, prepare)
 

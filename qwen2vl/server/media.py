@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from qwen2vl.errors import InputError, MediaError
 from qwen2vl.processor import MediaBudget, MediaPolicy, Processor
-from qwen2vl.processor.chat import media_parts
+from qwen2vl.processor.chat import MediaPart, media_parts
 from qwen2vl.processor.fetch import IPAddress
 from qwen2vl.server.limits import ServerLimits
 
@@ -76,11 +76,12 @@ def server_processor(processor: Processor, media: MediaPolicy, limits: ServerLim
     return processor.with_media(media_policy(media), server_budget(limits))
 
 
-def check_media(messages: list[dict], policy: MediaPolicy, limits: ServerLimits) -> None:
+def check_media(messages: list[dict], policy: MediaPolicy, limits: ServerLimits) -> list[MediaPart]:
     """The server's rules for the images and videos of `messages` (processor format) that the
     processor does not apply: how many, and that each is a URL string (local paths only with
     `--allowed-media-dir`). Sizes are the processor's `budget` (see `server_budget`), checked from
-    headers before any decoding. Raises `InputError` / `MediaError` naming the message and content index.
+    headers before any decoding. Raises `InputError` / `MediaError` naming the message and content
+    index; returns the parts (no I/O: cheap enough for the event loop).
     """
     parts = media_parts(messages)
     if len(parts) > limits.max_media_per_request:
@@ -91,6 +92,7 @@ def check_media(messages: list[dict], policy: MediaPolicy, limits: ServerLimits)
             _check_source(part.value, policy)
         except InputError as e:
             raise type(e)(e.cause, part.message_index, part.content_index, e.field) from None
+    return parts
 
 
 def _check_source(source, policy: MediaPolicy) -> None:
