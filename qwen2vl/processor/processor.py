@@ -161,7 +161,8 @@ class Processor:
         given = {"allow_remote": allow_remote_media, "max_bytes": max_media_bytes, "timeout": fetch_timeout,
                  "allowed_dir": None if allowed_media_dir is None else Path(allowed_media_dir),
                  "check_address": check_address}
-        policy = replace(media_policy or MediaPolicy(), **{name: value for name, value in given.items() if value is not None})
+        policy = replace(media_policy or MediaPolicy(),
+                         **{name: value for name, value in given.items() if value is not None})
         return cls(
             tokenizer,
             ChatTemplate.from_dir(model_dir, tokenizer.special_tokens),
@@ -377,12 +378,12 @@ class Processor:
         factor = self.patchifier.factor
         if isinstance(plan, ImagePlan):
             num_frames, size = 1, image_target_size(*plan.source_size, options, factor)
+        elif isinstance(plan, FrameListPlan):
+            num_frames = -(-len(plan.frames) // FRAME_FACTOR) * FRAME_FACTOR  # padded to an even count
+            size = video_target_size(*plan.frame_size, num_frames, options, factor)
         else:
-            if isinstance(plan, FrameListPlan):
-                num_frames = -(-len(plan.frames) // FRAME_FACTOR) * FRAME_FACTOR
-            else:
-                num_frames = sample_frame_count(options, plan.probe.total_frames, plan.probe.fps)
-            size = video_target_size(*plan.resize_from, num_frames, options, factor)
+            num_frames = sample_frame_count(options, plan.probe.total_frames, plan.probe.fps)
+            size = video_target_size(*plan.source_size, num_frames, options, factor)
         height, width = self._final_size(*size)
         t = -(-num_frames // self.temporal_patch_size)
         num_tokens = t * (height // self.patch_size) * (width // self.patch_size) // self.merge_size**2
