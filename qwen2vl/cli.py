@@ -368,7 +368,7 @@ def _add_limit_options(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ServerLimits):
         name = flag(f)
         group.add_argument(name, dest=f.name, metavar=name[2:].upper().replace("-", "_"),
-                           type=float if "float" in f.type else int, default=f.default, help=f.metadata["help"])
+                           type=float if "float" in f.type else int, default=f.default, help=f.metadata.get("help"))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ def test_every_server_limit_is_a_serve_option(tiny_ckpt, served):
     assert served[-1]["limits"] == ServerLimits()
     assert {flag(f) for f in dataclasses.fields(ServerLimits)} >= {"--max-video-pixels", "--max-choices",
                                                                     "--media-workers", "--request-timeout"}
+    assert all(f.metadata.get("help") for f in dataclasses.fields(ServerLimits))  # each option says what it bounds
 
 
 def test_a_bad_default_is_refused_before_loading(tiny_ckpt, served, capsys, monkeypatch):
