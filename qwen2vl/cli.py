@@ -166,8 +166,11 @@ def _open_image(llm, image: str, option: str = "--image"):
     from .errors import MediaError
     from .processor.image import open_image
 
+    budget = llm.processor.budget
     try:
-        return open_image(image, llm.processor.media_policy, llm.processor.budget)
+        opened = open_image(image, llm.processor.media_policy, budget.max_source_pixels)
+        budget.check_source("the image", *opened.size)
+        return opened
     except MediaError as error:
         raise MediaError(f"{option} {_short(image)}: {error}") from None
 
@@ -353,8 +356,20 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _add_limit_options(parser: argparse.ArgumentParser) -> None:
+    """Every `ServerLimits` field as an option, with its default and help."""
+    from .server.limits import ServerLimits, flag
+
+    group = parser.add_argument_group("limits")
+    for f in dataclasses.fields(ServerLimits):
+        name = flag(f)
+        group.add_argument(name, dest=f.name, metavar=name[2:].upper().replace("-", "_"),
+                           type=float if "float" in f.type else int, default=f.default, help=f.metadata.get("help"))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server.limits import MediaAccess, ServerLimits
+    from .processor.fetch import MediaPolicy
+    from .server.limits import ServerLimits
 
     try:
         from .server import serve
@@ -369,16 +384,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except ImportError as error:
             raise Qwen2VLError(str(error)) from None
 
-    limits = ServerLimits(
-        max_body_bytes=args.max_body_bytes, max_media_per_request=args.max_media_per_request,
-        max_image_pixels=args.max_image_pixels, max_prompt_tokens=args.max_prompt_tokens,
-        max_prompt_bytes=args.max_prompt_bytes,
-        max_requests_in_flight=args.max_requests_in_flight, request_timeout_s=args.request_timeout,
-        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, max_connections=args.max_connections,
-    )
-    media = MediaAccess(allow_remote=args.allow_remote_media, max_bytes=args.max_media_bytes,
-                        fetch_timeout_s=args.fetch_timeout,
-                        allowed_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None)
+    limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
+    allowed_dir = Path(args.allowed_media_dir) if args.allowed_media_dir else None
+    media = MediaPolicy(allow_remote=args.allow_remote_media, max_bytes=args.max_media_bytes,
+                        timeout=args.fetch_timeout, allowed_dir=allowed_dir)
     default_params = _sampling_params(args)
     default_params.validate()  # a bad flag is the operator's error, not every client's 400
     api_key = args.api_key or os.environ.get("QWEN2VL_API_KEY")
@@ -486,9 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(generate)
     generate.set_defaults(run=cmd_generate)
 
-    from .server.limits import PROMPT_BYTES_PER_TOKEN, MediaAccess, ServerLimits
-
-    limits, media = ServerLimits(), MediaAccess()
+    from .server.limits import SERVER_MEDIA as media
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server",
                                 description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health "
                                             "and /metrics, streaming included, to many clients at once.")
@@ -511,28 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fetch http(s) image/video URLs (never from loopback, private or link-local addresses)")
     group.add_argument("--allowed-media-dir", metavar="DIR", help="serve local files under DIR (default: none)")
     group.add_argument("--max-media-bytes", type=int, default=media.max_bytes, help="per fetched or inline image/video")
-    group.add_argument("--fetch-timeout", type=float, default=media.fetch_timeout_s, help="seconds, per remote fetch")
-    group = serve.add_argument_group("limits")
-    group.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, help="HTTP request body (413 over it)")
-    group.add_argument("--max-media-per-request", type=int, default=limits.max_media_per_request,
-                       help="images and videos in one request")
-    group.add_argument("--max-image-pixels", type=int, default=limits.max_image_pixels,
-                       help="width x height of an image or video frame, as sent and as its per-part options resize it")
-    group.add_argument("--max-prompt-tokens", type=int, help="default: --max-model-len minus one")
-    group.add_argument("--max-prompt-bytes", type=int,
-                       help="a request's prompt text (messages and tools, or prompts), UTF-8, refused before it is "
-                            f"tokenized (default: {PROMPT_BYTES_PER_TOKEN} per token of --max-prompt-tokens)")
-    group.add_argument("--max-requests-in-flight", type=int, default=limits.max_requests_in_flight,
-                       help="beyond it new requests get 503 with Retry-After")
-    group.add_argument("--request-timeout", type=float, default=limits.request_timeout_s,
-                       help="seconds from arrival to the last token (504 over it)")
-    group.add_argument("--header-timeout", type=float, default=limits.header_timeout_s,
-                       help="seconds for a request's line and headers to arrive, from the connection's start or the "
-                            "last response (408 and the connection closed over it; idle connections close too)")
-    group.add_argument("--body-timeout", type=float, default=limits.body_timeout_s,
-                       help="seconds for a request's whole body to arrive (408 over it)")
-    group.add_argument("--max-connections", type=int, default=limits.max_connections,
-                       help="open connections, idle ones included; a request on one more gets 503")
+    group.add_argument("--fetch-timeout", type=float, default=media.timeout, help="seconds, per remote fetch")
+    _add_limit_options(serve)
     _add_model_options(serve)
     _add_sampling_options(serve, "sampling defaults (for the fields a request leaves unset; "
                                  "unset here = the checkpoint's generation_config.json)", structured=False)

@@ -30,6 +30,22 @@ def test_sampling_flags_become_the_servers_defaults(tiny_ckpt, served, capsys):
     assert "warning" not in err
 
 
+def test_every_server_limit_is_a_serve_option(tiny_ckpt, served):
+    import dataclasses
+
+    from qwen2vl.server.limits import ServerLimits, flag
+
+    assert main(["serve", "--model", str(tiny_ckpt), "--max-video-pixels", "1000", "--max-choices", "3",
+                 "--media-workers", "2", "--request-timeout", "5.5", "--max-prompt-tokens", "100"]) == 0
+    assert served[-1]["limits"] == ServerLimits(max_video_pixels=1000, max_choices=3, media_workers=2,
+                                                request_timeout_s=5.5, max_prompt_tokens=100)
+    assert main(["serve", "--model", str(tiny_ckpt)]) == 0
+    assert served[-1]["limits"] == ServerLimits()
+    assert {flag(f) for f in dataclasses.fields(ServerLimits)} >= {"--max-video-pixels", "--max-choices",
+                                                                    "--media-workers", "--request-timeout"}
+    assert all(f.metadata.get("help") for f in dataclasses.fields(ServerLimits))  # each option says what it bounds
+
+
 def test_a_bad_default_is_refused_before_loading(tiny_ckpt, served, capsys, monkeypatch):
     monkeypatch.setattr(Qwen2VL, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
     assert main(["serve", "--model", str(tiny_ckpt), "--temperature", "-1"]) == 2

@@ -153,6 +153,15 @@ def test_remote_fetch_switched_off(checkpoint, server):
     raises(offline, with_image(f"{server}/ok.png"), MediaError, "remote media is disabled")
 
 
+def test_a_media_policy_and_its_keywords(checkpoint, tmp_path):
+    """`from_pretrained(media_policy=)` is the processor's policy; a media keyword sets one of its fields."""
+    policy = MediaPolicy(allow_remote=False, allowed_dir=tmp_path)
+    assert Processor.from_pretrained(checkpoint, media_policy=policy).media_policy == policy
+    assert Processor.from_pretrained(checkpoint, media_policy=policy, fetch_timeout=2).media_policy == MediaPolicy(
+        allow_remote=False, allowed_dir=tmp_path, timeout=2)
+    assert Processor.from_pretrained(checkpoint, max_media_bytes=100).media_policy == MediaPolicy(max_bytes=100)
+
+
 @pytest.mark.parametrize("path", ["/drip", "/drip-headers"])
 def test_a_dripping_server_is_cut_off_at_the_fetch_deadline(processor, server, path):
     # each byte comes well within the 0.5 s timeout, the whole takes 5 s: only a total deadline stops it

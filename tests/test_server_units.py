@@ -410,3 +410,15 @@ def test_the_server_processor_keeps_everything_but_its_media_rules(processor):
     served = server_processor(source, MediaAccess(), ServerLimits(max_image_pixels=5000))
     assert (served.tokens_per_second, served.context_len, served.template) == (2.0, 4096, source.template)
     assert served.budget != source.budget and source.tokens_per_second == 2.0
+
+
+def test_the_server_takes_a_media_policy_and_keeps_remote_hosts_public(processor):
+    from dataclasses import replace
+
+    from qwen2vl.processor import MediaPolicy
+    from qwen2vl.server.limits import SERVER_MEDIA
+
+    assert (SERVER_MEDIA.allow_remote, SERVER_MEDIA.max_bytes, SERVER_MEDIA.allowed_dir) == (False, 20 << 20, None)
+    assert MediaAccess(allow_remote=True, fetch_timeout_s=2) == replace(SERVER_MEDIA, allow_remote=True, timeout=2)
+    served = server_processor(processor, MediaPolicy(allow_remote=True, max_bytes=100), ServerLimits())
+    assert served.media_policy == MediaPolicy(allow_remote=True, max_bytes=100, check_address=public_addresses_only)

@@ -1,20 +1,22 @@
-"""Chat messages to model inputs: media, chat template, tokenizer, placeholder expansion, M-RoPE."""
-from qwen2vl.processor.budget import MediaBudget
-from qwen2vl.processor.fetch import MediaPolicy
-from qwen2vl.processor.image import smart_resize
-from qwen2vl.processor.mrope import mrope_positions
-from qwen2vl.processor.processor import Processor
-from qwen2vl.processor.tokenizer import IncrementalDetokenizer, Tokenizer
-from qwen2vl.processor.types import PreparedPrompt, VisionItem
+"""Chat messages to model inputs: media, chat template, tokenizer, placeholder expansion, M-RoPE.
 
-__all__ = [
-    "IncrementalDetokenizer",
-    "MediaBudget",
-    "MediaPolicy",
-    "PreparedPrompt",
-    "Processor",
-    "Tokenizer",
-    "VisionItem",
-    "mrope_positions",
-    "smart_resize",
-]
+Exports resolve lazily, so the server's settings can name `MediaPolicy` (`fetch.py`, the standard
+library only) without importing the image and video code.
+"""
+from qwen2vl._lazy import lazy_exports
+
+_EXPORTS = {
+    "IncrementalDetokenizer": "qwen2vl.processor.tokenizer",
+    "MediaBudget": "qwen2vl.processor.budget",
+    "MediaPolicy": "qwen2vl.processor.fetch",
+    "PreparedPrompt": "qwen2vl.processor.types",
+    "Processor": "qwen2vl.processor.processor",
+    "Tokenizer": "qwen2vl.processor.tokenizer",
+    "VisionItem": "qwen2vl.processor.types",
+    "mrope_positions": "qwen2vl.processor.mrope",
+    "smart_resize": "qwen2vl.processor.image",
+}
+
+__all__ = list(_EXPORTS)
+
+__getattr__ = lazy_exports("qwen2vl.processor", _EXPORTS)

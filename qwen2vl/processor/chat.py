@@ -12,7 +12,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from qwen2vl.errors import CheckpointError, InputError
-from qwen2vl.processor.image import MediaOptions
+from qwen2vl.processor.types import MediaOptions
 from qwen2vl.tool_calls import uses_tools
 
 ROLES = ("system", "user", "assistant", "tool")

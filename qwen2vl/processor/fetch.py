@@ -33,7 +33,9 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 @dataclass(frozen=True)
 class MediaPolicy:
-    """Where media may come from and how much of it.
+    """Where media may come from and how much of it: the one set of media-source settings, the
+    processor's (`Processor.from_pretrained(media_policy=)`) and the server's (`create_app(media=)`,
+    `qwen2vl.server.limits.SERVER_MEDIA` its default, `serve`'s "media sources" options).
 
     `check_address(host, address)` is called for every address a remote URL's host resolves to,
     redirects included, and refuses one by raising `MediaError` (or any `ValueError`); a server

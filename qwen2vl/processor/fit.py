@@ -20,6 +20,7 @@ import math
 from dataclasses import replace
 
 from qwen2vl.processor.image import IMAGE_MIN_TOKENS
+from qwen2vl.processor.types import FrameListPlan, ImagePlan, MediaPlan, VideoFilePlan
 from qwen2vl.processor.video import FRAME_FACTOR, MIN_FRAMES, VIDEO_MIN_TOKENS
 
 FIT_SHARE = 0.9  # like qwen_vl_utils' video budget: 90% of the sequence for media and text
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 _logged = False
 
 
-def fit_context(plans: list, text_tokens: int, context_len: int, resize, factor: int) -> list:
+def fit_context(plans: list[MediaPlan], text_tokens: int, context_len: int, resize, factor: int) -> list[MediaPlan]:
     """`plans` (the processor's, in prompt order) with the free ones re-sized by `resize(plan, options)`
     when the prompt would not fit `context_len`; `factor` is the pixel side of one visual token."""
     visual = sum(plan.num_tokens for plan in plans)
@@ -46,18 +47,18 @@ def fit_context(plans: list, text_tokens: int, context_len: int, resize, factor:
     return fitted
 
 
-def _frames_free(plan) -> bool:
+def _frames_free(plan: MediaPlan) -> bool:
     options = plan.part.options
-    return plan.part.kind == "video" and isinstance(plan.part.value, str) and options.nframes is None and options.fps is None
+    return isinstance(plan, VideoFilePlan) and options.nframes is None and options.fps is None
 
 
-def _pixels_free(plan) -> bool:
+def _pixels_free(plan: MediaPlan) -> bool:
     options = plan.part.options
-    return not isinstance(plan.part.value, (list, tuple)) and all(
+    return not isinstance(plan, FrameListPlan) and all(
         value is None for value in (options.min_pixels, options.max_pixels, options.total_pixels, options.resized_height))
 
 
-def _shrunk(plan, max_tokens: int, resize, factor: int):
+def _shrunk(plan: MediaPlan, max_tokens: int, resize, factor: int) -> MediaPlan:
     """`plan` at most `max_tokens` visual tokens where its free options allow: fewer frames, then fewer pixels."""
     if _frames_free(plan):
         height, width = plan.size
@@ -70,7 +71,7 @@ def _shrunk(plan, max_tokens: int, resize, factor: int):
             return plan
     if _pixels_free(plan):
         steps = -(-plan.num_frames // FRAME_FACTOR)
-        least = (VIDEO_MIN_TOKENS if plan.part.kind == "video" else IMAGE_MIN_TOKENS) * factor * factor
+        least = (IMAGE_MIN_TOKENS if isinstance(plan, ImagePlan) else VIDEO_MIN_TOKENS) * factor * factor
         plan = resize(plan, replace(plan.options, max_pixels=max(least, max_tokens // steps * factor * factor)))
     return plan
 

@@ -13,8 +13,6 @@ import io
 import math
 import re
 import warnings
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from qwen2vl.errors import InputError, MediaError
 from qwen2vl.processor.fetch import MediaPolicy, resolve
 from qwen2vl.processor.pool import media_map, media_workers
-
-if TYPE_CHECKING:
-    from qwen2vl.processor.budget import MediaBudget
+from qwen2vl.processor.types import MediaOptions
 
 MAX_ASPECT_RATIO = 200
 IMAGE_MIN_TOKENS = 4
@@ -65,43 +61,6 @@ def smart_resize(
     return h_bar, w_bar
 
 
-@dataclass(frozen=True)
-class MediaOptions:
-    """The per-item settings a content part may carry (model card format), parsed once."""
-
-    min_pixels: float | None = None
-    max_pixels: float | None = None
-    resized_height: float | None = None
-    resized_width: float | None = None
-    total_pixels: float | None = None
-    fps: float | None = None
-    nframes: float | None = None
-    min_frames: float | None = None
-    max_frames: float | None = None
-    sample_fps: float | None = None
-
-    @classmethod
-    def from_part(cls, part: dict) -> "MediaOptions":
-        values = {}
-        for f in fields(cls):
-            value = part.get(f.name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-                raise InputError(f"{f.name} must be a positive number, got {value!r}", field=f.name)
-            values[f.name] = value
-        options = cls(**values)
-        if (options.resized_height is None) != (options.resized_width is None):
-            missing = "resized_width" if options.resized_width is None else "resized_height"
-            raise InputError("resized_height and resized_width must be given together", field=missing)
-        if options.fps is not None and options.nframes is not None:
-            raise InputError("give either fps or nframes for a video, not both", field="nframes")
-        if options.min_pixels is not None and options.max_pixels is not None and options.min_pixels > options.max_pixels:
-            raise InputError(f"min_pixels ({options.min_pixels}) is greater than max_pixels ({options.max_pixels})",
-                             field="min_pixels")
-        return options
-
-
 def image_target_size(height: int, width: int, options: MediaOptions, factor: int) -> tuple[int, int]:
     """qwen_vl_utils' size for one image (or one frame of a frame-list video)."""
     if options.resized_height is not None:
@@ -109,11 +68,13 @@ def image_target_size(height: int, width: int, options: MediaOptions, factor: in
     return smart_resize(height, width, factor, options.min_pixels, options.max_pixels)
 
 
-def open_image(image, policy: MediaPolicy, budget: MediaBudget) -> Image.Image:
-    """A lazily decoded PIL image (its size is known from the header) from any supported source,
-    within `budget.max_source_pixels`."""
+def open_image(image, policy: MediaPolicy, max_source_pixels: int) -> Image.Image:
+    """A lazily decoded PIL image (its size is known from the header) from any supported source.
+
+    Its size is the caller's to check (`MediaBudget.check_source`); `max_source_pixels` is that
+    limit, named where PIL refuses an image too large to read even its header.
+    """
     if isinstance(image, Image.Image):
-        budget.check_source("the image", *image.size)
         return image
     if isinstance(image, dict) and isinstance(image.get("url"), str):  # OpenAI-style {"url": ...}
         image = image["url"]
@@ -129,15 +90,14 @@ def open_image(image, policy: MediaPolicy, budget: MediaBudget) -> Image.Image:
         # PIL refuses before the size can be read; its message carries the pixel count.
         pixels = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{pixels.group(1)} pixels" if pixels else "larger than PIL accepts"
-        if pixels and int(pixels.group(1)) <= budget.max_source_pixels:
+        if pixels and int(pixels.group(1)) <= max_source_pixels:
             raise MediaError(f"the image is {size}, over PIL's decompression-bomb limit of "
                              f"{2 * Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS)") from None
-        raise MediaError(f"the image is {size}, over the limit of {budget.max_source_pixels} pixels") from None
+        raise MediaError(f"the image is {size}, over the limit of {max_source_pixels} pixels") from None
     except UnidentifiedImageError:
         raise MediaError(source.not_a("image", "PIL")) from None
     except (OSError, ValueError, SyntaxError) as e:
         raise MediaError(f"cannot read image: {e}") from None
-    budget.check_source("the image", *opened.size)
     return opened
 
 

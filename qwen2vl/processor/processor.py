@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -18,10 +17,9 @@ from qwen2vl.errors import CheckpointError, InputError, MediaError
 from qwen2vl.layers.patchify import Patchifier
 from qwen2vl.processor.budget import MAX_RESIZED_PIXELS, MediaBudget
 from qwen2vl.processor.chat import ChatTemplate, MediaPart, media_parts
-from qwen2vl.processor.fetch import DEFAULT_MAX_MEDIA_BYTES, MediaPolicy, resolve
+from qwen2vl.processor.fetch import MediaPolicy, resolve
 from qwen2vl.processor.fit import fit_context
 from qwen2vl.processor.image import (
-    MediaOptions,
     image_target_size,
     open_image,
     resize_frames,
@@ -33,7 +31,15 @@ from qwen2vl.processor.image import (
 from qwen2vl.processor.mrope import mrope_positions
 from qwen2vl.processor.pool import media_map
 from qwen2vl.processor.tokenizer import Tokenizer
-from qwen2vl.processor.types import PreparedPrompt, VisionItem
+from qwen2vl.processor.types import (
+    FrameListPlan,
+    ImagePlan,
+    MediaOptions,
+    MediaPlan,
+    PreparedPrompt,
+    VideoFilePlan,
+    VisionItem,
+)
 from qwen2vl.processor.video import (
     FRAME_FACTOR,
     frame_list_sizes,
@@ -50,18 +56,6 @@ VISION_START_TOKEN, VISION_END_TOKEN = "<|vision_start|>", "<|vision_end|>"
 TOKEN_TYPE = {"text": 0, "image": 1, "video": 2}
 VISION_TOKENS = {"image_token_id": IMAGE_TOKEN, "video_token_id": VIDEO_TOKEN,  # config.json's name: the token
                  "vision_start_token_id": VISION_START_TOKEN, "vision_end_token_id": VISION_END_TOKEN}
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """One image or video sized from its header and options; nothing decoded yet."""
-
-    part: MediaPart
-    opened: Any  # the lazily opened image; (opened frames, their first resize) of a list; (source, probe) of a file
-    options: MediaOptions  # the part's own, or what `fit_context` chose for it
-    num_frames: int  # frames sampled (1 for an image)
-    size: tuple[int, int]  # (height, width) of the per-item resize (of each frame, for a video)
-    num_tokens: int
 
 
 class Processor:
@@ -125,9 +119,10 @@ class Processor:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         *,
-        allow_remote_media: bool = True,
-        max_media_bytes: int = DEFAULT_MAX_MEDIA_BYTES,
-        fetch_timeout: float = 10.0,
+        media_policy: MediaPolicy | None = None,
+        allow_remote_media: bool | None = None,
+        max_media_bytes: int | None = None,
+        fetch_timeout: float | None = None,
         allowed_media_dir: str | Path | None = None,
         check_address=None,
         budget: MediaBudget | None = None,
@@ -139,9 +134,10 @@ class Processor:
         `settings` (None: read from config.json, see `ProcessorSettings.from_pretrained`) give the
         context (`max_position_embeddings`, 32768 without one) and whether video positions are
         aligned to time.
-        `check_address(host, address)` may refuse an address a remote host resolves to by raising;
-        see `MediaPolicy`. `budget` (default `MediaBudget()`) bounds each image and video; see the
-        class docstring.
+        `media_policy` (default `MediaPolicy()`) says where media may come from; `allow_remote_media`,
+        `max_media_bytes`, `fetch_timeout`, `allowed_media_dir` and `check_address`, where given,
+        set its `allow_remote`, `max_bytes`, `timeout`, `allowed_dir` and `check_address`.
+        `budget` (default `MediaBudget()`) bounds each image and video; see the class docstring.
         """
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
@@ -162,13 +158,11 @@ class Processor:
             image_std=tuple(config.get("image_std", default.image_std)),
             rescale_factor=config.get("rescale_factor", default.rescale_factor),
         )
-        policy = MediaPolicy(
-            allow_remote=allow_remote_media,
-            max_bytes=max_media_bytes,
-            timeout=fetch_timeout,
-            allowed_dir=Path(allowed_media_dir) if allowed_media_dir is not None else None,
-            check_address=check_address,
-        )
+        given = {"allow_remote": allow_remote_media, "max_bytes": max_media_bytes, "timeout": fetch_timeout,
+                 "allowed_dir": None if allowed_media_dir is None else Path(allowed_media_dir),
+                 "check_address": check_address}
+        policy = replace(media_policy or MediaPolicy(),
+                         **{name: value for name, value in given.items() if value is not None})
         return cls(
             tokenizer,
             ChatTemplate.from_dir(model_dir, tokenizer.special_tokens),
@@ -334,14 +328,14 @@ class Processor:
     def _final_size(self, height: int, width: int) -> tuple[int, int]:
         return smart_resize(height, width, self.patchifier.factor, self.min_pixels, self.max_pixels)
 
-    def _plans(self, parts: list[MediaPart], text_tokens: int, context_len: int | None) -> list[_Plan]:
+    def _plans(self, parts: list[MediaPart], text_tokens: int, context_len: int | None) -> list[MediaPlan]:
         """Every image and video sized from its header and options, the defaults shrunk to fit the
         context, all within the budget; nothing decoded."""
         plans = [self._located(part, self._plan, part) for part in parts]
         context_len = self.context_len if context_len is None else min(context_len, self.context_len)
         plans = fit_context(plans, text_tokens, context_len, self._located_resize, self.patchifier.factor)
         for plan in plans:
-            self._located(plan.part, self._check, plan)
+            self._located(plan.part, self.budget.check, plan)
         total = text_tokens + sum(plan.num_tokens for plan in plans)
         if plans and total > context_len - 1:  # a prompt of text alone is the engine's to refuse: nothing to decode
             raise InputError(f"the prompt would have {total} tokens ({total - text_tokens} of them visual), over the "
@@ -351,89 +345,65 @@ class Processor:
                              "max_model_len")
         return plans
 
-    def _plan(self, part: MediaPart) -> _Plan:
+    def _plan(self, part: MediaPart) -> MediaPlan:
         """Open one image or video (its header) and size it by its options; decodes no pixels."""
-        options = part.options
+        options, max_source = part.options, self.budget.max_source_pixels
         self.budget.check_options(options, "image" if part.kind == "image" else "video frame")
         if part.kind == "image":
-            opened = open_image(part.value, self.media_policy, self.budget)
+            plan = ImagePlan(part, options, image=open_image(part.value, self.media_policy, max_source))
         elif isinstance(part.value, (list, tuple)):
-            opened = self._open_frame_list(part)
+            frames, frame_size = frame_list_sizes(list(part.value), options, self.media_policy, max_source,
+                                                  self._frame_factor)
+            plan = FrameListPlan(part, options, frames=frames, frame_size=frame_size)
         elif isinstance(part.value, str):
             source = resolve(part.value, self.media_policy)
-            opened = (source, probe_video(source))
-            self.budget.check_source("a frame of the video", opened[1].width, opened[1].height)
+            plan = VideoFilePlan(part, options, source=source, probe=probe_video(source))
         else:
             raise MediaError(f"a video must be a path, URL or a list of frames, got {type(part.value).__name__}")
-        return self._resize_plan(_Plan(part, opened, options, 0, (0, 0), 0), options)
+        return self._resize_plan(plan, options)
 
-    def _located_resize(self, plan: _Plan, options: MediaOptions) -> _Plan:
+    def _located_resize(self, plan: MediaPlan, options: MediaOptions) -> MediaPlan:
         return self._located(plan.part, self._resize_plan, plan, options)
 
-    def _resize_plan(self, plan: _Plan, options: MediaOptions) -> _Plan:
+    def _resize_plan(self, plan: MediaPlan, options: MediaOptions) -> MediaPlan:
         """`plan` sized under `options` (the part's own, or the ones `fit_context` chose)."""
-        part, opened, factor = plan.part, plan.opened, self.patchifier.factor
-        if part.kind == "image":
-            size = image_target_size(opened.height, opened.width, options, factor)
-            self.budget.check_resized(size, (opened.height, opened.width), options, "image")
-            return self._planned(plan, options, 1, size)
-        if isinstance(part.value, (list, tuple)):
-            frames, source_size = opened
-            num_frames = -(-len(frames) // FRAME_FACTOR) * FRAME_FACTOR
+        factor = self.patchifier.factor
+        if isinstance(plan, ImagePlan):
+            num_frames, size = 1, image_target_size(*plan.source_size, options, factor)
+        elif isinstance(plan, FrameListPlan):
+            num_frames = -(-len(plan.frames) // FRAME_FACTOR) * FRAME_FACTOR  # padded to an even count
+            size = video_target_size(*plan.frame_size, num_frames, options, factor)
         else:
-            probe = opened[1]
-            source_size = (probe.height, probe.width)
-            num_frames = sample_frame_count(options, probe.total_frames, probe.fps)
-        size = video_target_size(*source_size, num_frames, options, factor)
-        self.budget.check_resized(size, source_size, options, "video frame")
-        return self._planned(plan, options, num_frames, size)
-
-    def _open_frame_list(self, part: MediaPart):
-        """(each frame opened lazily, their first resize) of a list of frames, within the budget."""
-        budget, options = self.budget, part.options
-        frames, frame_size = frame_list_sizes(list(part.value), options, self.media_policy, budget, self._frame_factor)
-        budget.check_resized(frame_size, (frames[0].height, frames[0].width), options, "video frame")
-        num_frames = -(-len(frames) // FRAME_FACTOR) * FRAME_FACTOR
-        budget.check_frames(num_frames, frame_size[1], frame_size[0], options, resized=True)
-        return frames, frame_size
-
-    def _planned(self, plan: _Plan, options: MediaOptions, num_frames: int, size: tuple[int, int]) -> _Plan:
+            num_frames = sample_frame_count(options, plan.probe.total_frames, plan.probe.fps)
+            size = video_target_size(*plan.source_size, num_frames, options, factor)
         height, width = self._final_size(*size)
         t = -(-num_frames // self.temporal_patch_size)
         num_tokens = t * (height // self.patch_size) * (width // self.patch_size) // self.merge_size**2
-        return _Plan(plan.part, plan.opened, options, num_frames, size, num_tokens)
+        return replace(plan, options=options, num_frames=num_frames, size=size, num_tokens=num_tokens)
 
-    def _check(self, plan: _Plan) -> None:
-        """The budget's limits on what the (fitted) plan will decode and make."""
-        if plan.part.kind == "video" and isinstance(plan.part.value, str):
-            probe = plan.opened[1]
-            self.budget.check_frames(plan.num_frames, probe.width, probe.height, plan.options, resized=False)
-        self.budget.check_tokens(plan.part.kind, plan.num_tokens, plan.options)
-
-    def _load(self, plan: _Plan) -> VisionItem:
-        if plan.part.kind == "image":
+    def _load(self, plan: MediaPlan) -> VisionItem:
+        if isinstance(plan, ImagePlan):
             return self._load_image(plan)
         return self._load_video(plan)
 
-    def _load_image(self, plan: _Plan) -> VisionItem:
-        image = plan.opened
+    def _load_image(self, plan: ImagePlan) -> VisionItem:
+        image = plan.image
         pixels = resize_image(to_rgb(image), *plan.size)
         pixels = resize_image_tensor(pixels, *self._final_size(*plan.size))[None]
         return VisionItem("image", pixels, self.patchifier.grid(pixels), image.size,
                           (pixels.shape[-1], pixels.shape[-2]), patchifier=self.patchifier)
 
-    def _load_video(self, plan: _Plan) -> VisionItem:
+    def _load_video(self, plan: FrameListPlan | VideoFilePlan) -> VisionItem:
         factor, options = self.patchifier.factor, plan.options
-        if isinstance(plan.part.value, (list, tuple)):
-            opened, frame_size = plan.opened
-            frames = load_frame_list(opened, *frame_size)
-            frames = resize_frames(frames, *video_target_size(*frame_size, frames.shape[0], options, factor))
-            original = opened[0].size
+        if isinstance(plan, FrameListPlan):
+            frames = load_frame_list(plan.frames, *plan.frame_size)
+            frames = resize_frames(frames, *video_target_size(*plan.frame_size, frames.shape[0], options, factor))
+            original = plan.frames[0].size
             fps = options.sample_fps or 2.0  # qwen_vl_utils reports this for frame lists, whatever `fps` says
         else:
-            source, probe = plan.opened
+            probe = plan.probe
             # sized by the frames sampled: a container that over-reported its length yields fewer than planned
-            frames, fps = load_video_file(source, probe, options,
+            frames, fps = load_video_file(plan.source, probe, options,
                                           lambda count: video_target_size(probe.height, probe.width, count, options, factor))
             original = (probe.width, probe.height)
         height, width = frames.shape[-2:]

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from qwen2vl.errors import InputError, MediaError
-from qwen2vl.processor.budget import MediaBudget, number
+from qwen2vl.processor.budget import number
 from qwen2vl.processor.fetch import MediaPolicy, MediaSource
 from qwen2vl.processor.image import (
-    MediaOptions,
     image_target_size,
     open_image,
     resize_frames,
@@ -26,6 +25,7 @@ from qwen2vl.processor.image import (
     smart_resize,
     to_rgb,
 )
+from qwen2vl.processor.types import MediaOptions
 
 VIDEO_MIN_TOKENS = 128
 VIDEO_MAX_TOKENS = 768
@@ -248,8 +248,9 @@ def load_video_file(source: MediaSource, probe: VideoProbe, options: MediaOption
     raise MediaError("the video's frame count changed between reads")
 
 
-def frame_list_sizes(frames: list, options: MediaOptions, policy: MediaPolicy, budget: MediaBudget, frame_factor: int):
-    """Each frame opened lazily (header only) and its qwen_vl_utils size; all must agree.
+def frame_list_sizes(frames: list, options: MediaOptions, policy: MediaPolicy, max_source_pixels: int,
+                     frame_factor: int):
+    """Each frame opened lazily (header only, see `open_image`) and its qwen_vl_utils size; all must agree.
 
     qwen_vl_utils resizes listed frames as images with a factor of patch * merge * merge (it hands
     its image fetcher patch * merge as the patch size), so for Qwen2-VL they come out in multiples
@@ -260,7 +261,7 @@ def frame_list_sizes(frames: list, options: MediaOptions, policy: MediaPolicy, b
     opened, size = [], None
     for index, frame in enumerate(frames):
         try:
-            image = open_image(frame, policy, budget)
+            image = open_image(frame, policy, max_source_pixels)
             target = image_target_size(image.height, image.width, options, frame_factor)
         except MediaError as e:
             raise MediaError(f"frame {index}: {e.cause}", field=e.field) from None

@@ -12,7 +12,8 @@ _EXPORTS = {
     "create_app": "qwen2vl.server.app",
     "serve": "qwen2vl.server.app",
     "ServerLimits": "qwen2vl.server.limits",
-    "MediaAccess": "qwen2vl.server.limits",
+    "MediaPolicy": "qwen2vl.processor.fetch",  # `media=`: where images and videos may come from
+    "MediaAccess": "qwen2vl.server.limits",  # a MediaPolicy under the server's earlier keyword names
 }
 
 __all__ = list(_EXPORTS)

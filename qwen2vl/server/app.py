@@ -7,8 +7,8 @@
 A request passes the gate first (`gate.py`: request id, API key, body size limit, metrics), then
 its route here parses it (pydantic, strict, with our own messages) and checks what the schema
 cannot, its prompt text bounded by bytes before any tokenizing. Its job (`jobs.py`) admits it
-under the in-flight limit, has it prepared in a worker thread (media checked, fetched and decoded
-in the media pool; text alone, templated and tokenized, in starlette's thread pool, never queued
+under the in-flight limit, checks its media against the server's rules, has it prepared in a
+worker thread (media fetched, checked against the budget and decoded in the media pool; text alone, templated and tokenized, in starlette's thread pool, never queued
 behind media), and hands it to the engine thread; its outputs come back on its
 own queue. A client that disconnects, or a request that runs out of time, is aborted in the
 engine, which frees its KV blocks. `responses.py` writes the outputs as OpenAI's responses or
@@ -38,13 +38,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qwen2vl import __version__
 from qwen2vl.engine.async_engine import AsyncEngine
 from qwen2vl.errors import InputError, Qwen2VLError
-from qwen2vl.processor.chat import media_parts
+from qwen2vl.processor.fetch import MediaPolicy
 from qwen2vl.processor.types import PreparedPrompt
 from qwen2vl.sampling_params import SEED_RANGE, SamplingParams
 from qwen2vl.server.errors import APIError, api_error
 from qwen2vl.server.gate import RequestGate, parse_body
 from qwen2vl.server.jobs import Job, event_stream
-from qwen2vl.server.limits import Admission, MediaAccess, ServerLimits
+from qwen2vl.server.limits import SERVER_MEDIA, Admission, ServerLimits
 from qwen2vl.server.media import check_media, server_processor
 from qwen2vl.server.metrics import Metrics
 from qwen2vl.server.openapi import (
@@ -74,7 +74,7 @@ PAGE_DIR = Path(__file__).with_name("static")
 class OpenAIServer:
     """Routes and shared state of one app: engine loop, processor, limits, metrics."""
 
-    def __init__(self, llm, model_name: str, limits: ServerLimits, media: MediaAccess,
+    def __init__(self, llm, model_name: str, limits: ServerLimits, media: MediaPolicy,
                  api_key: str | Sequence[str] | None, default_params: SamplingParams | None = None,
                  cache_salt_by_key: bool = False, timer: Callable[[float], Awaitable] = asyncio.sleep):
         self.llm = llm
@@ -203,13 +203,13 @@ class OpenAIServer:
         return [dataclasses.replace(base, seed=seed) for seed in seeds]
 
     async def _prepare_chat(self, messages: list[dict], tools: list[dict] | None) -> list[PreparedPrompt]:
-        """Media checks, fetch, decode, template and tokens in a worker thread: a media worker where
-        there are images or videos, else starlette's thread pool, so text never waits for media."""
+        """The server's media rules here (no I/O), then fetch, decode, template and tokens in a worker
+        thread: a media worker where there are images or videos, else starlette's thread pool, so
+        text never waits for media."""
         def prepare():
-            check_media(messages, self.processor.media_policy, self.limits)
             return [self.processor.prepare(messages, context_len=self.max_model_len, tools=tools)]
 
-        if not media_parts(messages):
+        if not check_media(messages, self.processor.media_policy, self.limits):
             return await run_in_threadpool(prepare)
         return await asyncio.get_running_loop().run_in_executor(self.media_pool, prepare)
 
@@ -276,13 +276,15 @@ def _text_bytes(value) -> int:
 
 # --- the app -----------------------------------------------------------------------------------
 
-def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, media: MediaAccess | None = None,
+def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, media: MediaPolicy | None = None,
                api_key: str | Sequence[str] | None = None, default_params: SamplingParams | None = None,
                cache_salt_by_key: bool = False, docs: bool = False,
                timer: Callable[[float], Awaitable] = asyncio.sleep) -> FastAPI:
     """An ASGI app serving `llm` (a loaded `Qwen2VL`) under OpenAI's API as `model_name`.
 
-    `api_key`: one key or several, any of which a client may send. `default_params` (`serve
+    `media`: where images and videos may come from (default `limits.SERVER_MEDIA`: inline data
+    only); remote hosts must be public whatever it says. `api_key`: one key or several, any of
+    which a client may send. `default_params` (`serve
     --temperature ...`) fill the sampling fields a request leaves unset. `cache_salt_by_key`:
     each API key its own prefix and vision cache (requests share cached prompts only with
     requests sent with the same key). `docs` serves Swagger UI at /docs (see
@@ -291,7 +293,7 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
 
     The engine thread starts with the app (lifespan) and stops with it.
     """
-    server = OpenAIServer(llm, model_name, limits or ServerLimits(), media or MediaAccess(), api_key, default_params,
+    server = OpenAIServer(llm, model_name, limits or ServerLimits(), media or SERVER_MEDIA, api_key, default_params,
                           cache_salt_by_key, timer)
 
     @asynccontextmanager
@@ -343,7 +345,7 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
 
 
 def serve(llm, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,
-          media: MediaAccess | None = None, api_key: str | Sequence[str] | None = None, log_level: str = "info",
+          media: MediaPolicy | None = None, api_key: str | Sequence[str] | None = None, log_level: str = "info",
           default_params: SamplingParams | None = None, cache_salt_by_key: bool = False, docs: bool = False) -> None:
     """Run the server until interrupted (blocking)."""
     import uvicorn

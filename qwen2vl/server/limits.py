@@ -1,13 +1,15 @@
-"""How much one request, and the server as a whole, may ask for; where media may come from.
+"""How much one request, and the server as a whole, may ask for; where media may come from by
+default (a `MediaPolicy`, the processor's one name for media-source settings).
 
 Plain settings, cheap to import (the CLI reads their defaults for its help).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import Field, dataclass, field, replace
 from pathlib import Path
 
 from qwen2vl.errors import InputError, Qwen2VLError
+from qwen2vl.processor.fetch import MediaPolicy
 
 
 # The default `max_prompt_bytes` per prompt token: text runs 3-8 bytes a token (code indented by
@@ -21,23 +23,45 @@ class Overloaded(Qwen2VLError):
     retry_after_s = 1
 
 
+def _limit(default, help: str):
+    """A `ServerLimits` field and its `qwen2vl serve` option (see `flag`), with `help` as its help."""
+    return field(default=default, metadata={"help": help})
+
+
+def flag(f: Field) -> str:
+    """The `qwen2vl serve` option of a `ServerLimits` field: its name with dashes, less a unit
+    suffix (`request_timeout_s`: `--request-timeout`)."""
+    return "--" + f.name.removesuffix("_s").replace("_", "-")
+
+
 @dataclass(frozen=True)
 class ServerLimits:
-    """Per-request and server-wide limits; every one is a command-line option of `qwen2vl serve`."""
+    """Per-request and server-wide limits; every one is a command-line option of `qwen2vl serve`
+    (`flag`; the CLI builds them from these fields, help and default included)."""
 
-    max_body_bytes: int = 32 << 20  # the whole HTTP body, base64 images included (routes without a body take none)
-    header_timeout_s: float = 10.0  # a request's line and headers, from the connection's start or the last response
-    body_timeout_s: float = 60.0  # a request's whole body, from the end of its headers
-    max_connections: int = 1000  # open connections, idle ones included; a request on one more gets 503
-    max_media_per_request: int = 8  # images + videos in one request
-    max_image_pixels: int = 7680 * 4320  # an image or video frame, as sent and as its options resize it: 8K
-    max_video_pixels: int = 256 * 1920 * 1080  # all the frames sampled from one video, as decoded
-    max_prompt_tokens: int | None = None  # default: the engine's max_model_len minus one
-    max_prompt_bytes: int | None = None  # text to tokenize, a request's together; default: 16 per prompt token
-    max_requests_in_flight: int = 256  # preparing, waiting or generating; beyond: 503
-    request_timeout_s: float = 600.0  # from arrival to the last token
-    max_choices: int = 16  # `n` (times the number of prompts for /v1/completions)
-    media_workers: int = 4  # threads that fetch and decode media, off the event loop
+    max_body_bytes: int = _limit(32 << 20, "HTTP request body, base64 images included (413 over it); routes "
+                                               "without a body take none")
+    header_timeout_s: float = _limit(10.0, "seconds for a request's line and headers to arrive, from the connection's "
+                                           "start or the last response (408 and the connection closed over it; idle "
+                                           "connections close too)")
+    body_timeout_s: float = _limit(60.0, "seconds for a request's whole body to arrive, from the end of its headers "
+                                         "(408 over it)")
+    max_connections: int = _limit(1000, "open connections, idle ones included; a request on one more gets 503")
+    max_media_per_request: int = _limit(8, "images and videos in one request")
+    max_image_pixels: int = _limit(7680 * 4320, "width x height of an image or video frame, as sent and as its "
+                                                "per-part options resize it")
+    max_video_pixels: int = _limit(256 * 1920 * 1080, "width x height x frames of all the frames sampled from one "
+                                                      "video, as decoded")
+    max_prompt_tokens: int | None = _limit(None, "default: --max-model-len minus one")
+    max_prompt_bytes: int | None = _limit(None, "a request's prompt text (messages and tools, or prompts), UTF-8, "
+                                                "refused before it is tokenized (default: "
+                                                f"{PROMPT_BYTES_PER_TOKEN} per token of --max-prompt-tokens)")
+    max_requests_in_flight: int = _limit(256, "requests preparing, waiting or generating; beyond it new requests "
+                                              "get 503 with Retry-After")
+    request_timeout_s: float = _limit(600.0, "seconds from arrival to the last token (504 over it)")
+    max_choices: int = _limit(16, "choices one request may ask for: n, times the number of prompts for "
+                                  "/v1/completions")
+    media_workers: int = _limit(4, "threads that fetch and decode media, off the event loop")
 
     def prompt_token_limit(self, max_model_len: int) -> int:
         return max_model_len - 1 if self.max_prompt_tokens is None else min(self.max_prompt_tokens, max_model_len - 1)
@@ -66,14 +90,18 @@ class ServerLimits:
                              "(n, times the number of prompts)")
 
 
-@dataclass(frozen=True)
-class MediaAccess:
-    """Where the server's images and videos may come from (see `qwen2vl.server.media`)."""
+# Where a server's images and videos may come from unless told otherwise (`serve`'s "media sources"
+# options): inline data only, each at most 20 MiB. The server refuses local files without
+# `allowed_dir` and lets remote URLs reach public hosts only (`qwen2vl.server.media`).
+SERVER_MEDIA = MediaPolicy(allow_remote=False, max_bytes=20 << 20)
 
-    allow_remote: bool = False  # http(s) URLs; even then only to public addresses
-    allowed_dir: Path | None = None  # the only folder local files may come from; None: no local files
-    max_bytes: int = 20 << 20  # one fetched or inline image/video
-    fetch_timeout_s: float = 10.0
+
+def MediaAccess(*, allow_remote: bool = SERVER_MEDIA.allow_remote,  # noqa: N802 (a class before)
+                allowed_dir: Path | None = SERVER_MEDIA.allowed_dir, max_bytes: int = SERVER_MEDIA.max_bytes,
+                fetch_timeout_s: float = SERVER_MEDIA.timeout) -> MediaPolicy:
+    """`SERVER_MEDIA` with these settings: the server's `MediaPolicy` under its earlier name."""
+    return replace(SERVER_MEDIA, allow_remote=allow_remote, allowed_dir=allowed_dir, max_bytes=max_bytes,
+                   timeout=fetch_timeout_s)
 
 
 class Admission:

@@ -11,12 +11,13 @@ their options ask for checked, before any pixel is decoded.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 from qwen2vl.errors import InputError, MediaError
 from qwen2vl.processor import MediaBudget, MediaPolicy, Processor
-from qwen2vl.processor.chat import media_parts
+from qwen2vl.processor.chat import MediaPart, media_parts
 from qwen2vl.processor.fetch import IPAddress
-from qwen2vl.server.limits import MediaAccess, ServerLimits
+from qwen2vl.server.limits import ServerLimits
 
 
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
@@ -53,9 +54,9 @@ def _is_public(address: IPAddress) -> bool:
     return address.is_global and not address.is_multicast and address not in _LOCAL_NAT64
 
 
-def media_policy(access: MediaAccess) -> MediaPolicy:
-    return MediaPolicy(allow_remote=access.allow_remote, max_bytes=access.max_bytes, timeout=access.fetch_timeout_s,
-                       allowed_dir=access.allowed_dir, check_address=public_addresses_only)
+def media_policy(media: MediaPolicy) -> MediaPolicy:
+    """`media` as the server applies it: remote URLs reach public hosts only."""
+    return replace(media, check_address=public_addresses_only)
 
 
 def server_budget(limits: ServerLimits) -> MediaBudget:
@@ -70,16 +71,17 @@ def server_budget(limits: ServerLimits) -> MediaBudget:
     )
 
 
-def server_processor(processor: Processor, access: MediaAccess, limits: ServerLimits) -> Processor:
+def server_processor(processor: Processor, media: MediaPolicy, limits: ServerLimits) -> Processor:
     """`processor` (same tokenizer, template and resize settings) under the server's media policy and limits."""
-    return processor.with_media(media_policy(access), server_budget(limits))
+    return processor.with_media(media_policy(media), server_budget(limits))
 
 
-def check_media(messages: list[dict], policy: MediaPolicy, limits: ServerLimits) -> None:
+def check_media(messages: list[dict], policy: MediaPolicy, limits: ServerLimits) -> list[MediaPart]:
     """The server's rules for the images and videos of `messages` (processor format) that the
     processor does not apply: how many, and that each is a URL string (local paths only with
     `--allowed-media-dir`). Sizes are the processor's `budget` (see `server_budget`), checked from
-    headers before any decoding. Raises `InputError` / `MediaError` naming the message and content index.
+    headers before any decoding. Raises `InputError` / `MediaError` naming the message and content
+    index; returns the parts (no I/O: cheap enough for the event loop).
     """
     parts = media_parts(messages)
     if len(parts) > limits.max_media_per_request:
@@ -90,6 +92,7 @@ def check_media(messages: list[dict], policy: MediaPolicy, limits: ServerLimits)
             _check_source(part.value, policy)
         except InputError as e:
             raise e.at(part.message_index, part.content_index) from None
+    return parts
 
 
 def _check_source(source, policy: MediaPolicy) -> None:
