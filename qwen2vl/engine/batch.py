@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen2vl.engine.run_ahead import PendingTokens, pending_inputs, pending_output_tokens
 from qwen2vl.engine.scheduler import SampledToken, ScheduledSpan, StepPlan
 from qwen2vl.sampling_params import fields_where
 from qwen2vl.layers.sampler import AllowedTokens, LogitBias, PromptScores, SamplerOutput, SamplingBatch
@@ -19,7 +20,8 @@ SAMPLER_COLUMNS = fields_where("per_row")
 @dataclass
 class LaunchedStep:
     """A step's sampled tokens, still on the device: `out.token_ids[r]` is the next token of
-    `plan.sampling[r]`. Until they are read back, a next step can take them as its input there."""
+    `plan.sampling[r]`. Until they are read back, a next step can take them as its input there
+    (`engine.run_ahead`)."""
 
     plan: StepPlan
     out: SamplerOutput | None  # None when no span samples
@@ -66,14 +68,6 @@ class LaunchedStep:
                 logprobs.update(zip(top_ids[row][:k], top_logprobs[row][:k]))
             sampled.append(SampledToken(token_ids[row], logprobs))
         return sampled
-
-
-@dataclass
-class PendingTokens:
-    """Input tokens of a step that the step before sampled and that are still on the device."""
-
-    rows: torch.Tensor | slice  # where they go among the step's input tokens
-    token_ids: torch.Tensor  # on the device
 
 
 @dataclass
@@ -162,7 +156,7 @@ def step_inputs(plan: StepPlan, *, block_size: int, vision_rows, previous: Launc
         scored_targets=targets,
         scored_top=max((span.scored.top for span in spans if span.scored is not None), default=0),
         **_vision_inputs(spans, vision_rows, to_device),
-        pending=_pending_tokens(spans, ends, previous, to_device),
+        pending=pending_inputs(spans, ends, previous, to_device),
     )
 
 
@@ -180,20 +174,6 @@ def _vision_inputs(spans: list[ScheduledSpan], vision_rows, to_device) -> dict:
         else:
             masks.append(torch.zeros(span.num_tokens, dtype=torch.bool))
     return {"vision_embeds": torch.cat(embeds), "vision_mask": to_device(torch.cat(masks))}
-
-
-def _pending_tokens(spans: list[ScheduledSpan], ends: list[int], previous: LaunchedStep | None,
-                    to_device) -> PendingTokens | None:
-    """Where the step's pending input tokens go and what they are. The usual case, the same
-    sequences in the same order as the step before, needs no index transfer."""
-    rows = [end - 1 for span, end in zip(spans, ends) if span.pending]
-    if not rows:
-        return None
-    sources = [previous.row_of[span.request_id] for span in spans if span.pending]
-    in_order = list(range(len(rows)))
-    sampled = previous.out.token_ids
-    sampled = sampled[:len(rows)] if sources == in_order else sampled[to_device(sources, torch.long)]
-    return PendingTokens(slice(0, len(rows)) if rows == in_order else to_device(rows, torch.long), sampled)
 
 
 def sampling_batch(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size: int, to_device) -> SamplingBatch:
@@ -247,12 +227,8 @@ def output_tokens(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size: 
     input), a pending last token taken on the device from `previous`."""
     spans = plan.sampling
     read_back = _padder(vocab_size, to_device)([span.sample.output_token_ids for span in spans])
-    if not any(span.pending for span in spans):
-        return read_back
-    sources = [previous.row_of[span.request_id] if span.pending else 0 for span in spans]
-    pending = to_device([span.pending for span in spans], torch.bool)
-    last = torch.where(pending, previous.out.token_ids[to_device(sources, torch.long)], vocab_size)
-    return torch.cat([read_back, last[:, None]], dim=1)
+    pending = pending_output_tokens(spans, previous, pad=vocab_size, to_device=to_device)
+    return read_back if pending is None else torch.cat([read_back, pending], dim=1)
 
 
 def _padder(vocab_size: int, to_device):
