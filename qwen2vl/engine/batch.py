@@ -9,12 +9,9 @@ import torch
 
 from qwen2vl.engine.run_ahead import PendingTokens, pending_inputs, pending_output_tokens
 from qwen2vl.engine.scheduler import SampledToken, ScheduledSpan, StepPlan
-from qwen2vl.sampling_params import fields_where
+from qwen2vl.sampling_params import SAMPLER_COLUMNS
 from qwen2vl.layers.sampler import AllowedTokens, LogitBias, PromptScores, SamplerOutput, SamplingBatch
 from qwen2vl.structured import allowed_tokens
-
-# The per-row numbers a sampling batch carries, as `SamplingParams` names them.
-SAMPLER_COLUMNS = fields_where("per_row")
 
 
 @dataclass
@@ -184,10 +181,8 @@ def sampling_batch(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size:
     all_greedy = all(p.greedy for p in params)
     column = dict.fromkeys(SAMPLER_COLUMNS)
     if any_penalty or not all_greedy:  # greedy rows without penalties need none of the numbers
-        # One transfer for all the per-row numbers (float32 holds any top_k exactly). A greedy
-        # row (`SamplingParams.greedy`: top_k 1 too) goes with temperature 0: the argmax.
-        table = to_device([[0.0 if p.greedy and name == "temperature" else getattr(p, name) for name in SAMPLER_COLUMNS]
-                           for p in params], torch.float32)
+        # one transfer for all the per-row numbers (float32 holds any top_k exactly)
+        table = to_device([p.sampler_row() for p in params], torch.float32)
         column = dict(zip(SAMPLER_COLUMNS, table.unbind(1)))
         column["top_k"] = column["top_k"].long()
     asked = [p.logprobs for p in params if p.logprobs is not None]
@@ -216,7 +211,7 @@ def sampling_batch(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size:
         num_logprobs=max(asked) if asked else None,
         all_greedy=all_greedy,
         any_penalty=any_penalty,
-        any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params),
+        any_filter=any(p.has_filter for p in params),
         logit_bias=logit_bias,
         allowed=allowed,
     )
