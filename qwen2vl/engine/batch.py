@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen2vl.engine.run_ahead import PendingTokens, pending_inputs, pending_output_tokens
+from qwen2vl.engine.run_ahead import PendingTokens, host_input_ids, pending_inputs, pending_output_tokens
 from qwen2vl.engine.scheduler import SampledToken, ScheduledSpan, StepPlan
 from qwen2vl.sampling_params import SAMPLER_COLUMNS
 from qwen2vl.layers.sampler import AllowedTokens, LogitBias, PromptScores, SamplerOutput, SamplingBatch
@@ -128,7 +128,6 @@ def step_inputs(plan: StepPlan, *, block_size: int, vision_rows, previous: Launc
     """The model inputs of `plan`. `vision_rows(request_id, start, end)` returns rows of a
     request's vision embeddings; `previous` is the step whose tokens are still on the device."""
     spans = plan.spans
-    input_ids = [token for span in spans for token in span.input_ids + [0] * span.pending]
     ends = list(itertools.accumulate(span.num_tokens for span in spans))
     logits_rows, sample_index, scored_index, targets = [], [], [], []
     for span, end in zip(spans, ends):
@@ -141,7 +140,7 @@ def step_inputs(plan: StepPlan, *, block_size: int, vision_rows, previous: Launc
             sample_index.append(len(logits_rows))
             logits_rows.append(end - 1)
     return StepInputs(
-        input_ids=input_ids,
+        input_ids=host_input_ids(spans),
         positions=step_positions(spans),
         slot_mapping=[slot for span in spans for slot in slot_mapping(span.block_table, span.start, span.end, block_size)],
         query_lens=[span.num_tokens for span in spans],

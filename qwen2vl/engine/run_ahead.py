@@ -18,10 +18,10 @@ A token's life:
 - Pending (`expect_token`): `Scheduler.schedule` commits a span that reaches the request's
   last token, so its step samples the next one.
 - Taken as input on the device: the next step's span of that request ends past `token_ids`
-  (`ScheduledSpan.pending`, `last_input_pending`): the host puts a 0 in its place and
-  `pending_inputs` gathers the real token from the step before, which `write_pending` puts into
-  the step's input ids (eager forward and graph replay alike). Penalties count it the same way
-  (`pending_output_tokens`).
+  (`ScheduledSpan.pending`, `last_input_pending`). The host puts a 0 in its place
+  (`host_input_ids`), `pending_inputs` gathers the real token from the step before, and
+  `write_pending` puts it into the step's input ids on the device (eager forward and graph
+  replay alike). Penalties count it the same way (`pending_output_tokens`).
 - Real (`receive`): `Scheduler.update` takes the read-back result of its step; the token is
   appended to `token_ids` and the stop conditions apply to it.
 
@@ -33,10 +33,10 @@ its end) or is constrained (structured output: the next token's mask needs the t
 steps.
 
 What ends a pending token early:
-- A request that finishes (by a stop token or string) or is aborted while a token of it is in
-  flight leaves `Scheduler.requests`; the token still arrives with its step and is dropped. So a
-  request stopping while running ahead computes one token more, thrown away, and an aborted one
-  reports one token fewer than stepping in turn would have.
+- A request that finishes (a stop token or string, an error) or is aborted while a token of it
+  is in flight leaves `Scheduler.requests`; the token still arrives with its step and is
+  dropped. So a request stopping while running ahead computes one token more, thrown away, and
+  an aborted one reports one token fewer than stepping in turn would have.
 - Preemption frees the request's blocks and recomputes it later from `num_tokens`, its pending
   token kept pending: the step that holds it is read back in the same `LLMEngine.step` that
   preempted it, before the request can be scheduled again.
@@ -88,6 +88,12 @@ def must_read_back_first(launched: LaunchedStep, requests: dict[str, Sequence], 
                                 or seq.ends_by_length(seq.num_tokens, max_model_len)):
             return True
     return False
+
+
+def host_input_ids(spans: list[ScheduledSpan]) -> list[int]:
+    """A step's input tokens as the host knows them, span after span: 0 in place of each pending
+    one (`pending_inputs` says which token goes there)."""
+    return [token for span in spans for token in span.input_ids + [0] * span.pending]
 
 
 @dataclass
