@@ -168,9 +168,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Whether the next token is always the most likely one (after penalties): temperature 0,
         or top_k 1, which keeps only that token at any temperature (the card's checkpoints ship
-        top_k 1), so the sampler can take the argmax without drawing. The one place that decides
-        it (`do_sample=False` sets temperature 0); the engine's batch reads it, through
-        `sampler_row` and `has_filter` too."""
+        top_k 1), so the sampler can take the argmax without drawing. The one rule for it:
+        `do_sample=False` (the caller's or the generation config's) reaches it as temperature 0,
+        and the engine reads it here (and through `sampler_row`, `has_filter`), never temperature
+        or top_k."""
         return self.temperature == 0 or self.top_k == 1
 
     @property
