@@ -168,8 +168,21 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Whether the next token is always the most likely one (after penalties): temperature 0,
         or top_k 1, which keeps only that token at any temperature (the card's checkpoints ship
-        top_k 1), so the sampler can take the argmax without drawing."""
+        top_k 1), so the sampler can take the argmax without drawing. The one rule for it:
+        `do_sample=False` (the caller's or the generation config's) reaches it as temperature 0,
+        and the engine reads it here (and through `sampler_row`, `has_filter`), never temperature
+        or top_k."""
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_filter(self) -> bool:
+        """Whether top-k, top-p or min-p leaves out tokens for a draw (a greedy request draws none)."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1 or self.min_p > 0)
+
+    def sampler_row(self) -> list[float]:
+        """The numbers the sampler takes for this request (resolved params), in `SAMPLER_COLUMNS`
+        order; a greedy request's temperature is 0 there, which is how the sampler knows it."""
+        return [0.0 if name == "temperature" and self.greedy else getattr(self, name) for name in SAMPLER_COLUMNS]
 
     @property
     def has_penalty(self) -> bool:
@@ -250,3 +263,7 @@ class SamplingParams:
 def fields_where(key: str) -> tuple[str, ...]:
     """The names of the sampling fields whose `key` metadata is set (see `_field`)."""
     return tuple(f.name for f in dataclasses.fields(SamplingParams) if f.metadata[key] not in (None, False))
+
+
+# The per-row numbers a sampling batch carries, as `SamplingParams` names them.
+SAMPLER_COLUMNS = fields_where("per_row")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from qwen2vl.engine.step_batch import StepInputs
+from qwen2vl.engine.run_ahead import write_pending
 from qwen2vl.layers.attention_metadata import AttentionMetadata
 
 TOKEN, POSITIONS, SLOT, CONTEXT = 0, slice(1, 4), 4, 5  # rows of the per-sequence fields
@@ -82,8 +83,7 @@ class DecodeGraphs:
             tables[row, :len(table)] = table
         self.fields.copy_(self.staged_fields, non_blocking=True)
         self.block_tables[:bucket].copy_(self.staged_tables[:bucket], non_blocking=True)
-        if inputs.pending is not None:
-            self.fields[TOKEN][inputs.pending.rows] = inputs.pending.token_ids
+        write_pending(inputs.pending, self.fields[TOKEN])
         if self.staging_free is not None:
             self.staging_free.record(torch.cuda.current_stream(self.device))
         if bucket in self.graphs:

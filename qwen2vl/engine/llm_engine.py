@@ -9,6 +9,7 @@ import torch
 from qwen2vl.engine.step_batch import LaunchedStep
 from qwen2vl.engine.block_manager import BlockManager, check_cache_salt
 from qwen2vl.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from qwen2vl.engine.run_ahead import must_read_back_first
 from qwen2vl.engine.scheduler import Scheduler, StepPlan, VisionWork
 from qwen2vl.engine.sequence import RequestOutput, Sequence
 from qwen2vl.engine.vision_cache import VisionCache
@@ -49,9 +50,7 @@ class LLMEngine:
     the sequences' next input tokens stay on the device, so the host schedules, prepares and
     detokenizes while the device computes, instead of in turn. A step then returns the outputs
     of the step before it; a sequence that stops computes one token more, which is dropped.
-    Sequences at their last token (by max_tokens or max_model_len) make a step wait for the
-    read-back first, and so do constrained ones (structured output: the next token's mask needs
-    the token); penalties take a pending token from the device.
+    `engine.run_ahead` says what is pending when and when a step waits for the read-back.
     """
 
     def __init__(self, model, processor, args: EngineArgs | None = None, *, generation_config: dict | None = None,
@@ -218,14 +217,8 @@ class LLMEngine:
             seq.encoded_items.intersection_update(self._vision_embeds.get(seq.request_id, {}))
 
     def _can_run_ahead(self, launched: LaunchedStep) -> bool:
-        """Whether the next step may be scheduled before `launched`'s tokens are read back: no
-        request of it ends by length with them (it would compute a token past its end)."""
-        requests = self.scheduler.requests
-        return self.run_ahead and not any(
-            span.sample.constraint is not None  # its next mask needs the token
-            or seq.ends_by_length(seq.num_tokens, self.max_model_len)
-            for span, seq in ((span, requests.get(span.request_id)) for span in launched.plan.sampling)
-            if seq is not None)
+        """Whether the next step may be scheduled before `launched`'s tokens are read back."""
+        return self.run_ahead and not must_read_back_first(launched, self.scheduler.requests, self.max_model_len)
 
     def _read_back(self) -> list[RequestOutput]:
         """The in-flight step's tokens handed to the scheduler; the outputs of the requests

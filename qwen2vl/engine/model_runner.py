@@ -8,6 +8,7 @@ import torch
 from qwen2vl import kernels
 from qwen2vl.engine.cuda_graphs import DecodeGraphs
 from qwen2vl.engine.step_batch import LaunchedStep, StepInputs, sampling_batch, step_inputs
+from qwen2vl.engine.run_ahead import write_pending
 from qwen2vl.engine.scheduler import StepPlan, VisionWork
 from qwen2vl.layers.attention_metadata import AttentionMetadata
 from qwen2vl.layers.patchify import VisionPixels
@@ -87,8 +88,7 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         input_ids = self.to_device(inputs.input_ids, torch.long)
-        if inputs.pending is not None:
-            input_ids[inputs.pending.rows] = inputs.pending.token_ids
+        write_pending(inputs.pending, input_ids)
         return self.model(input_ids, self.to_device(inputs.positions), self._attention_metadata(inputs), self.kv_caches,
                           inputs.vision_embeds, inputs.vision_mask, self.to_device(inputs.logits_rows, torch.long))
 

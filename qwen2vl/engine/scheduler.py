@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen2vl.engine import run_ahead
 from qwen2vl.engine.block_manager import BlockManager
 from qwen2vl.engine.sequence import Sequence, SequenceStatus
 from qwen2vl.processor.types import PreparedPrompt, VisionItem
@@ -21,7 +22,7 @@ class SampleRow:
     params: SamplingParams
     generator: torch.Generator | None
     prompt_token_ids: list[int]
-    output_token_ids: list[int]  # those read back; a pending last one is on the device (`ScheduledSpan.pending`)
+    output_token_ids: list[int]  # those read back; a pending last one is on the device (`engine.run_ahead`)
     banned_token_ids: frozenset[int]  # its stopping tokens, until it has `min_tokens` tokens
     constraint: object | None = None  # its `structured.Constraint`, which masks the tokens it may take
 
@@ -41,7 +42,7 @@ class ScheduledSpan:
     """Tokens `start:start + num_tokens` of request `request_id` are computed this step.
 
     `input_ids` are those of them known on the host; when `pending`, the last one was sampled by
-    the step before and is still on the device (the step takes it there). `block_table` lists
+    the step before and is still on the device (see `engine.run_ahead`). `block_table` lists
     the request's KV blocks, room for this span included. `vision_rows` are the rows of the
     request's vision embeddings that fill the span's image and video pad tokens, which sit where
     `vision_mask` (over the span's prompt tokens) is set; `vision_mask` is None without any.
@@ -111,7 +112,7 @@ def make_span(seq: Sequence, start: int, num_tokens: int) -> ScheduledSpan:
                            frozenset(seq.stop_token_ids) if too_short else frozenset(), seq.constraint)
     return ScheduledSpan(
         request_id=seq.request_id, start=start, num_tokens=num_tokens,
-        input_ids=seq.token_ids[start:end], pending=end > len(seq.token_ids),
+        input_ids=seq.token_ids[start:end], pending=run_ahead.last_input_pending(seq, end),
         block_table=list(seq.block_table), prompt=seq.prompt, vision_rows=rows,
         vision_mask=seq.vision_mask[prompt_start:prompt_end] if rows[1] > rows[0] else None,
         sample=sample,
@@ -145,8 +146,8 @@ class Scheduler:
     waiting queue, to be recomputed later from its tokens (its vision embeddings are kept).
 
     `schedule` commits what it plans: the spans' tokens count as computed and each sampling
-    span's token as pending (on the device) from then on, so that the next step can be planned
-    before this one's tokens are read back. `update` is where those tokens arrive: it appends
+    span's token as pending from then on, so that the next step can be planned before this one's
+    tokens are read back (`engine.run_ahead`). `update` is where those tokens arrive: it appends
     them, applies the stop conditions and takes finished requests out.
     """
 
@@ -252,7 +253,7 @@ class Scheduler:
             spans.append(make_span(seq, seq.num_computed_tokens, num_tokens))
             seq.num_computed_tokens += num_tokens
             if spans[-1].sample is not None:
-                seq.num_pending += 1
+                run_ahead.expect_token(seq)
         return StepPlan(spans, encode)
 
     def update(self, plan: StepPlan, sampled: list[SampledToken],
@@ -273,8 +274,7 @@ class Scheduler:
             seq = self.requests.get(span.request_id)
             if seq is None:
                 continue  # finished or aborted after the step was launched: its token is dropped
-            seq.num_pending -= 1
-            seq.append_token(token.token_id, token.logprobs, self.max_model_len)
+            run_ahead.receive(seq, token, self.max_model_len)
             if seq.is_finished:
                 self.remove(seq)
             updated.append(seq)
@@ -291,7 +291,8 @@ class Scheduler:
             if seq.is_finished:
                 del self.requests[seq.request_id]
                 continue
-            seq.num_computed_tokens = seq.num_pending = 0
+            run_ahead.forget_pending(seq)
+            seq.num_computed_tokens = 0
             seq.status = SequenceStatus.WAITING
             self.waiting.append(seq)
 

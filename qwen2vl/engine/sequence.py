@@ -53,8 +53,8 @@ class Sequence:
 
     `token_ids` holds the prompt and then the generated tokens; the first `num_computed_tokens`
     of them have keys/values in the cache blocks listed in `block_table`. `num_pending` tokens
-    more were sampled on the device and are not read back yet (a step launched while the last
-    one still runs takes them as its input there); `num_tokens` counts them.
+    more were sampled on the device and are not read back yet; `num_tokens` counts them (see
+    `engine.run_ahead`, the only code that changes it).
     `vision_rows_before[p]` counts the vision pad tokens before prompt position p, so the rows
     of the vision embeddings that fill a span are a plain slice.
     """

@@ -7,19 +7,18 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen2vl.engine.run_ahead import PendingTokens, host_input_ids, pending_inputs, pending_output_tokens
 from qwen2vl.engine.scheduler import SampledToken, ScheduledSpan, StepPlan
-from qwen2vl.sampling_params import fields_where
+from qwen2vl.sampling_params import SAMPLER_COLUMNS
 from qwen2vl.layers.sampler import AllowedTokens, LogitBias, PromptScores, SamplerOutput, SamplingBatch
 from qwen2vl.structured import allowed_tokens
-
-# The per-row numbers a sampling batch carries, as `SamplingParams` names them.
-SAMPLER_COLUMNS = fields_where("per_row")
 
 
 @dataclass
 class LaunchedStep:
     """A step's sampled tokens, still on the device: `out.token_ids[r]` is the next token of
-    `plan.sampling[r]`. Until they are read back, a next step can take them as its input there."""
+    `plan.sampling[r]`. Until they are read back, a next step can take them as its input there
+    (`engine.run_ahead`)."""
 
     plan: StepPlan
     out: SamplerOutput | None  # None when no span samples
@@ -66,14 +65,6 @@ class LaunchedStep:
                 logprobs.update(zip(top_ids[row][:k], top_logprobs[row][:k]))
             sampled.append(SampledToken(token_ids[row], logprobs))
         return sampled
-
-
-@dataclass
-class PendingTokens:
-    """Input tokens of a step that the step before sampled and that are still on the device."""
-
-    rows: torch.Tensor | slice  # where they go among the step's input tokens
-    token_ids: torch.Tensor  # on the device
 
 
 @dataclass
@@ -137,7 +128,6 @@ def step_inputs(plan: StepPlan, *, block_size: int, vision_rows, previous: Launc
     """The model inputs of `plan`. `vision_rows(request_id, start, end)` returns rows of a
     request's vision embeddings; `previous` is the step whose tokens are still on the device."""
     spans = plan.spans
-    input_ids = [token for span in spans for token in span.input_ids + [0] * span.pending]
     ends = list(itertools.accumulate(span.num_tokens for span in spans))
     logits_rows, sample_index, scored_index, targets = [], [], [], []
     for span, end in zip(spans, ends):
@@ -150,7 +140,7 @@ def step_inputs(plan: StepPlan, *, block_size: int, vision_rows, previous: Launc
             sample_index.append(len(logits_rows))
             logits_rows.append(end - 1)
     return StepInputs(
-        input_ids=input_ids,
+        input_ids=host_input_ids(spans),
         positions=step_positions(spans),
         slot_mapping=[slot for span in spans for slot in slot_mapping(span.block_table, span.start, span.end, block_size)],
         query_lens=[span.num_tokens for span in spans],
@@ -162,7 +152,7 @@ def step_inputs(plan: StepPlan, *, block_size: int, vision_rows, previous: Launc
         scored_targets=targets,
         scored_top=max((span.scored.top for span in spans if span.scored is not None), default=0),
         **_vision_inputs(spans, vision_rows, to_device),
-        pending=_pending_tokens(spans, ends, previous, to_device),
+        pending=pending_inputs(spans, ends, previous, to_device),
     )
 
 
@@ -182,20 +172,6 @@ def _vision_inputs(spans: list[ScheduledSpan], vision_rows, to_device) -> dict:
     return {"vision_embeds": torch.cat(embeds), "vision_mask": to_device(torch.cat(masks))}
 
 
-def _pending_tokens(spans: list[ScheduledSpan], ends: list[int], previous: LaunchedStep | None,
-                    to_device) -> PendingTokens | None:
-    """Where the step's pending input tokens go and what they are. The usual case, the same
-    sequences in the same order as the step before, needs no index transfer."""
-    rows = [end - 1 for span, end in zip(spans, ends) if span.pending]
-    if not rows:
-        return None
-    sources = [previous.row_of[span.request_id] for span in spans if span.pending]
-    in_order = list(range(len(rows)))
-    sampled = previous.out.token_ids
-    sampled = sampled[:len(rows)] if sources == in_order else sampled[to_device(sources, torch.long)]
-    return PendingTokens(slice(0, len(rows)) if rows == in_order else to_device(rows, torch.long), sampled)
-
-
 def sampling_batch(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size: int, to_device) -> SamplingBatch:
     """The sampler's inputs for the sampling spans of `plan`, one row each."""
     rows = [span.sample for span in plan.sampling]
@@ -204,10 +180,8 @@ def sampling_batch(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size:
     all_greedy = all(p.greedy for p in params)
     column = dict.fromkeys(SAMPLER_COLUMNS)
     if any_penalty or not all_greedy:  # greedy rows without penalties need none of the numbers
-        # One transfer for all the per-row numbers (float32 holds any top_k exactly). A greedy
-        # row (`SamplingParams.greedy`: top_k 1 too) goes with temperature 0: the argmax.
-        table = to_device([[0.0 if p.greedy and name == "temperature" else getattr(p, name) for name in SAMPLER_COLUMNS]
-                           for p in params], torch.float32)
+        # one transfer for all the per-row numbers (float32 holds any top_k exactly)
+        table = to_device([p.sampler_row() for p in params], torch.float32)
         column = dict(zip(SAMPLER_COLUMNS, table.unbind(1)))
         column["top_k"] = column["top_k"].long()
     asked = [p.logprobs for p in params if p.logprobs is not None]
@@ -236,7 +210,7 @@ def sampling_batch(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size:
         num_logprobs=max(asked) if asked else None,
         all_greedy=all_greedy,
         any_penalty=any_penalty,
-        any_filter=any(not p.greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0) for p in params),
+        any_filter=any(p.has_filter for p in params),
         logit_bias=logit_bias,
         allowed=allowed,
     )
@@ -247,12 +221,8 @@ def output_tokens(plan: StepPlan, previous: LaunchedStep | None, *, vocab_size: 
     input), a pending last token taken on the device from `previous`."""
     spans = plan.sampling
     read_back = _padder(vocab_size, to_device)([span.sample.output_token_ids for span in spans])
-    if not any(span.pending for span in spans):
-        return read_back
-    sources = [previous.row_of[span.request_id] if span.pending else 0 for span in spans]
-    pending = to_device([span.pending for span in spans], torch.bool)
-    last = torch.where(pending, previous.out.token_ids[to_device(sources, torch.long)], vocab_size)
-    return torch.cat([read_back, last[:, None]], dim=1)
+    pending = pending_output_tokens(spans, previous, pad=vocab_size, to_device=to_device)
+    return read_back if pending is None else torch.cat([read_back, pending], dim=1)
 
 
 def _padder(vocab_size: int, to_device):

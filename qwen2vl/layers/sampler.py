@@ -10,8 +10,9 @@ import torch
 class SamplingBatch:
     """Per-row sampling parameters of R rows, as tensors on the logits' device.
 
-    Neutral values switch a step off for a row: temperature 0 = greedy, top_k 0, top_p 1,
-    min_p 0, repetition_penalty 1, presence/frequency penalty 0. A batch of greedy rows without
+    Neutral values switch a step off for a row: temperature 0 = greedy (the engine sends 0 for
+    each row whose `SamplingParams.greedy` holds), top_k 0, top_p 1, min_p 0,
+    repetition_penalty 1, presence/frequency penalty 0. A batch of greedy rows without
     penalties reads none of these and may leave them `None` (no host-to-device transfer).
 
     `prompt_tokens` / `output_tokens` are `[R, L]` token ids padded with `vocab_size`; they are
@@ -114,11 +115,12 @@ class Sampler(torch.nn.Module):
         if batch.all_greedy:
             token_ids = greedy_ids
         else:
-            scaled = logits / torch.where(batch.temperature > 0, batch.temperature, 1.0).unsqueeze(1)
+            drawn = batch.temperature > 0  # the other rows are greedy
+            scaled = logits / torch.where(drawn, batch.temperature, 1.0).unsqueeze(1)
             if batch.any_filter:
                 scaled = apply_filters(scaled, batch.top_k, batch.top_p, batch.min_p)
             sampled_ids = draw(torch.softmax(scaled, dim=-1), batch.generators)
-            token_ids = torch.where(batch.temperature > 0, sampled_ids, greedy_ids)
+            token_ids = torch.where(drawn, sampled_ids, greedy_ids)
         if raw_logprobs is None:
             return SamplerOutput(token_ids)
         top_logprobs, top_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
