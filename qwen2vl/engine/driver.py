@@ -82,8 +82,13 @@ class EngineDriver:
         return 1.0 - self.engine.num_free_blocks / max(self.engine.num_total_blocks, 1)
 
     def submit(self, requests: list[NewRequest], sink: Sink, background: bool = False) -> Future:
+        """Their constraints are compiled first, off the stepping thread: the other requests'
+        steps go on meanwhile."""
         accepted: Future = Future()
-        self._command(_Add(list(requests), sink, background, accepted))
+        add = _Add(list(requests), sink, background, accepted)
+        compiles = [future for request in add.requests
+                    if (future := self.engine.compile_constraint(request.params)) is not None]
+        _when_all_done(compiles, lambda: self._command(add))
         return accepted
 
     def abort(self, request_id: str) -> Future:
@@ -191,6 +196,24 @@ class EngineDriver:
             except Exception:
                 logger.exception("abort of %s failed after an engine failure", request_id)
             _hand(sink, failure)
+
+
+def _when_all_done(futures: list[Future], then: Callable[[], None]) -> None:
+    """`then()` once every future is done (at once if none), on the thread that completes the last."""
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            then()
+
+    if not futures:
+        then()
+    for future in futures:
+        future.add_done_callback(one_done)
 
 
 def _hand(sink: Sink, item: RequestOutput | BaseException) -> None:
