@@ -103,7 +103,7 @@ def normalize(kind: str, value):
             raise InputError(f"json_object must be true or unset, got {value!r}", field="json_object")
         return True
     if kind == "json_schema":
-        return json.dumps(_checked_schema(value))
+        return json.dumps(checked_schema(value))
     if not isinstance(value, str) or not value:
         raise InputError(f"{kind} must be a non-empty string", field=kind)
     _check_size(kind, value)
@@ -119,52 +119,53 @@ def _check_size(kind: str, text: str) -> None:
         raise InputError(f"{kind} is {size} bytes long, over the limit of {MAX_SPEC_BYTES}", field=kind)
 
 
-def _checked_schema(value):
+def checked_schema(value, field: str = "json_schema") -> dict:
     """A JSON schema (a dict, its JSON text or a pydantic model class) as a dict, within the
-    bounds, with integral floats as integers where the schema takes an integer."""
+    bounds, with integral floats as integers where the schema takes an integer; `InputError`
+    naming `field` (the request's name for it) when it is not."""
     if isinstance(value, type) and hasattr(value, "model_json_schema"):
         value = value.model_json_schema()
     if isinstance(value, str):
-        _check_size("json_schema", value)
+        _check_size(field, value)
         try:
             value = json.loads(value)
         except RecursionError:
-            raise InputError(f"json_schema nests deeper than the limit of {MAX_SCHEMA_DEPTH}",
-                             field="json_schema") from None
+            raise InputError(f"{field} nests deeper than the limit of {MAX_SCHEMA_DEPTH}",
+                             field=field) from None
         except ValueError as e:
-            raise InputError(f"json_schema is not valid JSON: {e}", field="json_schema") from None
+            raise InputError(f"{field} is not valid JSON: {e}", field=field) from None
     if value is True:
         return {}  # any JSON value
     if value is False:
-        raise InputError("json_schema is false, which no output satisfies", field="json_schema")
+        raise InputError(f"{field} is false, which no output satisfies", field=field)
     if not isinstance(value, Mapping):
-        raise InputError("json_schema must be a JSON schema: an object (a dict, its JSON text or a pydantic "
-                         f"model class), got {type(value).__name__}", field="json_schema")
-    schema = _normalized_node(value, 0)
+        raise InputError(f"{field} must be a JSON schema: an object (a dict, its JSON text or a pydantic "
+                         f"model class), got {type(value).__name__}", field=field)
+    schema = _normalized_node(value, 0, field)
     try:
-        _check_size("json_schema", json.dumps(schema))
+        _check_size(field, json.dumps(schema))
     except (TypeError, ValueError) as e:
-        raise InputError(f"json_schema is not JSON: {e}", field="json_schema") from None
-    _check_ref_depth(schema)
+        raise InputError(f"{field} is not JSON: {e}", field=field) from None
+    _check_ref_depth(schema, field)
     return schema
 
 
-def _normalized_node(node, depth: int):
+def _normalized_node(node, depth: int, field: str):
     if depth > MAX_SCHEMA_DEPTH:
-        raise InputError(f"json_schema nests deeper than the limit of {MAX_SCHEMA_DEPTH}", field="json_schema")
+        raise InputError(f"{field} nests deeper than the limit of {MAX_SCHEMA_DEPTH}", field=field)
     if isinstance(node, Mapping):
         properties = node.get("properties")
         if isinstance(properties, Mapping) and len(properties) > MAX_SCHEMA_PROPERTIES:
-            raise InputError(f"json_schema has an object of {len(properties)} properties, over the limit of "
-                             f"{MAX_SCHEMA_PROPERTIES}", field="json_schema")
+            raise InputError(f"{field} has an object of {len(properties)} properties, over the limit of "
+                             f"{MAX_SCHEMA_PROPERTIES}", field=field)
         return {key: int(item) if key in _INTEGER_KEYWORDS and isinstance(item, float) and item.is_integer()
-                else _normalized_node(item, depth + 1) for key, item in node.items()}
+                else _normalized_node(item, depth + 1, field) for key, item in node.items()}
     if isinstance(node, (list, tuple)):
-        return [_normalized_node(item, depth + 1) for item in node]
+        return [_normalized_node(item, depth + 1, field) for item in node]
     return node
 
 
-def _check_ref_depth(schema: dict) -> None:
+def _check_ref_depth(schema: dict, field: str) -> None:
     """`InputError` when local `$ref`s lead through more than MAX_REF_DEPTH others (a cycle, as in
     a recursive schema, is followed once)."""
     below: dict[str, int] = {}  # a reference -> the longest chain of references from its target
@@ -182,19 +183,19 @@ def _check_ref_depth(schema: dict) -> None:
         if ref in path:
             return 0
         if len(path) >= MAX_REF_DEPTH:
-            raise InputError(f"json_schema has a chain of over {MAX_REF_DEPTH} $refs", field="json_schema")
+            raise InputError(f"{field} has a chain of over {MAX_REF_DEPTH} $refs", field=field)
         if ref not in below:
             target = _resolve_pointer(schema, ref)
             below[ref] = 1 + (deepest(target, path + (ref,)) if target is not None else 0)
         if len(path) + below[ref] > MAX_REF_DEPTH:
-            raise InputError(f"json_schema has a chain of over {MAX_REF_DEPTH} $refs", field="json_schema")
+            raise InputError(f"{field} has a chain of over {MAX_REF_DEPTH} $refs", field=field)
         return below[ref]
 
     try:
         deepest(schema, ())
     except RecursionError:  # deep nesting inside each of many $refs
-        raise InputError(f"json_schema nests deeper than the limit of {MAX_SCHEMA_DEPTH} through its $refs",
-                         field="json_schema") from None
+        raise InputError(f"{field} nests deeper than the limit of {MAX_SCHEMA_DEPTH} through its $refs",
+                         field=field) from None
 
 
 def _resolve_pointer(schema: dict, ref: str):
@@ -343,7 +344,10 @@ class GrammarCompiler:
             raise InputError(f"{kind}: {e}", field=kind) from None
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=_limits(llguidance))
         if matcher.is_error():
-            raise InputError(f"{kind} is not supported: {_first_lines(matcher.get_error())}", field=kind)
+            error = _first_lines(matcher.get_error())
+            if "coerce_one_of" in error:  # not on by default: an output could then match two branches
+                error += '; set "x-guidance": {"coerce_one_of": true} in the schema to read this oneOf as anyOf'
+            raise InputError(f"{kind} is not supported: {error}", field=kind)
         return matcher
 
 

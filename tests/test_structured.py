@@ -469,3 +469,15 @@ def test_cli_structured_flags(tmp_path, tiny_ckpt):
     out = subprocess.run([sys.executable, "-m", "qwen2vl.cli", "chat", "--model", str(tiny_ckpt), "--max-tokens", "200",
                           "--json-schema", str(schema_file), "Hi"], capture_output=True, text=True, check=True)
     jsonschema.validate(json.loads(out.stdout), SCHEMAS["flat"])
+
+
+def test_one_of_that_llguidance_cannot_tell_apart_takes_x_guidance(llm):
+    """Not coerced by default: with overlapping branches (an integer is also a number) an output
+    could match two of them, which oneOf forbids."""
+    branches = [{"type": "integer", "minimum": 0, "maximum": 9}, {"type": "number", "minimum": 0, "maximum": 9}]
+    with pytest.raises(InputError) as caught:
+        llm.chat(PROMPT, max_tokens=4, json_schema={"oneOf": branches})
+    assert caught.value.field == "json_schema" and '"x-guidance": {"coerce_one_of": true}' in str(caught.value)
+    coerced = llm.chat(PROMPT, max_tokens=MAX_TOKENS, frequency_penalty=2.0,
+                       json_schema={"oneOf": branches, "x-guidance": {"coerce_one_of": True}})
+    check_json(coerced, {"anyOf": branches})
