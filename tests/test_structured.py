@@ -361,6 +361,25 @@ def test_a_compile_in_progress_does_not_stall_other_requests(llm, monkeypatch):
     assert re.fullmatch("[0-9]{5}", slow_result[0].text), slow_result
 
 
+def test_a_request_aborted_while_its_constraint_compiles_never_starts(llm, monkeypatch):
+    from qwen2vl.engine.driver import NewRequest
+
+    stand_in = StandInCompile(monkeypatch, "[0-9]{8}")
+    driver, outputs = llm.driver, []
+    accepted = driver.submit([NewRequest(llm.processor.prepare(PROMPT), SamplingParams(max_tokens=20, regex="[0-9]{8}"),
+                                         "early-1")], outputs.append)
+    try:
+        assert stand_in.started.wait(120)
+        aborted = driver.abort("early-1")
+        driver.pump(aborted.done)
+    finally:
+        stand_in.release.set()
+    driver.pump(accepted.done)
+    [result] = accepted.result()
+    assert isinstance(result, Exception) and "aborted before it started" in str(result)
+    assert not llm.engine.has_unfinished() and outputs == []
+
+
 def test_the_compile_deadline_is_enforced_while_it_runs(llm, monkeypatch):
     stand_in = StandInCompile(monkeypatch, "[a-z]{7}")
     monkeypatch.setattr(llm.engine.grammars, "compile_seconds", 0.05)
@@ -380,13 +399,17 @@ def test_a_compiler_failure_is_that_request_alone(llm, monkeypatch):
     class Panic(BaseException):  # as pyo3 raises a Rust panic
         pass
 
+    calls = []
+
     def panics(compiler, llguidance, kind, value):
+        calls.append(value)
         raise Panic("index out of bounds")
 
     monkeypatch.setattr(GrammarCompiler, "_compile", panics)
     with pytest.raises(InputError) as caught:
         llm.chat(PROMPT, max_tokens=4, regex="[0-9]{9}")
     assert caught.value.field == "regex" and "could not be compiled: Panic: index out of bounds" in str(caught.value)
+    assert calls == ["[0-9]{9}"]  # not compiled again on the stepping thread
     assert llm.chat(PROMPT, max_tokens=4).finish_reason == "length"
 
 

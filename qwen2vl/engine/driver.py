@@ -48,6 +48,7 @@ class _Add:
     sink: Sink
     background: bool  # its consumer does not pump: the background thread steps for it
     accepted: Future  # -> one request id or exception per request
+    compiles: list[Future | None]  # per request, its constraint's compile (done when this is applied)
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,10 @@ class EngineDriver:
         self._stepping = False  # a thread holds the engine
         self._background: threading.Thread | None = None
         self._background_requests: set[str] = set()
+        self._compiling: set[str] = set()  # ids of requests held back until their constraint compiles
         # Touched by the stepping thread only.
         self._sinks: dict[str, Sink] = {}
+        self._aborted_early: set[str] = set()
 
     @property
     def kv_cache_usage(self) -> float:
@@ -85,10 +88,11 @@ class EngineDriver:
         """Their constraints are compiled first, off the stepping thread: the other requests'
         steps go on meanwhile."""
         accepted: Future = Future()
-        add = _Add(list(requests), sink, background, accepted)
-        compiles = [future for request in add.requests
-                    if (future := self.engine.compile_constraint(request.params)) is not None]
-        _when_all_done(compiles, lambda: self._command(add))
+        compiles = [self.engine.compile_constraint(request.params) for request in requests]
+        add = _Add(list(requests), sink, background, accepted, compiles)
+        with self._cond:
+            self._compiling |= {request.request_id for request in requests if request.request_id is not None}
+        _when_all_done([future for future in compiles if future is not None], lambda: self._command(add))
         return accepted
 
     def abort(self, request_id: str) -> Future:
@@ -155,6 +159,10 @@ class EngineDriver:
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
+            with self._cond:
+                if command.request_id in self._compiling:  # aborted before it was added: it never will be
+                    self._compiling.discard(command.request_id)
+                    self._aborted_early.add(command.request_id)
             sink = self._sinks.pop(command.request_id, None)
             self._forget(command.request_id)
             if sink is not None:
@@ -167,7 +175,16 @@ class EngineDriver:
             command.done.set_result(None)
             return
         results = []
-        for request in command.requests:
+        for request, compiled in zip(command.requests, command.compiles):
+            with self._cond:
+                self._compiling.discard(request.request_id)
+            if request.request_id in self._aborted_early:
+                self._aborted_early.discard(request.request_id)
+                results.append(Qwen2VLError(f"request {request.request_id} was aborted before it started"))
+                continue
+            if compiled is not None and compiled.exception() is not None:  # refused: not compiled again here
+                results.append(compiled.exception())
+                continue
             try:
                 request_id = self.engine.add_request(request.prompt, request.params, request.request_id)
                 self._sinks[request_id] = command.sink
