@@ -17,6 +17,7 @@ from qwen2vl.errors import InputError
 from qwen2vl.processor.tokenizer import IncrementalDetokenizer
 from qwen2vl.processor.types import PreparedPrompt
 from qwen2vl.sampling_params import SamplingParams
+from qwen2vl.structured import CACHE_BYTES as GRAMMAR_CACHE_BYTES
 from qwen2vl.structured import GrammarCompiler
 
 _CPU_KV_CACHE_MAX_BYTES = 1 << 30
@@ -98,8 +99,8 @@ class LLMEngine:
 
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
-        self.grammars = GrammarCompiler(processor.tokenizer.backend.to_str, self.eos_token_ids,
-                                        **({} if args.grammar_cache_bytes is None else {"cache_bytes": args.grammar_cache_bytes}))
+        self.grammars = GrammarCompiler(processor.tokenizer.backend.to_str, self.eos_token_ids, GRAMMAR_CACHE_BYTES
+                                        if args.grammar_cache_bytes is None else args.grammar_cache_bytes)
         # Each request's vision embeddings, item by item, from its encoding to its end.
         self._vision_embeds: dict[str, dict[int, torch.Tensor]] = {}
         self.vision_cache = VisionCache(self._default_vision_cache_bytes() if args.vision_cache_bytes is None
