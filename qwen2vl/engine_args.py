@@ -42,6 +42,8 @@ class EngineArgs:
                                               "blocks of earlier requests' matching prefixes)")
     vision_cache_bytes: int | None = _option(help="bytes of image/video encodings kept for reuse (default: 256 MiB "
                                                   "on CPU, 1 GiB on GPU; 0: off)")
+    grammar_cache_bytes: int | None = _option(help="bytes of compiled structured-output constraints kept for reuse, "
+                                                   "estimated from their text (default: 256 MiB; 0: off)")
     cuda_graphs: bool | None = _option(flag=False)
     run_ahead: bool | None = _option(flag=False)
 
@@ -51,9 +53,10 @@ class EngineArgs:
             if f.metadata["positive"] and value is not None and not (
                     isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise InputError(f"{f.name}={value!r} is invalid: expected an integer >= 1", field=f.name)
-        if self.vision_cache_bytes is not None and not (isinstance(self.vision_cache_bytes, int) and self.vision_cache_bytes >= 0):
-            raise InputError(f"vision_cache_bytes={self.vision_cache_bytes!r} is invalid: expected an integer >= 0",
-                             field="vision_cache_bytes")
+        for name in ("vision_cache_bytes", "grammar_cache_bytes"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                raise InputError(f"{name}={value!r} is invalid: expected an integer >= 0", field=name)
         for name in ("int8_vocab", "prefix_caching", "cuda_graphs", "run_ahead"):
             if getattr(self, name) not in (True, False, None) or (name in ("int8_vocab", "prefix_caching")
                                                                    and getattr(self, name) is None):

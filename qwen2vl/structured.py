@@ -3,15 +3,25 @@ choice of strings or a Lark grammar), compiled once per distinct constraint into
 matcher, and the allowed-token bitmasks the sampler applies.
 
 llguidance (PyPI `llguidance`, the `structured` extra) builds its tokenizer straight from the
-checkpoint's tokenizer.json; it is imported on the first constrained request only.
+checkpoint's tokenizer.json; it is imported on the first constrained request only (the server
+builds its tokenizer at start: that holds the GIL for a second or more).
+
+What a request carries cannot stall or crash the process: a constraint is bounded before it is
+compiled (its size in bytes; a Lark grammar's rules; a schema's nesting, `$ref` chain and
+properties per object), and compiled on threads of the compiler's own (`COMPILE_THREADS`, with a
+`COMPILE_STACK_BYTES` stack: llguidance recurses once per chained rule or `$ref` and overflows a
+default 8 MiB stack at about 2,500 rules or 900 `$defs`; it releases the GIL while it compiles),
+under a deadline that refuses the request when it passes, whether or not the compile has ended.
 """
 from __future__ import annotations
 
 import functools
 import json
-import time
+import re
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 
 import torch
 
@@ -27,9 +37,26 @@ ANY_JSON_OBJECT = '{"type": "object"}'
 # a model that may always add one more newline can run to max_tokens without closing the object.
 # The separators are Python's and Qwen's templates' (`tojson`): ", " and ": ".
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-MAX_SPEC_CHARS = 256 * 1024  # a constraint's text (a tool list's schemas fit easily)
+MAX_SPEC_BYTES = 256 * 1024  # a constraint's text in UTF-8 (a tool list's schemas fit easily)
+MAX_GRAMMAR_RULES = 1000  # rules and terminals of a Lark grammar
+MAX_SCHEMA_DEPTH = 128  # nesting of a JSON schema's objects and arrays (llguidance's JSON parser's own limit)
+MAX_REF_DEPTH = 64  # `$ref`s followed one inside another
+# properties of one object schema: llguidance's parser holds about 4 items per optional property
+# in one row, and refuses a row of over 2,000 (`_limits`) in the middle of generation
+MAX_SCHEMA_PROPERTIES = 400
 MAX_COMPILE_SECONDS = 2.0
-CACHE_ENTRIES = 256  # compiled constraints kept, least recently used dropped
+COMPILE_THREADS = 2
+COMPILE_STACK_BYTES = 256 << 20  # virtual: only the pages a compile touches are used
+# What a cached compiled constraint is taken to hold: llguidance does not report it, and its
+# lexer grows as masks are computed (about 14 MB once a 230 KB schema has been used), so it is
+# estimated from the constraint's text.
+CACHE_BYTES = 256 << 20
+_CACHED_BYTES_PER_BYTE = 64
+_MIN_CACHED_BYTES = 64 << 10
+# the JSON Schema keywords that take an integer (2.0 is one: the JSON Schema test suite says so)
+_INTEGER_KEYWORDS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
+                               "minContains", "maxContains"})
+_LARK_RULE = re.compile(r"^[ \t]*[?!]?[A-Za-z_][A-Za-z0-9_]*(\.-?[0-9]+)?[ \t]*:", re.MULTILINE)
 
 
 def response_format_fields(response_format) -> dict:
@@ -51,46 +78,137 @@ def response_format_fields(response_format) -> dict:
         if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), (Mapping, bool)):
             raise InputError("response_format.json_schema must be an object with the JSON schema in its "
                              "\"schema\" field", field="response_format.json_schema")
+        if spec.get("schema") is False:
+            raise InputError("response_format.json_schema.schema is false, which no output satisfies",
+                             field="response_format.json_schema")
         # OpenAI allows leaving the schema out: any JSON object then
-        return {"json_schema": dict(spec["schema"])} if "schema" in spec else {"json_object": True}
+        return {"json_schema": spec["schema"]} if "schema" in spec else {"json_object": True}
     raise InputError(f"response_format.type must be one of text, json_object, json_schema (got {kind!r})",
                      field="response_format.type")
 
 
 def normalize(kind: str, value):
     """A constraint as the resolved SamplingParams holds it (checked, hashable text): a JSON
-    schema as its JSON text (from a dict, a JSON string or a pydantic model class), a choice as a
-    tuple of strings, a regex or Lark grammar as given."""
-    if kind == "json_schema":
-        if isinstance(value, type) and hasattr(value, "model_json_schema"):
-            value = value.model_json_schema()
-        if isinstance(value, str):
-            try:
-                parsed = json.loads(value)
-            except ValueError as e:
-                raise InputError(f"json_schema is not valid JSON: {e}", field="json_schema") from None
-        else:
-            parsed = value
-        if not isinstance(parsed, (Mapping, bool)):
-            raise InputError("json_schema must be a JSON schema: an object (a dict, its JSON text or a pydantic "
-                             f"model class), got {type(value).__name__}", field="json_schema")
-        text = value if isinstance(value, str) else json.dumps(parsed)
-    elif kind == "choice":
+    schema as its JSON text (from a dict, a JSON string or a pydantic model class; `true` is any
+    JSON value, integral floats such as `"maxItems": 2.0` are integers), a choice as a tuple of
+    strings, a regex or Lark grammar as given. `InputError` when it is over a bound."""
+    if kind == "choice":
         if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
                 or not all(isinstance(item, str) and item for item in value):
             raise InputError("choice must be a non-empty list of non-empty strings", field="choice")
+        _check_size(kind, json.dumps(value))
         return tuple(value)
-    elif kind == "json_object":
+    if kind == "json_object":
         if value is not True:
             raise InputError(f"json_object must be true or unset, got {value!r}", field="json_object")
         return True
-    else:
-        if not isinstance(value, str) or not value:
-            raise InputError(f"{kind} must be a non-empty string", field=kind)
-        text = value
-    if len(text) > MAX_SPEC_CHARS:
-        raise InputError(f"{kind} is {len(text)} characters long, over the limit of {MAX_SPEC_CHARS}", field=kind)
-    return text
+    if kind == "json_schema":
+        return json.dumps(checked_schema(value))
+    if not isinstance(value, str) or not value:
+        raise InputError(f"{kind} must be a non-empty string", field=kind)
+    _check_size(kind, value)
+    rules = len(_LARK_RULE.findall(value)) if kind == "grammar" else 0
+    if rules > MAX_GRAMMAR_RULES:
+        raise InputError(f"grammar has {rules} rules, over the limit of {MAX_GRAMMAR_RULES}", field=kind)
+    return value
+
+
+def _check_size(kind: str, text: str) -> None:
+    size = len(text.encode())
+    if size > MAX_SPEC_BYTES:
+        raise InputError(f"{kind} is {size} bytes long, over the limit of {MAX_SPEC_BYTES}", field=kind)
+
+
+def checked_schema(value, field: str = "json_schema") -> dict:
+    """A JSON schema (a dict, its JSON text or a pydantic model class) as a dict, within the
+    bounds, with integral floats as integers where the schema takes an integer; `InputError`
+    naming `field` (the request's name for it) when it is not."""
+    if isinstance(value, type) and hasattr(value, "model_json_schema"):
+        value = value.model_json_schema()
+    if isinstance(value, str):
+        _check_size(field, value)
+        try:
+            value = json.loads(value)
+        except RecursionError:
+            raise InputError(f"{field} nests deeper than the limit of {MAX_SCHEMA_DEPTH}",
+                             field=field) from None
+        except ValueError as e:
+            raise InputError(f"{field} is not valid JSON: {e}", field=field) from None
+    if value is True:
+        return {}  # any JSON value
+    if value is False:
+        raise InputError(f"{field} is false, which no output satisfies", field=field)
+    if not isinstance(value, Mapping):
+        raise InputError(f"{field} must be a JSON schema: an object (a dict, its JSON text or a pydantic "
+                         f"model class), got {type(value).__name__}", field=field)
+    schema = _normalized_node(value, 0, field)
+    try:
+        _check_size(field, json.dumps(schema))
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{field} is not JSON: {e}", field=field) from None
+    _check_ref_depth(schema, field)
+    return schema
+
+
+def _normalized_node(node, depth: int, field: str):
+    if depth > MAX_SCHEMA_DEPTH:
+        raise InputError(f"{field} nests deeper than the limit of {MAX_SCHEMA_DEPTH}", field=field)
+    if isinstance(node, Mapping):
+        properties = node.get("properties")
+        if isinstance(properties, Mapping) and len(properties) > MAX_SCHEMA_PROPERTIES:
+            raise InputError(f"{field} has an object of {len(properties)} properties, over the limit of "
+                             f"{MAX_SCHEMA_PROPERTIES}", field=field)
+        return {key: int(item) if key in _INTEGER_KEYWORDS and isinstance(item, float) and item.is_integer()
+                else _normalized_node(item, depth + 1, field) for key, item in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_normalized_node(item, depth + 1, field) for item in node]
+    return node
+
+
+def _check_ref_depth(schema: dict, field: str) -> None:
+    """`InputError` when local `$ref`s lead through more than MAX_REF_DEPTH others (a cycle, as in
+    a recursive schema, is followed once)."""
+    below: dict[str, int] = {}  # a reference -> the longest chain of references from its target
+
+    def deepest(node, path: tuple[str, ...]) -> int:
+        if isinstance(node, Mapping):
+            ref = node.get("$ref")
+            found = chain(ref, path) if isinstance(ref, str) and ref.startswith("#") else 0
+            return max([found, *(deepest(item, path) for key, item in node.items() if key != "$ref")])
+        if isinstance(node, list):
+            return max((deepest(item, path) for item in node), default=0)
+        return 0
+
+    def chain(ref: str, path: tuple[str, ...]) -> int:
+        if ref in path:
+            return 0
+        if len(path) >= MAX_REF_DEPTH:
+            raise InputError(f"{field} has a chain of over {MAX_REF_DEPTH} $refs", field=field)
+        if ref not in below:
+            target = _resolve_pointer(schema, ref)
+            below[ref] = 1 + (deepest(target, path + (ref,)) if target is not None else 0)
+        if len(path) + below[ref] > MAX_REF_DEPTH:
+            raise InputError(f"{field} has a chain of over {MAX_REF_DEPTH} $refs", field=field)
+        return below[ref]
+
+    try:
+        deepest(schema, ())
+    except RecursionError:  # deep nesting inside each of many $refs
+        raise InputError(f"{field} nests deeper than the limit of {MAX_SCHEMA_DEPTH} through its $refs",
+                         field=field) from None
+
+
+def _resolve_pointer(schema: dict, ref: str):
+    node = schema
+    for part in ref[1:].split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None  # llguidance names it
+    return node
 
 
 def _grammar_text(kind: str, spec) -> str:
@@ -106,56 +224,146 @@ class GrammarCompiler:
     """Compiles constraints into llguidance matchers for one tokenizer, each distinct (kind,
     spec) once: a request gets a copy of the compiled matcher (its own parse state).
 
+    `compile` starts a compile on the compiler's threads and returns its future; `constraint`
+    waits for it. A compile that runs past `compile_seconds` (counted from its start, not from
+    its wait in the queue) fails its future then, while it runs; it is not cached. The compiled
+    matchers kept are capped at `cache_bytes` (estimated from their text), least recently used
+    dropped first. Thread-safe.
+
     `eos_token_ids` end generation where the grammar accepts: the masks allow them there, and
     only there.
     """
 
-    def __init__(self, tokenizer_json, eos_token_ids):
+    def __init__(self, tokenizer_json, eos_token_ids, cache_bytes: int = CACHE_BYTES,
+                 compile_seconds: float = MAX_COMPILE_SECONDS):
         self._tokenizer_json = tokenizer_json  # () -> the tokenizer.json text, read on first use
         self._eos_token_ids = sorted(eos_token_ids)
+        self.cache_bytes = cache_bytes
+        self.compile_seconds = compile_seconds
+        self._lock = threading.Lock()  # guards the fields below
         self._tokenizer = None
-        self._compiled: OrderedDict = OrderedDict()
+        self._compiled: OrderedDict = OrderedDict()  # (kind, spec) -> (matcher, its estimated bytes)
+        self.cached_bytes = 0
+        self._compiling: dict[tuple, Future] = {}  # until the compile ends, even past its deadline
+        self._threads: ThreadPoolExecutor | None = None
         self.num_compiled = 0
+
+    def load(self) -> None:
+        """Build llguidance's tokenizer now (the server does, before it serves: it holds the GIL
+        for a second or more); nothing without llguidance installed."""
+        try:
+            self._llguidance()
+        except InputError:
+            pass
 
     def _llguidance(self):
         try:
             import llguidance
         except ImportError:
             raise InputError("structured output needs llguidance: pip install 'qwen2vl[structured]'") from None
-        if self._tokenizer is None:
-            self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json(), eos_token=self._eos_token_ids)
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.LLTokenizer(self._tokenizer_json(), eos_token=self._eos_token_ids)
         return llguidance
 
     def constraint(self, kind: str, spec) -> Constraint:
         """A request's constraint, with a fresh parse state; `InputError` naming the problem (the
-        keyword, the position in the regex or grammar) when it does not compile. Called where
-        requests are added to the engine (one thread at a time: the driver's)."""
-        llguidance = self._llguidance()
+        keyword, the position in the regex or grammar, a limit) when it does not compile."""
+        matcher = self.compile(kind, spec).result()
+        return Constraint(matcher.deep_copy(), (self._tokenizer.vocab_size + 31) // 32)
+
+    def compile(self, kind: str, spec) -> Future:
+        """The future of (kind, spec)'s compiled matcher: done already when cached, else compiled
+        on the compiler's threads (one compile for concurrent requests of the same constraint)."""
         key = (kind, spec)
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            compiled = self._compile(llguidance, kind, spec)
-            self._compiled[key] = compiled
-            if len(self._compiled) > CACHE_ENTRIES:
-                self._compiled.popitem(last=False)
-        self._compiled.move_to_end(key)
-        return Constraint(compiled.deep_copy(), (self._tokenizer.vocab_size + 31) // 32)
+        with self._lock:
+            cached = self._compiled.get(key)
+            if cached is not None:
+                self._compiled.move_to_end(key)
+                future = Future()
+                future.set_result(cached[0])
+                return future
+            future = self._compiling.get(key)
+            if future is None:
+                future = self._compiling[key] = Future()
+                self._submit(self._run, key, future)
+        return future
+
+    def _submit(self, function, *args) -> None:
+        """(With the lock held.) A compile thread is made on a submit: with the big stack."""
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="qwen2vl-grammar")
+        with _STACK_SIZE_LOCK:
+            default = threading.stack_size(COMPILE_STACK_BYTES)
+            try:
+                self._threads.submit(function, *args)
+            finally:
+                threading.stack_size(default)
+
+    def _run(self, key: tuple, future: Future) -> None:
+        """On a compile thread: compile `key`, failing `future` at the deadline if it is not done by then."""
+        kind, spec = key
+        matcher = error = None
+        try:
+            llguidance = self._llguidance()
+            deadline = threading.Timer(self.compile_seconds, _settle, (future, None, InputError(
+                f"{kind} took over {self.compile_seconds:g} s to compile, the limit; simplify it", field=kind)))
+            deadline.daemon = True
+            deadline.start()
+            try:
+                matcher = self._compile(llguidance, kind, spec)
+            finally:
+                deadline.cancel()
+        except InputError as e:
+            error = e
+        except BaseException as e:  # noqa: BLE001 - llguidance's panics too: this request's alone
+            error = InputError(f"{kind} could not be compiled: {type(e).__name__}: {_first_lines(str(e), 2)}",
+                               field=kind)
+        with self._lock:
+            del self._compiling[key]
+            if matcher is not None and not future.done():
+                self.num_compiled += 1
+                self._cache(key, matcher)
+        _settle(future, matcher, error)
+
+    def _cache(self, key: tuple, matcher) -> None:
+        """(With the lock held.)"""
+        size = max(_MIN_CACHED_BYTES, _CACHED_BYTES_PER_BYTE * len(str(key[1]).encode()))
+        if size > self.cache_bytes:
+            return
+        self._compiled[key] = (matcher, size)
+        self.cached_bytes += size
+        while self.cached_bytes > self.cache_bytes:
+            _, (_, dropped) = self._compiled.popitem(last=False)
+            self.cached_bytes -= dropped
 
     def _compile(self, llguidance, kind: str, spec):
-        start = time.perf_counter()
         try:
             grammar = _grammar_text(kind, spec)
         except ValueError as e:
             raise InputError(f"{kind}: {e}", field=kind) from None
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=_limits(llguidance))
         if matcher.is_error():
-            raise InputError(f"{kind} is not supported: {_first_lines(matcher.get_error())}", field=kind)
-        seconds = time.perf_counter() - start
-        if seconds > MAX_COMPILE_SECONDS:
-            raise InputError(f"{kind} took {seconds:.1f} s to compile, over the limit of {MAX_COMPILE_SECONDS} s; "
-                             "simplify it", field=kind)
-        self.num_compiled += 1
+            error = _first_lines(matcher.get_error())
+            if "coerce_one_of" in error:  # not on by default: an output could then match two branches
+                error += '; set "x-guidance": {"coerce_one_of": true} in the schema to read this oneOf as anyOf'
+            raise InputError(f"{kind} is not supported: {error}", field=kind)
         return matcher
+
+
+# threading.stack_size is process-wide: set for the moment a compile thread is made
+_STACK_SIZE_LOCK = threading.Lock()
+
+
+def _settle(future: Future, result, error: BaseException | None) -> None:
+    """Complete `future` unless the deadline or the compile did first."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 class Constraint:

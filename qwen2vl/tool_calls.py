@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwen2vl.errors import InputError
-from qwen2vl.structured import JSON_STYLE
+from qwen2vl.structured import JSON_STYLE, checked_schema
 
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
@@ -76,11 +76,13 @@ def tool_call_grammar(tools: list[dict], choice: Any, parallel: bool = True) -> 
     named = function_name(choice)
     if named is None and choice != "required":
         return None
-    functions = [tool["function"] for tool in tools if named is None or tool["function"]["name"] == named]
+    functions = [(position, tool["function"]) for position, tool in enumerate(tools)
+                 if named is None or tool["function"]["name"] == named]
     rules = []
-    for index, function in enumerate(functions):
+    for index, (position, function) in enumerate(functions):
         head = f'{{"name": {json.dumps(function["name"])}, "arguments": '
-        schema = {**(function.get("parameters") or NO_PARAMETERS)}
+        # bounded as a request's JSON schema is (the grammar embeds it)
+        schema = checked_schema(function.get("parameters") or NO_PARAMETERS, f"tools[{position}].function.parameters")
         schema["x-guidance"] = {**JSON_STYLE, **schema.get("x-guidance", {})}  # as the templates write arguments
         rules.append(f'call_{index}: {json.dumps(head)} args_{index} "}}"')
         rules.append(f"args_{index}: %json {json.dumps(schema)}")

@@ -16,6 +16,8 @@ pytest.importorskip("llguidance")
 
 from test_server import MAX_MODEL_LEN, RunningServer  # noqa: E402
 
+from test_structured import StandInCompile, chained_defs, chained_grammar, in_thread, optional_properties  # noqa: E402
+
 from qwen2vl import Qwen2VL  # noqa: E402
 
 WEATHER = {"type": "function", "function": {
@@ -236,6 +238,18 @@ BAD = {
     "a bad function name": (_body(tools=[{"type": "function", "function": {"name": "get weather"}}]),
                             "tools[0].function.name", "should match pattern"),
     "an unknown tool_choice": (_body(tools=TOOLS, tool_choice="always"), "tool_choice", None),
+    # what killed the server (a segfault in llguidance) or answered 500
+    "a grammar of 3,000 chained rules": (_body(structured_outputs={"grammar": chained_grammar(3000)}),
+                                         "structured_outputs.grammar", "3001 rules, over the limit of 1000"),
+    "a schema of 1,000 chained $defs": (_body(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": chained_defs(1000)}}), "response_format", "a chain of over 64 $refs"),
+    "tool parameters of 1,000 chained $defs": (_body(tools=[{"type": "function", "function": {
+        "name": "f", "parameters": chained_defs(1000)}}], tool_choice="required"), "tools[0].function.parameters",
+        "a chain of over 64 $refs"),
+    "a schema that is false": (_body(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": False}}), "response_format.json_schema", "false, which no output satisfies"),
+    "a schema of 2,000 optional properties": (_body(guided_json=optional_properties(2000)), "guided_json",
+                                              "an object of 2000 properties, over the limit of 400"),
     "a user message without content": (_body(messages=[{"role": "user"}]), "messages[0]",
                                          "only an assistant message with tool_calls may leave it out"),
 }
@@ -253,6 +267,31 @@ def test_bad_constraints_are_400s_and_the_next_request_works(server, case):
         assert fragment in error["message"], error
     normal = httpx.post(server.url + "/v1/chat/completions", json=_body(), timeout=60)
     assert normal.status_code == 200 and normal.json()["choices"][0]["message"]["content"]
+
+
+def test_schema_true_is_any_json(client):
+    reply = _create(client, response_format={"type": "json_schema", "json_schema": {"name": "any", "schema": True}},
+                    frequency_penalty=2.0, max_tokens=MAX_TOKENS)
+    json.loads(reply.choices[0].message.content)
+
+
+def test_a_compile_in_progress_does_not_stall_other_streams(server, monkeypatch):
+    """While a request's constraint compiles (a stand-in that blocks until released), another
+    client's stream runs to its end; then the constrained request is answered."""
+    stand_in = StandInCompile(monkeypatch, "[0-9]{6}")
+    slow, slow_result = in_thread(lambda: httpx.post(server.url + "/v1/chat/completions", timeout=120,
+                                                     json=_body(guided_regex="[0-9]{6}", max_tokens=20)))
+    try:
+        assert stand_in.started.wait(120)
+        with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120,
+                          json=_body(stream=True, max_tokens=6)) as stream:
+            events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and '"finish_reason":"length"' in events[-2].replace(" ", "")
+        assert slow.is_alive()
+    finally:
+        stand_in.release.set()
+    slow.join(120)
+    assert re.fullmatch("[0-9]{6}", slow_result[0].json()["choices"][0]["message"]["content"]), slow_result
 
 
 def test_openapi_documents_the_new_fields(server):

@@ -331,6 +331,9 @@ class _FakeEngine:
     def has_unfinished(self):
         return bool(self.requests)
 
+    def compile_constraint(self, params):
+        return None  # no structured output
+
     def add_request(self, prompt, params, request_id, cache_salt=None):
         if len(prompt) < 2:
             raise InputError("the prompt is too short")

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 
 import jsonschema
 import pytest
@@ -226,10 +227,205 @@ def test_bad_constraints_are_clear_errors_and_the_engine_goes_on(llm, fields, fi
 
 
 def test_a_constraint_over_the_size_limit_is_refused(llm):
-    from qwen2vl.structured import MAX_SPEC_CHARS
+    from qwen2vl.structured import MAX_SPEC_BYTES
 
-    with pytest.raises(InputError, match="over the limit"):
-        llm.chat(PROMPT, max_tokens=4, regex="a" * (MAX_SPEC_CHARS + 1))
+    with pytest.raises(InputError, match="bytes long, over the limit"):
+        llm.chat(PROMPT, max_tokens=4, regex="a" * (MAX_SPEC_BYTES + 1))
+    with pytest.raises(InputError, match="bytes long, over the limit"):  # bytes, not characters
+        llm.chat(PROMPT, max_tokens=4, regex="é" * (MAX_SPEC_BYTES // 2 + 1))
+
+
+# --- what a request carries cannot crash or stall the process ------------------------------------
+
+def chained_grammar(rules: int) -> str:
+    """A Lark grammar of `rules` rules, each the next one's only use (llguidance recursed once per
+    rule and overflowed the stack at 3,000)."""
+    return "start: r0\n" + "\n".join(f'r{i}: "a" r{i + 1}' for i in range(rules - 1)) + f'\nr{rules - 1}: "a"\n'
+
+
+def chained_defs(count: int) -> dict:
+    """A schema of `count` `$defs`, each referring to the next (a segfault at 1,000)."""
+    defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(count - 1)}
+    defs[f"d{count - 1}"] = {"type": "integer"}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
+def optional_properties(count: int) -> dict:
+    return {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(count)}}
+
+
+@pytest.mark.parametrize("fields, field, words", [
+    (dict(grammar=chained_grammar(3000)), "grammar", "3001 rules, over the limit of 1000"),
+    (dict(json_schema=chained_defs(1000)), "json_schema", "a chain of over 64 $refs"),
+    (dict(json_schema={"type": "array", "items": {"$ref": "#/$defs/x"}, "$defs": dict(
+        reversed(list(chained_defs(200)["$defs"].items())), x={"$ref": "#/$defs/d0"})}),
+     "json_schema", "a chain of over 64 $refs"),
+    (dict(json_schema='{"items": ' * 200 + "{}" + "}" * 200), "json_schema", "nests deeper than the limit of 128"),
+    (dict(json_schema=optional_properties(2000)), "json_schema", "an object of 2000 properties, over the limit of 400"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "no", "schema": False}}),
+     "response_format.json_schema", "false, which no output satisfies"),
+    (dict(json_schema="false"), "json_schema", "false, which no output satisfies"),
+])
+def test_constraints_over_a_bound_are_refused_before_compiling(llm, fields, field, words):
+    before = llm.engine.grammars.num_compiled
+    with pytest.raises(InputError) as caught:
+        llm.chat(PROMPT, max_tokens=4, **fields)
+    assert caught.value.field == field and words in str(caught.value), caught.value
+    assert llm.engine.grammars.num_compiled == before
+    assert llm.chat(PROMPT, max_tokens=4).finish_reason == "length"
+
+
+def test_the_compiler_threads_survive_what_crashed_the_process(tiny_ckpt):
+    """The grammar and schema that segfaulted llguidance on an 8 MiB stack, past the bounds (the
+    compiler itself): they compile on its big-stack threads. In a child process, so that a crash
+    fails this test instead of ending the run."""
+    script = f"""
+import json, sys
+sys.path[:0] = {sys.path!r}
+from test_structured import chained_grammar, chained_defs
+from qwen2vl import Qwen2VL
+llm = Qwen2VL.from_pretrained({str(tiny_ckpt)!r}, num_kv_blocks=64)
+grammars = llm.engine.grammars
+grammars.compile_seconds = 600
+grammars.compile("grammar", chained_grammar(3000)).result()
+grammars.compile("json_schema", json.dumps(chained_defs(1000))).result()
+print("compiled", grammars.num_compiled)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          cwd=str(__import__("pathlib").Path(__file__).parent))
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["compiled", "2"]
+
+
+def test_schema_true_integral_floats_and_the_most_properties(llm):
+    anything = llm.chat(PROMPT, max_tokens=MAX_TOKENS, response_format={
+        "type": "json_schema", "json_schema": {"name": "any", "schema": True}}, frequency_penalty=2.0)
+    assert anything.finish_reason == "stop"
+    json.loads(anything.text)
+    pair = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2.0, "maxItems": 2.0}
+    check_json(llm.chat(PROMPT, max_tokens=MAX_TOKENS, json_schema=pair), {**pair, "minItems": 2, "maxItems": 2})
+    from qwen2vl.structured import MAX_SCHEMA_PROPERTIES
+
+    # the most properties an object may have: no parser-row error in the middle of generation
+    widest = llm.chat(PROMPT, max_tokens=12, json_schema=optional_properties(MAX_SCHEMA_PROPERTIES), **SAMPLED, seed=1)
+    assert widest.finish_reason in ("stop", "length"), widest
+
+
+class StandInCompile:
+    """`GrammarCompiler._compile` that blocks on the constraint `spec` until released."""
+
+    def __init__(self, monkeypatch, spec):
+        from qwen2vl.structured import GrammarCompiler
+
+        self.spec, self.started, self.release = spec, threading.Event(), threading.Event()
+        real = GrammarCompiler._compile
+
+        def compile_(compiler, llguidance, kind, value):
+            if value == spec:
+                self.started.set()
+                assert self.release.wait(120), "never released"
+            return real(compiler, llguidance, kind, value)
+
+        monkeypatch.setattr(GrammarCompiler, "_compile", compile_)
+
+
+def in_thread(function):
+    """Run `function` in a thread; returns (thread, results list of its value or exception)."""
+    results = []
+
+    def run():
+        try:
+            results.append(function())
+        except BaseException as error:  # noqa: BLE001
+            results.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, results
+
+
+def test_a_compile_in_progress_does_not_stall_other_requests(llm, monkeypatch):
+    """While a constraint compiles (a stand-in that blocks until released) other requests are
+    stepped to their end; then the constrained one runs."""
+    stand_in = StandInCompile(monkeypatch, "[0-9]{5}")
+    slow, slow_result = in_thread(lambda: llm.chat(PROMPT, max_tokens=20, regex="[0-9]{5}"))
+    try:
+        assert stand_in.started.wait(120)
+        plain, plain_result = in_thread(lambda: llm.chat(PROMPT, max_tokens=6))
+        plain.join(120)  # only a bound on the failure: the compile is still blocked
+        assert plain_result and plain_result[0].finish_reason == "length", plain_result
+        assert slow.is_alive()
+    finally:
+        stand_in.release.set()
+    slow.join(120)
+    assert re.fullmatch("[0-9]{5}", slow_result[0].text), slow_result
+
+
+def test_a_request_aborted_while_its_constraint_compiles_never_starts(llm, monkeypatch):
+    from qwen2vl.engine.driver import NewRequest
+
+    stand_in = StandInCompile(monkeypatch, "[0-9]{8}")
+    driver, outputs = llm.driver, []
+    accepted = driver.submit([NewRequest(llm.processor.prepare(PROMPT), SamplingParams(max_tokens=20, regex="[0-9]{8}"),
+                                         "early-1")], outputs.append)
+    try:
+        assert stand_in.started.wait(120)
+        aborted = driver.abort("early-1")
+        driver.pump(aborted.done)
+    finally:
+        stand_in.release.set()
+    driver.pump(accepted.done)
+    [result] = accepted.result()
+    assert isinstance(result, Exception) and "aborted before it started" in str(result)
+    assert not llm.engine.has_unfinished() and outputs == []
+
+
+def test_the_compile_deadline_is_enforced_while_it_runs(llm, monkeypatch):
+    stand_in = StandInCompile(monkeypatch, "[a-z]{7}")
+    monkeypatch.setattr(llm.engine.grammars, "compile_seconds", 0.05)
+    try:
+        with pytest.raises(InputError) as caught:
+            llm.chat(PROMPT, max_tokens=4, regex="[a-z]{7}")
+        assert stand_in.started.is_set() and not stand_in.release.is_set()  # refused while it ran
+        assert caught.value.field == "regex" and "took over 0.05 s to compile" in str(caught.value)
+    finally:
+        stand_in.release.set()
+    assert llm.chat(PROMPT, max_tokens=4).finish_reason == "length"
+
+
+def test_a_compiler_failure_is_that_request_alone(llm, monkeypatch):
+    from qwen2vl.structured import GrammarCompiler
+
+    class Panic(BaseException):  # as pyo3 raises a Rust panic
+        pass
+
+    calls = []
+
+    def panics(compiler, llguidance, kind, value):
+        calls.append(value)
+        raise Panic("index out of bounds")
+
+    monkeypatch.setattr(GrammarCompiler, "_compile", panics)
+    with pytest.raises(InputError) as caught:
+        llm.chat(PROMPT, max_tokens=4, regex="[0-9]{9}")
+    assert caught.value.field == "regex" and "could not be compiled: Panic: index out of bounds" in str(caught.value)
+    assert calls == ["[0-9]{9}"]  # not compiled again on the stepping thread
+    assert llm.chat(PROMPT, max_tokens=4).finish_reason == "length"
+
+
+def test_the_compiled_constraint_cache_is_capped_by_bytes(tiny_ckpt):
+    from qwen2vl.structured import _MIN_CACHED_BYTES
+
+    small = Qwen2VL.from_pretrained(tiny_ckpt, num_kv_blocks=64, grammar_cache_bytes=2 * _MIN_CACHED_BYTES)
+    grammars = small.engine.grammars
+    for pattern in ["a{1}", "b{2}", "c{3}", "a{1}"]:
+        small.chat(PROMPT, max_tokens=4, regex=pattern)
+        assert grammars.cached_bytes <= 2 * _MIN_CACHED_BYTES
+    assert grammars.num_compiled == 4  # a{1} was dropped for c{3}, then compiled again
+    small.chat(PROMPT, max_tokens=4, regex="c{3}")
+    assert grammars.num_compiled == 4
+    with pytest.raises(InputError, match="grammar_cache_bytes"):
+        Qwen2VL.from_pretrained(tiny_ckpt, grammar_cache_bytes=-1)
 
 
 def test_preemption_and_run_ahead_keep_constrained_outputs(tiny_ckpt, llm):
@@ -296,3 +492,15 @@ def test_cli_structured_flags(tmp_path, tiny_ckpt):
     out = subprocess.run([sys.executable, "-m", "qwen2vl.cli", "chat", "--model", str(tiny_ckpt), "--max-tokens", "200",
                           "--json-schema", str(schema_file), "Hi"], capture_output=True, text=True, check=True)
     jsonschema.validate(json.loads(out.stdout), SCHEMAS["flat"])
+
+
+def test_one_of_that_llguidance_cannot_tell_apart_takes_x_guidance(llm):
+    """Not coerced by default: with overlapping branches (an integer is also a number) an output
+    could match two of them, which oneOf forbids."""
+    branches = [{"type": "integer", "minimum": 0, "maximum": 9}, {"type": "number", "minimum": 0, "maximum": 9}]
+    with pytest.raises(InputError) as caught:
+        llm.chat(PROMPT, max_tokens=4, json_schema={"oneOf": branches})
+    assert caught.value.field == "json_schema" and '"x-guidance": {"coerce_one_of": true}' in str(caught.value)
+    coerced = llm.chat(PROMPT, max_tokens=MAX_TOKENS, frequency_penalty=2.0,
+                       json_schema={"oneOf": branches, "x-guidance": {"coerce_one_of": True}})
+    check_json(coerced, {"anyOf": branches})

@@ -54,6 +54,7 @@ class _Add:
     sink: Sink
     background: bool  # its consumer does not pump: the background thread steps for it
     accepted: Future  # -> one request id or exception per request
+    compiles: list[Future | None]  # per request, its constraint's compile (done when this is applied)
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,10 @@ class EngineDriver:
         self._stepping = False  # a thread holds the engine
         self._background: threading.Thread | None = None
         self._background_requests: set[str] = set()
+        self._compiling: set[str] = set()  # ids of requests held back until their constraint compiles
         # Touched by the stepping thread only.
         self._sinks: dict[str, Sink] = {}
+        self._aborted_early: set[str] = set()
 
     @property
     def kv_cache_usage(self) -> float:
@@ -90,8 +93,14 @@ class EngineDriver:
         return 1.0 - self.engine.num_free_blocks / max(self.engine.num_total_blocks, 1)
 
     def submit(self, requests: list[NewRequest], sink: Sink, background: bool = False) -> Future:
+        """Their constraints are compiled first, off the stepping thread: the other requests'
+        steps go on meanwhile."""
         accepted: Future = Future()
-        self._command(_Add(list(requests), sink, background, accepted))
+        compiles = [self.engine.compile_constraint(request.params) for request in requests]
+        add = _Add(list(requests), sink, background, accepted, compiles)
+        with self._cond:
+            self._compiling |= {request.request_id for request in requests if request.request_id is not None}
+        _when_all_done([future for future in compiles if future is not None], lambda: self._command(add))
         return accepted
 
     def abort(self, request_id: str) -> None:
@@ -192,6 +201,10 @@ class EngineDriver:
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
+            with self._cond:
+                if command.request_id in self._compiling:  # aborted before it was added: it never will be
+                    self._compiling.discard(command.request_id)
+                    self._aborted_early.add(command.request_id)
             sink = self._sinks.pop(command.request_id, None)
             self._forget(command.request_id)
             if sink is not None:
@@ -204,14 +217,21 @@ class EngineDriver:
             return
         results = []
         try:
-            for request in command.requests:
-                results.append(self._add(request, command))
+            for request, compiled in zip(command.requests, command.compiles):
+                results.append(self._add(request, compiled, command))
         finally:  # interrupted, the requests not added yet are refused: the consumer is answered either way
             interrupted = EngineFailure("the request was not added: the engine's thread was interrupted")
             command.accepted.set_result(results + [interrupted] * (len(command.requests) - len(results)))
 
-    def _add(self, request: NewRequest, command: _Add) -> str | Exception:
+    def _add(self, request: NewRequest, compiled: Future | None, command: _Add) -> str | BaseException:
         """The new request's id, or the error that refused it."""
+        with self._cond:
+            self._compiling.discard(request.request_id)
+        if request.request_id in self._aborted_early:
+            self._aborted_early.discard(request.request_id)
+            return Qwen2VLError(f"request {request.request_id} was aborted before it started")
+        if compiled is not None and compiled.exception() is not None:  # refused: not compiled again here
+            return compiled.exception()
         try:
             request_id = self.engine.add_request(request.prompt, request.params, request.request_id,
                                                  cache_salt=request.cache_salt)
@@ -261,6 +281,24 @@ def _hand_all(deliveries: list[tuple[Sink, RequestOutput]]) -> None:
     finally:
         for sink, output in rest:
             _hand(sink, output)
+
+
+def _when_all_done(futures: list[Future], then: Callable[[], None]) -> None:
+    """`then()` once every future is done (at once if none), on the thread that completes the last."""
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            then()
+
+    if not futures:
+        then()
+    for future in futures:
+        future.add_done_callback(one_done)
 
 
 def _hand(sink: Sink, item: RequestOutput | BaseException) -> None:

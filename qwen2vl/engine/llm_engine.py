@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from concurrent.futures import Future
 
 import torch
 
@@ -18,6 +19,7 @@ from qwen2vl.errors import InputError
 from qwen2vl.processor.tokenizer import IncrementalDetokenizer
 from qwen2vl.processor.types import PreparedPrompt
 from qwen2vl.sampling_params import SamplingParams
+from qwen2vl.structured import CACHE_BYTES as GRAMMAR_CACHE_BYTES
 from qwen2vl.structured import GrammarCompiler
 
 _CPU_KV_CACHE_MAX_BYTES = 1 << 30
@@ -97,7 +99,8 @@ class LLMEngine:
 
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
-        self.grammars = GrammarCompiler(processor.tokenizer.backend.to_str, self.eos_token_ids)
+        self.grammars = GrammarCompiler(processor.tokenizer.backend.to_str, self.eos_token_ids, GRAMMAR_CACHE_BYTES
+                                        if args.grammar_cache_bytes is None else args.grammar_cache_bytes)
         # Each request's vision embeddings, item by item, from its encoding to its end.
         self._vision_embeds: dict[str, dict[int, torch.Tensor]] = {}
         self.vision_cache = VisionCache(self._default_vision_cache_bytes() if args.vision_cache_bytes is None
@@ -137,15 +140,30 @@ class LLMEngine:
         """Whether the request is in the engine (added, not finished or aborted yet)."""
         return request_id in self.scheduler.requests
 
+    def compile_constraint(self, params: SamplingParams | None) -> Future | None:
+        """Start compiling the structured-output constraint of `params` on the grammar compiler's
+        threads (from any thread), so that `add_request` finds it compiled and the thread that
+        steps the engine never compiles; its future, or None without one or for invalid params
+        (`add_request` then says what is wrong)."""
+        try:
+            constraint = self._resolve(params).constraint
+        except InputError:
+            return None
+        return None if constraint is None else self.grammars.compile(*constraint)
+
+    def _resolve(self, params: SamplingParams | None) -> SamplingParams:
+        return (params or SamplingParams()).resolve(self.generation_config, self.config.text.vocab_size)
+
     def add_request(self, prompt: PreparedPrompt, params: SamplingParams | None = None, request_id: str | None = None,
                     *, cache_salt: str | None = None) -> str:
         """Validate and queue a request; returns its id. Raises `InputError` for a bad request
-        (which leaves the engine and its other requests untouched).
+        (which leaves the engine and its other requests untouched). A constraint not compiled
+        yet (see `compile_constraint`) is compiled first, this thread waiting.
 
         With a `cache_salt`, the request shares cached blocks and vision encodings only with
         requests of the same salt (None: with all unsalted requests)."""
         check_cache_salt(cache_salt)
-        params = (params or SamplingParams()).resolve(self.generation_config, self.config.text.vocab_size)
+        params = self._resolve(params)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         elif request_id in self.scheduler.requests:

@@ -298,6 +298,7 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        llm.engine.grammars.load()  # before serving: it holds the GIL for a second or more
         server.engine.start()
         try:
             yield
