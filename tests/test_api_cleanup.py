@@ -189,6 +189,9 @@ class LosingEngine:
     def __init__(self):
         self.requests = set()
 
+    def compile_constraint(self, params):
+        return None  # no structured output
+
     def add_request(self, prompt, params, request_id, cache_salt=None):
         self.requests.add(request_id)
         return request_id
