@@ -104,16 +104,16 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    """No API key; images over MAX_IMAGE_PIXELS are refused."""
-    running = Server("--max-image-pixels", str(MAX_IMAGE_PIXELS))
+    """No API key; images over MAX_IMAGE_PIXELS are refused; Swagger UI at /docs."""
+    running = Server("--max-image-pixels", str(MAX_IMAGE_PIXELS), "--docs")
     yield running
     running.stop()
 
 
 @pytest.fixture(scope="module")
 def keyed_server():
-    """An API key, answers of LONG_ANSWER tokens, and Swagger UI at /docs. The last test to use it kills it."""
-    running = Server("--min-tokens", str(LONG_ANSWER), "--max-tokens", str(LONG_ANSWER), "--docs", api_key=API_KEY)
+    """An API key, and answers of LONG_ANSWER tokens. The last test to use it kills it."""
+    running = Server("--min-tokens", str(LONG_ANSWER), "--max-tokens", str(LONG_ANSWER), api_key=API_KEY)
     yield running
     running.stop()
 
@@ -480,14 +480,14 @@ def test_the_page_refuses_to_load_in_a_frame_of_another_origin(server, browser):
 
 
 @needs_browser
-def test_swagger_ui_renders_from_this_server_alone(keyed_server, browser, screens):
+def test_swagger_ui_renders_from_this_server_alone(server, browser, screens):
     """`serve --docs`: Swagger UI's files come from this server, under its strict policy, and it
     shows the API (no console errors: nothing the policy had to block)."""
-    browser.get(keyed_server.url + "docs")
+    browser.get(server.url + "docs")
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock"), 60, "Swagger UI showed no route")
     paths = {element.get_attribute("data-path") for element in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
     assert "/v1/chat/completions" in paths
     origins = browser.execute_script("return performance.getEntriesByType('resource').map(r => new URL(r.name).origin)")
-    assert set(origins) == {keyed_server.url.rstrip("/")}
+    assert set(origins) == {server.url.rstrip("/")}
     screens(browser, "09-swagger-ui")
     assert severe_console_messages(browser) == []
