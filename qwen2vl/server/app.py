@@ -52,18 +52,17 @@ from qwen2vl.server.openapi import (
     responses,
     swagger_ui_files,
 )
-from qwen2vl.server.responses import ChatFormat, CompletionFormat, TokenTexts, json_response
-from qwen2vl.server.state import ServerState
-from qwen2vl.server.schemas import (
+from qwen2vl.server.replies import (
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionRequest,
-    CompletionRequest,
     HealthStatus,
     ModelCard,
     ModelList,
     TextCompletion,
 )
+from qwen2vl.server.requests import ChatCompletionRequest, CompletionRequest
+from qwen2vl.server.responses import ChatFormat, CompletionFormat, TokenTexts, json_response
+from qwen2vl.server.state import ServerState
 
 
 PAGE_DIR = Path(__file__).with_name("static")

@@ -12,8 +12,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 
 from qwen2vl.server.errors import APIError, ClientGone, api_error
-from qwen2vl.server.schemas import describe_validation_error
 from qwen2vl.server.state import ServerState
+from qwen2vl.server.validation import describe_validation_error
 
 ENDPOINTS = ("/", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs")
 PUBLIC_PATHS = ("/", "/health", "/openapi.json", "/docs")  # no API key needed; nor under PAGE_PREFIX
