@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -62,7 +62,7 @@ from qwen2vl.server.replies import (
 )
 from qwen2vl.server.requests import ChatCompletionRequest, CompletionRequest
 from qwen2vl.server.responses import ChatFormat, CompletionFormat, TokenTexts, json_response
-from qwen2vl.server.state import ServerState
+from qwen2vl.server.state import ServerState, Timer
 
 
 PAGE_DIR = Path(__file__).with_name("static")
@@ -255,7 +255,7 @@ def _text_bytes(value) -> int:
 def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, media: MediaPolicy | None = None,
                api_key: str | Sequence[str] | None = None, default_params: SamplingParams | None = None,
                cache_salt_by_key: bool = False, docs: bool = False,
-               timer: Callable[[float], Awaitable] = asyncio.sleep) -> FastAPI:
+               timer: Timer = asyncio.sleep) -> FastAPI:
     """An ASGI app serving `llm` (a loaded `Qwen2VL`) under OpenAI's API as `model_name`.
 
     `media`: where images and videos may come from (default `limits.SERVER_MEDIA`: inline data
