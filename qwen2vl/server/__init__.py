@@ -1,5 +1,5 @@
 """OpenAI-compatible HTTP server (`qwen2vl serve`): FastAPI app (`app.py`; its request flow is
-described there), schemas, limits, media safety, metrics.
+described there), request and reply models, limits, media safety, metrics.
 
 Needs the `server` extra (fastapi, uvicorn, pydantic). Exports resolve lazily, so the CLI can read
 the limits' defaults without importing the web stack.

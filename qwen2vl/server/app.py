@@ -12,7 +12,9 @@ worker thread (media fetched, checked against the budget and decoded in the medi
 behind media), and hands it to the engine thread; its outputs come back on its
 own queue. A client that disconnects, or a request that runs out of time, is aborted in the
 engine, which frees its KV blocks. `responses.py` writes the outputs as OpenAI's responses or
-stream chunks; `errors.py` turns any exception into an answer in OpenAI's error shape.
+stream chunks; `errors.py` turns any exception into an answer in OpenAI's error shape. What these
+parts share (limits, admission, metrics, the engine loop, the media pool, the API keys) is one
+`state.ServerState`, built here once and passed to each.
 
 The OpenAPI document (`/openapi.json`, `openapi.py`; Swagger UI at `/docs` with `docs=True`)
 declares the same pydantic models as the bodies.
@@ -21,11 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -36,7 +35,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen2vl import __version__
-from qwen2vl.engine.async_engine import AsyncEngine
 from qwen2vl.errors import InputError, Qwen2VLError
 from qwen2vl.processor.fetch import MediaPolicy
 from qwen2vl.processor.types import PreparedPrompt
@@ -44,9 +42,8 @@ from qwen2vl.sampling_params import SEED_RANGE, SamplingParams
 from qwen2vl.server.errors import APIError, api_error
 from qwen2vl.server.gate import RequestGate, parse_body
 from qwen2vl.server.jobs import Job, event_stream
-from qwen2vl.server.limits import SERVER_MEDIA, Admission, ServerLimits
-from qwen2vl.server.media import check_media, server_processor
-from qwen2vl.server.metrics import Metrics
+from qwen2vl.server.limits import SERVER_MEDIA, ServerLimits
+from qwen2vl.server.media import check_media
 from qwen2vl.server.openapi import (
     SWAGGER_UI_PREFIX,
     docs_page,
@@ -55,49 +52,32 @@ from qwen2vl.server.openapi import (
     responses,
     swagger_ui_files,
 )
-from qwen2vl.server.responses import ChatFormat, CompletionFormat, TokenTexts, json_response
-from qwen2vl.server.schemas import (
+from qwen2vl.server.replies import (
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionRequest,
-    CompletionRequest,
     HealthStatus,
     ModelCard,
     ModelList,
     TextCompletion,
 )
+from qwen2vl.server.requests import ChatCompletionRequest, CompletionRequest
+from qwen2vl.server.responses import ChatFormat, CompletionFormat, TokenTexts, json_response
+from qwen2vl.server.state import ServerState, Timer
 
 
 PAGE_DIR = Path(__file__).with_name("static")
 
 
 class OpenAIServer:
-    """Routes and shared state of one app: engine loop, processor, limits, metrics."""
+    """The routes of one app, over the state its parts share (`state.ServerState`): what a route
+    adds is the model's name, the sampling defaults and the tokens' texts."""
 
-    def __init__(self, llm, model_name: str, limits: ServerLimits, media: MediaPolicy,
-                 api_key: str | Sequence[str] | None, default_params: SamplingParams | None = None,
-                 cache_salt_by_key: bool = False, timer: Callable[[float], Awaitable] = asyncio.sleep):
-        self.llm = llm
-        self.timer = timer  # awaited for a request's time limit
+    def __init__(self, state: ServerState, model_name: str, default_params: SamplingParams | None = None):
+        self.state = state
         self.model_name = model_name
         self.default_params = default_params
-        self.limits = limits
-        self.api_keys = tuple(key for key in ([api_key] if isinstance(api_key, str) else api_key or ()) if key)
-        if cache_salt_by_key and not self.api_keys:
-            raise ValueError("cache_salt_by_key needs API keys: without them every client is one user")
-        self.cache_salt_by_key = cache_salt_by_key
-        # Per process: a key's salt never leaves the server, and could not be traced back to the key if it did.
-        self._salt_secret = secrets.token_bytes(32)
-        self.engine = AsyncEngine(llm.driver)
-        self.processor = server_processor(llm.processor, media, limits)
-        self.tokenizer = self.processor.tokenizer
-        self.vocab_size = llm.engine.config.text.vocab_size  # rows of the embedding and the head (the tokenizer names fewer)
-        self.max_model_len = llm.engine.max_model_len
-        self.admission = Admission(limits.max_requests_in_flight)
-        self.metrics = Metrics()
-        self.media_pool = ThreadPoolExecutor(limits.media_workers, thread_name_prefix="qwen2vl-media")
         self.created = int(time.time())
-        self.token_texts = TokenTexts(self.tokenizer)
+        self.token_texts = TokenTexts(state.tokenizer)
 
     # -- routes -----------------------------------------------------------------------------
 
@@ -112,8 +92,9 @@ class OpenAIServer:
         answer = ChatFormat(body, self.model_name, self.token_texts)
         params = self._choice_params(body, max_tokens, answer.top, num_prompts=1)
         messages, tools = body.processor_messages(), body.template_tools()
-        self.limits.check_prompt_bytes(_text_bytes(_template_text(messages, tools)), self.max_model_len, "messages")
-        job = Job(self, request, len(params))
+        self.state.limits.check_prompt_bytes(_text_bytes(_template_text(messages, tools)), self.state.max_model_len,
+                                             "messages")
+        job = Job(self.state, request, len(params))
         await _start(job, body, lambda: self._prepare_chat(messages, tools), params, self._cache_salt(request, body))
         return await _respond(answer, job)
 
@@ -125,10 +106,10 @@ class OpenAIServer:
         if body.best_of not in (None, 1, body.n):
             raise APIError(400, "best_of is not supported by this server (only best_of = n)", param="best_of")
         prompts = [body.prompt] if isinstance(body.prompt, str) or _is_token_list(body.prompt) else body.prompt
-        self.limits.check_prompt_bytes(_text_bytes(prompts), self.max_model_len, "prompt")
+        self.state.limits.check_prompt_bytes(_text_bytes(prompts), self.state.max_model_len, "prompt")
         answer = CompletionFormat(body, self.model_name, self.token_texts)
         params = self._choice_params(body, body.max_tokens, answer.top, num_prompts=len(prompts))
-        job = Job(self, request, len(prompts) * len(params))
+        job = Job(self.state, request, len(prompts) * len(params))
         await _start(job, body, lambda: self._prepare_text(prompts), params, self._cache_salt(request, body))
         return await _respond(answer, job)
 
@@ -140,21 +121,21 @@ class OpenAIServer:
         return json_response(self._model_card())
 
     async def health(self, request: Request) -> Response:
-        if not self.engine.is_running:
+        if not self.state.engine.is_running:
             raise APIError(503, "the engine is not running", "server_error")
         return json_response(HealthStatus())
 
     async def prometheus(self, request: Request) -> Response:
-        text = self.metrics.render(running=self.engine.num_requests - self.engine.num_waiting,
-                                   waiting=self.admission.in_flight - (self.engine.num_requests - self.engine.num_waiting),
-                                   kv_cache_usage=self.engine.kv_cache_usage,
-                                   caches=self.llm.engine.cache_counters)
+        state, engine = self.state, self.state.engine
+        running = engine.num_requests - engine.num_waiting
+        text = state.metrics.render(running=running, waiting=state.admission.in_flight - running,
+                                    kv_cache_usage=engine.kv_cache_usage, caches=state.llm.engine.cache_counters)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     # -- requests to engine inputs ------------------------------------------------------------
 
     def _model_card(self) -> ModelCard:
-        return ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)
+        return ModelCard(id=self.model_name, created=self.created, max_model_len=self.state.max_model_len)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -171,15 +152,8 @@ class OpenAIServer:
         return body.model_copy(update=defaults)
 
     def _cache_salt(self, request: Request, body) -> str | None:
-        """The request's `cache_salt`; with `cache_salt_by_key`, one of its API key's own
-        (the key, and the request's salt if any, hashed under the server's secret)."""
-        if not self.cache_salt_by_key:
-            return body.cache_salt
-        digest = hashlib.blake2b(key=self._salt_secret, digest_size=32)
-        for part in (request.state.api_key, body.cache_salt or ""):
-            data = part.encode("utf-8", "surrogatepass")
-            digest.update(len(data).to_bytes(8, "little") + data)
-        return digest.hexdigest()
+        """The request's cache salt (the gate keeps the API key it was sent with, if one was needed)."""
+        return self.state.cache_salt(getattr(request.state, "api_key", None), body.cache_salt)
 
     def _check_common(self, body) -> None:
         """The checks chat and text completions share beyond the schema."""
@@ -189,11 +163,11 @@ class OpenAIServer:
 
     def _choice_params(self, body, max_tokens: int | None, logprobs: int | None, num_prompts: int) -> list[SamplingParams]:
         try:
-            self.limits.check_choices(body.n * num_prompts)
+            self.state.limits.check_choices(body.n * num_prompts)
         except InputError as error:
             raise APIError(400, str(error), param="n") from None
         base = body.sampling_params(max_tokens, logprobs)
-        base.validate(vocab_size=self.vocab_size, names=body.sampling_field_names())
+        base.validate(vocab_size=self.state.vocab_size, names=body.sampling_field_names())
         seeds = body.choice_seeds()
         if seeds[-1] is not None and seeds[-1] > SEED_RANGE[1]:
             raise APIError(400, f"seed={body.seed} with n={body.n} is invalid: choice i samples with seed + i, and "
@@ -206,12 +180,14 @@ class OpenAIServer:
         """The server's media rules here (no I/O), then fetch, decode, template and tokens in a worker
         thread: a media worker where there are images or videos, else starlette's thread pool, so
         text never waits for media."""
-        def prepare():
-            return [self.processor.prepare(messages, context_len=self.max_model_len, tools=tools)]
+        state = self.state
 
-        if not check_media(messages, self.processor.media_policy, self.limits):
+        def prepare():
+            return [state.processor.prepare(messages, context_len=state.max_model_len, tools=tools)]
+
+        if not check_media(messages, state.processor.media_policy, state.limits):
             return await run_in_threadpool(prepare)
-        return await asyncio.get_running_loop().run_in_executor(self.media_pool, prepare)
+        return await asyncio.get_running_loop().run_in_executor(state.media_pool, prepare)
 
     async def _prepare_text(self, prompts: list[str | list[int]]) -> list[PreparedPrompt]:
         return await run_in_threadpool(self._text_prompts, prompts)
@@ -219,15 +195,15 @@ class OpenAIServer:
     def _text_prompts(self, prompts: list[str | list[int]]) -> list[PreparedPrompt]:
         """Token ids and text of each prompt (a non-empty string always has tokens: the schema
         refuses empty prompts)."""
-        prepared = []
+        prepared, tokenizer, vocab_size = [], self.state.tokenizer, self.state.vocab_size
         for index, prompt in enumerate(prompts):
-            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            bad = next((token for token in ids if not 0 <= token < self.vocab_size), None)
+            ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            bad = next((token for token in ids if not 0 <= token < vocab_size), None)
             if bad is not None:
-                raise APIError(400, f"prompt {index} has token id {bad}, outside the vocabulary [0, {self.vocab_size})",
+                raise APIError(400, f"prompt {index} has token id {bad}, outside the vocabulary [0, {vocab_size})",
                                param=f"prompt[{index}]")
-            text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=False)
-            positions, rope_delta = self.processor.mrope(ids, [])
+            text = prompt if isinstance(prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
+            positions, rope_delta = self.state.processor.mrope(ids, [])
             prepared.append(PreparedPrompt(ids, positions, rope_delta, [], text))
         return prepared
 
@@ -279,7 +255,7 @@ def _text_bytes(value) -> int:
 def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, media: MediaPolicy | None = None,
                api_key: str | Sequence[str] | None = None, default_params: SamplingParams | None = None,
                cache_salt_by_key: bool = False, docs: bool = False,
-               timer: Callable[[float], Awaitable] = asyncio.sleep) -> FastAPI:
+               timer: Timer = asyncio.sleep) -> FastAPI:
     """An ASGI app serving `llm` (a loaded `Qwen2VL`) under OpenAI's API as `model_name`.
 
     `media`: where images and videos may come from (default `limits.SERVER_MEDIA`: inline data
@@ -291,25 +267,24 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
     `openapi.docs_page`). `timer(seconds)` is awaited for each request's time limit
     (`limits.request_timeout_s`); a test passes one that ends when it says so.
 
-    The engine thread starts with the app (lifespan) and stops with it.
+    The engine thread starts with the app (lifespan) and stops with it. `app.state.server` is the
+    state the server's parts share (`state.ServerState`).
     """
-    server = OpenAIServer(llm, model_name, limits or ServerLimits(), media or SERVER_MEDIA, api_key, default_params,
-                          cache_salt_by_key, timer)
+    state = ServerState.build(llm, limits or ServerLimits(), media or SERVER_MEDIA, api_key, cache_salt_by_key, timer)
+    server = OpenAIServer(state, model_name, default_params)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        llm.engine.grammars.load()  # before serving: it holds the GIL for a second or more
-        server.engine.start()
+        state.start()
         try:
             yield
         finally:
-            server.engine.stop()
-            server.media_pool.shutdown(wait=False, cancel_futures=True)
+            state.stop()
 
     app = FastAPI(title="qwen2vl", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json", swagger_ui_oauth2_redirect_url=None)
-    app.state.server = server
-    app.add_middleware(RequestGate, server=server)
+    app.state.server = state
+    app.add_middleware(RequestGate, state=state)
 
     async def on_error(request: Request, error: Exception) -> Response:
         return api_error(error, request.state.request_id).response()
@@ -341,7 +316,7 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
         app.add_api_route("/docs", lambda: docs_page(app), methods=["GET"], include_in_schema=False)
         app.mount(SWAGGER_UI_PREFIX, StaticFiles(directory=swagger_ui_files()), name="swagger-ui")
     app.mount("/static", StaticFiles(directory=PAGE_DIR), name="static")
-    app.openapi = lambda: openapi_document(app, with_api_key=bool(server.api_keys))
+    app.openapi = lambda: openapi_document(app, with_api_key=bool(state.api_keys))
     return app
 
 

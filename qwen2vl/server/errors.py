@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from qwen2vl.engine.async_engine import EngineFailure, EngineStopped
 from qwen2vl.errors import InputError
 from qwen2vl.server.limits import Overloaded
-from qwen2vl.server.schemas import ErrorInfo, ErrorResponse
+from qwen2vl.server.replies import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("qwen2vl.server")
 

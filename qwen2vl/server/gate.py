@@ -6,17 +6,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import uuid
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 
 from qwen2vl.server.errors import APIError, ClientGone, api_error
-from qwen2vl.server.schemas import describe_validation_error
-
-if TYPE_CHECKING:
-    from qwen2vl.server.app import OpenAIServer
+from qwen2vl.server.state import ServerState
+from qwen2vl.server.validation import describe_validation_error
 
 ENDPOINTS = ("/", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs")
 PUBLIC_PATHS = ("/", "/health", "/openapi.json", "/docs")  # no API key needed; nor under PAGE_PREFIX
@@ -46,9 +43,9 @@ class RequestGate:
     oversized, slow or unauthenticated request costs nothing more; an answer given before the
     body was read in full closes the connection (the rest of the body is never read)."""
 
-    def __init__(self, app, server: OpenAIServer):
+    def __init__(self, app, state: ServerState):
         self.app = app
-        self.server = server
+        self.state = state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -78,12 +75,12 @@ class RequestGate:
                 await answer.response()(scope, receive, send_tagged)
         finally:
             status = CLIENT_CLOSED if exchange.client_left or exchange.status is None else exchange.status
-            self.server.metrics.requests.inc(_endpoint(scope["path"]), str(status))
+            self.state.metrics.requests.inc(_endpoint(scope["path"]), str(status))
 
     def _authorize(self, scope) -> None:
         """Any one of the server's keys opens the API; the request's state keeps which one (with
         `cache_salt_by_key`, the key decides the request's cache salt)."""
-        keys = self.server.api_keys
+        keys = self.state.api_keys
         if not keys or scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PAGE_PREFIX):
             return
         scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
@@ -97,7 +94,7 @@ class RequestGate:
         scope["state"]["api_key"] = matches[0]
 
     async def _read_body(self, scope, receive) -> bytes:
-        timeout = self.server.limits.body_timeout_s
+        timeout = self.state.limits.body_timeout_s
         try:
             return await asyncio.wait_for(self._receive_body(scope, receive), timeout)
         except asyncio.TimeoutError:
@@ -105,7 +102,7 @@ class RequestGate:
 
     async def _receive_body(self, scope, receive) -> bytes:
         path = scope["path"]
-        limit = self.server.limits.max_body_bytes if path in BODY_PATHS else 0
+        limit = self.state.limits.max_body_bytes if path in BODY_PATHS else 0
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _too_large(int(declared), limit, path)

@@ -8,7 +8,6 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -18,22 +17,20 @@ from qwen2vl.engine.sequence import RequestOutput
 from qwen2vl.processor.types import PreparedPrompt
 from qwen2vl.sampling_params import SamplingParams
 from qwen2vl.server.errors import APIError, ClientGone, api_error
-
-if TYPE_CHECKING:
-    from qwen2vl.server.app import OpenAIServer
+from qwen2vl.server.state import ServerState
 
 
 class Job:
     """The engine requests of one HTTP request (`n` choices per prompt), from admission to close."""
 
-    def __init__(self, server: OpenAIServer, request: Request, num_choices: int):
-        self.server = server
+    def __init__(self, state: ServerState, request: Request, num_choices: int):
+        self.state = state
         self.request = request
         self.request_id = request.state.request_id
         self.num_choices = num_choices
         self.arrival = time.monotonic()
         # Done when the request's time is up (the server's timer: asyncio.sleep, or a test's own).
-        self.expired = asyncio.ensure_future(server.timer(server.limits.request_timeout_s))
+        self.expired = asyncio.ensure_future(state.timer(state.limits.request_timeout_s))
         self.prompts: list[PreparedPrompt] = []
         self.streams: list[RequestStream] = []
         self._admitted = 0
@@ -46,16 +43,16 @@ class Job:
         """Admit, prepare the prompts (`prepare` does it in a worker thread) and hand
         `len(prompts) * len(params)` requests to the engine (choice `p * len(params) + i` is prompt p
         with params i), all under `cache_salt`."""
-        server = self.server
-        server.admission.acquire(self.num_choices)
+        state = self.state
+        state.admission.acquire(self.num_choices)
         self._admitted = self.num_choices
         try:
             self.prompts = await self._in_time(prepare())
             for prompt in self.prompts:
-                server.limits.check_prompt_length(len(prompt), server.max_model_len)
+                state.limits.check_prompt_length(len(prompt), state.max_model_len)
             requests = [(prompt, choice_params) for prompt in self.prompts for choice_params in params]
             added = await asyncio.gather(
-                *(server.engine.add_request(prompt, choice_params, f"{self.request_id}-{index}", cache_salt)
+                *(state.engine.add_request(prompt, choice_params, f"{self.request_id}-{index}", cache_salt)
                   for index, (prompt, choice_params) in enumerate(requests)),
                 return_exceptions=True,
             )
@@ -63,7 +60,7 @@ class Job:
             failures = [error for error in added if isinstance(error, BaseException)]
             if failures:
                 raise failures[0]
-            server.metrics.prompt_tokens.inc(amount=sum(len(prompt) for prompt, _ in requests))
+            state.metrics.prompt_tokens.inc(amount=sum(len(prompt) for prompt, _ in requests))
             self._watcher = asyncio.create_task(self._watch())
         except BaseException:
             self.close()
@@ -93,12 +90,12 @@ class Job:
                     yield index, output
         except RequestCancelled:
             if self._timed_out:
-                raise APIError(504, f"the request ran past the server's limit of {self.server.limits.request_timeout_s:g} s",
+                raise APIError(504, f"the request ran past the server's limit of {self.state.limits.request_timeout_s:g} s",
                                "timeout_error", code="request_timeout") from None
             raise ClientGone() from None
 
     def _observe(self, output: RequestOutput) -> None:
-        metrics, now = self.server.metrics, time.monotonic()
+        metrics, now = self.state.metrics, time.monotonic()
         if output.new_token_ids and len(output.token_ids) == len(output.new_token_ids):
             metrics.time_to_first_token.observe(now - self.arrival)
         metrics.generation_tokens.inc(amount=len(output.new_token_ids))
@@ -128,17 +125,17 @@ class Job:
             self._watcher = None
             unfinished = len(self.streams) - self._num_finished
             if unfinished:
-                self.server.metrics.finished.inc("abort", amount=unfinished)
+                self.state.metrics.finished.inc("abort", amount=unfinished)
         for stream in self.streams:
             stream.abort()
-        self.server.admission.release(self._admitted)
+        self.state.admission.release(self._admitted)
         self._admitted = 0
 
     async def _in_time(self, awaitable):
         work = asyncio.ensure_future(awaitable)
         if not await _before(work, self.expired):
             raise APIError(504, f"preparing the request ran past the server's limit of "
-                                f"{self.server.limits.request_timeout_s:g} s", "timeout_error",
+                                f"{self.state.limits.request_timeout_s:g} s", "timeout_error",
                            code="request_timeout")
         return work.result()
 

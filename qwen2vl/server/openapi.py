@@ -1,5 +1,5 @@
 """The OpenAPI document (`/openapi.json`, and with `serve --docs` Swagger UI at `/docs`): the
-request and response models of `schemas.py`, declared by reference, with every route's error
+request models of `requests.py` and the reply models of `replies.py`, declared by reference, with every route's error
 answers."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from qwen2vl.server.schemas import REQUEST_MODELS, RESPONSE_MODELS, ErrorResponse
+from qwen2vl.server.replies import RESPONSE_MODELS, ErrorResponse
+from qwen2vl.server.requests import REQUEST_MODELS
 
 _ERRORS = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown model or path",
            408: "body not sent in time", 413: "body over the limit", 415: "body not sent as JSON",

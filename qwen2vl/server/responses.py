@@ -15,18 +15,16 @@ from qwen2vl import tool_calls
 from qwen2vl.engine.sequence import RequestOutput
 from qwen2vl.processor.tokenizer import Tokenizer
 from qwen2vl.server.jobs import Job
-from qwen2vl.server.schemas import (
+from qwen2vl.server.replies import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatDelta,
     ChoiceLogprobs,
     CompletionChoice,
     CompletionLogprobs,
-    CompletionRequest,
     PromptTokensDetails,
     TextCompletion,
     TokenLogprob,
@@ -37,6 +35,7 @@ from qwen2vl.server.schemas import (
     TopLogprob,
     Usage,
 )
+from qwen2vl.server.requests import ChatCompletionRequest, CompletionRequest
 
 Distribution = dict[int, float]  # token id -> logprob, for the sampled token and the most likely ones
 
