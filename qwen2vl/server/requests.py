@@ -25,7 +25,6 @@ from qwen2vl.structured import KINDS, response_format_fields
 from qwen2vl.tool_calls import TOOL_CHOICES, check_tool_choice, tool_call_grammar
 
 # Fields clients commonly send that change nothing here; accepted and ignored.
-IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
 # A cap on the pixels of an image sent with OpenAI's `detail: "low"` (256 visual tokens).
 LOW_DETAIL_MAX_PIXELS = 256 * 28 * 28
 

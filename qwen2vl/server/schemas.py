@@ -33,7 +33,6 @@ from qwen2vl.server.replies import (  # noqa: F401
 from qwen2vl.server.requests import (  # noqa: F401
     CONTENT_PART_TYPES,
     GUIDED_FIELDS,
-    IGNORED_FIELDS,
     LOW_DETAIL_MAX_PIXELS,
     REQUEST_MODELS,
     SAMPLING_FIELDS_BY_NAME,
