@@ -28,6 +28,7 @@ import functools
 import json
 import os
 import pickle
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from ..batch_job import JobOutput, Progress, answer_rows, id_key, note_partial, prepare_row, write_rows
+from ..batch_job import JobOutput, Progress, answer_rows, id_key, prepare_row, write_rows
 from ..engine_args import EngineArgs
 from ..errors import InputError, Qwen2VLError
 from ..sampling_params import SamplingParams
@@ -212,41 +213,81 @@ def generate_dataset(ds: "ray.data.Dataset", model: str | os.PathLike | None = N
 
 
 class ParquetOutput:
-    """`JobOutput` for a .parquet file: rows written as they come to `PATH.partial`, moved onto
-    PATH by `commit`; `resume` keeps the rows of the partial file (else of PATH) and skips their ids."""
+    """`JobOutput` for a .parquet file. `PATH.partial` is a folder: each batch of rows becomes a
+    closed Parquet file of its own there (written under a hidden name, then renamed), so a job
+    killed at any moment leaves every batch it wrote readable; `commit` writes them as one table
+    onto PATH (by way of a new file renamed into place) and removes the folder. `resume` goes on
+    from `PATH.partial` (else from PATH, whose rows become the folder's first part) and `done`
+    holds the ids already answered; without it an earlier `PATH.partial` is started over."""
 
     def __init__(self, path: str | os.PathLike, resume: bool = False):
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         if not self.path.parent.is_dir():
             raise InputError(f"--output {self.path}: folder {self.path.parent} does not exist", field="output")
-        source = self.partial if self.partial.is_file() else self.path
-        self._kept = pq.read_table(source) if resume and source.is_file() else None
-        self.done = {id_key(row_id) for row_id in self._kept.column("id").to_pylist()} if self._kept else set()
-        self.schema: pa.Schema | None = None  # the answered rows' (set by the job): the file's, without kept rows
-        self._writer = None
+        self.schema: pa.Schema | None = None  # the answered rows' (set by the job), for a file without kept rows
+        if not resume:
+            _remove(self.partial)
+        elif not self.partial.is_dir():
+            kept = _read_parquet(self.partial if self.partial.is_file() else self.path)
+            _remove(self.partial)
+            self.partial.mkdir()
+            if kept is not None:
+                self._write_part(kept)
+        self.partial.mkdir(exist_ok=True)
+        parts = self._parts()
+        self._file_schema = pq.read_schema(parts[0]) if parts else None
+        self.done = {id_key(row_id) for part in parts for row_id in pq.read_table(part, columns=["id"]).column("id").to_pylist()}
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.partial.glob("part-*.parquet"))
+
+    def _write_part(self, table: pa.Table) -> None:
+        final = self.partial / f"part-{len(self._parts()):06d}.parquet"
+        hidden = self.partial / f".{final.name}"  # a dataset reader passes over hidden names
+        pq.write_table(table, hidden)
+        os.replace(hidden, final)
 
     def write(self, rows: list[dict]) -> None:
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self.partial, self._kept.schema if self._kept is not None else self.schema)
-            if self._kept is not None:
-                self._writer.write_table(self._kept)
-        self._writer.write_table(pa.Table.from_pylist(rows, schema=self._writer.schema))
+        if self._file_schema is None:
+            self._file_schema = self.schema
+        self._write_part(pa.Table.from_pylist(rows, schema=self._file_schema))
 
     def commit(self) -> None:
-        if self._writer is None:  # no new rows: the kept ones, or an empty table
-            empty = pa.schema([("id", pa.string()), *OUTPUT_FIELDS])
-            pq.write_table(self._kept if self._kept is not None else empty.empty_table(), self.partial)
-        else:
-            self._writer.close()
-            self._writer = None
-        os.replace(self.partial, self.path)
+        parts = self._parts()
+        if parts:
+            table = pa.concat_tables(pq.read_table(part) for part in parts)
+        else:  # no rows at all
+            table = pa.schema([("id", pa.string()), *OUTPUT_FIELDS]).empty_table()
+        new = self.path.with_name(self.path.name + ".new")
+        pq.write_table(table, new)
+        os.replace(new, self.path)
+        _remove(self.partial)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        note_partial(self.partial)
+        if self.partial.is_dir() and self._parts():
+            print(f"\r[the rows written so far are in {self.partial}; --resume goes on from there]", file=sys.stderr)
+        elif self.partial.is_dir():
+            _remove(self.partial)
+
+
+def _read_parquet(path: Path) -> pa.Table | None:
+    """The rows of a finished Parquet output (None: no file). One cut short by a kill has no
+    footer and cannot be read: an error that says so."""
+    if not path.is_file():
+        return None
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InputError(f"--resume: {path} is not a readable Parquet file ({error}); remove it to start over",
+                         field="output") from None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def run_job(input_path: str, output_path: str | None, *, engine_args: EngineArgs, params: SamplingParams,
