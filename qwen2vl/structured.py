@@ -87,11 +87,20 @@ def response_format_fields(response_format) -> dict:
                      field="response_format.type")
 
 
+class _Checked(str):
+    """A constraint's text as `normalize` returned it: normalizing it again returns it as it is.
+    A request's params are resolved where it is handed to the engine (to compile its constraint
+    off the stepping thread) and again where the engine adds it; a 200 KB schema is not parsed
+    and bounded a second time, on the stepping thread."""
+
+
 def normalize(kind: str, value):
     """A constraint as the resolved SamplingParams holds it (checked, hashable text): a JSON
     schema as its JSON text (from a dict, a JSON string or a pydantic model class; `true` is any
     JSON value, integral floats such as `"maxItems": 2.0` are integers), a choice as a tuple of
     strings, a regex or Lark grammar as given. `InputError` when it is over a bound."""
+    if isinstance(value, _Checked):
+        return value
     if kind == "choice":
         if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value \
                 or not all(isinstance(item, str) and item for item in value):
@@ -103,14 +112,14 @@ def normalize(kind: str, value):
             raise InputError(f"json_object must be true or unset, got {value!r}", field="json_object")
         return True
     if kind == "json_schema":
-        return json.dumps(checked_schema(value))
+        return _Checked(json.dumps(checked_schema(value)))
     if not isinstance(value, str) or not value:
         raise InputError(f"{kind} must be a non-empty string", field=kind)
     _check_size(kind, value)
     rules = len(_LARK_RULE.findall(value)) if kind == "grammar" else 0
     if rules > MAX_GRAMMAR_RULES:
         raise InputError(f"grammar has {rules} rules, over the limit of {MAX_GRAMMAR_RULES}", field=kind)
-    return value
+    return _Checked(value)
 
 
 def _check_size(kind: str, text: str) -> None:

@@ -254,6 +254,23 @@ def optional_properties(count: int) -> dict:
     return {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(count)}}
 
 
+def test_a_resolved_constraint_is_checked_once(monkeypatch):
+    """The driver resolves a request's params (to compile off the stepping thread) and the engine
+    resolves them again when it adds the request: the second pass takes the checked text as it is."""
+    from qwen2vl import structured
+
+    resolved = {kind: SamplingParams(**{kind: value}).resolve() for kind, value in
+                [("json_schema", chained_defs(50)), ("grammar", chained_grammar(50)), ("regex", "[0-9]{4}")]}
+    calls = []
+    monkeypatch.setattr(structured, "checked_schema", lambda *args: calls.append(args))
+    monkeypatch.setattr(structured, "_check_size", lambda *args: calls.append(args))
+    for kind, params in resolved.items():
+        again = params.resolve()
+        assert again.constraint == params.constraint and type(getattr(again, kind)) is type(getattr(params, kind))
+    assert calls == []
+    assert SamplingParams(json_schema=resolved["json_schema"].json_schema + " ").resolve() is not None and calls
+
+
 @pytest.mark.parametrize("fields, field, words", [
     (dict(grammar=chained_grammar(3000)), "grammar", "3001 rules, over the limit of 1000"),
     (dict(json_schema=chained_defs(1000)), "json_schema", "a chain of over 64 $refs"),
