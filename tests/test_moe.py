@@ -210,3 +210,42 @@ def test_wrong_expert_tensors_are_named(tmp_path, change, message):
                "mlp.experts.down_proj": torch.zeros(6, 24, HIDDEN), **change}
     with pytest.raises(CheckpointError, match=message):
         _load_experts(tmp_path, tensors, moe, HIDDEN)
+
+
+def test_a_square_published_gate_up_proj_is_read_by_its_layers_down_proj(tmp_path):
+    """A difference from transformers 5.17, which decides each tensor's layout by its shape alone:
+    where H = 2I the published gate_up_proj `[E, H, 2I]` has its parameter's shape, and 5.17 keeps
+    it untransposed (every expert's gate/up weights scrambled), while it does transpose down_proj.
+    Qwen's reference (transformers 4.57) holds the published layout itself; we read the layout
+    from the layer's down_proj, which is not square, and transpose both, as Qwen's reads them."""
+    from safetensors.torch import load_file
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    hidden, intermediate = 16, 8
+    config = Qwen3VLMoeConfig(
+        text_config=dict(vocab_size=64, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4,
+                         num_experts_per_tok=2, moe_intermediate_size=intermediate,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                          "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=hidden,
+                           deepstack_visual_indexes=[0], num_position_embeddings=16))
+    torch.manual_seed(0)
+    Qwen3VLMoeForConditionalGeneration(config).save_pretrained(tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    prefix = "model.language_model.layers.0.mlp."
+    gate_up, down = tensors[prefix + "experts.gate_up_proj"], tensors[prefix + "experts.down_proj"]  # 5.17's [E, N, K]
+    tensors[prefix + "experts.gate_up_proj"] = gate_up.transpose(1, 2).contiguous()  # published [E, H, 2I]: square
+    tensors[prefix + "experts.down_proj"] = down.transpose(1, 2).contiguous()
+    save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+
+    theirs = Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path / "hf").model.language_model.layers[0].mlp
+    assert torch.equal(theirs.experts.down_proj, down)  # transposed back: right
+    assert torch.equal(theirs.experts.gate_up_proj, tensors[prefix + "experts.gate_up_proj"])  # kept: wrong
+    assert not torch.equal(theirs.experts.gate_up_proj, gate_up)
+
+    (tmp_path / "ours").mkdir()
+    published = {"mlp." + name: tensors[prefix + name] for name in ("gate.weight", "experts.gate_up_proj",
+                                                                   "experts.down_proj")}
+    ours = _load_experts(tmp_path / "ours", published, MoEConfig(4, 2, intermediate), hidden)
+    assert torch.equal(ours.experts.gate_up_proj, gate_up) and torch.equal(ours.experts.down_proj, down)
