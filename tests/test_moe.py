@@ -249,3 +249,21 @@ def test_a_square_published_gate_up_proj_is_read_by_its_layers_down_proj(tmp_pat
                                                                    "experts.down_proj")}
     ours = _load_experts(tmp_path / "ours", published, MoEConfig(4, 2, intermediate), hidden)
     assert torch.equal(ours.experts.gate_up_proj, gate_up) and torch.equal(ours.experts.down_proj, down)
+
+
+def test_the_loaders_plan_names_a_decoder_layers_sparse_mlp_as_the_checkpoints_do():
+    from qwen2vl.model.qwen2_vl import WEIGHT_RENAMES, Qwen2VLForConditionalGeneration
+
+    config = Qwen2VLConfig.from_dict(reference_config("a").to_dict())
+    hidden = config.text.hidden_size
+    with torch.device("meta"):
+        model = Qwen2VLForConditionalGeneration(config)
+        model.language_model.layers[1].mlp = SparseMoeBlock(hidden, moe_config(4, 2, 8))
+    plan = loader._plan(model, WEIGHT_RENAMES)
+    layer = "model.layers.1.mlp."
+    assert {name for name in plan if name.startswith(layer)} == \
+        {layer + "gate.weight", layer + "experts.gate_up_proj", layer + "experts.down_proj"}
+    assert plan[layer + "gate.weight"].shape == (4, hidden)
+    assert isinstance(plan[layer + "experts.gate_up_proj"], loader._StackedExpertsSlot)
+    assert plan[layer + "experts.gate_up_proj"].shape == (4, hidden, 16)  # published [E, H, 2I]
+    assert plan[layer + "experts.down_proj"].shape == (4, 8, hidden)  # published [E, I, H]
