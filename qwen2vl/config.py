@@ -26,6 +26,46 @@ VISION_ALIASES = {"in_chans": "in_channels", "spatial_patch_size": "patch_size"}
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """The sparse MLP of a mixture-of-experts decoder (Qwen3-VL-MoE's `text_config`): each token
+    goes to the `num_experts_per_tok` experts its router scores highest, their outputs weighted
+    by the router's softmax (renormalized over the chosen ones where `norm_topk_prob`)."""
+
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int  # one expert's SwiGLU width
+    decoder_sparse_step: int = 1  # every this-many-th layer is sparse ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... except these, which keep the dense MLP
+    # Published configs say true; transformers 5.17 and Qwen's reference renormalize without reading it.
+    norm_topk_prob: bool = True
+
+    def is_sparse_layer(self, layer_index: int) -> bool:
+        """Whether decoder layer `layer_index` (from 0) has the sparse MLP (else the dense one)."""
+        return layer_index not in self.mlp_only_layers and (layer_index + 1) % self.decoder_sparse_step == 0
+
+    @classmethod
+    def from_dict(cls, t: dict) -> "MoEConfig | None":
+        """From the text settings; None where they name no experts (a dense decoder).
+        `num_local_experts` is the name transformers 5.17's `save_pretrained` writes."""
+        num_experts = t.get("num_experts", t.get("num_local_experts")) or 0
+        if num_experts <= 0:
+            return None
+        missing = [k for k in ("num_experts_per_tok", "moe_intermediate_size") if k not in t]
+        if missing:
+            raise CheckpointError(f"config.json: text settings with num_experts lack {missing}")
+        config = cls(num_experts, t["num_experts_per_tok"], t["moe_intermediate_size"],
+                     t.get("decoder_sparse_step", 1), tuple(t.get("mlp_only_layers") or ()),
+                     bool(t.get("norm_topk_prob", True)))
+        if not 1 <= config.num_experts_per_tok <= num_experts:
+            raise CheckpointError(f"config.json: num_experts_per_tok {config.num_experts_per_tok} must be between 1 "
+                                  f"and num_experts {num_experts}")
+        if config.moe_intermediate_size <= 0 or config.decoder_sparse_step <= 0:
+            raise CheckpointError(f"config.json: moe_intermediate_size {config.moe_intermediate_size} and "
+                                  f"decoder_sparse_step {config.decoder_sparse_step} must be positive")
+        return config
+
+
+@dataclass(frozen=True)
 class TextConfig:
     vocab_size: int
     hidden_size: int
@@ -39,6 +79,7 @@ class TextConfig:
     mrope_section: tuple[int, ...]
     max_position_embeddings: int
     tie_word_embeddings: bool
+    moe: MoEConfig | None = None  # the sparse MLP's settings; None: every layer's MLP is dense
 
 
 @dataclass(frozen=True)
@@ -321,4 +362,5 @@ def _text_config(t: dict, tied: bool) -> TextConfig:
         mrope_section=mrope_section,
         max_position_embeddings=t.get("max_position_embeddings", DEFAULT_CONTEXT_LEN),
         tie_word_embeddings=tied,
+        moe=MoEConfig.from_dict(t),
     )

@@ -25,6 +25,7 @@ from qwen2vl.config import QuantConfig, Qwen2VLConfig
 from qwen2vl.errors import CheckpointError
 from qwen2vl import kernels
 from qwen2vl.layers.linear import AWQLinear, GPTQLinear, Int4Linear, Linear, QuantizedLinear
+from qwen2vl.layers.moe import Experts
 from qwen2vl.layers.vocab import Int8VocabTable
 from qwen2vl.model.qwen2_vl import WEIGHT_RENAMES, Qwen2VLForConditionalGeneration
 from qwen2vl.model.registry import architecture, parse_config
@@ -195,6 +196,54 @@ class _Slot:
 
 
 @dataclass
+class _StackedExpertsSlot:
+    """Where a mixture-of-experts layer's stacked `gate_up_proj` or `down_proj` goes. Ours is
+    `[E, N, K]` (each expert's `Linear` weight); the published checkpoints store `[E, K, N]`
+    (`gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`), transformers' `save_pretrained` writes
+    ours: both are read. Which one a layer holds is told by its shapes: `_check_keys` calls
+    `check` for both tensors of a layer, which share `layout`. One of them is always
+    telling (gate_up is square only where H = 2I, down only where H = I)."""
+
+    module: Experts
+    attr: str
+    layout: dict  # "transposed": whether the layer's tensors are stored [E, K, N]; shared by its two slots
+    is_text: bool = True
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The published shape (what a missing tensor's message names)."""
+        experts, n, k = getattr(self.module, self.attr).shape
+        return experts, k, n
+
+    def check(self, key: str, shape: tuple[int, ...]) -> None:
+        ours = tuple(getattr(self.module, self.attr).shape)
+        if shape not in (self.shape, ours):
+            raise CheckpointError(f"tensor {key}: expected shape {list(self.shape)} (or {list(ours)}, as "
+                                  f"transformers' save_pretrained writes it), found {list(shape)}")
+        if self.shape == ours:
+            return  # square: the layer's other tensor tells
+        transposed = shape == self.shape
+        if self.layout.setdefault("transposed", transposed) != transposed:
+            raise CheckpointError(f"tensor {key}: stored {'[E, K, N]' if transposed else '[E, N, K]'}, "
+                                  "unlike the other expert tensor of its layer")
+
+    def fill(self, shard: "_Shard", f, key: str, float_dtype: torch.dtype, device: torch.device) -> None:
+        if not shard.dtype(key).is_floating_point:
+            raise CheckpointError(f"tensor {key}: expected float expert weights, found {shard.dtype(key)}")
+        tensor = shard.read(f, key, float_dtype)
+        target = torch.empty(getattr(self.module, self.attr).shape, dtype=float_dtype, device=device)
+        target.copy_(tensor.transpose(1, 2) if self.layout["transposed"] else tensor)
+        setattr(self.module, self.attr, torch.nn.Parameter(target, requires_grad=False))
+
+
+def _expert_slots(name: str, module: Experts, renames: tuple[tuple[str, str], ...]) -> dict[str, _StackedExpertsSlot]:
+    """Checkpoint name -> slot of the stacked expert weights of `module` (named `name` in the model)."""
+    layout = {}
+    return {checkpoint_name(f"{name}.{attr}", renames): _StackedExpertsSlot(module, attr, layout)
+            for attr in ("gate_up_proj", "down_proj")}
+
+
+@dataclass
 class _Int8RowsSlot:
     """Where a vocabulary table goes when it is kept in int8: read and quantized a block of rows
     at a time, so that no whole-table copy in a float dtype is ever made."""
@@ -238,6 +287,8 @@ def _plan(model: torch.nn.Module, renames: tuple[tuple[str, str], ...]) -> dict[
     for name, module in model.named_modules():
         if isinstance(module, Int8VocabTable):
             plan[checkpoint_name(f"{name}.weight", renames)] = _Int8RowsSlot(module, tuple(module.values.shape))
+        if isinstance(module, Experts):
+            plan.update(_expert_slots(name, module, renames))
     patch = plan["visual.patch_embed.proj.weight"]
     vision = model.config.vision
     patch.shape = (vision.embed_dim, vision.in_channels, vision.temporal_patch_size,
@@ -358,7 +409,9 @@ def _check_keys(plan: dict[str, _Slot], shards: dict[Path, _Shard], tied: bool) 
                                           f"quantization_config says it is quantized (expected {packed})")
                 raise CheckpointError(f"tensor {key} in {shard.path.name} is not part of this model "
                                       "(wrong architecture or quantization config?)")
-            if shard.shape(key) != slot.shape:
+            if isinstance(slot, _StackedExpertsSlot):
+                slot.check(key, shard.shape(key))
+            elif shard.shape(key) != slot.shape:
                 raise CheckpointError(f"tensor {key}: expected shape {list(slot.shape)}, "
                                       f"found {list(shard.shape(key))}")
             seen.add(name)

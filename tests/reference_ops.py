@@ -4,7 +4,8 @@ check them against.
 
 Where a layer already holds the reference math it is reused, not copied: rotary is
 `layers.rotary.apply_rotary`, SwiGLU is `layers.activation.silu_and_mul`, AWQ dequantization is
-`layers.quantization.dequantize_awq`, the KV write is `layers.attention.write_kv_cache`.
+`layers.quantization.dequantize_awq`, the KV write is `layers.attention.write_kv_cache`, the
+mixture-of-experts grouped matmul is `layers.moe.grouped_matmul`.
 """
 from __future__ import annotations
 

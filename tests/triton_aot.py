@@ -23,7 +23,8 @@ LINEARS = {"qkv": (HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM), "o": (HEADS * HEA
 
 def variants():
     """(name, kernel, {param: type string or constexpr value}, options) for every launch."""
-    from qwen2vl.kernels import triton_activation, triton_attention, triton_awq, triton_int8, triton_norm, triton_rotary
+    from qwen2vl.kernels import (triton_activation, triton_attention, triton_awq, triton_int8, triton_moe, triton_norm,
+                                 triton_rotary)
 
     awq_types = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "qzeros_ptr": "*i32", "scales_ptr": "*fp16",
                  "bias_ptr": "*bf16", "final_ptr": "*bf16", "counters_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32",
@@ -87,6 +88,13 @@ def variants():
     yield ("silu_and_mul", triton_activation._silu_and_mul_kernel,
            {"gate_up_ptr": "*bf16", "out_ptr": "*bf16", "stride": "i32", "width": "i32",
             "BLOCK": triton_activation.BLOCK}, {})
+    for block_m in (16, 64):  # triton_moe.grouped_matmul's: few rows per expert, many
+        for gather in (True, False):  # gate_up gathers the tokens' rows, down reads its own
+            yield (f"moe grouped matmul block_m={block_m} gather={gather}", triton_moe._grouped_matmul_kernel,
+                   {"a_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "offsets_ptr": "*i64",
+                    "tile_expert_ptr": "*i32", "tile_first_row_ptr": "*i64", "rows_ptr": "*i64" if gather else "*bf16",
+                    "N": "i32", "K": "i32", "stride_am": "i32", "num_experts": "i32", "GATHER": gather,
+                    "BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 32}, {"num_warps": 4})
 
 
 def paged_decode_variants(triton_attention, index: str):

@@ -40,6 +40,7 @@ triton_attention = _kernel_module("triton_attention")
 triton_norm = _kernel_module("triton_norm")
 triton_rotary = _kernel_module("triton_rotary")
 triton_activation = _kernel_module("triton_activation")
+triton_moe = _kernel_module("triton_moe")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter keeps bfloat16 as raw uint16 words: its dots multiply the words and its
@@ -519,3 +520,62 @@ def test_a_mixed_steps_decode_rows_take_one_triton_launch(tiny_awq_checkpoint, m
         chosen = [step[token] for step, token in zip(ours.logprobs, ours.token_ids)]
         expected = [step[token] for step, token in zip(reference.logprobs, reference.token_ids)]
         torch.testing.assert_close(torch.tensor(chosen), torch.tensor(expected), rtol=0, atol=0.05)
+
+
+def _routed_rows(num_experts: int, counts: list[int], num_tokens: int, generator: torch.Generator):
+    """`offsets [E + 1]` of rows sorted by expert with these counts, and each row's source token."""
+    offsets = torch.tensor([0, *counts]).cumsum(0)
+    rows = torch.randint(0, num_tokens, (sum(counts),), generator=generator)
+    assert len(counts) == num_experts
+    return offsets, rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, BF16])
+@pytest.mark.parametrize("counts, gather", [
+    ([3, 0, 5, 1], True),  # decode-sized: 16-row tiles, an expert without rows
+    ([0, 17, 2, 0], False),  # an expert's rows over two tiles
+    ([40, 33], True),  # many rows per expert: 64-row tiles, row tails masked
+])
+def test_moe_grouped_matmul_matches_the_layer(counts, gather, dtype):
+    from qwen2vl.layers.moe import grouped_matmul
+
+    generator = torch.Generator().manual_seed(sum(counts))
+    num_experts, n, k, num_tokens = len(counts), 96, 40, 11  # N and K tails masked
+    offsets, rows = _routed_rows(num_experts, counts, num_tokens, generator)
+    a = torch.randn(num_tokens if gather else sum(counts), k, generator=generator)
+    weight = torch.randn(num_experts, n, k, generator=generator) * 0.2
+    a, weight, offsets, rows = a.to(DEVICE, dtype), weight.to(DEVICE, dtype), offsets.to(DEVICE), rows.to(DEVICE)
+    out = triton_moe.grouped_matmul(a, weight, offsets, rows if gather else None)
+    # Same products, float32 sums in another order: at most a rounding step of the output apart.
+    expected = grouped_matmul(a.float(), weight.float(), offsets, rows if gather else None).to(dtype)
+    assert out.shape == (sum(counts), n) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected.float(), rtol=ULP[dtype], atol=ULP[dtype] * 0.25)
+
+
+def test_sparse_moe_block_on_the_triton_path_equals_the_torch_path(monkeypatch):
+    """The block's own choice of path: the grouped kernel (and SwiGLU's) where `triton_runs`, the
+    per-expert torch loop elsewhere; one launch per matmul, whatever the routing. Same routing
+    (the router is torch's on both), same float16 roundings: a rounding step of the output apart."""
+    from qwen2vl import kernels
+    from qwen2vl.config import MoEConfig
+    from qwen2vl.layers.moe import SparseMoeBlock
+
+    generator = torch.Generator().manual_seed(4)
+    block = SparseMoeBlock(64, MoEConfig(8, 3, 48))
+    for param in block.parameters():
+        param.copy_(torch.randn(param.shape, generator=generator) * 0.08)
+    block.to(DEVICE, torch.float16)
+    x = torch.randn(2, 13, 64, generator=generator).to(DEVICE, torch.float16)
+    launches = []
+    grouped = kernels.moe_grouped_matmul
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "triton_runs", lambda t: t.dtype in kernels.TRITON_DTYPES)
+        patch.setattr(kernels, "moe_grouped_matmul", lambda *args, **kw: launches.append(1) or grouped(*args, **kw))
+        fast = block(x)
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "triton_runs", lambda t: False)
+        reference = block(x)
+    assert len(launches) == 2 and fast.shape == x.shape and fast.dtype == torch.float16
+    scale = float(reference.abs().max())
+    torch.testing.assert_close(fast, reference, rtol=2 * ULP[torch.float16], atol=ULP[torch.float16] * scale)
+    assert reference.abs().mean() > 0.01 * scale  # not a few large outputs among zeros

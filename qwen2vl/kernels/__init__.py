@@ -2,9 +2,9 @@
 tests check them against, are in tests/reference_ops.py).
 
 Layers call the functions here, never a kernel module directly. On CUDA with fp16/bf16
-activations (`triton_runs`), residual-add + RMSNorm, rotary q/k and SwiGLU run as single Triton
-launches, and a batch of decode steps runs rotary + KV write (one launch) and paged decode
-attention in Triton.
+activations (`triton_runs`), residual-add + RMSNorm, rotary q/k, SwiGLU and each matmul of a
+mixture-of-experts MLP's experts (a grouped GEMM) run as single Triton launches, and a batch of
+decode steps runs rotary + KV write (one launch) and paged decode attention in Triton.
 Two packed 4-bit backends:
 `"cpu"` (torch's int4 CPU kernel, `int4_cpu`) and `"triton"` (the W4A16 Triton kernel over the
 AWQ layout, `triton_awq`: on CUDA, or on the CPU under `TRITON_INTERPRET=1` when asked for by
@@ -65,6 +65,15 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     from qwen2vl.kernels import triton_activation
 
     return triton_activation.silu_and_mul(gate_up)
+
+
+def moe_grouped_matmul(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`layers.moe.grouped_matmul` (each expert's rows times its weight) in one Triton launch
+    (call where `triton_runs(a)`)."""
+    from qwen2vl.kernels import triton_moe
+
+    return triton_moe.grouped_matmul(a, weight, offsets, rows)
 
 
 def cuda_graphs_run(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
