@@ -139,6 +139,7 @@ class VisionItem:
     resized_size: tuple[int, int]  # (width, height) after smart_resize
     fps: float | None = None  # sampled frames per second, videos only
     patchifier: Patchifier = field(default_factory=Patchifier)
+    timestamps: tuple[float, ...] = ()  # videos: seconds into the video of each temporal patch
 
     @property
     def pixel_values(self) -> torch.Tensor:
