@@ -352,3 +352,35 @@ def test_timestamps_count_against_the_context(checkpoint):
     with pytest.raises(InputError, match="over the limit"):
         processor.prepare([user(video, text("?"))], context_len=len(prompt))
     assert len(processor.prepare([user(video, text("?"))], context_len=len(prompt) + 1)) == len(prompt)
+
+
+def test_frame_count_follows_qwen_vl_utils(reference):
+    """50 frames at 10 fps sampled at 1.4 fps: qwen_vl_utils takes 7 frames down to an even 6
+    (indices 0, 10, 20, 29, 39, 49); transformers' video processor, sampling on its own, takes
+    int(7.0) = 7 and pads the last temporal patch with a copy of the last frame. The card samples
+    with qwen_vl_utils (`do_sample_frames=False` to the processor); so do we."""
+    from transformers.video_utils import VideoMetadata
+
+    from qwen2vl.processor.types import MediaOptions
+    from qwen2vl.processor.video import sample_frame_count, sample_indices
+
+    count = sample_frame_count(MediaOptions(fps=1.4), 50, 10.0)
+    assert count == 6 and sample_indices(50, count) == [0, 10, 20, 29, 39, 49]
+    metadata = VideoMetadata(total_num_frames=50, fps=10.0, width=64, height=64)
+    assert len(reference.video_processor.sample_frames(metadata, fps=1.4)) == 7
+
+
+def test_settings_from_a_qwen3_vl_config(checkpoint, tmp_path):
+    """A Qwen3-VL config.json turns the timestamps on and the second resize off."""
+    from qwen2vl.config import VISION_CONFIGS
+
+    if "qwen3_vl" not in VISION_CONFIGS:
+        pytest.skip("no Qwen3-VL config class here")
+    for path in checkpoint.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", "vision_config": {},
+                                                      "text_config": {"max_position_embeddings": 262144}}))
+    assert ProcessorSettings.from_pretrained(tmp_path).video_timestamps is True
+    processor = Processor.from_pretrained(tmp_path)
+    assert processor.video_timestamps and (processor.min_pixels, processor.max_pixels) == (0, 1 << 62)
+    assert Processor.from_pretrained(tmp_path, min_pixels=65536).min_pixels == 65536

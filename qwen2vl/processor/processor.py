@@ -1,7 +1,10 @@
 """`Processor`: chat messages (model card format) to token ids, pixel values, grids and M-RoPE positions.
 
 Matches the model card's pipeline, `qwen_vl_utils.process_vision_info` followed by transformers'
-`Qwen2VLProcessor`, token for token and within 1e-5 per pixel value.
+`Qwen2VLProcessor`, token for token and within 1e-5 per pixel value; for Qwen3-VL, the card's
+`process_vision_info(..., image_patch_size=16, return_video_metadata=True)` followed by
+`Qwen3VLProcessor(..., video_metadata=..., do_resize=False)`, with Qwen's video prompt (see
+`Processor._timestamped`).
 """
 from __future__ import annotations
 

@@ -3,6 +3,10 @@
 Sampling and pixel budgets follow qwen_vl_utils 0.0.14: `fps` (default 2) or `nframes`, an even
 number of frames between 4 and 768, each frame within 128..768 tokens and an even share of a
 total budget of 0.9 * 128000 tokens across the video.
+
+Qwen3-VL's prompts say when each temporal patch was taken (`group_timestamps`), from the sampled
+frames' indices and the video's frame rate, as qwen_vl_utils' video metadata gives them to its
+processor: a file's stream rate, or for a list of frames `sample_fps` (default 2) per frame.
 """
 from __future__ import annotations
 
