@@ -353,8 +353,10 @@ class Processor:
 
         The whole of the template's markup is replaced, as Qwen's processor (transformers 4.57)
         and vLLM do; transformers 5.17 replaces the pad token alone and so wraps the video in a
-        second, outer `<|vision_start|>`...`<|vision_end|>`. A pad without the markup around it
-        is replaced alone."""
+        second, outer `<|vision_start|>`...`<|vision_end|>` (and text right before a video, such
+        as "Watch:", tokenizes apart from the timestamp there, with it here: ":<"). The text is
+        tokenized again whole, as Qwen's processor does. A pad without the markup around it is
+        replaced alone."""
         pieces, rest = [], text
         for item in items:
             if item.kind != "video":
@@ -464,8 +466,8 @@ class Processor:
             frames = resize_frames(frames, *video_target_size(*plan.frame_size, frames.shape[0], options, factor))
             original = plan.frames[0].size
             fps = options.sample_fps or 2.0  # qwen_vl_utils reports this for frame lists, whatever `fps` says
-            # qwen_vl_utils' metadata of a frame list: frames 0, 1, ... (padded) at `sample_fps`
-            timestamps = group_timestamps(list(range(frames.shape[0])), fps, self.temporal_patch_size)
+            # qwen_vl_utils' metadata of a frame list: frames 0, 1, ... (padded) at `raw_fps`, else `sample_fps`
+            timestamps = group_timestamps(list(range(frames.shape[0])), options.raw_fps or fps, self.temporal_patch_size)
         else:
             probe = plan.probe
             # sized by the frames sampled: a container that over-reported its length yields fewer than planned

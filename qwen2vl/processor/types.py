@@ -35,6 +35,7 @@ class MediaOptions:
     min_frames: float | None = None
     max_frames: float | None = None
     sample_fps: float | None = None
+    raw_fps: float | None = None  # a frame list's frame rate in its timestamps (qwen_vl_utils': default sample_fps)
 
     @classmethod
     def from_part(cls, part: dict) -> "MediaOptions":

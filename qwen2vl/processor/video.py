@@ -6,7 +6,7 @@ total budget of 0.9 * 128000 tokens across the video.
 
 Qwen3-VL's prompts say when each temporal patch was taken (`group_timestamps`), from the sampled
 frames' indices and the video's frame rate, as qwen_vl_utils' video metadata gives them to its
-processor: a file's stream rate, or for a list of frames `sample_fps` (default 2) per frame.
+processor: a file's stream rate, or for a list of frames `raw_fps`, else `sample_fps` (default 2).
 """
 from __future__ import annotations
 
