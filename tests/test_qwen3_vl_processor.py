@@ -40,6 +40,7 @@ from test_processor_parity import noise_image, text, user  # noqa: E402
 from qwen2vl.config import ProcessorSettings, VisionConfig  # noqa: E402
 from qwen2vl.errors import InputError, MediaError  # noqa: E402
 from qwen2vl.processor import Processor  # noqa: E402
+from qwen2vl.processor.processor import NO_SECOND_RESIZE  # noqa: E402
 from qwen2vl.processor.budget import MediaBudget  # noqa: E402
 from qwen2vl.processor.video import group_timestamps  # noqa: E402
 
@@ -159,6 +160,7 @@ def assert_parity(ours, reference, conversations, **kwargs):
     prompt (and 5.17's less its outer markup); positions equal get_rope_index on our ids."""
     expected, prompts, metadata = card_inputs(reference, conversations, **kwargs)
     got = ours(conversations)
+    assert list(got) == list(expected) + ["position_ids", "rope_deltas"]
     for key in ("image_grid_thw", "video_grid_thw"):
         assert (key in got) == (key in expected), key
         if key in expected:
@@ -194,9 +196,17 @@ def frames(count, width=84, height=56):
     return [noise_image(width, height, seed=i) for i in range(count)]
 
 
-def test_video_timestamps_setting():
+def test_video_timestamps_setting(ours, checkpoint):
+    """Off unless the config says so; with it on, preprocessor_config.json's min/max pixels resize
+    nothing (the card passes do_resize=False), while a processor's own min/max pixels still do."""
     assert VisionConfig().video_timestamps is False
     assert ProcessorSettings().video_timestamps is False
+    assert (ours.min_pixels, ours.max_pixels) == NO_SECOND_RESIZE
+    bounded = Processor.from_pretrained(checkpoint, max_pixels=32 * 32 * 4, settings=ProcessorSettings(video_timestamps=True))
+    assert (bounded.min_pixels, bounded.max_pixels) == (0, 32 * 32 * 4)
+    image = {"type": "image", "image": noise_image(200, 100)}
+    assert bounded([[user(image, text("?"))]])["image_grid_thw"].tolist() == [[1, 2, 4]]  # 32x64
+    assert ours([[user(image, text("?"))]])["image_grid_thw"].tolist() == [[1, 6, 12]]  # 96x192
 
 
 def test_group_timestamps_by_hand(reference):
