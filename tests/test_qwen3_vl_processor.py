@@ -334,6 +334,10 @@ def test_mixed_batch(ours, reference):
                      [user({"type": "image", "image": noise_image(64, 64)}, text("What is it?"))],
                      [user(text("Just text."))]]
     assert_parity(ours, reference, conversations)
+    left = ours(conversations, padding_side="left")
+    positions, deltas = reference_rope(left["input_ids"], left["mm_token_type_ids"], left.get("image_grid_thw"),
+                                       left.get("video_grid_thw"), left["attention_mask"])
+    assert torch.equal(left["position_ids"], positions) and torch.equal(left["rope_deltas"], deltas)
 
 
 def test_small_image_follows_qwen_vl_utils(ours, reference):
