@@ -84,7 +84,7 @@ def group_timestamps(indices: list[int], video_fps: float, temporal_patch_size: 
     (`index / video_fps`), the last patch filled up with the last frame, as Qwen3-VL's processor
     computes the `<t seconds>` of its video prompts."""
     indices = list(indices) + list(indices[-1:]) * (-len(indices) % temporal_patch_size)
-    seconds = [index / video_fps for index in indices]  # divided first, as the reference rounds
+    seconds = [index / video_fps for index in indices]  # each divided first, as the reference: the sums can differ in the last bit
     return [(seconds[i] + seconds[i + temporal_patch_size - 1]) / 2 for i in range(0, len(seconds), temporal_patch_size)]
 
 
