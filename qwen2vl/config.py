@@ -117,6 +117,12 @@ class VisionConfig:
         else by this many per second of video (Qwen2.5-VL's `tokens_per_second`)."""
         return None
 
+    @property
+    def video_timestamps(self) -> bool:
+        """Whether a video's prompt gives each temporal patch its time as text (`<t seconds>`)
+        instead of time-aligned positions (Qwen3-VL)."""
+        return False
+
     @classmethod
     def from_dict(cls, v: dict, text_hidden_size: int | None = None) -> "VisionConfig":
         """`vision_config` of config.json (old key names too); the merger's output (`hidden_size`)
@@ -253,6 +259,7 @@ class ProcessorSettings:
     # (image, video, vision start, vision end) ids the model reads, checked against the tokenizer's;
     # None: the tokenizer's are taken as they are
     vision_token_ids: tuple[int, int, int, int] | None = None
+    video_timestamps: bool = False  # the vision settings' `video_timestamps`
 
     @classmethod
     def from_pretrained(cls, model_dir) -> "ProcessorSettings":
@@ -262,7 +269,7 @@ class ProcessorSettings:
         d = read_config_json(model_dir) or {}
         vision = vision_config_class(d.get("model_type", "qwen2_vl")).from_dict(d.get("vision_config") or {})
         return cls(int(_text_settings(d).get("max_position_embeddings") or DEFAULT_CONTEXT_LEN),
-                   vision.video_tokens_per_second)
+                   vision.video_tokens_per_second, video_timestamps=vision.video_timestamps)
 
 
 @dataclass(frozen=True)
@@ -287,7 +294,7 @@ class Qwen2VLConfig:
     def processor_settings(self) -> ProcessorSettings:
         return ProcessorSettings(self.text.max_position_embeddings, self.vision.video_tokens_per_second,
                                  (self.image_token_id, self.video_token_id, self.vision_start_token_id,
-                                  self.vision_end_token_id))
+                                  self.vision_end_token_id), video_timestamps=self.vision.video_timestamps)
 
     @classmethod
     def from_pretrained(cls, model_dir) -> "Qwen2VLConfig":

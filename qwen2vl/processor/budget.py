@@ -9,7 +9,7 @@ what is over its bounds, never shrinks it; the server sets the budget, it has no
 | bound | owner (where it is set) | what it does | default |
 |---|---|---|---|
 | `min_pixels`, `max_pixels`, `resized_height`/`resized_width`, `total_pixels` of a part | the content part: `MediaOptions`, read once by `chat.media_parts` (a server request's `image_url`/`video_url` part) | sizes the item's first resize (qwen_vl_utils') | 4..16384 visual tokens an image, 128..768 a video frame |
-| `Processor.min_pixels` / `max_pixels` | the processor: preprocessor_config.json, or `from_pretrained(min_pixels=, max_pixels=)` (`EngineArgs`, `--min-pixels`/`--max-pixels`) | sizes the second resize (transformers') of every image and frame | the checkpoint's; 3136..12,845,056 for Qwen2-VL |
+| `Processor.min_pixels` / `max_pixels` | the processor: preprocessor_config.json, or `from_pretrained(min_pixels=, max_pixels=)` (`EngineArgs`, `--min-pixels`/`--max-pixels`) | sizes the second resize (transformers') of every image and frame | the checkpoint's; 3136..12,845,056 for Qwen2-VL; none for Qwen3-VL, whose card resizes once (`do_resize=False`) |
 | `MediaBudget.max_source_pixels` | this budget | refuses an image or frame as sent | `MAX_SOURCE_PIXELS` |
 | `MediaBudget.max_resized_pixels` | this budget | refuses a first resize over it (a `min_pixels` over it before fetching) | `MAX_RESIZED_PIXELS` |
 | `MediaBudget.max_video_pixels` | this budget | refuses a video's sampled frames over it, as held | `MAX_VIDEO_PIXELS` |

@@ -18,6 +18,11 @@ second_per_grid_t to an integer first (a video sampled at 4 fps, 0.5 s per tempo
 get no temporal positions at all), and it resumes text at start + max(h, w)/m as above. Both agree
 with this rule where second_per_grid_t is whole and the video's temporal extent is not over its
 spatial one.
+
+Qwen3-VL has no time-aligned positions: its video prompt gives each temporal patch its own
+`<t seconds><|vision_start|>...<|vision_end|>`, and the processor hands each of those runs of pads
+here as an item of grid (1, h, w), as Qwen3-VL's get_rope_index splits `video_grid_thw`; with t = 1
+transformers' resume rule is this one.
 """
 from __future__ import annotations
 

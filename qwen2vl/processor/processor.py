@@ -1,7 +1,10 @@
 """`Processor`: chat messages (model card format) to token ids, pixel values, grids and M-RoPE positions.
 
 Matches the model card's pipeline, `qwen_vl_utils.process_vision_info` followed by transformers'
-`Qwen2VLProcessor`, token for token and within 1e-5 per pixel value.
+`Qwen2VLProcessor`, token for token and within 1e-5 per pixel value; for Qwen3-VL, the card's
+`process_vision_info(..., image_patch_size=16, return_video_metadata=True)` followed by
+`Qwen3VLProcessor(..., video_metadata=..., do_resize=False)`, with Qwen's video prompt (see
+`Processor._timestamped`).
 """
 from __future__ import annotations
 
@@ -43,10 +46,12 @@ from qwen2vl.processor.types import (
 from qwen2vl.processor.video import (
     FRAME_FACTOR,
     frame_list_sizes,
+    group_timestamps,
     load_frame_list,
     load_video_file,
     probe_video,
     sample_frame_count,
+    timestamp_text,
     video_target_size,
 )
 
@@ -54,6 +59,9 @@ BUILTIN_PREPROCESSOR = Path(__file__).resolve().parent.parent / "assets" / "prep
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
 VISION_START_TOKEN, VISION_END_TOKEN = "<|vision_start|>", "<|vision_end|>"
 TOKEN_TYPE = {"text": 0, "image": 1, "video": 2}
+# Processor-level bounds that never resize: Qwen3-VL's card hands qwen_vl_utils' sizes to its
+# processor with do_resize=False, so its preprocessor_config.json's min/max pixels size nothing.
+NO_SECOND_RESIZE = (0, 1 << 62)
 VISION_TOKENS = {"image_token_id": IMAGE_TOKEN, "video_token_id": VIDEO_TOKEN,  # config.json's name: the token
                  "vision_start_token_id": VISION_START_TOKEN, "vision_end_token_id": VISION_END_TOKEN}
 
@@ -92,8 +100,9 @@ class Processor:
         settings: ProcessorSettings = ProcessorSettings(),
     ):
         """`settings`: what the checkpoint's config.json says (see `ProcessorSettings`): the
-        context length, and the M-RoPE time scale of videos (`tokens_per_second`: Qwen2.5-VL's;
-        None where video positions advance by one per temporal patch, as Qwen2-VL's do)."""
+        context length, the M-RoPE time scale of videos (`tokens_per_second`: Qwen2.5-VL's;
+        None where video positions advance by one per temporal patch, as Qwen2-VL's do), and
+        whether videos carry text timestamps (`video_timestamps`: Qwen3-VL's, see `_timestamped`)."""
         if min_pixels > max_pixels:
             raise InputError(f"min_pixels ({min_pixels}) is greater than max_pixels ({max_pixels})", field="min_pixels")
         if min_pixels > MAX_RESIZED_PIXELS:
@@ -108,6 +117,7 @@ class Processor:
         self.budget = budget or MediaBudget()
         self.context_len = settings.context_len
         self.tokens_per_second = settings.tokens_per_second
+        self.video_timestamps = settings.video_timestamps
         self.image_token_id, self.video_token_id, self.vision_start_token_id, self.vision_end_token_id = (
             self._vision_token_ids(settings.vision_token_ids))
         self._pad_kind = {self.image_token_id: "image", self.video_token_id: "video"}
@@ -131,6 +141,9 @@ class Processor:
         """Read tokenizer.json (+ tokenizer_config.json), preprocessor_config.json and the chat template.
 
         A missing preprocessor config or chat template falls back to Qwen2-VL's (in `assets/`).
+        For Qwen3-VL (`settings.video_timestamps`) the preprocessor config's min/max pixels are
+        not used: its card resizes with qwen_vl_utils alone (`do_resize=False`); `min_pixels` and
+        `max_pixels` given here still bound a second resize.
         `settings` (None: read from config.json, see `ProcessorSettings.from_pretrained`) give the
         context (`max_position_embeddings`, 32768 without one) and whether video positions are
         aligned to time.
@@ -149,6 +162,8 @@ class Processor:
         size = config.get("size") or {}
         config_min = config.get("min_pixels", size.get("shortest_edge", 56 * 56))
         config_max = config.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))
+        if settings.video_timestamps:  # Qwen3-VL: the card's pipeline resizes once, see NO_SECOND_RESIZE
+            config_min, config_max = NO_SECOND_RESIZE
         default = Patchifier()
         patchifier = Patchifier(
             patch_size=config.get("patch_size", default.patch_size),
@@ -207,9 +222,14 @@ class Processor:
         text, ids = self._render(messages, parts, add_generation_prompt, add_vision_id, tools)
         plans = self._plans(parts, len(ids) - len(parts), context_len)  # all within budget before any decoding
         items = media_map(lambda plan: self._located(plan.part, self._load, plan), plans)
-        input_ids = self._expand(ids, [item.num_tokens(self.merge_size) for item in items])
-        positions, rope_delta = self.mrope(input_ids, [item.grid_thw for item in items],
-                                           [self._time_step(item) for item in items])
+        timestamped = self.video_timestamps and any(item.kind == "video" for item in items)
+        if timestamped:
+            text, ids = self._timestamped(text, items)
+        runs = self._pad_runs(items)
+        input_ids = self._expand(ids, [t * h * w // self.merge_size**2 for (t, h, w), _ in runs])
+        if timestamped:  # the plans were fitted to the context before the timestamps' text was known
+            self._check_length(len(input_ids), sum(item.num_tokens(self.merge_size) for item in items), context_len)
+        positions, rope_delta = self.mrope(input_ids, [grid for grid, _ in runs], [step for _, step in runs])
         return PreparedPrompt(input_ids, positions, rope_delta, items, text)
 
     def mrope(self, input_ids, vision_grids, time_steps=None) -> tuple[torch.Tensor, int]:
@@ -219,6 +239,20 @@ class Processor:
     def second_per_grid_t(self, item: VisionItem) -> float:
         """Seconds of a video spanned by one temporal patch, from its sampled frame rate."""
         return self.temporal_patch_size / item.fps
+
+    def _pad_runs(self, items: list[VisionItem]) -> list[tuple[tuple[int, int, int], float]]:
+        """(grid, temporal step) of each run of pad tokens in the prompt: one run per item, except a
+        timestamped video, which has one run of grid (1, h, w) per temporal patch (its own
+        `<t seconds>` text between them), each positioned as an image of its own, as Qwen3-VL's
+        get_rope_index splits `video_grid_thw`."""
+        runs = []
+        for item in items:
+            if item.kind == "video" and self.video_timestamps:
+                t, h, w = item.grid_thw
+                runs += [((1, h, w), 1.0)] * t
+            else:
+                runs.append((item.grid_thw, self._time_step(item)))
+        return runs
 
     def _time_step(self, item: VisionItem) -> float:
         """How far the item's temporal M-RoPE position advances per temporal patch."""
@@ -312,6 +346,32 @@ class Processor:
             )
         return text, ids
 
+    def _timestamped(self, text: str, items: list[VisionItem]) -> tuple[str, list[int]]:
+        """`text` with each video's `<|vision_start|><|video_pad|><|vision_end|>` replaced by
+        `<t seconds><|vision_start|><|video_pad|><|vision_end|>` for each of its temporal patches
+        (t: `VisionItem.timestamps`), and its ids.
+
+        The whole of the template's markup is replaced, as Qwen's processor (transformers 4.57)
+        and vLLM do; transformers 5.17 replaces the pad token alone and so wraps the video in a
+        second, outer `<|vision_start|>`...`<|vision_end|>` (and text right before a video, such
+        as "Watch:", tokenizes apart from the timestamp there, with it here: ":<"). The text is
+        tokenized again whole, as Qwen's processor does. A pad without the markup around it is
+        replaced alone."""
+        pieces, rest = [], text
+        for item in items:
+            if item.kind != "video":
+                continue
+            start = rest.index(VIDEO_TOKEN)
+            end = start + len(VIDEO_TOKEN)
+            if rest.endswith(VISION_START_TOKEN, 0, start) and rest.startswith(VISION_END_TOKEN, end):
+                start, end = start - len(VISION_START_TOKEN), end + len(VISION_END_TOKEN)
+            frames = "".join(timestamp_text(seconds) + VISION_START_TOKEN + VIDEO_TOKEN + VISION_END_TOKEN
+                             for seconds in item.timestamps)
+            pieces += [rest[:start], frames]
+            rest = rest[end:]
+        text = "".join(pieces) + rest
+        return text, self.tokenizer.encode(text)
+
     def _expand(self, ids: list[int], token_counts: list[int]) -> list[int]:
         expanded, counts = [], iter(token_counts)
         for token in ids:
@@ -336,14 +396,20 @@ class Processor:
         plans = fit_context(plans, text_tokens, context_len, self._located_resize, self.patchifier.factor)
         for plan in plans:
             self._located(plan.part, self.budget.check, plan)
-        total = text_tokens + sum(plan.num_tokens for plan in plans)
-        if plans and total > context_len - 1:  # a prompt of text alone is the engine's to refuse: nothing to decode
-            raise InputError(f"the prompt would have {total} tokens ({total - text_tokens} of them visual), over the "
+        visual = sum(plan.num_tokens for plan in plans)
+        if plans:  # a prompt of text alone is the engine's to refuse: nothing to decode
+            self._check_length(text_tokens + visual, visual, context_len)
+        return plans
+
+    def _check_length(self, total: int, visual: int, context_len: int | None) -> None:
+        """A prompt of `total` tokens (`visual` of them vision pads) must leave one token to generate."""
+        context_len = self.context_len if context_len is None else min(context_len, self.context_len)
+        if total > context_len - 1:
+            raise InputError(f"the prompt would have {total} tokens ({visual} of them visual), over the "
                              f"limit of {context_len - 1} (the context is {context_len} tokens, max_model_len or the "
                              "model's: the prompt plus at least one generated token); ask for fewer frames (fps, "
                              "nframes) or smaller images and frames (max_pixels), shorten the text or raise "
                              "max_model_len")
-        return plans
 
     def _plan(self, part: MediaPart) -> MediaPlan:
         """Open one image or video (its header) and size it by its options; decodes no pixels."""
@@ -400,15 +466,18 @@ class Processor:
             frames = resize_frames(frames, *video_target_size(*plan.frame_size, frames.shape[0], options, factor))
             original = plan.frames[0].size
             fps = options.sample_fps or 2.0  # qwen_vl_utils reports this for frame lists, whatever `fps` says
+            # qwen_vl_utils' metadata of a frame list: frames 0, 1, ... (padded) at `raw_fps`, else `sample_fps`
+            timestamps = group_timestamps(list(range(frames.shape[0])), options.raw_fps or fps, self.temporal_patch_size)
         else:
             probe = plan.probe
             # sized by the frames sampled: a container that over-reported its length yields fewer than planned
-            frames, fps = load_video_file(plan.source, probe, options,
-                                          lambda count: video_target_size(probe.height, probe.width, count, options, factor))
+            frames, fps, indices = load_video_file(
+                plan.source, probe, options, lambda count: video_target_size(probe.height, probe.width, count, options, factor))
             original = (probe.width, probe.height)
+            timestamps = group_timestamps(indices, probe.fps, self.temporal_patch_size)
         height, width = frames.shape[-2:]
         final = self._final_size(height, width)
         if final != (height, width):  # the reference resizes its float frames again, unrounded
             frames = resize_frames(frames.float(), *final)
         return VisionItem("video", frames, self.patchifier.grid(frames), original,
-                          (frames.shape[-1], frames.shape[-2]), fps, self.patchifier)
+                          (frames.shape[-1], frames.shape[-2]), fps, self.patchifier, tuple(timestamps))

@@ -35,6 +35,7 @@ class MediaOptions:
     min_frames: float | None = None
     max_frames: float | None = None
     sample_fps: float | None = None
+    raw_fps: float | None = None  # a frame list's frame rate in its timestamps (qwen_vl_utils': default sample_fps)
 
     @classmethod
     def from_part(cls, part: dict) -> "MediaOptions":
@@ -139,6 +140,7 @@ class VisionItem:
     resized_size: tuple[int, int]  # (width, height) after smart_resize
     fps: float | None = None  # sampled frames per second, videos only
     patchifier: Patchifier = field(default_factory=Patchifier)
+    timestamps: tuple[float, ...] = ()  # videos: seconds into the video of each temporal patch
 
     @property
     def pixel_values(self) -> torch.Tensor:

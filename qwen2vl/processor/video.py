@@ -3,6 +3,10 @@
 Sampling and pixel budgets follow qwen_vl_utils 0.0.14: `fps` (default 2) or `nframes`, an even
 number of frames between 4 and 768, each frame within 128..768 tokens and an even share of a
 total budget of 0.9 * 128000 tokens across the video.
+
+Qwen3-VL's prompts say when each temporal patch was taken (`group_timestamps`), from the sampled
+frames' indices and the video's frame rate, as qwen_vl_utils' video metadata gives them to its
+processor: a file's stream rate, or for a list of frames `raw_fps`, else `sample_fps` (default 2).
 """
 from __future__ import annotations
 
@@ -73,6 +77,19 @@ def sample_frame_count(options: MediaOptions, total_frames: int, video_fps: floa
 
 def sample_indices(total_frames: int, count: int) -> list[int]:
     return torch.linspace(0, total_frames - 1, count).round().long().tolist()
+
+
+def group_timestamps(indices: list[int], video_fps: float, temporal_patch_size: int) -> list[float]:
+    """Seconds into the video of each temporal patch: the mean of its first and last frame's time
+    (`index / video_fps`), the last patch filled up with the last frame, as Qwen3-VL's processor
+    computes the `<t seconds>` of its video prompts."""
+    indices = list(indices) + list(indices[-1:]) * (-len(indices) % temporal_patch_size)
+    seconds = [index / video_fps for index in indices]  # each divided first, as the reference: the sums can differ in the last bit
+    return [(seconds[i] + seconds[i + temporal_patch_size - 1]) / 2 for i in range(0, len(seconds), temporal_patch_size)]
+
+
+def timestamp_text(seconds: float) -> str:
+    return f"<{seconds:.1f} seconds>"
 
 
 def video_target_size(height: int, width: int, num_frames: int, options: MediaOptions, factor: int) -> tuple[int, int]:
@@ -234,14 +251,16 @@ class _Resized:
 
 
 def load_video_file(source: MediaSource, probe: VideoProbe, options: MediaOptions,
-                    frame_size: Callable[[int], tuple[int, int]]) -> tuple[torch.Tensor, float]:
-    """Sampled frames, each resized to `frame_size(number of frames)` (uint8 `[T, 3, H, W]`), and the sampled fps."""
+                    frame_size: Callable[[int], tuple[int, int]]) -> tuple[torch.Tensor, float, list[int]]:
+    """Sampled frames, each resized to `frame_size(number of frames)` (uint8 `[T, 3, H, W]`), the
+    sampled fps, and the sampled frames' indices in the stream."""
     total = probe.total_frames
     for _ in range(2):
         count = sample_frame_count(options, total, probe.fps)
-        frames, found = decode_frames(source, sample_indices(total, count), frame_size(count))
+        indices = sample_indices(total, count)
+        frames, found = decode_frames(source, indices, frame_size(count))
         if frames.numel():
-            return frames, count / max(total, 1e-6) * probe.fps
+            return frames, count / max(total, 1e-6) * probe.fps, indices
         if found == 0:
             raise MediaError("the video has no frames")
         total = found  # the container over-reported its frame count
