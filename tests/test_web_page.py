@@ -430,27 +430,49 @@ GROUNDING_TEXTS = [
     "<|box_start|>(0,0),(999,999)<|box_end|>; <|object_ref_start|>a blue square<|object_ref_end|>"
     "<|box_start|>(500,100),(620,330)<|box_end|>",  # a box before any reference has no label
 ]
+# JSON answers (Qwen2.5-VL's and Qwen3-VL's form): a fenced list, a single object with prose after
+# it, one cut short, and objects that are not boxes between good ones.
+GROUNDING_JSON_TEXTS = [
+    '```json\n[\n  {"bbox_2d": [504, 154, 1008, 308], "label": "the right half"},\n'
+    '  {"bbox_2d": [378, 280, 126, 28], "label": " a cat "},\n  {"point_2d": [252, 77], "label": "the dot"}\n]\n```',
+    '{"bbox_2d": [10, 20, 30.5, 40]} and the {rest} is {"prose": [1, 2]}',
+    '[{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [5, 6, 7, 8], "label": "b {\\"x\\"}"}, {"bbox_2d": [9, 1',
+    '[{"bbox_2d": [1, 2, 3]}, {"bbox_2d": ["1", "2", "3", "4"]}, {"bbox_2d": [true, 2, 3, 4]}, '
+    '{"bbox_2d": [NaN, 2, 3, 4]}, {"x": {"point_2d": [1.5, -2], "label": 7}}, {"bbox_2d": [1, 2, 3, 4], "s": Infinity}]',
+]
+
+
+def _mark_tuple(mark) -> tuple:
+    """A box or point, Python's or the page's, as (label, coordinates...)."""
+    if isinstance(mark, dict):
+        return (mark["label"], mark["x"], mark["y"]) if "x" in mark else \
+            (mark["label"], mark["x1"], mark["y1"], mark["x2"], mark["y2"])
+    return (mark.label, mark.x, mark.y) if hasattr(mark, "x") else (mark.label, mark.x1, mark.y1, mark.x2, mark.y2)
 
 
 @needs_browser
-@needs_browser
-@pytest.mark.parametrize("text", GROUNDING_TEXTS)
-def test_the_pages_box_parsing_and_scaling_is_grounding_pys(server, browser, text):
-    """The page's parseBoxes + scaled against qwen2vl.grounding, on the text with its markers and
-    on the text as the server streams it (special tokens skipped)."""
+@pytest.mark.parametrize("model_type, text", [("qwen2_vl", text) for text in GROUNDING_TEXTS]
+                         + [(model_type, text) for model_type in ("qwen2_5_vl", "qwen3_vl") for text in GROUNDING_JSON_TEXTS])
+def test_the_pages_box_parsing_and_scaling_is_grounding_pys(server, browser, model_type, text):
+    """The page's parseBoxes + scaled, in the frame the server's X-Grounding header gives, against
+    qwen2vl.grounding's parse_boxes + to_image; Qwen2-VL's tokens also as the server streams them
+    (special tokens skipped). The image: 1000x300, seen by the model as 1008x308."""
     import re
 
-    from qwen2vl.grounding import parse_boxes
+    from qwen2vl.grounding import grounding_header, parse_boxes, to_image
 
     browser.get(server.url)
-    width, height = 280, 196
-    want = [box.scaled(width, height) for box in parse_boxes(text)]
+    size, resized = (1000, 300), (1008, 308)
+    header = grounding_header(model_type, [(50, 40), size], [(56, 28), resized])  # the last image is the one
+    want = [_mark_tuple(mark) for mark in to_image(parse_boxes(text, model_type), model_type, size, resized)]
+    assert want
     streamed = re.sub(r"<\|[a-z_]+\|>", "", text)
     for given_text in (text, streamed):
-        given = browser.execute_script("return parseBoxes(arguments[0]).map((box) => scaled(box, arguments[1], arguments[2]))",
-                                       given_text, width, height)
-        assert [(box["label"], box["x1"], box["y1"], box["x2"], box["y2"]) for box in given] == \
-            [(box.label, box.x1, box.y1, box.x2, box.y2) for box in want], given_text
+        given = browser.execute_script(
+            "const g = JSON.parse(arguments[1]);"
+            "return parseBoxes(arguments[0], g.syntax).map((mark) => scaled(mark, arguments[2], arguments[3], frameOf(g)))",
+            given_text, header, *size)
+        assert [_mark_tuple(mark) for mark in given] == want, given_text
 
 
 @needs_browser
