@@ -476,6 +476,24 @@ def test_the_pages_box_parsing_and_scaling_is_grounding_pys(server, browser, mod
 
 
 @needs_browser
+def test_the_page_reads_every_cut_of_a_json_answer_as_grounding_py(server, browser):
+    """A streamed JSON answer is read at every length it passes through: the page finds what
+    qwen2vl.grounding finds in each prefix (no box from a half-written object, none lost)."""
+    from qwen2vl.grounding import parse_boxes
+
+    browser.get(server.url)
+    text = "".join(GROUNDING_JSON_TEXTS)
+    given = browser.execute_script(
+        "const text = arguments[0], cuts = [];"
+        "for (let end = 0; end <= text.length; end++) cuts.push(parseBoxes(text.slice(0, end), 'json'));"
+        "return cuts;", text)
+    assert len(given) == len(text) + 1
+    for end, marks in enumerate(given):
+        assert [_mark_tuple(mark) for mark in marks] == \
+            [_mark_tuple(mark) for mark in parse_boxes(text[:end], "qwen3_vl")], text[:end]
+
+
+@needs_browser
 def test_the_page_refuses_to_load_in_a_frame_of_another_origin(server, browser):
     frame = f"<iframe src='{server.url}'></iframe>".encode()
 
