@@ -105,7 +105,9 @@ def _not_json(constant: str):
     raise ValueError(f"{constant} is not JSON")
 
 
-_JSON = json.JSONDecoder(parse_constant=_not_json)  # NaN and Infinity refused, as JSON.parse does
+# As JSON.parse reads numbers (the chat page's): every number a float (one too large is infinite,
+# and refused as a coordinate), NaN and Infinity not JSON.
+_JSON = json.JSONDecoder(parse_int=float, parse_constant=_not_json)
 
 
 def parse_boxes(text: str, model_type: str = "qwen2_vl") -> list[Mark]:
@@ -152,9 +154,9 @@ def _numbers(value, count: int) -> list[float] | None:
     """`value` as `count` finite numbers, or None."""
     if not isinstance(value, list) or len(value) != count:
         return None
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+    if not all(isinstance(v, float) and math.isfinite(v) for v in value):
         return None
-    return [float(v) for v in value]
+    return value
 
 
 def _mark(obj: dict) -> Mark | None:

@@ -134,6 +134,8 @@ def test_qwen3_vl_json_is_in_thousandths_of_the_image():
     # boxes nested in another object are found; corners in any order
     ('{"objects": [{"bbox_2d": [30, 40, 10, 20], "label": "x"}], "count": 1}', [Box("x", 10, 20, 30, 40)]),
     ('{"a": {"bbox_2d": [1, 2, 3, 4], "label": "{ not } json ["}}', [Box("{ not } json [", 1, 2, 3, 4)]),
+    ('{"bbox_2d": [1' + "0" * 400 + ', 2, 3, 4]} {"point_2d": [1e999, 2]} {"point_2d": [1, 2]}',
+     [Point(None, 1, 2)]),  # numbers too large for a float
     ("no boxes here", []),
     ("{{{{ [[[ }}} ]] {\"bbox_2d\": [1, 2, 3, 4]", []),
     ('{"a": ' + "[" * 100_000, []),  # nesting too deep to parse
@@ -147,6 +149,18 @@ def test_every_cut_of_a_json_answer_reads_the_boxes_before_the_cut():
     for end in range(len(QWEN2_5_ANSWER) + 1):
         marks = parse_boxes(QWEN2_5_ANSWER[:end], "qwen2_5_vl")
         assert marks == full[:len(marks)], end
+
+
+def test_no_model_text_raises():
+    import random
+
+    rng = random.Random(0)
+    pieces = ['{', '}', '[', ']', '"', ':', ',', ' ', '\\', '-', '.', 'e', '1', '99', '1e999', 'NaN', 'true', 'null',
+              '"bbox_2d"', '"point_2d"', '"label"', '```json\n', '<|box_start|>', '(1,2),(3,4)', '<|box_end|>']
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(40)))
+        for model_type in GROUNDING_FORMATS:
+            assert isinstance(parse_boxes(text, model_type), list)
 
 
 def test_draw_boxes_marks_a_point():
