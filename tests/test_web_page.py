@@ -495,6 +495,48 @@ def test_the_page_reads_every_cut_of_a_json_answer_as_grounding_py(server, brows
 
 
 @needs_browser
+def test_the_page_draws_a_qwen2_5_vl_answers_boxes_and_points_where_completion_boxes_puts_them(server, browser):
+    """A Qwen2.5-VL answer (JSON in pixels of the 1008x308 image the model saw) over the 1000x300
+    image sent: each box's `data-box` and each point's `data-point` hold `Completion.boxes()`'s
+    numbers, and they are drawn there."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from qwen2vl import Completion
+    from qwen2vl.grounding import grounding_header
+
+    size, resized, text = (1000, 300), (1008, 308), GROUNDING_JSON_TEXTS[0]
+    right, cat, dot = Completion(text="", token_ids=[], finish_reason="stop", usage=None, raw_text=text,
+                                 image_sizes=[size], resized_image_sizes=[resized], model_type="qwen2_5_vl").boxes()
+    png = io.BytesIO()
+    Image.new("RGB", size, "white").save(png, format="PNG")
+    browser.get(server.url)
+    browser.set_window_size(1400, 900)
+    answer = browser.execute_script("""
+        const image = {kind: "image", name: "wide.png", url: arguments[0], width: 1000, height: 300};
+        const answer = addAssistantMessage(image);
+        drawBoxes(answer.figure, image, arguments[1], JSON.parse(arguments[2]));
+        return answer.node;
+    """, "data:image/png;base64," + base64.b64encode(png.getvalue()).decode(), text,
+        grounding_header("qwen2_5_vl", [size], [resized]))
+    wait(browser, lambda driver: driver.execute_script("return arguments[0].querySelector('img').complete", answer))
+    boxes = answer.find_elements(By.CSS_SELECTOR, "[data-box]")
+    [point] = answer.find_elements(By.CSS_SELECTOR, "[data-point]")
+    assert [[float(v) for v in box.get_attribute("data-box").split(",")] for box in boxes] == \
+        [pytest.approx([want.x1, want.y1, want.x2, want.y2], abs=1e-9) for want in (right, cat)]
+    assert [float(v) for v in point.get_attribute("data-point").split(",")] == pytest.approx([dot.x, dot.y], abs=1e-9)
+    assert [box.text for box in boxes] + [point.text] == ["the right half", "a cat", "the dot"]
+    assert answer.find_element(By.CSS_SELECTOR, "figure img").get_attribute("alt") == \
+        "wide.png with 2 boxes and 1 point drawn: the right half, a cat, the dot"
+    for box, want in zip(boxes, (right, cat)):
+        assert drawn_box(browser, box) == pytest.approx([want.x1, want.y1, want.x2, want.y2], abs=2)
+    x1, y1, x2, y2 = drawn_box(browser, point)
+    assert ((x1 + x2) / 2, (y1 + y2) / 2) == pytest.approx((dot.x, dot.y), abs=2)
+
+
+@needs_browser
 def test_the_page_refuses_to_load_in_a_frame_of_another_origin(server, browser):
     frame = f"<iframe src='{server.url}'></iframe>".encode()
 
