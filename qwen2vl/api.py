@@ -21,7 +21,7 @@ from .engine.block_manager import check_cache_salt
 from .engine.driver import EngineDriver, NewRequest
 from .engine_args import EngineArgs
 from .errors import InputError
-from .grounding import Box, parse_boxes
+from .grounding import Box, Point, parse_boxes, to_image
 from .hub import resolve_model_dir
 from .processor.types import PreparedPrompt
 from .processor.pool import media_map
@@ -52,19 +52,26 @@ class Completion:
     logprobs: list[dict[int, float]] | None = None
     raw_text: str = ""  # decoded with special tokens kept: what grounding boxes are parsed from
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each input image
+    resized_image_sizes: list[tuple[int, int]] = field(default_factory=list)  # each as the model saw it
+    model_type: str = "qwen2_vl"  # the architecture: how its grounding boxes are written
 
-    def boxes(self, image_index: int = 0) -> list[Box]:
-        """Grounding boxes of the answer, in pixels of input image `image_index`.
+    def boxes(self, image_index: int = -1) -> list[Box | Point]:
+        """Grounding boxes (and points) of the answer, in the order written, in pixels of input
+        image `image_index` (the prompt's last image unless given; negative counts from the end).
 
-        Without an input image, boxes stay in the model's normalized [0, 1000) coordinates.
+        The architecture's own format is read (`qwen2vl.grounding`): Qwen2-VL's box tokens,
+        Qwen2.5-VL's JSON in pixels of the resized image (mapped back through the processor's
+        resize), Qwen3-VL's JSON in [0, 1000). Without an input image, they stay in the model's
+        coordinates.
         """
-        boxes = parse_boxes(self.raw_text)
+        marks = parse_boxes(self.raw_text, self.model_type)
         if not self.image_sizes:
-            return boxes
-        if not 0 <= image_index < len(self.image_sizes):
-            raise InputError(f"image_index {image_index}: the conversation has {len(self.image_sizes)} image(s)")
-        width, height = self.image_sizes[image_index]
-        return [box.scaled(width, height) for box in boxes]
+            return marks
+        count = len(self.image_sizes)
+        if not -count <= image_index < count:
+            raise InputError(f"image_index {image_index}: the conversation has {count} image(s)")
+        resized = self.resized_image_sizes[image_index] if self.resized_image_sizes else None
+        return to_image(marks, self.model_type, self.image_sizes[image_index], resized)
 
 
 def _is_final(item) -> bool:
@@ -264,6 +271,7 @@ class Qwen2VL:
     def _completion(self, prompt, output) -> Completion:
         if output.error:
             raise InputError(output.error)
+        images = [item for item in prompt.vision_items if item.kind == "image"]
         return Completion(
             text=output.text,
             token_ids=list(output.token_ids),
@@ -271,5 +279,7 @@ class Qwen2VL:
             usage=Usage(len(prompt.input_ids), len(output.token_ids), output.num_cached_tokens),
             logprobs=output.logprobs,
             raw_text=self.processor.tokenizer.decode(output.token_ids, skip_special_tokens=False),
-            image_sizes=[item.original_size for item in prompt.vision_items if item.kind == "image"],
+            image_sizes=[item.original_size for item in images],
+            resized_image_sizes=[item.resized_size for item in images],
+            model_type=self.engine.config.model_type,
         )

@@ -176,15 +176,18 @@ def _open_image(llm, image: str, option: str = "--image"):
 
 
 def _draw_boxes(completion, image, out_path: str) -> None:
-    from .grounding import draw_boxes
+    from .grounding import Point, draw_boxes
 
-    boxes = completion.boxes(image_index=0)
+    boxes = completion.boxes()  # on the prompt's last image, the one drawn on
     try:
         draw_boxes(image, boxes).save(out_path)
     except (OSError, ValueError) as error:
         raise InputError(f"--draw-boxes {out_path}: cannot write the image ({error})") from None
-    for box in boxes:
-        print(f"box {box.label or ''} ({box.x1:.0f},{box.y1:.0f}),({box.x2:.0f},{box.y2:.0f})", file=sys.stderr)
+    for mark in boxes:
+        if isinstance(mark, Point):
+            print(f"point {mark.label or ''} ({mark.x:.0f},{mark.y:.0f})", file=sys.stderr)
+        else:
+            print(f"box {mark.label or ''} ({mark.x1:.0f},{mark.y1:.0f}),({mark.x2:.0f},{mark.y2:.0f})", file=sys.stderr)
     print(f"[{len(boxes)} box(es) drawn to {out_path}]", file=sys.stderr)
 
 
@@ -201,10 +204,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.prompt is None:
         return chat_loop(llm, history, params, images, videos, args.timing)
     if args.draw_boxes:
-        images[0] = _open_image(llm, images[0])  # opened once: the model reads it, the boxes go on it
+        images[-1] = _open_image(llm, images[-1])  # opened once: the model reads it, the boxes go on it
     completion = _answer(llm, history + [_user_message(args.prompt, images, videos)], params, args.timing)
     if args.draw_boxes:
-        _draw_boxes(completion, images[0], args.draw_boxes)
+        _draw_boxes(completion, images[-1], args.draw_boxes)
     return 0
 
 
@@ -461,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", action="append", metavar="PATH_OR_URL", help="an image (repeatable)")
     chat.add_argument("--video", action="append", metavar="PATH", help="a video file (repeatable)")
     chat.add_argument("--system", help="system prompt")
-    chat.add_argument("--draw-boxes", metavar="OUT.png", help="draw the answer's grounding boxes on the first image")
+    chat.add_argument("--draw-boxes", metavar="OUT.png", help="draw the answer's grounding boxes and points on the last image")
     chat.add_argument("--timing", action="store_true", help="print load time, time to first token and speed")
     _add_model_options(chat)
     _add_sampling_options(chat)

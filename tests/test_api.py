@@ -140,9 +140,11 @@ def test_grounding_boxes_in_pixels_of_the_input_image(conversations):
         text="the cat", token_ids=[], finish_reason="stop", usage=None,
         raw_text="<|object_ref_start|>the cat<|object_ref_end|><|box_start|>(100,500),(600,1000)<|box_end|>",
         image_sizes=[(90, 60), (50, 120)])
-    [box] = completion.boxes()
-    assert (box.label, box.x1, box.y1, box.x2, box.y2) == ("the cat", 9.0, 30.0, 54.0, 60.0)
-    assert completion.boxes(image_index=1)[0].y2 == 120.0
+    [box] = completion.boxes()  # the last image's: 50x120
+    assert (box.label, box.x1, box.y1, box.x2, box.y2) == ("the cat", 5.0, 60.0, 30.0, 120.0)
+    assert completion.boxes(image_index=1) == completion.boxes(image_index=-1) == [box]
+    [first] = completion.boxes(image_index=0)
+    assert (first.label, first.x1, first.y1, first.x2, first.y2) == ("the cat", 9.0, 30.0, 54.0, 60.0)
     with pytest.raises(InputError, match="image_index 2"):
         completion.boxes(image_index=2)
 
@@ -150,6 +152,8 @@ def test_grounding_boxes_in_pixels_of_the_input_image(conversations):
 def test_chat_records_the_original_image_sizes(llm, conversations):
     completion = llm.chat(conversations["two_images"], temperature=0, max_tokens=1)
     assert completion.image_sizes == [(90, 60), (50, 120)]
+    assert completion.resized_image_sizes == [(84, 56), (56, 112)]  # 28-multiples: round(90/28) = 3, ...
+    assert completion.model_type == "qwen2_vl"
 
 
 @pytest.mark.parametrize("messages, match", [

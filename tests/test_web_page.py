@@ -430,27 +430,110 @@ GROUNDING_TEXTS = [
     "<|box_start|>(0,0),(999,999)<|box_end|>; <|object_ref_start|>a blue square<|object_ref_end|>"
     "<|box_start|>(500,100),(620,330)<|box_end|>",  # a box before any reference has no label
 ]
+# JSON answers (Qwen2.5-VL's and Qwen3-VL's form): a fenced list, a single object with prose after
+# it, one cut short, and objects that are not boxes between good ones.
+GROUNDING_JSON_TEXTS = [
+    '```json\n[\n  {"bbox_2d": [504, 154, 1008, 308], "label": "the right half"},\n'
+    '  {"bbox_2d": [378, 280, 126, 28], "label": " a cat "},\n  {"point_2d": [252, 77], "label": "the dot"}\n]\n```',
+    '{"bbox_2d": [10, 20, 30.5, 40]} and the {rest} is {"prose": [1, 2]}',
+    '[{"bbox_2d": [1, 2, 3, 4], "label": "a"}, {"bbox_2d": [5, 6, 7, 8], "label": "b {\\"x\\"}"}, {"bbox_2d": [9, 1',
+    '[{"bbox_2d": [1, 2, 3]}, {"bbox_2d": ["1", "2", "3", "4"]}, {"bbox_2d": [true, 2, 3, 4]}, '
+    '{"bbox_2d": [NaN, 2, 3, 4]}, {"x": {"point_2d": [1.5, -2], "label": 7}}, {"bbox_2d": [1, 2, 3, 4], "s": Infinity}]',
+    '{"bbox_2d": [1' + "0" * 400 + ', 2, 3, 4]} {"point_2d": [1e999, 2]} {"point_2d": [1, 2]}',
+]
+
+
+def _mark_tuple(mark) -> tuple:
+    """A box or point, Python's or the page's, as (label, coordinates...)."""
+    if isinstance(mark, dict):
+        return (mark["label"], mark["x"], mark["y"]) if "x" in mark else \
+            (mark["label"], mark["x1"], mark["y1"], mark["x2"], mark["y2"])
+    return (mark.label, mark.x, mark.y) if hasattr(mark, "x") else (mark.label, mark.x1, mark.y1, mark.x2, mark.y2)
 
 
 @needs_browser
-@needs_browser
-@pytest.mark.parametrize("text", GROUNDING_TEXTS)
-def test_the_pages_box_parsing_and_scaling_is_grounding_pys(server, browser, text):
-    """The page's parseBoxes + scaled against qwen2vl.grounding, on the text with its markers and
-    on the text as the server streams it (special tokens skipped)."""
+@pytest.mark.parametrize("model_type, text", [("qwen2_vl", text) for text in GROUNDING_TEXTS]
+                         + [(model_type, text) for model_type in ("qwen2_5_vl", "qwen3_vl") for text in GROUNDING_JSON_TEXTS])
+def test_the_pages_box_parsing_and_scaling_is_grounding_pys(server, browser, model_type, text):
+    """The page's parseBoxes + scaled, in the frame the server's X-Grounding header gives, against
+    qwen2vl.grounding's parse_boxes + to_image; Qwen2-VL's tokens also as the server streams them
+    (special tokens skipped). The image: 1000x300, seen by the model as 1008x308."""
     import re
 
+    from qwen2vl.grounding import grounding_header, parse_boxes, to_image
+
+    browser.get(server.url)
+    size, resized = (1000, 300), (1008, 308)
+    header = grounding_header(model_type, [(50, 40), size], [(56, 28), resized])  # the last image is the one
+    want = [_mark_tuple(mark) for mark in to_image(parse_boxes(text, model_type), model_type, size, resized)]
+    assert want
+    streamed = re.sub(r"<\|[a-z_]+\|>", "", text)
+    for given_text in (text, streamed):
+        given = browser.execute_script(
+            "const g = JSON.parse(arguments[1]);"
+            "return parseBoxes(arguments[0], g.syntax).map((mark) => scaled(mark, arguments[2], arguments[3], frameOf(g)))",
+            given_text, header, *size)
+        assert [_mark_tuple(mark) for mark in given] == want, given_text
+
+
+@needs_browser
+def test_the_page_reads_every_cut_of_a_json_answer_as_grounding_py(server, browser):
+    """A streamed JSON answer is read at every length it passes through: the page finds what
+    qwen2vl.grounding finds in each prefix (no box from a half-written object, none lost)."""
     from qwen2vl.grounding import parse_boxes
 
     browser.get(server.url)
-    width, height = 280, 196
-    want = [box.scaled(width, height) for box in parse_boxes(text)]
-    streamed = re.sub(r"<\|[a-z_]+\|>", "", text)
-    for given_text in (text, streamed):
-        given = browser.execute_script("return parseBoxes(arguments[0]).map((box) => scaled(box, arguments[1], arguments[2]))",
-                                       given_text, width, height)
-        assert [(box["label"], box["x1"], box["y1"], box["x2"], box["y2"]) for box in given] == \
-            [(box.label, box.x1, box.y1, box.x2, box.y2) for box in want], given_text
+    text = "".join(GROUNDING_JSON_TEXTS)
+    given = browser.execute_script(
+        "const text = arguments[0], cuts = [];"
+        "for (let end = 0; end <= text.length; end++) cuts.push(parseBoxes(text.slice(0, end), 'json'));"
+        "return cuts;", text)
+    assert len(given) == len(text) + 1
+    for end, marks in enumerate(given):
+        assert [_mark_tuple(mark) for mark in marks] == \
+            [_mark_tuple(mark) for mark in parse_boxes(text[:end], "qwen3_vl")], text[:end]
+
+
+@needs_browser
+def test_the_page_draws_a_qwen2_5_vl_answers_boxes_and_points_where_completion_boxes_puts_them(server, browser):
+    """A Qwen2.5-VL answer (JSON in pixels of the 1008x308 image the model saw) over the 1000x300
+    image sent: each box's `data-box` and each point's `data-point` hold `Completion.boxes()`'s
+    numbers, and they are drawn there."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from qwen2vl import Completion
+    from qwen2vl.grounding import grounding_header
+
+    size, resized, text = (1000, 300), (1008, 308), GROUNDING_JSON_TEXTS[0]
+    right, cat, dot = Completion(text="", token_ids=[], finish_reason="stop", usage=None, raw_text=text,
+                                 image_sizes=[size], resized_image_sizes=[resized], model_type="qwen2_5_vl").boxes()
+    png = io.BytesIO()
+    Image.new("RGB", size, "white").save(png, format="PNG")
+    browser.get(server.url)
+    browser.set_window_size(1400, 900)
+    answer = browser.execute_script("""
+        const image = {kind: "image", name: "wide.png", url: arguments[0], width: 1000, height: 300};
+        const answer = addAssistantMessage(image);
+        drawBoxes(answer.figure, image, arguments[1], JSON.parse(arguments[2]));
+        return answer.node;
+    """, "data:image/png;base64," + base64.b64encode(png.getvalue()).decode(), text,
+        grounding_header("qwen2_5_vl", [size], [resized]))
+    wait(browser, lambda driver: driver.execute_script("return arguments[0].querySelector('img').complete", answer))
+    boxes = answer.find_elements(By.CSS_SELECTOR, "[data-box]")
+    [point] = answer.find_elements(By.CSS_SELECTOR, "[data-point]")
+    assert [[float(v) for v in box.get_attribute("data-box").split(",")] for box in boxes] == \
+        [pytest.approx([want.x1, want.y1, want.x2, want.y2], abs=1e-9) for want in (right, cat)]
+    assert [float(v) for v in point.get_attribute("data-point").split(",")] == pytest.approx([dot.x, dot.y], abs=1e-9)
+    assert [box.text for box in boxes] + [point.text] == ["the right half", "a cat", "the dot"]
+    assert answer.find_element(By.CSS_SELECTOR, "figure img").get_attribute("alt") == \
+        "wide.png with 2 boxes and 1 point drawn: the right half, a cat, the dot"
+    for box, want in zip(boxes, (right, cat)):
+        assert drawn_box(browser, box) == pytest.approx([want.x1, want.y1, want.x2, want.y2], abs=2)
+    x1, y1, x2, y2 = drawn_box(browser, point)
+    assert ((x1 + x2) / 2, (y1 + y2) / 2) == pytest.approx((dot.x, dot.y), abs=2)
 
 
 @needs_browser

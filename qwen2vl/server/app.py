@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwen2vl import __version__
 from qwen2vl.errors import InputError, Qwen2VLError
+from qwen2vl.grounding import grounding_header
 from qwen2vl.processor.fetch import MediaPolicy
 from qwen2vl.processor.types import PreparedPrompt
 from qwen2vl.sampling_params import SEED_RANGE, SamplingParams
@@ -96,7 +97,9 @@ class OpenAIServer:
                                              "messages")
         job = Job(self.state, request, len(params))
         await _start(job, body, lambda: self._prepare_chat(messages, tools), params, self._cache_salt(request, body))
-        return await _respond(answer, job)
+        response = await _respond(answer, job)
+        response.headers["X-Grounding"] = self._grounding(job.prompts[0])
+        return response
 
     async def completions(self, request: Request) -> Response:
         body = self._with_defaults(await parse_body(CompletionRequest, request))
@@ -136,6 +139,13 @@ class OpenAIServer:
 
     def _model_card(self) -> ModelCard:
         return ModelCard(id=self.model_name, created=self.created, max_model_len=self.state.max_model_len)
+
+    def _grounding(self, prompt: PreparedPrompt) -> str:
+        """The `X-Grounding` header: how the answer's boxes are written and the images' sizes, so
+        the chat page (or any client) places them as `Completion.boxes()` does."""
+        images = [item for item in prompt.vision_items if item.kind == "image"]
+        return grounding_header(self.state.llm.engine.config.model_type, [item.original_size for item in images],
+                                [item.resized_size for item in images])
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:

@@ -2,10 +2,15 @@
 // No framework, no build step: this file is served as is.
 "use strict";
 
-// --- grounding boxes: the same parsing and scaling as qwen2vl/grounding.py -------------------
+// --- grounding boxes: the same parsing and mapping as qwen2vl/grounding.py ------------------
 
-// The model's box coordinates are normalized to [0, 1000) of the image's width and height.
+// How the model writes its boxes comes with each answer, in the X-Grounding response header
+// (grounding.grounding_header): `syntax` "tokens" (Qwen2-VL's box tokens) or "json" (Qwen2.5-VL's
+// and Qwen3-VL's bbox_2d / point_2d objects), `frame` "normalized" ([0, 1000) of the image) or
+// "resized" (pixels of the resized image the model saw), and each image's sizes. Without the
+// header, Qwen2-VL's.
 const NORMALIZED_RANGE = 1000;
+const QWEN2_VL_GROUNDING = {syntax: "tokens", frame: "normalized", images: []};
 const NUMBER = String.raw`(-?\d+(?:\.\d+)?)`;
 // The server streams text with special tokens skipped, so the <|box_start|> ... markers are
 // optional here: a bare "(x1,y1),(x2,y2)" is a box too.
@@ -20,8 +25,13 @@ function phraseBefore(text) {
   return phrase || null;
 }
 
-// Every box in `text`, normalized; a box takes the label of the nearest reference before it.
-function parseBoxes(text) {
+// Every box and point in `text`, in the model's coordinates, in the order written.
+function parseBoxes(text, syntax = "tokens") {
+  return syntax === "json" ? jsonMarks(text) : tokenBoxes(text);
+}
+
+// Qwen2-VL's boxes; a box takes the label of the nearest reference before it.
+function tokenBoxes(text) {
   const boxes = [];
   let label = null;
   let end = 0;
@@ -38,10 +48,78 @@ function parseBoxes(text) {
   return boxes;
 }
 
-// `box` in pixels of a `width` x `height` image (grounding.Box.scaled).
-function scaled(box, width, height) {
-  const sx = width / NORMALIZED_RANGE, sy = height / NORMALIZED_RANGE;
-  return {label: box.label, x1: box.x1 * sx, y1: box.y1 * sy, x2: box.x2 * sx, y2: box.y2 * sy};
+// Where the JSON value opening at `start` closes (brackets counted outside strings); -1 if it does not.
+function jsonEnd(text, start) {
+  let depth = 0, inString = false;
+  for (let i = start; i < text.length; i++) {
+    const c = text[i];
+    if (inString) {
+      if (c === "\\") i++;
+      else if (c === '"') inString = false;
+    } else if (c === '"') {
+      inString = true;
+    } else if (c === "{" || c === "[") {
+      depth++;
+    } else if ((c === "}" || c === "]") && --depth === 0) {
+      return i + 1;
+    }
+  }
+  return -1;
+}
+
+function numbers(value, count) {
+  return Array.isArray(value) && value.length === count && value.every((v) => typeof v === "number" && Number.isFinite(v));
+}
+
+function markOf(object) {
+  const label = typeof object.label === "string" ? object.label.trim() : null;
+  if (numbers(object.bbox_2d, 4)) {
+    const [x1, y1, x2, y2] = object.bbox_2d;
+    return {label, x1: Math.min(x1, x2), y1: Math.min(y1, y2), x2: Math.max(x1, x2), y2: Math.max(y1, y2)};
+  }
+  if (numbers(object.point_2d, 2)) return {label, x: object.point_2d[0], y: object.point_2d[1]};
+  return null;
+}
+
+// Every JSON object of `text` that is a box or a point; one cut short or of neither kind is
+// skipped, and the objects inside it are still looked at.
+function jsonMarks(text) {
+  const marks = [];
+  let start = text.indexOf("{");
+  while (start !== -1) {
+    const end = jsonEnd(text, start);
+    let mark = null;
+    if (end !== -1) {
+      try {
+        const value = JSON.parse(text.slice(start, end));
+        if (value && typeof value === "object" && !Array.isArray(value)) mark = markOf(value);
+      } catch (error) {
+        mark = null;  // not JSON: skipped
+      }
+    }
+    if (mark) {
+      marks.push(mark);
+      start = text.indexOf("{", end);
+    } else {
+      start = text.indexOf("{", start + 1);
+    }
+  }
+  return marks;
+}
+
+// `mark` (a box or a point), given in a `frame` = [width, height] coordinate range, in pixels of
+// a `width` x `height` image (grounding.Box.scaled, Point.scaled).
+function scaled(mark, width, height, frame = [NORMALIZED_RANGE, NORMALIZED_RANGE]) {
+  const sx = width / frame[0], sy = height / frame[1];
+  if ("x" in mark) return {label: mark.label, x: mark.x * sx, y: mark.y * sy};
+  return {label: mark.label, x1: mark.x1 * sx, y1: mark.y1 * sy, x2: mark.x2 * sx, y2: mark.y2 * sy};
+}
+
+// The frame the answer's coordinates are in, for the prompt's last image (grounding.to_image).
+function frameOf(grounding) {
+  const last = grounding.images[grounding.images.length - 1];
+  if (grounding.frame === "resized" && last) return [last.resized_width, last.resized_height];
+  return [NORMALIZED_RANGE, NORMALIZED_RANGE];
 }
 
 // --- state -----------------------------------------------------------------------------------
@@ -243,20 +321,28 @@ function latestImage() {
   return null;
 }
 
-function drawBoxes(figure, image, text) {
-  const boxes = parseBoxes(text).map((box) => scaled(box, image.width, image.height));
+function drawBoxes(figure, image, text, grounding) {
+  const frame = frameOf(grounding);
+  const marks = parseBoxes(text, grounding.syntax).map((mark) => scaled(mark, image.width, image.height, frame));
   const overlay = figure.querySelector(".boxes");
-  overlay.replaceChildren(...boxes.map((box) => {
+  overlay.replaceChildren(...marks.map((mark) => {
     const percent = (value, total) => `${(100 * value) / total}%`;
-    const node = element("div", {className: "box", dataset: {box: `${box.x1},${box.y1},${box.x2},${box.y2}`},
-                                 title: box.label || "box"}, box.label ? [element("span", {className: "box-label"}, [box.label])] : []);
-    Object.assign(node.style, {left: percent(box.x1, image.width), top: percent(box.y1, image.height),
-                               width: percent(box.x2 - box.x1, image.width), height: percent(box.y2 - box.y1, image.height)});
+    const point = "x" in mark;
+    const node = element("div", {className: point ? "point" : "box",
+                                 dataset: point ? {point: `${mark.x},${mark.y}`} : {box: `${mark.x1},${mark.y1},${mark.x2},${mark.y2}`},
+                                 title: mark.label || (point ? "point" : "box")},
+                         mark.label ? [element("span", {className: "box-label"}, [mark.label])] : []);
+    Object.assign(node.style, point ? {left: percent(mark.x, image.width), top: percent(mark.y, image.height)} :
+      {left: percent(mark.x1, image.width), top: percent(mark.y1, image.height),
+       width: percent(mark.x2 - mark.x1, image.width), height: percent(mark.y2 - mark.y1, image.height)});
     return node;
   }));
-  figure.hidden = boxes.length === 0;
-  const labels = boxes.map((box) => box.label || "unlabelled").join(", ");
-  figure.querySelector("img").alt = `${image.name} with ${boxes.length} box${boxes.length === 1 ? "" : "es"} drawn: ${labels}`;
+  figure.hidden = marks.length === 0;
+  const count = (n, one, many) => `${n} ${n === 1 ? one : many}`;
+  const points = marks.filter((mark) => "x" in mark).length, boxes = marks.length - points;
+  const drawn = [boxes || !points ? count(boxes, "box", "boxes") : "", points ? count(points, "point", "points") : ""];
+  const labels = marks.map((mark) => mark.label || "unlabelled").join(", ");
+  figure.querySelector("img").alt = `${image.name} with ${drawn.filter(Boolean).join(" and ")} drawn: ${labels}`;
 }
 
 function addUserMessage(text, attachments) {
@@ -364,6 +450,7 @@ async function send() {
       if (error.status === 401) askForKey(`The server refused the key: ${error.message}`);
       return;
     }
+    const grounding = JSON.parse(response.headers.get("X-Grounding") || "null") || QWEN2_VL_GROUNDING;
     for await (const chunk of events(response)) {
       if (chunk.error) throw Object.assign(new Error(chunk.error.message), {fromServer: true});
       if (chunk.usage) usageTokens = chunk.usage.completion_tokens;
@@ -374,7 +461,7 @@ async function send() {
         tokens += 1;
         reply += choice.delta.content;
         answer.content.textContent = reply;
-        if (image) drawBoxes(answer.figure, image, reply);
+        if (image) drawBoxes(answer.figure, image, reply, grounding);
         answer.stats.textContent = timing(started, firstToken, performance.now(), tokens);
         scrollToEnd();
       }
