@@ -42,6 +42,7 @@ from qwen2vl.errors import InputError, MediaError  # noqa: E402
 from qwen2vl.processor import Processor  # noqa: E402
 from qwen2vl.processor.processor import NO_SECOND_RESIZE  # noqa: E402
 from qwen2vl.processor.budget import MediaBudget  # noqa: E402
+from qwen2vl.processor.types import MediaOptions  # noqa: E402
 from qwen2vl.processor.video import group_timestamps  # noqa: E402
 
 ATOL = 1e-5
@@ -417,3 +418,15 @@ def test_settings_from_a_qwen3_vl_config(checkpoint, tmp_path):
     processor = Processor.from_pretrained(tmp_path)
     assert processor.video_timestamps and (processor.min_pixels, processor.max_pixels) == (0, 1 << 62)
     assert Processor.from_pretrained(tmp_path, min_pixels=65536).min_pixels == 65536
+
+
+def test_the_resize_bound_is_16384_tokens_at_the_32_pixel_factor(ours):
+    """Qwen3-VL's default image max_pixels (qwen_vl_utils: 16384 tokens of 32x32 pixels) is within its
+    budget; the bound scales with the factor instead of staying Qwen2-VL's 12,845,056."""
+    bound = 16384 * 32 * 32
+    assert ours.budget.max_resized_pixels == bound
+    ours.budget.check_options(MediaOptions(min_pixels=bound), "image")
+    with pytest.raises(InputError, match=f"over the limit of {bound} pixels per image"):
+        ours.budget.check_options(MediaOptions(min_pixels=bound + 1), "image")
+    looser = ours.with_media(ours.media_policy, MediaBudget(max_resized_pixels=10**9))
+    assert looser.budget.max_resized_pixels == bound

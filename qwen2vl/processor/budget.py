@@ -33,6 +33,7 @@ alone (`check_options`) are checked earlier, before the media is fetched.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from qwen2vl.config import DEFAULT_CONTEXT_LEN
@@ -41,9 +42,14 @@ from qwen2vl.processor.image import IMAGE_MAX_TOKENS
 from qwen2vl.processor.types import FrameListPlan, ImagePlan, MediaOptions, MediaPlan, VideoFilePlan
 
 MAX_SOURCE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS as PIL ships it
-MAX_RESIZED_PIXELS = IMAGE_MAX_TOKENS * 28 * 28  # 12,845,056
+MAX_RESIZED_PIXELS = IMAGE_MAX_TOKENS * 28 * 28  # 12,845,056: at Qwen2-VL's and Qwen2.5-VL's 28-pixel factor
 MAX_VIDEO_PIXELS = 256 * 1920 * 1080
 MAX_ITEM_TOKENS = DEFAULT_CONTEXT_LEN
+
+
+def resized_pixels_bound(factor: int) -> int:
+    """The most pixels an image or frame may be resized to: 16384 visual tokens of `factor` pixels a side."""
+    return IMAGE_MAX_TOKENS * factor * factor
 
 
 def number(value: float) -> int | float:
@@ -56,9 +62,17 @@ class MediaBudget:
     """The largest image or video a `Processor` takes; see the module docstring for the defaults."""
 
     max_source_pixels: int = MAX_SOURCE_PIXELS
-    max_resized_pixels: int = MAX_RESIZED_PIXELS
+    # None: 16384 visual tokens at the processor's factor (`for_factor`), so 12,845,056 pixels at
+    # Qwen2-VL's 28 and 16,777,216 at Qwen3-VL's 32: each family's own default max_pixels
+    max_resized_pixels: int | None = None
     max_video_pixels: int = MAX_VIDEO_PIXELS
     max_item_tokens: int = MAX_ITEM_TOKENS
+
+    def for_factor(self, factor: int) -> "MediaBudget":
+        """This budget for a processor whose sizes are multiples of `factor` pixels: the resize bound
+        never above 16384 visual tokens of that size."""
+        bound = resized_pixels_bound(factor)
+        return dataclasses.replace(self, max_resized_pixels=min(self.max_resized_pixels or bound, bound))
 
     def check_options(self, options: MediaOptions, per: str) -> None:
         """What the options alone ask for, before the media is fetched (the one check that comes

@@ -18,7 +18,7 @@ import torch
 from qwen2vl.config import ProcessorSettings
 from qwen2vl.errors import CheckpointError, InputError, MediaError
 from qwen2vl.layers.patchify import Patchifier
-from qwen2vl.processor.budget import MAX_RESIZED_PIXELS, MediaBudget
+from qwen2vl.processor.budget import MediaBudget, resized_pixels_bound
 from qwen2vl.processor.chat import ChatTemplate, MediaPart, media_parts
 from qwen2vl.processor.fetch import MediaPolicy, resolve
 from qwen2vl.processor.fit import fit_context
@@ -79,13 +79,14 @@ class Processor:
     `InputError`/`MediaError` whose `field` names the option. The default bounds:
 
     - an image or video frame as sent: 89,478,485 pixels (PIL's decompression-bomb threshold);
-    - an image or video frame after its per-item resize: 12,845,056 pixels (16384 visual tokens,
-      the model card's default `max_pixels` for an image); `min_pixels` over it is refused at once;
+    - an image or video frame after its per-item resize: 16384 visual tokens (12,845,056 pixels at
+      the 28-pixel factor of Qwen2-VL and Qwen2.5-VL, 16,777,216 at Qwen3-VL's 32: each family's
+      default `max_pixels` for an image); `min_pixels` over it is refused at once;
     - all frames sampled from one video as decoded (a list of frames: as first resized):
       256 x 1920x1080 pixels;
     - one image or video: 32768 visual tokens (Qwen2-VL's context).
 
-    The processor's own `min_pixels` may not exceed 12,845,056 either.
+    The processor's own `min_pixels` may not exceed that bound either.
     """
 
     def __init__(
@@ -105,8 +106,9 @@ class Processor:
         whether videos carry text timestamps (`video_timestamps`: Qwen3-VL's, see `_timestamped`)."""
         if min_pixels > max_pixels:
             raise InputError(f"min_pixels ({min_pixels}) is greater than max_pixels ({max_pixels})", field="min_pixels")
-        if min_pixels > MAX_RESIZED_PIXELS:
-            raise InputError(f"min_pixels ({min_pixels}) is over the limit of {MAX_RESIZED_PIXELS} pixels per image "
+        bound = resized_pixels_bound(patchifier.factor)
+        if min_pixels > bound:
+            raise InputError(f"min_pixels ({min_pixels}) is over the limit of {bound} pixels per image "
                              "(16384 visual tokens)", field="min_pixels")
         self.tokenizer = tokenizer
         self.template = template
@@ -114,7 +116,7 @@ class Processor:
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.media_policy = media_policy or MediaPolicy()
-        self.budget = budget or MediaBudget()
+        self.budget = (budget or MediaBudget()).for_factor(patchifier.factor)
         self.context_len = settings.context_len
         self.tokens_per_second = settings.tokens_per_second
         self.video_timestamps = settings.video_timestamps
@@ -201,7 +203,7 @@ class Processor:
         """This processor (its tokenizer, template, sizes, context and video time scale) under
         another media policy and budget."""
         other = copy.copy(self)
-        other.media_policy, other.budget = media_policy, budget
+        other.media_policy, other.budget = media_policy, budget.for_factor(self.patchifier.factor)
         return other
 
     @property

@@ -65,7 +65,7 @@ def server_budget(limits: ServerLimits) -> MediaBudget:
     default = MediaBudget()
     return MediaBudget(
         max_source_pixels=limits.max_image_pixels,
-        max_resized_pixels=min(limits.max_image_pixels, default.max_resized_pixels),
+        max_resized_pixels=limits.max_image_pixels,  # and never above the processor's own (`for_factor`)
         max_video_pixels=limits.max_video_pixels,
         max_item_tokens=min(limits.max_prompt_tokens or default.max_item_tokens, default.max_item_tokens),
     )
