@@ -220,3 +220,51 @@ def test_fp8_weights_without_a_quantization_config_are_refused(fp8_pair, tmp_pat
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="weight_scale_inv in model.safetensors is not part of this model"):
         load_model(broken)
+
+
+def test_dequantization_equals_transformers_on_whole_blocks():
+    """transformers 5.17's own FP8 dequantization (`Fp8Dequantize`, what `dequantize=True` loads)
+    gives the same weights, bitwise, where the blocks tile the weight. On partial blocks it
+    raises (it derives the block from the scale grid), and vLLM refuses parts that are not
+    multiples of the block; the stored scale grid is ceil(out / rows) x ceil(in / columns) in
+    both, which is what we read (hand-computed partial blocks:
+    `test_fused_scale_rows_restart_at_each_part`)."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
+    values, scales = q.quantize_fp8_blocks(weight, (16, 32))
+    theirs = Fp8Dequantize(None)._dequantize_one(values, scales, torch.float32)
+    assert torch.equal(q.dequantize_fp8_blocks(values, scales, q.fp8_scale_rows((64,), 16), 32), theirs)
+    values, scales = q.quantize_fp8_blocks(weight[:40], (16, 32))
+    with pytest.raises(ValueError, match="not divisible by scale grid"):
+        Fp8Dequantize(None)._dequantize_one(values, scales, torch.float32)
+
+
+def test_bfloat16_scales_are_read_as_float32(fp8_pair, tmp_path):
+    """Some FP8 releases store `weight_scale_inv` in bfloat16: read exactly, as float32."""
+    key = "model.layers.0.mlp.down_proj"
+    tensors = load_file(fp8_pair[0] / "model.safetensors")
+    scale = tensors[f"{key}.weight_scale_inv"].bfloat16()
+    converted = _broken_copy(fp8_pair[0], tmp_path, lambda t: t.update({f"{key}.weight_scale_inv": scale}))
+    model = load_model(converted, dtype=torch.float32)
+    expected = dequantize_reference(tensors[f"{key}.weight"], scale.float(), BLOCK)
+    assert torch.equal(model.language_model.layers[0].mlp.down_proj.weight, expected)
+
+
+def test_random_checkpoint_writer_writes_loadable_fp8(tmp_path):
+    """`random_checkpoint --quant fp8` (the benchmarks' random weights): Qwen's layout, loads."""
+    from checkpoints import reference_config
+    from qwen2vl.tools.random_checkpoint import write_random_checkpoint
+
+    ckpt = write_random_checkpoint(reference_config("b").to_dict(), tmp_path, quant="fp8", group_size=32)
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16" and config["quantization_config"]["weight_block_size"] == [32, 32]
+    tensors = load_file(ckpt / "model.safetensors")
+    # variant b: hidden 96, 6 heads of 16, one kv head: k_proj is 16 x 96, one partial block row.
+    assert tensors["model.layers.0.self_attn.k_proj.weight"].dtype == torch.float8_e4m3fn
+    assert tensors["model.layers.0.self_attn.k_proj.weight_scale_inv"].shape == (1, 3)
+    model = load_model(ckpt, dtype=torch.float32)
+    qkv = model.language_model.layers[2].self_attn.qkv_proj
+    parts = [dequantize_reference(tensors[f"model.layers.2.self_attn.{p}_proj.weight"],
+                                  tensors[f"model.layers.2.self_attn.{p}_proj.weight_scale_inv"], (32, 32)) for p in "qkv"]
+    assert isinstance(qkv, FP8Linear) and torch.equal(qkv.weight, torch.cat(parts))
