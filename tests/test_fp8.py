@@ -268,3 +268,26 @@ def test_random_checkpoint_writer_writes_loadable_fp8(tmp_path):
     parts = [dequantize_reference(tensors[f"model.layers.2.self_attn.{p}_proj.weight"],
                                   tensors[f"model.layers.2.self_attn.{p}_proj.weight_scale_inv"], (32, 32)) for p in "qkv"]
     assert isinstance(qkv, FP8Linear) and torch.equal(qkv.weight, torch.cat(parts))
+
+
+def test_the_engine_answers_as_on_the_dequantized_checkpoint(fp8_pair, tmp_path):
+    """Through `Qwen2VL` (scheduler, paged cache, prefix cache): a batch of an image prompt and a
+    text prompt, greedy, twice (the second run from the prefix cache), as the dequantized
+    checkpoint answers."""
+    from PIL import Image
+
+    from qwen2vl import Qwen2VL
+
+    image = tmp_path / "picture.png"
+    Image.fromarray(torch.randint(0, 256, (84, 56, 3), generator=torch.Generator().manual_seed(5),
+                                  dtype=torch.uint8).numpy()).save(image)
+    conversations = [[{"role": "user", "content": [{"type": "image", "image": str(image)},
+                                                   {"type": "text", "text": "What is this?"}]}],
+                     [{"role": "user", "content": "Write a haiku about the sea."}]]
+    answers = {}
+    for name, ckpt in zip(("fp8", "dequantized"), fp8_pair):
+        llm = Qwen2VL.from_pretrained(ckpt, num_kv_blocks=128)
+        answers[name] = [[c.token_ids for c in llm.chat(conversations, max_tokens=8, temperature=0, ignore_eos=True)]
+                         for _ in range(2)]
+    assert answers["fp8"] == answers["dequantized"]
+    assert answers["fp8"][0] == answers["fp8"][1] and answers["fp8"][0][0] != answers["fp8"][0][1]
