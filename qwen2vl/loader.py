@@ -193,7 +193,8 @@ class _Slot:
         return getattr(self.module, "stored_dtypes", {}).get(self.attr)
 
     def check_dtype(self, key: str, stored: torch.dtype) -> None:
-        """FP8 values must be stored as such: any other float would be read as if it were."""
+        """FP8 values must be stored as such: any other float would be read as if it were (called
+        for every tensor before any is read)."""
         if self.stored_dtype == q.FP8_DTYPE and stored != q.FP8_DTYPE:
             raise CheckpointError(f"tensor {key}: expected {q.FP8_DTYPE} (config.json's quantization_config says "
                                   f"FP8), found {stored}")
@@ -203,10 +204,9 @@ class _Slot:
         stored = shard.dtype(key)
         if stored.is_floating_point != target.dtype.is_floating_point:
             raise CheckpointError(f"tensor {key}: expected dtype {target.dtype}, found {stored}")
-        self.check_dtype(key, stored)
-        # Quantization scales keep their stored precision; other float tensors take the compute dtype.
-        dtype = float_dtype if stored.is_floating_point and self.attr != "scales" else stored
-        dtype = self.stored_dtype or dtype
+        # Quantization scales keep their stored precision (FP8's are read as float32); other float
+        # tensors take the compute dtype.
+        dtype = self.stored_dtype or (float_dtype if stored.is_floating_point and self.attr != "scales" else stored)
         tensor = shard.read(f, key, dtype)
         if self.dim is None:
             if self.shared and not target.is_meta and not torch.equal(target.cpu(), tensor):

@@ -187,7 +187,7 @@ class FP8Linear(Linear):
                                    requires_grad=False)
         scale_rows = sum(self.checkpoint_shapes(size)["weight_scale_inv"][0] for size in self.output_sizes)
         self.register_buffer("weight_scale_inv", torch.empty(scale_rows, -(-self.in_features // block_size[1])))
-        self.scale_rows = None  # `use_kernel_`: the scale row of each output row
+        self.register_buffer("scale_rows", None)  # `use_kernel_`: the scale row of each output row
 
     def checkpoint_shapes(self, out_features: int) -> dict[str, tuple[int, ...]]:
         rows, cols = self.block_size
