@@ -102,3 +102,31 @@ else:
             has_fp8 = torch.cuda.get_device_capability() >= (8, 9)
             assert kernels.fp8_kernel_runs(torch.device("cuda"), torch.bfloat16) == has_fp8
             assert not kernels.fp8_kernel_runs(torch.device("cuda"), torch.float32)
+
+    @pytest.mark.skipif(DEVICE == "cuda", reason="forces the kernel on the CPU, under the interpreter")
+    def test_the_loader_keeps_fp8_for_the_kernel_where_it_runs(tmp_path, monkeypatch):
+        """Where `fp8_kernel_runs` (forced here on the CPU, where the interpreter runs the kernel
+        on float32 activations) and a kernel is wanted, decoder linears stay FP8 and the model's
+        logits are the dequantized model's."""
+        from checkpoints import prefill_batch, reference_config
+        from qwen2vl.loader import load_model
+        from qwen2vl.tools.random_checkpoint import write_random_checkpoint
+
+        ckpt = write_random_checkpoint(reference_config("a").to_dict(), tmp_path, quant="fp8", group_size=24)
+        reference = load_model(ckpt, dtype=torch.float32)
+        monkeypatch.setattr(kernels, "fp8_kernel_runs", lambda device, dtype: True)
+        unwanted = load_model(ckpt, dtype=torch.float32, int4_kernel=False)
+        assert unwanted.language_model.layers[0].self_attn.qkv_proj.weight_scale_inv is None  # dequantized
+        model = load_model(ckpt, dtype=torch.float32, int4_kernel=True)
+        qkv = model.language_model.layers[0].self_attn.qkv_proj
+        assert isinstance(qkv, FP8Linear) and qkv.weight.dtype == q.FP8_DTYPE and qkv.scale_rows is not None
+        assert reference.language_model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float32
+        ids = torch.tensor([151644, 872, 198, 9707, 11, 1246, 525, 498, 30, 151645, 198, 151644, 77091, 198])
+        positions = torch.arange(len(ids)).expand(3, -1)
+        logits = []
+        for m in (model, reference):
+            attn, caches, _ = prefill_batch(m.config.text, [len(ids)], block_size=4)
+            with torch.no_grad():
+                logits.append(m(ids, positions, attn, caches, None, None, torch.arange(len(ids))))
+        assert (logits[0] - logits[1]).abs().max() <= 1e-4 * logits[1].abs().max()
+        assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
