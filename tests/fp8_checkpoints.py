@@ -42,7 +42,8 @@ def write_fp8_checkpoint(src, out, block_size: tuple[int, int] = (24, 40),
         converted = {}
         for key, tensor in tensors.items():
             module = key.removesuffix(".weight")
-            if DECODER_LINEAR.search(key) and "visual" not in key and tensor.ndim == 2 and skip.converts(original_layout_name(module)):
+            quantized = DECODER_LINEAR.search(key) and "visual" not in key and tensor.ndim == 2
+            if quantized and skip.converts(original_layout_name(module)):
                 converted[key], converted[f"{module}.weight_scale_inv"] = q.quantize_fp8_blocks(tensor, block_size)
             else:
                 converted[key] = tensor

@@ -7,12 +7,13 @@ the block height (their scale rows do not line up with the fused weight's rows).
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import write_tiny_checkpoint
+from checkpoints import allocate_kv_caches, reference_config, write_tiny_checkpoint
 from fp8_checkpoints import dequantize_reference, write_dequantized_checkpoint, write_fp8_checkpoint
 from qwen2vl.config import QuantConfig
 from qwen2vl.errors import CheckpointError
@@ -21,7 +22,6 @@ from qwen2vl.layers.linear import FP8Linear, Linear
 from qwen2vl.loader import load_model
 from test_model_parity import Reference, assert_close, run_ours, vision_inputs
 from test_model_paged import BLOCK_SIZE, Seq, step
-from checkpoints import allocate_kv_caches
 
 BLOCK = (24, 40)
 # One decoder linear kept unquantized, named in the current key layout (as Qwen3-VL's cards do).
@@ -87,7 +87,8 @@ def test_quantize_fp8_blocks_rounds_each_block_to_e4m3():
             assert scales[i, j] == weight[rows, cols].abs().max() / 448
     # Round to nearest with 3 mantissa bits: within half a step (2^-4 relative) of the weight,
     # or of the subnormal step 2^-9 x scale.
-    step = torch.maximum(weight.abs() * 2**-4, 2**-10 * scales.repeat_interleave(24, 0)[:50].repeat_interleave(40, 1)[:, :70])
+    block_scale = scales.repeat_interleave(24, 0)[:50].repeat_interleave(40, 1)[:, :70]
+    step = torch.maximum(weight.abs() * 2**-4, 2**-10 * block_scale)
     assert ((back - weight).abs() <= step).all()
 
 
@@ -179,10 +180,8 @@ def test_greedy_decode_matches_transformers_generate(fp8_models):
     assert ours == generated.tolist()
 
 
-def _broken_copy(fp8, tmp_path, edit) -> object:
+def _broken_copy(fp8, tmp_path, edit):
     """`fp8` copied to `tmp_path` with its tensors changed by `edit(tensors)`."""
-    import shutil
-
     shutil.copytree(fp8, tmp_path, dirs_exist_ok=True)
     tensors = load_file(tmp_path / "model.safetensors")
     edit(tensors)
@@ -212,8 +211,6 @@ def test_an_unquantized_weight_where_fp8_is_expected_is_a_clear_error(fp8_pair, 
 
 
 def test_fp8_weights_without_a_quantization_config_are_refused(fp8_pair, tmp_path):
-    import shutil
-
     broken = shutil.copytree(fp8_pair[0], tmp_path, dirs_exist_ok=True)
     config = json.loads((broken / "config.json").read_text())
     del config["quantization_config"]
@@ -253,7 +250,6 @@ def test_bfloat16_scales_are_read_as_float32(fp8_pair, tmp_path):
 
 def test_random_checkpoint_writer_writes_loadable_fp8(tmp_path):
     """`random_checkpoint --quant fp8` (the benchmarks' random weights): Qwen's layout, loads."""
-    from checkpoints import reference_config
     from qwen2vl.tools.random_checkpoint import write_random_checkpoint
 
     ckpt = write_random_checkpoint(reference_config("b").to_dict(), tmp_path, quant="fp8", group_size=32)
@@ -265,8 +261,9 @@ def test_random_checkpoint_writer_writes_loadable_fp8(tmp_path):
     assert tensors["model.layers.0.self_attn.k_proj.weight_scale_inv"].shape == (1, 3)
     model = load_model(ckpt, dtype=torch.float32)
     qkv = model.language_model.layers[2].self_attn.qkv_proj
-    parts = [dequantize_reference(tensors[f"model.layers.2.self_attn.{p}_proj.weight"],
-                                  tensors[f"model.layers.2.self_attn.{p}_proj.weight_scale_inv"], (32, 32)) for p in "qkv"]
+    prefix = "model.layers.2.self_attn"
+    parts = [dequantize_reference(tensors[f"{prefix}.{p}_proj.weight"], tensors[f"{prefix}.{p}_proj.weight_scale_inv"],
+                                  (32, 32)) for p in "qkv"]
     assert isinstance(qkv, FP8Linear) and torch.equal(qkv.weight, torch.cat(parts))
 
 

@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output model directory")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="storage dtype (default: fp16 if quantized, else bf16)")
     parser.add_argument("--quant", choices=["awq", "gptq4", "gptq8", "fp8"])
-    parser.add_argument("--group-size", type=int, default=128, help="AWQ / GPTQ group size; FP8: the side of a square block")
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="AWQ / GPTQ group size; FP8: the side of a square block")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     config = json.loads(Path(args.config).read_text())
