@@ -202,10 +202,13 @@ def vision_config_class(model_type: str) -> type[VisionConfig]:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Weight-only integer quantization of the text decoder's linears.
+    """Weight-only quantization of the text decoder's linears.
 
-    `method` is "awq" (GEMM packing, with zero points) or "gptq" (packed along the
-    input dimension; `checkpoint_format` "gptq" stores zeros minus one, "gptq_v2" does not).
+    `method` is "awq" (GEMM packing, with zero points), "gptq" (packed along the input
+    dimension; `checkpoint_format` "gptq" stores zeros minus one, "gptq_v2" does not) or "fp8"
+    (Qwen's `*-FP8` releases: e4m3 weights with one float32 scale per `weight_block_size`
+    block, `[out, in]`; activations are not quantized: "dynamic" is the only scheme, and
+    nothing of it is stored).
     """
 
     method: str
@@ -215,6 +218,7 @@ class QuantConfig:
     sym: bool = True
     checkpoint_format: str = "gptq"
     modules_to_not_convert: tuple[str, ...] = ()
+    weight_block_size: tuple[int, int] | None = None  # fp8: (out, in) rows and columns of one scale
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
@@ -242,12 +246,41 @@ class QuantConfig:
                                       "(expected 'gptq' or 'gptq_v2')")
             return cls("gptq", bits, group_size, desc_act=bool(d.get("desc_act", False)),
                        sym=bool(d.get("sym", True)), checkpoint_format=fmt, modules_to_not_convert=skip)
+        if method == "fp8":
+            return cls("fp8", 8, -1, modules_to_not_convert=skip, weight_block_size=_fp8_block_size(d))
         raise CheckpointError(f"quantization_config: unknown quant_method {d.get('quant_method')!r} "
-                              "(supported: 'awq', 'gptq')")
+                              "(supported: 'awq', 'gptq', 'fp8')")
 
     def converts(self, module_name: str) -> bool:
-        """Whether the linear of this (checkpoint-layout) name is stored quantized."""
-        return not any(skip in module_name for skip in self.modules_to_not_convert)
+        """Whether the linear of this (checkpoint-layout) name is stored quantized: no entry of
+        `modules_to_not_convert` is a run of its dotted parts ("visual" skips "visual.blocks.0.mlp.fc1";
+        a router "mlp.gate" does not skip "mlp.gate_proj")."""
+        dotted = f".{module_name}."
+        return not any(f".{skip}." in dotted for skip in self.modules_to_not_convert)
+
+
+def _fp8_block_size(d: dict) -> tuple[int, int]:
+    """`weight_block_size` of an fp8 `quantization_config`, its format and activation scheme checked."""
+    fmt = str(d.get("fmt", "e4m3")).lower()
+    if fmt != "e4m3":
+        raise CheckpointError(f"quantization_config: FP8 fmt {d.get('fmt')!r} is not supported (expected 'e4m3')")
+    scheme = str(d.get("activation_scheme", "dynamic")).lower()
+    if scheme != "dynamic":
+        raise CheckpointError(f"quantization_config: FP8 activation_scheme {d.get('activation_scheme')!r} is not "
+                              "supported (expected 'dynamic')")
+    scale_fmt = str(d.get("scale_fmt", "float")).lower()
+    if scale_fmt != "float":
+        raise CheckpointError(f"quantization_config: FP8 scale_fmt {d.get('scale_fmt')!r} is not supported "
+                              "(expected 'float')")
+    block = d.get("weight_block_size")
+    if block is None:
+        raise CheckpointError("quantization_config: FP8 without weight_block_size (one scale per tensor) is not "
+                              "supported (expected block scales, e.g. [128, 128])")
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise CheckpointError(f"quantization_config: FP8 weight_block_size {block!r} must be two positive "
+                              "integers [rows, columns]")
+    return tuple(block)
 
 
 @dataclass(frozen=True)

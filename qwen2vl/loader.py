@@ -16,7 +16,7 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,8 @@ import torch
 from qwen2vl.config import QuantConfig, Qwen2VLConfig
 from qwen2vl.errors import CheckpointError
 from qwen2vl import kernels
-from qwen2vl.layers.linear import AWQLinear, GPTQLinear, Int4Linear, Linear, QuantizedLinear
+from qwen2vl.layers import quantization as q
+from qwen2vl.layers.linear import AWQLinear, FP8Linear, GPTQLinear, Int4Linear, Linear, QuantizedLinear
 from qwen2vl.layers.moe import Experts
 from qwen2vl.layers.vocab import Int8VocabTable
 from qwen2vl.model.qwen2_vl import WEIGHT_RENAMES, Qwen2VLForConditionalGeneration
@@ -53,7 +54,9 @@ def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
     in bfloat16 (on the CPU the kernel's own dtype; on CUDA Triton's); float32 keeps the exact
     dequantized path. True forces the device's kernel, a backend name ("cpu", "triton") that one.
     Where a 4-bit checkpoint runs on an int4 kernel in bfloat16, the vocabulary table is kept as
-    int8 rows (`int8_vocabulary`) unless `int8_vocab` is False.
+    int8 rows (`int8_vocabulary`) unless `int8_vocab` is False. Block-scaled FP8 linears stay in
+    FP8 for the FP8 kernel where it runs (`kernels.fp8_kernel_runs`) unless `int4_kernel` is
+    False; elsewhere they are dequantized exactly to the decoder's dtype.
     """
     model_dir = Path(model_dir)
     device = torch.device(device)
@@ -109,12 +112,19 @@ def _fill(model: Qwen2VLForConditionalGeneration, model_dir: Path, text_dtype: t
 
 def finish_quantized_linears(model: torch.nn.Module, dtype: torch.dtype, int4_kernel: bool | str) -> None:
     """Swap each loaded quantized linear for an `Int4Linear` (if wanted and a kernel runs it),
-    else dequantize it to `dtype`. One layer at a time, so only one layer is ever unpacked."""
+    else dequantize it to `dtype`; keep FP8 linears in FP8 where the FP8 kernel runs, else
+    dequantize them. One layer at a time, so only one layer is ever unpacked."""
     wanted = int4_kernel if isinstance(int4_kernel, str) else None
     # Names, not modules: holding every replaced module would keep its packed tensors alive.
-    names = [name for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
+    names = [name for name, module in model.named_modules() if isinstance(module, (QuantizedLinear, FP8Linear))]
     for name in names:
         module = model.get_submodule(name)
+        if isinstance(module, FP8Linear):
+            if int4_kernel is not False and kernels.fp8_kernel_runs(module.weight.device, dtype):
+                module.use_kernel_()
+            else:
+                module.dequantize_(dtype)
+            continue
         backend = Int4Linear.backend_for(module, dtype, wanted) if int4_kernel else None
         if backend is not None:
             parent, _, child = name.rpartition(".")
@@ -144,13 +154,19 @@ def compute_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
 
 def swap_quantized_linears(model: torch.nn.Module, quant: QuantConfig,
                            renames: tuple[tuple[str, str], ...] = WEIGHT_RENAMES) -> None:
-    """Replace the decoder layers' `Linear`s stored quantized by AWQ / GPTQ linears."""
+    """Replace the decoder layers' `Linear`s stored quantized by AWQ / GPTQ / FP8 linears."""
+    # Names in modules_to_not_convert may be in either key layout (Qwen3-VL's FP8 cards list
+    # `model.language_model.*`): compared in the original one, as `checkpoint_part_names` gives.
+    quant = replace(quant, modules_to_not_convert=tuple(
+        original_layout_name(skip) for skip in quant.modules_to_not_convert))
     for name, module in list(model.named_modules()):
         if not (isinstance(module, Linear) and name.startswith("language_model.layers.")):
             continue
         if not all(quant.converts(hub) for hub in checkpoint_part_names(name, renames)):
             continue
-        if quant.method == "awq":
+        if quant.method == "fp8":
+            new = FP8Linear(module, quant.weight_block_size)
+        elif quant.method == "awq":
             new = AWQLinear(module, quant.bits, quant.group_size)
         else:
             new = GPTQLinear(module, quant.bits, quant.group_size,
@@ -171,13 +187,27 @@ class _Slot:
     is_text: bool = True
     shared: bool = False  # one tensor for all parts of a fused projection (GPTQ g_idx): must agree
 
+    @property
+    def stored_dtype(self) -> torch.dtype | None:
+        """The dtype the module keeps this tensor in whatever the compute dtype (FP8 weights and
+        their scales), else None."""
+        return getattr(self.module, "stored_dtypes", {}).get(self.attr)
+
+    def check_dtype(self, key: str, stored: torch.dtype) -> None:
+        """FP8 values must be stored as such: any other float would be read as if it were (called
+        for every tensor before any is read)."""
+        if self.stored_dtype == q.FP8_DTYPE and stored != q.FP8_DTYPE:
+            raise CheckpointError(f"tensor {key}: expected {q.FP8_DTYPE} (config.json's quantization_config says "
+                                  f"FP8), found {stored}")
+
     def fill(self, shard: "_Shard", f, key: str, float_dtype: torch.dtype, device: torch.device) -> None:
         target = getattr(self.module, self.attr)
         stored = shard.dtype(key)
         if stored.is_floating_point != target.dtype.is_floating_point:
             raise CheckpointError(f"tensor {key}: expected dtype {target.dtype}, found {stored}")
-        # Quantization scales keep their stored precision; other float tensors take the compute dtype.
-        dtype = float_dtype if stored.is_floating_point and self.attr != "scales" else stored
+        # Quantization scales keep their stored precision (FP8's are read as float32); other float
+        # tensors take the compute dtype.
+        dtype = self.stored_dtype or (float_dtype if stored.is_floating_point and self.attr != "scales" else stored)
         tensor = shard.read(f, key, dtype)
         if self.dim is None:
             if self.shared and not target.is_meta and not torch.equal(target.cpu(), tensor):
@@ -321,7 +351,8 @@ def original_layout_name(key: str) -> str:
 
 _READ_CHUNK_BYTES = 64 * 1024**2
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I32": torch.int32, "I64": torch.int64, "I8": torch.int8, "U8": torch.uint8}
+                       "I32": torch.int32, "I64": torch.int64, "I8": torch.int8, "U8": torch.uint8,
+                       "F8_E4M3": torch.float8_e4m3fn}
 
 
 @dataclass
@@ -414,6 +445,8 @@ def _check_keys(plan: dict[str, _Slot], shards: dict[Path, _Shard], tied: bool) 
             elif shard.shape(key) != slot.shape:
                 raise CheckpointError(f"tensor {key}: expected shape {list(slot.shape)}, "
                                       f"found {list(shard.shape(key))}")
+            if isinstance(slot, _Slot):
+                slot.check_dtype(key, shard.dtype(key))
             seen.add(name)
     missing = [name for name in plan if name not in seen]
     if missing:

@@ -86,3 +86,15 @@ def int4_matmul_reference(x: torch.Tensor, values: torch.Tensor, scales_and_zero
     kernel-dtype inputs."""
     weight = int4_cpu_dequantize(values, scales_and_zeros, group_size)
     return (x.to(KERNEL_DTYPE).float() @ weight.t()).to(x.dtype)
+
+
+def fp8_block_matmul_reference(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, scale_rows: torch.Tensor,
+                               block_cols: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W^T + bias` for block-scaled FP8 weights (`kernels.triton_fp8`): W dequantized exactly,
+    rounded once to x's dtype (the weight `FP8Linear.dequantize_` holds), products summed in
+    float32 and rounded once at the end."""
+    w = q.dequantize_fp8_blocks(weight, scale_inv, scale_rows, block_cols).to(x.dtype).float()
+    y = x.float() @ w.t()
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)

@@ -10,6 +10,8 @@ Two packed 4-bit backends:
 AWQ layout, `triton_awq`: on CUDA, or on the CPU under `TRITON_INTERPRET=1` when asked for by
 name, which is how CI runs it). Where no backend runs a layer (a shape, dtype or format the
 kernels lack), `int4_backend` says None and the layer keeps the dequantized reference path.
+Block-scaled FP8 weights (`triton_fp8`) run on CUDA devices with FP8 (compute capability 8.9 on:
+Ada, Hopper) where `fp8_kernel_runs`; elsewhere they are dequantized at load.
 """
 from __future__ import annotations
 
@@ -180,3 +182,20 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> 
 
         return triton_int8.int8_matmul(x, values, scales)
     return int8_cpu.int8_matmul(x, values, scales)
+
+
+def fp8_kernel_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `fp8_block_linear` runs on `device` for activations in `dtype`: CUDA with FP8
+    conversions (compute capability 8.9 on), fp16/bf16, Triton installed."""
+    return (device.type == "cuda" and triton_gpu_dtype(device, dtype)
+            and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, scale_rows: torch.Tensor,
+                     block_cols: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ W^T + bias` in x's dtype for block-scaled FP8 weights, `W[n, k] = weight[n, k] *
+    scale_inv[scale_rows[n], k // block_cols]` (`layers.linear.FP8Linear`): one Triton launch
+    (call where `fp8_kernel_runs`, or on the CPU under `TRITON_INTERPRET=1`)."""
+    from qwen2vl.kernels import triton_fp8
+
+    return triton_fp8.fp8_block_matmul(x, weight, scale_inv, scale_rows, block_cols, bias)

@@ -5,6 +5,8 @@ A model builds only `Linear`s. When a checkpoint is quantized, the loader swaps 
 same call), so model code never knows. Once their checkpoint tensors are in, the loader either
 dequantizes them once to a `weight` in the compute dtype (the reference path), or swaps them
 again for an `Int4Linear`, which keeps only a 4-bit kernel's layout and no dequantized weight.
+Block-scaled FP8 checkpoints swap in an `FP8Linear`: dequantized the same way, or kept in FP8
+for the FP8 kernel where one runs.
 """
 from __future__ import annotations
 
@@ -163,6 +165,57 @@ class GPTQLinear(QuantizedLinear):
         """Every group holds `group_size` input rows (what a contiguous-group layout needs)."""
         counts = torch.bincount(self.g_idx.long(), minlength=self.num_groups)
         return counts.numel() == self.num_groups and bool((counts == self.group_size).all())
+
+
+class FP8Linear(Linear):
+    """Block-scaled FP8 (Qwen's `*-FP8` checkpoints): `weight` e4m3 `[N, K]` and `weight_scale_inv`
+    float32, one scale per `block_size` = (rows, columns) block of each part of a fused
+    projection: `W[n, k] = weight[n, k] * scale`, the scale of n's block row and k's block column.
+
+    Once loaded, either dequantized to a float `weight` (`dequantize_`: the reference path, and
+    then a plain `Linear`'s call) or kept in FP8 for the kernel (`use_kernel_`).
+    """
+
+    part_dims = {"weight": 0, "weight_scale_inv": 0, "bias": 0}
+    # Read from the checkpoint in these dtypes, not the compute dtype.
+    stored_dtypes = {"weight": q.FP8_DTYPE, "weight_scale_inv": torch.float32}
+
+    def __init__(self, linear: Linear, block_size: tuple[int, int]):
+        super().__init__(linear.in_features, list(linear.output_sizes), bias=linear.bias is not None)
+        self.block_size = tuple(block_size)
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=q.FP8_DTYPE),
+                                   requires_grad=False)
+        scale_rows = sum(self.checkpoint_shapes(size)["weight_scale_inv"][0] for size in self.output_sizes)
+        self.register_buffer("weight_scale_inv", torch.empty(scale_rows, -(-self.in_features // block_size[1])))
+        self.register_buffer("scale_rows", None)  # `use_kernel_`: the scale row of each output row
+
+    def checkpoint_shapes(self, out_features: int) -> dict[str, tuple[int, ...]]:
+        rows, cols = self.block_size
+        return {**super().checkpoint_shapes(out_features),
+                "weight_scale_inv": (-(-out_features // rows), -(-self.in_features // cols))}
+
+    def dequantized(self) -> torch.Tensor:
+        """float32 `[N, K]`, exact."""
+        scale_rows = q.fp8_scale_rows(self.output_sizes, self.block_size[0], self.weight.device)
+        return q.dequantize_fp8_blocks(self.weight, self.weight_scale_inv, scale_rows, self.block_size[1])
+
+    def dequantize_(self, dtype: torch.dtype) -> None:
+        """Replace the FP8 weight and its scales by the dequantized weight in `dtype`."""
+        self.weight = nn.Parameter(self.dequantized().to(dtype), requires_grad=False)
+        self.weight_scale_inv = None
+
+    def use_kernel_(self) -> None:
+        """Keep the FP8 weight: calls run `kernels.fp8_block_linear` (where `kernels.fp8_kernel_runs`)."""
+        self.scale_rows = q.fp8_scale_rows(self.output_sizes, self.block_size[0], self.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_scale_inv is None:
+            return super().forward(x)
+        return kernels.fp8_block_linear(x, self.weight, self.weight_scale_inv, self.scale_rows, self.block_size[1],
+                                        self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, block_size={self.block_size}, fp8={self.weight_scale_inv is not None}"
 
 
 class Int4Linear(nn.Module):

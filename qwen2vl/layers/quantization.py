@@ -104,3 +104,47 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int, sym: bool):
 def _as_stored(scales: torch.Tensor) -> torch.Tensor:
     """Round scales to float16 first, so values are rounded against the scale that is stored."""
     return scales.clamp(min=1e-5).half().float()
+
+
+# --- block-scaled FP8 (e4m3) ------------------------------------------------------------------
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
+
+
+def fp8_scale_rows(output_sizes: tuple[int, ...], block_rows: int, device=None) -> torch.Tensor:
+    """int32 `[sum(output_sizes)]`: the row of a fused linear's block scales that scales each output row.
+
+    Each part's scales are stacked after the previous part's, and a part whose size is not a
+    multiple of `block_rows` ends with a partial block: so row `n` of the fused weight is not
+    scaled by scale row `n // block_rows` unless every part is a multiple of `block_rows`."""
+    rows, first = [], 0
+    for size in output_sizes:
+        rows.append(first + torch.arange(size, device=device) // block_rows)
+        first += -(-size // block_rows)
+    return torch.cat(rows).to(torch.int32)
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, scale_rows: torch.Tensor,
+                          block_cols: int) -> torch.Tensor:
+    """`W[n, k] = weight[n, k] * scale_inv[scale_rows[n], k // block_cols]`, float32 `[N, K]`: exact
+    (an e4m3 value is exact in float32; one rounding, of the product). The checkpoints' name
+    `weight_scale_inv` notwithstanding, the stored tensor is the scale that multiplies."""
+    k = weight.shape[1]
+    scales = scale_inv.float()[scale_rows.long()].repeat_interleave(block_cols, dim=1)[:, :k]
+    return weight.float().mul_(scales)
+
+
+def quantize_fp8_blocks(weight: torch.Tensor, block_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float `[N, K]` weight -> (e4m3 `[N, K]`, float32 scales `[ceil(N/bn), ceil(K/bk)]`): each
+    block's scale maps its largest magnitude to e4m3's largest (448), values round to nearest
+    e4m3 (the layout of Qwen's `*-FP8` checkpoints; partial blocks at the ends)."""
+    bn, bk = block_size
+    n, k = weight.shape
+    padded = torch.zeros(-(-n // bn) * bn, -(-k // bk) * bk)
+    padded[:n, :k] = weight.float()
+    blocks = padded.unflatten(0, (-1, bn)).unflatten(2, (-1, bk))  # [N/bn, bn, K/bk, bk]
+    scales = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    expanded = scales.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
+    values = (weight.float() / expanded).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return values, scales

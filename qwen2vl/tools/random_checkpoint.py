@@ -1,11 +1,12 @@
 """Write a complete random Qwen2-VL / Qwen2.5-VL model directory, for tests and benchmarks.
 
     python -m qwen2vl.tools.random_checkpoint --config CONFIG.json --out DIR \
-        [--dtype bf16|fp16] [--quant awq|gptq4|gptq8] [--seed N]
+        [--dtype bf16|fp16] [--quant awq|gptq4|gptq8|fp8] [--seed N]
 
 Tensors are generated and written one at a time (never a whole model in memory), in the real
 hub key layout; quantized variants are rounded to nearest from the random weights and packed
-exactly as the AWQ GEMM / GPTQ formats store them.
+exactly as the AWQ GEMM / GPTQ formats store them, or rounded to e4m3 with one float32 scale per
+block as Qwen's `*-FP8` releases store them.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def _tokenizer_dir() -> Path:
 # --- weights ----------------------------------------------------------------------------------
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32"}
+_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int32: "I32",
+                       q.FP8_DTYPE: "F8_E4M3"}
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
@@ -81,7 +83,10 @@ def quantization_config(quant: str, group_size: int = 128) -> dict:
     if quant in ("gptq4", "gptq8"):
         return {"bits": int(quant[-1]), "group_size": group_size, "damp_percent": 0.01, "desc_act": False,
                 "sym": True, "true_sequential": True, "quant_method": "gptq"}
-    raise ValueError(f"unknown quantization {quant!r} (awq, gptq4, gptq8)")
+    if quant == "fp8":  # square blocks of `group_size` (Qwen's: 128)
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": [group_size, group_size], "modules_to_not_convert": ["lm_head", "visual"]}
+    raise ValueError(f"unknown quantization {quant!r} (awq, gptq4, gptq8, fp8)")
 
 
 @dataclass
@@ -101,11 +106,11 @@ def write_random_checkpoint(config: dict, out_dir, dtype: str | None = None, qua
                             max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write a complete model directory for `config` (a config.json dict, either layout).
 
-    dtype defaults to fp16 for quantized checkpoints (as published) and bf16 otherwise.
+    dtype defaults to fp16 for AWQ / GPTQ checkpoints (as published) and bf16 otherwise (FP8 too).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or ("fp16" if quant else "bf16")
+    dtype = dtype or ("fp16" if quant in ("awq", "gptq4", "gptq8") else "bf16")
     config = copy.deepcopy(config)
     config.pop("quantization_config", None)
     config.get("text_config", {}).pop("quantization_config", None)
@@ -180,6 +185,8 @@ def _random(shape, std: float | None, generator: torch.Generator, dtype: torch.d
 
 def _quantized_linear(prefix: str, out_features: int, in_features: int, quant) -> _Group:
     """Round-to-nearest quantization of a random weight, packed as the checkpoint format stores it."""
+    if quant.method == "fp8":
+        return _fp8_linear(prefix, out_features, in_features, quant.weight_block_size)
     bits = quant.bits
     group = quant.group_size if quant.group_size > 0 else in_features
     pack, groups = 32 // bits, in_features // group
@@ -202,6 +209,20 @@ def _quantized_linear(prefix: str, out_features: int, in_features: int, quant) -
                        "qzeros": q.pack_gptq_zeros(zeros - zero_offset, bits),
                        "g_idx": torch.arange(in_features, dtype=torch.int32) // group}
         return {f"{prefix}.{k}": v for k, v in tensors.items()}
+
+    return _Group(specs, make)
+
+
+def _fp8_linear(prefix: str, out_features: int, in_features: int, block_size: tuple[int, int]) -> _Group:
+    """A random weight rounded to e4m3, with its float32 block scales."""
+    rows, cols = block_size
+    specs = {f"{prefix}.weight": ((out_features, in_features), q.FP8_DTYPE),
+             f"{prefix}.weight_scale_inv": ((-(-out_features // rows), -(-in_features // cols)), torch.float32)}
+
+    def make(generator):
+        weight = torch.randn(out_features, in_features, generator=generator) * matrix_std(in_features)
+        values, scales = q.quantize_fp8_blocks(weight, block_size)
+        return {f"{prefix}.weight": values, f"{prefix}.weight_scale_inv": scales}
 
     return _Group(specs, make)
 
@@ -256,8 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="a Qwen2-VL or Qwen2.5-VL config.json (qwen2vl/assets/ holds the published ones)")
     parser.add_argument("--out", required=True, help="output model directory")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="storage dtype (default: fp16 if quantized, else bf16)")
-    parser.add_argument("--quant", choices=["awq", "gptq4", "gptq8"])
-    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--quant", choices=["awq", "gptq4", "gptq8", "fp8"])
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="AWQ / GPTQ group size; FP8: the side of a square block")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     config = json.loads(Path(args.config).read_text())
