@@ -25,6 +25,7 @@ from .grounding import Box, parse_boxes
 from .hub import resolve_model_dir
 from .processor.types import PreparedPrompt
 from .processor.pool import media_map
+from .reasoning import ReasoningParser, split_reasoning
 from .sampling_params import SamplingParams
 
 Messages = list[dict]
@@ -43,7 +44,8 @@ class Usage:
 
 @dataclass
 class Completion:
-    """The answer to one conversation."""
+    """The answer to one conversation. A thinking model's answer is `text`, what it thought
+    before it `reasoning` (see `qwen2vl.reasoning`)."""
 
     text: str
     token_ids: list[int]
@@ -52,6 +54,7 @@ class Completion:
     logprobs: list[dict[int, float]] | None = None
     raw_text: str = ""  # decoded with special tokens kept: what grounding boxes are parsed from
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each input image
+    reasoning: str | None = None  # a thinking model's reasoning (between <think> and </think>), else None
 
     def boxes(self, image_index: int = 0) -> list[Box]:
         """Grounding boxes of the answer, in pixels of input image `image_index`.
@@ -122,6 +125,14 @@ class ChatStream:
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
+        """The answer's text deltas (a thinking model's reasoning left out: see `parts`)."""
+        return (content for _, content in self.parts() if content)
+
+    def parts(self) -> Iterator[tuple[str, str]]:
+        """(reasoning, answer) text deltas: a thinking model's reasoning first, then its answer;
+        the reasoning is "" for a model that does not think."""
+        thinking = self._llm.engine.thinking
+        parser = ReasoningParser(thinking.opened_by_prompt) if thinking is not None else None
         try:
             while self.completion is None:
                 self._llm.driver.pump(lambda: not self._outputs.empty())
@@ -130,8 +141,15 @@ class ChatStream:
                     raise output
                 if output.error:
                     raise InputError(output.error)
-                if output.text_delta:
-                    yield output.text_delta
+                if parser is None:
+                    part = ("", output.text_delta)
+                else:
+                    part = parser.feed(output.text_delta)
+                    if output.finished:
+                        rest = parser.finish()
+                        part = (part[0] + rest[0], part[1] + rest[1])
+                if any(part):
+                    yield part
                 if output.finished:
                     self._abort.detach()
                     self.completion = self._llm._completion(self._prompt, output)
@@ -264,8 +282,10 @@ class Qwen2VL:
     def _completion(self, prompt, output) -> Completion:
         if output.error:
             raise InputError(output.error)
+        reasoning, text = split_reasoning(output.text, self.engine.thinking)
         return Completion(
-            text=output.text,
+            text=text,
+            reasoning=reasoning,
             token_ids=list(output.token_ids),
             finish_reason=output.finish_reason,
             usage=Usage(len(prompt.input_ids), len(output.token_ids), output.num_cached_tokens),

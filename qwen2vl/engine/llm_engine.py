@@ -18,6 +18,7 @@ from qwen2vl.engine_args import EngineArgs
 from qwen2vl.errors import InputError
 from qwen2vl.processor.tokenizer import IncrementalDetokenizer
 from qwen2vl.processor.types import PreparedPrompt
+from qwen2vl.reasoning import thinking_tags
 from qwen2vl.sampling_params import SamplingParams
 from qwen2vl.structured import CACHE_BYTES as GRAMMAR_CACHE_BYTES
 from qwen2vl.structured import GrammarCompiler
@@ -99,8 +100,11 @@ class LLMEngine:
 
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
+        # a thinking model's tags (None for others): its answers are split, constraints apply after the reasoning
+        self.thinking = thinking_tags(self.config.model_type, processor.tokenizer, processor.template)
         self.grammars = GrammarCompiler(processor.tokenizer.backend.to_str, self.eos_token_ids, GRAMMAR_CACHE_BYTES
-                                        if args.grammar_cache_bytes is None else args.grammar_cache_bytes)
+                                        if args.grammar_cache_bytes is None else args.grammar_cache_bytes,
+                                        thinking=self.thinking)
         # Each request's vision embeddings, item by item, from its encoding to its end.
         self._vision_embeds: dict[str, dict[int, torch.Tensor]] = {}
         self.vision_cache = VisionCache(self._default_vision_cache_bytes() if args.vision_cache_bytes is None
