@@ -261,6 +261,14 @@ def test_server_reasoning_content(client, thinking_llm, scripted):
     assert not any(has_reasoning for has_reasoning, _ in kinds[first_content:])  # reasoning chunks come first
 
 
+def test_the_answer_goes_back_as_the_next_turns_history(client, thinking_llm, scripted):
+    scripted(thinking_llm, f"{THOUGHT}\n</think>\n\n{ANSWER}")
+    message = _create(client).choices[0].message
+    history = [*HELLO, message.model_dump(exclude_none=True), {"role": "user", "content": "And again?"}]
+    assert history[1]["reasoning_content"] == THOUGHT
+    assert _create(client, messages=history).choices[0].message.content == ANSWER
+
+
 def test_server_cut_off_in_the_reasoning(client, thinking_llm, scripted):
     scripted(thinking_llm, "Still thinking about it and more", end=False)
     choice = _create(client, max_tokens=3).choices[0]
