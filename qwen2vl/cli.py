@@ -106,6 +106,7 @@ def _load(args: argparse.Namespace):
     if template is not None:
         template.special_tokens = llm.processor.tokenizer.special_tokens
         llm.processor.template = template
+        llm.engine.detect_thinking()  # the template says whether prompts open the reasoning
     return llm
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from qwen2vl.tool_calls import held_prefix
+
 THINK_START = "<think>"
 THINK_END = "</think>"
 REASONING_MODEL_TYPES = frozenset({"qwen3_vl", "qwen3_vl_moe"})
@@ -55,8 +57,6 @@ class ReasoningParser:
         self._opened = opened_by_prompt  # the output starts in the reasoning, with or without `<think>`
         self._state = "start"  # an opening tag may come
         self._pending = ""  # not yet returned
-        self._content_started = False  # the answer's leading newlines are behind
-        self._reasoning_started = False
         self.reasoning: str | None = None  # all of it so far, None while there is none
         self.content = ""
 
@@ -75,7 +75,7 @@ class ReasoningParser:
             if self._state == "reasoning":
                 end = self._pending.find(THINK_END)
                 if end < 0:
-                    ready = self._pending[:len(self._pending) - _held_prefix(self._pending, THINK_END)].rstrip("\n")
+                    ready = self._pending[:len(self._pending) - held_prefix(self._pending, THINK_END)].rstrip("\n")
                     reasoning += self._reasoning(ready)
                     self._pending = self._pending[len(ready):]
                     break
@@ -95,26 +95,17 @@ class ReasoningParser:
         return "", self._content(rest)
 
     def _reasoning(self, text: str) -> str:
-        if not self._reasoning_started:
+        if not self.reasoning:
             text = text.lstrip("\n")
-            self._reasoning_started = bool(text)
-        self.reasoning = (self.reasoning or "") + text if text or self.reasoning is not None else None
+        if text:
+            self.reasoning = (self.reasoning or "") + text
         return text
 
     def _content(self, text: str) -> str:
-        if not self._content_started and self.reasoning is not None:
+        if not self.content and self.reasoning is not None:  # the newlines after </think>
             text = text.lstrip("\n")
-        self._content_started = self._content_started or bool(text)
         self.content += text
         return text
-
-
-def _held_prefix(text: str, marker: str) -> int:
-    """The length of the longest tail of `text` that is a proper start of `marker`."""
-    for size in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-size:]):
-            return size
-    return 0
 
 
 def split_reasoning(text: str, tags: ThinkingTags | None) -> tuple[str | None, str]:

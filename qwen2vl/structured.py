@@ -266,7 +266,7 @@ class GrammarCompiler:
                  compile_seconds: float = MAX_COMPILE_SECONDS, thinking=None):
         self._tokenizer_json = tokenizer_json  # () -> the tokenizer.json text, read on first use
         self._eos_token_ids = sorted(eos_token_ids)
-        self.thinking = thinking  # a thinking model's `reasoning.ThinkingTags`: constraints apply after it
+        self.thinking = thinking  # a thinking model's `reasoning.ThinkingTags` (set at load): constraints follow it
         self.cache_bytes = cache_bytes
         self.compile_seconds = compile_seconds
         self._lock = threading.Lock()  # guards the fields below
@@ -304,7 +304,7 @@ class GrammarCompiler:
     def compile(self, kind: str, spec) -> Future:
         """The future of (kind, spec)'s compiled matcher: done already when cached, else compiled
         on the compiler's threads (one compile for concurrent requests of the same constraint)."""
-        key = (kind, spec)
+        key = (kind, spec, self.thinking)  # a compile for the model as it is now
         with self._lock:
             cached = self._compiled.get(key)
             if cached is not None:
@@ -331,7 +331,7 @@ class GrammarCompiler:
 
     def _run(self, key: tuple, future: Future) -> None:
         """On a compile thread: compile `key`, failing `future` at the deadline if it is not done by then."""
-        kind, spec = key
+        kind, spec, _ = key
         matcher = error = None
         try:
             llguidance = self._llguidance()

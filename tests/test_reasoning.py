@@ -31,7 +31,7 @@ CASES = [
     (OPENED, "<think>\nThe model wrote the tag itself.\n</think>\n\nYes.", "The model wrote the tag itself.", "Yes."),
     (NOT_OPENED, "<think>\nhmm\n</think>\n\nYes.", "hmm", "Yes."),
     (NOT_OPENED, "\n<think>a < b and c </thin d</think>ok\n", "a < b and c </thin d", "ok\n"),
-    (NOT_OPENED, "A plain answer that mentions <think> and </think>.", None, "A plain answer that mentions <think> and </think>."),
+    (NOT_OPENED, "It mentions <think> and </think>.", None, "It mentions <think> and </think>."),
     (OPENED, "cut off before the end of the thought\n", "cut off before the end of the thought", ""),
     (NOT_OPENED, "<think>cut off </thi", "cut off </thi", ""),
     (OPENED, "</think>\n\nno thought at all", "", "no thought at all"),
@@ -170,6 +170,20 @@ def thinking_llm(thinking_ckpt):
     return llm
 
 
+def test_a_replaced_template_is_read_again(thinking_llm, tiny_ckpt, monkeypatch):
+    """`qwen2vl chat/serve --chat-template` replaces the template after the load."""
+    monkeypatch.setattr(reasoning, "REASONING_MODEL_TYPES", frozenset({"qwen2_vl"}))
+    engine, thinking_template = thinking_llm.engine, thinking_llm.processor.template
+    try:
+        thinking_llm.processor.template = ChatTemplate.from_dir(tiny_ckpt)
+        engine.detect_thinking()
+        assert engine.thinking == engine.grammars.thinking == NOT_OPENED
+    finally:
+        thinking_llm.processor.template = thinking_template
+        engine.detect_thinking()
+    assert engine.thinking == engine.grammars.thinking == OPENED
+
+
 @pytest.fixture
 def scripted(monkeypatch):
     """`scripted(llm, text, end=True)`: every request's first output tokens are `text`'s (then
@@ -205,7 +219,8 @@ def test_completion_reasoning(thinking_llm, scripted):
     assert "".join(reasoning_parts) == THOUGHT and "".join(c for _, c in parts) == ANSWER
     last_reasoning = max(i for i, (r, _) in enumerate(parts) if r)
     assert all(not c for _, c in parts[:last_reasoning])  # the reasoning comes first
-    assert stream.completion.reasoning == THOUGHT and "".join(thinking_llm.chat(HELLO, max_tokens=64, stream=True)) == ANSWER
+    assert stream.completion.reasoning == THOUGHT
+    assert "".join(thinking_llm.chat(HELLO, max_tokens=64, stream=True)) == ANSWER  # iterating gives the answer
 
 
 def test_completion_cut_off_in_the_reasoning_is_all_reasoning(thinking_llm, scripted):

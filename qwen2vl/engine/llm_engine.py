@@ -100,11 +100,9 @@ class LLMEngine:
 
         eos = self.generation_config.get("eos_token_id", self.config.eos_token_id)
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
-        # a thinking model's tags (None for others): its answers are split, constraints apply after the reasoning
-        self.thinking = thinking_tags(self.config.model_type, processor.tokenizer, processor.template)
         self.grammars = GrammarCompiler(processor.tokenizer.backend.to_str, self.eos_token_ids, GRAMMAR_CACHE_BYTES
-                                        if args.grammar_cache_bytes is None else args.grammar_cache_bytes,
-                                        thinking=self.thinking)
+                                        if args.grammar_cache_bytes is None else args.grammar_cache_bytes)
+        self.detect_thinking()
         # Each request's vision embeddings, item by item, from its encoding to its end.
         self._vision_embeds: dict[str, dict[int, torch.Tensor]] = {}
         self.vision_cache = VisionCache(self._default_vision_cache_bytes() if args.vision_cache_bytes is None
@@ -112,6 +110,13 @@ class LLMEngine:
         self._ids = itertools.count()
         self.run_ahead = self.device.type == "cuda" if args.run_ahead is None else args.run_ahead
         self._in_flight: LaunchedStep | None = None  # launched, tokens not read back yet
+
+    def detect_thinking(self) -> None:
+        """Whether the model thinks (`reasoning.thinking_tags`), from the processor's template: again
+        when the template is replaced. A thinking model's answers are split from their reasoning,
+        and its constraints apply after the reasoning."""
+        self.thinking = thinking_tags(self.config.model_type, self.processor.tokenizer, self.processor.template)
+        self.grammars.thinking = self.thinking
 
     @property
     def num_free_blocks(self) -> int:
