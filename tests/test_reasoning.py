@@ -20,6 +20,7 @@ from qwen2vl.engine.sequence import Sequence
 from qwen2vl.processor.chat import BUILTIN_TOOLS_TEMPLATE, ChatTemplate
 from qwen2vl.processor.tokenizer import Tokenizer
 from qwen2vl.reasoning import ReasoningParser, ThinkingTags, split_reasoning, thinking_tags
+from qwen2vl.sampling_params import SamplingParams
 
 THINK, END_THINK = 151667, 151668
 OPENED = ThinkingTags(THINK, END_THINK, opened_by_prompt=True)  # a Thinking template's prompt ends with <think>
@@ -238,11 +239,9 @@ def test_a_model_that_does_not_think_has_no_reasoning(tiny_ckpt, scripted):
     assert (completion.reasoning, completion.text) == (None, f"<think>{THOUGHT}</think>{ANSWER}")
 
 
-openai = pytest.importorskip("openai")
-
-
 @pytest.fixture(scope="module")
 def client(thinking_llm):
+    openai = pytest.importorskip("openai")
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     from test_server import RunningServer
@@ -344,3 +343,14 @@ def test_tool_calls_are_read_from_the_answer_only(client, thinking_llm, scripted
         assert choice.message.reasoning_content == thought and choice.message.content is None
         [made] = choice.message.tool_calls
         assert json.loads(made.function.arguments) == {"city": "Paris"} and choice.finish_reason == "tool_calls"
+
+
+def test_cli_chat_shows_the_reasoning_on_stderr_and_the_answer_on_stdout(thinking_llm, scripted, capsys):
+    from qwen2vl.cli import chat_loop
+
+    scripted(thinking_llm, f"{THOUGHT}\n</think>\n\n{ANSWER}")
+    lines = iter(["Hello there", "/quit"])
+    assert chat_loop(thinking_llm, [], SamplingParams(max_tokens=64), [], [], False, read=lambda _: next(lines)) == 0
+    stdout, err = capsys.readouterr()
+    assert stdout == ANSWER + "\n"
+    assert f"{THOUGHT}\n" in err  # not a terminal here: not dimmed
