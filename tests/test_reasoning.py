@@ -149,6 +149,26 @@ def test_a_constraint_starts_after_the_reasoning(qwen_tokenizer):
         assert json.loads(qwen_tokenizer.decode(answer))["n"] in range(10)
 
 
+@pytest.mark.parametrize("kind, spec, answer", [
+    ("json_object", True, '{"a": [1, 2]}'), ("regex", "[0-9]{3}", "123"), ("choice", ("yes", "no"), "no"),
+    ("grammar", 'start: "x" NUM\nNUM: /[0-9]+/\n', "x42"),
+])
+def test_every_kind_of_constraint_follows_the_reasoning(qwen_tokenizer, kind, spec, answer):
+    llguidance = pytest.importorskip("llguidance")
+    from qwen2vl.structured import _grammar_text, after_reasoning
+
+    eos = [151643, 151645]
+    lltokenizer = llguidance.LLTokenizer(qwen_tokenizer.backend.to_str(), eos_token=eos)
+    grammar = _grammar_text(kind, spec)
+    for tags, opening in ((OPENED, []), (NOT_OPENED, [THINK]), (NOT_OPENED, [])):
+        matcher = llguidance.LLMatcher(lltokenizer, after_reasoning(grammar, tags, eos))
+        assert not matcher.is_error(), matcher.get_error()
+        thought = qwen_tokenizer.encode("any text: {[ 12 yes") + [END_THINK] + qwen_tokenizer.encode("\n\n")
+        tokens = opening + (thought if opening or tags.opened_by_prompt else []) + qwen_tokenizer.encode(answer)
+        assert all(matcher.consume_token(token) for token in tokens), matcher.get_error()
+        assert matcher.is_accepting()
+
+
 # --- the Python API and the server --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
