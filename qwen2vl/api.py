@@ -25,6 +25,7 @@ from .grounding import Box, Point, parse_boxes, to_image
 from .hub import resolve_model_dir
 from .processor.types import PreparedPrompt
 from .processor.pool import media_map
+from .reasoning import ReasoningParser, split_reasoning
 from .sampling_params import SamplingParams
 
 Messages = list[dict]
@@ -43,7 +44,8 @@ class Usage:
 
 @dataclass
 class Completion:
-    """The answer to one conversation."""
+    """The answer to one conversation. A thinking model's answer is `text`, what it thought
+    before it `reasoning` (see `qwen2vl.reasoning`)."""
 
     text: str
     token_ids: list[int]
@@ -54,6 +56,7 @@ class Completion:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of each input image
     resized_image_sizes: list[tuple[int, int]] = field(default_factory=list)  # each as the model saw it
     model_type: str = "qwen2_vl"  # the architecture: how its grounding boxes are written
+    reasoning: str | None = None  # a thinking model's reasoning (between <think> and </think>), else None
 
     def boxes(self, image_index: int = -1) -> list[Box | Point]:
         """Grounding boxes (and points) of the answer, in the order written, in pixels of input
@@ -61,10 +64,11 @@ class Completion:
 
         The architecture's own format is read (`qwen2vl.grounding`): Qwen2-VL's box tokens,
         Qwen2.5-VL's JSON in pixels of the resized image (mapped back through the processor's
-        resize), Qwen3-VL's JSON in [0, 1000). Without an input image, they stay in the model's
-        coordinates.
+        resize), Qwen3-VL's JSON in [0, 1000); a thinking model's boxes are read from its answer,
+        not its reasoning. Without an input image, they stay in the model's coordinates.
         """
-        marks = parse_boxes(self.raw_text, self.model_type)
+        answer = self.raw_text if self.reasoning is None else self.raw_text.rpartition("</think>")[2]
+        marks = parse_boxes(answer, self.model_type)
         if not self.image_sizes:
             return marks
         count = len(self.image_sizes)
@@ -129,6 +133,14 @@ class ChatStream:
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
+        """The answer's text deltas (a thinking model's reasoning left out: see `parts`)."""
+        return (content for _, content in self.parts() if content)
+
+    def parts(self) -> Iterator[tuple[str, str]]:
+        """(reasoning, answer) text deltas: a thinking model's reasoning first, then its answer;
+        the reasoning is "" for a model that does not think."""
+        thinking = self._llm.engine.thinking
+        parser = ReasoningParser(thinking.opened_by_prompt) if thinking is not None else None
         try:
             while self.completion is None:
                 self._llm.driver.pump(lambda: not self._outputs.empty())
@@ -137,8 +149,15 @@ class ChatStream:
                     raise output
                 if output.error:
                     raise InputError(output.error)
-                if output.text_delta:
-                    yield output.text_delta
+                if parser is None:
+                    part = ("", output.text_delta)
+                else:
+                    part = parser.feed(output.text_delta)
+                    if output.finished:
+                        rest = parser.finish()
+                        part = (part[0] + rest[0], part[1] + rest[1])
+                if any(part):
+                    yield part
                 if output.finished:
                     self._abort.detach()
                     self.completion = self._llm._completion(self._prompt, output)
@@ -272,8 +291,10 @@ class Qwen2VL:
         if output.error:
             raise InputError(output.error)
         images = [item for item in prompt.vision_items if item.kind == "image"]
+        reasoning, text = split_reasoning(output.text, self.engine.thinking)
         return Completion(
-            text=output.text,
+            text=text,
+            reasoning=reasoning,
             token_ids=list(output.token_ids),
             finish_reason=output.finish_reason,
             usage=Usage(len(prompt.input_ids), len(output.token_ids), output.num_cached_tokens),

@@ -106,6 +106,7 @@ def _load(args: argparse.Namespace):
     if template is not None:
         template.special_tokens = llm.processor.tokenizer.special_tokens
         llm.processor.template = template
+        llm.engine.detect_thinking()  # the template says whether prompts open the reasoning
     return llm
 
 
@@ -121,8 +122,16 @@ def _answer(llm, messages: list[dict], params, timing: bool):
     start = time.perf_counter()
     first = None
     stream = llm.chat(messages, params, stream=True)
-    for delta in stream:
+    thought = False
+    for reasoning, delta in stream.parts():
         first = first or time.perf_counter()
+        if reasoning:  # a thinking model's: on stderr, dimmed on a terminal; stdout is the answer
+            dim = sys.stderr.isatty()
+            print(f"\x1b[2m{reasoning}\x1b[0m" if dim else reasoning, end="", file=sys.stderr, flush=True)
+            thought = True
+        if delta and thought:
+            print(file=sys.stderr)
+            thought = False
         print(delta, end="", flush=True)
     print()
     completion = stream.completion

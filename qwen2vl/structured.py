@@ -229,6 +229,24 @@ def _grammar_text(kind: str, spec) -> str:
     return llguidance.grammar_from(_FORMATS[kind], list(spec) if kind == "choice" else spec)
 
 
+def after_reasoning(grammar: str, thinking, eos_token_ids) -> str:
+    """`grammar` (llguidance's JSON or Lark text) applied to a thinking model's answer only: free
+    reasoning first, any tokens but `</think>` and the end of generation, then `</think>`, the
+    newlines that follow it and the answer. `thinking`: the model's `reasoning.ThinkingTags`; when
+    its prompts do not open the reasoning, the reasoning is optional and opens with `<think>`."""
+    try:
+        top = json.loads(grammar)
+    except ValueError:
+        top = None
+    answer = top["grammars"] if isinstance(top, dict) else [{"lark_grammar": grammar}]
+    free = ",".join(str(token) for token in sorted({thinking.end_id, *eos_token_ids}))
+    reasoning = f'<[^{free}]>* <[{thinking.end_id}]> /\\n{{0,2}}/'
+    if not thinking.opened_by_prompt:
+        reasoning = f"(<[{thinking.start_id}]> {reasoning})?"
+    prefix = {"name": "reasoning", "lark_grammar": f"start: {reasoning} @answer\n"}
+    return json.dumps({"grammars": [prefix, {**answer[0], "name": "answer"}, *answer[1:]]})
+
+
 class GrammarCompiler:
     """Compiles constraints into llguidance matchers for one tokenizer, each distinct (kind,
     spec) once: a request gets a copy of the compiled matcher (its own parse state).
@@ -240,13 +258,15 @@ class GrammarCompiler:
     dropped first. Thread-safe.
 
     `eos_token_ids` end generation where the grammar accepts: the masks allow them there, and
-    only there.
+    only there. With `thinking` (a thinking model's tags), every constraint applies to the answer
+    after the reasoning (`after_reasoning`).
     """
 
     def __init__(self, tokenizer_json, eos_token_ids, cache_bytes: int = CACHE_BYTES,
-                 compile_seconds: float = MAX_COMPILE_SECONDS):
+                 compile_seconds: float = MAX_COMPILE_SECONDS, thinking=None):
         self._tokenizer_json = tokenizer_json  # () -> the tokenizer.json text, read on first use
         self._eos_token_ids = sorted(eos_token_ids)
+        self.thinking = thinking  # a thinking model's `reasoning.ThinkingTags` (set at load): constraints follow it
         self.cache_bytes = cache_bytes
         self.compile_seconds = compile_seconds
         self._lock = threading.Lock()  # guards the fields below
@@ -284,7 +304,7 @@ class GrammarCompiler:
     def compile(self, kind: str, spec) -> Future:
         """The future of (kind, spec)'s compiled matcher: done already when cached, else compiled
         on the compiler's threads (one compile for concurrent requests of the same constraint)."""
-        key = (kind, spec)
+        key = (kind, spec, self.thinking)  # a compile for the model as it is now
         with self._lock:
             cached = self._compiled.get(key)
             if cached is not None:
@@ -311,7 +331,7 @@ class GrammarCompiler:
 
     def _run(self, key: tuple, future: Future) -> None:
         """On a compile thread: compile `key`, failing `future` at the deadline if it is not done by then."""
-        kind, spec = key
+        kind, spec, _ = key
         matcher = error = None
         try:
             llguidance = self._llguidance()
@@ -349,6 +369,8 @@ class GrammarCompiler:
     def _compile(self, llguidance, kind: str, spec):
         try:
             grammar = _grammar_text(kind, spec)
+            if self.thinking is not None:
+                grammar = after_reasoning(grammar, self.thinking, self._eos_token_ids)
         except ValueError as e:
             raise InputError(f"{kind}: {e}", field=kind) from None
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=_limits(llguidance))

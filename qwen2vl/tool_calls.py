@@ -149,7 +149,7 @@ class ToolCallParser:
             if self._body is None:
                 start = self._text.find(TOOL_CALL_START)
                 if start < 0:
-                    content.append(self._release(_held_prefix(self._text, TOOL_CALL_START)))
+                    content.append(self._release(held_prefix(self._text, TOOL_CALL_START)))
                     break
                 content.append(self._segment_before_call(self._text[:start]))
                 self._body, self._text = self._text[start + len(TOOL_CALL_START):], ""
@@ -199,7 +199,7 @@ class ToolCallParser:
         deltas = self._match_header()
         if not self._header_end:
             return []
-        arguments = self._arguments(hold=_held_prefix(self._body, TOOL_CALL_END))
+        arguments = self._arguments(hold=held_prefix(self._body, TOOL_CALL_END))
         if len(arguments) > self._sent:
             deltas.append(ToolCallDelta(len(self.calls) - 1, arguments[self._sent:]))
             self._sent = len(arguments)
@@ -248,7 +248,7 @@ class ToolCallParser:
         return "", deltas
 
 
-def _held_prefix(text: str, marker: str) -> int:
+def held_prefix(text: str, marker: str) -> int:
     """The length of the longest tail of `text` that is a proper start of `marker`."""
     for size in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-size:]):

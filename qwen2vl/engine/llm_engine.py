@@ -18,6 +18,7 @@ from qwen2vl.engine_args import EngineArgs
 from qwen2vl.errors import InputError
 from qwen2vl.processor.tokenizer import IncrementalDetokenizer
 from qwen2vl.processor.types import PreparedPrompt
+from qwen2vl.reasoning import thinking_tags
 from qwen2vl.sampling_params import SamplingParams
 from qwen2vl.structured import CACHE_BYTES as GRAMMAR_CACHE_BYTES
 from qwen2vl.structured import GrammarCompiler
@@ -101,6 +102,7 @@ class LLMEngine:
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
         self.grammars = GrammarCompiler(processor.tokenizer.backend.to_str, self.eos_token_ids, GRAMMAR_CACHE_BYTES
                                         if args.grammar_cache_bytes is None else args.grammar_cache_bytes)
+        self.detect_thinking()
         # Each request's vision embeddings, item by item, from its encoding to its end.
         self._vision_embeds: dict[str, dict[int, torch.Tensor]] = {}
         self.vision_cache = VisionCache(self._default_vision_cache_bytes() if args.vision_cache_bytes is None
@@ -108,6 +110,13 @@ class LLMEngine:
         self._ids = itertools.count()
         self.run_ahead = self.device.type == "cuda" if args.run_ahead is None else args.run_ahead
         self._in_flight: LaunchedStep | None = None  # launched, tokens not read back yet
+
+    def detect_thinking(self) -> None:
+        """Whether the model thinks (`reasoning.thinking_tags`), from the processor's template: again
+        when the template is replaced. A thinking model's answers are split from their reasoning,
+        and its constraints apply after the reasoning."""
+        self.thinking = thinking_tags(self.config.model_type, self.processor.tokenizer, self.processor.template)
+        self.grammars.thinking = self.thinking
 
     @property
     def num_free_blocks(self) -> int:

@@ -90,7 +90,7 @@ class OpenAIServer:
         if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
             raise APIError(400, "max_tokens and max_completion_tokens disagree; give one of them", param="max_tokens")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        answer = ChatFormat(body, self.model_name, self.token_texts)
+        answer = ChatFormat(body, self.model_name, self.token_texts, self.state.llm.engine.thinking)
         params = self._choice_params(body, max_tokens, answer.top, num_prompts=1)
         messages, tools = body.processor_messages(), body.template_tools()
         self.state.limits.check_prompt_bytes(_text_bytes(_template_text(messages, tools)), self.state.max_model_len,

@@ -55,7 +55,8 @@ class ToolCall(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str | None  # None when the reply is only tool calls
+    content: str | None  # None when the reply is only tool calls (or only a thinking model's reasoning)
+    reasoning_content: str | None = None  # a thinking model's reasoning (vLLM's name), else None
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
@@ -93,6 +94,7 @@ class ToolCallDelta(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None  # a thinking model's, in the chunks before its answer's
     tool_calls: list[ToolCallDelta] | None = None
 
 

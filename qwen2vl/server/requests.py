@@ -120,6 +120,9 @@ class ChatMessage(_Strict):
     name: str | None = None  # accepted for compatibility; the chat template has no use for it
     tool_calls: list[MessageToolCall] | None = Field(None, description="an assistant message's calls")
     tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+    reasoning_content: str | None = Field(
+        None, description="an assistant message's reasoning, as a thinking model answered it (the template decides "
+                          "whether it is shown again)")
 
     def to_processor(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role
@@ -131,6 +134,8 @@ class ChatMessage(_Strict):
             message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:
+            message["reasoning_content"] = self.reasoning_content
         return message
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from qwen2vl import tool_calls
 from qwen2vl.engine.sequence import RequestOutput
 from qwen2vl.processor.tokenizer import Tokenizer
+from qwen2vl.reasoning import ReasoningParser, ThinkingTags, split_reasoning
 from qwen2vl.server.jobs import Job
 from qwen2vl.server.replies import (
     AssistantMessage,
@@ -150,33 +151,46 @@ class _Format:
 class ChatFormat(_Format):
     id_prefix, response_model, chunk_model = "chatcmpl", ChatCompletion, ChatCompletionChunk
 
-    def __init__(self, body: ChatCompletionRequest, model_name: str, texts: TokenTexts):
+    def __init__(self, body: ChatCompletionRequest, model_name: str, texts: TokenTexts,
+                 thinking: ThinkingTags | None = None):
         super().__init__(body, (body.top_logprobs or 0) if body.logprobs else None, model_name, texts)
+        self.thinking = thinking  # a thinking model's tags: its reasoning goes to `reasoning_content`
         self._parsers: dict[int, tool_calls.ToolCallParser] = {}  # choice -> its reply's tool calls so far
+        self._reasoning: dict[int, ReasoningParser] = {}  # choice -> its reasoning so far
 
     def _opening(self, job: Job, index: int) -> ChatChunkChoice:
         return ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""), logprobs=None,
                                finish_reason=None)
 
     def _choice(self, job: Job, index: int, output: RequestOutput, logprobs) -> ChatChoice:
-        content, calls = tool_calls.parse_tool_calls(output.text) if self.body.parses_tool_calls else (output.text, [])
-        message = AssistantMessage(content=content, tool_calls=[
+        reasoning, text = split_reasoning(output.text, self.thinking)
+        content, calls = tool_calls.parse_tool_calls(text) if self.body.parses_tool_calls else (text, [])
+        if reasoning is not None and not content:
+            content = None  # only reasoning (cut off before </think>)
+        message = AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=[
             ToolCall(id=call.id, function=ToolCallFunction(name=call.name, arguments=call.arguments)) for call in calls])
         return ChatChoice(index=index, message=message, logprobs=logprobs,
                           finish_reason=_finish_reason(output.finish_reason, calls))
 
     def _chunk_choice(self, index: int, output: RequestOutput, logprobs) -> ChatChunkChoice | None:
-        content, deltas, calls = output.text_delta, [], []
+        reasoning, content, deltas, calls = "", output.text_delta, [], []
+        if self.thinking is not None:
+            parser = self._reasoning.setdefault(index, ReasoningParser(self.thinking.opened_by_prompt))
+            reasoning, content = parser.feed(output.text_delta)
+            if output.finished:
+                rest = parser.finish()
+                reasoning, content = reasoning + rest[0], content + rest[1]
         if self.body.parses_tool_calls:
             parser = self._parsers.setdefault(index, tool_calls.ToolCallParser())
-            content, deltas = parser.feed(output.text_delta)
+            content, deltas = parser.feed(content)
             if output.finished:
                 rest, last = parser.finish()
                 content, deltas = content + rest, deltas + last
             calls = parser.calls
-        if not (content or deltas or logprobs or output.finished):
-            return None  # held back: it may be the start of a call
-        delta = ChatDelta(**({"content": content} if content else {}),
+        if not (reasoning or content or deltas or logprobs or output.finished):
+            return None  # held back: it may be the start of a call or of a tag
+        delta = ChatDelta(**({"reasoning_content": reasoning} if reasoning else {}),
+                          **({"content": content} if content else {}),
                           **({"tool_calls": [_tool_call_delta(delta) for delta in deltas]} if deltas else {}))
         return ChatChunkChoice(index=index, delta=delta, logprobs=logprobs,
                                finish_reason=_finish_reason(output.finish_reason, calls) if output.finished else None)
