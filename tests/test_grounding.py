@@ -313,3 +313,10 @@ def test_the_server_tells_the_page_how_to_place_the_boxes(qwen2_5_ckpt, wide_ima
         text_only = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                                "max_tokens": 1})
         assert json.loads(text_only.headers["X-Grounding"]) == {"syntax": "json", "frame": "resized", "images": []}
+
+
+def test_a_thinking_models_boxes_are_read_from_its_answer_not_its_reasoning():
+    reasoning = 'The cat might be at {"bbox_2d": [0, 0, 10, 10], "label": "guess"}.'
+    answer = completion(f"{reasoning}\n</think>\n\n{QWEN3_ANSWER}", "qwen3_vl", [ORIGINAL], [RESIZED_32])
+    answer.reasoning = reasoning
+    assert answer.boxes() == [Box("the right half", 500, 150, 1000, 300), Point("the dot", 250, 75)]
