@@ -1,4 +1,4 @@
-"""Load a Hugging Face Qwen2-VL / Qwen2.5-VL checkpoint directory into our model.
+"""Load a Hugging Face Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint directory into our model.
 
 The architecture (`qwen2vl.model.registry`, by config.json's `model_type`) gives the model class
 and the names of the checkpoint's tensors.

@@ -52,7 +52,8 @@ def write_support_files(out_dir: str | Path, model_type: str = "qwen2_vl") -> No
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ASSET_FILES:
         (out_dir / name).write_bytes((ASSETS_DIR / name).read_bytes())
-    preprocessor = PREPROCESSOR_CONFIGS.get(model_type) or json.loads((out_dir / "preprocessor_config.json").read_text())
+    preprocessor = (PREPROCESSOR_CONFIGS.get(model_type)
+                    or json.loads((out_dir / "preprocessor_config.json").read_text()))
     preprocessor = {**preprocessor, "processor_class": PROCESSOR_CLASSES[model_type]}
     (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     tokenizer_dir = _tokenizer_dir()
