@@ -12,6 +12,7 @@ architecture (model class, checkpoint names) is `qwen2vl.model.registry`'s.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,11 @@ class TextConfig:
     mrope_section: tuple[int, ...]
     max_position_embeddings: int
     tie_word_embeddings: bool
+    qk_norm: bool = False  # RMSNorm of each query and key head before rotary (Qwen3)
+    attention_bias: bool = True  # bias on the q/k/v projections (Qwen2's; Qwen3's have none)
+    # M-RoPE bands: False gives each axis one contiguous chunk of `mrope_section` bands (Qwen2-VL),
+    # True deals them out T, H, W, T, H, W, ... (Qwen3-VL, see `layers.rotary.mrope_band_axes`)
+    mrope_interleaved: bool = False
     moe: MoEConfig | None = None  # the sparse MLP's settings; None: every layer's MLP is dense
 
 
@@ -186,10 +192,65 @@ class Qwen2_5_VisionConfig(VisionConfig):
         return config
 
 
+@dataclass(frozen=True)
+class Qwen3VisionConfig(VisionConfig):
+    """Qwen3-VL's vision settings: as in Qwen2.5-VL's config.json, `hidden_size` is the tower's
+    width (`embed_dim` here) and `out_hidden_size` the merger's output. The patch embedding has a
+    bias; learned position embeddings (`num_position_embeddings`, a square grid) are resampled to
+    each image's grid; the blocks after `deepstack_visual_indexes` feed DeepStack mergers whose
+    outputs are added to the first decoder layers' hidden states. Defaults are transformers'
+    `Qwen3VLVisionConfig`'s; published checkpoints set them all."""
+
+    depth: int = 27
+    embed_dim: int = 1152
+    hidden_size: int = 3584
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    patch_size: int = 16
+    hidden_act: str = "gelu_pytorch_tanh"
+    num_position_embeddings: int = 2304
+    deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        return self.intermediate_size
+
+    @property
+    def position_grid_side(self) -> int:
+        """Side of the square grid of learned position embeddings."""
+        return math.isqrt(self.num_position_embeddings)
+
+    @property
+    def video_timestamps(self) -> bool:
+        return True
+
+    @classmethod
+    def from_dict(cls, v: dict, text_hidden_size: int | None = None) -> "Qwen3VisionConfig":
+        v = {VISION_ALIASES.get(k, k): val for k, val in v.items()}
+        renamed = {"hidden_size": "embed_dim", "out_hidden_size": "hidden_size"}
+        fields = {renamed.get(k, k): val for k, val in v.items() if renamed.get(k, k) in cls.__dataclass_fields__}
+        fields["deepstack_visual_indexes"] = tuple(fields.get("deepstack_visual_indexes", cls.deepstack_visual_indexes))
+        config = cls._checked(fields, v, text_hidden_size)
+        if config.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+            raise CheckpointError(f"config.json: vision hidden_act {config.hidden_act!r} is not supported "
+                                  "(Qwen3-VL's is 'gelu_pytorch_tanh')")
+        if config.position_grid_side**2 != config.num_position_embeddings:
+            raise CheckpointError(f"config.json: vision num_position_embeddings {config.num_position_embeddings} "
+                                  "is not a square (the learned positions form a square grid)")
+        bad = [i for i in config.deepstack_visual_indexes if not 0 <= i < config.depth]
+        if bad:
+            raise CheckpointError(f"config.json: vision deepstack_visual_indexes {bad} are not blocks of the "
+                                  f"tower (depth {config.depth})")
+        return config
+
+
 # The vision settings of each architecture, by config.json `model_type`: the one part of its
 # config.json that differs. The rest of an architecture (its model class, checkpoint names) is
 # `qwen2vl.model.registry`'s, which lists the same model types.
-VISION_CONFIGS: dict[str, type[VisionConfig]] = {"qwen2_vl": VisionConfig, "qwen2_5_vl": Qwen2_5_VisionConfig}
+VISION_CONFIGS: dict[str, type[VisionConfig]] = {"qwen2_vl": VisionConfig, "qwen2_5_vl": Qwen2_5_VisionConfig,
+                                                  "qwen3_vl": Qwen3VisionConfig, "qwen3_vl_moe": Qwen3VisionConfig}
+# Architectures whose decoder is Qwen3's: q/k RMSNorm per head, no q/k/v bias, interleaved M-RoPE.
+QWEN3_MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 
 
 def vision_config_class(model_type: str) -> type[VisionConfig]:
@@ -348,7 +409,8 @@ class Qwen2VLConfig:
             raise CheckpointError(f"config.json: torch_dtype {dtype_name!r} is not supported "
                                   f"(expected one of {sorted(_DTYPES)})")
         return cls(
-            text=_text_config(text, tied=bool(d.get("tie_word_embeddings")) or bool(text.get("tie_word_embeddings"))),
+            text=_text_config(text, tied=bool(d.get("tie_word_embeddings")) or bool(text.get("tie_word_embeddings")),
+                              qwen3=model_type in QWEN3_MODEL_TYPES),
             vision=vision_class.from_dict(d.get("vision_config", {}), text["hidden_size"]),
             quant=QuantConfig.from_dict(quant) if quant else None,
             image_token_id=d.get("image_token_id", 151655),
@@ -377,14 +439,18 @@ def _text_settings(d: dict) -> dict:
     return {**d, **(d.get("text_config") or {})}
 
 
-def _text_config(t: dict, tied: bool) -> TextConfig:
+def _text_config(t: dict, tied: bool, qwen3: bool = False) -> TextConfig:
+    """The text settings; `qwen3`: the decoder is Qwen3's (see `QWEN3_MODEL_TYPES`)."""
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in t]
     if missing:
         raise CheckpointError(f"config.json: missing text settings {missing}")
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     num_heads = t["num_attention_heads"]
-    head_dim = t["hidden_size"] // num_heads
+    head_dim = t.get("head_dim") or t["hidden_size"] // num_heads
+    if qwen3 and t.get("attention_bias"):
+        raise CheckpointError("config.json: attention_bias true is not supported for a Qwen3 decoder "
+                              "(published Qwen3-VL checkpoints have none)")
     mrope_section = tuple(rope.get("mrope_section", (16, 24, 24)))
     if sum(mrope_section) != head_dim // 2 or len(mrope_section) != 3:
         raise CheckpointError(f"config.json: mrope_section {list(mrope_section)} must have 3 parts summing to "
@@ -402,5 +468,9 @@ def _text_config(t: dict, tied: bool) -> TextConfig:
         mrope_section=mrope_section,
         max_position_embeddings=t.get("max_position_embeddings", DEFAULT_CONTEXT_LEN),
         tie_word_embeddings=tied,
+        qk_norm=qwen3,
+        attention_bias=not qwen3,
+        # transformers 5.17 interleaves Qwen3-VL's bands whatever the flag; published configs set it true
+        mrope_interleaved=bool(rope.get("mrope_interleaved", qwen3)),
         moe=MoEConfig.from_dict(t),
     )

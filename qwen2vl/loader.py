@@ -1,4 +1,4 @@
-"""Load a Hugging Face Qwen2-VL / Qwen2.5-VL checkpoint directory into our model.
+"""Load a Hugging Face Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint directory into our model.
 
 The architecture (`qwen2vl.model.registry`, by config.json's `model_type`) gives the model class
 and the names of the checkpoint's tensors.
@@ -327,9 +327,14 @@ def _plan(model: torch.nn.Module, renames: tuple[tuple[str, str], ...]) -> dict[
 
 
 def checkpoint_name(name: str, renames: tuple[tuple[str, str], ...] = WEIGHT_RENAMES) -> str:
-    """Our parameter name -> the checkpoint's (original layout), by an architecture's `renames`."""
+    """Our parameter name -> the checkpoint's (original layout), by an architecture's `renames`
+    (prefixes, first match wins; a `*` in a prefix matches one index, kept in the checkpoint's)."""
     for ours, theirs in renames:
-        if name.startswith(ours):
+        if "*" in ours:
+            match = re.match(re.escape(ours).replace(r"\*", r"(\d+)"), name)
+            if match:
+                return theirs.replace("*", match.group(1)) + name[match.end():]
+        elif name.startswith(ours):
             return theirs + name[len(ours):]
     return name
 

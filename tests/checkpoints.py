@@ -203,3 +203,62 @@ def write_tiny_checkpoint_2_5(out_dir, variant: str = "a", seed: int = 0) -> Pat
     build_reference_model_2_5(variant, seed).save_pretrained(out_dir)
     write_support_files(out_dir, "qwen2_5_vl")
     return out_dir
+
+
+# --- Qwen3-VL ---------------------------------------------------------------------------------
+
+# Qwen3 decoders (q/k norm, no q/k/v bias, interleaved M-RoPE) whose head_dim is not hidden /
+# heads; towers whose learned position grid (16 x 16 and 12 x 12) is both larger and smaller than
+# the test images' patch grids, with DeepStack features from two blocks (fewer than, and as many
+# as, the decoder's layers).
+VARIANTS_3: dict[str, dict] = {
+    "a": dict(
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=24, mrope_section=[6, 3, 3]),
+        vision=dict(hidden_size=32, num_heads=2, depth=3, intermediate_size=48, num_position_embeddings=256,
+                    deepstack_visual_indexes=[0, 2]),
+        tie_word_embeddings=False,
+    ),
+    "b": dict(
+        text=dict(hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=1, head_dim=32, mrope_section=[8, 4, 4]),
+        vision=dict(hidden_size=48, num_heads=3, depth=3, intermediate_size=40, num_position_embeddings=144,
+                    deepstack_visual_indexes=[1, 2]),
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def reference_config_3(variant: str = "a"):
+    """The transformers `Qwen3VLConfig` of a tiny Qwen3-VL variant."""
+    from transformers import Qwen3VLConfig
+
+    spec = VARIANTS_3[variant]
+    text = dict(spec["text"])
+    mrope_section = text.pop("mrope_section")
+    text.update(vocab_size=VOCAB_SIZE, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                tie_word_embeddings=spec["tie_word_embeddings"],
+                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": mrope_section,
+                                 "mrope_interleaved": True})
+    vision = dict(spec["vision"], out_hidden_size=spec["text"]["hidden_size"], patch_size=16,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3, hidden_act="gelu_pytorch_tanh")
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=spec["tie_word_embeddings"])
+
+
+def build_reference_model_3(variant: str = "a", seed: int = 0):
+    """A fp32 `transformers.Qwen3VLForConditionalGeneration` with the scaled random init."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    config = reference_config_3(variant)
+    config._attn_implementation = "sdpa"
+    model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
+    scale_init_(model, seed, tied=VARIANTS_3[variant]["tie_word_embeddings"])
+    return model
+
+
+def write_tiny_checkpoint_3(out_dir, variant: str = "a", seed: int = 0) -> Path:
+    """`write_tiny_checkpoint` of a tiny Qwen3-VL variant (Qwen3-VL's preprocessor_config.json)."""
+    out_dir = Path(out_dir)
+    build_reference_model_3(variant, seed).save_pretrained(out_dir)
+    write_support_files(out_dir, "qwen3_vl")
+    return out_dir

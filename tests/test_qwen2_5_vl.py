@@ -136,8 +136,8 @@ def test_config_names_the_tower_width_and_the_merger_output():
     vision = config.vision
     assert (vision.embed_dim, vision.hidden_size, vision.mlp_hidden_size) == (32, 64, 48)
     assert (vision.window_size, vision.fullatt_block_indexes, vision.tokens_per_second) == (56, (1,), 2)
-    with pytest.raises(CheckpointError, match="model_type 'qwen3_vl' is not supported"):
-        Qwen2VLConfig.from_dict({**reference_config_2_5("a").to_dict(), "model_type": "qwen3_vl"})
+    with pytest.raises(CheckpointError, match="model_type 'qwen9_vl' is not supported"):
+        Qwen2VLConfig.from_dict({**reference_config_2_5("a").to_dict(), "model_type": "qwen9_vl"})
 
 
 def test_awq_checkpoint_matches_transformers_on_the_dequantized_weights(tmp_path):

@@ -16,7 +16,7 @@ from qwen2vl.processor import Processor
 
 
 def test_every_architecture_has_its_settings_and_its_model():
-    assert set(ARCHITECTURES) == set(VISION_CONFIGS) == {"qwen2_vl", "qwen2_5_vl"}
+    assert set(ARCHITECTURES) == set(VISION_CONFIGS) == {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
 
 
 def test_config_and_a_processor_alone_import_nothing_of_the_model(tmp_path):

@@ -36,22 +36,38 @@ def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
-class MRotaryEmbedding:
-    """Multimodal RoPE: frequency band i of each head turns with the position on axis i
-    (temporal, height, width) of `positions[3, N]`; `mrope_section` sizes the bands."""
+def mrope_band_axes(mrope_section: tuple[int, ...], interleaved: bool, device=None) -> torch.Tensor:
+    """The M-RoPE axis (0 temporal, 1 height, 2 width) of each of a head's `sum(mrope_section)`
+    frequency bands. Chunked (Qwen2-VL): the first `mrope_section[0]` bands follow T, the next
+    `mrope_section[1]` H, the rest W. Interleaved (Qwen3-VL): band j follows H where j % 3 == 1 and
+    j < 3 * mrope_section[1], W where j % 3 == 2 and j < 3 * mrope_section[2], else T, so that
+    every axis gets low and high frequencies alike."""
+    # Built on the device from plain numbers, without a host copy or a size only the device
+    # knows, so a CUDA graph can capture it.
+    band = torch.arange(sum(mrope_section), device=device)
+    if not interleaved:
+        return sum((band >= edge for edge in itertools.accumulate(mrope_section[:-1])), torch.zeros_like(band))
+    axes = torch.zeros_like(band)
+    for axis in (1, 2):
+        axes = torch.where((band % 3 == axis) & (band < 3 * mrope_section[axis]), axis, axes)
+    return axes
 
-    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...]):
+
+class MRotaryEmbedding:
+    """Multimodal RoPE: each frequency band of a head turns with the position on one axis
+    (temporal, height, width) of `positions[3, N]`; `mrope_section` counts the bands of each
+    axis, `interleaved` says how they are laid out (`mrope_band_axes`)."""
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...], interleaved: bool = False):
         self.head_dim = head_dim
         self.theta = theta
         self.mrope_section = tuple(mrope_section)
+        self.interleaved = interleaved
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions `[3, N]` -> cos, sin `[N, head_dim]`, computed once per forward."""
         device = positions.device
-        # Built on the device from plain numbers, without a host copy or a size only the device
-        # knows, so a CUDA graph can capture it.
-        band = torch.arange(self.head_dim // 2, device=device)
-        axis_of_band = sum((band >= edge for edge in itertools.accumulate(self.mrope_section[:-1])), torch.zeros_like(band))
+        axis_of_band = mrope_band_axes(self.mrope_section, self.interleaved, device)
         angles = positions[axis_of_band].T.float() * inverse_frequencies(self.head_dim, self.theta, device)
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)

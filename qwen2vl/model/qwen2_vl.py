@@ -49,7 +49,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         return self.language_model.norm.weight.device
 
     def encode_vision(self, pixel_values: torch.Tensor | VisionPixels, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Images and videos packed in one call -> `[P / merge^2, text hidden]`, rows in input order.
+        """Images and videos packed in one call -> `[P / merge^2, text hidden x (1 + DeepStack
+        features)]` (see `forward`), rows in input order.
         `VisionPixels` (resized frames) are normalized and patchified here, in the tower's dtype."""
         pixel_values = patch_rows(pixel_values, self.visual.patch_embed.weight.dtype)
         return self.visual(pixel_values, grid_thw).to(self.dtype)
@@ -58,11 +59,17 @@ class Qwen2VLForConditionalGeneration(nn.Module):
                 kv_caches: list[torch.Tensor], vision_embeds: torch.Tensor | None = None,
                 vision_mask: torch.Tensor | None = None,
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
-        """Float32 logits `[R, vocab]` of the rows `logits_indices` (all rows when None)."""
+        """Float32 logits `[R, vocab]` of the rows `logits_indices` (all rows when None).
+
+        A row of `vision_embeds` is the embedding of the pad token at the same `vision_mask` row,
+        followed by that token's DeepStack features where the tower has any (Qwen3-VL): each as
+        wide as the text model, the i-th added to the hidden states after decoder layer i."""
         x = self.language_model.embed(input_ids)
+        deepstack = ()
         if vision_embeds is not None:
-            x[vision_mask] = vision_embeds.to(x.dtype)
-        x = self.language_model(x, positions, attn, kv_caches)
+            vision_embeds, *deepstack = vision_embeds.to(x.dtype).split(self.config.text.hidden_size, dim=-1)
+            x[vision_mask] = vision_embeds
+        x = self.language_model(x, positions, attn, kv_caches, vision_mask, deepstack)
         if logits_indices is not None:
             x = x[logits_indices]
         return self.head.logits(x)

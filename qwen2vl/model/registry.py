@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from torch import nn
 
 from qwen2vl import config as base_config
-from qwen2vl.model import qwen2_5_vl, qwen2_vl, vision
+from qwen2vl.model import qwen2_5_vl, qwen2_vl, qwen3_vl, vision
 
 
 @dataclass(frozen=True)
 class Architecture:
     model_type: str
     model_class: type[nn.Module]
-    weight_renames: tuple[tuple[str, str], ...]  # our name prefix -> the checkpoint's (original layout)
+    # our name prefix -> the checkpoint's (original layout); `*` in both stands for one index
+    weight_renames: tuple[tuple[str, str], ...]
     vision_checkpoint_tensors: Callable[[base_config.VisionConfig], Iterator[tuple[str, tuple[int, ...], str]]]
 
 
@@ -31,6 +32,8 @@ ARCHITECTURES = {
                              vision.vision_checkpoint_tensors),
     "qwen2_5_vl": Architecture("qwen2_5_vl", qwen2_5_vl.Qwen2_5_VLForConditionalGeneration, qwen2_vl.WEIGHT_RENAMES,
                                qwen2_5_vl.vision_checkpoint_tensors),
+    "qwen3_vl": Architecture("qwen3_vl", qwen3_vl.Qwen3VLForConditionalGeneration, qwen3_vl.WEIGHT_RENAMES,
+                             qwen3_vl.vision_checkpoint_tensors),
 }
 
 

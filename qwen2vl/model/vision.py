@@ -70,17 +70,24 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """Concatenates each merge_size x merge_size window of patches and projects it to the text width."""
+    """Concatenates each merge_size x merge_size window of patches and projects it to the text width.
+    The norm is of each patch, or with `postshuffle_norm` of each concatenated window (Qwen3-VL's
+    DeepStack mergers)."""
 
-    def __init__(self, config: VisionConfig, norm: Callable[[int], nn.Module] = LayerNorm):
+    def __init__(self, config: VisionConfig, norm: Callable[[int], nn.Module] = LayerNorm,
+                 postshuffle_norm: bool = False):
         super().__init__()
         self.window_dim = config.embed_dim * config.spatial_merge_size**2
-        self.ln_q = norm(config.embed_dim)
+        self.postshuffle_norm = postshuffle_norm
+        self.ln_q = norm(self.window_dim if postshuffle_norm else config.embed_dim)
         self.fc1 = Linear(self.window_dim, self.window_dim, bias=True)
         self.fc2 = Linear(self.window_dim, config.hidden_size, bias=True)
 
     def forward(self, x):
-        windows = self.ln_q(x).reshape(-1, self.window_dim)
+        if self.postshuffle_norm:
+            windows = self.ln_q(x.reshape(-1, self.window_dim))
+        else:
+            windows = self.ln_q(x).reshape(-1, self.window_dim)
         return self.fc2(gelu(self.fc1(windows)))
 
 

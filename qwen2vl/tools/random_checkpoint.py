@@ -35,7 +35,16 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_conf
 
 # The processor transformers builds for each architecture (its preprocessor_config.json's
 # `processor_class`; the image settings are the same).
-PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                     "qwen3_vl": "Qwen3VLProcessor", "qwen3_vl_moe": "Qwen3VLProcessor"}
+
+# preprocessor_config.json where it is not Qwen2-VL's (assets/): Qwen3-VL-2B-Instruct's, as published
+# (patch 16, mean and std 0.5, limits as `size`).
+_QWEN3_PREPROCESSOR = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
+                       "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+                       "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor",
+                       "image_processor_type": "Qwen2VLImageProcessorFast"}
+PREPROCESSOR_CONFIGS = {"qwen3_vl": _QWEN3_PREPROCESSOR, "qwen3_vl_moe": _QWEN3_PREPROCESSOR}
 
 
 def write_support_files(out_dir: str | Path, model_type: str = "qwen2_vl") -> None:
@@ -44,10 +53,10 @@ def write_support_files(out_dir: str | Path, model_type: str = "qwen2_vl") -> No
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ASSET_FILES:
         (out_dir / name).write_bytes((ASSETS_DIR / name).read_bytes())
-    preprocessor = json.loads((out_dir / "preprocessor_config.json").read_text())
-    if preprocessor["processor_class"] != PROCESSOR_CLASSES[model_type]:
-        preprocessor["processor_class"] = PROCESSOR_CLASSES[model_type]
-        (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    preprocessor = (PREPROCESSOR_CONFIGS.get(model_type)
+                    or json.loads((out_dir / "preprocessor_config.json").read_text()))
+    preprocessor = {**preprocessor, "processor_class": PROCESSOR_CLASSES[model_type]}
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     tokenizer_dir = _tokenizer_dir()
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir / name, out_dir / name)
@@ -153,7 +162,10 @@ def _tensor_groups(config: Qwen2VLConfig, dtype: torch.dtype) -> dict[str, _Grou
         p = f"model.layers.{i}"
         norm(f"{p}.input_layernorm", h)
         for proj, size in (("q_proj", text.num_heads * text.head_dim), ("k_proj", kv), ("v_proj", kv)):
-            linear(f"{p}.self_attn.{proj}", size, h, bias=True)
+            linear(f"{p}.self_attn.{proj}", size, h, bias=text.attention_bias)
+        if text.qk_norm:
+            norm(f"{p}.self_attn.q_norm", text.head_dim)
+            norm(f"{p}.self_attn.k_norm", text.head_dim)
         linear(f"{p}.self_attn.o_proj", h, text.num_heads * text.head_dim, bias=False)
         norm(f"{p}.post_attention_layernorm", h)
         linear(f"{p}.mlp.gate_proj", text.intermediate_size, h, bias=False)
