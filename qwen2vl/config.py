@@ -408,9 +408,14 @@ class Qwen2VLConfig:
         if dtype_name is not None and dtype_name not in _DTYPES:
             raise CheckpointError(f"config.json: torch_dtype {dtype_name!r} is not supported "
                                   f"(expected one of {sorted(_DTYPES)})")
+        text_config = _text_config(text, tied=bool(d.get("tie_word_embeddings")) or bool(text.get("tie_word_embeddings")),
+                                   qwen3=model_type in QWEN3_MODEL_TYPES)
+        if (text_config.moe is not None) != (model_type == "qwen3_vl_moe"):
+            raise CheckpointError(f"config.json: model_type {model_type!r} " + (
+                "needs the experts' settings (num_experts, num_experts_per_tok, moe_intermediate_size)"
+                if text_config.moe is None else f"has no experts, but num_experts is {text_config.moe.num_experts}"))
         return cls(
-            text=_text_config(text, tied=bool(d.get("tie_word_embeddings")) or bool(text.get("tie_word_embeddings")),
-                              qwen3=model_type in QWEN3_MODEL_TYPES),
+            text=text_config,
             vision=vision_class.from_dict(d.get("vision_config", {}), text["hidden_size"]),
             quant=QuantConfig.from_dict(quant) if quant else None,
             image_token_id=d.get("image_token_id", 151655),

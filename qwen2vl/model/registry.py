@@ -34,6 +34,9 @@ ARCHITECTURES = {
                                qwen2_5_vl.vision_checkpoint_tensors),
     "qwen3_vl": Architecture("qwen3_vl", qwen3_vl.Qwen3VLForConditionalGeneration, qwen3_vl.WEIGHT_RENAMES,
                              qwen3_vl.vision_checkpoint_tensors),
+    # The same model: its config's `TextConfig.moe` makes the decoder's MLPs sparse.
+    "qwen3_vl_moe": Architecture("qwen3_vl_moe", qwen3_vl.Qwen3VLForConditionalGeneration, qwen3_vl.WEIGHT_RENAMES,
+                                 qwen3_vl.vision_checkpoint_tensors),
 }
 
 

@@ -12,6 +12,7 @@ from qwen2vl.layers.activation import silu_and_mul
 from qwen2vl.layers.attention import PagedAttention
 from qwen2vl.layers.attention_metadata import AttentionMetadata
 from qwen2vl.layers.linear import Linear
+from qwen2vl.layers.moe import SparseMoeBlock
 from qwen2vl.layers.norm import RMSNorm
 from qwen2vl.layers.rotary import MRotaryEmbedding
 from qwen2vl.layers.vocab import VocabTable
@@ -58,12 +59,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = DecoderAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        sparse = config.moe is not None and config.moe.is_sparse_layer(index)
+        self.mlp = SparseMoeBlock(config.hidden_size, config.moe) if sparse else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, residual, cos, sin, attn, kv_cache):
         """`x`: the previous sublayer's output, not yet added to the residual stream `residual`
@@ -80,7 +82,7 @@ class TextDecoder(nn.Module):
         self.embed_tokens = VocabTable(config.vocab_size, config.hidden_size)
         self.rotary = MRotaryEmbedding(config.head_dim, config.rope_theta, config.mrope_section,
                                        config.mrope_interleaved)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
