@@ -7,8 +7,9 @@ Tensors stream from safetensors one at a time, straight into their place in the 
 first on the meta device, so nothing is allocated twice). Files are read with plain reads, not
 memory-mapped: mapped pages of a multi-GB shard would stay resident beside the loaded weights. Both key layouts are accepted:
 `model.layers.* / visual.*` (original) and `model.language_model.* / model.visual.*` (current
-transformers). q/k/v and gate/up are fused on the way in. Keys and shapes are checked against
-the config before any tensor is read.
+transformers). q/k/v and gate/up are fused on the way in, and mixture-of-experts weights stored
+one per expert (as the AWQ and FP8 releases store them) are stacked, each expert dequantized as its
+last tensor arrives. Keys and shapes are checked against the config before any tensor is read.
 """
 from __future__ import annotations
 
@@ -342,7 +343,7 @@ def _expert_slots(name: str, module: Experts, renames: tuple[tuple[str, str], ..
 
 def _per_expert_layers(shards: dict[Path, "_Shard"]) -> set[str]:
     """Checkpoint names (original layout) of the expert modules whose experts are stored one by one."""
-    numbered = re.compile(r"^(.*\.mlp\.experts)\.\d+\.")
+    numbered = re.compile(r"^(.*mlp\.experts)\.\d+\.")
     return {match[1] for shard in shards.values() for key in shard.entries
             if (match := numbered.match(original_layout_name(key)))}
 
@@ -385,22 +386,23 @@ def _plan(model: torch.nn.Module, renames: tuple[tuple[str, str], ...],
     """Checkpoint name (original layout) -> slot, for every tensor the model needs.
     `per_expert_layers` names the expert modules the checkpoint stores one per expert."""
     plan = {}
-    linear_tensors = set()
+    placed = set()  # our names of the tensors placed by their module's slots
     for name, module in model.named_modules():
         if isinstance(module, Linear):
-            linear_tensors.update(f"{name}.{attr}" for attr in module.checkpoint_shapes(module.out_features))
+            placed.update(f"{name}.{attr}" for attr in module.checkpoint_shapes(module.out_features))
             plan.update(_linear_slots(module, checkpoint_part_names(name, renames), not name.startswith("visual.")))
+        elif isinstance(module, Experts):
+            placed.update(f"{name}.{attr}" for attr in ("gate_up_proj", "down_proj"))
+            per_expert = checkpoint_name(name, renames) in per_expert_layers
+            plan.update(_expert_slots(name, module, renames, model.config.quant, per_expert))
     for name, tensor in model.named_parameters():
-        if name not in linear_tensors:
+        if name not in placed:
             module_name, _, attr = name.rpartition(".")
             plan[checkpoint_name(name, renames)] = _Slot(model.get_submodule(module_name), attr, tuple(tensor.shape),
                                           is_text=not name.startswith("visual."))
     for name, module in model.named_modules():
         if isinstance(module, Int8VocabTable):
             plan[checkpoint_name(f"{name}.weight", renames)] = _Int8RowsSlot(module, tuple(module.values.shape))
-        if isinstance(module, Experts):
-            per_expert = checkpoint_name(name, renames) in per_expert_layers
-            plan.update(_expert_slots(name, module, renames, model.config.quant, per_expert))
     patch = plan["visual.patch_embed.proj.weight"]
     vision = model.config.vision
     patch.shape = (vision.embed_dim, vision.in_channels, vision.temporal_patch_size,
