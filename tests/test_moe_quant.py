@@ -139,6 +139,16 @@ def test_per_expert_fp8_loads_in_bfloat16_as_the_rounded_exact_dequantization(tm
     assert torch.equal(block.experts.down_proj, down.bfloat16())
 
 
+def test_per_expert_fp8_with_bfloat16_scales(tmp_path):
+    """Third-party notes on Qwen's later FP8 MoE releases say their `weight_scale_inv` is bf16: read
+    exactly (as float32) all the same."""
+    tensors = {k: v.bfloat16() if k.endswith("weight_scale_inv") else v
+               for k, v in per_expert_tensors("fp8", seed=6).items()}
+    block, _ = load_layer(tmp_path, tensors, "fp8")
+    gate_up, down = dequantized_experts(tmp_path / "model.safetensors", "fp8")
+    assert torch.equal(block.experts.gate_up_proj, gate_up) and torch.equal(block.experts.down_proj, down)
+
+
 def test_per_expert_and_stacked_unquantized_layouts_load_the_same(tmp_path):
     tensors = per_expert_tensors("bf16", seed=4)
     per_expert, _ = load_layer(tmp_path / "per_expert", tensors, "bf16")
