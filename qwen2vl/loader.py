@@ -7,8 +7,9 @@ Tensors stream from safetensors one at a time, straight into their place in the 
 first on the meta device, so nothing is allocated twice). Files are read with plain reads, not
 memory-mapped: mapped pages of a multi-GB shard would stay resident beside the loaded weights. Both key layouts are accepted:
 `model.layers.* / visual.*` (original) and `model.language_model.* / model.visual.*` (current
-transformers). q/k/v and gate/up are fused on the way in. Keys and shapes are checked against
-the config before any tensor is read.
+transformers). q/k/v and gate/up are fused on the way in, and mixture-of-experts weights stored
+one per expert (as the AWQ and FP8 releases store them) are stacked, each expert dequantized as its
+last tensor arrives. Keys and shapes are checked against the config before any tensor is read.
 """
 from __future__ import annotations
 
@@ -99,8 +100,8 @@ def _fill(model: Qwen2VLForConditionalGeneration, model_dir: Path, text_dtype: t
           vision_dtype: torch.dtype, device: torch.device) -> None:
     """Read every checkpoint tensor into its place. The plan (which references every module) is
     gone on return, so modules replaced afterwards are freed one by one."""
-    plan = _plan(model, architecture(model.config.model_type).weight_renames)
     shards = _shard_keys(model_dir)
+    plan = _plan(model, architecture(model.config.model_type).weight_renames, _per_expert_layers(shards))
     _check_keys(plan, shards, model.config.text.tie_word_embeddings)
     for shard in shards.values():
         with open(shard.path, "rb") as f:
@@ -155,24 +156,31 @@ def compute_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
 def swap_quantized_linears(model: torch.nn.Module, quant: QuantConfig,
                            renames: tuple[tuple[str, str], ...] = WEIGHT_RENAMES) -> None:
     """Replace the decoder layers' `Linear`s stored quantized by AWQ / GPTQ / FP8 linears."""
-    # Names in modules_to_not_convert may be in either key layout (Qwen3-VL's FP8 cards list
-    # `model.language_model.*`): compared in the original one, as `checkpoint_part_names` gives.
-    quant = replace(quant, modules_to_not_convert=tuple(
-        original_layout_name(skip) for skip in quant.modules_to_not_convert))
+    quant = _original_layout_skips(quant)
     for name, module in list(model.named_modules()):
         if not (isinstance(module, Linear) and name.startswith("language_model.layers.")):
             continue
         if not all(quant.converts(hub) for hub in checkpoint_part_names(name, renames)):
             continue
-        if quant.method == "fp8":
-            new = FP8Linear(module, quant.weight_block_size)
-        elif quant.method == "awq":
-            new = AWQLinear(module, quant.bits, quant.group_size)
-        else:
-            new = GPTQLinear(module, quant.bits, quant.group_size,
-                             zero_offset=1 if quant.checkpoint_format == "gptq" else 0)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, new)
+        setattr(model.get_submodule(parent), child, _quantized(module, quant))
+
+
+def _original_layout_skips(quant: QuantConfig) -> QuantConfig:
+    """`quant` with its modules_to_not_convert in the original key layout. They may be in either
+    (Qwen3-VL's FP8 cards list `model.language_model.*`); they are compared with checkpoint
+    names in the original one, as `checkpoint_part_names` gives."""
+    return replace(quant, modules_to_not_convert=tuple(
+        original_layout_name(skip) for skip in quant.modules_to_not_convert))
+
+
+def _quantized(linear: Linear, quant: QuantConfig) -> Linear:
+    """The (empty) AWQ / GPTQ / FP8 linear that holds `linear` as `quant` stores it."""
+    if quant.method == "fp8":
+        return FP8Linear(linear, quant.weight_block_size)
+    if quant.method == "awq":
+        return AWQLinear(linear, quant.bits, quant.group_size)
+    return GPTQLinear(linear, quant.bits, quant.group_size, zero_offset=1 if quant.checkpoint_format == "gptq" else 0)
 
 
 @dataclass
@@ -266,11 +274,78 @@ class _StackedExpertsSlot:
         setattr(self.module, self.attr, torch.nn.Parameter(target, requires_grad=False))
 
 
-def _expert_slots(name: str, module: Experts, renames: tuple[tuple[str, str], ...]) -> dict[str, _StackedExpertsSlot]:
-    """Checkpoint name -> slot of the stacked expert weights of `module` (named `name` in the model)."""
-    layout = {}
-    return {checkpoint_name(f"{name}.{attr}", renames): _StackedExpertsSlot(module, attr, layout)
-            for attr in ("gate_up_proj", "down_proj")}
+class _ExpertStaging:
+    """One expert's projection as a checkpoint stores it on its own (`experts.<e>.gate_proj` with
+    `up_proj`, or `down_proj`; unquantized, AWQ, GPTQ or FP8): its tensors are read into an empty
+    linear of that format, and once the last one is in, its exact dequantization (its weight, if
+    unquantized) is copied to the expert's row of the stacked tensor in the decoder's dtype, and
+    the linear emptied again (so only the projections being read are ever held twice)."""
+
+    def __init__(self, experts: Experts, attr: str, expert: int, linear: Linear):
+        self.experts, self.attr, self.expert, self.linear = experts, attr, expert, linear
+        self.unread = 0  # tensors of `linear` not yet read
+
+    def tensor_read(self, float_dtype: torch.dtype, device: torch.device) -> None:
+        self.unread -= 1
+        if self.unread:
+            return
+        quantized = isinstance(self.linear, (QuantizedLinear, FP8Linear))
+        weight = self.linear.dequantized() if quantized else self.linear.weight
+        stacked = getattr(self.experts, self.attr)
+        if stacked.is_meta:
+            stacked = torch.nn.Parameter(torch.empty(stacked.shape, dtype=float_dtype, device=device),
+                                         requires_grad=False)
+            setattr(self.experts, self.attr, stacked)
+        stacked[self.expert].copy_(weight)
+        self.linear.to("meta")
+
+
+@dataclass
+class _PerExpertSlot(_Slot):
+    """A `_Slot` of an `_ExpertStaging`'s linear."""
+
+    staging: _ExpertStaging | None = None
+
+    def fill(self, shard: "_Shard", f, key: str, float_dtype: torch.dtype, device: torch.device) -> None:
+        super().fill(shard, f, key, float_dtype, device)
+        self.staging.tensor_read(float_dtype, device)
+
+
+def _expert_slots(name: str, module: Experts, renames: tuple[tuple[str, str], ...],
+                  quant: QuantConfig | None = None, per_expert: bool = False) -> dict[str, _Slot | _StackedExpertsSlot]:
+    """Checkpoint name -> slot of the expert weights of `module` (named `name` in the model): the
+    two stacked tensors, or, where the checkpoint stores them one per expert (`per_expert`, and
+    always where `quant` quantizes them), each expert's projections, as
+    `<name>.<e>.(gate_proj|up_proj|down_proj).<tensor>`."""
+    hub = checkpoint_name(name, renames)
+    quant = quant and _original_layout_skips(quant)
+    if quant and quant.converts(f"{hub}.0.gate_proj"):
+        per_expert = True
+    if not per_expert:
+        layout = {}
+        return {f"{hub}.{attr}": _StackedExpertsSlot(module, attr, layout) for attr in ("gate_up_proj", "down_proj")}
+    num_experts, hidden, intermediate = module.down_proj.shape
+    slots = {}
+    for expert in range(num_experts):
+        for attr, in_features, out_features in (("gate_up_proj", hidden, [intermediate] * 2),
+                                                ("down_proj", intermediate, hidden)):
+            parts = checkpoint_part_names(f"{hub}.{expert}.{attr}", renames=())
+            with torch.device("meta"):
+                linear = Linear(in_features, out_features)
+                if quant and all(quant.converts(part) for part in parts):
+                    linear = _quantized(linear, quant)
+            staging = _ExpertStaging(module, attr, expert, linear)
+            linear_slots = _linear_slots(linear, parts, True, _PerExpertSlot, staging=staging)
+            staging.unread = len(linear_slots)
+            slots.update(linear_slots)
+    return slots
+
+
+def _per_expert_layers(shards: dict[Path, "_Shard"]) -> set[str]:
+    """Checkpoint names (original layout) of the expert modules whose experts are stored one by one."""
+    numbered = re.compile(r"^(.*mlp\.experts)\.\d+\.")
+    return {match[1] for shard in shards.values() for key in shard.entries
+            if (match := numbered.match(original_layout_name(key)))}
 
 
 @dataclass
@@ -291,34 +366,43 @@ class _Int8RowsSlot:
             self.table.fill_rows(start, rows.to(device))
 
 
-def _plan(model: torch.nn.Module, renames: tuple[tuple[str, str], ...]) -> dict[str, _Slot | _Int8RowsSlot]:
-    """Checkpoint name (original layout) -> slot, for every tensor the model needs."""
+def _linear_slots(module: Linear, parts: list[str], is_text: bool, slot_class: type[_Slot] = _Slot,
+                  **fields) -> dict[str, _Slot]:
+    """Checkpoint name -> slot, for each tensor of (possibly fused) `module` stored as `parts`."""
+    slots = {}
+    for attr in module.checkpoint_shapes(module.out_features):
+        dim = module.part_dims[attr] if len(parts) > 1 else None
+        offset = 0
+        for part, size in zip(parts, module.output_sizes):
+            shape = module.checkpoint_shapes(size)[attr]
+            slots[f"{part}.{attr}"] = slot_class(module, attr, shape, dim, offset, is_text,
+                                                 shared=len(parts) > 1 and dim is None, **fields)
+            offset += shape[dim] if dim is not None else 0
+    return slots
+
+
+def _plan(model: torch.nn.Module, renames: tuple[tuple[str, str], ...],
+          per_expert_layers: set[str] = frozenset()) -> dict[str, _Slot | _Int8RowsSlot]:
+    """Checkpoint name (original layout) -> slot, for every tensor the model needs.
+    `per_expert_layers` names the expert modules the checkpoint stores one per expert."""
     plan = {}
-    linear_tensors = set()
+    placed = set()  # our names of the tensors placed by their module's slots
     for name, module in model.named_modules():
-        if not isinstance(module, Linear):
-            continue
-        is_text = not name.startswith("visual.")
-        parts = checkpoint_part_names(name, renames)
-        for attr in module.checkpoint_shapes(module.out_features):
-            linear_tensors.add(f"{name}.{attr}")
-            dim = module.part_dims[attr] if len(parts) > 1 else None
-            offset = 0
-            for part, size in zip(parts, module.output_sizes):
-                shape = module.checkpoint_shapes(size)[attr]
-                plan[f"{part}.{attr}"] = _Slot(module, attr, shape, dim, offset, is_text,
-                                               shared=len(parts) > 1 and dim is None)
-                offset += shape[dim] if dim is not None else 0
+        if isinstance(module, Linear):
+            placed.update(f"{name}.{attr}" for attr in module.checkpoint_shapes(module.out_features))
+            plan.update(_linear_slots(module, checkpoint_part_names(name, renames), not name.startswith("visual.")))
+        elif isinstance(module, Experts):
+            placed.update(f"{name}.{attr}" for attr in ("gate_up_proj", "down_proj"))
+            per_expert = checkpoint_name(name, renames) in per_expert_layers
+            plan.update(_expert_slots(name, module, renames, model.config.quant, per_expert))
     for name, tensor in model.named_parameters():
-        if name not in linear_tensors:
+        if name not in placed:
             module_name, _, attr = name.rpartition(".")
             plan[checkpoint_name(name, renames)] = _Slot(model.get_submodule(module_name), attr, tuple(tensor.shape),
                                           is_text=not name.startswith("visual."))
     for name, module in model.named_modules():
         if isinstance(module, Int8VocabTable):
             plan[checkpoint_name(f"{name}.weight", renames)] = _Int8RowsSlot(module, tuple(module.values.shape))
-        if isinstance(module, Experts):
-            plan.update(_expert_slots(name, module, renames))
     patch = plan["visual.patch_embed.proj.weight"]
     vision = model.config.vision
     patch.shape = (vision.embed_dim, vision.in_channels, vision.temporal_patch_size,

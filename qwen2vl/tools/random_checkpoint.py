@@ -151,6 +151,19 @@ def _tensor_groups(config: Qwen2VLConfig, dtype: torch.dtype) -> dict[str, _Grou
         if bias:
             add(f"{prefix}.bias", (out_features,), 0.05)
 
+    def sparse_mlp(prefix, moe):
+        """The router and the experts: stacked as published (`gate_up_proj [E, H, 2I]`, `down_proj
+        [E, I, H]`), or one per expert where quantized (as the AWQ and FP8 releases store them)."""
+        experts, i = moe.num_experts, moe.moe_intermediate_size
+        add(f"{prefix}.gate.weight", (experts, h), matrix_std(h))
+        if quant is None or not quant.converts(f"{prefix}.experts.0.gate_proj"):
+            add(f"{prefix}.experts.gate_up_proj", (experts, h, 2 * i), matrix_std(h))
+            add(f"{prefix}.experts.down_proj", (experts, i, h), matrix_std(i))
+            return
+        for expert in range(experts):
+            for proj, out_features, in_features in (("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)):
+                linear(f"{prefix}.experts.{expert}.{proj}", out_features, in_features, bias=False)
+
     def norm(name, size, bias=False):
         add(f"{name}.weight", (size,), None)
         if bias:
@@ -168,9 +181,12 @@ def _tensor_groups(config: Qwen2VLConfig, dtype: torch.dtype) -> dict[str, _Grou
             norm(f"{p}.self_attn.k_norm", text.head_dim)
         linear(f"{p}.self_attn.o_proj", h, text.num_heads * text.head_dim, bias=False)
         norm(f"{p}.post_attention_layernorm", h)
-        linear(f"{p}.mlp.gate_proj", text.intermediate_size, h, bias=False)
-        linear(f"{p}.mlp.up_proj", text.intermediate_size, h, bias=False)
-        linear(f"{p}.mlp.down_proj", h, text.intermediate_size, bias=False)
+        if text.moe is not None and text.moe.is_sparse_layer(i):
+            sparse_mlp(f"{p}.mlp", text.moe)
+        else:
+            linear(f"{p}.mlp.gate_proj", text.intermediate_size, h, bias=False)
+            linear(f"{p}.mlp.up_proj", text.intermediate_size, h, bias=False)
+            linear(f"{p}.mlp.down_proj", h, text.intermediate_size, bias=False)
     norm("model.norm", h)
     if not text.tie_word_embeddings:
         add("lm_head.weight", (text.vocab_size, h), 0.3)
