@@ -11,15 +11,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from checkpoints import reference_config
+from checkpoints import reference_config_3
 from fp8_checkpoints import dequantize_reference
 from test_quant import reference_dequantized
 from qwen2vl import loader
-from qwen2vl.config import MoEConfig, QuantConfig, Qwen2VLConfig
+from qwen2vl.loader import load_model
+from qwen2vl.config import MoEConfig, QuantConfig
 from qwen2vl.errors import CheckpointError
 from qwen2vl.layers import quantization as q
 from qwen2vl.layers.moe import SparseMoeBlock
-from qwen2vl.model.qwen2_vl import Qwen2VLForConditionalGeneration
 from qwen2vl.tools.random_checkpoint import _quantized_linear, quantization_config, write_random_checkpoint
 
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 64, 32, 6, 2
@@ -192,28 +192,17 @@ def test_wrong_per_expert_tensors_are_named(tmp_path, fmt, edit, message):
 # --- a whole checkpoint from the random writer ------------------------------------------------
 
 def moe_checkpoint_config() -> dict:
-    """The tiny Qwen2-VL test config with a sparse MLP in layer 1 (layer 0 keeps the dense one):
-    the decoder's tensor names are those of Qwen3-VL-MoE's checkpoints."""
-    config = reference_config("a").to_dict()
+    """The tiny Qwen3-VL test config as Qwen3-VL-MoE, with a sparse MLP in layer 1 (layer 0 keeps
+    the dense one)."""
+    config = reference_config_3("a").to_dict()
+    config["model_type"] = "qwen3_vl_moe"
     config["text_config"].update(vocab_size=512, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
                                  moe_intermediate_size=INTERMEDIATE, mlp_only_layers=[0])
     return config
 
 
-def load_moe_model(ckpt) -> Qwen2VLForConditionalGeneration:
-    """`load_model`'s steps, with the sparse MLPs put in the layers the config names (Qwen2-VL's
-    model class has only dense ones)."""
-    config = Qwen2VLConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
-    with torch.device("meta"):
-        model = Qwen2VLForConditionalGeneration(config)
-        for i, layer in enumerate(model.language_model.layers):
-            if config.text.moe.is_sparse_layer(i):
-                layer.mlp = SparseMoeBlock(config.text.hidden_size, config.text.moe)
-        if config.quant is not None:
-            loader.swap_quantized_linears(model, config.quant)
-    loader._fill(model, ckpt, torch.float32, torch.float32, torch.device("cpu"))
-    loader.finish_quantized_linears(model, torch.float32, int4_kernel=False)
-    return model
+def load_moe_model(ckpt):
+    return load_model(ckpt, dtype=torch.float32, int4_kernel=False)
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "awq", "fp8"])
