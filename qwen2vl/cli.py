@@ -455,10 +455,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
         raise InputError(f"--only {unknown[0]}: expected one of {', '.join(TASKS)}")
-    llm = Qwen2VL.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
-    start = time.perf_counter()
     if args.n < 1:
         raise InputError(f"--n {args.n}: expected an integer >= 1", field="n")
+    llm = Qwen2VL.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
+    start = time.perf_counter()
     scores = evaluate_fresh(llm, args.n, args.seed, tasks, batch_size=args.batch_size,
                             progress=lambda done, total: print(f"\r[{done}/{total} samples]", end="",
                                                                file=sys.stderr, flush=True))
