@@ -173,13 +173,13 @@ class Qwen2VL:
             args = EngineArgs.from_keywords(model=model, **fields)
         elif fields or model is not None:
             raise TypeError("give either args or its fields as keywords, not both")
+        device, dtype = _pick_device(args.device), _pick_dtype(args.dtype)
         model_dir = resolve_model_dir(args.model)
         announce_model(args.model, model_dir)
-        device = _pick_device(args.device)
         config = parse_config(model_dir)  # the one read of config.json: the model's and the processor's settings
         processor = Processor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                                               settings=config.processor_settings)
-        network = load_model(model_dir, device=device, dtype=_pick_dtype(args.dtype), int8_vocab=args.int8_vocab,
+        network = load_model(model_dir, device=device, dtype=dtype, int8_vocab=args.int8_vocab,
                              config=config)
         generation_config_path = model_dir / "generation_config.json"
         generation_config = json.loads(generation_config_path.read_text()) if generation_config_path.is_file() else {}
