@@ -180,6 +180,7 @@ def test_awq_of_a_real_model_needs_a_calibration_choice(source, tmp_path, capsys
     assert err.startswith(f"qwen2vl: error: AWQ of {source} needs calibration conversations")
     assert "--calibration shapes uses it anyway, and --method rtn needs none" in err
     chosen = []
-    monkeypatch.setattr(qwen2vl.quantize, "quantize", lambda *args, calibration, **kw: chosen.append(calibration) or args[1])
+    monkeypatch.setattr(qwen2vl.quantize, "quantize",
+                        lambda *args, calibration, **kw: chosen.append(calibration) or args[1])
     assert main(["quantize", str(source), str(tmp_path / "out"), "--calibration", "shapes"]) == 0
     assert chosen == [default_calibration()]
