@@ -133,16 +133,16 @@ def write_random_checkpoint(config: dict, out_dir, dtype: str | None = None, qua
 
 @contextlib.contextmanager
 def _staging(out_dir: Path):
-    """A new folder beside `out_dir` to write a checkpoint into: moved onto `out_dir` (an existing
-    one keeps its other files, loses its old weight files) when the block ends, removed if it fails."""
+    """A new folder beside `out_dir` to write a checkpoint into, removed if the block fails. When
+    it ends, the folder becomes `out_dir`, or its files move into an existing `out_dir` (whose
+    other files stay and old weight files go)."""
+    out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)  # a killed earlier run's, of a process with our id
     staging.mkdir()  # the umask's mode, unlike tempfile.mkdtemp's 0700
     try:
         yield staging
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
         if out_dir.exists():
             for stale in [*out_dir.glob("*.safetensors"), *out_dir.glob("*.safetensors.index.json")]:
                 stale.unlink()
