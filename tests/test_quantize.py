@@ -132,6 +132,7 @@ def test_scale_search_protects_outlier_channels():
 def test_cli_refuses_a_group_size_that_does_not_divide(source, tmp_path, capsys):
     assert main(["quantize", str(source), str(tmp_path / "out"), "--group-size", "128", "--method", "rtn"]) == 2
     assert capsys.readouterr().err == (
+        f"qwen2vl: loading {source}\n"
         "qwen2vl: error: --group-size 128 does not divide the 96 inputs of language_model.layers.0.mlp.down_proj "
         "(the decoder's linears take 96 and 128 inputs); use --group-size 32\n")
     assert not (tmp_path / "out").exists()
