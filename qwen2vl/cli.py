@@ -580,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model_dir", metavar="MODEL_DIR")
     evaluate.add_argument("--task", choices=["shapes"], default="shapes")
     evaluate.add_argument("--n", type=int, default=3500,
-                          help="samples in all, dealt in turn to the prompt types (7 types: --n 700 is 100 each)")
+                          help="samples in all, dealt in turn to the prompt types (default: 3500, 500 of each of "
+                               "the 7; --n 700 is 100 each)")
     evaluate.add_argument("--seed", type=int, default=2024)
     evaluate.add_argument("--only", action="append", metavar="TYPE", help="one prompt type (repeatable)")
     evaluate.add_argument("--batch-size", type=int, default=32)
