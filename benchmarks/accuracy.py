@@ -28,7 +28,7 @@ from qwen2vl.evals.shapes import TASKS, make_samples  # noqa: E402
 from qwen2vl.layers.linear import Int4Linear  # noqa: E402
 from qwen2vl.loader import load_model  # noqa: E402
 from qwen2vl.processor import Processor  # noqa: E402
-from qwen2vl.quantize import quantize  # noqa: E402
+from qwen2vl.quantize import default_calibration, quantize  # noqa: E402
 from prefill import prefill_logits  # noqa: E402  (benchmarks/prefill.py)
 from report import write_section  # noqa: E402  (benchmarks/report.py)
 
@@ -103,6 +103,7 @@ def run(model: Path, n: int, seed: int, group_size: int, work_dir: Path) -> tupl
     for column, method in ((AWQ, "awq"), ("RTN 4-bit", "rtn")):
         out = work_dir / f"{model.name}-{method}-g{group_size}"
         quantize(model, out, method=method, group_size=group_size, overwrite=True,  # a rerun replaces them
+                 calibration=default_calibration(),  # the shapes task: the one these columns are scored on
                  log=lambda line: print(line, file=sys.stderr))
         dirs[column] = out
     samples = make_samples(n, seed)
@@ -174,8 +175,8 @@ def markdown(results: dict, model: Path, n: int, seed: int, group_size: int, sec
               "- Evaluation time (load + all samples): " + ", ".join(f"{c} {seconds[c]:.0f} s" for c in COLUMNS) + ".",
               "",
               f"Reproduce: `python benchmarks/accuracy.py --n {n} --seed {seed} --group-size {group_size} --write`; "
-              f"one column alone: `qwen2vl quantize MODEL OUT --method awq --group-size {group_size}` then "
-              f"`qwen2vl eval OUT --task shapes --n {n} --seed {seed}`."]
+              f"one column alone: `qwen2vl quantize MODEL OUT --method awq --group-size {group_size} "
+              f"--calibration shapes` then `qwen2vl eval OUT --task shapes --n {n * len(TASKS)} --seed {seed}`."]
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,6 @@
 """Load benchmark of the OpenAI-compatible server: requests/s, output tokens/s, time to first
-token and inter-token latency percentiles at several concurrency levels.
+token, time per output token and inter-token latency percentiles at several concurrency levels.
+Needs httpx: `pip install -e '.[server,bench]'`.
 
     # start a server on a free 127.0.0.1 port for the run, and stop it afterwards
     python benchmarks/serving.py --model DIR [--image examples/shapes.png] [--concurrency 1 8 32]
@@ -7,8 +8,12 @@ token and inter-token latency percentiles at several concurrency levels.
     python benchmarks/serving.py --url http://127.0.0.1:8000 --served-model-name NAME
 
 Every request streams (`stream: true`) a chat completion of exactly `--max-tokens` tokens
-(`ignore_eos`), so runs are comparable; TTFT is measured to the first content chunk and the
-inter-token latency between content chunks. Prints a markdown table.
+(`ignore_eos`), so runs are comparable; TTFT is measured to the first content chunk, the time
+per output token (TPOT) of a request is the rest of its latency over its other tokens, and the
+inter-token latency (ITL) between content chunks. Tokens without text (special tokens, as a model
+writes past its end with `ignore_eos`, or pieces of one character) send no chunk, and a fast model's
+tokens can share one: ITL is "n/a" when no request streamed two content chunks (the bundled demo
+model answering about an image), TPOT always counts every token. Prints a markdown table.
 """
 from __future__ import annotations
 
@@ -25,7 +30,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+try:
+    import httpx
+except ModuleNotFoundError:
+    raise SystemExit("benchmarks/serving.py needs httpx: pip install httpx, or from a clone "
+                     "pip install -e '.[server,bench]'") from None
 
 
 @dataclass
@@ -35,10 +44,14 @@ class RequestResult:
     output_tokens: int = 0
     gaps: list[float] = field(default_factory=list)  # between consecutive content chunks
 
+    @property
+    def time_per_output_token(self) -> float | None:
+        return (self.latency - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
 
-def percentile(values: list[float], q: float) -> float:
+
+def percentile(values: list[float], q: float) -> float | None:
     if not values:
-        return float("nan")
+        return None  # nothing measured: "n/a" in the table, null in --json
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
@@ -106,24 +119,37 @@ async def run_level(url: str, headers: dict, model: str, concurrency: int, num_r
         elapsed = time.perf_counter() - start
     ttfts = [r.ttft for r in results]
     gaps = [gap for r in results for gap in r.gaps]
+    tpots = [r.time_per_output_token for r in results if r.time_per_output_token is not None]
     return {
         "concurrency": concurrency, "requests": len(results), "seconds": elapsed,
         "requests_per_s": len(results) / elapsed,
         "output_tokens_per_s": sum(r.output_tokens for r in results) / elapsed,
-        "ttft_ms": {q: 1000 * percentile(ttfts, q) for q in (50, 90, 99)},
-        "itl_ms": {q: 1000 * percentile(gaps, q) for q in (50, 90, 99)},
+        "ttft_ms": milliseconds(ttfts), "tpot_ms": milliseconds(tpots), "itl_ms": milliseconds(gaps),
         "latency_s_mean": statistics.mean(r.latency for r in results),
     }
 
 
+def milliseconds(seconds: list[float]) -> dict[int, float | None]:
+    """The 50th, 90th and 99th percentiles of `seconds`, in milliseconds (None: no values)."""
+    return {q: None if percentile(seconds, q) is None else 1000 * percentile(seconds, q) for q in (50, 90, 99)}
+
+
+def shown(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def percentiles(row: dict, key: str, digits: int) -> str:
+    return " / ".join(shown(row[key][q], digits) for q in (50, 90, 99))
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| concurrency | requests | req/s | output tok/s | TTFT p50 / p90 / p99 (ms) | ITL p50 / p90 / p99 (ms) |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| concurrency | requests | req/s | output tok/s | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) "
+             "| ITL p50 / p90 / p99 (ms) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        ttft, itl = row["ttft_ms"], row["itl_ms"]
         lines.append(f"| {row['concurrency']} | {row['requests']} | {row['requests_per_s']:.2f} | "
-                     f"{row['output_tokens_per_s']:.1f} | {ttft[50]:.0f} / {ttft[90]:.0f} / {ttft[99]:.0f} | "
-                     f"{itl[50]:.1f} / {itl[90]:.1f} / {itl[99]:.1f} |")
+                     f"{row['output_tokens_per_s']:.1f} | {percentiles(row, 'ttft_ms', 0)} | "
+                     f"{percentiles(row, 'tpot_ms', 1)} | {percentiles(row, 'itl_ms', 1)} |")
     return "\n".join(lines)
 
 
@@ -181,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             row = asyncio.run(run_level(url, headers, args.served_model_name, concurrency,
                                         concurrency * args.requests_per_client, args))
             print(f"concurrency {concurrency}: {row['requests_per_s']:.2f} req/s, "
-                  f"{row['output_tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_ms'][50]:.0f} ms, "
-                  f"ITL p50 {row['itl_ms'][50]:.1f} ms", file=sys.stderr)
+                  f"{row['output_tokens_per_s']:.1f} tok/s, TTFT p50 {shown(row['ttft_ms'][50], 0)} ms, "
+                  f"TPOT p50 {shown(row['tpot_ms'][50], 1)} ms, ITL p50 {shown(row['itl_ms'][50], 1)} ms",
+                  file=sys.stderr)
             rows.append(row)
     finally:
         if process is not None:

@@ -22,7 +22,7 @@ from .engine.driver import EngineDriver, NewRequest
 from .engine_args import EngineArgs
 from .errors import InputError
 from .grounding import Box, Point, parse_boxes, to_image
-from .hub import resolve_model_dir
+from .hub import announce_model, resolve_model_dir
 from .processor.types import PreparedPrompt
 from .processor.pool import media_map
 from .reasoning import ReasoningParser, split_reasoning
@@ -178,7 +178,8 @@ class Qwen2VL:
     def from_pretrained(cls, model: str | os.PathLike | None = None, args: EngineArgs | None = None,
                         **fields) -> "Qwen2VL":
         """Load `model` (a checkpoint directory or a hub id; None: the card's AWQ checkpoint if
-        cached, else the bundled demo model). `fields` are `EngineArgs`' (device, dtype,
+        cached, else the bundled demo model: a warning on the `qwen2vl` logger says so; the
+        model loaded is logged at INFO). `fields` are `EngineArgs`' (device, dtype,
         min_pixels, max_pixels, max_model_len, int8_vocab, max_num_seqs, ...), or give `args`.
         A 4-bit checkpoint on its int4 kernel keeps the vocabulary table as int8 rows (half the
         head's bytes per token) unless `int8_vocab` is False."""
@@ -191,12 +192,13 @@ class Qwen2VL:
             args = EngineArgs.from_keywords(model=model, **fields)
         elif fields or model is not None:
             raise TypeError("give either args or its fields as keywords, not both")
+        device, dtype = _pick_device(args.device), _pick_dtype(args.dtype)
         model_dir = resolve_model_dir(args.model)
-        device = _pick_device(args.device)
+        announce_model(args.model, model_dir)
         config = parse_config(model_dir)  # the one read of config.json: the model's and the processor's settings
         processor = Processor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                                               settings=config.processor_settings)
-        network = load_model(model_dir, device=device, dtype=_pick_dtype(args.dtype), int8_vocab=args.int8_vocab,
+        network = load_model(model_dir, device=device, dtype=dtype, int8_vocab=args.int8_vocab,
                              config=config)
         generation_config_path = model_dir / "generation_config.json"
         generation_config = json.loads(generation_config_path.read_text()) if generation_config_path.is_file() else {}

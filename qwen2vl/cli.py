@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 
+from . import __version__
 from .errors import InputError, Qwen2VLError
 from .jsonl import MAX_LINE_BYTES
 
@@ -19,7 +21,7 @@ EPILOG = """examples:
   qwen2vl generate --model DIR --input convs.jsonl --output answers.jsonl --temperature 0
   qwen2vl serve --model DIR --port 8000          # OpenAI-compatible server on 127.0.0.1
   qwen2vl quantize DIR OUT --method awq --group-size 64   # 4-bit AWQ GEMM checkpoint
-  qwen2vl eval DIR --task shapes --n 500         # accuracy per prompt type on fresh samples
+  qwen2vl eval DIR --task shapes --n 700         # accuracy per prompt type on 700 fresh samples
 """
 
 
@@ -314,6 +316,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except ModuleNotFoundError as error:
             raise Qwen2VLError(f"--ray needs the ray extra ({error.name} is not installed): "
                                "pip install 'qwen2vl[ray]', or from a clone pip install -e '.[ray]'") from None
+        _announce_replicas_model(args.model)
         return run_cli_job(args, _engine_args(args), _sampling_params(args))
     if args.num_replicas is not None or args.ray_address is not None:
         raise InputError("--num-replicas and --ray-address go with --ray")
@@ -339,6 +342,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
             output.close()
     print(f"\r[{progress.summary()}]", file=sys.stderr)
     return 1 if progress.failed else 0
+
+
+def _announce_replicas_model(model: str | None) -> None:
+    """Name the model the Ray replicas load, before they start. It is looked for on this machine
+    only when none is given (the default); a named one may be a path or id of the cluster's."""
+    from .hub import announce_model, default_model_dir
+
+    if model is not None:
+        announce_model(model, None)
+        return
+    try:
+        announce_model(None, default_model_dir())
+    except Qwen2VLError:
+        pass  # the replicas say what is missing
 
 
 def _read_input(path: str, max_line_bytes: int) -> list[dict]:
@@ -380,6 +397,7 @@ def _add_limit_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .hub import model_id
     from .processor.fetch import MediaPolicy
     from .server.limits import ServerLimits
 
@@ -407,7 +425,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InputError("--cache-salt-by-key gives each API key its own cache: give the keys "
                          "(--api-key or $QWEN2VL_API_KEY)")
     llm = _load(args)
-    model_name = args.served_model_name or args.model or llm.model_dir.name
+    model_name = args.served_model_name or model_id(args.model, llm.model_dir)
     url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}/v1"
     if not api_key and not _is_loopback(args.host):
         print(f"qwen2vl: warning: --host {args.host} accepts connections from other machines and no API key is "
@@ -422,11 +440,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .quantize import quantize, read_calibration
+    from .quantize import BUILT_IN_CALIBRATION, default_calibration, quantize, read_calibration
 
     if args.bits != 4:
         raise InputError(f"--bits {args.bits}: only 4-bit AWQ GEMM checkpoints are written")
-    calibration = read_calibration(args.calibration) if args.calibration else None
+    if args.calibration == BUILT_IN_CALIBRATION:
+        calibration = default_calibration()
+    else:
+        calibration = read_calibration(args.calibration) if args.calibration else None
     start = time.perf_counter()
     out = quantize(args.model_dir, args.out_dir, method=args.method, group_size=args.group_size,
                    calibration=calibration, log=lambda line: print(line, file=sys.stderr), overwrite=args.force)
@@ -443,6 +464,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
         raise InputError(f"--only {unknown[0]}: expected one of {', '.join(TASKS)}")
+    if args.n < 1:
+        raise InputError(f"--n {args.n}: expected an integer >= 1", field="n")
     llm = Qwen2VL.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
     start = time.perf_counter()
     scores = evaluate_fresh(llm, args.n, args.seed, tasks, batch_size=args.batch_size,
@@ -464,6 +487,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen2vl", description="Run Qwen2-VL vision-language models.",
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     chat = commands.add_parser("chat", help="answer one prompt, or chat interactively",
@@ -513,7 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "and /metrics, streaming included, to many clients at once.")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", help="the model name clients send (default: --model as given, else the default model's directory name)")
+    serve.add_argument("--served-model-name", metavar="NAME",
+                       help="the model id clients send and /v1/models lists (default: a hub id as given, a "
+                            "directory's folder name)")
     serve.add_argument("--api-key", nargs="+", action="extend", metavar="KEY",
                        help="require 'Authorization: Bearer KEY' on the API (the page at /, /health, /openapi.json "
                             "and /docs stay open); with several (--api-key A B, or the flag repeated), any one of them "
@@ -551,17 +577,20 @@ def build_parser() -> argparse.ArgumentParser:
                                "the bundled demo model needs 64)")
     quantize.add_argument("--force", action="store_true",
                           help="write into OUT_DIR even if it is not empty (replacing the checkpoint in it)")
-    quantize.add_argument("--calibration", metavar="CONVS.jsonl",
-                          help="AWQ calibration conversations, one list of messages per line "
-                               "(default: a built-in set of shapes-task conversations)")
+    quantize.add_argument("--calibration", metavar="CONVS.jsonl|shapes",
+                          help="AWQ calibration conversations like those the model will answer, one list of "
+                               "messages per line; 'shapes': the built-in synthetic shapes-task set (default "
+                               "for the bundled demo model only; any other model needs this flag with --method awq)")
     quantize.set_defaults(run=cmd_quantize)
 
     evaluate = commands.add_parser("eval", help="accuracy on a synthetic task, per prompt type",
-                                   description="Greedy answers to N freshly generated samples of each prompt "
-                                               "type (seeded); boxes count as correct at IoU >= 0.5.")
+                                   description="Greedy answers to N freshly generated samples (seeded), dealt "
+                                               "in turn to the prompt types; boxes count as correct at IoU >= 0.5.")
     evaluate.add_argument("model_dir", metavar="MODEL_DIR")
     evaluate.add_argument("--task", choices=["shapes"], default="shapes")
-    evaluate.add_argument("--n", type=int, default=500, help="samples per prompt type")
+    evaluate.add_argument("--n", type=int, default=3500,
+                          help="samples in all, dealt in turn to the prompt types (default: 3500, 500 of each of "
+                               "the 7; --n 700 is 100 each)")
     evaluate.add_argument("--seed", type=int, default=2024)
     evaluate.add_argument("--only", action="append", metavar="TYPE", help="one prompt type (repeatable)")
     evaluate.add_argument("--batch-size", type=int, default=32)
@@ -573,8 +602,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrLines(logging.Handler):
+    """The library's log records as the command's own lines on stderr (`qwen2vl: loading ...`,
+    `qwen2vl: warning: ...`); sys.stderr is looked up per record, so a redirection applies."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        try:
+            print(f"qwen2vl: {level}{self.format(record)}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - a log line never takes the command down
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logger, handler = logging.getLogger("qwen2vl"), _StderrLines()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # which model loads, and the library's notes
     try:
         return args.run(args)
     except Qwen2VLError as error:
@@ -582,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Find a checkpoint directory for a user's model argument: a local path or a hub id."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from .errors import CheckpointError
+
+logger = logging.getLogger("qwen2vl")
 
 # What runs when no model is named: the card's checkpoint if the Hugging Face cache holds it,
 # else the tiny demo model committed with the source (trained by scripts/train_demo.py).
@@ -55,7 +58,7 @@ def resolve_model_dir(model: str | os.PathLike | None = None) -> Path:
     if cached is not None:
         return cached
     how = (
-        f"download it elsewhere (e.g. `huggingface-cli download {repo_id} --local-dir DIR`), "
+        f"download it elsewhere (e.g. `{hub_cli()} download {repo_id} --local-dir DIR`), "
         "copy the directory here and pass its path: --model DIR / Qwen2VL.from_pretrained('DIR')"
     )
     try:
@@ -69,3 +72,49 @@ def resolve_model_dir(model: str | os.PathLike | None = None) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"]))
     except Exception as exc:  # offline, unknown repo, gated: all end the same way for the user
         raise CheckpointError(f"could not download {repo_id!r} ({type(exc).__name__}: {exc}); {how}") from None
+
+
+def hub_cli() -> str:
+    """The Hugging Face command line that the installed huggingface_hub ships: `hf` (since 0.34,
+    and what `pip install huggingface_hub` brings), else the older `huggingface-cli`."""
+    from importlib import metadata
+
+    try:
+        scripts = {entry.name for entry in metadata.distribution("huggingface_hub").entry_points}
+    except metadata.PackageNotFoundError:
+        return "hf"
+    return "huggingface-cli" if "huggingface-cli" in scripts and "hf" not in scripts else "hf"
+
+
+def model_id(model: str | os.PathLike | None, model_dir: Path | None) -> str:
+    """The short name of `model` (as given; None: the default), which resolved to `model_dir`
+    (None: not resolved here): a hub id as given, a directory's folder name (the repo id for a
+    snapshot in the Hugging Face cache), and for the default the card's repo id or the demo
+    model's folder name."""
+    if model is not None and (model_dir is None or not Path(model).expanduser().is_dir()):
+        return str(model)
+    folder = model_dir.resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.removeprefix("models--").replace("--", "/", 1)
+    return folder.name
+
+
+def model_notice(model: str | os.PathLike | None, model_dir: Path | None) -> tuple[int, str]:
+    """The log level and line that say which checkpoint loads for `model` (None: the default),
+    found at `model_dir` (None: not looked up here): a warning when that is the bundled demo
+    model, which knows only synthetic shapes, saying how to pick a real one."""
+    name = model_id(model, model_dir)
+    where = name if model_dir is None else f"{name} ({model_dir})"
+    if model is not None:
+        return logging.INFO, f"loading {model_dir if model_dir and Path(model).expanduser().is_dir() else where}"
+    if model_dir.resolve() == DEMO_MODEL_DIR.resolve():
+        return logging.WARNING, (
+            f"no model given: loading the bundled demo model {where}, a tiny model trained only on synthetic "
+            f"shapes that cannot describe real images; pick a real one with --model {DEFAULT_REPO_ID} or "
+            f"--model DIR (Python: Qwen2VL.from_pretrained('{DEFAULT_REPO_ID}'))")
+    return logging.INFO, f"no model given: loading {where}; --model picks another"
+
+
+def announce_model(model: str | os.PathLike | None, model_dir: Path | None) -> None:
+    """Log `model_notice` on the `qwen2vl` logger (the CLI prints its records on stderr)."""
+    logger.log(*model_notice(model, model_dir))

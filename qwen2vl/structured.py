@@ -378,7 +378,7 @@ class GrammarCompiler:
             error = _first_lines(matcher.get_error())
             if "coerce_one_of" in error:  # not on by default: an output could then match two branches
                 error += '; set "x-guidance": {"coerce_one_of": true} in the schema to read this oneOf as anyOf'
-            raise InputError(f"{kind} is not supported: {error}", field=kind)
+            raise InputError(_rejection(kind, error), field=kind)
         return matcher
 
 
@@ -437,6 +437,13 @@ def _limits(llguidance):
     # compilation (about 20 ms of lexer fuel) and of each token's mask
     return llguidance.LLParserLimits(max_grammar_size=500_000, initial_lexer_fuel=1_000_000,
                                      step_lexer_fuel=200_000, max_items_in_row=2000)
+
+
+def _rejection(kind: str, error: str) -> str:
+    """What is wrong with a constraint llguidance refused: a feature it lacks (its own words say
+    so: "Unimplemented keys", "... is not supported"), else the constraint itself."""
+    lacking = any(word in error.lower() for word in ("unimplemented", "not supported", "unsupported"))
+    return f"{kind} uses what llguidance does not support: {error}" if lacking else f"{kind} is invalid: {error}"
 
 
 def _first_lines(message: str, count: int = 6) -> str:

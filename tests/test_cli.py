@@ -89,7 +89,8 @@ def test_errors_are_one_line_messages(tiny_ckpt, tmp_path, capsys):
     assert "no such checkpoint directory" in capsys.readouterr().err
     assert main(["chat", "--model", str(tiny_ckpt), "--image", str(tmp_path / "missing.png"), "hi"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("qwen2vl: error: ") and "missing.png" in err and "Traceback" not in err
+    assert err.startswith(f"qwen2vl: loading {tiny_ckpt}\nqwen2vl: error: ") and "missing.png" in err
+    assert "Traceback" not in err
 
 
 def test_generate_names_the_bad_line(tiny_ckpt, tmp_path, capsys):

@@ -72,7 +72,8 @@ def test_draw_boxes_failing_to_write_still_prints_the_answer(tiny_ckpt, llm, ima
                  PROMPT]) == 2
     stdout, err = capsys.readouterr()
     assert stdout == _greedy(llm, [{"type": "image", "image": str(image)}, {"type": "text", "text": PROMPT}]) + "\n"
-    assert err == f"qwen2vl: error: --draw-boxes {out}: cannot write the image (disk full)\n"
+    assert err == (f"qwen2vl: loading {tiny_ckpt}\n"
+                   f"qwen2vl: error: --draw-boxes {out}: cannot write the image (disk full)\n")
 
 
 def _run_loop(llm, lines, history=None):

@@ -60,7 +60,7 @@ def test_a_host_beyond_loopback_without_a_key_warns(tiny_ckpt, served, capsys, m
     err = capsys.readouterr().err
     assert f"qwen2vl: warning: --host {host} accepts connections from other machines and no API key is set" in err
     url = f"http://[{host}]:8000/v1" if ":" in host else f"http://{host}:8000/v1"
-    assert f"as model '{tiny_ckpt}' at {url}]" in err
+    assert f"as model '{tiny_ckpt.name}' at {url}]" in err
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])

@@ -132,6 +132,7 @@ def test_scale_search_protects_outlier_channels():
 def test_cli_refuses_a_group_size_that_does_not_divide(source, tmp_path, capsys):
     assert main(["quantize", str(source), str(tmp_path / "out"), "--group-size", "128", "--method", "rtn"]) == 2
     assert capsys.readouterr().err == (
+        f"qwen2vl: loading {source}\n"
         "qwen2vl: error: --group-size 128 does not divide the 96 inputs of language_model.layers.0.mlp.down_proj "
         "(the decoder's linears take 96 and 128 inputs); use --group-size 32\n")
     assert not (tmp_path / "out").exists()
@@ -161,3 +162,26 @@ def test_a_non_empty_output_dir_is_refused_unless_forced(source, tmp_path, capsy
     assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]  # the stale shard is gone
     assert load_model(out).config.quant.group_size == 32
+
+
+def test_the_weights_file_gets_the_mode_of_the_other_files(quantized):
+    for out in quantized:  # safetensors writes 0600 on its own
+        assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
+
+
+def test_awq_of_a_real_model_needs_a_calibration_choice(source, tmp_path, capsys, monkeypatch):
+    import qwen2vl.quantize
+    from qwen2vl.errors import InputError
+
+    with pytest.raises(InputError, match="needs calibration conversations like the ones it will answer") as caught:
+        quantize(source, tmp_path / "out", "awq", GROUP, log=lambda line: None)
+    assert caught.value.field == "calibration" and not (tmp_path / "out").exists()
+    assert main(["quantize", str(source), str(tmp_path / "out"), "--group-size", str(GROUP)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qwen2vl: error: AWQ of {source} needs calibration conversations")
+    assert "--calibration shapes uses it anyway, and --method rtn needs none" in err
+    chosen = []
+    monkeypatch.setattr(qwen2vl.quantize, "quantize",
+                        lambda *args, calibration, **kw: chosen.append(calibration) or args[1])
+    assert main(["quantize", str(source), str(tmp_path / "out"), "--calibration", "shapes"]) == 0
+    assert chosen == [default_calibration()]

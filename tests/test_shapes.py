@@ -155,7 +155,7 @@ def test_drawn_shapes_have_their_geometry():
 
 def test_cli_eval_reports_every_prompt_type(tiny_ckpt, tmp_path, capsys):
     counts = tmp_path / "counts.json"
-    assert main(["eval", str(tiny_ckpt), "--n", "1", "--only", "count", "--only", "compare",
+    assert main(["eval", str(tiny_ckpt), "--n", "2", "--only", "count", "--only", "compare",
                  "--json", str(counts)]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].split() == ["task", "accuracy", "correct"]

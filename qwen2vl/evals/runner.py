@@ -70,8 +70,9 @@ def evaluate(llm, samples: list[Sample], batch_size: int = 32,
 
 
 def evaluate_fresh(llm, n: int, seed: int, tasks: tuple[str, ...] = TASKS, **options) -> dict[str, TaskScore]:
-    """`n` fresh samples of each task, generated from `seed`."""
-    return evaluate(llm, make_samples(n, seed, tasks), **options)
+    """`n` fresh samples in all, generated from `seed` and dealt to the tasks in turn (each gets
+    n // len(tasks), the first n % len(tasks) one more): the first n of `make_samples`' sequence."""
+    return evaluate(llm, make_samples(-(-n // len(tasks)), seed, tasks)[:n], **options)
 
 
 def format_scores(scores: dict[str, TaskScore]) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ SCALE_GRID = 20  # exponents a = 0, 1/20, ..., 19/20
 CLIP_GRID, MAX_SHRINK = 20, 0.5
 CLIP_TOKENS = 512  # activation rows the clipping search scores on
 MAX_ROWS = 4096  # activation rows kept per linear input
+BUILT_IN_CALIBRATION = "shapes"  # `--calibration shapes`: `default_calibration`, chosen explicitly
 SUPPORT_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.json",
                  "preprocessor_config.json", "generation_config.json")
 
@@ -237,6 +239,8 @@ def write_checkpoint(source_dir: Path, out_dir: Path, quantized: dict[str, torch
     config["quantization_config"] = quantization_config("awq", group_size)
     config["torch_dtype"] = "float16"
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    # safetensors writes its file private (0600); give it the mode every other file gets (the umask's)
+    os.chmod(out_dir / "model.safetensors", (out_dir / "config.json").stat().st_mode & 0o777)
     for name in SUPPORT_FILES:
         if (source_dir / name).is_file():
             shutil.copyfile(source_dir / name, out_dir / name)
@@ -247,16 +251,27 @@ def quantize(model_dir, out_dir, method: str = "awq", group_size: int = 128,
              calibration: list[list[dict]] | None = None, log=print, overwrite: bool = False) -> Path:
     """Quantize checkpoint `model_dir` to 4-bit AWQ GEMM in `out_dir` (`method` "awq" or "rtn").
 
-    `calibration` conversations (AWQ only) default to the built-in set (`default_calibration`).
+    `calibration` conversations (AWQ only) should be like those the model will answer; they
+    default to the built-in synthetic shapes set (`default_calibration`) for the bundled demo
+    model only, which was trained on that task: any other model needs them given (pass
+    `default_calibration()` to use the shapes set anyway).
     A non-empty `out_dir` is refused unless `overwrite`, which replaces the checkpoint files in it.
     """
     from qwen2vl.api import Qwen2VL
-    from qwen2vl.hub import resolve_model_dir
+    from qwen2vl.hub import DEMO_MODEL_DIR, resolve_model_dir
 
     if method not in ("awq", "rtn"):
         raise InputError(f"method {method!r}: expected 'awq' or 'rtn'")
     source_dir = resolve_model_dir(model_dir)
     check_out_dir(source_dir, Path(out_dir), overwrite)
+    if method == "awq" and calibration is None:
+        if source_dir.resolve() != DEMO_MODEL_DIR.resolve():
+            raise InputError(
+                f"AWQ of {source_dir} needs calibration conversations like the ones it will answer: "
+                "--calibration CONVS.jsonl (one list of messages per line); the built-in set is synthetic "
+                f"shapes questions, made for the bundled demo model: --calibration {BUILT_IN_CALIBRATION} "
+                "uses it anyway, and --method rtn needs none", field="calibration")
+        calibration = default_calibration()
     llm = Qwen2VL.from_pretrained(source_dir, device="cpu", dtype="float32")
     model = llm.engine.model
     if model.config.quant is not None:
@@ -264,11 +279,10 @@ def quantize(model_dir, out_dir, method: str = "awq", group_size: int = 128,
     group_size = group_size if group_size > 0 else model.config.text.hidden_size
     check_group_size(model, group_size)
     if method == "awq":
-        conversations = calibration if calibration is not None else default_calibration()
-        if not conversations:
+        if not calibration:
             raise InputError("AWQ needs at least one calibration conversation")
-        log(f"recording activations of {len(conversations)} calibration conversations")
-        records = record_inputs(llm, conversations)
+        log(f"recording activations of {len(calibration)} calibration conversations")
+        records = record_inputs(llm, calibration)
         for index, (layer, inputs) in enumerate(zip(model.language_model.layers, records)):
             awq_layer_(layer, inputs, group_size)
             log(f"layer {index + 1}/{len(records)}: scales and clipping searched")

@@ -11,10 +11,12 @@ block as Qwen's `*-FP8` releases store them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import json
 import math
+import os
 import shutil
 import struct
 import time
@@ -116,9 +118,11 @@ def write_random_checkpoint(config: dict, out_dir, dtype: str | None = None, qua
     """Write a complete model directory for `config` (a config.json dict, either layout).
 
     dtype defaults to fp16 for AWQ / GPTQ checkpoints (as published) and bf16 otherwise (FP8 too).
+    The files are written into a new folder beside `out_dir`, moved into it at the end: a failure
+    (a missing dependency is found before any writing) leaves nothing behind.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _tokenizer_dir()  # the one dependency, checked before gigabytes are written
     dtype = dtype or ("fp16" if quant in ("awq", "gptq4", "gptq8") else "bf16")
     config = copy.deepcopy(config)
     config.pop("quantization_config", None)
@@ -129,10 +133,34 @@ def write_random_checkpoint(config: dict, out_dir, dtype: str | None = None, qua
     config["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     parsed = Qwen2VLConfig.from_dict(config)
     groups = _tensor_groups(parsed, DTYPES[dtype])
-    _write_shards(groups, out_dir, seed, max_shard_bytes)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    write_support_files(out_dir, parsed.model_type)
+    with _staging(out_dir) as staging:
+        _write_shards(groups, staging, seed, max_shard_bytes)
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        write_support_files(staging, parsed.model_type)
     return out_dir
+
+
+@contextlib.contextmanager
+def _staging(out_dir: Path):
+    """A new folder beside `out_dir` to write a checkpoint into, removed if the block fails. When
+    it ends, the folder becomes `out_dir`, or its files move into an existing `out_dir` (whose
+    other files stay and old weight files go)."""
+    out_dir = out_dir.resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)  # a killed earlier run's, of a process with our id
+    staging.mkdir()  # the umask's mode, unlike tempfile.mkdtemp's 0700
+    try:
+        yield staging
+        if out_dir.exists():
+            for stale in [*out_dir.glob("*.safetensors"), *out_dir.glob("*.safetensors.index.json")]:
+                stale.unlink()
+            for written in staging.iterdir():
+                os.replace(written, out_dir / written.name)
+        else:
+            os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _tensor_groups(config: Qwen2VLConfig, dtype: torch.dtype) -> dict[str, _Group]:
