@@ -130,8 +130,9 @@ def _check_size(kind: str, text: str) -> None:
 
 def checked_schema(value, field: str = "json_schema") -> dict:
     """A JSON schema (a dict, its JSON text or a pydantic model class) as a dict, within the
-    bounds, with integral floats as integers where the schema takes an integer; `InputError`
-    naming `field` (the request's name for it) when it is not."""
+    bounds, with integral floats as integers where the schema takes an integer and its objects
+    closed to undeclared keys (`closed_objects`); `InputError` naming `field` (the request's name
+    for it) when it is not."""
     if isinstance(value, type) and hasattr(value, "model_json_schema"):
         value = value.model_json_schema()
     if isinstance(value, str):
@@ -150,13 +151,13 @@ def checked_schema(value, field: str = "json_schema") -> dict:
     if not isinstance(value, Mapping):
         raise InputError(f"{field} must be a JSON schema: an object (a dict, its JSON text or a pydantic "
                          f"model class), got {type(value).__name__}", field=field)
-    schema = closed_objects(_normalized_node(value, 0, field))
+    schema = _normalized_node(value, 0, field)
     try:
-        _check_size(field, json.dumps(schema))
+        _check_size(field, json.dumps(schema))  # as the client wrote it
     except (TypeError, ValueError) as e:
         raise InputError(f"{field} is not JSON: {e}", field=field) from None
     _check_ref_depth(schema, field)
-    return schema
+    return closed_objects(schema)
 
 
 def _normalized_node(node, depth: int, field: str):

@@ -337,3 +337,36 @@ def test_a_schema_is_closed_where_it_is_normalized():
     schema = {"type": "object", "properties": {"a": {}}}
     assert json.loads(normalize("json_schema", schema)) == {**schema, "additionalProperties": False}
     assert json.loads(normalize("json_schema", {**schema, "additionalProperties": True}))["additionalProperties"] is True
+
+
+def test_auto_tool_calls_after_the_reasoning(tokenizer):
+    """A thinking model's reply: free reasoning (a `<tool_call>` in it is not a call), then the
+    answer under the "auto" grammar."""
+    from qwen2vl.reasoning import ThinkingTags
+    from qwen2vl.structured import after_reasoning
+
+    think, end_think, eos = 151667, 151668, [151643, 151645]
+    tool = _tools([{"type": "object", "properties": {"x": {"type": "integer"}}}])
+    grammar = after_reasoning(tool_call_grammar(tool, "auto"), ThinkingTags(think, end_think, True), eos)
+    thought = tokenizer.tokenize_str('Maybe <tool_call>\n{"name": "f0", "arguments": {"y": 1}}\n</tool_call>')
+    for answer, valid in (('Calling.\n<tool_call>\n{"name": "f0", "arguments": {"x": 1}}\n</tool_call>', True),
+                          ("No call.", True),
+                          ('<tool_call>\n{"name": "f0", "arguments": {"x": 1, "y": 2}}\n</tool_call>', False)):
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        assert not matcher.is_error(), matcher.get_error()
+        tokens = thought + [end_think] + tokenizer.tokenize_str("\n\n" + answer)
+        assert (matcher.consume_tokens(tokens) and matcher.is_accepting()) == valid, answer
+
+
+def test_server_requests_constrain_auto_calls_unless_a_format_is_asked():
+    from qwen2vl.server.requests import ChatCompletionRequest
+
+    tools = _tools([{"type": "object", "properties": {"x": {"type": "integer"}}}])
+    messages = [{"role": "user", "content": "Tap."}]
+    param, constraint = ChatCompletionRequest(messages=messages, tools=tools).constraint()
+    assert param == "tools" and constraint == {"grammar": tool_call_grammar(tools, "auto")}
+    assert ChatCompletionRequest(messages=messages, tools=tools, tool_choice="none").constraint() == (None, {})
+    # "auto" (the default) beside a response format: the format constrains the reply, as before
+    param, constraint = ChatCompletionRequest(messages=messages, tools=tools,
+                                              response_format={"type": "json_object"}).constraint()
+    assert param == "response_format" and constraint == {"json_object": True}
