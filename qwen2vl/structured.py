@@ -130,8 +130,9 @@ def _check_size(kind: str, text: str) -> None:
 
 def checked_schema(value, field: str = "json_schema") -> dict:
     """A JSON schema (a dict, its JSON text or a pydantic model class) as a dict, within the
-    bounds, with integral floats as integers where the schema takes an integer; `InputError`
-    naming `field` (the request's name for it) when it is not."""
+    bounds, with integral floats as integers where the schema takes an integer and its objects
+    closed to undeclared keys (`closed_objects`); `InputError` naming `field` (the request's name
+    for it) when it is not."""
     if isinstance(value, type) and hasattr(value, "model_json_schema"):
         value = value.model_json_schema()
     if isinstance(value, str):
@@ -152,11 +153,11 @@ def checked_schema(value, field: str = "json_schema") -> dict:
                          f"model class), got {type(value).__name__}", field=field)
     schema = _normalized_node(value, 0, field)
     try:
-        _check_size(field, json.dumps(schema))
+        _check_size(field, json.dumps(schema))  # as the client wrote it
     except (TypeError, ValueError) as e:
         raise InputError(f"{field} is not JSON: {e}", field=field) from None
     _check_ref_depth(schema, field)
-    return schema
+    return closed_objects(schema)
 
 
 def _normalized_node(node, depth: int, field: str):
@@ -172,6 +173,95 @@ def _normalized_node(node, depth: int, field: str):
     if isinstance(node, (list, tuple)):
         return [_normalized_node(item, depth + 1, field) for item in node]
     return node
+
+
+# Keywords whose value is a subschema, a list of them, or a map of names to them, each at its own
+# place in the instance (JSON Schema 2020-12 and draft 7's `items` list, `definitions`). The
+# conditional and negating ones (`not`, `if`/`then`/`else`, `dependentSchemas`, `dependencies`) are
+# not listed: what is under them is left as given.
+_SUBSCHEMA = ("items", "additionalItems", "contains", "additionalProperties", "unevaluatedItems",
+              "unevaluatedProperties")
+_SUBSCHEMA_LISTS = ("prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties")
+_DEFINITIONS = ("$defs", "definitions")
+# keywords beside which an object schema is validated together with others at the same place
+_CONDITIONS = ("not", "if", "then", "else", "dependentSchemas", "dependencies")
+
+
+def closed_objects(schema: dict) -> dict:
+    """`schema` (not changed) with `"additionalProperties": false` on every object schema that
+    lists `properties` and says nothing of other keys, at any depth (`$defs`, `items`, `anyOf`
+    branches...): JSON Schema allows any other key there, and a model given the chance writes
+    keys the schema does not declare; OpenAI's strict function calling, and we, allow only the
+    declared ones (those in `required` too). An explicit `additionalProperties` (or
+    `unevaluatedProperties`) is kept. An object schema validated together with another that may
+    declare keys (`allOf` members, `$ref` beside `properties`, `properties` beside `anyOf`
+    branches that declare keys, `if`/`then`/`else`) is left open, with all it contains: closing
+    each would forbid the other's keys. Declared keys are written once each (llguidance's
+    grammar); with no other keys allowed, no key repeats."""
+    shared: set[str] = set()  # `$ref`s to a schema validated together with others
+    while True:
+        closer = _ObjectCloser(shared)
+        closed = closer.walk(schema, "#", True)
+        if closer.shared_refs <= shared:
+            return closed
+        shared |= closer.shared_refs
+
+
+class _ObjectCloser:
+    def __init__(self, shared: set[str]):
+        self.shared = shared
+        self.shared_refs: set[str] = set()
+
+    def walk(self, node, pointer: str, alone: bool):
+        """`node` (a subschema at `pointer`) closed where `alone`: nothing else validates its place."""
+        if not isinstance(node, Mapping):
+            return node
+        alone = alone and pointer not in self.shared
+        own = isinstance(node.get("properties"), Mapping)
+        branches = [branch for key in ("anyOf", "oneOf") for branch in _as_list(node.get(key))]
+        # the schemas that constrain the keys of this place, alternatives counted once
+        sources = (own + len([part for part in _as_list(node.get("allOf")) if _may_declare_keys(part)])
+                   + ("$ref" in node) + any(key in node for key in _CONDITIONS)
+                   + any(_may_declare_keys(branch) for branch in branches))
+        alone = alone and sources <= 1
+        if not alone and isinstance(node.get("$ref"), str):
+            self.shared_refs.add(node["$ref"])
+        result = {}
+        for key, value in node.items():
+            here = f"{pointer}/{_escaped(key)}"
+            if key in _DEFINITIONS and isinstance(value, Mapping):
+                result[key] = {name: self.walk(item, f"{here}/{_escaped(name)}", True) for name, item in value.items()}
+            elif key in _SUBSCHEMA_MAPS and isinstance(value, Mapping):
+                result[key] = {name: self.walk(item, f"{here}/{_escaped(name)}", alone) for name, item in value.items()}
+            elif key in (*_SUBSCHEMA_LISTS, "allOf", "anyOf", "oneOf") and isinstance(value, list):
+                result[key] = [self.walk(item, f"{here}/{index}", alone) for index, item in enumerate(value)]
+            elif key in _SUBSCHEMA:
+                result[key] = self.walk(value, here, alone)
+            else:
+                result[key] = value
+        if alone and own and "additionalProperties" not in node and "unevaluatedProperties" not in node:
+            undeclared = [name for name in _as_list(node.get("required"))
+                          if isinstance(name, str) and name not in node["properties"]]
+            result["properties"] = {**result["properties"], **{name: {} for name in undeclared}}
+            result["additionalProperties"] = False
+        return result
+
+
+def _may_declare_keys(schema) -> bool:
+    """Whether a subschema may allow object keys (a schema of `required` or bounds alone does not)."""
+    return isinstance(schema, Mapping) and any(key in schema for key in (
+        "properties", "patternProperties", "additionalProperties", "unevaluatedProperties", "$ref", "allOf",
+        "anyOf", "oneOf", *_CONDITIONS))
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _escaped(key: str) -> str:
+    """A name as a JSON pointer writes it."""
+    return str(key).replace("~", "~0").replace("/", "~1")
 
 
 def _check_ref_depth(schema: dict, field: str) -> None:

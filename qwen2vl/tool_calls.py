@@ -12,8 +12,10 @@ tokenizer, which llguidance counts as special: a grammar names them as tokens, `
 unquoted; a quoted "<tool_call>" would be its spelling in ordinary tokens, which the model was
 never trained on.
 
-- `tool_call_grammar`: `tool_choice` "required" or a named function as a Lark grammar (llguidance's
-  dialect) that admits only valid calls, their arguments valid under each function's `parameters`;
+- `tool_call_grammar`: `tool_choice` as a Lark grammar (llguidance's dialect): "required" or a
+  named function admit only valid calls, "auto" free text in which every call is valid; a call's
+  arguments are valid under its function's `parameters`, with only the keys it declares unless it
+  allows more (`structured.closed_objects`), each once;
 - `ToolCallParser`: the calls in a reply as it streams, with the text around them; `parse_tool_calls`
   runs it over a whole reply, so streamed and whole answers are the same by construction.
 """
@@ -67,14 +69,16 @@ def check_tool_choice(tools: list[dict] | None, choice: Any) -> None:
 
 def tool_call_grammar(tools: list[dict], choice: Any, parallel: bool = True) -> str | None:
     """The Lark grammar (llguidance's dialect) a reply must follow under `tool_choice`, or None
-    when the reply is free ("none", "auto").
+    when the reply is free ("none", or no tools).
 
     "required": one call of any tool, or with `parallel` one or more, a newline apart; a named
-    function: exactly one call of it. `tools` are OpenAI's `{"type": "function", "function":
-    {"name", "parameters", ...}}`, already checked by `check_tool_choice`.
+    function: exactly one call of it; "auto": any text, with calls of any tool in it (at most one
+    without `parallel`), each valid, and no `<tool_call>` spelled in ordinary tokens (the parser
+    would read it as a call). `tools` are OpenAI's `{"type": "function", "function": {"name",
+    "parameters", ...}}`, already checked by `check_tool_choice`.
     """
     named = function_name(choice)
-    if named is None and choice != "required":
+    if named is None and (choice not in ("required", "auto") or not tools):
         return None
     functions = [(position, tool["function"]) for position, tool in enumerate(tools)
                  if named is None or tool["function"]["name"] == named]
@@ -87,8 +91,12 @@ def tool_call_grammar(tools: list[dict], choice: Any, parallel: bool = True) -> 
         rules.append(f'call_{index}: {json.dumps(head)} args_{index} "}}"')
         rules.append(f"args_{index}: %json {json.dumps(schema)}")
     alternatives = " | ".join(f"call_{index}" for index in range(len(functions)))
-    repeat = ' ("\\n" tool_call)*' if parallel and named is None else ""
-    return "\n".join([f"start: tool_call{repeat}",
+    if choice == "auto":
+        start = f"start: TEXT? (tool_call TEXT?){'*' if parallel else '?'}"
+        rules.append(f"TEXT: /(?s:.+)/ & ~/(?s:.*{re.escape(TOOL_CALL_START)}.*)/")
+    else:
+        start = "start: tool_call" + (' ("\\n" tool_call)*' if parallel and named is None else "")
+    return "\n".join([start,
                       f'tool_call: {TOOL_CALL_START} "\\n" ({alternatives}) "\\n" {TOOL_CALL_END}', *rules]) + "\n"
 
 

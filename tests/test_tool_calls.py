@@ -127,8 +127,8 @@ def test_grammar_is_the_format_the_template_shows():
 
 
 def test_free_choices_have_no_grammar():
-    assert tool_call_grammar(TOOLS, "auto") is None
     assert tool_call_grammar(TOOLS, "none") is None
+    assert tool_call_grammar([], "auto") is None  # "auto" with tools: tests/test_tool_arguments.py
 
 
 def test_tool_choice_checks():

@@ -309,12 +309,13 @@ class ChatCompletionRequest(_SamplingRequest):
         return bool(self.tools) and self.effective_tool_choice != "none"
 
     def constraint(self) -> tuple[str | None, dict[str, Any]]:
-        """Also the grammar of a forced tool call (`tool_choice` "required" or a named function)."""
+        """Also the grammar of the tool calls (`tool_choice` "required", a named function, or
+        "auto" unless a structured-output field constrains the reply)."""
         param, constraint = super().constraint()
         tools, choice = self.template_tools() or [], self.effective_tool_choice
         check_tool_choice(tools, choice)
         grammar = tool_call_grammar(tools, choice, self.parallel_tool_calls)
-        if grammar is None:
+        if grammar is None or (choice == "auto" and param is not None):
             return param, constraint
         if param is not None:
             raise InputError(f"tool_choice {json.dumps(choice)} constrains the reply to tool calls; it cannot be "
