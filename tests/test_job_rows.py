@@ -186,3 +186,13 @@ def test_standard_input_and_output_are_refused_where_they_cannot_work(tiny_ckpt,
             in capsys.readouterr().err)
     assert main(["generate", "--ray", "--model", str(tiny_ckpt), "--input", "-"]) == 2
     assert "qwen2vl: error: --input -: with --ray, the workers read the input" in capsys.readouterr().err
+
+
+def test_calibration_files_need_no_ids(tmp_path):
+    """`quantize --calibration` reads lists of messages: the id rule of a job is not its, the
+    relative paths are."""
+    from qwen2vl.quantize import read_calibration
+
+    source = tmp_path / "calibration.jsonl"
+    source.write_text(json.dumps(_user("What?", "a.png")) + "\n" + json.dumps({"messages": _user("hi")}) + "\n")
+    assert read_calibration(source) == [_user("What?", str(tmp_path / "a.png")), _user("hi")]

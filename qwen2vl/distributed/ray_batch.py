@@ -78,8 +78,8 @@ def read_dataset(path: str) -> "ray.data.Dataset":
 
 
 class _JsonlDatasource(FileBasedDatasource):
-    """JSONL files as rows `id`, `messages` (its JSON text), `line` and `error` (a row that cannot
-    run: its message), by `batch_job.conversation_row`, the rule of `generate` without --ray. One
+    """JSONL files as rows `id`, `messages` (its JSON text) and `error` (a row that cannot run:
+    its message), by `batch_job.conversation_row`, the rule of `generate` without --ray. One
     task reads a file whole, so its lines are numbered; a local file's relative media paths are
     joined onto its folder. A line that is not a conversation is an error row, not a failed job."""
 
@@ -102,14 +102,15 @@ class _JsonlDatasource(FileBasedDatasource):
 
 def _jsonl_row(line: bytes, number: int, where: str, folder: Path | None) -> dict:
     try:
-        record = json.loads(utf8_text(line, where).removeprefix("\ufeff"))
+        text = utf8_text(line, where)
+        record = json.loads(text.removeprefix("\ufeff") if number == 1 else text)
         return conversation_row(record, number, folder)
+    except InputError as error:  # not UTF-8, or not a conversation
+        problem = error
     except json.JSONDecodeError as error:
         problem = InputError(f"not JSON ({error.msg} at column {error.colno})")
     except (ValueError, RecursionError) as error:  # a number over Python's digit limit; nesting too deep
         problem = InputError(f"not JSON this reader takes ({error})")
-    except InputError as error:
-        problem = error
     return {"id": None, "line": number, "error": problem}
 
 
@@ -117,7 +118,6 @@ def _jsonl_table(rows: list[dict]) -> pa.Table:
     named_by_line(rows)
     return pa.table({"id": [row["id"] for row in rows],
                      "messages": [json.dumps(row["messages"]) if "messages" in row else None for row in rows],
-                     "line": pa.array([row["line"] for row in rows], pa.int64()),
                      "error": pa.array([str(row["error"]) if "error" in row else None for row in rows], pa.string())})
 
 
@@ -377,11 +377,14 @@ def _first(row_id, seen: set) -> bool:
 
 def init_cluster(address: str | None, num_replicas: int, cpus_per_replica: int, verbose: bool = False) -> None:
     """Join the cluster at `address` ("auto", "ray://HOST:10001"; default $RAY_ADDRESS), else
-    start one on this machine with room for the replicas and a prepare task beside them. Ray's
-    own output is quiet unless `verbose` (`quiet_ray`)."""
+    start one on this machine with room for the replicas and a prepare task beside them. Unless
+    `verbose`, Ray's logs on this driver are errors only, the workers' output stays in their log
+    files (`log_to_driver`), and the C++ core worker's stderr lines (`core_worker.cc ... E`) are
+    at its fatal level (RAY_BACKEND_LOG_LEVEL, unless set; Ray then writes one line saying so)."""
     if ray.is_initialized():
         return
-    quiet_ray(verbose)
+    if not verbose:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = address or os.environ.get("RAY_ADDRESS")
     logs = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     if address:
@@ -391,28 +394,26 @@ def init_cluster(address: str | None, num_replicas: int, cpus_per_replica: int, 
                  **logs)
 
 
-def quiet_ray(verbose: bool) -> None:
-    """Ray's own output on this driver, before `ray.init`: by default none but errors (the job's
-    progress line is ours): Ray Data's progress bars (or, off a terminal, its progress logged every
-    few seconds) and execution plans off, its console log and Ray's at ERROR (Ray Data's log file
-    in the session folder keeps everything), Ray's UserWarnings ignored, and the C++ core worker's
-    stderr lines (`core_worker.cc ... E`) at its fatal level, unless RAY_BACKEND_LOG_LEVEL is set.
-    The workers' output stays in their log files (`log_to_driver`). `verbose`: Ray's defaults."""
+def quiet_ray_data(verbose: bool) -> None:
+    """Unless `verbose`, none of Ray Data's own output on this driver but errors (the job's
+    progress line is ours): its progress bars (or, off a terminal, its progress logged every few
+    seconds) and execution plans off, its console log at ERROR (its log file in the session
+    folder keeps everything), and Ray's UserWarnings (a filter's speed, a pool larger than its
+    input) ignored."""
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = context.print_on_execution_start = verbose
     for handler in logging.getLogger("ray.data").handlers:
         if handler.name == "console":  # Ray Data's default logging config (RAY_DATA_LOGGING_CONFIG unset)
             handler.setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:
-        logging.getLogger("ray").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=UserWarning, module=r"ray(\.|$)")
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
 
 
 def run_cli_job(args, engine_args: EngineArgs, params: SamplingParams) -> int:
     """`qwen2vl generate --ray`: exit status 0, or 1 when some rows are error rows."""
     num_replicas = args.num_replicas or 1
     check_input(args.input)  # before Ray starts (seconds)
+    quiet_ray_data(args.verbose)
     try:
         init_cluster(args.ray_address, num_replicas, args.cpus_per_replica, verbose=args.verbose)
     except (ConnectionError, RuntimeError, ValueError) as error:
