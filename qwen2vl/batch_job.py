@@ -39,11 +39,12 @@ def read_conversations(path: str | Path, max_line_bytes: int | None = None) -> l
     """A JSONL file of conversations (`-`: standard input), each line an object with 'id' and
     'messages' (or a bare list of messages, which has no id). Returns `conversation_row`'s
     `{"id", "messages", "line"}` per line (other fields are not read); `line` counts from 1, as
-    errors name it, and relative media paths are joined onto the file's folder (standard input:
-    left relative to the current one). A record with an "error" (an `InputError`) cannot run: a
-    line without an id, a line over `max_line_bytes`, not read (`{"id", "line", "error"}`, its id
-    if the line starts with it, else the line number), or messages that are not text. A line that
-    is not JSON (or not UTF-8) raises an `InputError`: the file is not what was meant."""
+    errors name it, and relative media paths are joined onto the file's folder (standard input's
+    stay relative to the current one). A record with an "error" (an `InputError`) cannot run: a
+    line without an id (`named_by_line`), a line over `max_line_bytes`, not read (`{"id", "line",
+    "error"}`, its id if the line starts with it, else named by its line), or messages that are
+    not text. A line that is not JSON (or not UTF-8) raises an `InputError`: the file is not what
+    was meant."""
     if str(path) == "-":
         return _read_conversations(sys.stdin.buffer, "stdin", None, max_line_bytes)
     with open(path, "rb") as file:
@@ -83,8 +84,8 @@ def _conversation(text: str, number: int, where: str, folder: Path | None) -> di
 def conversation_row(record, line: int, folder: str | os.PathLike | None = None) -> dict:
     """A parsed JSONL line as a job's row `{"id", "messages", "line"}`, the one rule of `generate`
     with and without --ray: relative media paths joined onto `folder` (None: as they are); a line
-    without an id (or with a null one) is a row that cannot run, `"error"` saying so, its id the
-    line number. Raises an `InputError` for a line that is not a conversation."""
+    without an id (or with a null one) is a row that cannot run, `"error"` saying so, its id None
+    until `named_by_line` names it. Raises an `InputError` for a line that is not a conversation."""
     if isinstance(record, list):
         record = {"messages": record}
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
@@ -217,7 +218,7 @@ def write_rows(output, batches: Iterable[list[dict]], progress: Progress, on_row
             output.write(rows)
         for row in rows:
             if output is None:
-                print(row_line(row), end="", flush=True)
+                note(row_line(row).removesuffix("\n"), sys.stdout)
             progress.add(row)
             if on_row is not None:
                 on_row(row)

@@ -68,10 +68,11 @@ class ProgressLine:
 
 
 def note(text: str, stream=None) -> None:
-    """`text` on a line of its own on standard error (or `stream`), below any progress line."""
-    if _active is not None:
-        _active._clear()
+    """`text` on a line of its own on standard error (or `stream`: a job's rows to standard
+    output), below any progress line drawn on the same terminal."""
     stream = stream if stream is not None else sys.stderr
+    if _active is not None and _isatty(stream):
+        _active._clear()
     stream.write(text + "\n")
     stream.flush()
 

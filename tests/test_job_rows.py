@@ -58,9 +58,14 @@ def test_progress_off_a_terminal_is_plain_lines_every_few_seconds_and_one_summar
     assert "\r" not in stream.getvalue()
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_progress_on_a_terminal_redraws_one_line_with_a_bar():
-    stream, clock = io.StringIO(), Clock()
-    line = ProgressLine(stream, isatty=True, every_s=1.0, clock=clock)
+    stream, piped, clock = Terminal(), io.StringIO(), Clock()
+    line = ProgressLine(stream, every_s=1.0, clock=clock)
     progress = Progress(4, line)
     clock.now += 0.5
     progress.add(_answer())  # under every_s: not drawn
@@ -68,6 +73,7 @@ def test_progress_on_a_terminal_redraws_one_line_with_a_bar():
     clock.now += 1.0
     progress.add(_answer())
     assert stream.getvalue() == "\r\x1b[K 50%|##########          | [2/4 rows, 1.33 rows/s, 4.0 tokens/s, 0 failed]"
+    note('{"id": 1}', piped)  # a row to standard output, not the terminal: the line stays
     note("in.jsonl: line 3: bad", stream)  # clears the drawn line first
     clock.now += 1.0
     progress.add(_answer())
@@ -77,6 +83,7 @@ def test_progress_on_a_terminal_redraws_one_line_with_a_bar():
         "in.jsonl: line 3: bad\n",
         " 75%|###############     | [3/4 rows, 1.20 rows/s, 3.6 tokens/s, 0 failed]",
         "[3/4 rows, 1.20 rows/s, 3.6 tokens/s, 0 failed, 2.5 s]\n"]
+    assert piped.getvalue() == '{"id": 1}\n'
 
 
 def test_generate_log_has_no_carriage_return_and_one_summary(tiny_ckpt, tmp_path, capsys):
