@@ -74,7 +74,10 @@ def read_dataset(path: str) -> "ray.data.Dataset":
     check_input(path)
     if path.rstrip("/").endswith(".parquet"):
         return ray.data.read_parquet(path)
-    return ray.data.read_datasource(_JsonlDatasource(path, local="://" not in path), num_cpus=PREPARE_CPUS)
+    local = "://" not in path
+    # A local path absolute here: its media paths are joined onto its folder on other machines.
+    return ray.data.read_datasource(_JsonlDatasource(os.path.abspath(path) if local else path, local=local),
+                                    num_cpus=PREPARE_CPUS)
 
 
 class _JsonlDatasource(FileBasedDatasource):
