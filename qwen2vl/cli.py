@@ -481,10 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=cmd_chat)
 
     generate = commands.add_parser("generate", help="answer every conversation of a JSONL file, batched",
-                                   description="Each input line is a list of messages, or an object with "
-                                               "'messages' (and optionally 'id'). Writes one JSON line per "
-                                               "conversation: id, text, finish_reason, usage; or id, error "
-                                               "for one that cannot run. Exit status 1: some rows failed.")
+                                   description="Each input line is an object with 'id' (unique) and 'messages'. "
+                                               "Writes one JSON line per conversation: id, text, "
+                                               "finish_reason, usage; or id, error for one that cannot run "
+                                               "(a line without an id: its line number stands in). Exit "
+                                               "status 1: some rows failed.")
     generate.add_argument("--input", required=True, metavar="IN.jsonl",
                           help="relative media paths in it are relative to its folder; -: standard input; "
                                "with --ray also .parquet, a folder, or a URI such as s3://...")
