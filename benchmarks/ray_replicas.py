@@ -30,6 +30,7 @@ from checkpoints import write_tiny_checkpoint  # noqa: E402
 from qwen2vl.batch_job import Progress  # noqa: E402
 from qwen2vl.distributed import run_job  # noqa: E402
 from qwen2vl.engine_args import EngineArgs  # noqa: E402
+from qwen2vl.progress import ProgressLine  # noqa: E402
 from qwen2vl.sampling_params import SamplingParams  # noqa: E402
 
 
@@ -37,7 +38,7 @@ class _Timed(Progress):
     """Progress that also records when the first row and the row `mark` arrived."""
 
     def __init__(self, mark: int):
-        super().__init__(None, stream=open(os.devnull, "w"))
+        super().__init__(None, ProgressLine(open(os.devnull, "w")))
         self.mark, self.first, self.marked = mark, None, None
 
     def add(self, row):

@@ -15,14 +15,15 @@ import json
 import os
 import re
 import sys
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError, Qwen2VLError
 from .jsonl import JSON_SPACE, MAX_LINE_BYTES, jsonl_lines, utf8_text
+from .processor.fetch import relative_to
 from .processor.pool import media_map
+from .progress import ProgressLine, note
 
 
 def id_key(row_id) -> str:
@@ -35,42 +36,91 @@ _LEADING_ID = re.compile(r'[ \t\r]*\{[ \t\r]*"id"[ \t\r]*:[ \t\r]*')
 
 
 def read_conversations(path: str | Path, max_line_bytes: int | None = None) -> list[dict]:
-    """A JSONL file of conversations, each line a list of messages or an object with 'messages'
-    (and optionally 'id', else the line number). Returns `{"id", "messages", "line"}` per line
-    (other fields are not read); `line` counts from 1, as errors name it. A record with an
-    "error" (an `InputError`) cannot run: a line over `max_line_bytes`, not read (`{"id", "line",
-    "error"}`, its id if the line starts with it, else the line number), or messages that are not
-    text. A line that is not JSON (or not UTF-8) raises an `InputError`: the file is not what was
-    meant."""
-    records = []
+    """A JSONL file of conversations (`-`: standard input), each line an object with 'id' and
+    'messages' (or a bare list of messages, which has no id). Returns `conversation_row`'s
+    `{"id", "messages", "line"}` per line (other fields are not read); `line` counts from 1, as
+    errors name it, and relative media paths are joined onto the file's folder (standard input's
+    stay relative to the current one). A record with an "error" (an `InputError`) cannot run: a
+    line without an id (`named_by_line`), a line over `max_line_bytes`, not read (`{"id", "line",
+    "error"}`, its id if the line starts with it, else named by its line), or messages that are
+    not text. A line that is not JSON (or not UTF-8) raises an `InputError`: the file is not what
+    was meant."""
+    if str(path) == "-":
+        return _read_conversations(sys.stdin.buffer, "stdin", None, max_line_bytes)
     with open(path, "rb") as file:
-        for number, line, whole in jsonl_lines(file, max_line_bytes):
-            where = f"{path}: line {number}"
-            text = utf8_text(line, where, complete=whole)
-            if number == 1:
-                text = text.removeprefix("\ufeff")
-            if not whole:
-                records.append(_unread_record(text, number, where, max_line_bytes))
-            elif text.strip(JSON_SPACE):
-                records.append({**_conversation(text, number, where), "line": number})
-    return records
+        return _read_conversations(file, str(path), Path(path).absolute().parent, max_line_bytes)
 
 
-def _conversation(text: str, number: int, where: str) -> dict:
+def _read_conversations(file, name: str, folder: Path | None, max_line_bytes: int | None) -> list[dict]:
+    records = []
+    for number, line, whole in jsonl_lines(file, max_line_bytes):
+        where = f"{name}: line {number}"
+        text = utf8_text(line, where, complete=whole)
+        if number == 1:
+            text = text.removeprefix("\ufeff")
+        if not whole:
+            records.append(_unread_record(text, number, where, max_line_bytes))
+        elif text.strip(JSON_SPACE):
+            records.append(_conversation(text, number, where, folder))
+    return named_by_line(records)
+
+
+def _conversation(text: str, number: int, where: str, folder: Path | None) -> dict:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as error:
         raise InputError(f"{where}: not JSON ({error.msg} at column {error.colno})") from None
     except (ValueError, RecursionError) as error:  # a number over Python's digit limit; nesting too deep
         raise InputError(f"{where}: not JSON this reader takes ({error})") from None
+    try:
+        conversation = conversation_row(record, number, folder)
+    except InputError as error:
+        raise InputError(f"{where}: {error}") from None
+    if "error" not in conversation and "\\u" in text and (error := _lone_surrogate(conversation["messages"])):
+        conversation["error"] = error
+    return conversation
+
+
+def conversation_row(record, line: int, folder: str | os.PathLike | None = None) -> dict:
+    """A parsed JSONL line as a job's row `{"id", "messages", "line"}`, the one rule of `generate`
+    with and without --ray: relative media paths joined onto `folder` (None: as they are); a line
+    without an id (or with a null one) is a row that cannot run, `"error"` saying so, its id None
+    until `named_by_line` names it. Raises an `InputError` for a line that is not a conversation."""
     if isinstance(record, list):
         record = {"messages": record}
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-        raise InputError(f"{where}: expected a list of messages or an object with 'messages'")
-    conversation = {"id": record.get("id", number), "messages": record["messages"]}
-    if "\\u" in text and (error := _lone_surrogate(record["messages"])):
-        conversation["error"] = error
-    return conversation
+        raise InputError("expected an object with 'id' and 'messages' (a list of messages)")
+    messages = record["messages"] if folder is None else _media_relative_to(record["messages"], folder)
+    if record.get("id") is None:
+        error = InputError("the row has no 'id' (every row needs one, unique in the input); its line number "
+                           "stands in", field="id")
+        return {"id": None, "messages": messages, "line": line, "error": error}
+    return {"id": record["id"], "messages": messages, "line": line}
+
+
+def named_by_line(rows: list[dict]) -> list[dict]:
+    """Each row without an id (None) named by its line number: as a string where other rows'
+    ids are strings, so that the ids stay of one type (an Arrow or Parquet column)."""
+    as_text = any(isinstance(row["id"], str) for row in rows)
+    for row in rows:
+        if row["id"] is None:
+            row["id"] = str(row["line"]) if as_text else row["line"]
+    return rows
+
+
+def _media_relative_to(messages: list, folder: str | os.PathLike) -> list:
+    """`messages` with each relative media path of a content part (`image`, `image_url`, `video`,
+    a video's frame list) joined onto `folder`; everything else as it is."""
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else []:
+            for key in ("image", "image_url", "video") if isinstance(part, dict) else ():
+                value = part.get(key)
+                if isinstance(value, str):
+                    part[key] = relative_to(value, folder)
+                elif isinstance(value, list):
+                    part[key] = [relative_to(item, folder) if isinstance(item, str) else item for item in value]
+    return messages
 
 
 def _lone_surrogate(messages: list) -> InputError | None:
@@ -88,12 +138,12 @@ def _unread_record(head: str, number: int, where: str, max_line_bytes: int) -> d
     """The record of a line over the limit, from its first bytes `head` (which must start JSON)."""
     if not head.lstrip(JSON_SPACE).startswith(("{", "[")):
         raise InputError(f"{where}: not JSON (expected a list of messages or an object with 'messages')")
-    row_id = number
+    row_id = None
     if match := _LEADING_ID.match(head):
         try:
             row_id = json.JSONDecoder().raw_decode(head, match.end())[0]
         except (ValueError, RecursionError):
-            pass  # the id is cut off too: the line number stands in
+            pass  # the id is cut off too: the line number stands in (`named_by_line`)
     error = InputError(f"the line is longer than {max_line_bytes} bytes (--max-line-bytes); it was not read",
                        field="max_line_bytes")
     return {"id": row_id, "line": number, "error": error}
@@ -168,7 +218,7 @@ def write_rows(output, batches: Iterable[list[dict]], progress: Progress, on_row
             output.write(rows)
         for row in rows:
             if output is None:
-                print(row_line(row), end="", flush=True)
+                note(row_line(row).removesuffix("\n"), sys.stdout)
             progress.add(row)
             if on_row is not None:
                 on_row(row)
@@ -177,12 +227,12 @@ def write_rows(output, batches: Iterable[list[dict]], progress: Progress, on_row
 
 
 class Progress:
-    """Rows/s, tokens/s and failed rows on one stderr line while a job runs, and its summary."""
+    """Rows/s, tokens/s and failed rows while a job runs (a `ProgressLine` on standard error),
+    and its summary, written once by `finish`."""
 
-    def __init__(self, total: int | None, stream=None, every_s: float = 0.5):
-        self.total, self.stream, self.every_s = total, stream or sys.stderr, every_s
+    def __init__(self, total: int | None, line: ProgressLine | None = None):
+        self.total, self.display = total, line or ProgressLine()
         self.rows = self.failed = self.tokens = 0
-        self.start = self._shown = time.perf_counter()
 
     def add(self, row: dict) -> None:
         self.rows += 1
@@ -190,20 +240,20 @@ class Progress:
             self.failed += 1
         else:
             self.tokens += row["usage"]["completion_tokens"]
-        now = time.perf_counter()
-        if now - self._shown >= self.every_s or self.rows == self.total:
-            self._shown = now
-            print(f"\r[{self.line()}]", end="", file=self.stream, flush=True)
+        self.display.update(f"[{self.line()}]", self.rows, self.total)
 
     def line(self) -> str:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        elapsed = max(self.display.elapsed(), 1e-9)
         done = f"{self.rows}/{self.total}" if self.total is not None else f"{self.rows}"
         return (f"{done} rows, {self.rows / elapsed:.2f} rows/s, {self.tokens / elapsed:.1f} tokens/s, "
                 f"{self.failed} failed")
 
     def summary(self) -> str:
-        elapsed = time.perf_counter() - self.start
-        return f"{self.line()}, {elapsed:.1f} s"
+        return f"{self.line()}, {self.display.elapsed():.1f} s"
+
+    def finish(self, extra: str = "") -> None:
+        """The summary line (with `extra` after it), once."""
+        self.display.finish(f"[{self.summary()}{extra}]")
 
 
 class JobOutput:
@@ -327,4 +377,4 @@ def _write_through_folder(folder: Path) -> None:
 def note_partial(partial: Path) -> None:
     """Say where a stopped job's rows are (nothing once the job is committed)."""
     if partial.is_file():
-        print(f"\r[the rows written so far are in {partial}; --resume goes on from there]", file=sys.stderr)
+        note(f"[the rows written so far are in {partial}; --resume goes on from there]")

@@ -303,7 +303,12 @@ def chat_loop(llm, history: list[dict], params, images: list, videos: list, timi
 def cmd_generate(args: argparse.Namespace) -> int:
     """Exit status 0: every row answered; 1: some rows are error rows (the summary says how many)."""
     from .batch_job import JobOutput, Progress, answer_rows, id_key, write_rows
+    from .progress import note
 
+    if args.output == "-":
+        args.output = None  # the rows go to standard output, as without --output
+        if args.resume:
+            raise InputError("--resume continues an --output file; standard output (--output -) cannot be read back")
     if args.resume and not args.output:
         raise InputError("--resume continues an --output file: give --output")
     if args.max_line_bytes is not None and args.max_line_bytes < 1:
@@ -311,6 +316,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.ray:
         if args.max_line_bytes is not None:
             raise InputError("--max-line-bytes: with --ray, Ray Data reads the lines", field="max_line_bytes")
+        if args.input == "-":
+            raise InputError("--input -: with --ray, the workers read the input, and they cannot read this "
+                             "standard input; give a file (or a URI every node can read)", field="input")
         try:
             from .distributed.ray_batch import run_cli_job
         except ModuleNotFoundError as error:
@@ -326,21 +334,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         todo = [record for record in records if output is None or id_key(record["id"]) not in output.done]
         if output is not None and len(todo) < len(records):
-            print(f"[--resume: {len(records) - len(todo)} rows already in {args.output}]", file=sys.stderr)
+            note(f"[--resume: {len(records) - len(todo)} rows already in {args.output}]")
         llm = _load(args) if todo else None
         progress = Progress(len(todo))
         lines = {id_key(record["id"]): record["line"] for record in todo}
+        name = "stdin" if args.input == "-" else args.input
 
         def name_its_line(row: dict) -> None:
             if "error" in row:
-                print(f"\r{args.input}: line {lines[id_key(row['id'])]}: {row['error']['message']}", file=sys.stderr)
+                note(f"{name}: line {lines[id_key(row['id'])]}: {row['error']['message']}")
 
         answered = ([row] for row in answer_rows(llm, todo, _sampling_params(args), args.batch_size))
         write_rows(output, answered, progress, on_row=name_its_line)
     finally:
         if output is not None:
             output.close()
-    print(f"\r[{progress.summary()}]", file=sys.stderr)
+    progress.finish()
     return 1 if progress.failed else 0
 
 
@@ -359,17 +368,19 @@ def _announce_replicas_model(model: str | None) -> None:
 
 
 def _read_input(path: str, max_line_bytes: int) -> list[dict]:
-    """The conversations of --input, each id once (a repeated id could not be answered exactly once);
-    a line over `max_line_bytes` as a row whose prompt is its error."""
+    """The conversations of --input (`-`: standard input), each id once (a repeated id could not be
+    answered exactly once); a line over `max_line_bytes`, or without an id, as a row whose prompt
+    is its error."""
     from .batch_job import id_key, read_conversations
 
-    if not Path(path).is_file():
+    if path != "-" and not Path(path).is_file():
         raise InputError(f"--input {path}: no such file", field="input")
     records, first_line = read_conversations(path, max_line_bytes), {}
+    name = "stdin" if path == "-" else path
     for record in records:
         line = first_line.setdefault(id_key(record["id"]), record["line"])
         if line != record["line"]:
-            raise InputError(f"{path}: line {record['line']}: id {record['id']!r} is also on line {line}; "
+            raise InputError(f"{name}: line {record['line']}: id {record['id']!r} is also on line {line}; "
                              "ids must be unique", field="input")
         if "error" in record:
             record["prompt"] = record.pop("error")
@@ -459,6 +470,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .api import Qwen2VL
     from .evals.runner import evaluate_fresh, format_scores
     from .evals.shapes import TASKS
+    from .progress import ProgressLine
 
     tasks = tuple(args.only) if args.only else TASKS
     unknown = [task for task in tasks if task not in TASKS]
@@ -467,12 +479,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise InputError(f"--n {args.n}: expected an integer >= 1", field="n")
     llm = Qwen2VL.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
-    start = time.perf_counter()
+    line = ProgressLine()
     scores = evaluate_fresh(llm, args.n, args.seed, tasks, batch_size=args.batch_size,
-                            progress=lambda done, total: print(f"\r[{done}/{total} samples]", end="",
-                                                               file=sys.stderr, flush=True))
-    print(f"\r[{sum(s.total for s in scores.values())} samples in {time.perf_counter() - start:.0f} s]",
-          file=sys.stderr)
+                            progress=lambda done, total: line.update(f"[{done}/{total} samples]", done, total))
+    line.finish(f"[{sum(s.total for s in scores.values())} samples in {line.elapsed():.0f} s]")
     print(format_scores(scores))
     if args.show_failures:
         for task, score in scores.items():
@@ -504,15 +514,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(run=cmd_chat)
 
     generate = commands.add_parser("generate", help="answer every conversation of a JSONL file, batched",
-                                   description="Each input line is a list of messages, or an object with "
-                                               "'messages' (and optionally 'id'). Writes one JSON line per "
-                                               "conversation: id, text, finish_reason, usage; or id, error "
-                                               "for one that cannot run. Exit status 1: some rows failed.")
+                                   description="Each input line is an object with 'id' (unique) and 'messages'. "
+                                               "Writes one JSON line per conversation: id, text, "
+                                               "finish_reason, usage; or id, error for one that cannot run "
+                                               "(a line without an id: its line number stands in). Exit "
+                                               "status 1: some rows failed.")
     generate.add_argument("--input", required=True, metavar="IN.jsonl",
-                          help="with --ray also .parquet, a folder, or a URI such as s3://...")
+                          help="relative media paths in it are relative to its folder; -: standard input; "
+                               "with --ray also .parquet, a folder, or a URI such as s3://...")
     generate.add_argument("--output", metavar="OUT.jsonl",
                           help="written as OUT.jsonl.partial, moved into place at the end (with --ray also "
-                               ".parquet); default: standard output")
+                               ".parquet); - or none: standard output")
     generate.add_argument("--batch-size", type=int, default=64, help="conversations submitted together")
     generate.add_argument("--resume", action="store_true",
                           help="answer only the ids not yet in --output (or its .partial file of a stopped job)")
@@ -527,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--num-replicas", type=int, help="model replicas (actors; default: 1)")
     group.add_argument("--cpus-per-replica", type=int, default=1,
                        help="CPUs and PyTorch threads per replica without a GPU (with GPUs: one GPU each)")
+    group.add_argument("--verbose", action="store_true",
+                       help="show Ray's own progress bars, logs and warnings, and the workers' output "
+                            "(default: only this job's progress and errors)")
     _add_model_options(generate)
     _add_sampling_options(generate)
     generate.set_defaults(run=cmd_generate)

@@ -60,7 +60,7 @@ def test_chat_interactive_keeps_history_and_attaches_images(tiny_ckpt, image, ll
 
 def test_generate_jsonl_batch(tiny_ckpt, image, llm, tmp_path):
     conversations = [
-        [{"role": "user", "content": "Hello"}],
+        {"id": 1, "messages": [{"role": "user", "content": "Hello"}]},
         {"id": "img", "messages": [{"role": "user", "content": [{"type": "image", "image": image},
                                                                 {"type": "text", "text": "What?"}]}]},
     ]
@@ -70,7 +70,7 @@ def test_generate_jsonl_batch(tiny_ckpt, image, llm, tmp_path):
                  "--batch-size", "2", *GREEDY]) == 0
     rows = [json.loads(line) for line in target.read_text().splitlines()]
     assert [r["id"] for r in rows] == [1, "img"]
-    expected = llm.chat([conversations[0], conversations[1]["messages"]], temperature=0, max_tokens=8)
+    expected = llm.chat([c["messages"] for c in conversations], temperature=0, max_tokens=8)
     assert [r["text"] for r in rows] == [c.text for c in expected]
     assert rows[1]["usage"] == {"prompt_tokens": expected[1].usage.prompt_tokens, "completion_tokens": 8}
     assert rows[1]["finish_reason"] == "length"
@@ -95,9 +95,9 @@ def test_errors_are_one_line_messages(tiny_ckpt, tmp_path, capsys):
 
 def test_generate_names_the_bad_line(tiny_ckpt, tmp_path, capsys):
     source = tmp_path / "in.jsonl"
-    source.write_text('[{"role": "user", "content": "hi"}]\n{"messages": 3}\n')
+    source.write_text('{"id": 1, "messages": [{"role": "user", "content": "hi"}]}\n{"id": 2, "messages": 3}\n')
     assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source)]) == 2
-    assert f"{source}: line 2: expected a list of messages" in capsys.readouterr().err
+    assert f"{source}: line 2: expected an object with 'id' and 'messages' (a list of messages)" in capsys.readouterr().err
 
 
 def test_generate_writes_an_error_row_and_goes_on(tiny_ckpt, image, llm, tmp_path, capsys):
@@ -107,7 +107,8 @@ def test_generate_writes_an_error_row_and_goes_on(tiny_ckpt, image, llm, tmp_pat
     bad = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path / "gone.png")},
                                         {"type": "text", "text": "What?"}]}]
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    source.write_text(f"{json.dumps(good)}\n\n{json.dumps(good)}\n{json.dumps(bad)}\n")
+    source.write_text("".join(json.dumps({"id": i, "messages": m}) + "\n" if m else "\n"
+                              for i, m in enumerate([good, None, good, bad], start=1)))
     assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target),
                  "--batch-size", "2", *GREEDY]) == 1
     rows = [json.loads(line) for line in target.read_text().splitlines()]
@@ -125,7 +126,7 @@ def test_generate_writes_an_error_row_and_goes_on(tiny_ckpt, image, llm, tmp_pat
 
 def test_generate_never_destroys_an_existing_output(tiny_ckpt, tmp_path, capsys):
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    source.write_text(json.dumps([{"role": "user", "content": "hi"}]) + "\n")
+    source.write_text(json.dumps({"id": 1, "messages": [{"role": "user", "content": "hi"}]}) + "\n")
     target.write_text('{"id": "kept"}\n')
     assert main(["generate", "--model", str(tmp_path / "nothing"), "--input", str(source),
                  "--output", str(target)]) == 2
@@ -172,7 +173,8 @@ def test_generate_stopped_keeps_its_rows_for_resume(tiny_ckpt, tmp_path, monkeyp
     import qwen2vl.batch_job as batch_job
 
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    source.write_text("".join(json.dumps([{"role": "user", "content": f"hi {i}"}]) + "\n" for i in range(4)))
+    source.write_text("".join(json.dumps({"id": i, "messages": [{"role": "user", "content": f"hi {i}"}]}) + "\n"
+                              for i in range(1, 5)))
     target.write_text("old\n")
     answer_chunk = batch_job._answer_chunk
 
@@ -221,7 +223,7 @@ def test_generate_answers_and_resumes_rows_holding_line_separators(tiny_ckpt, ll
 
 def test_generate_line_over_max_line_bytes_is_an_error_row(tiny_ckpt, llm, tmp_path, capsys):
     """A line over --max-line-bytes is not read: its row is an error named by its leading id (else
-    its line number), and the other rows are answered."""
+    its line number, a string as the file's other ids are), and the other rows are answered."""
     conversation = [{"role": "user", "content": "hi"}]
     long = [{"role": "user", "content": "x" * 400}]
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -233,7 +235,7 @@ def test_generate_line_over_max_line_bytes_is_an_error_row(tiny_ckpt, llm, tmp_p
     assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(target),
                  "--max-line-bytes", "200", *GREEDY]) == 1
     rows = [json.loads(line) for line in target.read_text().splitlines()]
-    assert [row["id"] for row in rows] == ["ok", "big", 3, 4, "ok2"]
+    assert [row["id"] for row in rows] == ["ok", "big", "3", "4", "ok2"]
     expected = llm.chat(conversation, temperature=0, max_tokens=8).text
     assert rows[0]["text"] == rows[4]["text"] == expected
     message = "the line is longer than 200 bytes (--max-line-bytes); it was not read"

@@ -25,7 +25,7 @@ assert code == 0, code
 
 def test_core_runs_without_ray(tiny_ckpt, tmp_path):
     source = tmp_path / "in.jsonl"
-    source.write_text(json.dumps([{"role": "user", "content": "hi"}]) + "\n")
+    source.write_text(json.dumps({"id": 1, "messages": [{"role": "user", "content": "hi"}]}) + "\n")
     out = subprocess.run([sys.executable, "-c", WITHOUT_RAY, str(tiny_ckpt), str(source)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -5,6 +5,9 @@ import base64
 import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from qwen2vl.batch_job import Progress  # noqa: E402
 from qwen2vl.cli import main  # noqa: E402
 
 GREEDY = ["--temperature", "0", "--max-tokens", "6"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,8 +56,8 @@ def _user(*parts):
 
 @pytest.fixture(scope="module")
 def job(tiny_ckpt, tmp_path_factory):
-    """64 conversations (text, images, a data URI, a video, two broken images), and the
-    single-process answers to them."""
+    """64 conversations (text, images, one by a path relative to the file, a data URI, a video,
+    two broken images) and a line without an id, and the single-process answers to them."""
     folder = tmp_path_factory.mktemp("ray-job")
     images = [_png(folder / f"{i}.png", i) for i in range(4)]
     (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -68,17 +72,20 @@ def job(tiny_ckpt, tmp_path_factory):
         elif i == 23:
             messages = _user({"type": "image", "image": data_uri}, {"type": "text", "text": "And this?"})
         elif i % 3 == 0:
-            messages = _user({"type": "image", "image": images[i % 4]}, {"type": "text", "text": f"Image {i}?"})
+            image = "1.png" if i == 9 else images[i % 4]  # relative to in.jsonl's folder, not the test's
+            messages = _user({"type": "image", "image": image}, {"type": "text", "text": f"Image {i}?"})
         else:
             messages = [{"role": "user", "content": f"Say something about {i}."}]
         conversations.append({"id": f"row-{i}", "messages": messages})
     source = folder / "in.jsonl"
-    source.write_text("".join(json.dumps(c) + "\n" for c in conversations))
+    no_id = _user({"type": "text", "text": "Who am I?"})
+    source.write_text("".join(json.dumps(c) + "\n" for c in conversations) + json.dumps(no_id) + "\n")
     expected_path = folder / "single.jsonl"
     assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), "--output", str(expected_path),
                  "--batch-size", "8", *GREEDY]) == 1
     expected = {row["id"]: row for row in map(json.loads, expected_path.read_text().splitlines())}
-    assert len(expected) == 64 and sorted(i for i, r in expected.items() if "error" in r) == ["row-17", "row-40"]
+    assert len(expected) == 65 and sorted(i for i, r in expected.items() if "error" in r) == ["65", "row-17", "row-40"]
+    assert expected["65"]["error"]["message"].startswith("the row has no 'id'")
     return source, expected
 
 
@@ -94,14 +101,14 @@ def _ray_generate(tiny_ckpt, source, target, *extra, replicas: int = 2) -> int:
 def test_two_replicas_answer_as_one_process(tiny_ckpt, job, tmp_path, capsys):
     source, expected = job
     target = tmp_path / "out.jsonl"
-    assert _ray_generate(tiny_ckpt, source, target) == 1  # two rows failed
+    assert _ray_generate(tiny_ckpt, source, target) == 1  # three rows failed
     rows = _rows(target)
-    assert len(rows) == 64 and {row["id"]: row for row in rows} == expected
+    assert len(rows) == 65 and {row["id"]: row for row in rows} == expected
     assert expected["row-17"]["error"]["type"] == "MediaError"
     assert "corrupt.png" in expected["row-17"]["error"]["message"]
     assert "missing.png" in expected["row-40"]["error"]["message"]
     err = capsys.readouterr().err
-    assert "64 rows" in err and "2 failed" in err and "rows/s" in err and "2 replica(s)" in err
+    assert "65 rows" in err and "3 failed" in err and "rows/s" in err and "2 replica(s)" in err
 
 
 class _KillOneReplica(Progress):
@@ -131,9 +138,9 @@ def test_a_replica_killed_mid_run_loses_and_repeats_nothing(tiny_ckpt, job, tmp_
     progress = run_job(str(source), str(target), engine_args=EngineArgs(model=str(tiny_ckpt)),
                        params=SamplingParams(temperature=0, max_tokens=6), num_replicas=2, batch_size=4,
                        progress=_KillOneReplica())
-    assert progress.killed is not None and progress.rows_then < 64
+    assert progress.killed is not None and progress.rows_then < 65
     rows = _rows(target)
-    assert len(rows) == 64 and {row["id"]: row for row in rows} == expected
+    assert len(rows) == 65 and {row["id"]: row for row in rows} == expected
 
 
 def test_resume_answers_only_the_missing_rows(tiny_ckpt, job, tmp_path):
@@ -146,7 +153,7 @@ def test_resume_answers_only_the_missing_rows(tiny_ckpt, job, tmp_path):
     text = target.read_text().splitlines()
     assert text[:20] == lines[:20]
     rows = [json.loads(line) for line in text]
-    assert len(rows) == 64 and {row["id"]: row for row in rows} == expected
+    assert len(rows) == 65 and {row["id"]: row for row in rows} == expected
 
 
 def test_parquet_with_a_bytes_column(tiny_ckpt, job, tmp_path):
@@ -165,3 +172,30 @@ def test_parquet_with_a_bytes_column(tiny_ckpt, job, tmp_path):
     rows = {row["id"]: row for row in pq.read_table(target).to_pylist()}
     assert rows[1]["text"] == expected["row-9"]["text"] and rows[1]["error"] is None
     assert rows[2]["error"]["type"] == "MediaError" and rows[2]["text"] is None
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_ray_output_is_quiet_unless_verbose(tiny_ckpt, tmp_path, verbose):
+    """A job in a process of its own (its own local cluster), its standard error as a log holds
+    it: by default the job's own lines only, no Ray Data progress or INFO blocks, warnings, or
+    core worker lines; --verbose shows Ray's."""
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "messages": _user({"type": "text", "text": f"hi {i}"})}) + "\n"
+                              for i in range(2)))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "qwen2vl.cli", "generate", "--ray", "--model", str(tiny_ckpt), "--input",
+               str(source), "--output", str(target), *GREEDY, *(["--verbose"] if verbose else [])]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [row["id"] for row in _rows(target)] in ([0, 1], [1, 0])
+    *ray_lines, summary = out.stderr.splitlines()
+    assert summary.startswith("[2 rows, ") and summary.endswith(", 1 replica(s)]")
+    if verbose:
+        assert any("INFO" in line and "Dataset" in line for line in ray_lines), out.stderr
+        assert any("core_worker" in line for line in ray_lines), out.stderr
+    else:
+        # The one line Ray's C++ logging writes when its level is set from the environment, at any level.
+        assert len(ray_lines) <= 1 and "\r" not in out.stderr, out.stderr
+        assert all(line.endswith("Set ray log level from environment variable RAY_BACKEND_LOG_LEVEL to 3")
+                   for line in ray_lines), out.stderr

@@ -25,27 +25,35 @@ from __future__ import annotations
 
 import base64
 import functools
+import io
 import json
+import logging
 import os
 import pickle
 import shutil
-import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from ray.data.datasource import FileBasedDatasource
 
-from ..batch_job import JobOutput, Progress, answer_rows, id_key, prepare_row, write_rows
+from ..batch_job import (JobOutput, Progress, answer_rows, conversation_row, id_key, named_by_line, prepare_row,
+                         write_rows)
 from ..engine_args import EngineArgs
 from ..errors import InputError, Qwen2VLError
+from ..jsonl import JSON_SPACE, jsonl_lines, utf8_text
+from ..progress import note
 from ..sampling_params import SamplingParams
 
 # CPUs a read or prepare task asks for: half a core, as decoding waits on reads part of the time;
 # and a request unlike the replicas' keeps Ray Data from fusing preparation into the replicas,
 # where decoding would stall the engine.
 PREPARE_CPUS = 0.5
+# Rows of a JSONL file per block read (about as many as a prepare task takes at once).
+ROWS_PER_BLOCK = 1024
 
 OUTPUT_FIELDS = [
     ("text", pa.string()),
@@ -61,29 +69,59 @@ def check_input(path: str) -> None:
 
 
 def read_dataset(path: str) -> "ray.data.Dataset":
-    """`path` (a file, a folder of them, or a URI): Parquet if it ends in .parquet, else JSONL."""
+    """`path` (a file, a folder of them, or a URI): Parquet if it ends in .parquet, else JSONL,
+    read as `qwen2vl generate` reads it (`_JsonlDatasource`)."""
     check_input(path)
     if path.rstrip("/").endswith(".parquet"):
         return ray.data.read_parquet(path)
-    return ray.data.read_text(path).map_batches(_jsonl_rows, batch_format="pyarrow", num_cpus=PREPARE_CPUS)
+    local = "://" not in path
+    # A local path absolute here: its media paths are joined onto its folder on other machines.
+    return ray.data.read_datasource(_JsonlDatasource(os.path.abspath(path) if local else path, local=local),
+                                    num_cpus=PREPARE_CPUS)
 
 
-def _jsonl_rows(batch: pa.Table) -> pa.Table:
-    """JSONL lines to `id` and `messages` (its JSON text). A line that is not a conversation keeps
-    its text as `messages`, so its row fails in `prepare` with the reason; without an `id` it has
-    none (the row numbers of a file read in parallel are not known here)."""
-    ids, messages = [], []
-    for line in batch.column("text").to_pylist():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if isinstance(record, list):
-            record = {"messages": record}
-        ok = isinstance(record, dict) and "messages" in record
-        ids.append(record.get("id") if isinstance(record, dict) else None)
-        messages.append(json.dumps(record["messages"]) if ok else line)
-    return pa.table({"id": ids, "messages": messages})
+class _JsonlDatasource(FileBasedDatasource):
+    """JSONL files as rows `id`, `messages` (its JSON text) and `error` (a row that cannot run:
+    its message), by `batch_job.conversation_row`, the rule of `generate` without --ray. One
+    task reads a file whole, so its lines are numbered; a local file's relative media paths are
+    joined onto its folder. A line that is not a conversation is an error row, not a failed job."""
+
+    def __init__(self, paths, local: bool, **options):
+        super().__init__(paths, **options)
+        self.local = local
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        folder = Path(path).absolute().parent if self.local else None
+        rows = []
+        for number, line, _ in jsonl_lines(io.BytesIO(f.readall())):
+            if line.strip(JSON_SPACE.encode()):
+                rows.append(_jsonl_row(line, number, f"{path}: line {number}", folder))
+            if len(rows) == ROWS_PER_BLOCK:
+                yield _jsonl_table(rows)
+                rows = []
+        if rows:
+            yield _jsonl_table(rows)
+
+
+def _jsonl_row(line: bytes, number: int, where: str, folder: Path | None) -> dict:
+    try:
+        text = utf8_text(line, where)
+        record = json.loads(text.removeprefix("\ufeff") if number == 1 else text)
+        return conversation_row(record, number, folder)
+    except InputError as error:  # not UTF-8, or not a conversation
+        problem = error
+    except json.JSONDecodeError as error:
+        problem = InputError(f"not JSON ({error.msg} at column {error.colno})")
+    except (ValueError, RecursionError) as error:  # a number over Python's digit limit; nesting too deep
+        problem = InputError(f"not JSON this reader takes ({error})")
+    return {"id": None, "line": number, "error": problem}
+
+
+def _jsonl_table(rows: list[dict]) -> pa.Table:
+    named_by_line(rows)
+    return pa.table({"id": [row["id"] for row in rows],
+                     "messages": [json.dumps(row["messages"]) if "messages" in row else None for row in rows],
+                     "error": pa.array([str(row["error"]) if "error" in row else None for row in rows], pa.string())})
 
 
 @functools.lru_cache(maxsize=4)
@@ -108,6 +146,10 @@ def _prepare_batch(batch: pa.Table, engine_args: EngineArgs) -> pa.Table:
 
 
 def _prepared(processor, row: dict, context_len: int | None):
+    if row.get("error") is not None:  # found while reading the line
+        return InputError(row["error"])
+    if row.get("id") is None:  # a Parquet row (a JSONL line without an id is numbered)
+        return InputError("the row has no 'id'; every row needs one, unique in the input", field="id")
     try:
         messages = _messages_of(row)
     except InputError as error:
@@ -266,7 +308,7 @@ class ParquetOutput:
 
     def close(self) -> None:
         if self.partial.is_dir() and self._parts():
-            print(f"\r[the rows written so far are in {self.partial}; --resume goes on from there]", file=sys.stderr)
+            note(f"[the rows written so far are in {self.partial}; --resume goes on from there]")
         elif self.partial.is_dir():
             _remove(self.partial)
 
@@ -336,29 +378,51 @@ def _first(row_id, seen: set) -> bool:
     return True
 
 
-def init_cluster(address: str | None, num_replicas: int, cpus_per_replica: int) -> None:
+def init_cluster(address: str | None, num_replicas: int, cpus_per_replica: int, verbose: bool = False) -> None:
     """Join the cluster at `address` ("auto", "ray://HOST:10001"; default $RAY_ADDRESS), else
-    start one on this machine with room for the replicas and a prepare task beside them."""
+    start one on this machine with room for the replicas and a prepare task beside them. Unless
+    `verbose`, Ray's logs on this driver are errors only, the workers' output stays in their log
+    files (`log_to_driver`), and the C++ core worker's stderr lines (`core_worker.cc ... E`) are
+    at its fatal level (RAY_BACKEND_LOG_LEVEL, unless set; Ray then writes one line saying so)."""
     if ray.is_initialized():
         return
+    if not verbose:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = address or os.environ.get("RAY_ADDRESS")
+    logs = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, **logs)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, num_replicas * cpus_per_replica + 1), log_to_driver=False,
-                 include_dashboard=False)
+        ray.init(num_cpus=max(os.cpu_count() or 1, num_replicas * cpus_per_replica + 1), include_dashboard=False,
+                 **logs)
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Unless `verbose`, none of Ray Data's own output on this driver but errors (the job's
+    progress line is ours): its progress bars (or, off a terminal, its progress logged every few
+    seconds) and execution plans off, its console log at ERROR (its log file in the session
+    folder keeps everything), and Ray's UserWarnings (a filter's speed, a pool larger than its
+    input) ignored."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = context.print_on_execution_start = verbose
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":  # Ray Data's default logging config (RAY_DATA_LOGGING_CONFIG unset)
+            handler.setLevel(logging.INFO if verbose else logging.ERROR)
+    if not verbose:
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"ray(\.|$)")
 
 
 def run_cli_job(args, engine_args: EngineArgs, params: SamplingParams) -> int:
     """`qwen2vl generate --ray`: exit status 0, or 1 when some rows are error rows."""
     num_replicas = args.num_replicas or 1
     check_input(args.input)  # before Ray starts (seconds)
+    quiet_ray_data(args.verbose)
     try:
-        init_cluster(args.ray_address, num_replicas, args.cpus_per_replica)
+        init_cluster(args.ray_address, num_replicas, args.cpus_per_replica, verbose=args.verbose)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise Qwen2VLError(f"--ray-address {args.ray_address}: cannot join the Ray cluster ({error})") from None
     progress = run_job(args.input, args.output, engine_args=engine_args, params=params,
                        num_replicas=num_replicas, cpus_per_replica=args.cpus_per_replica,
                        batch_size=args.batch_size, resume=args.resume)
-    print(f"\r[{progress.summary()}, {num_replicas} replica(s)]", file=sys.stderr)
+    progress.finish(f", {num_replicas} replica(s)")
     return 1 if progress.failed else 0

@@ -95,6 +95,18 @@ def resolve(source: str, policy: MediaPolicy) -> MediaSource:
     return MediaSource(data=_decode_base64(source, policy), origin="the base64 data")
 
 
+def relative_to(source: str, folder: str | os.PathLike) -> str:
+    """`source` with a relative local path joined onto `folder` (a conversations file's media are
+    relative to the file); URLs, data URIs, absolute and `~` paths and raw base64 (as `resolve`
+    tells them apart) as they are. `resolve` checks the result like any path (`allowed_dir`)."""
+    if source.startswith(("data:", "~")) or "://" in source[:16] or os.path.isabs(source):
+        return source
+    joined = os.path.join(folder, source)
+    if not os.path.exists(joined) and len(source) >= 64 and _BASE64.fullmatch(source[:4096]):
+        return source
+    return joined
+
+
 def fetch_url(url: str, policy: MediaPolicy) -> MediaSource:
     """The body of an http(s) URL, following redirects. Each hop's host is resolved once, every
     address it resolves to checked, and the connection made to a checked address (never through a
