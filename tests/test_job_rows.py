@@ -94,7 +94,8 @@ def test_generate_log_has_no_carriage_return_and_one_summary(tiny_ckpt, tmp_path
                  "--batch-size", "2", *GREEDY]) == 1
     err = capsys.readouterr().err
     assert "\r" not in err and "\x1b" not in err
-    lines = err.splitlines()
+    loading, *lines = err.splitlines()
+    assert loading == f"qwen2vl: loading {tiny_ckpt}"
     assert lines[0].startswith(f"{source}: line 4: messages[0].content[0]: ") and "gone.png" in lines[0]
     assert len(lines) == 2 and lines[1].startswith("[4/4 rows, ") and lines[1].endswith(" s]")
     assert "1 failed" in lines[1]

@@ -111,7 +111,7 @@ def test_chat_one_shot_and_interactive_name_the_model(tiny_ckpt, capsys, monkeyp
 
 def test_generate_and_eval_name_the_model(tiny_ckpt, tmp_path, capsys):
     source = tmp_path / "in.jsonl"
-    source.write_text(json.dumps([{"role": "user", "content": "Hi"}]) + "\n")
+    source.write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "Hi"}]}) + "\n")
     assert main(["generate", "--model", str(tiny_ckpt), "--input", str(source), *GREEDY]) == 0
     assert capsys.readouterr().err.startswith(f"qwen2vl: loading {tiny_ckpt}\n")
     assert main(["eval", str(tiny_ckpt), "--n", "1", "--only", "color"]) == 0
