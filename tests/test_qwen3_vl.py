@@ -35,10 +35,12 @@ def _img(width, height, seed):
     return {"type": "image", "image": picture(width, height, seed)}
 
 
+# qwen_vl_utils' sizes (multiples of 32): 224x160 (35 tokens), 96x128 (12) and 288x192 (54,
+# a patch grid wider than variant "a"'s 16 x 16 learned positions), 96x96 (9) and 64x128 (8).
 CONVERSATIONS = {
     "text": [user("Write a haiku about the sea, please.")],
-    "image": [user(_img(84, 56, 1), "What is this?")],
-    "two_images": [user(_img(56, 84, 2), "and", _img(300, 200, 3), "Compare them.")],
+    "image": [user(_img(224, 160, 1), "What is this?")],
+    "two_images": [user(_img(100, 140, 2), "and", _img(300, 200, 3), "Compare them.")],
     "multi_turn": [user(_img(84, 84, 7), "Describe it."),
                    {"role": "assistant", "content": "A square of noise."},
                    user(_img(64, 130, 8), "And this one?")],
@@ -204,6 +206,16 @@ def test_prefix_cached_second_run_and_vision_cache(setup, generated, monkeypatch
     assert_engine_matches(outputs, names[:1], generated)
 
 
+def image_pad_runs(ids: list[int]) -> list[int]:
+    """The lengths of the runs of image pads in `ids`: one per image."""
+    runs, previous = [], None
+    for token in ids:
+        if token == IMAGE_TOKEN:
+            runs[-1:] = [runs[-1] + 1] if previous == IMAGE_TOKEN else [*runs[-1:], 1]
+        previous = token
+    return runs
+
+
 def test_chunked_prefill_splitting_an_image(setup, generated):
     """Chunks of 7 tokens: every image's rows (and their DeepStack features) arrive over several
     steps; then a prefix cached up to the middle of an image (the first request aborted after one
@@ -211,6 +223,8 @@ def test_chunked_prefill_splitting_an_image(setup, generated):
     model, _, processor, _ = setup
     names = ["image", "two_images"]
     prompts = [processor.prepare(CONVERSATIONS[n]) for n in names]
+    runs = [image_pad_runs(p.input_ids) for p in prompts]
+    assert runs == [[35], [12, 54]]  # each longer than a chunk: split across several
     outputs = run(make_engine(model, processor, max_num_batched_tokens=7, vision_cache_bytes=0), prompts, TOP5)
     assert_engine_matches(outputs, names, generated)
 
@@ -343,18 +357,18 @@ def test_weight_renames_take_the_index():
 
 @pytest.mark.parametrize("name", ["image", "two_images", "multi_turn"])
 def test_processor_images_equal_qwen3vlprocessor(setup, name):
-    """qwen_vl_utils (patch 16) then transformers' Qwen3VLProcessor with the checkpoint's
-    preprocessor_config.json: the same ids, pixels and grids."""
-    from qwen_vl_utils import process_vision_info
+    """The card's pipeline, qwen_vl_utils (patch 16) then transformers' Qwen3VLProcessor with the
+    checkpoint's preprocessor_config.json and `do_resize=False`: the same ids, pixels and grids.
+    (The processor alone would raise small images to its 65536-pixel floor; the card's sizes are
+    qwen_vl_utils': test_qwen3_vl_processor.py's test_small_image_follows_qwen_vl_utils.)"""
+    from test_qwen3_vl_processor import card_inputs
     from transformers import AutoProcessor
 
     _, _, processor, ckpt = setup
     reference = AutoProcessor.from_pretrained(ckpt)
     assert type(reference).__name__ == "Qwen3VLProcessor"
     conversation = CONVERSATIONS[name]
-    text = reference.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    images, _ = process_vision_info([conversation], image_patch_size=16)
-    theirs = reference(text=[text], images=images, return_tensors="pt")
+    theirs, _, _ = card_inputs(reference, [conversation])
     ours = processor(conversation)
     assert torch.equal(ours["input_ids"], theirs["input_ids"])
     assert torch.equal(ours["image_grid_thw"], theirs["image_grid_thw"])
