@@ -1,9 +1,11 @@
-"""Qwen3-VL (dense) against transformers' `Qwen3VLForConditionalGeneration` on tiny random
-checkpoints (q/k norm, head_dim != hidden / heads, interleaved M-RoPE, learned position grids
-larger and smaller than the images' patch grids, DeepStack from two blocks): logits, greedy tokens
-and top-5 logprobs, through the model and through the engine (batches, the prefix cache, chunked
-prefills that split an image, the vision cache), fp32 and AWQ (dequantized exactly as AutoAWQ
-packs it); the processor's images against `Qwen3VLProcessor`.
+"""Qwen3-VL against transformers' `Qwen3VLForConditionalGeneration` (dense) and
+`Qwen3VLMoeForConditionalGeneration` (MoE: 8 experts, top 2, sparse and dense layers) on tiny
+random checkpoints (q/k norm, head_dim != hidden / heads, interleaved M-RoPE, learned position
+grids larger and smaller than the images' patch grids, DeepStack from two blocks): logits, greedy
+tokens and top-5 logprobs, through the model and through the engine (batches, the prefix cache,
+chunked prefills that split an image, the vision cache), fp32 and AWQ (dequantized exactly as
+AutoAWQ packs it); MoE experts in both stacked layouts; the processor's images against the card's
+pipeline (qwen_vl_utils, then `Qwen3VLProcessor`).
 
 Model-level inputs come from our Processor (its image parity is tested here too); both models
 get our M-RoPE positions, which are checked against the reference's `get_rope_index`. The engine
@@ -15,7 +17,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from checkpoints import VARIANTS_3, build_reference_model_3, reference_config_3, write_tiny_checkpoint_3
+from checkpoints import (
+    VARIANTS_3,
+    VARIANTS_3_MOE,
+    build_reference_model_3,
+    reference_config_3,
+    write_published_expert_layout,
+    write_tiny_checkpoint_3,
+)
 from test_engine import GREEDY, NEW_TOKENS, hf_generate, make_engine, picture, run, user
 from test_model_parity import IMAGE_TOKEN, run_ours
 from test_quant import reference_dequantized
@@ -54,13 +63,41 @@ def reference_logits(reference, inputs):
     return reference(**given, position_ids=inputs["position_ids"]).logits[0]
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS_3))
-def setup(request, tmp_path_factory):
-    from transformers import Qwen3VLForConditionalGeneration as Reference3
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """variant -> (our model, transformers' model, our processor, checkpoint), each built once."""
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
-    ckpt = write_tiny_checkpoint_3(tmp_path_factory.mktemp(f"tiny-3-{request.param}"), request.param)
-    reference = Reference3.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
-    return load_model(ckpt), reference, Processor.from_pretrained(ckpt), ckpt
+    built = {}
+
+    def get(variant):
+        if variant not in built:
+            ckpt = write_tiny_checkpoint_3(tmp_path_factory.mktemp(f"tiny-3-{variant}"), variant)
+            reference_class = Qwen3VLMoeForConditionalGeneration if variant in VARIANTS_3_MOE \
+                else Qwen3VLForConditionalGeneration
+            reference = reference_class.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
+            built[variant] = load_model(ckpt), reference, Processor.from_pretrained(ckpt), ckpt
+        return built[variant]
+    return get
+
+
+@pytest.fixture(scope="module", params=[*VARIANTS_3, *VARIANTS_3_MOE])
+def setup(request, build):
+    """Each dense variant and the MoE one: the parity matrix (text, images, multi-turn, videos,
+    batches, the prefix cache, chunked prefills)."""
+    return build(request.param)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS_3))
+def dense_setup(request, build):
+    """The dense variants only, for what the MoE variant shares with them (the tower, positions,
+    the processor)."""
+    return build(request.param)
+
+
+@pytest.fixture(scope="module")
+def moe_setup(build):
+    return build("moe")
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -75,8 +112,8 @@ def test_predictions_match_transformers(setup, name):
 
 
 @pytest.mark.parametrize("name", ["image", "two_images", "multi_turn"])
-def test_image_positions_equal_the_reference_rope_index(setup, name):
-    model, reference, processor, _ = setup
+def test_image_positions_equal_the_reference_rope_index(dense_setup, name):
+    model, reference, processor, _ = dense_setup
     inputs = processor(CONVERSATIONS[name])
     positions, delta = reference.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                                       inputs["image_grid_thw"], None, inputs["attention_mask"])
@@ -94,9 +131,9 @@ def test_mixed_batch_matches_each_prompt_alone(setup):
         assert_same_predictions(ours, reference_logits(reference, processor(CONVERSATIONS[name])))
 
 
-def test_encode_vision_matches_the_reference_tower(setup):
+def test_encode_vision_matches_the_reference_tower(dense_setup):
     """Each row: the merger's embedding, then one DeepStack feature per `deepstack_visual_indexes`."""
-    model, reference, processor, _ = setup
+    model, reference, processor, _ = dense_setup
     inputs = processor(CONVERSATIONS["two_images"])
     with torch.no_grad():
         ours = model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])
@@ -108,10 +145,10 @@ def test_encode_vision_matches_the_reference_tower(setup):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_deepstack_features_are_not_dropped(setup):
+def test_deepstack_features_are_not_dropped(dense_setup):
     """Zeroing the DeepStack features changes the logits at and after the image; with the
     reference's DeepStack mergers zeroed likewise, both agree again."""
-    model, reference, processor, _ = setup
+    model, reference, processor, _ = dense_setup
     prompt = ours_inputs(processor, CONVERSATIONS["image"])
     (full,) = run_ours(model, [prompt])
     hidden = model.config.text.hidden_size
@@ -250,6 +287,24 @@ def test_python_api_chat(setup, generated):
     assert completion.token_ids == generated["image"][0]
 
 
+# --- MoE: the published expert layout ----------------------------------------------------------
+
+def test_published_expert_layout_loads_and_matches(moe_setup, tmp_path):
+    """Qwen's MoE checkpoints store `gate_up_proj [E, H, 2I]` and `down_proj [E, I, H]`, not the
+    `[E, 2I, H]` / `[E, H, I]` that 5.17's `save_pretrained` wrote: the same model from either."""
+    model, reference, processor, ckpt = moe_setup
+    published = write_published_expert_layout(ckpt, tmp_path / "published")
+    with safe_open(published / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape() == [8, 80, 48]
+        assert f.get_slice("model.language_model.layers.2.mlp.experts.down_proj").get_shape() == [8, 24, 80]
+        assert "model.language_model.layers.1.mlp.gate_proj.weight" in f.keys()  # layer 1 is dense
+    loaded = load_model(published)
+    theirs = dict(model.named_parameters())
+    assert all(torch.equal(p, theirs[name]) for name, p in loaded.named_parameters())
+    (ours,) = run_ours(loaded, [ours_inputs(processor, CONVERSATIONS["image"])])
+    assert_same_predictions(ours, reference_logits(reference, processor(CONVERSATIONS["image"])))
+
+
 # --- AWQ ----------------------------------------------------------------------------------------
 
 def test_awq_checkpoint_matches_transformers_on_the_dequantized_weights(tmp_path):
@@ -356,7 +411,7 @@ def test_weight_renames_take_the_index():
 # --- the processor's images ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["image", "two_images", "multi_turn"])
-def test_processor_images_equal_qwen3vlprocessor(setup, name):
+def test_processor_images_equal_qwen3vlprocessor(dense_setup, name):
     """The card's pipeline, qwen_vl_utils (patch 16) then transformers' Qwen3VLProcessor with the
     checkpoint's preprocessor_config.json and `do_resize=False`: the same ids, pixels and grids.
     (The processor alone would raise small images to its 65536-pixel floor; the card's sizes are
@@ -364,7 +419,7 @@ def test_processor_images_equal_qwen3vlprocessor(setup, name):
     from test_qwen3_vl_processor import card_inputs
     from transformers import AutoProcessor
 
-    _, _, processor, ckpt = setup
+    _, _, processor, ckpt = dense_setup
     reference = AutoProcessor.from_pretrained(ckpt)
     assert type(reference).__name__ == "Qwen3VLProcessor"
     conversation = CONVERSATIONS[name]
