@@ -13,6 +13,8 @@ tests compare with `generate`, which computes its own positions.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -54,7 +56,8 @@ CONVERSATIONS = {
                    {"role": "assistant", "content": "A square of noise."},
                    user(_img(64, 130, 8), "And this one?")],
 }
-REFERENCE_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+REFERENCE_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                  "video_grid_thw", "mm_token_type_ids")
 
 
 @torch.no_grad()
@@ -285,6 +288,80 @@ def test_python_api_chat(setup, generated):
     completion = llm.chat(CONVERSATIONS["image"], max_new_tokens=NEW_TOKENS, temperature=0, repetition_penalty=1.0,
                           ignore_eos=True)
     assert completion.token_ids == generated["image"][0]
+
+
+# --- videos ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def video_conversations(tmp_path_factory):
+    """A frame list, an mp4 file (20 frames at 8 fps, sampled at 2 fps: 4 frames), and an image
+    with a video in one prompt; frames kept to 4-12 tokens of 32 x 32 (qwen_vl_utils' per-item
+    bounds) so that the prompts stay short."""
+    from processor_reference import install_pyav_read_video, write_mp4
+
+    install_pyav_read_video()  # qwen_vl_utils' reader for the reference pipeline's video file
+    clip = write_mp4(tmp_path_factory.mktemp("clip") / "clip.mp4", [picture(112, 84, s) for s in range(20)], fps=8)
+    small = {"min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 12}
+    return {
+        "video_frames": [user({"type": "video", "video": [picture(96, 64, s) for s in range(4)], **small},
+                              "What happens?")],
+        "video_file": [user({"type": "video", "video": f"file://{clip}", "fps": 2.0, **small}, "Describe the clip.")],
+        "image_and_video": [user(_img(84, 56, 5), "then",
+                                 {"type": "video", "video": [picture(64, 64, s) for s in range(10, 16)], **small},
+                                 "Compare them.")],
+    }
+
+
+@pytest.mark.parametrize("name", ["video_frames", "video_file", "image_and_video"])
+def test_video_prompt_timestamps_and_positions_equal_the_reference(dense_setup, video_conversations, name):
+    """Against the card's pipeline on the same frames and metadata: pixels, grids and ids (Qwen's
+    prompt: the timestamps `_calculate_timestamps` gives, one `<t seconds>` group per temporal
+    patch), and positions equal to the model's get_rope_index on our ids."""
+    from test_qwen3_vl_processor import assert_parity, card_inputs
+    from transformers import AutoProcessor
+
+    model, reference, processor, ckpt = dense_setup
+    hf_processor = AutoProcessor.from_pretrained(ckpt)
+    conversation = video_conversations[name]
+    got, expected = assert_parity(processor, hf_processor, [conversation])
+    _, _, metadata = card_inputs(hf_processor, [conversation])
+    stamps = [s for m in metadata for s in hf_processor._calculate_timestamps(m["frames_indices"], m["fps"], 2)]
+    prompt = processor.prepare(conversation)
+    ours = re.findall(r"<(\d+\.\d) seconds>", prompt.text)
+    assert ours == [f"{s:.1f}" for s in stamps] and len(ours) == int(got["video_grid_thw"][:, 0].sum())
+    theirs = re.findall(r"<(\d+\.\d) seconds>", hf_processor.tokenizer.decode(expected["input_ids"][0]))
+    assert ours == theirs
+    positions, delta = reference.model.get_rope_index(got["input_ids"], got["mm_token_type_ids"],
+                                                      got.get("image_grid_thw"), got["video_grid_thw"].clone(),
+                                                      got["attention_mask"])
+    assert torch.equal(got["position_ids"], positions)
+    assert got["rope_deltas"].flatten().tolist() == delta.flatten().tolist()
+
+
+@pytest.mark.parametrize("name", ["video_frames", "video_file", "image_and_video"])
+def test_video_predictions_match_transformers(setup, video_conversations, name):
+    model, reference, processor, _ = setup
+    conversation = video_conversations[name]
+    (ours,) = run_ours(model, [ours_inputs(processor, conversation)])
+    assert_same_predictions(ours, reference_logits(reference, processor(conversation)))
+    assert len(set(ours.argmax(-1).tolist())) > 3
+
+
+def test_engine_videos_equal_generate(setup, video_conversations):
+    """The three video prompts in one engine batch: greedy tokens and top-5 logprobs of `generate`
+    on the same ids and pixels (its own positions, from get_rope_index)."""
+    model, reference, processor, _ = setup
+    names = list(video_conversations)
+    prompts = [processor.prepare(video_conversations[n]) for n in names]
+    generated = {}
+    for name, prompt in zip(names, prompts):
+        out = hf_generate(reference, prompt, repetition_penalty=1.0, output_logits=True)
+        generated[name] = (out.sequences[0, len(prompt):].tolist(),
+                           [step[0].float().log_softmax(-1) for step in out.logits[:8]])
+    outputs = run(make_engine(model, processor), prompts, TOP5)
+    assert_engine_matches(outputs, names, generated)
+    if not model.config.text.tie_word_embeddings:  # see test_engine_batch_equals_generate_and_outputs_vary
+        assert len({tuple(o.token_ids) for o in outputs}) == len(names)
 
 
 # --- MoE: the published expert layout ----------------------------------------------------------
