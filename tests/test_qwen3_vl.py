@@ -184,10 +184,14 @@ def _variant(model) -> str:
 @pytest.fixture(scope="module")
 def generated(setup):
     """transformers `generate`: greedy ids and the log-softmax of the first 8 steps, by conversation."""
-    model, reference, processor, _ = setup
+    _, reference, processor, _ = setup
+    return reference_generations(reference, {name: processor.prepare(m) for name, m in CONVERSATIONS.items()})
+
+
+def reference_generations(reference, prompts: dict) -> dict:
+    """transformers `generate` on each named prompt: (greedy ids, log-softmax of the first 8 steps)."""
     results = {}
-    for name, messages in CONVERSATIONS.items():
-        prompt = processor.prepare(messages)
+    for name, prompt in prompts.items():
         out = hf_generate(reference, prompt, repetition_penalty=1.0, output_logits=True)
         results[name] = (out.sequences[0, len(prompt):].tolist(),
                          [step[0].float().log_softmax(-1) for step in out.logits[:8]])
@@ -353,11 +357,7 @@ def test_engine_videos_equal_generate(setup, video_conversations):
     model, reference, processor, _ = setup
     names = list(video_conversations)
     prompts = [processor.prepare(video_conversations[n]) for n in names]
-    generated = {}
-    for name, prompt in zip(names, prompts):
-        out = hf_generate(reference, prompt, repetition_penalty=1.0, output_logits=True)
-        generated[name] = (out.sequences[0, len(prompt):].tolist(),
-                           [step[0].float().log_softmax(-1) for step in out.logits[:8]])
+    generated = reference_generations(reference, dict(zip(names, prompts)))
     outputs = run(make_engine(model, processor), prompts, TOP5)
     assert_engine_matches(outputs, names, generated)
     if not model.config.text.tie_word_embeddings:  # see test_engine_batch_equals_generate_and_outputs_vary
@@ -412,6 +412,33 @@ def test_awq_checkpoint_matches_transformers_on_the_dequantized_weights(tmp_path
     for name in ("image", "text"):
         (ours,) = run_ours(model, [ours_inputs(processor, CONVERSATIONS[name])])
         assert_same_predictions(ours, reference_logits(reference, processor(CONVERSATIONS[name])))
+
+
+# --- FP8 ----------------------------------------------------------------------------------------
+
+def test_fp8_checkpoint_matches_transformers_on_the_dequantized_weights(build, tmp_path):
+    """Variant "a" re-written as Qwen's block FP8 (e4m3, a float32 scale per 24 x 40 block, partial
+    blocks at the edges; the vision tower and lm_head kept), against transformers on the exact
+    dequantization: text and image through the model, the image prompt through the engine."""
+    from fp8_checkpoints import write_dequantized_checkpoint, write_fp8_checkpoint
+    from transformers import Qwen3VLForConditionalGeneration as Reference3
+
+    ckpt = build("a")[3]
+    fp8 = write_fp8_checkpoint(ckpt, tmp_path / "fp8", (24, 40))
+    with safe_open(fp8 / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.language_model.layers.0.self_attn.q_proj.weight").get_dtype() == "F8_E4M3"
+        assert f.get_slice("model.language_model.layers.2.mlp.down_proj.weight_scale_inv").get_shape() == [3, 4]
+    reference = Reference3.from_pretrained(write_dequantized_checkpoint(fp8, tmp_path / "dequantized"),
+                                           dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = load_model(fp8, dtype=torch.float32)
+    assert model.config.quant.method == "fp8"
+    processor = Processor.from_pretrained(fp8)
+    for name in ("text", "image"):
+        (ours,) = run_ours(model, [ours_inputs(processor, CONVERSATIONS[name])])
+        assert_same_predictions(ours, reference_logits(reference, processor(CONVERSATIONS[name])))
+    prompt = processor.prepare(CONVERSATIONS["image"])
+    generated = reference_generations(reference, {"image": prompt})
+    assert_engine_matches(run(make_engine(model, processor), [prompt], TOP5), ["image"], generated)
 
 
 # --- config, rotary, positions by hand ------------------------------------------------------------
