@@ -98,6 +98,12 @@ def dense_setup(request, build):
     return build(request.param)
 
 
+@pytest.fixture(scope="module", params=["a", *VARIANTS_3_MOE])
+def dense_and_moe_setup(request, build):
+    """One dense variant and the MoE one, for what the other dense variant would only repeat."""
+    return build(request.param)
+
+
 @pytest.fixture(scope="module")
 def moe_setup(build):
     return build("moe")
@@ -343,18 +349,18 @@ def test_video_prompt_timestamps_and_positions_equal_the_reference(dense_setup, 
 
 
 @pytest.mark.parametrize("name", ["video_frames", "video_file", "image_and_video"])
-def test_video_predictions_match_transformers(setup, video_conversations, name):
-    model, reference, processor, _ = setup
+def test_video_predictions_match_transformers(dense_and_moe_setup, video_conversations, name):
+    model, reference, processor, _ = dense_and_moe_setup
     conversation = video_conversations[name]
     (ours,) = run_ours(model, [ours_inputs(processor, conversation)])
     assert_same_predictions(ours, reference_logits(reference, processor(conversation)))
     assert len(set(ours.argmax(-1).tolist())) > 3
 
 
-def test_engine_videos_equal_generate(setup, video_conversations):
+def test_engine_videos_equal_generate(dense_and_moe_setup, video_conversations):
     """The three video prompts in one engine batch: greedy tokens and top-5 logprobs of `generate`
     on the same ids and pixels (its own positions, from get_rope_index)."""
-    model, reference, processor, _ = setup
+    model, reference, processor, _ = dense_and_moe_setup
     names = list(video_conversations)
     prompts = [processor.prepare(video_conversations[n]) for n in names]
     generated = reference_generations(reference, dict(zip(names, prompts)))
