@@ -3,9 +3,10 @@
 random checkpoints (q/k norm, head_dim != hidden / heads, interleaved M-RoPE, learned position
 grids larger and smaller than the images' patch grids, DeepStack from two blocks): logits, greedy
 tokens and top-5 logprobs, through the model and through the engine (batches, the prefix cache,
-chunked prefills that split an image, the vision cache), fp32 and AWQ (dequantized exactly as
-AutoAWQ packs it); MoE experts in both stacked layouts; the processor's images against the card's
-pipeline (qwen_vl_utils, then `Qwen3VLProcessor`).
+chunked prefills that split an image, the vision cache), images and videos (a frame list, an mp4
+file, image + video: the card's timestamps), fp32, AWQ (dequantized exactly as AutoAWQ packs it)
+and block FP8 (e4m3 x block scale); MoE experts in both stacked layouts; the processor's images
+against the card's pipeline (qwen_vl_utils, then `Qwen3VLProcessor` with `do_resize=False`).
 
 Model-level inputs come from our Processor (its image parity is tested here too); both models
 get our M-RoPE positions, which are checked against the reference's `get_rope_index`. The engine
