@@ -229,12 +229,31 @@ VARIANTS_3: dict[str, dict] = {
 }
 
 
-def reference_config_3(variant: str = "a"):
-    """The transformers `Qwen3VLConfig` of a tiny Qwen3-VL variant."""
-    from transformers import Qwen3VLConfig
+# Qwen3-VL-MoE: 8 experts, top 2, sparse MLPs in layers 0 and 2 and a dense one in layer 1
+# (`mlp_only_layers`); H = 80 is neither I nor 2I, so each stacked expert tensor's layout shows.
+VARIANTS_3_MOE: dict[str, dict] = {
+    "moe": dict(
+        text=dict(hidden_size=80, intermediate_size=112, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, mrope_section=[4, 2, 2]),
+        moe=dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1,
+                 mlp_only_layers=[1]),
+        vision=dict(hidden_size=32, num_heads=2, depth=2, intermediate_size=48, num_position_embeddings=256,
+                    deepstack_visual_indexes=[0, 1]),
+        tie_word_embeddings=False,
+    ),
+}
 
-    spec = VARIANTS_3[variant]
-    text = dict(spec["text"])
+
+def _spec_3(variant: str) -> dict:
+    return VARIANTS_3[variant] if variant in VARIANTS_3 else VARIANTS_3_MOE[variant]
+
+
+def reference_config_3(variant: str = "a"):
+    """The transformers `Qwen3VLConfig` of a tiny Qwen3-VL variant (`Qwen3VLMoeConfig` of a MoE one)."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+    spec = _spec_3(variant)
+    text = dict(spec["text"], **spec.get("moe", {}))
     mrope_section = text.pop("mrope_section")
     text.update(vocab_size=VOCAB_SIZE, rms_norm_eps=1e-6, max_position_embeddings=4096,
                 tie_word_embeddings=spec["tie_word_embeddings"],
@@ -242,23 +261,45 @@ def reference_config_3(variant: str = "a"):
                                  "mrope_interleaved": True})
     vision = dict(spec["vision"], out_hidden_size=spec["text"]["hidden_size"], patch_size=16,
                   temporal_patch_size=2, spatial_merge_size=2, in_channels=3, hidden_act="gelu_pytorch_tanh")
-    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=spec["tie_word_embeddings"])
+    config_class = Qwen3VLMoeConfig if "moe" in spec else Qwen3VLConfig
+    return config_class(text_config=text, vision_config=vision, tie_word_embeddings=spec["tie_word_embeddings"])
 
 
 def build_reference_model_3(variant: str = "a", seed: int = 0):
-    """A fp32 `transformers.Qwen3VLForConditionalGeneration` with the scaled random init."""
-    from transformers import Qwen3VLForConditionalGeneration
+    """A fp32 `transformers.Qwen3VLForConditionalGeneration` (`Qwen3VLMoeForConditionalGeneration`)
+    with the scaled random init (the router and the stacked experts as any matrix)."""
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
     config = reference_config_3(variant)
     config._attn_implementation = "sdpa"
-    model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
-    scale_init_(model, seed, tied=VARIANTS_3[variant]["tie_word_embeddings"])
+    model_class = Qwen3VLMoeForConditionalGeneration if "moe" in _spec_3(variant) else Qwen3VLForConditionalGeneration
+    model = model_class(config).to(torch.float32).eval()
+    scale_init_(model, seed, tied=_spec_3(variant)["tie_word_embeddings"])
     return model
 
 
 def write_tiny_checkpoint_3(out_dir, variant: str = "a", seed: int = 0) -> Path:
-    """`write_tiny_checkpoint` of a tiny Qwen3-VL variant (Qwen3-VL's preprocessor_config.json)."""
+    """`write_tiny_checkpoint` of a tiny Qwen3-VL variant (Qwen3-VL's preprocessor_config.json);
+    a MoE one's experts as 5.17's `save_pretrained` writes them, `[E, 2I, H]` and `[E, H, I]`."""
     out_dir = Path(out_dir)
     build_reference_model_3(variant, seed).save_pretrained(out_dir)
     write_support_files(out_dir, "qwen3_vl")
     return out_dir
+
+
+def write_published_expert_layout(src, out) -> Path:
+    """Checkpoint `src` copied to `out` with every stacked expert tensor in the layout of Qwen's
+    published MoE checkpoints: `gate_up_proj [E, H, 2I]` ([gate | up] along the last dim) and
+    `down_proj [E, I, H]`, the transpose of what `save_pretrained` writes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(src), Path(out)
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    for path in out.glob("*.safetensors"):
+        tensors = load_file(path)
+        stacked = [k for k in tensors if k.endswith((".experts.gate_up_proj", ".experts.down_proj"))]
+        tensors.update({k: tensors[k].transpose(1, 2).contiguous() for k in stacked})
+        save_file(tensors, path, metadata={"format": "pt"})
+    return out

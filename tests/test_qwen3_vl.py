@@ -1,9 +1,12 @@
-"""Qwen3-VL (dense) against transformers' `Qwen3VLForConditionalGeneration` on tiny random
-checkpoints (q/k norm, head_dim != hidden / heads, interleaved M-RoPE, learned position grids
-larger and smaller than the images' patch grids, DeepStack from two blocks): logits, greedy tokens
-and top-5 logprobs, through the model and through the engine (batches, the prefix cache, chunked
-prefills that split an image, the vision cache), fp32 and AWQ (dequantized exactly as AutoAWQ
-packs it); the processor's images against `Qwen3VLProcessor`.
+"""Qwen3-VL against transformers' `Qwen3VLForConditionalGeneration` (dense) and
+`Qwen3VLMoeForConditionalGeneration` (MoE: 8 experts, top 2, sparse and dense layers) on tiny
+random checkpoints (q/k norm, head_dim != hidden / heads, interleaved M-RoPE, learned position
+grids larger and smaller than the images' patch grids, DeepStack from two blocks): logits, greedy
+tokens and top-5 logprobs, through the model and through the engine (batches, the prefix cache,
+chunked prefills that split an image, the vision cache), images and videos (a frame list, an mp4
+file, image + video: the card's timestamps), fp32, AWQ (dequantized exactly as AutoAWQ packs it)
+and block FP8 (e4m3 x block scale); MoE experts in both stacked layouts; the processor's images
+against the card's pipeline (qwen_vl_utils, then `Qwen3VLProcessor` with `do_resize=False`).
 
 Model-level inputs come from our Processor (its image parity is tested here too); both models
 get our M-RoPE positions, which are checked against the reference's `get_rope_index`. The engine
@@ -11,11 +14,20 @@ tests compare with `generate`, which computes its own positions.
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
 
-from checkpoints import VARIANTS_3, build_reference_model_3, reference_config_3, write_tiny_checkpoint_3
+from checkpoints import (
+    VARIANTS_3,
+    VARIANTS_3_MOE,
+    build_reference_model_3,
+    reference_config_3,
+    write_published_expert_layout,
+    write_tiny_checkpoint_3,
+)
 from test_engine import GREEDY, NEW_TOKENS, hf_generate, make_engine, picture, run, user
 from test_model_parity import IMAGE_TOKEN, run_ours
 from test_quant import reference_dequantized
@@ -35,15 +47,18 @@ def _img(width, height, seed):
     return {"type": "image", "image": picture(width, height, seed)}
 
 
+# qwen_vl_utils' sizes (multiples of 32): 224x160 (35 tokens), 96x128 (12) and 288x192 (54,
+# a patch grid wider than variant "a"'s 16 x 16 learned positions), 96x96 (9) and 64x128 (8).
 CONVERSATIONS = {
     "text": [user("Write a haiku about the sea, please.")],
-    "image": [user(_img(84, 56, 1), "What is this?")],
-    "two_images": [user(_img(56, 84, 2), "and", _img(300, 200, 3), "Compare them.")],
+    "image": [user(_img(224, 160, 1), "What is this?")],
+    "two_images": [user(_img(100, 140, 2), "and", _img(300, 200, 3), "Compare them.")],
     "multi_turn": [user(_img(84, 84, 7), "Describe it."),
                    {"role": "assistant", "content": "A square of noise."},
                    user(_img(64, 130, 8), "And this one?")],
 }
-REFERENCE_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+REFERENCE_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                  "video_grid_thw", "mm_token_type_ids")
 
 
 @torch.no_grad()
@@ -52,13 +67,47 @@ def reference_logits(reference, inputs):
     return reference(**given, position_ids=inputs["position_ids"]).logits[0]
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS_3))
-def setup(request, tmp_path_factory):
-    from transformers import Qwen3VLForConditionalGeneration as Reference3
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """variant -> (our model, transformers' model, our processor, checkpoint), each built once."""
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
-    ckpt = write_tiny_checkpoint_3(tmp_path_factory.mktemp(f"tiny-3-{request.param}"), request.param)
-    reference = Reference3.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
-    return load_model(ckpt), reference, Processor.from_pretrained(ckpt), ckpt
+    built = {}
+
+    def get(variant):
+        if variant not in built:
+            ckpt = write_tiny_checkpoint_3(tmp_path_factory.mktemp(f"tiny-3-{variant}"), variant)
+            reference_class = Qwen3VLMoeForConditionalGeneration if variant in VARIANTS_3_MOE \
+                else Qwen3VLForConditionalGeneration
+            reference = reference_class.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa").eval()
+            built[variant] = load_model(ckpt), reference, Processor.from_pretrained(ckpt), ckpt
+        return built[variant]
+    return get
+
+
+@pytest.fixture(scope="module", params=[*VARIANTS_3, *VARIANTS_3_MOE])
+def setup(request, build):
+    """Each dense variant and the MoE one: the parity matrix (text, images, multi-turn, videos,
+    batches, the prefix cache, chunked prefills)."""
+    return build(request.param)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS_3))
+def dense_setup(request, build):
+    """The dense variants only, for what the MoE variant shares with them (the tower, positions,
+    the processor)."""
+    return build(request.param)
+
+
+@pytest.fixture(scope="module", params=["a", *VARIANTS_3_MOE])
+def dense_and_moe_setup(request, build):
+    """One dense variant and the MoE one, for what the other dense variant would only repeat."""
+    return build(request.param)
+
+
+@pytest.fixture(scope="module")
+def moe_setup(build):
+    return build("moe")
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -73,8 +122,8 @@ def test_predictions_match_transformers(setup, name):
 
 
 @pytest.mark.parametrize("name", ["image", "two_images", "multi_turn"])
-def test_image_positions_equal_the_reference_rope_index(setup, name):
-    model, reference, processor, _ = setup
+def test_image_positions_equal_the_reference_rope_index(dense_setup, name):
+    model, reference, processor, _ = dense_setup
     inputs = processor(CONVERSATIONS[name])
     positions, delta = reference.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                                       inputs["image_grid_thw"], None, inputs["attention_mask"])
@@ -92,9 +141,9 @@ def test_mixed_batch_matches_each_prompt_alone(setup):
         assert_same_predictions(ours, reference_logits(reference, processor(CONVERSATIONS[name])))
 
 
-def test_encode_vision_matches_the_reference_tower(setup):
+def test_encode_vision_matches_the_reference_tower(dense_setup):
     """Each row: the merger's embedding, then one DeepStack feature per `deepstack_visual_indexes`."""
-    model, reference, processor, _ = setup
+    model, reference, processor, _ = dense_setup
     inputs = processor(CONVERSATIONS["two_images"])
     with torch.no_grad():
         ours = model.encode_vision(inputs["pixel_values"], inputs["image_grid_thw"])
@@ -106,10 +155,10 @@ def test_encode_vision_matches_the_reference_tower(setup):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_deepstack_features_are_not_dropped(setup):
+def test_deepstack_features_are_not_dropped(dense_setup):
     """Zeroing the DeepStack features changes the logits at and after the image; with the
     reference's DeepStack mergers zeroed likewise, both agree again."""
-    model, reference, processor, _ = setup
+    model, reference, processor, _ = dense_setup
     prompt = ours_inputs(processor, CONVERSATIONS["image"])
     (full,) = run_ours(model, [prompt])
     hidden = model.config.text.hidden_size
@@ -142,10 +191,14 @@ def _variant(model) -> str:
 @pytest.fixture(scope="module")
 def generated(setup):
     """transformers `generate`: greedy ids and the log-softmax of the first 8 steps, by conversation."""
-    model, reference, processor, _ = setup
+    _, reference, processor, _ = setup
+    return reference_generations(reference, {name: processor.prepare(m) for name, m in CONVERSATIONS.items()})
+
+
+def reference_generations(reference, prompts: dict) -> dict:
+    """transformers `generate` on each named prompt: (greedy ids, log-softmax of the first 8 steps)."""
     results = {}
-    for name, messages in CONVERSATIONS.items():
-        prompt = processor.prepare(messages)
+    for name, prompt in prompts.items():
         out = hf_generate(reference, prompt, repetition_penalty=1.0, output_logits=True)
         results[name] = (out.sequences[0, len(prompt):].tolist(),
                          [step[0].float().log_softmax(-1) for step in out.logits[:8]])
@@ -204,6 +257,16 @@ def test_prefix_cached_second_run_and_vision_cache(setup, generated, monkeypatch
     assert_engine_matches(outputs, names[:1], generated)
 
 
+def image_pad_runs(ids: list[int]) -> list[int]:
+    """The lengths of the runs of image pads in `ids`: one per image."""
+    runs, previous = [], None
+    for token in ids:
+        if token == IMAGE_TOKEN:
+            runs[-1:] = [runs[-1] + 1] if previous == IMAGE_TOKEN else [*runs[-1:], 1]
+        previous = token
+    return runs
+
+
 def test_chunked_prefill_splitting_an_image(setup, generated):
     """Chunks of 7 tokens: every image's rows (and their DeepStack features) arrive over several
     steps; then a prefix cached up to the middle of an image (the first request aborted after one
@@ -211,6 +274,8 @@ def test_chunked_prefill_splitting_an_image(setup, generated):
     model, _, processor, _ = setup
     names = ["image", "two_images"]
     prompts = [processor.prepare(CONVERSATIONS[n]) for n in names]
+    runs = [image_pad_runs(p.input_ids) for p in prompts]
+    assert runs == [[35], [12, 54]]  # each longer than a chunk: split across several
     outputs = run(make_engine(model, processor, max_num_batched_tokens=7, vision_cache_bytes=0), prompts, TOP5)
     assert_engine_matches(outputs, names, generated)
 
@@ -234,6 +299,94 @@ def test_python_api_chat(setup, generated):
     completion = llm.chat(CONVERSATIONS["image"], max_new_tokens=NEW_TOKENS, temperature=0, repetition_penalty=1.0,
                           ignore_eos=True)
     assert completion.token_ids == generated["image"][0]
+
+
+# --- videos ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def video_conversations(tmp_path_factory):
+    """A frame list, an mp4 file (20 frames at 8 fps, sampled at 2 fps: 4 frames), and an image
+    with a video in one prompt; frames kept to 4-12 tokens of 32 x 32 (qwen_vl_utils' per-item
+    bounds) so that the prompts stay short."""
+    from processor_reference import install_pyav_read_video, write_mp4
+
+    install_pyav_read_video()  # qwen_vl_utils' reader for the reference pipeline's video file
+    clip = write_mp4(tmp_path_factory.mktemp("clip") / "clip.mp4", [picture(112, 84, s) for s in range(20)], fps=8)
+    small = {"min_pixels": 32 * 32 * 4, "max_pixels": 32 * 32 * 12}
+    return {
+        "video_frames": [user({"type": "video", "video": [picture(96, 64, s) for s in range(4)], **small},
+                              "What happens?")],
+        "video_file": [user({"type": "video", "video": f"file://{clip}", "fps": 2.0, **small}, "Describe the clip.")],
+        "image_and_video": [user(_img(84, 56, 5), "then",
+                                 {"type": "video", "video": [picture(64, 64, s) for s in range(10, 16)], **small},
+                                 "Compare them.")],
+    }
+
+
+@pytest.mark.parametrize("name", ["video_frames", "video_file", "image_and_video"])
+def test_video_prompt_timestamps_and_positions_equal_the_reference(dense_setup, video_conversations, name):
+    """Against the card's pipeline on the same frames and metadata: pixels, grids and ids (Qwen's
+    prompt: the timestamps `_calculate_timestamps` gives, one `<t seconds>` group per temporal
+    patch), and positions equal to the model's get_rope_index on our ids."""
+    from test_qwen3_vl_processor import assert_parity, card_inputs
+    from transformers import AutoProcessor
+
+    model, reference, processor, ckpt = dense_setup
+    hf_processor = AutoProcessor.from_pretrained(ckpt)
+    conversation = video_conversations[name]
+    got, expected = assert_parity(processor, hf_processor, [conversation])
+    _, _, metadata = card_inputs(hf_processor, [conversation])
+    stamps = [s for m in metadata for s in hf_processor._calculate_timestamps(m["frames_indices"], m["fps"], 2)]
+    prompt = processor.prepare(conversation)
+    ours = re.findall(r"<(\d+\.\d) seconds>", prompt.text)
+    assert ours == [f"{s:.1f}" for s in stamps] and len(ours) == int(got["video_grid_thw"][:, 0].sum())
+    theirs = re.findall(r"<(\d+\.\d) seconds>", hf_processor.tokenizer.decode(expected["input_ids"][0]))
+    assert ours == theirs
+    positions, delta = reference.model.get_rope_index(got["input_ids"], got["mm_token_type_ids"],
+                                                      got.get("image_grid_thw"), got["video_grid_thw"].clone(),
+                                                      got["attention_mask"])
+    assert torch.equal(got["position_ids"], positions)
+    assert got["rope_deltas"].flatten().tolist() == delta.flatten().tolist()
+
+
+@pytest.mark.parametrize("name", ["video_frames", "video_file", "image_and_video"])
+def test_video_predictions_match_transformers(dense_and_moe_setup, video_conversations, name):
+    model, reference, processor, _ = dense_and_moe_setup
+    conversation = video_conversations[name]
+    (ours,) = run_ours(model, [ours_inputs(processor, conversation)])
+    assert_same_predictions(ours, reference_logits(reference, processor(conversation)))
+    assert len(set(ours.argmax(-1).tolist())) > 3
+
+
+def test_engine_videos_equal_generate(dense_and_moe_setup, video_conversations):
+    """The three video prompts in one engine batch: greedy tokens and top-5 logprobs of `generate`
+    on the same ids and pixels (its own positions, from get_rope_index)."""
+    model, reference, processor, _ = dense_and_moe_setup
+    names = list(video_conversations)
+    prompts = [processor.prepare(video_conversations[n]) for n in names]
+    generated = reference_generations(reference, dict(zip(names, prompts)))
+    outputs = run(make_engine(model, processor), prompts, TOP5)
+    assert_engine_matches(outputs, names, generated)
+    if not model.config.text.tie_word_embeddings:  # see test_engine_batch_equals_generate_and_outputs_vary
+        assert len({tuple(o.token_ids) for o in outputs}) == len(names)
+
+
+# --- MoE: the published expert layout ----------------------------------------------------------
+
+def test_published_expert_layout_loads_and_matches(moe_setup, tmp_path):
+    """Qwen's MoE checkpoints store `gate_up_proj [E, H, 2I]` and `down_proj [E, I, H]`, not the
+    `[E, 2I, H]` / `[E, H, I]` that 5.17's `save_pretrained` wrote: the same model from either."""
+    model, reference, processor, ckpt = moe_setup
+    published = write_published_expert_layout(ckpt, tmp_path / "published")
+    with safe_open(published / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape() == [8, 80, 48]
+        assert f.get_slice("model.language_model.layers.2.mlp.experts.down_proj").get_shape() == [8, 24, 80]
+        assert "model.language_model.layers.1.mlp.gate_proj.weight" in f.keys()  # layer 1 is dense
+    loaded = load_model(published)
+    theirs = dict(model.named_parameters())
+    assert all(torch.equal(p, theirs[name]) for name, p in loaded.named_parameters())
+    (ours,) = run_ours(loaded, [ours_inputs(processor, CONVERSATIONS["image"])])
+    assert_same_predictions(ours, reference_logits(reference, processor(CONVERSATIONS["image"])))
 
 
 # --- AWQ ----------------------------------------------------------------------------------------
@@ -266,6 +419,33 @@ def test_awq_checkpoint_matches_transformers_on_the_dequantized_weights(tmp_path
     for name in ("image", "text"):
         (ours,) = run_ours(model, [ours_inputs(processor, CONVERSATIONS[name])])
         assert_same_predictions(ours, reference_logits(reference, processor(CONVERSATIONS[name])))
+
+
+# --- FP8 ----------------------------------------------------------------------------------------
+
+def test_fp8_checkpoint_matches_transformers_on_the_dequantized_weights(build, tmp_path):
+    """Variant "a" re-written as Qwen's block FP8 (e4m3, a float32 scale per 24 x 40 block, partial
+    blocks at the edges; the vision tower and lm_head kept), against transformers on the exact
+    dequantization: text and image through the model, the image prompt through the engine."""
+    from fp8_checkpoints import write_dequantized_checkpoint, write_fp8_checkpoint
+    from transformers import Qwen3VLForConditionalGeneration as Reference3
+
+    ckpt = build("a")[3]
+    fp8 = write_fp8_checkpoint(ckpt, tmp_path / "fp8", (24, 40))
+    with safe_open(fp8 / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.language_model.layers.0.self_attn.q_proj.weight").get_dtype() == "F8_E4M3"
+        assert f.get_slice("model.language_model.layers.2.mlp.down_proj.weight_scale_inv").get_shape() == [3, 4]
+    reference = Reference3.from_pretrained(write_dequantized_checkpoint(fp8, tmp_path / "dequantized"),
+                                           dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = load_model(fp8, dtype=torch.float32)
+    assert model.config.quant.method == "fp8"
+    processor = Processor.from_pretrained(fp8)
+    for name in ("text", "image"):
+        (ours,) = run_ours(model, [ours_inputs(processor, CONVERSATIONS[name])])
+        assert_same_predictions(ours, reference_logits(reference, processor(CONVERSATIONS[name])))
+    prompt = processor.prepare(CONVERSATIONS["image"])
+    generated = reference_generations(reference, {"image": prompt})
+    assert_engine_matches(run(make_engine(model, processor), [prompt], TOP5), ["image"], generated)
 
 
 # --- config, rotary, positions by hand ------------------------------------------------------------
@@ -342,19 +522,19 @@ def test_weight_renames_take_the_index():
 # --- the processor's images ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["image", "two_images", "multi_turn"])
-def test_processor_images_equal_qwen3vlprocessor(setup, name):
-    """qwen_vl_utils (patch 16) then transformers' Qwen3VLProcessor with the checkpoint's
-    preprocessor_config.json: the same ids, pixels and grids."""
-    from qwen_vl_utils import process_vision_info
+def test_processor_images_equal_qwen3vlprocessor(dense_setup, name):
+    """The card's pipeline, qwen_vl_utils (patch 16) then transformers' Qwen3VLProcessor with the
+    checkpoint's preprocessor_config.json and `do_resize=False`: the same ids, pixels and grids.
+    (The processor alone would raise small images to its 65536-pixel floor; the card's sizes are
+    qwen_vl_utils': test_qwen3_vl_processor.py's test_small_image_follows_qwen_vl_utils.)"""
+    from test_qwen3_vl_processor import card_inputs
     from transformers import AutoProcessor
 
-    _, _, processor, ckpt = setup
+    _, _, processor, ckpt = dense_setup
     reference = AutoProcessor.from_pretrained(ckpt)
     assert type(reference).__name__ == "Qwen3VLProcessor"
     conversation = CONVERSATIONS[name]
-    text = reference.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    images, _ = process_vision_info([conversation], image_patch_size=16)
-    theirs = reference(text=[text], images=images, return_tensors="pt")
+    theirs, _, _ = card_inputs(reference, [conversation])
     ours = processor(conversation)
     assert torch.equal(ours["input_ids"], theirs["input_ids"])
     assert torch.equal(ours["image_grid_thw"], theirs["image_grid_thw"])
