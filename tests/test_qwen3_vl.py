@@ -391,26 +391,45 @@ def test_published_expert_layout_loads_and_matches(moe_setup, tmp_path):
 
 # --- AWQ ----------------------------------------------------------------------------------------
 
-def test_awq_checkpoint_matches_transformers_on_the_dequantized_weights(tmp_path):
-    from transformers import Qwen3VLForConditionalGeneration as Reference3
+def stack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with per-expert `experts.<e>.{gate,up,down}_proj.weight` stacked as transformers 5.17
+    holds them: `experts.gate_up_proj [E, 2I, H]` and `experts.down_proj [E, H, I]`."""
+    per_expert, out = {}, {}
+    for key, value in state.items():
+        match = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", key)
+        if match:
+            per_expert.setdefault(match[1], {}).setdefault(int(match[2]), {})[match[3]] = value
+        else:
+            out[key] = value
+    for prefix, experts in per_expert.items():
+        ordered = [experts[e] for e in range(len(experts))]
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([e["gate_proj"], e["up_proj"]]) for e in ordered])
+        out[f"{prefix}.down_proj"] = torch.stack([e["down_proj"] for e in ordered])
+    return out
 
-    ckpt = write_random_checkpoint(reference_config_3("a").to_dict(), tmp_path, dtype="fp16", quant="awq",
-                                   group_size=32)
+
+@pytest.mark.parametrize("variant", ["a", "moe"])
+def test_awq_checkpoint_matches_transformers_on_the_dequantized_weights(tmp_path, variant):
+    """AWQ: Qwen3-VL's decoder linears; Qwen3-VL-MoE's too, its experts stored one per expert as the
+    published AWQ MoE checkpoints store them (dequantized into our stacked experts on load)."""
+    config = reference_config_3(variant)
+    ckpt = write_random_checkpoint(config.to_dict(), tmp_path, dtype="fp16", quant="awq", group_size=8)
     state = {}
     with safe_open(ckpt / "model.safetensors", "pt") as f:
         assert "model.layers.0.self_attn.q_norm.weight" in f.keys()
+        assert (variant == "moe") == ("model.layers.0.mlp.experts.7.down_proj.qweight" in f.keys())
         for key in f.keys():
             if key.endswith((".qzeros", ".scales")):
                 continue
             if key.endswith(".qweight"):
                 prefix = key.removesuffix(".qweight")
-                state[f"{prefix}.weight"] = reference_dequantized(f, prefix, "awq", 4, 32)
+                state[f"{prefix}.weight"] = reference_dequantized(f, prefix, "awq", 4, 8)
             else:
                 state[key] = f.get_tensor(key).float()
     state = {("model.visual." + k.removeprefix("visual.")) if k.startswith("visual.") else
              ("model.language_model." + k.removeprefix("model.")) if k.startswith("model.") else k: v
-             for k, v in state.items()}
-    reference = Reference3(reference_config_3("a")).float().eval()
+             for k, v in stack_experts(state).items()}
+    reference = build_reference_model_3(variant)  # its weights replaced by the dequantized ones below
     missing, unexpected = reference.load_state_dict(state, strict=False)
     assert not missing and not unexpected
     model = load_model(ckpt, dtype=torch.float32)
