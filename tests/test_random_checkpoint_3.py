@@ -52,7 +52,8 @@ def written(request, tmp_path_factory):
 def test_the_published_2b_config_parses_with_its_tied_head():
     config = Qwen2VLConfig.from_dict(PUBLISHED_2B)
     assert config.model_type == "qwen3_vl" and config.text.tie_word_embeddings
-    assert (config.text.num_layers, config.vision.depth, config.vision.deepstack_visual_indexes) == (28, 24, (5, 11, 17))
+    assert (config.text.num_layers, config.vision.depth) == (28, 24)
+    assert config.vision.deepstack_visual_indexes == (5, 11, 17)
 
 
 def test_checkpoint_has_the_published_layout_and_qwen3_vl_files(written):
@@ -100,5 +101,24 @@ def test_loads_and_decodes(written):
     generated = {}
     for index, messages in enumerate(CONVERSATIONS):
         out = hf_generate(reference, llm.processor.prepare(messages), repetition_penalty=1.0, output_logits=True)
-        generated[index] = (out.sequences[0, -NEW_TOKENS:].tolist(), [step[0].log_softmax(-1) for step in out.logits[:8]])
+        generated[index] = (out.sequences[0, -NEW_TOKENS:].tolist(),
+                            [step[0].log_softmax(-1) for step in out.logits[:8]])
     assert_engine_matches(outputs, range(len(CONVERSATIONS)), generated)
+
+
+def test_the_published_2b_tensors_are_those_transformers_loads():
+    """Every tensor the writer would write for the real 2B (names in the published layout and
+    shapes; nothing written) is a parameter of transformers' model of that config, and the only
+    parameter left out is the tied lm_head."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from qwen2vl.tools.random_checkpoint import _tensor_groups, current_layout_name
+
+    ours = {current_layout_name(name): shape for group in _tensor_groups(Qwen2VLConfig.from_dict(PUBLISHED_2B),
+                                                                        torch.bfloat16).values()
+            for name, (shape, _) in group.specs.items()}
+    with torch.device("meta"):
+        reference = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**PUBLISHED_2B))
+    theirs = {name: tuple(param.shape) for name, param in reference.state_dict().items()}
+    assert set(theirs) - set(ours) == {"lm_head.weight"} and reference.config.tie_word_embeddings
+    assert {name: theirs[name] for name in ours} == ours

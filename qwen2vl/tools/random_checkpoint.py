@@ -60,7 +60,8 @@ def write_support_files(out_dir: str | Path, model_type: str = "qwen2_vl") -> No
         (out_dir / name).write_bytes((ASSETS_DIR / asset).read_bytes())
     if model_type in FAMILY_TEMPLATES:
         template = (ASSETS_DIR / FAMILY_TEMPLATES[model_type]).read_text(encoding="utf-8")
-        (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2, ensure_ascii=False))
+        (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2,
+                                                               ensure_ascii=False))
     preprocessor = json.loads((out_dir / "preprocessor_config.json").read_text())
     preprocessor = {**preprocessor, "processor_class": PROCESSOR_CLASSES[model_type]}
     (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
