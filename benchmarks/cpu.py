@@ -1,6 +1,6 @@
 """CPU side by side: our engine (4-bit AWQ through the int4 kernel) against transformers.
 
-    python benchmarks/cpu.py [--model qwen2-vl-2b|qwen2.5-vl-3b] [--cache-dir .cache/bench]
+    python benchmarks/cpu.py [--model qwen2-vl-2b|qwen2.5-vl-3b|qwen3-vl-2b] [--cache-dir .cache/bench]
                              [--decode-tokens 32] [--no-accuracy] [--doc docs/benchmarks.md]
 
 On the random-weight Qwen2-VL-2B-Instruct-AWQ checkpoint and its BF16 sibling (both written by
@@ -19,7 +19,9 @@ default) it also compares logits over 64 teacher-forced positions with the dequa
 path. Prints a table and writes it as the "CPU" section of `--doc`.
 
 `--model qwen2.5-vl-3b` runs the same on Qwen2.5-VL-3B-Instruct's shape (AWQ ours, BF16
-transformers in bf16; its fp32 copy, 15 GB, is left out) into a section of its own.
+transformers in bf16; its fp32 copy, 15 GB, is left out) into a section of its own;
+`--model qwen3-vl-2b` on Qwen3-VL-2B-Instruct's (transformers' Qwen3VLForConditionalGeneration
+in bf16), likewise.
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ MODELS = {
                     "## CPU: 4-bit AWQ, our engine vs transformers", ("bf16", "fp32")),
     "qwen2.5-vl-3b": (ASSETS / "qwen2.5-vl-3b-instruct.config.json", "qwen2.5-vl-3b",
                       "## CPU: Qwen2.5-VL-3B, 4-bit AWQ, our engine vs transformers", ("bf16",)),
+    "qwen3-vl-2b": (ASSETS / "qwen3-vl-2b-instruct.config.json", "qwen3-vl-2b",
+                    "## CPU: Qwen3-VL-2B, 4-bit AWQ, our engine vs transformers", ("bf16",)),
 }
 PROMPT = "Write a long story about a lighthouse keeper and a cat."
 IMAGE_SIZE = 448
@@ -66,6 +70,12 @@ def text_messages() -> list[dict]:
 def image_messages(path: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image", "image": path},
                                          {"type": "text", "text": "Describe this image."}]}]
+
+
+def vision_tokens(model: str) -> int:
+    """The merged vision tokens of the IMAGE_SIZE-square image (it is a multiple of the model's factor)."""
+    vision = json.loads(MODELS[model][0].read_text())["vision_config"]
+    return (IMAGE_SIZE // (vision.get("patch_size", 14) * vision.get("spatial_merge_size", 2))) ** 2
 
 
 def write_image(path: Path) -> str:
@@ -119,7 +129,8 @@ def run_transformers(model_dir: str, dtype: str, image: str, decode_tokens: int)
 
     model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
     model_class = {"qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
-                   "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration}[model_type]
+                   "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+                   "qwen3_vl": transformers.Qwen3VLForConditionalGeneration}[model_type]
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     start = time.perf_counter()
     model = model_class.from_pretrained(model_dir, dtype=torch_dtype, attn_implementation="sdpa").eval()
@@ -303,7 +314,7 @@ def main(argv=None) -> None:
             f"Decode: greedy after a {len(PROMPT.split())}-word text prompt, "
             f"{args.decode_tokens} tokens, EOS ignored, `N / (t(N+1 tokens) - t(1 token))`, each time the best of "
             "3 runs (the machine is shared: the minimum is the least disturbed). TTFT: one "
-            f"{IMAGE_SIZE}x{IMAGE_SIZE} image (256 vision tokens) + a short question, from messages to the "
+            f"{IMAGE_SIZE}x{IMAGE_SIZE} image ({vision_tokens(args.model)} vision tokens) + a short question, from messages to the "
             "first token, processing included (our prefix and vision caches off: the runs repeat the prompt). Peak RSS: the whole process (Python, torch, weights, KV "
             f"cache, activations); our engine with `max_model_len={MAX_MODEL_LEN}`. Weights are random "
             "(the published architecture, `qwen2vl.tools.random_checkpoint`), so speed and memory are "

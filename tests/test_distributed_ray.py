@@ -189,7 +189,8 @@ def test_ray_output_is_quiet_unless_verbose(tiny_ckpt, tmp_path, verbose):
     out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert [row["id"] for row in _rows(target)] in ([0, 1], [1, 0])
-    *ray_lines, summary = out.stderr.splitlines()
+    loading, *ray_lines, summary = out.stderr.splitlines()
+    assert loading == f"qwen2vl: loading {tiny_ckpt}"
     assert summary.startswith("[2 rows, ") and summary.endswith(", 1 replica(s)]")
     if verbose:
         assert any("INFO" in line and "Dataset" in line for line in ray_lines), out.stderr

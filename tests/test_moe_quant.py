@@ -212,10 +212,10 @@ def test_random_writer_moe_checkpoint_loads(tmp_path, fmt):
                                    group_size=GROUP_SIZES.get(fmt, 32))
     with safe_open(ckpt / "model.safetensors", "pt") as f:
         keys = set(f.keys())
-        router = f.get_tensor("model.layers.1.mlp.gate.weight").float()
-        stacked = f.get_tensor("model.layers.1.mlp.experts.gate_up_proj").float() if fmt == "bf16" else None
-    assert "model.layers.0.mlp.gate_proj." + ("weight" if fmt != "awq" else "qweight") in keys
-    assert not any(k.startswith("model.layers.0.mlp.experts") for k in keys)
+        router = f.get_tensor("model.language_model.layers.1.mlp.gate.weight").float()
+        stacked = f.get_tensor("model.language_model.layers.1.mlp.experts.gate_up_proj").float() if fmt == "bf16" else None
+    assert "model.language_model.layers.0.mlp.gate_proj." + ("weight" if fmt != "awq" else "qweight") in keys
+    assert not any(k.startswith("model.language_model.layers.0.mlp.experts") for k in keys)
     model = load_moe_model(ckpt)
     block = model.language_model.layers[1].mlp
     assert torch.equal(block.gate.weight, router)
@@ -224,25 +224,22 @@ def test_random_writer_moe_checkpoint_loads(tmp_path, fmt):
         assert torch.equal(block.experts.gate_up_proj, stacked.transpose(1, 2))
         return
     last_scales = "scales" if fmt == "awq" else "weight_scale_inv"
-    assert f"model.layers.1.mlp.experts.{EXPERTS - 1}.down_proj.{last_scales}" in keys
-    gate_up, down = dequantized_experts(ckpt / "model.safetensors", fmt, "model.layers.1.mlp")
+    assert f"model.language_model.layers.1.mlp.experts.{EXPERTS - 1}.down_proj.{last_scales}" in keys
+    gate_up, down = dequantized_experts(ckpt / "model.safetensors", fmt, "model.language_model.layers.1.mlp")
     assert torch.equal(block.experts.gate_up_proj, gate_up) and torch.equal(block.experts.down_proj, down)
 
 
 def test_current_key_layout_and_qwen_fp8_skip_list(tmp_path):
-    """Qwen's FP8 releases name their tensors in the current layout (`model.language_model.*`) and
-    list each router in modules_to_not_convert (`model.language_model.layers.<i>.mlp.gate`)."""
+    """Qwen's FP8 releases name their tensors in the current layout (`model.language_model.*`, as the
+    writer does for Qwen3-VL) and list each router in modules_to_not_convert
+    (`model.language_model.layers.<i>.mlp.gate`)."""
     ckpt = write_random_checkpoint(moe_checkpoint_config(), tmp_path, quant="fp8", group_size=24)
     tensors = load_file(ckpt / "model.safetensors")
-    renamed = {("model.language_model." + k[len("model."):] if k.startswith("model.") else
-                "model." + k if k.startswith("visual.") else k): v for k, v in tensors.items()}
-    assert "model.language_model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv" in renamed
-    save_file(renamed, ckpt / "model.safetensors")
+    assert "model.language_model.layers.1.mlp.experts.0.gate_proj.weight_scale_inv" in tensors
     config = json.loads((ckpt / "config.json").read_text())
     config["quantization_config"]["modules_to_not_convert"] += ["model.language_model.layers.1.mlp.gate"]
     (ckpt / "config.json").write_text(json.dumps(config))
     block = load_moe_model(ckpt).language_model.layers[1].mlp
-    save_file(tensors, tmp_path / "original.safetensors")
-    gate_up, down = dequantized_experts(tmp_path / "original.safetensors", "fp8", "model.layers.1.mlp")
+    gate_up, down = dequantized_experts(ckpt / "model.safetensors", "fp8", "model.language_model.layers.1.mlp")
     assert torch.equal(block.experts.gate_up_proj, gate_up) and torch.equal(block.experts.down_proj, down)
-    assert torch.equal(block.gate.weight, tensors["model.layers.1.mlp.gate.weight"].float())
+    assert torch.equal(block.gate.weight, tensors["model.language_model.layers.1.mlp.gate.weight"].float())

