@@ -95,7 +95,7 @@ def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
     cached = entry.read() if entry else None
     if cached is not None and not _layout_fits(model, cached):
         cached = None
-    _fill(model, model_dir, text_dtype, vision_dtype, device, cached_modules=_modules_of(model, cached), progress=progress)
+    _fill(model, model_dir, text_dtype, vision_dtype, device, _modules_of(model, cached), progress)
     if cached is not None:
         _restore_layout(model, cached, device)
     finish_quantized_linears(model, text_dtype, int4_kernel, progress)
@@ -128,8 +128,8 @@ def _layout_fits(model: torch.nn.Module, layout: load_cache.Layout) -> bool:
         except AttributeError:
             return False
         if isinstance(module, Int8VocabTable):
-            if {name: (t.shape, t.dtype) for name, t in tensors.items()} != {
-                    "values": (module.values.shape, module.values.dtype), "scales": (module.scales.shape, module.scales.dtype)}:
+            expected = {key: (module.get_buffer(key).shape, module.get_buffer(key).dtype) for key in ("values", "scales")}
+            if {key: (tensor.shape, tensor.dtype) for key, tensor in tensors.items()} != expected:
                 return False
         elif not (isinstance(module, QuantizedLinear) and settings.get("backend") in kernels.INT4_BACKENDS):
             return False
@@ -210,7 +210,7 @@ def finish_quantized_linears(model: torch.nn.Module, dtype: torch.dtype, int4_ke
     names = [name for name, module in model.named_modules() if isinstance(module, (QuantizedLinear, FP8Linear))]
     for done, name in enumerate(names):
         if progress is not None:
-            progress(f"converting quantized linears ({len(names)})", done, len(names))
+            progress("converting quantized linears", done, len(names))
         module = model.get_submodule(name)
         if isinstance(module, FP8Linear):
             if int4_kernel is not False and kernels.fp8_kernel_runs(module.weight.device, dtype):
@@ -224,6 +224,8 @@ def finish_quantized_linears(model: torch.nn.Module, dtype: torch.dtype, int4_ke
             setattr(model.get_submodule(parent), child, Int4Linear(module, backend))
         else:
             module.dequantize_(dtype)
+    if progress is not None and names:
+        progress("converting quantized linears", len(names), len(names))
 
 
 def default_dtype(config: Qwen2VLConfig, device: torch.device) -> torch.dtype:

@@ -126,7 +126,7 @@ def test_cache_off_writes_nothing(awq_ckpt, tmp_path, monkeypatch):
     load_model(awq_ckpt, dtype=torch.bfloat16)
     assert not any(tmp_path.iterdir())
     assert load_cache.cache_dir(tmp_path / "given") == tmp_path / "given"  # an explicit folder wins over the switch
-    monkeypatch.delenv(load_cache.SWITCH_ENV)
+    monkeypatch.delenv(load_cache.SWITCH_ENV, raising=False)
     assert load_cache.cache_dir() == tmp_path / "env" / "load"
     monkeypatch.delenv(load_cache.DIR_ENV)
     assert load_cache.cache_dir(True) == tmp_path / "xdg" / "qwen2vl" / "load"
@@ -145,4 +145,5 @@ def test_progress_reports_bytes_read_up_to_the_total(awq_ckpt, tmp_path):
     load_model(awq_ckpt, dtype=torch.bfloat16, cache=False, progress=lambda *call: calls.append(call))
     reads = [(done, total) for text, done, total in calls if text.startswith("loading")]
     assert reads[-1][0] == reads[-1][1] > 0 and [d for d, _ in reads] == sorted(d for d, _ in reads)
-    assert any(text.startswith("converting") for text, _, _ in calls)
+    converted = [(done, total) for text, done, total in calls if text.startswith("converting")]
+    assert converted[-1] == (8, 8)  # the 8 quantized linears of the tiny model
