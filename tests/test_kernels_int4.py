@@ -185,3 +185,20 @@ def test_layers_the_kernel_cannot_run_stay_dequantized():
     uneven = torch.tensor([0] * 40 + [1] * 24 + [2] * 32 + [3] * 32, dtype=torch.int32)
     assert Int4Linear.backend_for(gptq_linear(32, 128, 32, seed=15, g_idx=uneven), torch.bfloat16) is None
     assert Int4Linear.backend_for(awq_linear(24, 64, 32, seed=16), torch.bfloat16) is None  # N = 24
+
+
+@pytest.mark.parametrize("n,k,group_size", [(64, 32, 32), (1024, 256, 128), (1040, 64, 32)])
+def test_awq_columns_pack_to_the_converters_layout(n, k, group_size):
+    """AWQ's values unpacked as bytes and packed directly give the bytes torch's converter gives
+    (1040 rows, not whole tiles: the converter, as everywhere the direct layout is not this CPU's)."""
+    values, zeros, scales = random_layout(n, k, group_size, seed=k)
+    qweight = q.pack_awq(values.t())
+    assert torch.equal(q.unpack_awq_bytes(qweight), values.t().to(torch.uint8))
+    assert torch.equal(q.unpack_awq_bytes(qweight[:, 8:16]), values[64:128].t().to(torch.uint8))
+    columns = lambda start, end: q.unpack_awq_bytes(qweight[:, start // 8: end // 8])  # noqa: E731
+    direct = kernels.pack_int4("cpu", rows_of(values), scales, zeros, columns=columns)
+    converted = kernels.pack_int4("cpu", rows_of(values), scales, zeros)
+    assert all(torch.equal(direct[name], converted[name]) for name in converted)
+    if int4_cpu.pack_columns_matches_converter():
+        assert torch.equal(int4_cpu.pack_columns(values.t().to(torch.uint8).contiguous()[:, :64]),
+                           torch.ops.aten._convert_weight_to_int4pack_for_cpu(values[:64].contiguous(), 1))

@@ -44,7 +44,8 @@ def available() -> bool:
 
 
 def pack(rows: Callable[[int, int], torch.Tensor], scales: torch.Tensor, zeros: torch.Tensor,
-         reuse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+         reuse: torch.Tensor | None = None,
+         columns: Callable[[int, int], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """4-bit values in [0, 16), read as `rows(start, end) -> [end - start, K]`, float `scales
     [G, N]`, integer zero points `zeros [G, N]` (`W = (values - zeros) * scales`) -> (packed
     weight, `scales_and_zeros [G, N, 2]`).
@@ -54,11 +55,18 @@ def pack(rows: Callable[[int, int], torch.Tensor], scales: torch.Tensor, zeros: 
     `reuse`: a contiguous tensor of the packed weight's byte count (the checkpoint's packed
     tensor), overwritten with the result once every row is read: converting a model then
     allocates no second copy of its weights, and leaves no freed holes in the heap.
+    `columns(start, end) -> uint8 [K, end - start]`: the same values by input row, where the
+    source has them so; the layout is then written from them directly, all rows at once
+    (`pack_columns`, several times faster than int32 rows through torch's converter), where this
+    CPU's layout is the one it writes.
     """
     convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
     n = scales.shape[1]
-    blocks = [convert(rows(start, min(start + PACK_BLOCK_ROWS, n)).to(torch.int32).contiguous(), 1)
-              for start in range(0, n, PACK_BLOCK_ROWS)]
+    if columns is not None and n % TILE_ROWS == 0 and pack_columns_matches_converter():
+        blocks = [pack_columns(columns(0, n))]  # uint8: whole projections are small enough
+    else:
+        blocks = [convert(rows(start, min(start + PACK_BLOCK_ROWS, n)).to(torch.int32).contiguous(), 1)
+                  for start in range(0, n, PACK_BLOCK_ROWS)]
     packed_shape = (n, blocks[0].shape[1])
     if reuse is None or reuse.numel() * reuse.element_size() != packed_shape[0] * packed_shape[1]:
         packed = torch.cat(blocks)
@@ -67,6 +75,25 @@ def pack(rows: Callable[[int, int], torch.Tensor], scales: torch.Tensor, zeros: 
     scales = scales.float()
     offsets = (8 - zeros.float()) * scales
     return packed, torch.stack([scales, offsets], dim=-1).to(KERNEL_DTYPE).contiguous()
+
+
+def pack_columns(values: torch.Tensor) -> torch.Tensor:
+    """4-bit values `[K, N]` (uint8, N a multiple of `TILE_ROWS`) -> the packed weight `[N, K/2]`
+    as torch's converter writes it on AVX-512 CPUs: per tile of 64 output rows, for each k, 32
+    bytes, byte j holding row j (low nibble) and row j + 32 (high)."""
+    k, n = values.shape
+    tiles = values.view(k, n // TILE_ROWS, 2, TILE_ROWS // 2)
+    packed = tiles[:, :, 0] | (tiles[:, :, 1] << 4)  # [K, tiles, 32]
+    return packed.permute(1, 0, 2).reshape(n, k // 2)
+
+
+@functools.cache
+def pack_columns_matches_converter() -> bool:
+    """Whether torch's converter writes `pack_columns`' layout on this CPU (it tiles by the CPU's
+    vector width: other layouts elsewhere), checked once on random values."""
+    values = torch.randint(0, 16, (2 * TILE_ROWS, 128), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
+    return torch.equal(pack_columns(values.t().to(torch.uint8).contiguous()), expected)
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,

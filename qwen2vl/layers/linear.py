@@ -115,6 +115,10 @@ class AWQLinear(QuantizedLinear):
     def values(self, start, end):
         return q.unpack_awq(self.qweight[:, start // self.pack_factor: end // self.pack_factor]).t()
 
+    def columns(self, start: int, end: int) -> torch.Tensor:
+        """uint8 `[K, end - start]`: `values(start, end)` transposed, as AWQ stores them."""
+        return q.unpack_awq_bytes(self.qweight[:, start // self.pack_factor: end // self.pack_factor])
+
     def zero_points(self):
         return q.unpack_awq(self.qzeros)
 
@@ -234,7 +238,7 @@ class Int4Linear(nn.Module):
         if layout is None:
             # The checkpoint's qweight has the CPU layout's byte count: written over, not copied.
             weight = kernels.pack_int4(backend, source.values, source.scales, source.zero_points(),
-                                       reuse=source.qweight)
+                                       reuse=source.qweight, columns=getattr(source, "columns", None))
             input_order = source.input_order
         else:
             weight = {name: tensor for name, tensor in layout.items() if name != "input_order"}
