@@ -11,11 +11,12 @@ import torch
 from checkpoints import reference_config
 from qwen2vl import kernels, load_cache
 from qwen2vl.kernels import int4_cpu
-from qwen2vl.layers.linear import Int4Linear
+from qwen2vl.layers.linear import GPTQLinear, Int4Linear, Linear
 from qwen2vl.layers.vocab import Int8VocabTable
 from qwen2vl.loader import load_model
 from qwen2vl.tools.random_checkpoint import write_random_checkpoint
 from test_cpu_int4 import greedy_ids
+from test_kernels_int4 import gptq_linear
 
 pytestmark = pytest.mark.skipif(not int4_cpu.available(), reason="this torch has no CPU int4 kernel")
 
@@ -147,3 +148,22 @@ def test_progress_reports_bytes_read_up_to_the_total(awq_ckpt, tmp_path):
     assert reads[-1][0] == reads[-1][1] > 0 and [d for d, _ in reads] == sorted(d for d, _ in reads)
     converted = [(done, total) for text, done, total in calls if text.startswith("converting")]
     assert converted[-1] == (8, 8)  # the 8 quantized linears of the tiny model
+
+
+def test_an_act_order_linear_round_trips_through_an_entry(tmp_path):
+    """A GPTQ linear with act order keeps its input order: rebuilt from an entry and an empty
+    source, it is the same linear."""
+    g_idx = (torch.randperm(128, generator=torch.Generator().manual_seed(4)) // 32).int()
+    fast = Int4Linear(gptq_linear(32, 128, 32, seed=13, g_idx=g_idx), "cpu")
+    assert fast.input_order is not None
+    entry = load_cache.Entry(tmp_path / "entry.safetensors", "identity")
+    assert entry.write({"layer": ({"backend": "cpu"}, fast.layout())}) == entry.path.stat().st_size
+    [(settings, tensors)] = entry.read().values()
+    with torch.device("meta"):
+        empty = GPTQLinear(Linear(128, 32), 4, 32, zero_offset=1)
+    rebuilt = Int4Linear(empty, settings["backend"], tensors)
+    assert rebuilt.weight_names == fast.weight_names and torch.equal(rebuilt.input_order, fast.input_order)
+    assert all(torch.equal(getattr(rebuilt, name), getattr(fast, name)) for name in fast.weight_names)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(rebuilt(x), fast(x))
+    assert load_cache.Entry(entry.path, "another checkpoint").read() is None  # stale: not used
