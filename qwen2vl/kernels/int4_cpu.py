@@ -62,7 +62,7 @@ def pack(rows: Callable[[int, int], torch.Tensor], scales: torch.Tensor, zeros: 
     """
     convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
     n = scales.shape[1]
-    if columns is not None and n % TILE_ROWS == 0 and pack_columns_matches_converter():
+    if columns is not None and n % TILE_ROWS == 0 and converter_writes_64_row_tiles():
         blocks = [pack_columns(columns(0, n))]  # uint8: whole projections are small enough
     else:
         blocks = [convert(rows(start, min(start + PACK_BLOCK_ROWS, n)).to(torch.int32).contiguous(), 1)
@@ -88,9 +88,10 @@ def pack_columns(values: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def pack_columns_matches_converter() -> bool:
-    """Whether torch's converter writes `pack_columns`' layout on this CPU (it tiles by the CPU's
-    vector width: other layouts elsewhere), checked once on random values."""
+def converter_writes_64_row_tiles() -> bool:
+    """Whether torch's converter writes `pack_columns`' layout on this CPU, the one
+    `dequantize_packed` reads: it tiles by the CPU's vector width (tiles of 32 rows, another
+    layout, on AVX2 builds), checked once on random values."""
     values = torch.randint(0, 16, (2 * TILE_ROWS, 128), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     expected = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
     return torch.equal(pack_columns(values.t().to(torch.uint8).contiguous()), expected)
@@ -99,9 +100,10 @@ def pack_columns_matches_converter() -> bool:
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor,
                 group_size: int) -> torch.Tensor:
     """`x [..., K] @ W^T` through the kernel (from `DEQUANTIZE_MIN_ROWS` rows on, the unpacked
-    bfloat16 weight and a dense product), returned in x's dtype."""
+    bfloat16 weight and a dense product, where this CPU has the 64-row tiles it reads), returned in
+    x's dtype."""
     flat = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE)
-    if flat.shape[0] >= DEQUANTIZE_MIN_ROWS and packed.shape[0] % TILE_ROWS == 0:
+    if flat.shape[0] >= DEQUANTIZE_MIN_ROWS and packed.shape[0] % TILE_ROWS == 0 and converter_writes_64_row_tiles():
         y = flat @ dequantize_packed(packed, scales_and_zeros, group_size)
     else:
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, group_size, scales_and_zeros)
@@ -109,7 +111,8 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
 
 
 def dequantize_packed(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """`W^T [K, N]` in bfloat16 straight from the packed layout (N a multiple of `TILE_ROWS`):
+    """`W^T [K, N]` in bfloat16 straight from the packed layout (N a multiple of `TILE_ROWS`, where
+    `converter_writes_64_row_tiles`):
     `dequantize`'s float32 weight rounded once (`addcmul` computes in float32, where
     `(q - 8) * s + z'` is exact)."""
     n, k = packed.shape[0], packed.shape[1] * 2
