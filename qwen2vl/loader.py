@@ -12,7 +12,8 @@ one per expert (as the AWQ and FP8 releases store them) are stacked, each expert
 last tensor arrives. Keys and shapes are checked against the config before any tensor is read.
 
 What loading computes beyond reading (4-bit linears repacked for their kernel, the int8
-vocabulary rows) is cached after a first load (`qwen2vl.load_cache`) and read back on later ones.
+vocabulary rows, tensors converted to the compute dtype) is cached after a first load
+(`qwen2vl.load_cache`) and read back on later ones.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
     FP8 for the FP8 kernel where it runs (`kernels.fp8_kernel_runs`) unless `int4_kernel` is
     False; elsewhere they are dequantized exactly to the decoder's dtype.
 
-    `cache`: where the repacked 4-bit layout and int8 rows are kept between loads (see
+    `cache`: where the repacked 4-bit layout, int8 rows and converted tensors are kept between loads (see
     `qwen2vl.load_cache`): None the user's cache folder unless `$QWEN2VL_LOAD_CACHE=0`, False
     none, a path that folder. A first load that writes an entry says so on stderr, with its time.
     `progress(text, done, total)` is called as tensors are read (done/total in bytes) and as
@@ -95,62 +96,93 @@ def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
     cached = entry.read() if entry else None
     if cached is not None and not _layout_fits(model, cached):
         cached = None
-    _fill(model, model_dir, text_dtype, vision_dtype, device, _modules_of(model, cached), progress)
+    converted = _fill(model, model_dir, text_dtype, vision_dtype, device, _cached_targets(model, cached), progress)
     if cached is not None:
         _restore_layout(model, cached, device)
     finish_quantized_linears(model, text_dtype, int4_kernel, progress)
-    if entry is not None and cached is None and (layout := derived_layout(model)):
+    if entry is not None and cached is None and (layout := derived_layout(model, converted)):
         written = entry.write(layout)
         if written is not None:
-            print(f"qwen2vl: first load of {model_dir} took {time.perf_counter() - started:.1f} s; its repacked "
-                  f"layout ({written / 1e9:.2f} GB) is cached in {entry.path}, later loads read it", file=sys.stderr)
+            print(f"qwen2vl: first load of {model_dir} took {time.perf_counter() - started:.1f} s; what it computed "
+                  f"({written / 1e9:.2f} GB) is cached in {entry.path}, later loads read it", file=sys.stderr)
     return model.eval()
 
 
-def derived_layout(model: torch.nn.Module) -> load_cache.Layout:
+def derived_layout(model: torch.nn.Module, converted: set[tuple[str, str]] = frozenset()) -> load_cache.Layout:
     """What loading `model` computed beyond reading, by module: each `Int4Linear`'s packed
-    tensors, each `Int8VocabTable`'s rows (a tied table once)."""
+    tensors, each `Int8VocabTable`'s rows (a tied table once), and the `converted` tensors
+    ((module name, attribute) pairs: read into another dtype), listed in the settings."""
     layout = {}
     for name, module in model.named_modules():
         if isinstance(module, Int4Linear):
             layout[name] = ({"backend": module.backend}, module.layout())
         elif isinstance(module, Int8VocabTable):
             layout[name] = ({}, {"values": module.values, "scales": module.scales})
+    for name, attr in sorted(converted):
+        settings, tensors = layout.setdefault(name, ({}, {}))
+        settings.setdefault("converted", []).append(attr)
+        tensors[attr] = getattr(model.get_submodule(name), attr)
     return layout
 
 
 def _layout_fits(model: torch.nn.Module, layout: load_cache.Layout) -> bool:
-    """Whether a cached layout names this model's modules as they stand before it is restored
-    (a damaged entry may not; it is then ignored and written again)."""
+    """Whether a cached layout names this model's modules and tensors as they stand before it is
+    restored (a damaged entry may not; it is then ignored and written again)."""
     for name, (settings, tensors) in layout.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
             return False
-        if isinstance(module, Int8VocabTable):
-            expected = {key: (module.get_buffer(key).shape, module.get_buffer(key).dtype) for key in ("values", "scales")}
+        converted = settings.get("converted", [])
+        for attr in converted:
+            current = getattr(module, attr, None)
+            if current is None or attr not in tensors or current.shape != tensors[attr].shape:
+                return False
+        if "backend" in settings:
+            if not (isinstance(module, QuantizedLinear) and settings["backend"] in kernels.INT4_BACKENDS):
+                return False
+        elif isinstance(module, Int8VocabTable):
+            expected = {key: (module.get_buffer(key).shape, module.get_buffer(key).dtype)
+                        for key in ("values", "scales")}
             if {key: (tensor.shape, tensor.dtype) for key, tensor in tensors.items()} != expected:
                 return False
-        elif not (isinstance(module, QuantizedLinear) and settings.get("backend") in kernels.INT4_BACKENDS):
+        elif not converted:
             return False
     return True
 
 
-def _modules_of(model: torch.nn.Module, layout: load_cache.Layout | None) -> set[torch.nn.Module]:
-    return {model.get_submodule(name) for name in layout} if layout else set()
+def _cached_targets(model: torch.nn.Module, layout: load_cache.Layout | None) -> set[tuple[torch.nn.Module, str]]:
+    """(module, checkpoint attribute) of each tensor a cached layout stands in for: a 4-bit
+    linear's packed tensors (not its bias, unless converted), a vocabulary table read as int8
+    rows, converted tensors."""
+    targets = set()
+    for name, (settings, tensors) in (layout or {}).items():
+        module = model.get_submodule(name)
+        if "backend" in settings:
+            targets |= {(module, attr) for attr in module.checkpoint_shapes(module.out_features) if attr != "bias"}
+        elif isinstance(module, Int8VocabTable):
+            targets.add((module, "weight"))
+        targets |= {(module, attr) for attr in settings.get("converted", ())}
+    return targets
 
 
 def _restore_layout(model: torch.nn.Module, layout: load_cache.Layout, device: torch.device) -> None:
-    """Put a cached layout in place: `Int4Linear`s for the quantized linears it holds (their
-    biases read from the checkpoint already), the int8 rows of the vocabulary table(s)."""
+    """Put a cached layout in place: `Int4Linear`s for the quantized linears it holds, the int8
+    rows of the vocabulary table(s), the converted tensors."""
     for name, (settings, tensors) in layout.items():
         tensors = {key: tensor.to(device) for key, tensor in tensors.items()}
+        converted = {attr: tensors.pop(attr) for attr in settings.get("converted", ())}
         module = model.get_submodule(name)
-        if isinstance(module, Int8VocabTable):
-            module.values, module.scales = tensors["values"], tensors["scales"]
-        else:
+        if "backend" in settings:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, Int4Linear(module, settings["backend"], tensors))
+            module = Int4Linear(module, settings["backend"], tensors)
+            setattr(model.get_submodule(parent), child, module)
+        elif isinstance(module, Int8VocabTable):
+            module.values, module.scales = tensors["values"], tensors["scales"]
+        for attr, tensor in converted.items():
+            if isinstance(getattr(module, attr), torch.nn.Parameter):
+                tensor = torch.nn.Parameter(tensor, requires_grad=False)
+            setattr(module, attr, tensor)
 
 
 def int8_vocabulary(config: Qwen2VLConfig, device: torch.device, text_dtype: torch.dtype,
@@ -174,30 +206,36 @@ def swap_vocab_tables_int8(model: Qwen2VLForConditionalGeneration, dtype: torch.
 
 
 def _fill(model: Qwen2VLForConditionalGeneration, model_dir: Path, text_dtype: torch.dtype,
-          vision_dtype: torch.dtype, device: torch.device, cached_modules: set[torch.nn.Module] = frozenset(),
-          progress: Callable[[str, int, int], None] | None = None) -> None:
-    """Read every checkpoint tensor into its place, except those of `cached_modules` (restored
-    from the load cache) other than their biases. The plan (which references every module) is
-    gone on return, so modules replaced afterwards are freed one by one."""
+          vision_dtype: torch.dtype, device: torch.device, cached: set[tuple[torch.nn.Module, str]] = frozenset(),
+          progress: Callable[[str, int, int], None] | None = None) -> set[tuple[str, str]]:
+    """Read every checkpoint tensor into its place, except the (module, attribute) targets
+    `cached` (restored from the load cache); returns the (module name, attribute) of the tensors
+    read into another dtype than stored. The plan (which references every module) is gone on
+    return, so modules replaced afterwards are freed one by one."""
     shards = _shard_keys(model_dir)
     plan = _plan(model, architecture(model.config.model_type).weight_renames, _per_expert_layers(shards))
     _check_keys(plan, shards, model.config.text.tie_word_embeddings)
     reads = [(shard, key, slot) for shard in shards.values() for key in shard.entries
-             if (slot := plan.get(original_layout_name(key))) is not None
-             and not (_slot_module(slot) in cached_modules and getattr(slot, "attr", None) != "bias")]
-    total, done = sum(shard.nbytes(key) for shard, key, _ in reads), 0
+             if (slot := plan.get(original_layout_name(key))) is not None and _target(slot) not in cached]
+    names = {module: name for name, module in model.named_modules()}
+    total, done, converted = sum(shard.nbytes(key) for shard, key, _ in reads), 0, set()
     for path in shards:
         with open(path, "rb") as f:
             for shard, key, slot in reads:
                 if shard.path == path:
-                    slot.fill(shard, f, key, text_dtype if slot.is_text else vision_dtype, device)
+                    float_dtype = text_dtype if slot.is_text else vision_dtype
+                    slot.fill(shard, f, key, float_dtype, device)
+                    if type(slot) is _Slot and slot.read_dtype(shard.dtype(key), float_dtype) != shard.dtype(key):
+                        converted.add((names[slot.module], slot.attr))
                     done += shard.nbytes(key)
                     if progress is not None:
                         progress(f"loading {model_dir.name}", done, total)
+    return converted
 
 
-def _slot_module(slot) -> torch.nn.Module:
-    return slot.table if isinstance(slot, _Int8RowsSlot) else slot.module
+def _target(slot) -> tuple[torch.nn.Module, str]:
+    """(module, attribute) a slot fills (a vocabulary table read as int8 rows: its "weight")."""
+    return (slot.table, "weight") if isinstance(slot, _Int8RowsSlot) else (slot.module, slot.attr)
 
 
 def finish_quantized_linears(model: torch.nn.Module, dtype: torch.dtype, int4_kernel: bool | str,
@@ -302,15 +340,17 @@ class _Slot:
             raise CheckpointError(f"tensor {key}: expected {q.FP8_DTYPE} (config.json's quantization_config says "
                                   f"FP8), found {stored}")
 
+    def read_dtype(self, stored: torch.dtype, float_dtype: torch.dtype) -> torch.dtype:
+        """The dtype a tensor stored in `stored` is read into. Quantization scales keep their
+        stored precision (FP8's are read as float32); other float tensors take the compute dtype."""
+        return self.stored_dtype or (float_dtype if stored.is_floating_point and self.attr != "scales" else stored)
+
     def fill(self, shard: "_Shard", f, key: str, float_dtype: torch.dtype, device: torch.device) -> None:
         target = getattr(self.module, self.attr)
         stored = shard.dtype(key)
         if stored.is_floating_point != target.dtype.is_floating_point:
             raise CheckpointError(f"tensor {key}: expected dtype {target.dtype}, found {stored}")
-        # Quantization scales keep their stored precision (FP8's are read as float32); other float
-        # tensors take the compute dtype.
-        dtype = self.stored_dtype or (float_dtype if stored.is_floating_point and self.attr != "scales" else stored)
-        tensor = shard.read(f, key, dtype)
+        tensor = shard.read(f, key, self.read_dtype(stored, float_dtype))
         if self.dim is None:
             if self.shared and not target.is_meta and not torch.equal(target.cpu(), tensor):
                 raise CheckpointError(f"tensor {key}: differs from the other parts of its fused projection")
