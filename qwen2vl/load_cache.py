@@ -1,8 +1,10 @@
 """A cache of what loading computes beyond reading a checkpoint: the 4-bit linears repacked for
-their kernel (`Int4Linear`'s layout) and the vocabulary table quantized to int8 rows
-(`Int8VocabTable`). Computing them is most of a 4-bit checkpoint's load on the CPU (the 2B AWQ
-model: ~50 s of repacking, against ~1 s of reading); a later load reads them straight into the
-final tensors.
+their kernel (`Int4Linear`'s layout), the vocabulary table quantized to int8 rows
+(`Int8VocabTable`) and the tensors read into another dtype than stored (an AWQ checkpoint's
+float16 vision tower, loaded in bfloat16). Computing them is most of a 4-bit checkpoint's load on
+the CPU; a later load reads them straight into the final tensors (the 2B AWQ model on a shared
+2-core machine: ~1-1.5 s warm against 12-36 s cold; benchmarks/load.py), and reads from the
+checkpoint only what it uses as stored. An entry is about the size of the loaded weights.
 
 One file per checkpoint directory and load settings, `<dir>/load/<key>.safetensors` (a
 safetensors file: the tensors, and in its metadata the checkpoint's identity and each module's

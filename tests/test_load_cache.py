@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from checkpoints import reference_config
-from qwen2vl import kernels, load_cache
+from qwen2vl import kernels, load_cache, loader
 from qwen2vl.kernels import int4_cpu
 from qwen2vl.layers.linear import GPTQLinear, Int4Linear, Linear
 from qwen2vl.layers.vocab import Int8VocabTable
@@ -43,11 +43,18 @@ def assert_same_tensors(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 def refuse_repacking(monkeypatch) -> None:
-    """A load that computes a layout again fails: what follows must come from the cache."""
+    """A load that computes a layout again, or reads a tensor from the checkpoint into another
+    dtype than stored, fails: what follows must come from the cache."""
     def fail(*args, **kwargs):
         raise AssertionError("repacked although the cache holds the layout")
     monkeypatch.setattr(kernels, "pack_int4", fail)
     monkeypatch.setattr(kernels, "int8_rows", fail)
+    read = loader._Shard.read
+
+    def read_as_stored(shard, f, key, dtype, *args):
+        assert dtype == shard.dtype(key), f"{key} converted although the cache holds it"
+        return read(shard, f, key, dtype, *args)
+    monkeypatch.setattr(loader._Shard, "read", read_as_stored)
 
 
 def test_cached_load_is_bitwise_identical_and_gives_the_same_tokens(awq_ckpt, tmp_path, monkeypatch, capsys):
