@@ -60,10 +60,13 @@ def cache_dir(cache: bool | str | os.PathLike | None = None) -> Path | None:
     return Path(root) / "load"
 
 
-def layout_settings(device: torch.device, dtype: torch.dtype, int4_kernel: bool | str, int8_vocab: bool) -> dict:
-    """Everything besides the checkpoint that decides what the cached tensors hold."""
+def layout_settings(device: torch.device, dtypes: tuple[torch.dtype, ...], int4_kernel: bool | str,
+                    int8_vocab: bool) -> dict:
+    """Everything besides the checkpoint that decides what the cached tensors hold (`dtypes`: the
+    text decoder's and the vision tower's)."""
     return {"format": FORMAT_VERSION, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
-            "device": device.type, "dtype": str(dtype), "int4_kernel": int4_kernel, "int8_vocab": int8_vocab}
+            "device": device.type, "dtypes": [str(dtype) for dtype in dtypes], "int4_kernel": int4_kernel,
+            "int8_vocab": int8_vocab}
 
 
 @dataclass

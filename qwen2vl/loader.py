@@ -91,7 +91,7 @@ def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
     entry = None
     if config.four_bit and int4_kernel and (directory := load_cache.cache_dir(cache)) is not None:
         files = [model_dir / "config.json", *_shard_keys(model_dir)]
-        settings = load_cache.layout_settings(device, text_dtype, int4_kernel, int8_vocab)
+        settings = load_cache.layout_settings(device, (text_dtype, vision_dtype), int4_kernel, int8_vocab)
         entry = load_cache.Entry.find(directory, model_dir, files, settings)
     cached = entry.read() if entry else None
     if cached is not None and not _layout_fits(model, cached):

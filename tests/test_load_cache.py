@@ -84,6 +84,12 @@ def test_settings_have_entries_of_their_own(awq_ckpt, tmp_path):
     exact = load_model(awq_ckpt, dtype=torch.float32, cache=tmp_path)  # dequantized: nothing to cache
     assert len(entries(tmp_path)) == 2
     assert not any(isinstance(m, Int4Linear) for m in exact.modules())
+    # float16: a bfloat16 decoder as with bfloat16, but a float16 vision tower
+    half = load_model(awq_ckpt, dtype=torch.float16, cache=tmp_path)
+    assert len(entries(tmp_path)) == 3
+    again = load_model(awq_ckpt, dtype=torch.float16, cache=tmp_path)
+    assert again.visual.blocks[0].attn.qkv.weight.dtype == torch.float16
+    assert_same_tensors(half, again)
 
 
 def test_a_changed_checkpoint_invalidates_its_entry(tmp_path, capsys):
