@@ -22,6 +22,7 @@ KERNEL_DTYPE = torch.bfloat16
 GROUP_SIZES = (32, 64, 128, 256)
 N_MULTIPLE = 16
 PACK_BLOCK_ROWS = 256  # a multiple of the 64-row tiles the kernel packs independently
+PACK_COLUMN_ROWS = 2048  # the same for uint8 values, an eighth of int32 rows' bytes
 # The layout packs rows in tiles of 64: byte [k, j] of a tile holds rows j (low nibble) and j + 32.
 TILE_ROWS = 64
 # From this many rows on (prefill), the weight unpacked to bfloat16 and one dense product beat
@@ -56,14 +57,15 @@ def pack(rows: Callable[[int, int], torch.Tensor], scales: torch.Tensor, zeros: 
     tensor), overwritten with the result once every row is read: converting a model then
     allocates no second copy of its weights, and leaves no freed holes in the heap.
     `columns(start, end) -> uint8 [K, end - start]`: the same values by input row, where the
-    source has them so; the layout is then written from them directly, all rows at once
-    (`pack_columns`, several times faster than int32 rows through torch's converter), where this
-    CPU's layout is the one it writes.
+    source has them so; the layout is then written from them directly (`pack_columns`, several
+    times faster than int32 rows through torch's converter), where this CPU's layout is the one
+    it writes. In blocks too: whole projections at once left ~3x the heap growth behind.
     """
     convert = torch.ops.aten._convert_weight_to_int4pack_for_cpu
     n = scales.shape[1]
     if columns is not None and n % TILE_ROWS == 0 and converter_writes_64_row_tiles():
-        blocks = [pack_columns(columns(0, n))]  # uint8: whole projections are small enough
+        blocks = [pack_columns(columns(start, min(start + PACK_COLUMN_ROWS, n)))
+                  for start in range(0, n, PACK_COLUMN_ROWS)]
     else:
         blocks = [convert(rows(start, min(start + PACK_BLOCK_ROWS, n)).to(torch.int32).contiguous(), 1)
                   for start in range(0, n, PACK_BLOCK_ROWS)]
