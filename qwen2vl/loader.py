@@ -10,13 +10,21 @@ memory-mapped: mapped pages of a multi-GB shard would stay resident beside the l
 transformers). q/k/v and gate/up are fused on the way in, and mixture-of-experts weights stored
 one per expert (as the AWQ and FP8 releases store them) are stacked, each expert dequantized as its
 last tensor arrives. Keys and shapes are checked against the config before any tensor is read.
+
+What loading computes beyond reading (4-bit linears repacked for their kernel, the int8
+vocabulary rows, tensors converted to the compute dtype) is cached after a first load
+(`qwen2vl.load_cache`) and read back on later ones.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +32,7 @@ import torch
 
 from qwen2vl.config import QuantConfig, Qwen2VLConfig
 from qwen2vl.errors import CheckpointError
-from qwen2vl import kernels
+from qwen2vl import kernels, load_cache
 from qwen2vl.layers import quantization as q
 from qwen2vl.layers.linear import AWQLinear, FP8Linear, GPTQLinear, Int4Linear, Linear, QuantizedLinear
 from qwen2vl.layers.moe import Experts
@@ -41,7 +49,8 @@ _IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
 
 def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
                int4_kernel: bool | str | None = None, int8_vocab: bool = True,
-               config: Qwen2VLConfig | None = None) -> Qwen2VLForConditionalGeneration:
+               config: Qwen2VLConfig | None = None, cache: bool | str | os.PathLike | None = None,
+               progress: Callable[[str, int, int], None] | None = None) -> Qwen2VLForConditionalGeneration:
     """Load `model_dir` (config.json + safetensors) onto `device`. `config` is its config.json
     where the caller has parsed it already (`registry.parse_config`); None reads it.
 
@@ -58,7 +67,14 @@ def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
     int8 rows (`int8_vocabulary`) unless `int8_vocab` is False. Block-scaled FP8 linears stay in
     FP8 for the FP8 kernel where it runs (`kernels.fp8_kernel_runs`) unless `int4_kernel` is
     False; elsewhere they are dequantized exactly to the decoder's dtype.
+
+    `cache`: where the repacked 4-bit layout, int8 rows and converted tensors are kept between loads (see
+    `qwen2vl.load_cache`): None the user's cache folder unless `$QWEN2VL_LOAD_CACHE=0`, False
+    none, a path that folder. A first load that writes an entry says so on stderr, with its time.
+    `progress(text, done, total)` is called as tensors are read (done/total in bytes) and as
+    linears are repacked (in linears).
     """
+    started = time.perf_counter()
     model_dir = Path(model_dir)
     device = torch.device(device)
     config = config or parse_config(model_dir)
@@ -69,11 +85,104 @@ def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
         if config.quant is not None:
             swap_quantized_linears(model, config.quant, arch.weight_renames)
     int4_kernel = text_dtype == torch.bfloat16 if int4_kernel is None else int4_kernel
-    if int8_vocab and int8_vocabulary(config, device, text_dtype, int4_kernel):
+    int8_vocab = int8_vocab and int8_vocabulary(config, device, text_dtype, int4_kernel)
+    if int8_vocab:
         swap_vocab_tables_int8(model, text_dtype, device)
-    _fill(model, model_dir, text_dtype, vision_dtype, device)
-    finish_quantized_linears(model, text_dtype, int4_kernel)
+    entry = None
+    if config.four_bit and int4_kernel and (directory := load_cache.cache_dir(cache)) is not None:
+        files = [model_dir / "config.json", *_shard_keys(model_dir)]
+        settings = load_cache.layout_settings(device, (text_dtype, vision_dtype), int4_kernel, int8_vocab)
+        entry = load_cache.Entry.find(directory, model_dir, files, settings)
+    cached = entry.read() if entry else None
+    if cached is not None and not _layout_fits(model, cached):
+        cached = None
+    converted = _fill(model, model_dir, text_dtype, vision_dtype, device, _cached_targets(model, cached), progress)
+    if cached is not None:
+        _restore_layout(model, cached, device)
+    finish_quantized_linears(model, text_dtype, int4_kernel, progress)
+    if entry is not None and cached is None and (layout := derived_layout(model, converted)):
+        written = entry.write(layout)
+        if written is not None:
+            print(f"qwen2vl: first load of {model_dir} took {time.perf_counter() - started:.1f} s; what it computed "
+                  f"({written / 1e9:.2f} GB) is cached in {entry.path}, later loads read it", file=sys.stderr)
     return model.eval()
+
+
+def derived_layout(model: torch.nn.Module, converted: set[tuple[str, str]] = frozenset()) -> load_cache.Layout:
+    """What loading `model` computed beyond reading, by module: each `Int4Linear`'s packed
+    tensors, each `Int8VocabTable`'s rows (a tied table once), and the `converted` tensors
+    ((module name, attribute) pairs: read into another dtype), listed in the settings."""
+    layout = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Int4Linear):
+            layout[name] = ({"backend": module.backend}, module.layout())
+        elif isinstance(module, Int8VocabTable):
+            layout[name] = ({}, {"values": module.values, "scales": module.scales})
+    for name, attr in sorted(converted):
+        settings, tensors = layout.setdefault(name, ({}, {}))
+        settings.setdefault("converted", []).append(attr)
+        tensors[attr] = getattr(model.get_submodule(name), attr)
+    return layout
+
+
+def _layout_fits(model: torch.nn.Module, layout: load_cache.Layout) -> bool:
+    """Whether a cached layout names this model's modules and tensors as they stand before it is
+    restored (a damaged entry may not; it is then ignored and written again)."""
+    for name, (settings, tensors) in layout.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            return False
+        converted = settings.get("converted", [])
+        for attr in converted:
+            current = getattr(module, attr, None)
+            if current is None or attr not in tensors or current.shape != tensors[attr].shape:
+                return False
+        if "backend" in settings:
+            if not (isinstance(module, QuantizedLinear) and settings["backend"] in kernels.INT4_BACKENDS):
+                return False
+        elif isinstance(module, Int8VocabTable):
+            expected = {key: (module.get_buffer(key).shape, module.get_buffer(key).dtype)
+                        for key in ("values", "scales")}
+            if {key: (tensor.shape, tensor.dtype) for key, tensor in tensors.items()} != expected:
+                return False
+        elif not converted:
+            return False
+    return True
+
+
+def _cached_targets(model: torch.nn.Module, layout: load_cache.Layout | None) -> set[tuple[torch.nn.Module, str]]:
+    """(module, checkpoint attribute) of each tensor a cached layout stands in for: a 4-bit
+    linear's packed tensors (not its bias, unless converted), a vocabulary table read as int8
+    rows, converted tensors."""
+    targets = set()
+    for name, (settings, tensors) in (layout or {}).items():
+        module = model.get_submodule(name)
+        if "backend" in settings:
+            targets |= {(module, attr) for attr in module.checkpoint_shapes(module.out_features) if attr != "bias"}
+        elif isinstance(module, Int8VocabTable):
+            targets.add((module, "weight"))
+        targets |= {(module, attr) for attr in settings.get("converted", ())}
+    return targets
+
+
+def _restore_layout(model: torch.nn.Module, layout: load_cache.Layout, device: torch.device) -> None:
+    """Put a cached layout in place: `Int4Linear`s for the quantized linears it holds, the int8
+    rows of the vocabulary table(s), the converted tensors."""
+    for name, (settings, tensors) in layout.items():
+        tensors = {key: tensor.to(device) for key, tensor in tensors.items()}
+        converted = {attr: tensors.pop(attr) for attr in settings.get("converted", ())}
+        module = model.get_submodule(name)
+        if "backend" in settings:
+            parent, _, child = name.rpartition(".")
+            module = Int4Linear(module, settings["backend"], tensors)
+            setattr(model.get_submodule(parent), child, module)
+        elif isinstance(module, Int8VocabTable):
+            module.values, module.scales = tensors["values"], tensors["scales"]
+        for attr, tensor in converted.items():
+            if isinstance(getattr(module, attr), torch.nn.Parameter):
+                tensor = torch.nn.Parameter(tensor, requires_grad=False)
+            setattr(module, attr, tensor)
 
 
 def int8_vocabulary(config: Qwen2VLConfig, device: torch.device, text_dtype: torch.dtype,
@@ -97,28 +206,49 @@ def swap_vocab_tables_int8(model: Qwen2VLForConditionalGeneration, dtype: torch.
 
 
 def _fill(model: Qwen2VLForConditionalGeneration, model_dir: Path, text_dtype: torch.dtype,
-          vision_dtype: torch.dtype, device: torch.device) -> None:
-    """Read every checkpoint tensor into its place. The plan (which references every module) is
-    gone on return, so modules replaced afterwards are freed one by one."""
+          vision_dtype: torch.dtype, device: torch.device, cached: set[tuple[torch.nn.Module, str]] = frozenset(),
+          progress: Callable[[str, int, int], None] | None = None) -> set[tuple[str, str]]:
+    """Read every checkpoint tensor into its place, except the (module, attribute) targets
+    `cached` (restored from the load cache); returns the (module name, attribute) of the tensors
+    read into another dtype than stored. The plan (which references every module) is gone on
+    return, so modules replaced afterwards are freed one by one."""
     shards = _shard_keys(model_dir)
     plan = _plan(model, architecture(model.config.model_type).weight_renames, _per_expert_layers(shards))
     _check_keys(plan, shards, model.config.text.tie_word_embeddings)
-    for shard in shards.values():
-        with open(shard.path, "rb") as f:
-            for key in shard.entries:
-                slot = plan.get(original_layout_name(key))
-                if slot is not None:
-                    slot.fill(shard, f, key, text_dtype if slot.is_text else vision_dtype, device)
+    reads = [(shard, key, slot) for shard in shards.values() for key in shard.entries
+             if (slot := plan.get(original_layout_name(key))) is not None and _target(slot) not in cached]
+    names = {module: name for name, module in model.named_modules()}
+    total, done, converted = sum(shard.nbytes(key) for shard, key, _ in reads), 0, set()
+    for path in shards:
+        with open(path, "rb") as f:
+            for shard, key, slot in reads:
+                if shard.path == path:
+                    float_dtype = text_dtype if slot.is_text else vision_dtype
+                    slot.fill(shard, f, key, float_dtype, device)
+                    if type(slot) is _Slot and slot.read_dtype(shard.dtype(key), float_dtype) != shard.dtype(key):
+                        converted.add((names[slot.module], slot.attr))
+                    done += shard.nbytes(key)
+                    if progress is not None:
+                        progress(f"loading {model_dir.name}", done, total)
+    return converted
 
 
-def finish_quantized_linears(model: torch.nn.Module, dtype: torch.dtype, int4_kernel: bool | str) -> None:
+def _target(slot) -> tuple[torch.nn.Module, str]:
+    """(module, attribute) a slot fills (a vocabulary table read as int8 rows: its "weight")."""
+    return (slot.table, "weight") if isinstance(slot, _Int8RowsSlot) else (slot.module, slot.attr)
+
+
+def finish_quantized_linears(model: torch.nn.Module, dtype: torch.dtype, int4_kernel: bool | str,
+                             progress: Callable[[str, int, int], None] | None = None) -> None:
     """Swap each loaded quantized linear for an `Int4Linear` (if wanted and a kernel runs it),
     else dequantize it to `dtype`; keep FP8 linears in FP8 where the FP8 kernel runs, else
     dequantize them. One layer at a time, so only one layer is ever unpacked."""
     wanted = int4_kernel if isinstance(int4_kernel, str) else None
     # Names, not modules: holding every replaced module would keep its packed tensors alive.
     names = [name for name, module in model.named_modules() if isinstance(module, (QuantizedLinear, FP8Linear))]
-    for name in names:
+    for done, name in enumerate(names):
+        if progress is not None:
+            progress("converting quantized linears", done, len(names))
         module = model.get_submodule(name)
         if isinstance(module, FP8Linear):
             if int4_kernel is not False and kernels.fp8_kernel_runs(module.weight.device, dtype):
@@ -132,6 +262,8 @@ def finish_quantized_linears(model: torch.nn.Module, dtype: torch.dtype, int4_ke
             setattr(model.get_submodule(parent), child, Int4Linear(module, backend))
         else:
             module.dequantize_(dtype)
+    if progress is not None and names:
+        progress("converting quantized linears", len(names), len(names))
 
 
 def default_dtype(config: Qwen2VLConfig, device: torch.device) -> torch.dtype:
@@ -208,15 +340,17 @@ class _Slot:
             raise CheckpointError(f"tensor {key}: expected {q.FP8_DTYPE} (config.json's quantization_config says "
                                   f"FP8), found {stored}")
 
+    def read_dtype(self, stored: torch.dtype, float_dtype: torch.dtype) -> torch.dtype:
+        """The dtype a tensor stored in `stored` is read into. Quantization scales keep their
+        stored precision (FP8's are read as float32); other float tensors take the compute dtype."""
+        return self.stored_dtype or (float_dtype if stored.is_floating_point and self.attr != "scales" else stored)
+
     def fill(self, shard: "_Shard", f, key: str, float_dtype: torch.dtype, device: torch.device) -> None:
         target = getattr(self.module, self.attr)
         stored = shard.dtype(key)
         if stored.is_floating_point != target.dtype.is_floating_point:
             raise CheckpointError(f"tensor {key}: expected dtype {target.dtype}, found {stored}")
-        # Quantization scales keep their stored precision (FP8's are read as float32); other float
-        # tensors take the compute dtype.
-        dtype = self.stored_dtype or (float_dtype if stored.is_floating_point and self.attr != "scales" else stored)
-        tensor = shard.read(f, key, dtype)
+        tensor = shard.read(f, key, self.read_dtype(stored, float_dtype))
         if self.dim is None:
             if self.shared and not target.is_meta and not torch.equal(target.cpu(), tensor):
                 raise CheckpointError(f"tensor {key}: differs from the other parts of its fused projection")
@@ -465,6 +599,10 @@ class _Shard:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.entries[key]["shape"])
+
+    def nbytes(self, key: str) -> int:
+        begin, end = self.entries[key]["data_offsets"]
+        return end - begin
 
     def dtype(self, key: str) -> torch.dtype:
         name = self.entries[key]["dtype"]

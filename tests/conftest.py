@@ -1,9 +1,14 @@
 """Shared fixtures: tiny random checkpoints, written once per session and variant."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from checkpoints import write_tiny_checkpoint
+
+# Loads in tests write no load cache entries (into the user's cache folder) unless a test asks.
+os.environ.setdefault("QWEN2VL_LOAD_CACHE", "0")
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,7 @@ def test_kernel_equals_reference(n, k, group_size, rows):
     assert torch.allclose(y, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
 
 
+@pytest.mark.skipif(not int4_cpu.converter_writes_64_row_tiles(), reason="this CPU's int4 layout has other tiles")
 @pytest.mark.parametrize("n,k,group_size", [(64, 32, 32), (2048, 1536, 128), (192, 512, 256)])
 def test_unpacked_weight_is_the_layouts_weight_rounded_once(n, k, group_size):
     values, zeros, scales = random_layout(n, k, group_size, seed=n)
@@ -185,3 +186,20 @@ def test_layers_the_kernel_cannot_run_stay_dequantized():
     uneven = torch.tensor([0] * 40 + [1] * 24 + [2] * 32 + [3] * 32, dtype=torch.int32)
     assert Int4Linear.backend_for(gptq_linear(32, 128, 32, seed=15, g_idx=uneven), torch.bfloat16) is None
     assert Int4Linear.backend_for(awq_linear(24, 64, 32, seed=16), torch.bfloat16) is None  # N = 24
+
+
+@pytest.mark.parametrize("n,k,group_size", [(64, 32, 32), (1024, 256, 128), (1040, 64, 32)])
+def test_awq_columns_pack_to_the_converters_layout(n, k, group_size):
+    """AWQ's values unpacked as bytes and packed directly give the bytes torch's converter gives
+    (1040 rows, not whole tiles: the converter, as everywhere the direct layout is not this CPU's)."""
+    values, zeros, scales = random_layout(n, k, group_size, seed=k)
+    qweight = q.pack_awq(values.t())
+    assert torch.equal(q.unpack_awq_bytes(qweight), values.t().to(torch.uint8))
+    assert torch.equal(q.unpack_awq_bytes(qweight[:, 8:16]), values[64:128].t().to(torch.uint8))
+    columns = lambda start, end: q.unpack_awq_bytes(qweight[:, start // 8: end // 8])  # noqa: E731
+    direct = kernels.pack_int4("cpu", rows_of(values), scales, zeros, columns=columns)
+    converted = kernels.pack_int4("cpu", rows_of(values), scales, zeros)
+    assert all(torch.equal(direct[name], converted[name]) for name in converted)
+    if int4_cpu.converter_writes_64_row_tiles():
+        assert torch.equal(int4_cpu.pack_columns(values.t().to(torch.uint8).contiguous()[:, :64]),
+                           torch.ops.aten._convert_weight_to_int4pack_for_cpu(values[:64].contiguous(), 1))

@@ -136,12 +136,14 @@ def int4_backend(device: torch.device, dtype: torch.dtype, out_features: int, in
 
 
 def pack_int4(backend: str, rows: Callable[[int, int], torch.Tensor], scales: torch.Tensor, zeros: torch.Tensor,
-              reuse: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """4-bit values `[N, K]` (read as `rows(start, end)`), `scales [G, N]`, integer zero points
-    `[G, N]` -> the named tensors of `backend`'s layout (the CPU layout is written into `reuse`'s
-    memory where it fits)."""
+              reuse: torch.Tensor | None = None,
+              columns: Callable[[int, int], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """4-bit values `[N, K]` (read as `rows(start, end)`, or where the source has them so as uint8
+    `columns(start, end) -> [K, end - start]`), `scales [G, N]`, integer zero points `[G, N]` ->
+    the named tensors of `backend`'s layout (the CPU layout is written into `reuse`'s memory where
+    it fits)."""
     if backend == "cpu":
-        packed, scales_and_zeros = int4_cpu.pack(rows, scales, zeros, reuse)
+        packed, scales_and_zeros = int4_cpu.pack(rows, scales, zeros, reuse, columns)
         return {"packed": packed, "scales_and_zeros": scales_and_zeros}
     from qwen2vl.kernels import triton_awq
 

@@ -115,6 +115,10 @@ class AWQLinear(QuantizedLinear):
     def values(self, start, end):
         return q.unpack_awq(self.qweight[:, start // self.pack_factor: end // self.pack_factor]).t()
 
+    def columns(self, start: int, end: int) -> torch.Tensor:
+        """uint8 `[K, end - start]`: `values(start, end)` transposed, as AWQ stores them."""
+        return q.unpack_awq_bytes(self.qweight[:, start // self.pack_factor: end // self.pack_factor])
+
     def zero_points(self):
         return q.unpack_awq(self.qzeros)
 
@@ -223,19 +227,32 @@ class Int4Linear(nn.Module):
     torch's int4 CPU kernel, or the Triton W4A16 kernel on CUDA).
 
     Same `in_features`, `out_features`, `output_sizes` and call as the linear it replaces.
+    `layout`: the packed tensors made already (`layout()` of an earlier one, as the load cache
+    keeps it), in place of packing `source`'s (then only its shape and bias are read).
     """
 
-    def __init__(self, source: QuantizedLinear, backend: str):
+    def __init__(self, source: QuantizedLinear, backend: str, layout: dict[str, torch.Tensor] | None = None):
         super().__init__()
         self.in_features, self.out_features = source.in_features, source.out_features
         self.output_sizes, self.group_size, self.backend = source.output_sizes, source.group_size, backend
-        # The checkpoint's qweight has the CPU layout's byte count: written over, not copied.
-        weight = kernels.pack_int4(backend, source.values, source.scales, source.zero_points(), reuse=source.qweight)
+        if layout is None:
+            # The checkpoint's qweight has the CPU layout's byte count: written over, not copied.
+            weight = kernels.pack_int4(backend, source.values, source.scales, source.zero_points(),
+                                       reuse=source.qweight, columns=getattr(source, "columns", None))
+            input_order = source.input_order
+        else:
+            weight = {name: tensor for name, tensor in layout.items() if name != "input_order"}
+            input_order = layout.get("input_order")
         self.weight_names = tuple(weight)
         for name, tensor in weight.items():
             self.register_buffer(name, tensor)
-        self.register_buffer("input_order", source.input_order)
+        self.register_buffer("input_order", input_order)
         self.bias = source.bias
+
+    def layout(self) -> dict[str, torch.Tensor]:
+        """The packed tensors (and the input order, where there is one) that rebuild this linear."""
+        weight = {name: getattr(self, name) for name in self.weight_names}
+        return weight if self.input_order is None else {**weight, "input_order": self.input_order}
 
     @staticmethod
     def backend_for(source: QuantizedLinear, dtype: torch.dtype, wanted: str | None = None) -> str | None:

@@ -38,6 +38,14 @@ def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     return unpack_words(packed, 4, AWQ_NIBBLE_OF_COLUMN).flatten(-2)
 
 
+def unpack_awq_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """`unpack_awq` as uint8 (a quarter of its bytes, unpacked byte by byte): each int32 word's
+    byte b holds nibbles 2b (low 4 bits) and 2b + 1 (a little-endian view, as CPUs and GPUs are)."""
+    nibbles = packed.contiguous().view(torch.uint8)
+    nibbles = torch.stack([nibbles & 15, nibbles >> 4], dim=-1).view(*packed.shape, 8)
+    return nibbles[..., list(AWQ_NIBBLE_OF_COLUMN)].flatten(-2)
+
+
 def pack_awq(values: torch.Tensor) -> torch.Tensor:
     """`[R, N]` 4-bit values -> AWQ `[R, N/8]` int32."""
     return pack_words(values.unflatten(-1, (-1, 8)), 4, AWQ_NIBBLE_OF_COLUMN)
