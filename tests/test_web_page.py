@@ -245,7 +245,7 @@ def test_the_page_and_its_files_are_served_without_the_api_key():
 @needs_browser
 def test_the_page_loads_with_labelled_controls_and_no_console_errors(server, browser, screens):
     open_page(browser, server)
-    assert browser.find_element(By.ID, "model-name").text == str(MODEL)
+    assert browser.find_element(By.ID, "model-name").text == MODEL.name  # a directory is served under its folder name
     assert httpx.get(server.url + "static/app.js").headers["content-type"].startswith(("text/javascript", "application/javascript"))
     for control in browser.find_elements(By.CSS_SELECTOR, "textarea, input"):
         label = browser.find_elements(By.CSS_SELECTOR, f'label[for="{control.get_attribute("id")}"]')
@@ -369,7 +369,7 @@ def test_a_bad_key_is_refused_then_stop_ends_the_stream_on_the_server(keyed_serv
     screens(browser, "06-bad-key")
     key.clear()
     key.send_keys(API_KEY, Keys.ENTER)
-    wait(browser, lambda d: d.find_element(By.ID, "model-name").text == str(MODEL), 10, "the right key was not used")
+    wait(browser, lambda d: d.find_element(By.ID, "model-name").text == MODEL.name, 10, "the right key was not used")
     assert browser.find_elements(By.CSS_SELECTOR, '[data-role="error"]') == []  # the key's error is resolved
 
     ask(browser, "Describe this image.")
