@@ -11,7 +11,7 @@ import json
 import os
 import queue
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,14 +175,16 @@ class Qwen2VL:
         self.model_dir = model_dir
 
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike | None = None, args: EngineArgs | None = None,
+    def from_pretrained(cls, model: str | os.PathLike | None = None, args: EngineArgs | None = None, *,
+                        progress: Callable[[str, int | None, int | None], None] | None = None,
                         **fields) -> "Qwen2VL":
         """Load `model` (a checkpoint directory or a hub id; None: the card's AWQ checkpoint if
         cached, else the bundled demo model: a warning on the `qwen2vl` logger says so; the
         model loaded is logged at INFO). `fields` are `EngineArgs`' (device, dtype,
         min_pixels, max_pixels, max_model_len, int8_vocab, max_num_seqs, ...), or give `args`.
         A 4-bit checkpoint on its int4 kernel keeps the vocabulary table as int8 rows (half the
-        head's bytes per token) unless `int8_vocab` is False."""
+        head's bytes per token) unless `int8_vocab` is False. `progress(text, done, total)` hears how
+        the weights' loading goes (the CLI draws it: `qwen2vl.progress.ProgressLine.update`)."""
         from .engine import LLMEngine
         from .loader import load_model
         from .model.registry import parse_config
@@ -199,7 +201,7 @@ class Qwen2VL:
         processor = Processor.from_pretrained(model_dir, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
                                               settings=config.processor_settings)
         network = load_model(model_dir, device=device, dtype=dtype, int8_vocab=args.int8_vocab,
-                             config=config)
+                             config=config, progress=progress)
         generation_config_path = model_dir / "generation_config.json"
         generation_config = json.loads(generation_config_path.read_text()) if generation_config_path.is_file() else {}
         engine = LLMEngine(network, processor, args, generation_config=generation_config)

@@ -102,9 +102,12 @@ def _sampling_params(args: argparse.Namespace):
 def _load(args: argparse.Namespace):
     from .api import Qwen2VL
     from .processor.chat import ChatTemplate
+    from .progress import ProgressLine
 
     template = ChatTemplate.from_file(args.chat_template) if args.chat_template else None  # before the slow load
-    llm = Qwen2VL.from_pretrained(args=_engine_args(args))
+    line = ProgressLine()
+    llm = Qwen2VL.from_pretrained(args=_engine_args(args), progress=line.update)
+    line.close()
     if template is not None:
         template.special_tokens = llm.processor.tokenizer.special_tokens
         llm.processor.template = template
@@ -478,7 +481,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError(f"--only {unknown[0]}: expected one of {', '.join(TASKS)}")
     if args.n < 1:
         raise InputError(f"--n {args.n}: expected an integer >= 1", field="n")
-    llm = Qwen2VL.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype)
+    line = ProgressLine()
+    llm = Qwen2VL.from_pretrained(args.model_dir, device=args.device, dtype=args.dtype, progress=line.update)
+    line.close()
     line = ProgressLine()
     scores = evaluate_fresh(llm, args.n, args.seed, tasks, batch_size=args.batch_size,
                             progress=lambda done, total: line.update(f"[{done}/{total} samples]", done, total))

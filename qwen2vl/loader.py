@@ -22,7 +22,6 @@ import math
 import os
 import re
 import struct
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -32,6 +31,7 @@ import torch
 
 from qwen2vl.config import QuantConfig, Qwen2VLConfig
 from qwen2vl.errors import CheckpointError
+from qwen2vl.progress import note
 from qwen2vl import kernels, load_cache
 from qwen2vl.layers import quantization as q
 from qwen2vl.layers.linear import AWQLinear, FP8Linear, GPTQLinear, Int4Linear, Linear, QuantizedLinear
@@ -103,8 +103,8 @@ def load_model(model_dir, device="cpu", dtype: torch.dtype | None = None,
     if entry is not None and cached is None and (layout := derived_layout(model, converted)):
         written = entry.write(layout)
         if written is not None:
-            print(f"qwen2vl: first load of {model_dir} took {time.perf_counter() - started:.1f} s; what it computed "
-                  f"({written / 1e9:.2f} GB) is cached in {entry.path}, later loads read it", file=sys.stderr)
+            note(f"qwen2vl: first load of {model_dir} took {time.perf_counter() - started:.1f} s; what it computed "
+                 f"({written / 1e9:.2f} GB) is cached in {entry.path}, later loads read it")
     return model.eval()
 
 

@@ -58,6 +58,11 @@ class ProgressLine:
         self.stream.write(summary + "\n")
         self.stream.flush()
 
+    def close(self) -> None:
+        """Done without a summary: a drawn line is cleared, later updates show nothing."""
+        self._finished = True
+        self._clear()
+
     def _clear(self) -> None:
         global _active
         if self._drawn:

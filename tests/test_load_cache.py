@@ -163,6 +163,25 @@ def test_progress_reports_bytes_read_up_to_the_total(awq_ckpt, tmp_path):
     assert converted[-1] == (8, 8)  # the 8 quantized linears of the tiny model
 
 
+def test_the_cli_draws_the_load_on_a_terminal_and_clears_it(awq_ckpt, monkeypatch):
+    """`from_pretrained(progress=)` hears the load; the CLI's line is drawn on a terminal and
+    cleared once the model is loaded, so the answer starts on a clean line."""
+    import io
+
+    from qwen2vl import progress
+    from qwen2vl.api import Qwen2VL
+
+    calls = []
+    Qwen2VL.from_pretrained(awq_ckpt, device="cpu", progress=lambda *call: calls.append(call))
+    assert any(text.startswith("loading") and done == total for text, done, total in calls)
+    terminal = io.StringIO()
+    line = progress.ProgressLine(terminal, isatty=True, every_s=0)
+    line.update("loading tiny", 5, 10)
+    line.close()
+    line.update("loading tiny", 10, 10)
+    assert terminal.getvalue() == "\r\x1b[K 50%|##########          | loading tiny\r\x1b[K"
+
+
 def test_an_act_order_linear_round_trips_through_an_entry(tmp_path):
     """A GPTQ linear with act order keeps its input order: rebuilt from an entry and an empty
     source, it is the same linear."""
