@@ -63,3 +63,11 @@ def test_an_existing_folder_keeps_its_other_files_and_loses_its_old_shards(tmp_p
     names = sorted(path.name for path in out.iterdir())
     assert "README.md" in names and "model.safetensors" in names and "model-00001-of-00002.safetensors" not in names
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
+
+
+def test_writing_reports_its_progress_up_to_the_total(tmp_path, config):
+    calls = []
+    rc.write_random_checkpoint(config, tmp_path / "out", progress=lambda *call: calls.append(call))
+    written = [done for _, done, _ in calls]
+    assert written == sorted(written) and calls[-1][1] == calls[-1][2] > 0
+    assert calls[-1][0].startswith("writing ")

@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import struct
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from qwen2vl.config import Qwen2VLConfig
 from qwen2vl.layers import quantization as q
 from qwen2vl.model.registry import architecture
+from qwen2vl.progress import ProgressLine
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 ASSET_FILES = ("preprocessor_config.json", "chat_template.json", "generation_config.json")
@@ -122,7 +122,8 @@ class _Group:
 
 def write_random_checkpoint(config: dict, out_dir, dtype: str | None = None, quant: str | None = None,
                             seed: int = 0, group_size: int = 128,
-                            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                            max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                            progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Write a complete model directory for `config` (a config.json dict, either layout).
 
     dtype defaults to fp16 for AWQ / GPTQ checkpoints (as published) and bf16 otherwise (FP8 too).
@@ -144,7 +145,7 @@ def write_random_checkpoint(config: dict, out_dir, dtype: str | None = None, qua
     if parsed.model_type in CURRENT_LAYOUT_MODEL_TYPES:
         groups = {current_layout_name(key): _renamed(group) for key, group in groups.items()}
     with _staging(out_dir) as staging:
-        _write_shards(groups, staging, seed, max_shard_bytes)
+        _write_shards(groups, staging, seed, max_shard_bytes, progress)
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         write_support_files(staging, parsed.model_type)
     return out_dir
@@ -310,8 +311,10 @@ def _fp8_linear(prefix: str, out_features: int, in_features: int, block_size: tu
     return _Group(specs, make)
 
 
-def _write_shards(groups: dict[str, _Group], out_dir: Path, seed: int, max_shard_bytes: int) -> None:
-    """Stream groups into safetensors files of at most `max_shard_bytes` (plus an index if several)."""
+def _write_shards(groups: dict[str, _Group], out_dir: Path, seed: int, max_shard_bytes: int,
+                  progress: Callable[[str, int, int], None] | None = None) -> None:
+    """Stream groups into safetensors files of at most `max_shard_bytes` (plus an index if several);
+    `progress(text, bytes written, total bytes)` hears each group written."""
     shards: list[list[str]] = [[]]
     size = 0
     for key, group in groups.items():
@@ -323,7 +326,7 @@ def _write_shards(groups: dict[str, _Group], out_dir: Path, seed: int, max_shard
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     seeds = {key: seed * 1_000_003 + i for i, key in enumerate(groups)}
-    weight_map = {}
+    weight_map, written, total = {}, 0, sum(g.nbytes for g in groups.values())
     for file, keys in zip(names, shards):
         specs = {name: spec for key in keys for name, spec in groups[key].specs.items()}
         with open(out_dir / file, "wb") as f:
@@ -336,8 +339,10 @@ def _write_shards(groups: dict[str, _Group], out_dir: Path, seed: int, max_shard
                     assert tuple(tensor.shape) == shape and tensor.dtype == dtype, name
                     f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
                 weight_map.update({name: file for name in groups[key].specs})
+                written += groups[key].nbytes
+                if progress is not None:
+                    progress(f"writing {out_dir.name}: {written / 1e9:.2f} of {total / 1e9:.2f} GB", written, total)
     if len(shards) > 1:
-        total = sum(g.nbytes for g in groups.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
@@ -366,9 +371,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     config = json.loads(Path(args.config).read_text())
-    start = time.perf_counter()
-    out = write_random_checkpoint(config, args.out, args.dtype, args.quant, args.seed, args.group_size)
-    print(f"wrote {out} in {time.perf_counter() - start:.1f} s")
+    line = ProgressLine()
+    out = write_random_checkpoint(config, args.out, args.dtype, args.quant, args.seed, args.group_size,
+                                  progress=line.update)
+    line.finish(f"wrote {out} in {line.elapsed():.1f} s")
 
 
 if __name__ == "__main__":
