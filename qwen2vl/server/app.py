@@ -45,6 +45,7 @@ from qwen2vl.server.gate import RequestGate, parse_body
 from qwen2vl.server.jobs import Job, event_stream
 from qwen2vl.server.limits import SERVER_MEDIA, ServerLimits
 from qwen2vl.server.media import check_media
+from qwen2vl.server.protocols.openai_responses import ResponsesRequest, responses_route
 from qwen2vl.server.openapi import (
     SWAGGER_UI_PREFIX,
     docs_page,
@@ -62,7 +63,7 @@ from qwen2vl.server.replies import (
     TextCompletion,
 )
 from qwen2vl.server.requests import ChatCompletionRequest, CompletionRequest
-from qwen2vl.server.responses import ChatFormat, CompletionFormat, TokenTexts, json_response
+from qwen2vl.server.responses import ChatFormat, CompletionFormat, TokenTexts, json_response, sse_event
 from qwen2vl.server.state import ServerState, Timer
 
 
@@ -83,7 +84,17 @@ class OpenAIServer:
     # -- routes -----------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
-        body = self._with_defaults(await parse_body(ChatCompletionRequest, request))
+        answer, job = await self.start_chat(request, await parse_body(ChatCompletionRequest, request))
+        response = await _respond(answer, job)
+        response.headers["X-Grounding"] = self._grounding(job.prompts[0])
+        return response
+
+    async def start_chat(self, request: Request, body: ChatCompletionRequest) -> tuple[ChatFormat, Job]:
+        """Check a chat request and start its generation: the chat path under every protocol. Its
+        reply is `answer.response(job, await job.finals())` (a `ChatCompletion`), or with `stream`
+        the `ChatCompletionChunk`s of `answer.chunks(job)`, sent through `event_stream(..., job)`
+        (which closes the job however the stream ends)."""
+        body = self._with_defaults(body)
         self._check_common(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -97,9 +108,7 @@ class OpenAIServer:
                                              "messages")
         job = Job(self.state, request, len(params))
         await _start(job, body, lambda: self._prepare_chat(messages, tools), params, self._cache_salt(request, body))
-        response = await _respond(answer, job)
-        response.headers["X-Grounding"] = self._grounding(job.prompts[0])
-        return response
+        return answer, job
 
     async def completions(self, request: Request) -> Response:
         body = self._with_defaults(await parse_body(CompletionRequest, request))
@@ -230,7 +239,7 @@ async def _start(job: Job, body, prepare, params: list[SamplingParams], cache_sa
 async def _respond(answer: ChatFormat | CompletionFormat, job: Job) -> Response:
     """The whole response once the job has finished, or with `stream: true` its chunks as they come."""
     if answer.body.stream:
-        return event_stream(answer.chunks(job), job)
+        return event_stream((sse_event(chunk) async for chunk in answer.chunks(job)), job)
     return json_response(answer.response(job, await job.finals()))
 
 
@@ -309,6 +318,8 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"],
                       openapi_extra=request_body(ChatCompletionRequest),
                       responses=responses(ChatCompletion, ChatCompletionChunk))
+    app.add_api_route("/v1/responses", responses_route(server), methods=["POST"],
+                      openapi_extra=request_body(ResponsesRequest))
     app.add_api_route("/v1/completions", server.completions, methods=["POST"],
                       openapi_extra=request_body(CompletionRequest), responses=responses(TextCompletion, TextCompletion))
     app.add_api_route("/v1/models", server.models, methods=["GET"], responses=responses(ModelList))

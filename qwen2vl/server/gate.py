@@ -15,10 +15,11 @@ from qwen2vl.server.errors import APIError, ClientGone, api_error
 from qwen2vl.server.state import ServerState
 from qwen2vl.server.validation import describe_validation_error
 
-ENDPOINTS = ("/", "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/openapi.json", "/docs")
+ENDPOINTS = ("/", "/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/models", "/health", "/metrics",
+             "/openapi.json", "/docs")
 PUBLIC_PATHS = ("/", "/health", "/openapi.json", "/docs")  # no API key needed; nor under PAGE_PREFIX
 PAGE_PREFIX = "/static/"  # the chat page's script and style sheet
-BODY_PATHS = ("/v1/chat/completions", "/v1/completions")  # the only routes that read a body; others take none
+BODY_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/completions")  # the only routes that read a body; others take none
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"; only seen in metrics
 # the chat page's needs (its own script, style sheet and fetches; images and videos as data: URIs), nothing
 # else: no inline script, no other origin, no framing

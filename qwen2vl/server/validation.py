@@ -29,8 +29,8 @@ def _describe(err: dict) -> str:
     if kind == "json_invalid":
         return f"the request body is not valid JSON ({ctx.get('error', err['msg'])})"
     if kind == "union_tag_invalid":
-        return (f"unknown content part type {ctx.get('tag')!r}; expected one of "
-                f"{', '.join(repr(t) for t in CONTENT_PART_TYPES)}")
+        what = "content part" if "content" in err["loc"] else "item"
+        return f"unknown {what} type {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
     if kind == "union_tag_not_found":
         return "a content part needs a 'type'"
     if kind == "extra_forbidden":

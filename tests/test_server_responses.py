@@ -1,0 +1,188 @@
+"""OpenAI's Responses API (`/v1/responses`) with the official `openai` client against a live
+server on a tiny random checkpoint: every reply parses in the client's own types, greedy text
+equals the chat endpoint's for the same conversation (streamed too), forced calls and JSON
+schemas validate, a function call's output goes back as the next turn, and bad requests get
+OpenAI's error shape naming this API's field."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("llguidance")
+
+from openai.types.responses import Response  # noqa: E402
+
+from test_server import API_KEY, HEADERS, MAX_MODEL_LEN, MODEL, RunningServer, _png_uri  # noqa: E402
+
+from qwen2vl import Qwen2VL  # noqa: E402
+from qwen2vl.server.limits import ServerLimits  # noqa: E402
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The current weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                           "unit": {"enum": ["celsius", "fahrenheit"]}},
+                          "required": ["city"], "additionalProperties": False}}
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+GREEDY = {"temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt):
+    llm = Qwen2VL.from_pretrained(tiny_ckpt, device="cpu", max_model_len=MAX_MODEL_LEN)
+    running = RunningServer(llm, api_key=API_KEY, limits=ServerLimits(max_body_bytes=2 << 20))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def _raw(server, **body) -> httpx.Response:
+    return httpx.post(server.url + "/v1/responses", json={"model": MODEL, **body}, headers=HEADERS, timeout=120)
+
+
+def _parses(server, **body) -> Response:
+    """The reply validated strictly in the client's type (the client itself builds it unvalidated)."""
+    reply = _raw(server, **body)
+    assert reply.status_code == 200, reply.text
+    return Response.model_validate(reply.json())
+
+
+def _chat_text(client, messages, max_tokens) -> str:
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, **GREEDY)
+    return reply.choices[0].message.content
+
+
+def test_text_equals_the_chat_endpoint(server, client):
+    reply = client.responses.create(model=MODEL, instructions="Be brief.", input="Hello there",
+                                    max_output_tokens=12, **GREEDY)
+    assert reply.object == "response" and reply.id.startswith("resp_")
+    assert reply.status == "incomplete" and reply.incomplete_details.reason == "max_output_tokens"
+    [message] = reply.output
+    assert message.type == "message" and message.role == "assistant"
+    expected = _chat_text(client, [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "Hello there"}], 12)
+    assert reply.output_text == expected and expected
+    assert reply.usage.output_tokens == 12 and reply.usage.input_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.input_tokens + 12
+    again = _parses(server, instructions="Be brief.", input="Hello there", max_output_tokens=12, **GREEDY)
+    assert again.output_text == expected
+    assert again.usage.input_tokens_details.cached_tokens > 0  # the same prompt again: from the prefix cache
+
+
+def test_image_equals_the_chat_endpoint(server, client):
+    image = _png_uri(56, 84)
+    for detail in ("auto", "low"):
+        reply = client.responses.create(model=MODEL, max_output_tokens=8, **GREEDY, input=[
+            {"role": "user", "content": [{"type": "input_image", "image_url": image, "detail": detail},
+                                         {"type": "input_text", "text": "What is in the image?"}]}])
+        expected = _chat_text(client, [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image, "detail": detail}},
+            {"type": "text", "text": "What is in the image?"}]}], 8)
+        assert reply.output_text == expected and expected
+
+
+def test_streamed_events_assemble_to_the_whole_reply(server, client):
+    whole = client.responses.create(model=MODEL, input="Tell me a story", max_output_tokens=10, **GREEDY)
+    with client.responses.stream(model=MODEL, input="Tell me a story", max_output_tokens=10, **GREEDY) as stream:
+        events = list(stream)
+    kinds = [event.type for event in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    final = events[-1].response  # cut off: the client's get_final_response wants response.completed
+    deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert deltas == whole.output_text == final.output_text
+    assert final.status == "incomplete" and final.usage.output_tokens == 10 and final.usage.input_tokens == whole.usage.input_tokens
+    Response.model_validate(final.model_dump())
+    # stream=True without the helper: the same events
+    raw = client.responses.create(model=MODEL, input="Tell me a story", max_output_tokens=10, stream=True, **GREEDY)
+    assert [event.type for event in raw] == kinds
+
+
+def test_json_schema(server, client):
+    reply = _parses(server, input="Invent a person", max_output_tokens=60, **GREEDY,
+                    text={"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}})
+    assert reply.status == "completed"
+    jsonschema.validate(json.loads(reply.output_text), PERSON)
+    assert reply.text.format.type == "json_schema"
+    loose = _parses(server, input="Invent a person", max_output_tokens=60, text={"format": {"type": "json_object"}},
+                    **GREEDY)
+    assert loose.output_text.startswith("{")  # a random model may write one string until cut off
+    if loose.status == "completed":
+        assert isinstance(json.loads(loose.output_text), dict)
+
+
+def test_forced_function_call_round_trip(server, client):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    reply = client.responses.create(model=MODEL, input=ask, tools=[WEATHER], max_output_tokens=80,
+                                    tool_choice={"type": "function", "name": "get_weather"}, **GREEDY)
+    Response.model_validate(reply.model_dump())
+    [call] = reply.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+    # the client's next turn: the call as it came back, and its output
+    turn = [*ask, call.model_dump(exclude_none=True), {"type": "function_call_output", "call_id": call.call_id,
+                                                       "output": '{"temperature": 21}'}]
+    answer = client.responses.create(model=MODEL, input=turn, tools=[WEATHER], tool_choice="none",
+                                     max_output_tokens=8, **GREEDY)
+    expected = client.chat.completions.create(model=MODEL, max_tokens=8, tool_choice="none", **GREEDY, tools=[
+        {"type": "function", "function": {key: value for key, value in WEATHER.items() if key != "type"}}], messages=[
+        *ask, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": '{"temperature": 21}'}])
+    assert answer.output_text == expected.choices[0].message.content
+    # streamed, the call's arguments come as deltas
+    with client.responses.stream(model=MODEL, input=ask, tools=[WEATHER], tool_choice="required",
+                                 max_output_tokens=80, **GREEDY) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert events[-1].type == "response.completed" and final.status == "completed"
+    assert [item.type for item in final.output] == ["function_call"]
+    arguments = "".join(event.delta for event in events if event.type == "response.function_call_arguments.delta")
+    [done] = [event for event in events if event.type == "response.function_call_arguments.done"]
+    assert arguments == done.arguments == final.output[0].arguments and done.name == "get_weather"
+    jsonschema.validate(json.loads(arguments), WEATHER["parameters"])
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"input": "hi", "store": True}, "store", "store: true is not supported"),
+    ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id", "previous_response_id is not"),
+    ({"input": [{"role": "user", "content": [{"type": "input_audio", "text": "x"}]}]}, "input[0].content[0]",
+     "input_audio"),
+    ({"input": [{"type": "web_search_call"}]}, "input[0]", "web_search_call"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]},
+     "input[0].content[0]", "image"),
+    ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", "max_output_tokens"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema", "schema"),
+    ({"input": "hi", "tool_choice": "required"}, None, "tool"),
+])
+def test_bad_requests_get_openai_errors(server, body, param, words):
+    reply = _raw(server, **body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and words in error["message"]
+    if param is not None:
+        assert error["param"] == param
+    server.wait_idle()
+
+
+def test_needs_the_api_key(server):
+    reply = httpx.post(server.url + "/v1/responses", json={"input": "hi"})
+    assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_openapi_declares_the_body(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    body = schema["paths"]["/v1/responses"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/ResponsesRequest"}
+    assert {"input", "instructions", "text", "tools"} <= set(schema["components"]["schemas"]["ResponsesRequest"]["properties"])
