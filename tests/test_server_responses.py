@@ -16,6 +16,7 @@ pytest.importorskip("llguidance")
 
 from openai.types.responses import Response  # noqa: E402
 
+from test_reasoning import ANSWER, THOUGHT, scripted, thinking_ckpt, thinking_llm  # noqa: E402,F401 (fixtures)
 from test_server import API_KEY, HEADERS, MAX_MODEL_LEN, MODEL, RunningServer, _png_uri  # noqa: E402
 
 from qwen2vl import Qwen2VL  # noqa: E402
@@ -186,3 +187,60 @@ def test_openapi_declares_the_body(server):
     body = schema["paths"]["/v1/responses"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/ResponsesRequest"}
     assert {"input", "instructions", "text", "tools"} <= set(schema["components"]["schemas"]["ResponsesRequest"]["properties"])
+
+
+def test_input_items_become_the_chat_conversation():
+    from qwen2vl.server.protocols.openai_responses import ResponsesRequest
+
+    image = _png_uri(28, 28)
+    body = ResponsesRequest.model_validate({"instructions": "Be brief.", "tools": [WEATHER], "input": [
+        {"role": "developer", "content": "Use tools."},
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather here?"},
+                                     {"type": "input_image", "image_url": image, "detail": "low"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "Look."}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking.",
+                                                              "annotations": []}]},
+        {"type": "function_call", "call_id": "call_a", "name": "get_weather", "arguments": '{"city": "Oslo"}'},
+        {"type": "function_call", "call_id": "call_b", "name": "get_weather", "arguments": '{"city": "Rome"}'},
+        {"type": "function_call_output", "call_id": "call_a", "output": "cold"},
+        {"type": "function_call_output", "call_id": "call_b", "output": [{"type": "input_text", "text": "warm"}]},
+    ]})
+    chat, where = body.chat_request()
+    assert chat.processor_messages() == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather here?"},
+                                     {"type": "image", "image": image, "max_pixels": 256 * 28 * 28}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Checking."}], "reasoning_content": "Look.",
+         "tool_calls": [{"id": "call_a", "type": "function",
+                         "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+                        {"id": "call_b", "type": "function",
+                         "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "content": "cold", "tool_call_id": "call_a"},
+        {"role": "tool", "content": [{"type": "text", "text": "warm"}], "tool_call_id": "call_b"}]
+    assert where == ["instructions", "input[0]", "input[1]", "input[3]", "input[6]", "input[7]"]
+    assert chat.template_tools() == [{"type": "function", "function": {
+        key: value for key, value in WEATHER.items() if key != "type"}}]
+
+
+@pytest.fixture(scope="module")
+def thinking_client(thinking_llm):
+    running = RunningServer(thinking_llm)
+    yield openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    running.stop()
+
+
+def test_a_thinking_model_gives_a_reasoning_item(thinking_client, thinking_llm, scripted):
+    scripted(thinking_llm, f"{THOUGHT}\n</think>\n\n{ANSWER}")
+    reply = thinking_client.responses.create(model=MODEL, input="Hello there", max_output_tokens=96)
+    Response.model_validate(reply.model_dump())
+    reasoning, message = reply.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == THOUGHT
+    assert message.type == "message" and reply.output_text == ANSWER
+    with thinking_client.responses.stream(model=MODEL, input="Hello there", max_output_tokens=96) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert "".join(event.delta for event in events if event.type == "response.reasoning_text.delta") == THOUGHT
+    assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == ANSWER
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    assert final.output[0].content[0].text == THOUGHT and final.output_text == ANSWER

@@ -76,7 +76,7 @@ class FunctionCall(_Strict):
 class FunctionCallOutput(_Strict):
     type: Literal["function_call_output"]
     call_id: str
-    output: str
+    output: str | list[Annotated[Union[InputText, InputImage], Field(discriminator="type")]]
     id: str | None = None
     status: str | None = None
 
@@ -238,7 +238,8 @@ def _messages(body: ResponsesRequest) -> tuple[list[dict[str, Any]], list[str]]:
                 continue
             message = {"role": "assistant", "content": None, "tool_calls": [call]}
         elif isinstance(item, FunctionCallOutput):
-            message = {"role": "tool", "tool_call_id": item.call_id, "content": item.output}
+            message = {"role": "tool", "tool_call_id": item.call_id, "content": item.output if isinstance(item.output, str)
+                       else [_part(part) for part in item.output]}
         else:
             message = {"role": item.role, "content": item.content if isinstance(item.content, str)
                        else [_part(part) for part in item.content]}
