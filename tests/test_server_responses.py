@@ -160,20 +160,23 @@ def test_forced_function_call_round_trip(server, client):
     ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id", "previous_response_id is not"),
     ({"input": [{"role": "user", "content": [{"type": "input_audio", "text": "x"}]}]}, "input[0].content[0]",
      "input_audio"),
-    ({"input": [{"type": "web_search_call"}]}, "input[0]", "web_search_call"),
+    ({"input": [{"type": "web_search_call"}]}, "input[0]", "unknown item type 'web_search_call'"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]},
      "input[0].content[0]", "image"),
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", "max_output_tokens"),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema", "schema"),
-    ({"input": "hi", "tool_choice": "required"}, None, "tool"),
+    ({"input": "hi", "tool_choice": "required"}, "tool_choice", "needs at least one tool"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}},
+     "text.format", "json_schema is invalid"),
+    ({"input": "hi", "text": {"format": {"type": "json_object"}}, "tool_choice": "required", "tools": [WEATHER]},
+     "text.format", "cannot be combined with text.format"),
 ])
 def test_bad_requests_get_openai_errors(server, body, param, words):
     reply = _raw(server, **body)
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["type"] == "invalid_request_error" and words in error["message"]
-    if param is not None:
-        assert error["param"] == param
+    assert error["param"] == param
     server.wait_idle()
 
 
