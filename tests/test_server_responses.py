@@ -6,6 +6,7 @@ OpenAI's error shape naming this API's field."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -247,3 +248,27 @@ def test_a_thinking_model_gives_a_reasoning_item(thinking_client, thinking_llm, 
     assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == ANSWER
     assert [item.type for item in final.output] == ["reasoning", "message"]
     assert final.output[0].content[0].text == THOUGHT and final.output_text == ANSWER
+
+
+def test_a_client_leaving_mid_stream_aborts_and_frees_the_cache(server):
+    closed = 'qwen2vl_http_requests_total{endpoint="/v1/responses",status="499"}'
+
+    def metric() -> float:
+        text = httpx.get(server.url + "/metrics", headers=HEADERS).text
+        return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(closed + " ")), 0.0)
+
+    before = metric()
+    body = {"model": MODEL, "input": "Tell me a story", "max_output_tokens": 400, "stream": True, **GREEDY}
+    with httpx.Client(base_url=server.url, headers=HEADERS, timeout=30) as http:
+        with http.stream("POST", "/v1/responses", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines) == "event: response.created"
+            assert next(line for line in lines if line == "event: response.output_text.delta")
+            assert server.state.engine.num_requests == 1
+    server.wait_idle()
+    engine = server.llm.engine
+    assert engine.num_free_blocks == engine.num_total_blocks
+    deadline = time.monotonic() + 10
+    while metric() < before + 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
