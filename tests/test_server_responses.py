@@ -167,6 +167,7 @@ def test_forced_function_call_round_trip(server, client):
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens", "max_output_tokens"),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema", "schema"),
     ({"input": "hi", "tool_choice": "required"}, "tool_choice", "needs at least one tool"),
+    ({"input": "hi", "tools": [{**WEATHER, "name": "get weather"}]}, "tools[0].name", "should match pattern"),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}},
      "text.format", "json_schema is invalid"),
     ({"input": "hi", "text": {"format": {"type": "json_object"}}, "tool_choice": "required", "tools": [WEATHER]},

@@ -45,7 +45,6 @@ from qwen2vl.server.gate import RequestGate, parse_body
 from qwen2vl.server.jobs import Job, event_stream
 from qwen2vl.server.limits import SERVER_MEDIA, ServerLimits
 from qwen2vl.server.media import check_media
-from qwen2vl.server.protocols.openai_responses import ResponsesRequest, responses_route
 from qwen2vl.server.openapi import (
     SWAGGER_UI_PREFIX,
     docs_page,
@@ -54,6 +53,7 @@ from qwen2vl.server.openapi import (
     responses,
     swagger_ui_files,
 )
+from qwen2vl.server.protocols.openai_responses import ResponsesRequest, responses_route
 from qwen2vl.server.replies import (
     ChatCompletion,
     ChatCompletionChunk,

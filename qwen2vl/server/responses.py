@@ -89,7 +89,7 @@ class _Format:
         created, chunk_id = int(time.time()), f"{self.id_prefix}-{job.request_id}"
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
 
-        def chunk(choices: list[BaseModel], **usage_field) -> str:
+        def chunk(choices: list[BaseModel], **usage_field) -> BaseModel:
             if include_usage:
                 usage_field.setdefault("usage", None)
             return self.chunk_model(id=chunk_id, created=created, model=self.model_name, choices=choices,

@@ -187,7 +187,7 @@ class ResponsesRequest(_Strict):
             return ChatCompletionRequest.model_validate(fields), where
         except ValidationError as error:
             message, param = describe_validation_error(error)
-            raise APIError(400, message, param=_param_here(param, where)) from None
+            raise _in_our_terms(APIError(400, message, param=param), where) from None
 
     def echo(self) -> dict[str, Any]:
         """The request's settings as a Response repeats them."""
@@ -256,34 +256,24 @@ def _part(part: InputText | InputImage | OutputText) -> dict[str, Any]:
     return {"type": "text", "text": part.text}
 
 
-def _param_here(param: str | None, where: list[str]) -> str | None:
-    """A chat request's param in this API's terms: `messages[2].content[1]` -> `input[1].content[1]`."""
-    if param is None:
-        return None
+def _in_our_terms(error: APIError, where: list[str] = ()) -> APIError:
+    """`error` with its param, and the message's mention of it, in this API's terms: a chat
+    request's `messages[2].content[1]` -> `input[1].content[1]` (`where`: each message's param
+    here), `tools[0].function.name` -> `tools[0].name`, `max_completion_tokens` -> `max_output_tokens`,
+    `response_format` -> `text.format`; and
+    pydantic's `input[0].message.content[1]` (the item type it tried) -> `input[0].content[1]`."""
+    if error.param is None:
+        return error
+    param = re.sub(rf"^(input\[\d+\])\.(?:{'|'.join(ITEM_TYPES)})\b", r"\1", error.param)
+    param = re.sub(r"^(tools\[\d+\])\.function\b", r"\1", param)
     found = re.match(r"messages\[(\d+)\]", param)
     if found:
         index = int(found.group(1))
-        return (where[index] if index < len(where) else "input") + param[found.end():]
-    for chat, ours in (("max_completion_tokens", "max_output_tokens"), ("response_format", "text.format"),
-                       ("max_tokens", "max_output_tokens")):
+        param = (where[index] if index < len(where) else "input") + param[found.end():]
+    for chat, ours in (("max_completion_tokens", "max_output_tokens"), ("max_tokens", "max_output_tokens"),
+                       ("response_format", "text.format")):
         if param == chat or param.startswith(chat + "."):
-            return ours + param[len(chat):]
-    return param
-
-
-def _in_our_terms(error: APIError, where: list[str]) -> APIError:
-    param = _param_here(error.param, where)
-    message = error.message
-    if error.param and param != error.param:
-        message = message.replace(error.param, param)
-    return APIError(error.status, message, error.type, param, error.code, error.headers)
-
-
-def _without_item_tags(error: APIError) -> APIError:
-    """`input[0].message.content[1]` -> `input[0].content[1]`: pydantic names the item type it tried."""
-    if error.param is None:
-        return error
-    param = re.sub(rf"(input\[\d+\])\.(?:{'|'.join(ITEM_TYPES)})\b", r"\1", error.param)
+            param = ours + param[len(chat):]
     return APIError(error.status, error.message.replace(error.param, param), error.type, param, error.code,
                     error.headers)
 
@@ -472,7 +462,7 @@ def responses_route(server):
         try:
             body = await parse_body(ResponsesRequest, request)
         except APIError as error:
-            raise _without_item_tags(error) from None
+            raise _in_our_terms(error) from None
         chat, where = body.chat_request()
         try:
             answer, job = await server.start_chat(request, chat)
