@@ -133,8 +133,8 @@ def test_forced_function_call_round_trip(server, client):
     assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
     jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
     # the client's next turn: the call as it came back, and its output
-    turn = [*ask, call.model_dump(exclude_none=True), {"type": "function_call_output", "call_id": call.call_id,
-                                                       "output": '{"temperature": 21}'}]
+    turn = [*ask, *reply.output, {"type": "function_call_output", "call_id": call.call_id,
+                                  "output": '{"temperature": 21}'}]
     answer = client.responses.create(model=MODEL, input=turn, tools=[WEATHER], tool_choice="none",
                                      max_output_tokens=8, **GREEDY)
     expected = client.chat.completions.create(model=MODEL, max_tokens=8, tool_choice="none", **GREEDY, tools=[
@@ -249,6 +249,9 @@ def test_a_thinking_model_gives_a_reasoning_item(thinking_client, thinking_llm, 
     assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == ANSWER
     assert [item.type for item in final.output] == ["reasoning", "message"]
     assert final.output[0].content[0].text == THOUGHT and final.output_text == ANSWER
+    # the output sent back as it came (the client's own objects) is accepted as the next turn's history
+    history = [{"role": "user", "content": "Hello there"}, *reply.output, {"role": "user", "content": "And now?"}]
+    assert thinking_client.responses.create(model=MODEL, input=history, max_output_tokens=96).output_text == ANSWER
 
 
 def test_a_client_leaving_mid_stream_aborts_and_frees_the_cache(server):
