@@ -40,7 +40,7 @@ from qwen2vl.grounding import grounding_header
 from qwen2vl.processor.fetch import MediaPolicy
 from qwen2vl.processor.types import PreparedPrompt
 from qwen2vl.sampling_params import SEED_RANGE, SamplingParams
-from qwen2vl.server.errors import APIError, api_error
+from qwen2vl.server.errors import APIError, api_error, error_response
 from qwen2vl.server.gate import RequestGate, parse_body
 from qwen2vl.server.jobs import Job, event_stream
 from qwen2vl.server.limits import SERVER_MEDIA, ServerLimits
@@ -53,6 +53,7 @@ from qwen2vl.server.openapi import (
     responses,
     swagger_ui_files,
 )
+from qwen2vl.server.protocols.anthropic_messages import CountTokensRequest, MessagesAPI, MessagesRequest
 from qwen2vl.server.replies import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -62,7 +63,7 @@ from qwen2vl.server.replies import (
     TextCompletion,
 )
 from qwen2vl.server.requests import ChatCompletionRequest, CompletionRequest
-from qwen2vl.server.responses import ChatFormat, CompletionFormat, TokenTexts, json_response
+from qwen2vl.server.responses import ChatFormat, CompletionFormat, TokenTexts, json_response, sse_events
 from qwen2vl.server.state import ServerState, Timer
 
 
@@ -83,7 +84,17 @@ class OpenAIServer:
     # -- routes -----------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
-        body = self._with_defaults(await parse_body(ChatCompletionRequest, request))
+        answer, job = await self.start_chat(request, await parse_body(ChatCompletionRequest, request))
+        response = await _respond(answer, job)
+        response.headers["X-Grounding"] = self._grounding(job.prompts[0])
+        return response
+
+    async def start_chat(self, request: Request, body: ChatCompletionRequest) -> tuple[ChatFormat, Job]:
+        """Run a chat request (what /v1/chat/completions does, and the other protocols after
+        translating theirs): checks, admission, media and prompt prepared, generation started.
+        Then `answer.response(job, await job.finals())` is the `ChatCompletion`, or
+        `answer.chunks(job)` its `ChatCompletionChunk`s (closing the job is then the caller's)."""
+        body = self._with_defaults(body)
         self._check_common(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
@@ -97,9 +108,21 @@ class OpenAIServer:
                                              "messages")
         job = Job(self.state, request, len(params))
         await _start(job, body, lambda: self._prepare_chat(messages, tools), params, self._cache_salt(request, body))
-        response = await _respond(answer, job)
-        response.headers["X-Grounding"] = self._grounding(job.prompts[0])
-        return response
+        return answer, job
+
+    async def chat_prompt_tokens(self, request: Request, body: ChatCompletionRequest) -> int:
+        """The tokens of a chat request's prompt (images included), prepared as `start_chat`
+        prepares it (admitted, media checked) but never generated from."""
+        self._check_model(body.model)
+        messages, tools = body.processor_messages(), body.template_tools()
+        self.state.limits.check_prompt_bytes(_text_bytes(_template_text(messages, tools)), self.state.max_model_len,
+                                             "messages")
+        job = Job(self.state, request, 1)
+        try:
+            await _start(job, body, lambda: self._prepare_chat(messages, tools), [], None)
+        finally:
+            job.close()
+        return job.prompt_tokens
 
     async def completions(self, request: Request) -> Response:
         body = self._with_defaults(await parse_body(CompletionRequest, request))
@@ -230,7 +253,7 @@ async def _start(job: Job, body, prepare, params: list[SamplingParams], cache_sa
 async def _respond(answer: ChatFormat | CompletionFormat, job: Job) -> Response:
     """The whole response once the job has finished, or with `stream: true` its chunks as they come."""
     if answer.body.stream:
-        return event_stream(answer.chunks(job), job)
+        return event_stream(sse_events(answer.chunks(job)), job)
     return json_response(answer.response(job, await job.finals()))
 
 
@@ -297,11 +320,12 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
     app.add_middleware(RequestGate, state=state)
 
     async def on_error(request: Request, error: Exception) -> Response:
-        return api_error(error, request.state.request_id).response()
+        return error_response(api_error(error, request.state.request_id), request.url.path)
 
     async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:
-        return APIError(error.status_code, str(error.detail), "not_found_error" if error.status_code == 404
-                        else "invalid_request_error", headers=error.headers).response()  # a 405's Allow
+        return error_response(APIError(error.status_code, str(error.detail), "not_found_error"
+                                       if error.status_code == 404 else "invalid_request_error",
+                                       headers=error.headers), request.url.path)  # a 405's Allow
 
     app.add_exception_handler(APIError, on_error)
     app.add_exception_handler(Qwen2VLError, on_error)
@@ -309,6 +333,11 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"],
                       openapi_extra=request_body(ChatCompletionRequest),
                       responses=responses(ChatCompletion, ChatCompletionChunk))
+    messages_api = MessagesAPI(server)
+    app.add_api_route("/v1/messages", messages_api.messages, methods=["POST"],
+                      openapi_extra=request_body(MessagesRequest))
+    app.add_api_route("/v1/messages/count_tokens", messages_api.count_tokens, methods=["POST"],
+                      openapi_extra=request_body(CountTokensRequest))
     app.add_api_route("/v1/completions", server.completions, methods=["POST"],
                       openapi_extra=request_body(CompletionRequest), responses=responses(TextCompletion, TextCompletion))
     app.add_api_route("/v1/models", server.models, methods=["GET"], responses=responses(ModelList))
