@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from qwen2vl.engine.sequence import RequestOutput
     from qwen2vl.server.app import OpenAIServer
 
-BLOCK_TYPES = ("text", "image", "tool_use", "tool_result")
+BLOCK_TYPES = ("text", "image", "tool_use", "tool_result", "thinking")
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 # the chat path's finish reasons as Anthropic's stop reasons ("stop" is "end_turn" or "stop_sequence")
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}
@@ -81,6 +81,14 @@ class ToolUseBlock(_Cacheable):
     input: dict[str, Any]
 
 
+class ThinkingBlock(_Cacheable):
+    """An assistant's earlier reasoning, sent back (its `signature` is not checked)."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
 ResultBlock = Annotated[Union[TextBlock, ImageBlock], Field(discriminator="type")]
 
 
@@ -96,7 +104,8 @@ class ToolResultBlock(_Cacheable):
         return [_part(block) for block in self.content]
 
 
-ContentBlock = Annotated[Union[TextBlock, ImageBlock, ToolUseBlock, ToolResultBlock], Field(discriminator="type")]
+ContentBlock = Annotated[Union[TextBlock, ImageBlock, ToolUseBlock, ToolResultBlock, ThinkingBlock],
+                         Field(discriminator="type")]
 
 
 class Message(_Strict):
@@ -177,6 +186,7 @@ class MessagesRequest(CountTokensRequest):
     top_p: float | None = None
     top_k: Integer | None = None
     # accepted and ignored
+    cache_control: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
 
@@ -199,19 +209,23 @@ def _chat_messages(index: int, message: Message) -> list[tuple[dict[str, Any], l
     assistant's `tool_use` blocks its `tool_calls`."""
     if isinstance(message.content, str):
         return [({"role": message.role, "content": message.content}, [])]
-    allowed = {"user": (TextBlock, ImageBlock, ToolResultBlock), "assistant": (TextBlock, ToolUseBlock)}[message.role]
+    allowed = {"user": (TextBlock, ImageBlock, ToolResultBlock),
+               "assistant": (TextBlock, ToolUseBlock, ThinkingBlock)}[message.role]
     for position, block in enumerate(message.content):
         if not isinstance(block, allowed):
             kinds = ", ".join(repr(kind.model_fields["type"].annotation.__args__[0]) for kind in allowed)
-            raise APIError(400, f"messages[{index}].content[{position}]: a {message.role} message's blocks are "
-                                f"{kinds}, not {block.type!r}", param=f"messages[{index}].content[{position}]")
+            raise APIError(400, f"messages[{index}].content[{position}]: {block.type!r} blocks are not allowed in "
+                                f"{message.role} messages (they take {kinds})",
+                           param=f"messages[{index}].content[{position}]")
     if message.role == "assistant":
         text = "".join(block.text for block in message.content if isinstance(block, TextBlock))
         calls = [{"id": block.id, "type": "function",
                   "function": {"name": block.name, "arguments": json.dumps(block.input, ensure_ascii=False)}}
                  for block in message.content if isinstance(block, ToolUseBlock)]
+        reasoning = "".join(block.thinking for block in message.content if isinstance(block, ThinkingBlock))
         return [({"role": "assistant", "content": text if text or not calls else None,
-                  **({"tool_calls": calls} if calls else {})}, [])]
+                  **({"tool_calls": calls} if calls else {}),
+                  **({"reasoning_content": reasoning} if reasoning else {})}, [])]
     results = [({"role": "tool", "tool_call_id": block.tool_use_id, "content": block.to_chat()}, [position])
                for position, block in enumerate(message.content) if isinstance(block, ToolResultBlock)]
     rest = [position for position, block in enumerate(message.content) if not isinstance(block, ToolResultBlock)]
