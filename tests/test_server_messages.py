@@ -5,7 +5,11 @@ assembles to the whole reply, forced tool calls follow their schema, and bad req
 Anthropic's error shape with a clear message."""
 from __future__ import annotations
 
+import base64
+import io
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -15,9 +19,15 @@ httpx = pytest.importorskip("httpx")
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
 
+from checkpoints import write_tiny_checkpoint_3  # noqa: E402
+from test_reasoning import THOUGHT, scripted  # noqa: E402, F401 (a fixture)
 from test_server import API_KEY, MAX_MODEL_LEN, MODEL, RunningServer, _png_uri  # noqa: E402
+from test_server_qwen3_vl import ASSETS, _load  # noqa: E402
 
 from qwen2vl import Qwen2VL  # noqa: E402
+from qwen2vl.evals.shapes import make_samples  # noqa: E402
+
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "qwen2-vl-shapes-demo"
 
 GREEDY = {"extra_body": {"temperature": 0}}  # the client no longer offers temperature as an argument
 WEATHER = {"name": "get_weather", "description": "The current weather in a city",
@@ -198,3 +208,55 @@ def test_the_key_as_x_api_key_or_bearer(server):
     response = httpx.post(server.url + "/v1/chat/completions", json={"messages": ASK, "max_tokens": 2},
                           headers={"x-api-key": API_KEY})
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_the_demo_model_answers_a_shapes_question_as_the_chat_endpoint():
+    """The committed demo model through both protocols: a base64 image, the same right answer."""
+    sample = next(s for s in make_samples(1, seed=777, tasks=("shape", "color", "count")) if s.task == "color")
+    [turn] = sample.messages
+    image = next(part["image"] for part in turn["content"] if part["type"] == "image")
+    question = next(part["text"] for part in turn["content"] if part["type"] == "text")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    running = RunningServer(Qwen2VL.from_pretrained(DEMO_MODEL, device="cpu"), model_name="demo")
+    try:
+        claude = anthropic.Anthropic(base_url=running.url, api_key="unused", max_retries=0, timeout=120)
+        chat = openai.OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = claude.messages.create(model="demo", max_tokens=16, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+            {"type": "text", "text": question}]}], **GREEDY)
+        expected = chat.chat.completions.create(model="demo", max_tokens=16, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+                                         {"type": "text", "text": question}]}])
+    finally:
+        running.stop()
+    assert reply.content[0].text == expected.choices[0].message.content == sample.answer
+    assert reply.stop_reason == "end_turn"
+
+
+def test_a_thinking_models_reasoning_is_a_thinking_block(tmp_path_factory, scripted):  # noqa: F811
+    """A Qwen3-VL Thinking checkpoint (its output scripted: a tiny random model never closes its
+    reasoning): a thinking block, then the answer's text block, streamed or not and sent back."""
+    folder = write_tiny_checkpoint_3(tmp_path_factory.mktemp("tiny-3-thinking-messages"), "a")
+    shutil.copy(ASSETS / "qwen3-vl-thinking.chat_template.jinja", folder / "chat_template.jinja")
+    llm = _load(folder)
+    answer = "Hello! How can I help?"
+    scripted(llm, f"{THOUGHT}\n</think>\n\n{answer}")
+    running = RunningServer(llm)
+    try:
+        claude = anthropic.Anthropic(base_url=running.url, api_key="unused", max_retries=0, timeout=120)
+        reply = claude.messages.create(model=MODEL, max_tokens=64, messages=ASK)
+        with claude.messages.stream(model=MODEL, max_tokens=64, messages=ASK) as stream:
+            deltas = [event.delta.type for event in stream if event.type == "content_block_delta"]
+            streamed = stream.get_final_message()
+        history = [*ASK, {"role": "assistant", "content": [block.model_dump() for block in reply.content]},
+                   {"role": "user", "content": "Thanks."}]
+        again = claude.messages.create(model=MODEL, max_tokens=64, messages=history)
+    finally:
+        running.stop()
+    for message in (reply, streamed, again):
+        assert [(block.type, getattr(block, "thinking", None) or getattr(block, "text", None))
+                for block in message.content] == [("thinking", THOUGHT), ("text", answer)]
+        assert message.stop_reason == "end_turn"
+    assert deltas[0] == "thinking_delta" and deltas[-1] == "text_delta"
