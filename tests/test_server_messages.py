@@ -260,3 +260,42 @@ def test_a_thinking_models_reasoning_is_a_thinking_block(tmp_path_factory, scrip
                 for block in message.content] == [("thinking", THOUGHT), ("text", answer)]
         assert message.stop_reason == "end_turn"
     assert deltas[0] == "thinking_delta" and deltas[-1] == "text_delta"
+
+
+def test_a_failure_after_the_headers_is_an_error_event(server, monkeypatch):
+    """An engine failure mid-stream: Anthropic's `error` event (no `[DONE]`); before the headers,
+    a 500 in Anthropic's shape naming the request id."""
+    engine = server.llm.engine
+    real_step, calls = engine.step, []
+
+    def step_failing_once():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a bug in the engine")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step_failing_once)
+    with httpx.stream("POST", server.url + "/v1/messages", json={"max_tokens": 8, "messages": ASK, "stream": True},
+                      headers={"x-api-key": API_KEY}, timeout=60) as response:
+        assert response.status_code == 200
+        text = response.read().decode()
+    events = [block.split("\n") for block in text.strip().split("\n\n")]
+    assert [lines[0] for lines in events[:1]] == ["event: message_start"] and "[DONE]" not in text
+    kind, data = events[-1]
+    error = json.loads(data.removeprefix("data: "))
+    assert kind == "event: error" and error["type"] == "error" and error["error"]["type"] == "api_error"
+    assert "a bug in the engine" in error["error"]["message"]
+    server.wait_idle()
+    calls.clear()
+    response = _post(server, {"max_tokens": 8, "messages": ASK})
+    assert response.status_code == 500 and response.json()["error"]["type"] == "api_error"
+    assert response.headers["x-request-id"] in response.json()["error"]["message"]
+    server.wait_idle()
+
+
+def test_openapi_declares_the_bodies(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    for path, model in (("/v1/messages", "MessagesRequest"), ("/v1/messages/count_tokens", "CountTokensRequest")):
+        assert schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{model}"}
+        assert "messages" in schema["components"]["schemas"][model]["properties"]

@@ -185,7 +185,7 @@ async def parse_body(model: type[BaseModel], request: Request):
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as error:
-        message, param = describe_validation_error(error, *([model.CONTENT_TYPES] if hasattr(model, "CONTENT_TYPES") else []))
+        message, param = describe_validation_error(error, getattr(model, "CONTENT_TYPES", None))
         raise APIError(400, message, param=param) from None
 
 

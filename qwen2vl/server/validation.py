@@ -7,12 +7,13 @@ from pydantic import ValidationError
 from qwen2vl.server.requests import CONTENT_PART_TYPES
 
 
-def describe_validation_error(error: ValidationError, tags: tuple[str, ...] = CONTENT_PART_TYPES) -> tuple[str, str | None]:
+def describe_validation_error(error: ValidationError, tags: tuple[str, ...] | None = None) -> tuple[str, str | None]:
     """(message, param) for the most specific problem pydantic found.
 
     pydantic reports one error per union branch; the deepest location is the one the client
     meant (a list of content parts with a bad part, rather than "not a string").
     """
+    tags = tags or CONTENT_PART_TYPES  # the content part types (discriminator tags) of the request's protocol
     errors = error.errors(include_url=False)
     depth = max(len(err["loc"]) for err in errors)
     deepest = [err for err in errors if len(err["loc"]) == depth]
