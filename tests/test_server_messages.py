@@ -299,3 +299,15 @@ def test_openapi_declares_the_bodies(server):
         assert schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"] == {
             "$ref": f"#/components/schemas/{model}"}
         assert "messages" in schema["components"]["schemas"][model]["properties"]
+
+
+def test_output_config_json_schema_validates_and_equals_the_chat_endpoint(claude, chat):
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    reply = claude.messages.create(model=MODEL, max_tokens=80, messages=ASK, **GREEDY,
+                                   output_config={"format": {"type": "json_schema", "schema": person}})
+    jsonschema.validate(json.loads(reply.content[0].text), person)
+    text, _, _ = _chat_text(chat, ASK, max_tokens=80, response_format={
+        "type": "json_schema", "json_schema": {"name": "output", "schema": person, "strict": True}})
+    assert reply.content[0].text == text and reply.stop_reason == "end_turn"

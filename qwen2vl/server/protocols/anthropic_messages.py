@@ -137,6 +137,17 @@ class ToolChoice(_Strict):
         return {"auto": "auto", "any": "required", "none": "none"}[self.type]
 
 
+class OutputFormat(_Strict):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class OutputConfig(_Strict):
+    """Anthropic's structured output: the reply is JSON text following `format.schema`."""
+
+    format: OutputFormat | None = None
+
+
 class CountTokensRequest(_Strict):
     """The body of /v1/messages/count_tokens: a conversation, without its sampling."""
 
@@ -181,6 +192,7 @@ class CountTokensRequest(_Strict):
 class MessagesRequest(CountTokensRequest):
     max_tokens: PositiveInteger = Field(description="required, as in Anthropic's API")
     stop_sequences: list[str] | None = None
+    output_config: OutputConfig | None = None
     stream: bool = False
     temperature: float | None = None
     top_p: float | None = None
@@ -191,9 +203,12 @@ class MessagesRequest(CountTokensRequest):
     service_tier: str | None = None
 
     def _sampling(self) -> dict[str, Any]:
+        output = self.output_config.format if self.output_config is not None else None
         return {"max_completion_tokens": self.max_tokens, "stop": self.stop_sequences, "temperature": self.temperature,
                 "top_p": self.top_p, "top_k": self.top_k, "stream": self.stream,
-                "stream_options": {"include_usage": True} if self.stream else None}
+                "stream_options": {"include_usage": True} if self.stream else None,
+                "response_format": None if output is None else {
+                    "type": "json_schema", "json_schema": {"name": "output", "schema": output.schema_, "strict": True}}}
 
 
 REQUEST_MODELS = (MessagesRequest, CountTokensRequest)
