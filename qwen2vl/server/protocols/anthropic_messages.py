@@ -3,8 +3,9 @@
 A request is validated as strictly as the chat endpoint's (unknown fields refused; `cache_control`
 and `metadata` accepted and ignored), translated into a `ChatCompletionRequest` (`system` becomes
 the system message, `image` blocks image parts, `tool_use` blocks an assistant's `tool_calls`,
-`tool_result` blocks tool messages, `stop_sequences` `stop`, `tool_choice` any/tool the chat's
-required/named choice) and run by `OpenAIServer.start_chat`, so media limits, constraints, tool
+`tool_result` blocks tool messages, `thinking` blocks an assistant's `reasoning_content`,
+`stop_sequences` `stop`, `tool_choice` any/tool the chat's required/named choice,
+`output_config.format` a `response_format`) and run by `OpenAIServer.start_chat`, so media limits, constraints, tool
 grammars, metrics and disconnects are the chat endpoint's. Its `ChatCompletion` (or its stream of
 chunks) is then written as Anthropic's message (or event stream). Errors are answered in
 Anthropic's shape (`errors.error_response`); an error in the prepared conversation is located in
@@ -158,6 +159,7 @@ class CountTokensRequest(_Strict):
     system: str | list[TextBlock] | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
+    cache_control: dict[str, Any] | None = None  # accepted and ignored
 
     def to_chat(self) -> tuple[ChatCompletionRequest, list[tuple[int | None, list[int]]]]:
         """The chat request, and where each of its messages came from: (the request's message
@@ -198,7 +200,6 @@ class MessagesRequest(CountTokensRequest):
     top_p: float | None = None
     top_k: Integer | None = None
     # accepted and ignored
-    cache_control: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
 
