@@ -170,6 +170,12 @@ def _post(server, body, path="/v1/messages", **headers) -> httpx.Response:
         "role": "user", "content": [{"type": "text", "text": "and this?"}, {"type": "image", "source": {
             "type": "base64", "media_type": "image/png", "data": "AAAAAAAA"}}]}]},
      "messages[2].content[1]: data URI is not an image PIL can read"),
+    ({"max_tokens": 4, "messages": [*ASK, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}}]}, {
+        "role": "user", "content": [{"type": "text", "text": "also"}, {"type": "tool_result", "tool_use_id": "t1",
+                                     "content": [{"type": "text", "text": "a photo:"}, {"type": "image", "source": {
+                                         "type": "base64", "media_type": "image/png", "data": "AAAAAAAA"}}]}]}]},
+     "messages[2].content[1].content[1]: data URI is not an image PIL can read"),
     ({"max_tokens": 4, "messages": [{"role": "assistant", "content": [{"type": "tool_result", "tool_use_id": "x"}]}]},
      "messages[0].content[0]: 'tool_result' blocks are not allowed in assistant messages (they take 'text', "
      "'tool_use', 'thinking')"),

@@ -242,7 +242,8 @@ def _chat_messages(index: int, message: Message) -> list[tuple[dict[str, Any], l
         return [({"role": "assistant", "content": text if text or not calls else None,
                   **({"tool_calls": calls} if calls else {}),
                   **({"reasoning_content": reasoning} if reasoning else {})}, [])]
-    results = [({"role": "tool", "tool_call_id": block.tool_use_id, "content": block.to_chat()}, [position])
+    # a tool message's parts are its tool_result block's content: -1 - position marks them so
+    results = [({"role": "tool", "tool_call_id": block.tool_use_id, "content": block.to_chat()}, [-1 - position])
                for position, block in enumerate(message.content) if isinstance(block, ToolResultBlock)]
     rest = [position for position, block in enumerate(message.content) if not isinstance(block, ToolResultBlock)]
     if rest or not results:
@@ -260,9 +261,13 @@ def _located(error: InputError, origins: list[tuple[int | None, list[int]]]) -> 
         located.args = (f"system: {error.cause}",)
         return located
     content = error.content_index
-    if content is not None and blocks:
-        content = blocks[content] if content < len(blocks) else blocks[0]
-    return type(error)(error.cause, index, content, error.field)
+    if content is None or not blocks:
+        return type(error)(error.cause, index, None, error.field)
+    if blocks[0] < 0:  # a part of a tool_result block's content
+        located = type(error)(error.cause, index, -1 - blocks[0], error.field)
+        located.args = (f"messages[{index}].content[{-1 - blocks[0]}].content[{content}]: {error.cause}",)
+        return located
+    return type(error)(error.cause, index, blocks[content], error.field)
 
 
 # --- replies ------------------------------------------------------------------------------------
