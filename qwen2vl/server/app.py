@@ -16,6 +16,9 @@ stream chunks; `errors.py` turns any exception into an answer in OpenAI's error 
 parts share (limits, admission, metrics, the engine loop, the media pool, the API keys) is one
 `state.ServerState`, built here once and passed to each.
 
+Anthropic's Messages API (`/v1/messages`, `protocols/anthropic_messages.py`) is a translation onto
+the chat route's own step, `OpenAIServer.start_chat`: the same checks, job and chat answer underneath.
+
 The OpenAPI document (`/openapi.json`, `openapi.py`; Swagger UI at `/docs` with `docs=True`)
 declares the same pydantic models as the bodies.
 """
