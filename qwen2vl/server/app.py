@@ -16,6 +16,9 @@ stream chunks; `errors.py` turns any exception into an answer in OpenAI's error 
 parts share (limits, admission, metrics, the engine loop, the media pool, the API keys) is one
 `state.ServerState`, built here once and passed to each.
 
+Anthropic's Messages API (`/v1/messages`, `protocols/anthropic_messages.py`) is a translation onto
+the chat route's own step, `OpenAIServer.start_chat`: the same checks, job and chat answer underneath.
+
 The OpenAPI document (`/openapi.json`, `openapi.py`; Swagger UI at `/docs` with `docs=True`)
 declares the same pydantic models as the bodies.
 """
@@ -40,7 +43,7 @@ from qwen2vl.grounding import grounding_header
 from qwen2vl.processor.fetch import MediaPolicy
 from qwen2vl.processor.types import PreparedPrompt
 from qwen2vl.sampling_params import SEED_RANGE, SamplingParams
-from qwen2vl.server.errors import APIError, api_error
+from qwen2vl.server.errors import APIError, api_error, error_response
 from qwen2vl.server.gate import RequestGate, parse_body
 from qwen2vl.server.jobs import Job, event_stream
 from qwen2vl.server.limits import SERVER_MEDIA, ServerLimits
@@ -54,6 +57,7 @@ from qwen2vl.server.openapi import (
     swagger_ui_files,
 )
 from qwen2vl.server.protocols.openai_responses import ResponsesRequest, responses_route
+from qwen2vl.server.protocols.anthropic_messages import CountTokensRequest, MessagesAPI, MessagesRequest
 from qwen2vl.server.replies import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -63,7 +67,7 @@ from qwen2vl.server.replies import (
     TextCompletion,
 )
 from qwen2vl.server.requests import ChatCompletionRequest, CompletionRequest
-from qwen2vl.server.responses import ChatFormat, CompletionFormat, TokenTexts, json_response, sse_event
+from qwen2vl.server.responses import ChatFormat, CompletionFormat, TokenTexts, json_response, sse_events
 from qwen2vl.server.state import ServerState, Timer
 
 
@@ -109,6 +113,20 @@ class OpenAIServer:
         job = Job(self.state, request, len(params))
         await _start(job, body, lambda: self._prepare_chat(messages, tools), params, self._cache_salt(request, body))
         return answer, job
+
+    async def chat_prompt_tokens(self, request: Request, body: ChatCompletionRequest) -> int:
+        """The tokens of a chat request's prompt (images included), prepared as `start_chat`
+        prepares it (admitted, media checked) but never generated from."""
+        self._check_model(body.model)
+        messages, tools = body.processor_messages(), body.template_tools()
+        self.state.limits.check_prompt_bytes(_text_bytes(_template_text(messages, tools)), self.state.max_model_len,
+                                             "messages")
+        job = Job(self.state, request, 1)
+        try:
+            await _start(job, body, lambda: self._prepare_chat(messages, tools), [], None)
+        finally:
+            job.close()
+        return job.prompt_tokens
 
     async def completions(self, request: Request) -> Response:
         body = self._with_defaults(await parse_body(CompletionRequest, request))
@@ -239,7 +257,7 @@ async def _start(job: Job, body, prepare, params: list[SamplingParams], cache_sa
 async def _respond(answer: ChatFormat | CompletionFormat, job: Job) -> Response:
     """The whole response once the job has finished, or with `stream: true` its chunks as they come."""
     if answer.body.stream:
-        return event_stream((sse_event(chunk) async for chunk in answer.chunks(job)), job)
+        return event_stream(sse_events(answer.chunks(job)), job)
     return json_response(answer.response(job, await job.finals()))
 
 
@@ -306,11 +324,12 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
     app.add_middleware(RequestGate, state=state)
 
     async def on_error(request: Request, error: Exception) -> Response:
-        return api_error(error, request.state.request_id).response()
+        return error_response(api_error(error, request.state.request_id), request.url.path)
 
     async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:
-        return APIError(error.status_code, str(error.detail), "not_found_error" if error.status_code == 404
-                        else "invalid_request_error", headers=error.headers).response()  # a 405's Allow
+        return error_response(APIError(error.status_code, str(error.detail), "not_found_error"
+                                       if error.status_code == 404 else "invalid_request_error",
+                                       headers=error.headers), request.url.path)  # a 405's Allow
 
     app.add_exception_handler(APIError, on_error)
     app.add_exception_handler(Qwen2VLError, on_error)
@@ -320,6 +339,11 @@ def create_app(llm, *, model_name: str, limits: ServerLimits | None = None, medi
                       responses=responses(ChatCompletion, ChatCompletionChunk))
     app.add_api_route("/v1/responses", responses_route(server), methods=["POST"],
                       openapi_extra=request_body(ResponsesRequest))
+    messages_api = MessagesAPI(server)
+    app.add_api_route("/v1/messages", messages_api.messages, methods=["POST"],
+                      openapi_extra=request_body(MessagesRequest))
+    app.add_api_route("/v1/messages/count_tokens", messages_api.count_tokens, methods=["POST"],
+                      openapi_extra=request_body(CountTokensRequest))
     app.add_api_route("/v1/completions", server.completions, methods=["POST"],
                       openapi_extra=request_body(CompletionRequest), responses=responses(TextCompletion, TextCompletion))
     app.add_api_route("/v1/models", server.models, methods=["GET"], responses=responses(ModelList))

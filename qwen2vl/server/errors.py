@@ -30,6 +30,27 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+# Anthropic's error types by HTTP status (its API's list); any other status is an "api_error"
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 408: "timeout_error", 413: "request_too_large",
+                         415: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error",
+                         504: "timeout_error"}
+ANTHROPIC_PATH = "/v1/messages"  # it and the paths under it answer errors in Anthropic's shape
+
+
+def anthropic_error_body(error: APIError) -> dict:
+    """`error` in Anthropic's shape: `{"type": "error", "error": {"type", "message"}}`."""
+    return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(error.status, "api_error"),
+                                       "message": error.message}}
+
+
+def error_response(error: APIError, path: str) -> JSONResponse:
+    """The answer to `error` in the shape of the protocol `path` speaks."""
+    if path == ANTHROPIC_PATH or path.startswith(ANTHROPIC_PATH + "/"):
+        return JSONResponse(anthropic_error_body(error), status_code=error.status, headers=error.headers)
+    return error.response()
+
+
 class ClientGone(Exception):
     """The client disconnected: nobody is left to answer."""
 

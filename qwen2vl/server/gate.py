@@ -11,15 +11,17 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 
-from qwen2vl.server.errors import APIError, ClientGone, api_error
+from qwen2vl.server.errors import APIError, ClientGone, api_error, error_response
 from qwen2vl.server.state import ServerState
 from qwen2vl.server.validation import describe_validation_error
 
-ENDPOINTS = ("/", "/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/models", "/health", "/metrics",
-             "/openapi.json", "/docs")
+ENDPOINTS = ("/", "/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens",
+             "/v1/models", "/health", "/metrics", "/openapi.json", "/docs")
 PUBLIC_PATHS = ("/", "/health", "/openapi.json", "/docs")  # no API key needed; nor under PAGE_PREFIX
 PAGE_PREFIX = "/static/"  # the chat page's script and style sheet
-BODY_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/completions")  # the only routes that read a body; others take none
+# the only routes that read a body; others take none
+BODY_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/messages", "/v1/messages/count_tokens")
+X_API_KEY_PATHS = ("/v1/messages", "/v1/messages/count_tokens")  # Anthropic's API: the key may come as x-api-key
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection"; only seen in metrics
 # the chat page's needs (its own script, style sheet and fetches; images and videos as data: URIs), nothing
 # else: no inline script, no other origin, no framing
@@ -73,7 +75,7 @@ class RequestGate:
                 return
             answer = api_error(error, request_id)
             if exchange.status is None:
-                await answer.response()(scope, receive, send_tagged)
+                await error_response(answer, scope["path"])(scope, receive, send_tagged)
         finally:
             status = CLIENT_CLOSED if exchange.client_left or exchange.status is None else exchange.status
             self.state.metrics.requests.inc(_endpoint(scope["path"]), str(status))
@@ -84,9 +86,13 @@ class RequestGate:
         keys = self.state.api_keys
         if not keys or scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PAGE_PREFIX):
             return
-        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        headers = Headers(scope=scope)
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scope["path"] in X_API_KEY_PATHS and "x-api-key" in headers:
+            scheme, token = "bearer", headers["x-api-key"]
         if not token:
-            raise APIError(401, "no API key: send it as 'Authorization: Bearer <key>'", code="invalid_api_key",
+            how = "'x-api-key: <key>' or " if scope["path"] in X_API_KEY_PATHS else ""
+            raise APIError(401, f"no API key: send it as {how}'Authorization: Bearer <key>'", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
         sent = token.strip().encode()
         matches = [key for key in keys if hmac.compare_digest(sent, key.encode())]  # every key compared: no timing hint
@@ -168,7 +174,9 @@ class _Exchange:
 
 async def parse_body(model: type[BaseModel], request: Request):
     """The request's JSON body (already read by the gate) as `model`. A body declared as anything
-    but JSON is refused (one without a Content-Type is read as JSON)."""
+    but JSON is refused (one without a Content-Type is read as JSON). A model whose content parts
+    are not OpenAI's names their types in `CONTENT_TYPES` (so errors are located as its client
+    sees them)."""
     content_type = request.headers.get("content-type")
     if content_type is not None and not _is_json(content_type):
         raise APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json', not "
@@ -177,7 +185,7 @@ async def parse_body(model: type[BaseModel], request: Request):
     try:
         return model.model_validate_json(await request.body())
     except ValidationError as error:
-        message, param = describe_validation_error(error)
+        message, param = describe_validation_error(error, getattr(model, "CONTENT_TYPES", None))
         raise APIError(400, message, param=param) from None
 
 

@@ -181,19 +181,25 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Reque
             future.cancel()
 
 
-def event_stream(events: AsyncIterator[str], job: Job) -> StreamingResponse:
-    """Server-sent events; an error after the headers went out becomes an error event."""
+def openai_error_event(error: APIError) -> str:
+    return f"data: {json.dumps(error.body())}\n\n"
+
+
+def event_stream(events: AsyncIterator[str], job: Job, error_event: Callable[[APIError], str] = openai_error_event,
+                 end: str = "data: [DONE]\n\n") -> StreamingResponse:
+    """Server-sent events, then `end`; an error after the headers went out becomes an error event
+    (`error_event`: the protocol's)."""
 
     async def stream():
         try:
             async for event in events:
                 yield event
-            yield "data: [DONE]\n\n"
+            yield end
         except ClientGone:
             return
         except Exception as error:  # noqa: BLE001 - the status line is gone; report in the stream
-            yield f"data: {json.dumps(api_error(error, job.request_id).body())}\n\n"
-            yield "data: [DONE]\n\n"
+            yield error_event(api_error(error, job.request_id))
+            yield end
 
     return _EventStream(stream(), job)
 

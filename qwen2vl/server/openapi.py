@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from qwen2vl.server.protocols.openai_responses import ResponsesRequest
+from qwen2vl.server.protocols import anthropic_messages
 from qwen2vl.server.replies import RESPONSE_MODELS, ErrorResponse
 from qwen2vl.server.requests import REQUEST_MODELS
 
@@ -68,8 +69,8 @@ def openapi_document(app: FastAPI, with_api_key: bool) -> dict:
     """The app's document, built once, with the models' schemas as components."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        models = [(model, "validation") for model in (*REQUEST_MODELS, ResponsesRequest)] + \
-            [(model, "serialization") for model in RESPONSE_MODELS]
+        requests = (*REQUEST_MODELS, ResponsesRequest, *anthropic_messages.REQUEST_MODELS)
+        models = [(model, "validation") for model in requests] + [(model, "serialization") for model in RESPONSE_MODELS]
         _, definitions = models_json_schema(models, ref_template="#/components/schemas/{model}")
         components = schema.setdefault("components", {})
         components.setdefault("schemas", {}).update(definitions["$defs"])

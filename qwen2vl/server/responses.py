@@ -45,9 +45,11 @@ def json_response(model: BaseModel) -> Response:
     return Response(model.model_dump_json(), media_type="application/json")
 
 
-def sse_event(model: BaseModel) -> str:
-    # exclude_unset: keys a chunk sets explicitly (even to null) are sent, the others are left out
-    return f"data: {model.model_dump_json(exclude_unset=True)}\n\n"
+async def sse_events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """Stream chunks as server-sent events."""
+    async for chunk in chunks:
+        # exclude_unset: keys a chunk sets explicitly (even to null) are sent, the others are left out
+        yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
 
 
 class TokenTexts:
@@ -93,13 +95,15 @@ class _Format:
             if include_usage:
                 usage_field.setdefault("usage", None)
             return self.chunk_model(id=chunk_id, created=created, model=self.model_name, choices=choices,
-                                    **usage_field)
+                                           **usage_field)
 
         for index in range(len(job.streams)):
             opening = self._opening(job, index)
             if opening is not None:
                 yield chunk([opening])
+        # each choice's last output (kept as `self.finals`: complete when the usage chunk comes)
         finals: list[RequestOutput | None] = [None] * len(job.streams)
+        self.finals = finals
         async for index, output in job.events():
             if finals[index] is None:
                 first = self._before_first(job, index, output)

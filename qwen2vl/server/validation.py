@@ -7,20 +7,21 @@ from pydantic import ValidationError
 from qwen2vl.server.requests import CONTENT_PART_TYPES
 
 
-def describe_validation_error(error: ValidationError) -> tuple[str, str | None]:
+def describe_validation_error(error: ValidationError, tags: tuple[str, ...] | None = None) -> tuple[str, str | None]:
     """(message, param) for the most specific problem pydantic found.
 
     pydantic reports one error per union branch; the deepest location is the one the client
     meant (a list of content parts with a bad part, rather than "not a string").
     """
+    tags = tags or CONTENT_PART_TYPES  # the content part types (discriminator tags) of the request's protocol
     errors = error.errors(include_url=False)
     depth = max(len(err["loc"]) for err in errors)
     deepest = [err for err in errors if len(err["loc"]) == depth]
     # a union branch whose type matched but whose value did not is the one the client meant
     # (`"prompt": ""` is a string that is too short, rather than "not a list")
     meant = [err for err in deepest if not err["type"].endswith("_type")] or deepest
-    param = _param(meant[0]["loc"])
-    text = " or ".join(dict.fromkeys(_describe(err) for err in meant if _param(err["loc"]) == param))
+    param = _param(meant[0]["loc"], tags)
+    text = " or ".join(dict.fromkeys(_describe(err) for err in meant if _param(err["loc"], tags) == param))
     return (f"{param}: {text}" if param else text), param or None
 
 
@@ -56,10 +57,10 @@ def _json_kind(value) -> str:
     return {list: "an array", str: "a string"}.get(type(value), "a number")
 
 
-def _param(loc: tuple) -> str:
+def _param(loc: tuple, tags: tuple[str, ...]) -> str:
     """`('messages', 0, 'content', 'list[...]', 1, 'image_url', 'image_url', 'url')` ->
     `messages[0].content[1].image_url.url`: drops pydantic's union branch labels and the
-    discriminator tag it inserts after a list index."""
+    discriminator tag (one of `tags`) it inserts after a list index."""
     if loc[-1:] == ("[key]",):  # a bad key of a mapping: the mapping is the param
         loc = loc[:-2]
     out = ""
@@ -69,7 +70,7 @@ def _param(loc: tuple) -> str:
             out += f"[{item}]"
         elif "[" in item or item[:1].isupper() or item in ("str", "int", "float", "bool") or item.startswith("constrained-"):
             pass  # a union branch label
-        elif isinstance(previous, int) and item in CONTENT_PART_TYPES and "content" in loc:
+        elif isinstance(previous, int) and item in tags and "content" in loc:
             pass  # the discriminator tag
         else:
             out += f".{item}" if out else item
