@@ -276,3 +276,11 @@ def test_a_client_leaving_mid_stream_aborts_and_frees_the_cache(server):
     while metric() < before + 1:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+def test_the_stream_ends_with_its_last_event_not_done(server):
+    """A Responses stream ends with `response.completed`, without the chat endpoint's `data: [DONE]`."""
+    body = _raw(server, input="Hi", max_output_tokens=4, temperature=0, stream=True).text
+    data = [line for line in body.splitlines() if line.startswith("data: ")]
+    assert "[DONE]" not in body and json.loads(data[-1][len("data: "):])["type"] in ("response.completed",
+                                                                                      "response.incomplete")

@@ -471,7 +471,8 @@ def responses_route(server):
         request_id = job.request_id
         if chat.stream:
             events = ResponseEvents(body, request_id, server.model_name)
-            return event_stream(events.events(answer.chunks(job)), job)
+            # no `data: [DONE]`: a Responses stream ends with its last event
+            return event_stream(events.events(answer.chunks(job)), job, end="")
         completion = answer.response(job, await job.finals())
         return Response(json.dumps(from_chat_completion(body, completion, request_id)), media_type="application/json")
 
