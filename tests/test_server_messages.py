@@ -217,7 +217,8 @@ def test_the_key_as_x_api_key_or_bearer(server):
 
 
 def test_the_demo_model_answers_a_shapes_question_as_the_chat_endpoint():
-    """The committed demo model through both protocols: a base64 image, the same right answer."""
+    """The committed demo model through the three protocols (chat, Anthropic's Messages, OpenAI's
+    Responses): a base64 image, the same right answer."""
     sample = next(s for s in make_samples(1, seed=777, tasks=("shape", "color", "count")) if s.task == "color")
     [turn] = sample.messages
     image = next(part["image"] for part in turn["content"] if part["type"] == "image")
@@ -235,9 +236,12 @@ def test_the_demo_model_answers_a_shapes_question_as_the_chat_endpoint():
         expected = chat.chat.completions.create(model="demo", max_tokens=16, temperature=0, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
                                          {"type": "text", "text": question}]}])
+        response = chat.responses.create(model="demo", max_output_tokens=16, temperature=0, input=[
+            {"role": "user", "content": [{"type": "input_image", "image_url": f"data:image/png;base64,{data}"},
+                                         {"type": "input_text", "text": question}]}])
     finally:
         running.stop()
-    assert reply.content[0].text == expected.choices[0].message.content == sample.answer
+    assert reply.content[0].text == expected.choices[0].message.content == response.output_text == sample.answer
     assert reply.stop_reason == "end_turn"
 
 
