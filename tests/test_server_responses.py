@@ -284,3 +284,27 @@ def test_the_stream_ends_with_its_last_event_not_done(server):
     data = [line for line in body.splitlines() if line.startswith("data: ")]
     assert "[DONE]" not in body and json.loads(data[-1][len("data: "):])["type"] in ("response.completed",
                                                                                       "response.incomplete")
+
+
+def test_a_failure_mid_stream_is_the_responses_error_event(server, client, monkeypatch):
+    """An engine failure after the stream began: the Responses API's `error` event, numbered after
+    the events before it (the client reads it as its own `ResponseErrorEvent`); the next request works."""
+    engine = server.llm.engine
+    real_step, calls = engine.step, []
+
+    def step_failing_once():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a bug in the engine")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step_failing_once)
+    events = list(client.responses.create(model=MODEL, input="Tell me a story", max_output_tokens=8, stream=True,
+                                          **GREEDY))
+    assert events[0].type == "response.created" and events[-1].type == "error"
+    assert "a bug in the engine" in events[-1].message
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    server.wait_idle()
+    monkeypatch.setattr(engine, "step", real_step)
+    assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, **GREEDY).status in ("completed",
+                                                                                                      "incomplete")

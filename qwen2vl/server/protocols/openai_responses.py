@@ -363,6 +363,11 @@ class ResponseEvents:
         self.sequence += 1
         return f"event: {kind}\ndata: {json.dumps(event)}\n\n"
 
+    def error(self, error: APIError) -> str:
+        """A failure after the stream began: the Responses API's own `error` event."""
+        info = error.body()["error"]
+        return self._event("error", code=info["code"], message=info["message"], param=info["param"])
+
     def _response(self, status: str, usage: dict[str, Any] | None = None) -> dict[str, Any]:
         return response_object(self.body, self.request_id, self.model, self.created, output=self.output,
                                status=status, usage=usage)
@@ -472,7 +477,7 @@ def responses_route(server):
         if chat.stream:
             events = ResponseEvents(body, request_id, server.model_name)
             # no `data: [DONE]`: a Responses stream ends with its last event
-            return event_stream(events.events(answer.chunks(job)), job, end="")
+            return event_stream(events.events(answer.chunks(job)), job, events.error, end="")
         completion = answer.response(job, await job.finals())
         return Response(json.dumps(from_chat_completion(body, completion, request_id)), media_type="application/json")
 
