@@ -23,7 +23,7 @@ from qwen2vl.layers.attention import Segments
 from qwen2vl.layers.linear import Linear
 from qwen2vl.layers.rotary import VisionRotaryEmbedding
 from qwen2vl.model.qwen2_vl import Qwen2VLForConditionalGeneration
-from qwen2vl.model.vision import PatchMerger, VisionBlock, frame_lengths, patch_rows_cols
+from qwen2vl.model.vision import PatchMerger, VisionBlock, block_tensors, frame_lengths, patch_rows_cols
 
 # Our names -> the checkpoint's (original layout), first match wins; `*` is a block or merger index.
 WEIGHT_RENAMES = (
@@ -108,14 +108,7 @@ def vision_checkpoint_tensors(vision: Qwen3VisionConfig) -> Iterator[tuple[str, 
     yield "visual.patch_embed.proj.bias", (e,), "bias"
     yield "visual.pos_embed.weight", (vision.num_position_embeddings, e), "matrix"
     for i in range(vision.depth):
-        p = f"visual.blocks.{i}"
-        for norm in ("norm1", "norm2"):
-            yield f"{p}.{norm}.weight", (e,), "norm"
-            yield f"{p}.{norm}.bias", (e,), "bias"
-        for name, out_features, in_features in (("attn.qkv", 3 * e, e), ("attn.proj", e, e),
-                                                ("mlp.linear_fc1", hidden, e), ("mlp.linear_fc2", e, hidden)):
-            yield f"{p}.{name}.weight", (out_features, in_features), "matrix"
-            yield f"{p}.{name}.bias", (out_features,), "bias"
+        yield from block_tensors(f"visual.blocks.{i}", e, hidden, ("mlp.linear_fc1", "mlp.linear_fc2"))
     window = e * vision.spatial_merge_size**2
     mergers = [("visual.merger", e)] + [(f"visual.deepstack_merger_list.{i}", window)
                                         for i in range(len(vision.deepstack_visual_indexes))]

@@ -112,6 +112,19 @@ class VisionTransformer(nn.Module):
         return self.merger(x)
 
 
+def block_tensors(prefix: str, width: int, mlp_width: int, mlp_names: tuple[str, str]
+                  ) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, role) of one LayerNorm vision block's tensors (Qwen2-VL's, Qwen3-VL's): the
+    norms, the attention's qkv and proj, the MLP's two linears (`mlp_names`), each with a bias."""
+    for norm in ("norm1", "norm2"):
+        yield f"{prefix}.{norm}.weight", (width,), "norm"
+        yield f"{prefix}.{norm}.bias", (width,), "bias"
+    for name, out_features, in_features in (("attn.qkv", 3 * width, width), ("attn.proj", width, width),
+                                            (mlp_names[0], mlp_width, width), (mlp_names[1], width, mlp_width)):
+        yield f"{prefix}.{name}.weight", (out_features, in_features), "matrix"
+        yield f"{prefix}.{name}.bias", (out_features,), "bias"
+
+
 def vision_checkpoint_tensors(vision: VisionConfig) -> Iterator[tuple[str, tuple[int, ...], str]]:
     """(name, shape, role) of the vision tower's checkpoint tensors; role: "patch" (the patch embedding),
     "matrix", "bias" or "norm"."""
@@ -119,14 +132,7 @@ def vision_checkpoint_tensors(vision: VisionConfig) -> Iterator[tuple[str, tuple
     yield ("visual.patch_embed.proj.weight",
            (e, vision.in_channels, vision.temporal_patch_size, vision.patch_size, vision.patch_size), "patch")
     for i in range(vision.depth):
-        p = f"visual.blocks.{i}"
-        for norm in ("norm1", "norm2"):
-            yield f"{p}.{norm}.weight", (e,), "norm"
-            yield f"{p}.{norm}.bias", (e,), "bias"
-        for name, out_features, in_features in (("attn.qkv", 3 * e, e), ("attn.proj", e, e),
-                                                ("mlp.fc1", vision.mlp_hidden_size, e), ("mlp.fc2", e, vision.mlp_hidden_size)):
-            yield f"{p}.{name}.weight", (out_features, in_features), "matrix"
-            yield f"{p}.{name}.bias", (out_features,), "bias"
+        yield from block_tensors(f"visual.blocks.{i}", e, vision.mlp_hidden_size, ("mlp.fc1", "mlp.fc2"))
     window = e * vision.spatial_merge_size**2
     yield "visual.merger.ln_q.weight", (e,), "norm"
     yield "visual.merger.ln_q.bias", (e,), "bias"
