@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import allocate_kv_caches, reference_config, write_tiny_checkpoint
+from checkpoints import reference_config, write_tiny_checkpoint
 from fp8_checkpoints import dequantize_reference, write_dequantized_checkpoint, write_fp8_checkpoint
 from qwen2vl.config import QuantConfig
 from qwen2vl.errors import CheckpointError
@@ -21,7 +21,7 @@ from qwen2vl.layers import quantization as q
 from qwen2vl.layers.linear import FP8Linear, Linear
 from qwen2vl.loader import load_model
 from test_model_parity import Reference, assert_close, run_ours, vision_inputs
-from test_model_paged import BLOCK_SIZE, Seq, step
+from test_model_paged import paged_greedy_and_generate
 
 BLOCK = (24, 40)
 # One decoder linear kept unquantized, named in the current key layout (as Qwen3-VL's cards do).
@@ -164,20 +164,8 @@ def test_logits_match_transformers_on_the_dequantized_weights(fp8_models, prompt
 
 
 def test_greedy_decode_matches_transformers_generate(fp8_models):
-    model, ref = fp8_models
-    inputs = ref.inputs("image")
-    with torch.no_grad():
-        generated = ref.model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    seq = Seq(model, ref, "image")
-    caches = allocate_kv_caches(model.config.text, 16, BLOCK_SIZE)
-    tables = {id(seq): list(range(16))}
-    ours, start = [], 0
-    for _ in range(6):
-        (logits,) = step(model, caches, tables, [(seq, start, len(seq.ids))])
-        start = len(seq.ids)
-        ours.append(int(logits[-1].argmax()))
-        seq.append(ours[-1])
-    assert ours == generated.tolist()
+    ours, theirs = paged_greedy_and_generate(*fp8_models, new_tokens=6, num_blocks=16)
+    assert ours == theirs
 
 
 def _broken_copy(fp8, tmp_path, edit):

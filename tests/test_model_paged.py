@@ -99,19 +99,25 @@ def test_chunked_prefill_decode_and_mixed_batches_match_full_prefill(pair):
         torch.testing.assert_close(paged, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
 
 
-def test_decode_steps_match_transformers_generate(pair):
-    """Greedy decoding through our paged cache follows transformers' own greedy generate."""
-    model, ref = pair
+def paged_greedy_and_generate(model, ref, new_tokens: int, num_blocks: int) -> tuple[list[int], list[int]]:
+    """(ours, transformers'): `new_tokens` greedy tokens after the image prompt, ours through the
+    paged cache (`num_blocks` blocks), theirs from `generate`."""
     inputs = ref.inputs("image")
     with torch.no_grad():
-        generated = ref.model.generate(**inputs, max_new_tokens=4, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        generated = ref.model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
     seq = Seq(model, ref, "image")
-    caches = allocate_kv_caches(model.config.text, 12, BLOCK_SIZE)
-    tables = {id(seq): list(range(12))}
+    caches = allocate_kv_caches(model.config.text, num_blocks, BLOCK_SIZE)
+    tables = {id(seq): list(range(num_blocks))}
     ours, start = [], 0
-    for _ in range(4):
+    for _ in range(new_tokens):
         (logits,) = step(model, caches, tables, [(seq, start, len(seq.ids))])
         start = len(seq.ids)
         ours.append(int(logits[-1].argmax()))
         seq.append(ours[-1])
-    assert ours == generated.tolist()
+    return ours, generated[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_decode_steps_match_transformers_generate(pair):
+    """Greedy decoding through our paged cache follows transformers' own greedy generate."""
+    ours, theirs = paged_greedy_and_generate(*pair, new_tokens=4, num_blocks=12)
+    assert ours == theirs

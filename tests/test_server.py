@@ -1014,18 +1014,24 @@ def test_our_bugs_are_500_with_a_request_id_and_logged(server, monkeypatch, capl
                       timeout=30).status_code == 200
 
 
-def test_engine_failure_fails_only_the_requests_in_flight(server, monkeypatch):
-    engine = server.llm.engine
-    real_step = engine.step
-    calls = []
+def fail_engine_step(monkeypatch, engine, at: int) -> list:
+    """The engine's `at`-th step from now raises "a bug in the engine"; the others step as usual.
+    Returns the list that counts the steps (clear it to fail again `at` steps later)."""
+    real_step, calls = engine.step, []
 
     def step_failing_once():
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == at:
             raise RuntimeError("a bug in the engine")
         return real_step()
 
     monkeypatch.setattr(engine, "step", step_failing_once)
+    return calls
+
+
+def test_engine_failure_fails_only_the_requests_in_flight(server, monkeypatch):
+    engine = server.llm.engine
+    fail_engine_step(monkeypatch, engine, at=2)
     response = httpx.post(server.url + "/v1/chat/completions", content=_chat_body(HELLO), headers=HEADERS, timeout=30)
     assert response.status_code == 500 and "a bug in the engine" in response.json()["error"]["message"]
     server.wait_idle()

@@ -21,7 +21,7 @@ pytest.importorskip("llguidance")
 
 from checkpoints import write_tiny_checkpoint_3  # noqa: E402
 from test_reasoning import THOUGHT, scripted  # noqa: E402, F401 (a fixture)
-from test_server import API_KEY, MAX_MODEL_LEN, MODEL, RunningServer, _png_uri  # noqa: E402
+from test_server import API_KEY, MAX_MODEL_LEN, MODEL, RunningServer, _png_uri, fail_engine_step  # noqa: E402
 from test_server_qwen3_vl import ASSETS, _load  # noqa: E402
 
 from qwen2vl import Qwen2VL  # noqa: E402
@@ -275,16 +275,7 @@ def test_a_thinking_models_reasoning_is_a_thinking_block(tmp_path_factory, scrip
 def test_a_failure_after_the_headers_is_an_error_event(server, monkeypatch):
     """An engine failure mid-stream: Anthropic's `error` event (no `[DONE]`); before the headers,
     a 500 in Anthropic's shape naming the request id."""
-    engine = server.llm.engine
-    real_step, calls = engine.step, []
-
-    def step_failing_once():
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("a bug in the engine")
-        return real_step()
-
-    monkeypatch.setattr(engine, "step", step_failing_once)
+    calls = fail_engine_step(monkeypatch, server.llm.engine, at=3)
     with httpx.stream("POST", server.url + "/v1/messages", json={"max_tokens": 8, "messages": ASK, "stream": True},
                       headers={"x-api-key": API_KEY}, timeout=60) as response:
         assert response.status_code == 200

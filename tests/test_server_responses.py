@@ -18,7 +18,7 @@ pytest.importorskip("llguidance")
 from openai.types.responses import Response  # noqa: E402
 
 from test_reasoning import ANSWER, THOUGHT, scripted, thinking_ckpt, thinking_llm  # noqa: E402,F401 (fixtures)
-from test_server import API_KEY, HEADERS, MAX_MODEL_LEN, MODEL, RunningServer, _png_uri  # noqa: E402
+from test_server import API_KEY, HEADERS, MAX_MODEL_LEN, MODEL, RunningServer, _png_uri, fail_engine_step  # noqa: E402
 
 from qwen2vl import Qwen2VL  # noqa: E402
 from qwen2vl.server.limits import ServerLimits  # noqa: E402
@@ -289,22 +289,13 @@ def test_the_stream_ends_with_its_last_event_not_done(server):
 def test_a_failure_mid_stream_is_the_responses_error_event(server, client, monkeypatch):
     """An engine failure after the stream began: the Responses API's `error` event, numbered after
     the events before it (the client reads it as its own `ResponseErrorEvent`); the next request works."""
-    engine = server.llm.engine
-    real_step, calls = engine.step, []
-
-    def step_failing_once():
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("a bug in the engine")
-        return real_step()
-
-    monkeypatch.setattr(engine, "step", step_failing_once)
+    fail_engine_step(monkeypatch, server.llm.engine, at=3)
     events = list(client.responses.create(model=MODEL, input="Tell me a story", max_output_tokens=8, stream=True,
                                           **GREEDY))
     assert events[0].type == "response.created" and events[-1].type == "error"
     assert "a bug in the engine" in events[-1].message
     assert [event.sequence_number for event in events] == list(range(len(events)))
     server.wait_idle()
-    monkeypatch.setattr(engine, "step", real_step)
+    monkeypatch.undo()
     assert client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, **GREEDY).status in ("completed",
                                                                                                       "incomplete")
